@@ -1,0 +1,335 @@
+// LayerNorm and RMSNorm over the last dim, forward and backward, on the CPU.
+//
+// RMSNorm is LayerNorm without centering (mean fixed at 0, no bias), so both share one
+// kernel templated on kCentered. Per row of N elements, with s = x (+ residual):
+//
+//   forward:   mu   = mean(s)              (0 for RMSNorm)
+//              rstd = 1 / sqrt(mean((s - mu)^2) + eps)
+//              y    = (s - mu) * rstd * w + b
+//   backward:  xhat = (s - mu) * rstd,  g = dy * w
+//              ds   = rstd * (g - mean(g) - xhat * mean(g * xhat))   (mean(g) term: LN only)
+//              dw   = sum_rows(dy * xhat),  db = sum_rows(dy)
+//
+// Each row is read from memory once and then revisited in cache (rows up to ~L2 size), the
+// variance is two-pass (exact for any mean), accumulation is in float (double for double).
+#include "vec.h"  // first: selects the vector ISA
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <optional>
+
+#include "../ops.h"
+
+namespace lmfast::cpu {
+namespace {
+
+using at::Tensor;
+
+template <typename T>
+const T* ptr_or_null(const std::optional<Tensor>& t) {
+  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
+}
+
+// The backward splits rows into contiguous blocks; each block owns one row of partial
+// dweight/dbias sums, and the partials are summed afterwards. Blocks of at most ~32 rows keep
+// the sequential part of that reduction short (as accurate as torch's cascade sum), at least
+// one block per thread keeps every thread busy, and at most 256 bound the partials' memory.
+int64_t num_row_blocks(int64_t rows) {
+  const int64_t by_accuracy = std::min<int64_t>(256, (rows + 31) / 32);
+  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(at::get_num_threads(), by_accuracy)));
+}
+
+// Runs fn(block, begin, end) for each of `blocks` contiguous row ranges, in parallel. Results
+// do not depend on how the thread pool schedules the blocks.
+template <typename F>
+void for_each_row_block(int64_t rows, int64_t blocks, const F& fn) {
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b, rows * b / blocks, rows * (b + 1) / blocks);
+  });
+}
+
+template <typename scalar_t, bool kCentered>
+void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* weight,
+                     const scalar_t* bias, scalar_t* y, scalar_t* residual_out,
+                     at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out,
+                     int64_t rows, int64_t N, double eps) {
+  using C = Chunk<scalar_t>;
+  using Vec = typename C::Vec;
+  using acc_t = typename C::acc_t;
+  constexpr int64_t K = C::kChunk;
+
+  at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* s = x + i * N;  // the row being normalized
+      if (residual != nullptr) {
+        // s = x + residual, rounded to scalar_t exactly as eager `x + residual` would be;
+        // the rounded values are what gets normalized.
+        scalar_t* s_out = residual_out + i * N;
+        const scalar_t* r = residual + i * N;
+        for (int64_t j = 0; j < N; j += K) {
+          const int64_t n = std::min(K, N - j);
+          auto a = C::load(s + j, n), b = C::load(r + j, n);
+          a.lo += b.lo;
+          a.hi += b.hi;
+          a.store(s_out + j, n);
+        }
+        s = s_out;
+      }
+
+      acc_t mu = 0;
+      if constexpr (kCentered) {
+        Vec sum_lo(0), sum_hi(0);
+        for (int64_t j = 0; j < N; j += K) {
+          const auto c = C::load(s + j, std::min(K, N - j));  // tail lanes load as 0
+          sum_lo += c.lo;
+          sum_hi += c.hi;
+        }
+        mu = hsum(sum_lo + sum_hi) / acc_t(N);
+      }
+      const Vec mu_v(mu);
+      Vec sq_lo(0), sq_hi(0);
+      for (int64_t j = 0; j < N; j += K) {
+        const int64_t n = std::min(K, N - j);
+        auto c = C::load(s + j, n);
+        c.lo -= mu_v;
+        c.hi -= mu_v;
+        c = c.keep_first(n, 0);
+        sq_lo = at::vec::fmadd(c.lo, c.lo, sq_lo);
+        sq_hi = at::vec::fmadd(c.hi, c.hi, sq_hi);
+      }
+      const acc_t rstd = acc_t(1) / std::sqrt(hsum(sq_lo + sq_hi) / acc_t(N) + acc_t(eps));
+      if (mean_out != nullptr) mean_out[i] = mu;
+      rstd_out[i] = rstd;
+
+      const Vec rstd_v(rstd);
+      scalar_t* yi = y + i * N;
+      for (int64_t j = 0; j < N; j += K) {
+        const int64_t n = std::min(K, N - j);
+        auto c = C::load(s + j, n);
+        c.lo = (c.lo - mu_v) * rstd_v;
+        c.hi = (c.hi - mu_v) * rstd_v;
+        if (weight != nullptr) {
+          const auto w = C::load(weight + j, n);
+          c.lo *= w.lo;
+          c.hi *= w.hi;
+        }
+        if (bias != nullptr) {
+          const auto b = C::load(bias + j, n);
+          c.lo += b.lo;
+          c.hi += b.hi;
+        }
+        c.store(yi + j, n);
+      }
+    }
+  });
+}
+
+template <typename scalar_t, bool kCentered>
+void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
+                     const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
+                     const scalar_t* dresidual_out, scalar_t* dx,
+                     at::opmath_type<scalar_t>* dweight_partial,
+                     at::opmath_type<scalar_t>* dbias_partial, int64_t rows, int64_t N,
+                     int64_t blocks) {
+  using C = Chunk<scalar_t>;
+  using Vec = typename C::Vec;
+  using acc_t = typename C::acc_t;
+  constexpr int64_t K = C::kChunk;
+
+  for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
+    acc_t* dw_acc = dweight_partial ? dweight_partial + block * N : nullptr;  // (N,)
+    acc_t* db_acc = dbias_partial ? dbias_partial + block * N : nullptr;      // (N,)
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* xi = x + i * N;
+      const scalar_t* dyi = dy + i * N;
+      const Vec mu_v(kCentered ? mean[i] : acc_t(0));
+      const Vec rstd_v(rstd[i]);
+
+      // Pass 1: mean(g * xhat) and mean(g). Tail lanes of x and dy load as zero, so g = 0 there.
+      Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
+      for (int64_t j = 0; j < N; j += K) {
+        const int64_t n = std::min(K, N - j);
+        auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
+        xh.lo = (xh.lo - mu_v) * rstd_v;
+        xh.hi = (xh.hi - mu_v) * rstd_v;
+        if (weight != nullptr) {
+          const auto w = C::load(weight + j, n);
+          g.lo *= w.lo;
+          g.hi *= w.hi;
+        }
+        gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
+        gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
+        g_lo += g.lo;
+        g_hi += g.hi;
+      }
+      const Vec c1(hsum(gx_lo + gx_hi) / acc_t(N));
+      const Vec c2(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
+
+      // Pass 2: dx, plus this block's share of dweight / dbias.
+      scalar_t* dxi = dx + i * N;
+      const scalar_t* dri = dresidual_out ? dresidual_out + i * N : nullptr;
+      for (int64_t j = 0; j < N; j += K) {
+        const int64_t n = std::min(K, N - j);
+        auto xh = C::load(xi + j, n);
+        const auto d = C::load(dyi + j, n);
+        xh.lo = (xh.lo - mu_v) * rstd_v;
+        xh.hi = (xh.hi - mu_v) * rstd_v;
+        auto g = d;
+        if (weight != nullptr) {
+          const auto w = C::load(weight + j, n);
+          g.lo *= w.lo;
+          g.hi *= w.hi;
+        }
+        C out;
+        out.lo = (g.lo - xh.lo * c1 - c2) * rstd_v;
+        out.hi = (g.hi - xh.hi * c1 - c2) * rstd_v;
+        if (dri != nullptr) {  // gradient flowing into the residual-sum output
+          const auto r = C::load(dri + j, n);
+          out.lo += r.lo;
+          out.hi += r.hi;
+        }
+        out.store(dxi + j, n);
+        if (dw_acc != nullptr) {
+          C acc = C::load_acc(dw_acc + j, n);
+          acc.lo = at::vec::fmadd(d.lo, xh.lo, acc.lo);
+          acc.hi = at::vec::fmadd(d.hi, xh.hi, acc.hi);
+          acc.store_acc(dw_acc + j, n);
+        }
+        if (db_acc != nullptr) {
+          C acc = C::load_acc(db_acc + j, n);
+          acc.lo += d.lo;
+          acc.hi += d.hi;
+          acc.store_acc(db_acc + j, n);
+        }
+      }
+    }
+  });
+}
+
+void check_rows(const Tensor& t, const char* name, const Tensor& x) {
+  TORCH_CHECK(t.device().is_cpu(), "lmfast_C: ", name, " must be a CPU tensor");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lmfast_C: ", name, " must have dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == x.sizes() && t.is_contiguous(), "lmfast_C: ", name,
+              " must be a contiguous tensor of shape ", x.sizes());
+}
+
+void check_param(const std::optional<Tensor>& t, const char* name, const Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type() && t->dim() == 1 &&
+                  t->size(0) == x.size(1) && t->is_contiguous(),
+              "lmfast_C: ", name, " must be a contiguous CPU tensor of shape (", x.size(1),
+              ",) and dtype ", x.scalar_type());
+}
+
+template <bool kCentered>
+std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x,
+                                                    const std::optional<Tensor>& weight,
+                                                    const std::optional<Tensor>& bias,
+                                                    const std::optional<Tensor>& residual,
+                                                    double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "lmfast_C: x must be a contiguous 2-D CPU tensor (rows, N)");
+  if (residual.has_value()) check_rows(*residual, "residual", x);
+  check_param(weight, "weight", x);
+  check_param(bias, "bias", x);
+  const int64_t rows = x.size(0), N = x.size(1);
+  const auto stat_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  Tensor y = at::empty_like(x);
+  Tensor residual_out = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
+  Tensor mean = kCentered ? at::empty({rows}, stat_opts) : at::empty({0}, stat_opts);
+  Tensor rstd = at::empty({rows}, stat_opts);
+  if (rows == 0) return {y, residual_out, mean, rstd};
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_fwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    norm_fwd_kernel<scalar_t, kCentered>(
+        x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual),
+        ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias), y.data_ptr<scalar_t>(),
+        residual.has_value() ? residual_out.data_ptr<scalar_t>() : nullptr,
+        kCentered ? mean.data_ptr<acc_t>() : nullptr, rstd.data_ptr<acc_t>(), rows, N, eps);
+  });
+  return {y, residual_out, mean, rstd};
+}
+
+template <bool kCentered>
+std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
+                                            const std::optional<Tensor>& weight,
+                                            const Tensor& mean, const Tensor& rstd,
+                                            const std::optional<Tensor>& dresidual_out,
+                                            bool weight_grad, bool bias_grad) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
+              "lmfast_C: x must be a contiguous 2-D CPU tensor (rows, N)");
+  check_rows(dy, "dy", x);
+  if (dresidual_out.has_value()) check_rows(*dresidual_out, "dresidual_out", x);
+  check_param(weight, "weight", x);
+  const int64_t rows = x.size(0), N = x.size(1);
+  const auto acc_type = at::toOpMathType(x.scalar_type());
+  TORCH_CHECK(rstd.scalar_type() == acc_type && rstd.numel() == rows && rstd.is_contiguous(),
+              "lmfast_C: rstd must be a contiguous (rows,) tensor of dtype ", acc_type);
+  TORCH_CHECK(!kCentered || (mean.scalar_type() == acc_type && mean.numel() == rows &&
+                             mean.is_contiguous()),
+              "lmfast_C: mean must be a contiguous (rows,) tensor of dtype ", acc_type);
+
+  Tensor dx = at::empty_like(x);
+  const int64_t blocks = num_row_blocks(rows);
+  const auto acc_opts = x.options().dtype(acc_type);
+  Tensor dw_partial = weight_grad ? at::zeros({blocks, N}, acc_opts) : Tensor();
+  Tensor db_partial = bias_grad ? at::zeros({blocks, N}, acc_opts) : Tensor();
+  if (rows > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_bwd", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      norm_bwd_kernel<scalar_t, kCentered>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+          ptr_or_null<scalar_t>(weight), kCentered ? mean.const_data_ptr<acc_t>() : nullptr,
+          rstd.const_data_ptr<acc_t>(), ptr_or_null<scalar_t>(dresidual_out),
+          dx.data_ptr<scalar_t>(), weight_grad ? dw_partial.data_ptr<acc_t>() : nullptr,
+          bias_grad ? db_partial.data_ptr<acc_t>() : nullptr, rows, N, blocks);
+    });
+  }
+  // (blocks, N) partials -> (N,), summed in the accumulation dtype, then rounded once.
+  // Gradients not asked for are separate empty tensors (custom-op outputs must not alias).
+  Tensor dw = weight_grad ? dw_partial.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  Tensor db = bias_grad ? db_partial.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x,
+                                                          const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias,
+                                                          const std::optional<Tensor>& residual,
+                                                          double eps) {
+  return norm_fwd<true>(x, weight, bias, residual, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                  const std::optional<Tensor>& weight,
+                                                  const Tensor& mean, const Tensor& rstd,
+                                                  const std::optional<Tensor>& dresidual_out,
+                                                  bool weight_grad, bool bias_grad) {
+  return norm_bwd<true>(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad);
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
+                                                const std::optional<Tensor>& weight,
+                                                const std::optional<Tensor>& residual,
+                                                double eps) {
+  auto [y, residual_out, mean, rstd] = norm_fwd<false>(x, weight, std::nullopt, residual, eps);
+  return {y, residual_out, rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
+                                        const std::optional<Tensor>& weight, const Tensor& rstd,
+                                        const std::optional<Tensor>& dresidual_out,
+                                        bool weight_grad) {
+  auto [dx, dw, db] =
+      norm_bwd<false>(dy, x, weight, Tensor(), rstd, dresidual_out, weight_grad, false);
+  return {dx, dw};
+}
+
+}  // namespace lmfast::cpu

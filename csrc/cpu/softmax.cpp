@@ -1,0 +1,212 @@
+// Softmax over the last dim with fused scale, additive/boolean mask and causal masking, on
+// the CPU. x is viewed as (B, H, M, N); for a row (b, h, m):
+//
+//   z_j = scale * x_j + mask[b, h, m, j]      (boolean mask: z_j = -inf where mask is False)
+//   z_j = -inf for j > N - M + m              (causal, bottom-right aligned)
+//   y_j = exp(z_j - max z) / sum_k exp(z_k - max z)      fully masked row -> y = 0
+//
+//   backward: dx_j = scale * y_j * (dy_j - sum_k y_k dy_k)
+//
+// The mask is read through strides, so a broadcast mask (stride 0) is never materialized.
+// z is kept in a float row buffer (the output row itself for float32), so 16-bit outputs
+// are rounded once.
+#include "vec.h"  // first: selects the vector ISA
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../ops.h"
+
+namespace lmfast::cpu {
+namespace {
+
+using at::Tensor;
+
+// Where one row's mask values live: mask_t is scalar_t (additive) or bool (True = keep).
+template <typename mask_t>
+struct MaskRow {
+  const mask_t* ptr = nullptr;  // nullptr: no mask
+  int64_t col_stride = 1;       // 0 (one value for the whole row) or 1
+};
+
+template <typename scalar_t, typename mask_t>
+void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
+                        const int64_t mask_strides[4], int64_t B, int64_t H, int64_t M,
+                        int64_t N, double scale, bool causal) {
+  using C = Chunk<scalar_t>;
+  using Vec = typename C::Vec;
+  using acc_t = typename C::acc_t;
+  constexpr int64_t K = C::kChunk;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  constexpr bool kBoolMask = std::is_same_v<mask_t, bool>;
+  (void)B;
+
+  at::parallel_for(0, B * H * M, row_grain(N), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(C::kReduced ? N : 0);
+    alignas(64) acc_t mask_tmp[K];
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t m = row % M, h = (row / M) % H, b = row / (M * H);
+      const scalar_t* xi = x + row * N;
+      scalar_t* yi = y + row * N;
+      acc_t* z = C::kReduced ? scratch.data() : reinterpret_cast<acc_t*>(yi);
+      const int64_t valid = causal ? std::clamp<int64_t>(N - M + m + 1, 0, N) : N;
+      MaskRow<mask_t> mrow;
+      if (mask != nullptr) {
+        mrow.ptr = mask + b * mask_strides[0] + h * mask_strides[1] + m * mask_strides[2];
+        mrow.col_stride = mask_strides[3];
+      }
+
+      // Pass 1: z = scale * x + mask over the valid prefix; row max.
+      const Vec scale_v(static_cast<acc_t>(scale));
+      Vec max_v(kNegInf);
+      for (int64_t j = 0; j < valid; j += K) {
+        const int64_t n = std::min(K, valid - j);
+        auto c = C::load(xi + j, n);
+        c.lo *= scale_v;
+        c.hi *= scale_v;
+        if (mrow.ptr != nullptr) {
+          if constexpr (kBoolMask) {
+            for (int64_t t = 0; t < n; ++t)
+              mask_tmp[t] = mrow.ptr[(j + t) * mrow.col_stride] ? acc_t(0) : kNegInf;
+            const auto mk = Chunk<acc_t>::load(mask_tmp, n);
+            c.lo += mk.lo;
+            c.hi += mk.hi;
+          } else if (mrow.col_stride == 1) {
+            const auto mk = C::load(mrow.ptr + j, n);
+            c.lo += mk.lo;
+            c.hi += mk.hi;
+          } else {
+            const Vec mk(static_cast<acc_t>(mrow.ptr[0]));
+            c.lo += mk;
+            c.hi += mk;
+          }
+        }
+        c.store_acc(z + j, n);
+        c = c.keep_first(n, kNegInf);
+        max_v = at::vec::maximum(max_v, at::vec::maximum(c.lo, c.hi));
+      }
+      const acc_t row_max = hmax(max_v);
+
+      if (row_max == kNegInf) {  // fully masked (or empty) row: zeros, not NaN
+        std::fill(yi, yi + N, scalar_t(0));
+        continue;
+      }
+
+      // Pass 2: e = exp(z - max) in place, and its sum.
+      const Vec max_bc(row_max);
+      CompensatedSum<Vec> sum;  // its rounding would scale every y of the row
+      for (int64_t j = 0; j < valid; j += K) {
+        const int64_t n = std::min(K, valid - j);
+        auto c = C::load_acc(z + j, n);
+        c.lo = (c.lo - max_bc).exp();
+        c.hi = (c.hi - max_bc).exp();
+        c.store_acc(z + j, n);
+        c = c.keep_first(n, 0);
+        sum.add(c.lo);
+        sum.add(c.hi);
+      }
+      const Vec sum_bc(sum.result());
+
+      // Pass 3: normalize (a division, not a multiply by 1/sum: one rounding instead of two);
+      // the masked-off causal tail is zero.
+      for (int64_t j = 0; j < valid; j += K) {
+        const int64_t n = std::min(K, valid - j);
+        auto c = C::load_acc(z + j, n);
+        c.lo /= sum_bc;
+        c.hi /= sum_bc;
+        c.store(yi + j, n);
+      }
+      std::fill(yi + valid, yi + N, scalar_t(0));
+    }
+  });
+}
+
+template <typename scalar_t>
+void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int64_t rows,
+                        int64_t N, double scale) {
+  using C = Chunk<scalar_t>;
+  using Vec = typename C::Vec;
+  using acc_t = typename C::acc_t;
+  constexpr int64_t K = C::kChunk;
+
+  at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const scalar_t* dyi = dy + row * N;
+      const scalar_t* yi = y + row * N;
+      CompensatedSum<Vec> dot_sum;  // dy_j - dot cancels, so dot's error would show in dx
+      for (int64_t j = 0; j < N; j += K) {
+        const int64_t n = std::min(K, N - j);
+        const auto a = C::load(yi + j, n), g = C::load(dyi + j, n);  // tails load as 0
+        dot_sum.add(a.lo * g.lo);
+        dot_sum.add(a.hi * g.hi);
+      }
+      const Vec dot(dot_sum.result());
+      const Vec scale_v(static_cast<acc_t>(scale));
+      for (int64_t j = 0; j < N; j += K) {
+        const int64_t n = std::min(K, N - j);
+        auto a = C::load(yi + j, n);
+        const auto g = C::load(dyi + j, n);
+        a.lo = a.lo * (g.lo - dot) * scale_v;
+        a.hi = a.hi * (g.hi - dot) * scale_v;
+        a.store(dx + row * N + j, n);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale,
+                   bool causal) {
+  TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && x.device().is_cpu(),
+              "lmfast_C: x must be a contiguous 4-D CPU tensor (B, H, M, N)");
+  int64_t mask_strides[4] = {0, 0, 0, 0};
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->device().is_cpu() && mask->sizes() == x.sizes(),
+                "lmfast_C: mask must be a CPU tensor expanded to x's shape ", x.sizes());
+    TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == x.scalar_type(),
+                "lmfast_C: mask must be bool or have x's dtype ", x.scalar_type());
+    TORCH_CHECK(mask->stride(3) == 0 || mask->stride(3) == 1 || mask->size(3) <= 1,
+                "lmfast_C: mask's last stride must be 0 or 1");
+    for (int d = 0; d < 4; ++d) mask_strides[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
+  }
+  Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const int64_t B = x.size(0), H = x.size(1), M = x.size(2), N = x.size(3);
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_softmax_fwd", [&] {
+    if (mask.has_value() && mask->scalar_type() == at::kBool) {
+      softmax_fwd_kernel<scalar_t, bool>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                         mask->const_data_ptr<bool>(), mask_strides, B, H, M, N,
+                                         scale, causal);
+    } else {
+      softmax_fwd_kernel<scalar_t, scalar_t>(
+          x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+          mask.has_value() ? mask->const_data_ptr<scalar_t>() : nullptr, mask_strides, B, H, M,
+          N, scale, causal);
+    }
+  });
+  return y;
+}
+
+Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu(),
+              "lmfast_C: y must be a contiguous 2-D CPU tensor (rows, N)");
+  TORCH_CHECK(dy.sizes() == y.sizes() && dy.is_contiguous() &&
+                  dy.scalar_type() == y.scalar_type() && dy.device().is_cpu(),
+              "lmfast_C: dy must be a contiguous CPU tensor like y");
+  Tensor dx = at::empty_like(y);
+  if (y.numel() == 0) return dx;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lmfast_softmax_bwd", [&] {
+    softmax_bwd_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                                 dx.data_ptr<scalar_t>(), y.size(0), y.size(1), scale);
+  });
+  return dx;
+}
+
+}  // namespace lmfast::cpu

@@ -1,0 +1,60 @@
+// Registers the C++ kernels as torch.ops.lmfast_C.*. The public custom ops (lmfast::*) are
+// defined in Python (lmfast/ops/) and call these for backend="cpu".
+#include "cpu/vec.h"  // first (see vec.h); also defines the CPU_CAPABILITY build_info reports
+
+#include <Python.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "ops.h"
+
+#ifndef LMFAST_TORCH_VERSION  // set by lmfast/_build_flags.py, unquoted
+#define LMFAST_TORCH_VERSION unknown
+#endif
+#define LMFAST_STR2(x) #x
+#define LMFAST_STR(x) LMFAST_STR2(x)
+
+namespace lmfast::cpu {
+
+std::string build_info() {
+  std::string info = "torch=" LMFAST_STR(LMFAST_TORCH_VERSION) ";isa=" LMFAST_STR(CPU_CAPABILITY);
+#ifdef _OPENMP
+  info += ";openmp=1";
+#else
+  info += ";openmp=0";
+#endif
+  return info;
+}
+
+}  // namespace lmfast::cpu
+
+TORCH_LIBRARY(lmfast_C, m) {
+  m.def("build_info() -> str", &lmfast::cpu::build_info);
+  m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
+        " Tensor? dresidual_out, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, Tensor? residual, float eps)"
+        " -> (Tensor, Tensor, Tensor)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dresidual_out,"
+        " bool weight_grad) -> (Tensor, Tensor)");
+  m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
+  m.def("softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lmfast_C, CPU, m) {
+  m.impl("layer_norm_fwd", &lmfast::cpu::layer_norm_fwd);
+  m.impl("layer_norm_bwd", &lmfast::cpu::layer_norm_bwd);
+  m.impl("rms_norm_fwd", &lmfast::cpu::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &lmfast::cpu::rms_norm_bwd);
+  m.impl("softmax_fwd", &lmfast::cpu::softmax_fwd);
+  m.impl("softmax_bwd", &lmfast::cpu::softmax_bwd);
+}
+
+// `import lmfast._C` (ahead-of-time build) loads the library above; the module itself is empty.
+// The first-use (JIT) build loads the same code with torch.ops.load_library instead.
+static PyModuleDef lmfast_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                      "lmfast C++ kernels; ops live in torch.ops.lmfast_C", -1,
+                                      nullptr};
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&lmfast_c_module); }

@@ -1,0 +1,53 @@
+"""Shared by the Triton kernels: row tiling, program counts, and a rounding fix for the
+Triton interpreter."""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Widest row held in registers as one block; wider rows loop over blocks of this size.
+# Tests lower it to exercise the looping path on small shapes.
+MAX_BLOCK_N = 8192
+
+
+def row_blocking(n: int) -> tuple[int, bool, int]:
+    """(BLOCK_N, ONE_BLOCK, num_warps) for rows of n elements."""
+    block = min(triton.next_power_of_2(max(n, 1)), MAX_BLOCK_N)
+    warps = 1 if block <= 256 else 4 if block <= 2048 else 8 if block <= 4096 else 16
+    return block, n <= block, warps
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def reduction_programs(rows: int, device: torch.device) -> int:
+    """Programs for a backward that also sums weight gradients over rows: each program walks a
+    contiguous run of rows and keeps one partial row; runs of <= 32 rows keep the sequential
+    part of the sum short (accurate), >= 4 programs per SM keep the GPU busy, and <= 1024
+    partial rows bound their memory."""
+    sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 1
+    return max(1, min(rows, max(4 * sms, min(1024, -(-rows // 32)))))
+
+
+def interpreted() -> bool:
+    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """float32 x cast to `dtype`, rounding to nearest even.
+
+    On a GPU this is x.to(dtype). The Triton interpreter (3.6-3.9) truncates float32 ->
+    bfloat16 instead, so there the rounding is done on the bits first (NaN kept as is).
+    """
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+    return x.to(dtype)

@@ -1,0 +1,265 @@
+"""LayerNorm and RMSNorm over the last dim, forward and backward, in Triton.
+
+One program per row in the forward. RMSNorm is LayerNorm without centering (CENTERED=False:
+mean fixed at 0, no bias). Per row, with s = x (+ residual):
+
+    forward:   mu = mean(s) (0 for RMSNorm),  rstd = 1 / sqrt(mean((s - mu)^2) + eps)
+               y  = (s - mu) * rstd * w + b
+    backward:  xhat = (s - mu) * rstd,  g = dy * w
+               ds = rstd * (g - mean(g) - xhat * mean(g * xhat))      (mean(g): LayerNorm only)
+               dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+
+Rows up to MAX_BLOCK_N wide are held in registers (ONE_BLOCK); wider rows are walked in
+blocks, re-read from cache. Math is float32 for every input dtype. Launchers match the C++
+contracts in csrc/ops.h.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import round_to
+
+
+@triton.jit
+def _load_sum(X, RES, RES_OUT, cols, in_row, HAS_RES: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One block of s = x (+ residual) as float32. With a residual, s is also stored to RES_OUT,
+    and the value returned is s rounded to the storage dtype: what eager `x + r` would give."""
+    s = tl.load(X + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_RES:
+        s += tl.load(RES + cols, mask=in_row, other=0.0).to(tl.float32)
+        s_stored = round_to(s, RES_OUT.dtype.element_ty, INTERPRETED)
+        tl.store(RES_OUT + cols, s_stored, mask=in_row)
+        s = s_stored.to(tl.float32)
+    return s
+
+
+@triton.jit
+def _store_normalized(d, rstd, W, B, Y, cols, in_row, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
+    """Y = d * rstd * w + b for one block, where d = s - mean."""
+    y = d * rstd
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(Y + cols, round_to(y, Y.dtype.element_ty, INTERPRETED), mask=in_row)
+
+
+@triton.jit
+def _norm_fwd_kernel(
+    X,        # (rows, N) input
+    RES,      # (rows, N) residual added to x                  [HAS_RES]
+    W,        # (N,) weight                                     [HAS_W]
+    B,        # (N,) bias                                       [HAS_B]
+    Y,        # (rows, N) output
+    RES_OUT,  # (rows, N) x + residual, the pre-norm sum        [HAS_RES]
+    MEAN,     # (rows,) float32 row mean                        [CENTERED]
+    RSTD,     # (rows,) float32 1 / sqrt(var + eps)
+    N,        # row length
+    eps,      # variance epsilon
+    CENTERED: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * N
+    RES += row * N
+    RES_OUT += row * N
+    Y += row * N
+    cols = tl.arange(0, BLOCK_N)
+    if ONE_BLOCK:
+        in_row = cols < N
+        s = _load_sum(X, RES, RES_OUT, cols, in_row, HAS_RES, INTERPRETED)
+        if CENTERED:
+            mean = tl.sum(s, axis=0) / N
+        else:
+            mean = 0.0
+        d = tl.where(in_row, s - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
+        _store_normalized(d, rstd, W, B, Y, cols, in_row, HAS_W, HAS_B, INTERPRETED)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            acc += _load_sum(X, RES, RES_OUT, start + cols, start + cols < N, HAS_RES, INTERPRETED)
+        if CENTERED:
+            mean = tl.sum(acc, axis=0) / N
+        else:
+            mean = 0.0
+        if HAS_RES:  # later passes read the stored (rounded) sum
+            S = RES_OUT
+        else:
+            S = X
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            in_row = start + cols < N
+            d = tl.where(in_row, tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - mean, 0.0)
+            acc += d * d
+        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        for start in range(0, N, BLOCK_N):
+            in_row = start + cols < N
+            d = tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - mean
+            _store_normalized(d, rstd, W, B, Y, start + cols, in_row, HAS_W, HAS_B, INTERPRETED)
+    if CENTERED:
+        tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _grad_terms(DY, X, W, cols, in_row, mean, rstd, HAS_W: tl.constexpr):
+    """(dy, xhat, g = dy * w) for one block as float32; all zero outside the row."""
+    dy = tl.load(DY + cols, mask=in_row, other=0.0).to(tl.float32)
+    x = tl.load(X + cols, mask=in_row, other=0.0).to(tl.float32)
+    xhat = tl.where(in_row, (x - mean) * rstd, 0.0)
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    return dy, xhat, g
+
+
+@triton.jit
+def _store_dx(g, xhat, c1, c2, rstd, DRES, DX, cols, in_row, HAS_DRES: tl.constexpr,
+              INTERPRETED: tl.constexpr):
+    dx = (g - xhat * c1 - c2) * rstd
+    if HAS_DRES:
+        dx += tl.load(DRES + cols, mask=in_row, other=0.0).to(tl.float32)
+    tl.store(DX + cols, round_to(dx, DX.dtype.element_ty, INTERPRETED), mask=in_row)
+
+
+@triton.jit
+def _norm_bwd_kernel(
+    DY,          # (rows, N) gradient of y
+    X,           # (rows, N) the normalized input s
+    W,           # (N,) weight                                           [HAS_W]
+    MEAN,        # (rows,) float32                                       [CENTERED]
+    RSTD,        # (rows,) float32
+    DRES,        # (rows, N) gradient of the returned x + residual      [HAS_DRES]
+    DX,          # (rows, N) output: gradient of s (= of x and residual)
+    DW_PARTIAL,  # (programs, N) float32 zeros: this program's sum of dy * xhat   [W_GRAD]
+    DB_PARTIAL,  # (programs, N) float32 zeros: this program's sum of dy          [B_GRAD]
+    rows, N,
+    rows_per_program,
+    CENTERED: tl.constexpr, HAS_W: tl.constexpr, HAS_DRES: tl.constexpr,
+    W_GRAD: tl.constexpr, B_GRAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    row_start = pid * rows_per_program  # int64, so row * N below cannot overflow
+    row_end = tl.minimum(row_start + rows_per_program, rows)
+    cols = tl.arange(0, BLOCK_N)
+    DW_PARTIAL += pid * N
+    DB_PARTIAL += pid * N
+    if ONE_BLOCK:
+        in_row = cols < N
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for row in range(row_start, row_end):
+            off = row * N
+            if CENTERED:
+                mean = tl.load(MEAN + row)
+            else:
+                mean = 0.0
+            rstd = tl.load(RSTD + row)
+            dy, xhat, g = _grad_terms(DY + off, X + off, W, cols, in_row, mean, rstd, HAS_W)
+            c1 = tl.sum(g * xhat, axis=0) / N
+            if CENTERED:
+                c2 = tl.sum(g, axis=0) / N
+            else:
+                c2 = 0.0
+            _store_dx(g, xhat, c1, c2, rstd, DRES + off, DX + off, cols, in_row, HAS_DRES, INTERPRETED)
+            dw_acc += dy * xhat
+            db_acc += dy
+        if W_GRAD:
+            tl.store(DW_PARTIAL + cols, dw_acc, mask=in_row)
+        if B_GRAD:
+            tl.store(DB_PARTIAL + cols, db_acc, mask=in_row)
+    else:
+        for row in range(row_start, row_end):
+            off = row * N
+            if CENTERED:
+                mean = tl.load(MEAN + row)
+            else:
+                mean = 0.0
+            rstd = tl.load(RSTD + row)
+            gx_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            g_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, N, BLOCK_N):
+                dy, xhat, g = _grad_terms(DY + off, X + off, W, start + cols, start + cols < N, mean, rstd, HAS_W)
+                gx_acc += g * xhat
+                g_acc += g
+            c1 = tl.sum(gx_acc, axis=0) / N
+            if CENTERED:
+                c2 = tl.sum(g_acc, axis=0) / N
+            else:
+                c2 = 0.0
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                in_row = c < N
+                dy, xhat, g = _grad_terms(DY + off, X + off, W, c, in_row, mean, rstd, HAS_W)
+                _store_dx(g, xhat, c1, c2, rstd, DRES + off, DX + off, c, in_row, HAS_DRES, INTERPRETED)
+                if W_GRAD:  # this program's own partial row: no other program touches it
+                    tl.store(DW_PARTIAL + c, tl.load(DW_PARTIAL + c, mask=in_row) + dy * xhat, mask=in_row)
+                if B_GRAD:
+                    tl.store(DB_PARTIAL + c, tl.load(DB_PARTIAL + c, mask=in_row) + dy, mask=in_row)
+
+
+def _stat(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return torch.empty(rows, device=x.device, dtype=torch.float32)
+
+
+def _norm_fwd(x, weight, bias, residual, eps, centered):
+    rows, n = x.shape
+    y = torch.empty_like(x)
+    residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    mean = _stat(x, rows) if centered else x.new_empty(0, dtype=torch.float32)
+    rstd = _stat(x, rows)
+    if rows == 0 or n == 0:  # nothing to normalize (the statistics of empty rows are unused)
+        return y, residual_out, mean, rstd
+    block, one_block, warps = _common.row_blocking(n)
+    _norm_fwd_kernel[(rows,)](
+        x, residual if residual is not None else x, weight if weight is not None else x,
+        bias if bias is not None else x, y, residual_out if residual is not None else y,
+        mean if centered else rstd, rstd, n, eps,
+        CENTERED=centered, HAS_RES=residual is not None, HAS_W=weight is not None,
+        HAS_B=bias is not None, BLOCK_N=block, ONE_BLOCK=one_block, INTERPRETED=_common.interpreted(), num_warps=warps)
+    return y, residual_out, mean, rstd
+
+
+def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, centered):
+    rows, n = x.shape
+    dx = torch.empty_like(x)
+    programs = _common.reduction_programs(rows, x.device)
+    dw_partial = torch.zeros(programs if weight_grad else 0, n, device=x.device, dtype=torch.float32)
+    db_partial = torch.zeros(programs if bias_grad else 0, n, device=x.device, dtype=torch.float32)
+    if rows > 0 and n > 0:
+        block, one_block, warps = _common.row_blocking(n)
+        _norm_bwd_kernel[(programs,)](
+            dy, x, weight if weight is not None else x, mean if centered else rstd, rstd,
+            dresidual_out if dresidual_out is not None else dy, dx,
+            dw_partial if weight_grad else dx, db_partial if bias_grad else dx,
+            rows, n, -(-rows // programs),
+            CENTERED=centered, HAS_W=weight is not None, HAS_DRES=dresidual_out is not None,
+            W_GRAD=weight_grad, B_GRAD=bias_grad, BLOCK_N=block, ONE_BLOCK=one_block,
+            INTERPRETED=_common.interpreted(), num_warps=warps)
+    # (programs, N) partials -> (N,), summed in float32, rounded once
+    dw = dw_partial.sum(0).to(x.dtype) if weight_grad else x.new_empty(0)
+    db = db_partial.sum(0).to(x.dtype) if bias_grad else x.new_empty(0)
+    return dx, dw, db
+
+
+def layer_norm_fwd(x, weight, bias, residual, eps):
+    return _norm_fwd(x, weight, bias, residual, eps, centered=True)
+
+
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad):
+    return _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, centered=True)
+
+
+def rms_norm_fwd(x, weight, residual, eps):
+    y, residual_out, _, rstd = _norm_fwd(x, weight, None, residual, eps, centered=False)
+    return y, residual_out, rstd
+
+
+def rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad):
+    dx, dw, _ = _norm_bwd(dy, x, weight, None, rstd, dresidual_out, weight_grad, False, centered=False)
+    return dx, dw

@@ -1,0 +1,147 @@
+"""Which backend runs an op: availability, "auto" selection and LMFAST_BACKEND.
+
+Backends:
+  torch   the plain-PyTorch reference (lmfast.reference); runs anywhere, any dtype
+  cpu     C++ kernels (csrc/, torch.ops.lmfast_C) on CPU tensors
+  triton  Triton kernels (kernels/, lmfast.kernels) on CUDA tensors, or on CPU tensors through
+          the Triton interpreter when TRITON_INTERPRET=1 (how CI tests them)
+  cuda    CUDA C++ kernels (not built yet)
+
+"auto" picks cpu for CPU tensors and triton for CUDA tensors, and falls back to torch, with
+one warning, when that backend cannot run. LMFAST_BACKEND=<name> replaces "auto".
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("torch", "cpu", "triton", "cuda")
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class BackendStatus:
+    name: str
+    available: bool
+    detail: str  # what runs, or why it cannot
+
+    def __str__(self) -> str:
+        return f"{self.name:7s} {'yes' if self.available else 'no ':3s}  {self.detail}"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _cpu_status() -> BackendStatus:
+    from . import _extension
+
+    ext = _extension.status()
+    return BackendStatus("cpu", ext.loaded, ext.detail)
+
+
+@functools.cache
+def _triton_status() -> BackendStatus:
+    if importlib.util.find_spec("triton") is None:
+        return BackendStatus("triton", False, "triton is not installed (pip install 'lmfast[triton]')")
+    try:
+        import triton
+
+        importlib.import_module("lmfast.kernels")
+    except Exception as e:  # broken install: say so instead of failing every call
+        return BackendStatus("triton", False, f"cannot import the Triton kernels: {type(e).__name__}: {e}")
+    where = []
+    if torch.cuda.is_available():
+        where.append(f"CUDA tensors ({torch.cuda.get_device_name()})")
+    if triton_interpreted():
+        where.append("CPU tensors through the interpreter (TRITON_INTERPRET=1)")
+    if not where:
+        return BackendStatus("triton", False, f"triton {triton.__version__} is installed but there is "
+                                              "no CUDA device (TRITON_INTERPRET=1 runs it on CPU tensors)")
+    return BackendStatus("triton", True, f"triton {triton.__version__} on " + " and ".join(where))
+
+
+def status(name: str) -> BackendStatus:
+    if name == "torch":
+        return BackendStatus("torch", True, f"PyTorch {torch.__version__} reference (lmfast.reference)")
+    if name == "cpu":
+        return _cpu_status()
+    if name == "triton":
+        return _triton_status()
+    if name == "cuda":
+        return BackendStatus("cuda", False, "the CUDA C++ kernels are not part of this release yet")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+
+
+def backends() -> dict[str, BackendStatus]:
+    """Every backend, whether it can run here, and what it is or why not."""
+    return {name: status(name) for name in BACKENDS}
+
+
+def _serves(name: str, device: torch.device, dtype: torch.dtype) -> Exception | None:
+    """None if backend `name` can run on (device, dtype), else the error that says why not."""
+    st = status(name)
+    if not st.available:
+        return RuntimeError(f"backend {name!r} is not available: {st.detail}")
+    if name == "cpu" and device.type != "cpu":
+        return ValueError(f"backend 'cpu' runs on CPU tensors, got a tensor on {device}")
+    if name == "triton":
+        if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not triton_interpreted()):
+            return ValueError("backend 'triton' runs on CUDA tensors (or CPU tensors with "
+                              f"TRITON_INTERPRET=1), got a tensor on {device}")
+        if dtype not in TRITON_DTYPES:
+            return TypeError(f"backend 'triton' supports float16, bfloat16 and float32, got {dtype}")
+    return None
+
+
+@functools.cache
+def _warn_fallback(reason: str) -> None:
+    warnings.warn(f"lmfast: {reason}; falling back to the PyTorch reference (backend='torch')",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _auto(device: torch.device, dtype: torch.dtype) -> str:
+    preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+    if preferred is None:
+        return "torch"
+    error = _serves(preferred, device, dtype)
+    if error is None:
+        return preferred
+    if not isinstance(error, TypeError):  # float64 on a GPU goes to the reference silently
+        _warn_fallback(str(error))
+    return "torch"
+
+
+def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs an op on (device, dtype); raises if an explicitly named
+    backend cannot."""
+    if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("LMFAST_BACKEND", "") or "auto"
+        if backend not in (*BACKENDS, "auto"):
+            raise ValueError(f"LMFAST_BACKEND must be one of {('auto', *BACKENDS)}, got {backend!r}")
+        if backend == "auto":
+            return _auto(device, dtype)
+    error = _serves(backend, device, dtype)
+    if error is not None:
+        raise error
+    return backend
+
+
+def kernels(backend: str):
+    """The namespace holding `backend`'s launchers: layer_norm_fwd, ..., softmax_bwd, all with
+    the contracts of csrc/ops.h."""
+    if backend == "cpu":
+        return torch.ops.lmfast_C
+    if backend == "triton":
+        return importlib.import_module("lmfast.kernels")
+    raise ValueError(f"backend {backend!r} has no kernels")

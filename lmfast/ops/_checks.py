@@ -1,0 +1,88 @@
+"""Input validation shared by the ops: every error names the argument and what was expected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def floating_tensor(name: str, t: object) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a float16, bfloat16, float32 or float64 tensor, got {t.dtype}")
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
+
+
+def same_device_and_dtype(name: str, t: Tensor, x: Tensor) -> None:
+    if t.device != x.device:
+        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; both must be on one device")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match "
+                        f"(cast with {name}.to(x.dtype))")
+
+
+def norm_param(name: str, t: Tensor | None, x: Tensor) -> None:
+    """weight / bias of a norm over x's last dim: None, or a (N,) tensor like x."""
+    if t is None:
+        return
+    floating_tensor(name, t)
+    same_device_and_dtype(name, t, x)
+    if tuple(t.shape) != (x.shape[-1],):
+        raise ValueError(f"{name} must have shape ({x.shape[-1]},), the last dim of x "
+                         f"{tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def residual_like(t: Tensor | None, x: Tensor) -> None:
+    if t is None:
+        return
+    floating_tensor("residual", t)
+    same_device_and_dtype("residual", t, x)
+    if t.shape != x.shape:
+        raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+
+
+def real_number(name: str, value: object, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not -math.inf < value < math.inf:  # comparisons, not math.isfinite: torch.compile traces them
+        raise ValueError(f"{name} must be finite, got {value}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return float(value)
+
+
+def dim_index(dim: object, ndim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
+        raise TypeError(f"dim must be an int, got {type(dim).__name__}")
+    if not -ndim <= dim < ndim:
+        raise ValueError(f"dim={dim} is out of range for x with {ndim} dims")
+    return int(dim) % ndim
+
+
+def mask_for(mask: Tensor | None, x: Tensor) -> None:
+    """An additive (x's dtype) or boolean (True = keep) mask broadcastable to x."""
+    if mask is None:
+        return
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.device != x.device:
+        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+    if mask.dtype != torch.bool:
+        if mask.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"mask must be boolean (True = keep) or additive float, got {mask.dtype}")
+        if mask.dtype != x.dtype:
+            raise TypeError(f"additive mask has dtype {mask.dtype} but x has {x.dtype}; pass "
+                            "mask.to(x.dtype) or a boolean mask")
+    try:
+        ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")

@@ -1,0 +1,32 @@
+"""Small helpers shared by the op files."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _backends
+
+
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    # Evaluated once at trace time under torch.compile: the choice depends only on constants.
+    return _backends.resolve(backend, device, dtype)
+
+
+def resolve_backend(backend: str, x: Tensor) -> str:
+    """The concrete backend ("torch", "cpu", "triton") that runs an op on x."""
+    return _resolve(backend, x.device, x.dtype)
+
+
+def as_rows(t: Tensor) -> Tensor:
+    """(..., N) -> contiguous (rows, N); a view when t is already contiguous."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()  # not -1: N may be 0
+
+
+def upstream_grad(g: Tensor | None, like: Tensor) -> Tensor:
+    """An output's incoming gradient as a contiguous tensor shaped like `like` (autograd may
+    hand over None for an unused output, or a broadcast view such as expanded ones)."""
+    return torch.zeros_like(like) if g is None else g.contiguous()

@@ -1,0 +1,169 @@
+"""LayerNorm and RMSNorm over the last dim, with an optional fused residual add.
+
+Layers: public function (validation, backend choice, reshaping to rows) -> torch.library
+custom ops lmfast::{layer,rms}_norm_{fwd,bwd} (fake impls + autograd, so torch.compile traces
+them without graph breaks) -> the backend's launchers (csrc/cpu/norm.cpp, kernels/norm.py).
+backend="torch" runs lmfast.reference directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backends, reference
+from . import _checks
+from ._common import as_rows, resolve_backend, upstream_grad
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5, *, residual: Tensor | None = None, backend: str = "auto"):
+    """LayerNorm over the last dim: (s - mean) / sqrt(var + eps) * weight + bias.
+
+    With `residual`, s = x + residual is formed in the same pass and (y, s) is returned, the
+    pre-norm residual pattern `s = x + r; y = norm(s)`; otherwise s = x and y is returned.
+    x: (..., N); weight, bias: (N,) or None. float16/bfloat16/float32 (float64 on the cpu and
+    torch backends), accumulated in float32.
+    """
+    _checks.floating_tensor("x", x)
+    _checks.norm_param("weight", weight, x)
+    _checks.norm_param("bias", bias, x)
+    _checks.residual_like(residual, x)
+    eps = _checks.real_number("eps", eps, minimum=0.0)
+    impl = resolve_backend(backend, x)
+    if impl == "torch":
+        return reference.layer_norm(x, weight, bias, eps, residual)
+    y, s, _, _ = torch.ops.lmfast.layer_norm_fwd(
+        as_rows(x), _vec(weight), _vec(bias), None if residual is None else as_rows(residual), eps, impl)
+    y = y.view(x.shape)
+    return y if residual is None else (y, s.view(x.shape))
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
+             residual: Tensor | None = None, backend: str = "auto"):
+    """RMSNorm over the last dim: s / sqrt(mean(s^2) + eps) * weight.
+
+    `residual` as in layer_norm: returns (y, x + residual) when given.
+    """
+    _checks.floating_tensor("x", x)
+    _checks.norm_param("weight", weight, x)
+    _checks.residual_like(residual, x)
+    eps = _checks.real_number("eps", eps, minimum=0.0)
+    impl = resolve_backend(backend, x)
+    if impl == "torch":
+        return reference.rms_norm(x, weight, eps, residual)
+    y, s, _ = torch.ops.lmfast.rms_norm_fwd(
+        as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps, impl)
+    y = y.view(x.shape)
+    return y if residual is None else (y, s.view(x.shape))
+
+
+def _vec(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _stats(x: Tensor) -> Tensor:
+    """Fake (rows,) per-row statistic in the accumulation dtype."""
+    return x.new_empty(x.shape[0], dtype=reference.acc_dtype(x.dtype))
+
+
+def _param_grad(flag: bool, x: Tensor) -> Tensor:
+    return x.new_empty(x.shape[1]) if flag else x.new_empty(0)
+
+
+# ---- LayerNorm custom ops ---------------------------------------------------------------
+
+@torch.library.custom_op("lmfast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+                   eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """x, residual: (rows, N). Returns (y, x + residual or an empty tensor, mean, rstd)."""
+    return tuple(_backends.kernels(backend).layer_norm_fwd(x, weight, bias, residual, eps))
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, residual, eps, backend):
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), s, _stats(x), _stats(x)
+
+
+@torch.library.custom_op("lmfast::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+                   dresidual_out: Tensor | None, weight_grad: bool, bias_grad: bool,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (dx, dweight or empty, dbias or empty); dx includes dresidual_out."""
+    return tuple(_backends.kernels(backend).layer_norm_bwd(
+        dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad))
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, backend):
+    return torch.empty_like(x), _param_grad(weight_grad, x), _param_grad(bias_grad, x)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps, backend = inputs
+    _, s, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.backend = backend
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    normed, weight, mean, rstd = ctx.saved_tensors
+    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+    ds = upstream_grad(ds, normed) if ctx.has_residual else None
+    dx, dw, db = torch.ops.lmfast.layer_norm_bwd(
+        upstream_grad(dy, normed), normed, weight, mean, rstd, ds, need_w, need_b, ctx.backend)
+    return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+            dx if need_r else None, None, None)
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+# ---- RMSNorm custom ops -----------------------------------------------------------------
+
+@torch.library.custom_op("lmfast::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float,
+                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """x, residual: (rows, N). Returns (y, x + residual or an empty tensor, rstd)."""
+    return tuple(_backends.kernels(backend).rms_norm_fwd(x, weight, residual, eps))
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, residual, eps, backend):
+    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
+    return torch.empty_like(x), s, _stats(x)
+
+
+@torch.library.custom_op("lmfast::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor,
+                 dresidual_out: Tensor | None, weight_grad: bool,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    """Returns (dx, dweight or empty); dx includes dresidual_out."""
+    return tuple(_backends.kernels(backend).rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad))
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, dresidual_out, weight_grad, backend):
+    return torch.empty_like(x), _param_grad(weight_grad, x)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, residual, eps, backend = inputs
+    _, s, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.backend = backend
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
+
+
+def _rms_norm_backward(ctx, dy, ds, _drstd):
+    normed, weight, rstd = ctx.saved_tensors
+    need_x, need_w, need_r = ctx.needs_input_grad[:3]
+    ds = upstream_grad(ds, normed) if ctx.has_residual else None
+    dx, dw = torch.ops.lmfast.rms_norm_bwd(
+        upstream_grad(dy, normed), normed, weight, rstd, ds, need_w, ctx.backend)
+    return dx if need_x else None, dw if need_w else None, dx if need_r else None, None, None
+
+
+rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)

@@ -1,0 +1,103 @@
+"""softmax(scale * x + mask) with optional causal masking, fused in one pass.
+
+Layers as in norm.py: public function -> custom ops lmfast::softmax_{fwd,bwd} -> launchers
+(csrc/cpu/softmax.cpp, kernels/softmax.py). Kernels see x as a contiguous (B, H, M, N) tensor
+with softmax over N, and the mask expanded to that shape through strides (a broadcast mask is
+never materialized).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _backends, reference
+from . import _checks
+from ._common import as_rows, resolve_backend, upstream_grad
+
+
+def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
+            causal: bool = False, *, backend: str = "auto") -> Tensor:
+    """softmax(scale * x + mask) along `dim`.
+
+    mask: additive (x's dtype) or boolean (True = keep), broadcastable to x.
+    causal: over the last two dims (M, N) of x, query i keeps keys j <= i + N - M
+        (bottom-right aligned, as KV-cache decoding needs; SDPA's is_causal is top-left
+        aligned when M != N). Needs dim=-1.
+    Rows with every entry masked give zeros, not NaN.
+    """
+    _checks.floating_tensor("x", x)
+    d = _checks.dim_index(dim, x.dim())
+    scale = _checks.real_number("scale", scale)
+    _checks.mask_for(mask, x)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if causal and (x.dim() < 2 or d != x.dim() - 1):
+        raise ValueError(f"causal=True masks over the last two dims and needs dim=-1 and x with "
+                         f">= 2 dims; got dim={dim} for x of shape {tuple(x.shape)}")
+    impl = resolve_backend(backend, x)
+    if impl == "torch":
+        return reference.softmax(x, dim, scale, mask, causal)
+
+    last = x.dim() - 1
+    xm = x.movedim(d, last)  # (..., N) with the softmax dim last
+    shape4 = _as_4d(xm.shape)
+    x4 = xm.reshape(shape4).contiguous()  # (B, H, M, N)
+    mask4 = None
+    if mask is not None:
+        mask4 = mask.expand(x.shape).movedim(d, last).reshape(shape4)  # a view unless unmergeable
+        if mask4.stride(-1) not in (0, 1) and mask4.shape[-1] > 1:
+            mask4 = mask4.contiguous()  # kernels read mask rows with unit or zero stride
+    y4 = torch.ops.lmfast.softmax_fwd(x4, mask4, scale, causal, impl)
+    return y4.view(xm.shape).movedim(last, d)
+
+
+def _as_4d(shape: torch.Size) -> tuple[int, int, int, int]:
+    """(..., M, N) -> (B, H, M, N): missing leading dims are 1, extra ones merge into B."""
+    dims = [1] * max(0, 4 - len(shape)) + list(shape)
+    return (math.prod(dims[:-3]), dims[-3], dims[-2], dims[-1])
+
+
+@torch.library.custom_op("lmfast::softmax_fwd", mutates_args=())
+def softmax_fwd(x: Tensor, mask: Tensor | None, scale: float, causal: bool, backend: str) -> Tensor:
+    """x: (B, H, M, N) contiguous; mask: None or expanded to (B, H, M, N). Softmax over N."""
+    return _backends.kernels(backend).softmax_fwd(x, mask, scale, causal)
+
+
+@softmax_fwd.register_fake
+def _(x, mask, scale, causal, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lmfast::softmax_bwd", mutates_args=())
+def softmax_bwd(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+    """dy, y: (rows, N). Returns scale * y * (dy - sum(y * dy))."""
+    return _backends.kernels(backend).softmax_bwd(dy, y, scale)
+
+
+@softmax_bwd.register_fake
+def _(dy, y, scale, backend):
+    return torch.empty_like(y)
+
+
+def _softmax_setup(ctx, inputs, output):
+    x, mask, scale, causal, backend = inputs
+    ctx.scale, ctx.backend = scale, backend
+    ctx.save_for_backward(output)
+
+
+def _softmax_backward(ctx, dy):
+    (y,) = ctx.saved_tensors
+    need_x, need_mask = ctx.needs_input_grad[:2]
+    y2, dy2 = as_rows(y), as_rows(upstream_grad(dy, y))  # (rows, N)
+    if not need_mask:
+        return torch.ops.lmfast.softmax_bwd(dy2, y2, ctx.scale, ctx.backend).view(y.shape), None, None, None, None
+    # d(loss)/d(logits) is also the additive mask's gradient (summed over its broadcast dims
+    # by autograd's expand backward); x's gradient is that times scale.
+    dz = torch.ops.lmfast.softmax_bwd(dy2, y2, 1.0, ctx.backend).view(y.shape)
+    return (dz * ctx.scale if need_x else None), dz, None, None, None
+
+
+softmax_fwd.register_autograd(_softmax_backward, setup_context=_softmax_setup)

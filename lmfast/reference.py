@@ -1,0 +1,85 @@
+"""Plain-PyTorch reference of every lmfast op: the specification the tests trust.
+
+Written for clarity, not speed. Each function computes in float32 (float64 for float64
+inputs) and returns outputs in the input dtype, which is what PyTorch eager does for these ops
+(its norms and softmax accumulate 16-bit inputs in float32). Evaluated on float64 copies of
+the inputs it is the oracle; evaluated on the inputs themselves it is the "eager" baseline of
+the error budget (see lmfast.testing). backend="torch" runs these functions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the kernels: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
+               eps: float = 1e-5, residual: Tensor | None = None):
+    """LayerNorm over the last dim of s = x + residual:
+
+        y = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias      (biased variance)
+
+    Returns y, or (y, s) when `residual` is given. s is rounded to x.dtype before it is
+    normalized, exactly like eager `norm(x + residual)`.
+    """
+    s = x if residual is None else x + residual
+    sf = s.to(acc_dtype(x.dtype))
+    centered = sf - sf.mean(-1, keepdim=True)
+    y = centered * torch.rsqrt(centered.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(sf.dtype)
+    if bias is not None:
+        y = y + bias.to(sf.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else (y, s)
+
+
+def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6,
+             residual: Tensor | None = None):
+    """RMSNorm over the last dim of s = x + residual (as in Llama, T5, Qwen, Mistral):
+
+        y = s / sqrt(mean(s^2) + eps) * weight
+
+    Returns y, or (y, s) when `residual` is given.
+    """
+    s = x if residual is None else x + residual
+    sf = s.to(acc_dtype(x.dtype))
+    y = sf * torch.rsqrt(sf.square().mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.to(sf.dtype)
+    y = y.to(x.dtype)
+    return y if residual is None else (y, s)
+
+
+def causal_keep(q_len: int, k_len: int, device=None) -> Tensor:
+    """(q_len, k_len) boolean mask, True = keep: query i sees keys j <= i + k_len - q_len.
+
+    Bottom-right aligned: when q_len < k_len (decoding with a KV cache) the last query sees
+    every key. This differs from SDPA's `is_causal`, which is top-left aligned.
+    """
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
+def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
+            causal: bool = False) -> Tensor:
+    """softmax(scale * x + mask) along `dim`.
+
+    `mask` is additive (float) or boolean (True = keep), broadcastable to x. `causal=True`
+    (only with dim=-1) also masks keys j > i + N - M over the last two dims (M, N) of x.
+    Rows with every entry masked give zeros, not NaN.
+    """
+    z = x.to(acc_dtype(x.dtype)) * scale
+    if mask is not None:
+        z = z.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else z + mask.to(z.dtype)
+    if causal:
+        z = z.masked_fill(~causal_keep(x.shape[-2], x.shape[-1], x.device), float("-inf"))
+    fully_masked = (z == float("-inf")).all(dim, keepdim=True)
+    # A fully masked row is softmaxed as zeros (finite, so its gradient is 0, not NaN),
+    # then its output is set to 0.
+    y = torch.softmax(z.masked_fill(fully_masked, 0.0), dim).masked_fill(fully_masked, 0.0)
+    return y.to(x.dtype)

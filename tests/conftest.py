@@ -1,0 +1,62 @@
+"""Test setup. Kernel tests run for every kernel backend that this machine can run:
+
+  cpu      C++ kernels on CPU tensors (always: a missing build is a failure, not a skip)
+  triton   on CUDA tensors when a GPU is present, else on CPU tensors through the Triton
+           interpreter (TRITON_INTERPRET=1, set here before anything imports triton), with
+           fewer rows since the interpreter is slow
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@dataclass(frozen=True)
+class KernelBackend:
+    name: str      # lmfast backend name
+    device: str    # where its tensors live
+    slow: bool     # the Triton interpreter: keep shapes small
+
+    def rows(self, fast: int, slow: int = 16) -> int:
+        """Row count for a test: fewer under the interpreter, but >= 16 where the error
+        budget is checked (lmfast.testing: the RMS over fewer rows is a noisy statistic)."""
+        return slow if self.slow else fast
+
+
+KERNEL_BACKENDS = [
+    KernelBackend("cpu", "cpu", slow=False),
+    KernelBackend("triton", "cuda", slow=False) if HAS_CUDA else KernelBackend("triton", "cpu", slow=True),
+]
+
+
+@pytest.fixture(params=KERNEL_BACKENDS, ids=lambda b: f"{b.name}-{b.device}")
+def kb(request) -> KernelBackend:
+    """The kernel backend under test."""
+    return request.param
+
+
+@pytest.fixture(params=[torch.float32, torch.float16, torch.bfloat16],
+                ids=["fp32", "fp16", "bf16"])
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture
+def small_triton_blocks(monkeypatch):
+    """Makes the Triton row kernels loop over 256-wide blocks, so that the multi-block path
+    (with a partial last block) runs on small shapes."""
+    import lmfast.kernels._common as common
+
+    monkeypatch.setattr(common, "MAX_BLOCK_N", 256)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    # LMFAST_TEST_SEED reruns the suite on other random inputs (e.g. to hunt rare failures).
+    torch.manual_seed(int(os.environ.get("LMFAST_TEST_SEED", "0")))

@@ -1,0 +1,85 @@
+"""torch.compile traces the ops without graph breaks (fake impls and autograd registered on
+the custom ops), forward and backward, and gives the eager results."""
+
+import pytest
+import torch
+
+import lmfast
+
+
+class Block(torch.nn.Module):
+    """A pre-norm attention-like block using every lmfast op."""
+
+    def __init__(self, dim=32, backend="auto"):
+        super().__init__()
+        self.ln = lmfast.nn.LayerNorm(dim, backend=backend)
+        self.rms = lmfast.nn.RMSNorm(dim, backend=backend)
+        self.sm = lmfast.nn.Softmax(dim=-1, scale=dim ** -0.5, causal=True, backend=backend)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, residual, pad_mask):
+        y, s = self.ln(x, residual)                 # (B, S, D)
+        h = self.rms(self.proj(y))
+        p = self.sm(h @ h.transpose(-1, -2), pad_mask)  # (B, S, S)
+        return p @ h + s
+
+
+def _inputs(device, requires_grad=True):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 16, 32, generator=g).to(device).requires_grad_(requires_grad)
+    r = torch.randn(2, 16, 32, generator=g).to(device).requires_grad_(requires_grad)
+    pad = torch.ones(2, 1, 16, dtype=torch.bool, device=device)
+    pad[1, :, 12:] = False
+    return x, r, pad
+
+
+def _fwd_bwd(model, x, r, pad):
+    out = model(x, r, pad)
+    grads = torch.autograd.grad(out.square().sum(), [x, r, *model.parameters()])
+    return out, grads
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_fullgraph_compile_matches_eager(kb, compiler):
+    torch._dynamo.reset()
+    model = Block(backend=kb.name).to(kb.device)
+    x, r, pad = _inputs(kb.device)
+    want = _fwd_bwd(model, x, r, pad)
+    compiled = torch.compile(model, backend=compiler, fullgraph=True)  # a graph break raises
+    got = _fwd_bwd(compiled, x, r, pad)
+    torch.testing.assert_close(got, want)
+
+
+def test_custom_ops_appear_in_the_graph(kb):
+    torch._dynamo.reset()
+    seen = []
+
+    def capture(gm, example_inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm
+
+    model = Block(backend=kb.name).to(kb.device)
+    x, r, pad = _inputs(kb.device, requires_grad=False)
+    torch.compile(model, backend=capture, fullgraph=True)(x, r, pad)
+    assert {"lmfast.layer_norm_fwd", "lmfast.rms_norm_fwd", "lmfast.softmax_fwd"} <= set(seen), seen
+
+
+def test_dynamic_shapes(kb):
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, w: lmfast.ops.rms_norm(x, w, backend=kb.name), fullgraph=True,
+                      dynamic=True, backend="aot_eager")
+    w = torch.randn(24, device=kb.device)
+    for rows in (3, 17, 40):
+        x = torch.randn(rows, 24, device=kb.device)
+        torch.testing.assert_close(f(x, w), lmfast.ops.rms_norm(x, w, backend="torch"))
+
+
+def test_opcheck_custom_ops():
+    """torch.library.opcheck: schema, fake impl, autograd registration are consistent."""
+    x = torch.randn(16, 33)
+    w, b = torch.randn(33), torch.randn(33)
+    torch.library.opcheck(torch.ops.lmfast.layer_norm_fwd, (x, w, b, torch.randn(16, 33), 1e-5, "cpu"))
+    torch.library.opcheck(torch.ops.lmfast.rms_norm_fwd, (x, w, None, 1e-6, "cpu"))
+    x4 = torch.randn(2, 3, 5, 7)
+    mask = torch.randn(1, 3, 1, 7).expand(2, 3, 5, 7)
+    torch.library.opcheck(torch.ops.lmfast.softmax_fwd, (x4, mask, 0.5, True, "cpu"))

@@ -1,0 +1,96 @@
+"""lmfast.nn modules are drop-ins: same constructor, parameters and state_dict keys, same
+outputs as the modules they replace."""
+
+import pytest
+import torch
+
+import lmfast
+
+
+class HFStyleRMSNorm(torch.nn.Module):
+    """The Hugging Face LlamaRMSNorm forward, verbatim in substance (transformers is not a test
+    dependency of this file)."""
+
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}])
+def test_layer_norm_is_a_drop_in(kwargs, kb):
+    ref = torch.nn.LayerNorm(48, **kwargs, device=kb.device)
+    if ref.weight is not None:
+        torch.nn.init.normal_(ref.weight)
+    if ref.bias is not None:
+        torch.nn.init.normal_(ref.bias)
+    ours = lmfast.nn.LayerNorm(48, **kwargs, device=kb.device, backend=kb.name)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 16, 48, device=kb.device)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_layer_norm_multi_dim_normalized_shape(kb):
+    ref = torch.nn.LayerNorm((4, 6), device=kb.device)
+    torch.nn.init.normal_(ref.weight)
+    ours = lmfast.nn.LayerNorm((4, 6), device=kb.device, backend=kb.name)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 4, 6, device=kb.device)
+    torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(ValueError, match="do not match normalized_shape"):
+        ours(torch.randn(3, 6, 4, device=kb.device))
+
+
+def test_layer_norm_residual_forward():
+    ln = lmfast.nn.LayerNorm(32)
+    x, r = torch.randn(2, 16, 32), torch.randn(2, 16, 32)
+    y, s = ln(x, r)
+    torch.testing.assert_close(s, x + r)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (32,), ln.weight, ln.bias))
+
+
+def test_rms_norm_matches_hugging_face_module(kb):
+    ref = HFStyleRMSNorm(64, eps=1e-5).to(kb.device)
+    torch.nn.init.normal_(ref.weight)
+    ours = lmfast.nn.RMSNorm(64, eps=1e-5, device=kb.device, backend=kb.name)
+    assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight"}
+    ours.load_state_dict(ref.state_dict())
+    assert ours.variance_epsilon == ours.eps == 1e-5
+    x = torch.randn(2, 16, 64, device=kb.device)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_rms_norm_mixed_dtypes_follow_hugging_face_promotion():
+    ref, ours = HFStyleRMSNorm(32), lmfast.nn.RMSNorm(32)
+    torch.nn.init.normal_(ref.weight)
+    ours.load_state_dict(ref.state_dict())  # float32 weight
+    x = torch.randn(16, 32, dtype=torch.bfloat16)
+    want, got = ref(x), ours(x)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want)
+
+
+def test_softmax_module():
+    sm = lmfast.nn.Softmax(dim=-1, scale=0.5, causal=True)
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.rand(16) > 0.2
+    torch.testing.assert_close(sm(x, mask), lmfast.reference.softmax(x, -1, 0.5, mask, True))
+    assert "causal=True" in repr(sm)
+
+
+def test_modules_train(kb):
+    ln = lmfast.nn.LayerNorm(32, device=kb.device, backend=kb.name)
+    rms = lmfast.nn.RMSNorm(32, device=kb.device, backend=kb.name)
+    opt = torch.optim.SGD([*ln.parameters(), *rms.parameters()], lr=0.1)
+    x = torch.randn(16, 32, device=kb.device)
+    rms(ln(x)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*ln.parameters(), *rms.parameters()])
+    opt.step()

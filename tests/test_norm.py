@@ -1,0 +1,140 @@
+"""LayerNorm and RMSNorm: every kernel backend against the float64 reference under the error
+budget (lmfast.testing), forward and gradients."""
+
+import pytest
+import torch
+
+import lmfast
+from lmfast import reference
+from lmfast.testing import check_against_reference
+
+WIDTHS = [1, 7, 127, 1000, 4097, 16384]
+OPS = {
+    "layer_norm": (lmfast.ops.layer_norm, reference.layer_norm, ("weight", "bias")),
+    "rms_norm": (lmfast.ops.rms_norm, reference.rms_norm, ("weight",)),
+}
+
+
+def _inputs(op, shape, dtype, device, *, params=True, residual=True, eps=1e-5):
+    _, _, param_names = OPS[op]
+    n = shape[-1]
+    inputs = {"x": torch.randn(shape, dtype=dtype, device=device) * 2 + 0.5, "eps": eps}
+    for p in param_names:
+        inputs[p] = (torch.randn(n, dtype=dtype, device=device) if params else None)
+    inputs["residual"] = torch.randn(shape, dtype=dtype, device=device) if residual else None
+    return inputs
+
+
+def _check(op, backend, inputs, name):
+    fn, ref, _ = OPS[op]
+    grad = [k for k, v in inputs.items() if isinstance(v, torch.Tensor)]
+    check_against_reference(lambda **kw: fn(**kw, backend=backend), ref, inputs, grad=grad, name=name)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("width", WIDTHS)
+def test_forward_and_grads_all_widths(op, width, kb, dtype):
+    inputs = _inputs(op, (kb.rows(67), width), dtype, kb.device)
+    _check(op, kb.name, inputs, f"{op} {kb.name} w={width}")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("params", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("residual", [True, False], ids=["residual", "no-residual"])
+def test_optional_arguments(op, params, residual, kb, dtype):
+    inputs = _inputs(op, (2, kb.rows(9, 8), 129), dtype, kb.device, params=params, residual=residual)
+    _check(op, kb.name, inputs, f"{op} {kb.name} params={params} residual={residual}")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_bias_only_layer_norm_and_weight_only(op, kb):
+    inputs = _inputs(op, (17, 33), torch.float32, kb.device)
+    if op == "layer_norm":
+        inputs["weight"] = None
+    _check(op, kb.name, inputs, f"{op} {kb.name} partial params")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_wide_rows_loop_over_blocks(op, kb, dtype, small_triton_blocks):
+    # 1000 = 3 full 256-blocks + a partial one for Triton; the C++ kernels always loop.
+    inputs = _inputs(op, (kb.rows(13), 1000), dtype, kb.device)
+    _check(op, kb.name, inputs, f"{op} {kb.name} looping")
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_non_contiguous_inputs(op, kb):
+    base = torch.randn(40, kb.rows(30), device=kb.device)
+    x = base.t()  # (rows, 40), stride (1, rows)
+    res = torch.randn(40, 2 * x.shape[0], device=kb.device)[:, ::2].t()
+    inputs = _inputs(op, x.shape, torch.float32, kb.device)
+    inputs["x"], inputs["residual"] = x, res
+    assert not x.is_contiguous() and not res.is_contiguous()
+    _check(op, kb.name, inputs, f"{op} {kb.name} non-contiguous")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("shape", [(0, 16), (3, 0, 16), (4, 0)], ids=["no-rows", "no-rows-3d", "width-0"])
+def test_empty(op, shape, kb):
+    fn, ref, _ = OPS[op]
+    inputs = _inputs(op, shape, torch.float32, kb.device)
+    y, s = fn(**inputs, backend=kb.name)
+    assert y.shape == shape and s.shape == shape
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_empty_gradients(op, kb):
+    fn, _, params = OPS[op]
+    inputs = _inputs(op, (0, 16), torch.float32, kb.device)
+    leaves = [v.requires_grad_() for v in inputs.values() if isinstance(v, torch.Tensor)]
+    y, s = fn(**inputs, backend=kb.name)
+    grads = torch.autograd.grad((y, s), leaves, (torch.ones_like(y), torch.ones_like(s)))
+    for leaf, g in zip(leaves, grads):
+        assert g.shape == leaf.shape
+        assert torch.count_nonzero(g) == 0  # no rows: every gradient is exactly zero
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_float64_on_cpu_backend(op):
+    # No oracle beyond float64, so torch.testing's float64 defaults (see lmfast.testing).
+    fn, ref, _ = OPS[op]
+    inputs = _inputs(op, (37, 300), torch.float64, "cpu")
+    leaves = [v.requires_grad_() for v in inputs.values() if isinstance(v, torch.Tensor)]
+    got, want = fn(**inputs, backend="cpu"), ref(**inputs)
+    torch.testing.assert_close(got, want)
+    dys = [torch.randn_like(t) for t in want]
+    torch.testing.assert_close(torch.autograd.grad(got, leaves, dys), torch.autograd.grad(want, leaves, dys))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_cpu_float64(op):
+    fn, _, params = OPS[op]
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    ps = [torch.randn(9, dtype=torch.float64, requires_grad=True) for _ in params]
+
+    def f(x, r, *ps):
+        return fn(x, *ps, residual=r, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (x, r, *ps))
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_3d_input_and_eps(op, kb, dtype):
+    inputs = _inputs(op, (2, kb.rows(17, 8), 65), dtype, kb.device, eps=0.1)
+    _check(op, kb.name, inputs, f"{op} {kb.name} 3-D eps=0.1")
+
+
+def test_layer_norm_constant_rows_with_zero_eps_match_reference(kb):
+    # var = 0 and eps = 0: 0 * inf -> NaN, exactly like the reference and torch
+    x = torch.ones(2, 8, device=kb.device)
+    y = lmfast.ops.layer_norm(x, eps=0.0, backend=kb.name)
+    assert torch.isnan(y).all()
+    assert torch.isnan(torch.nn.functional.layer_norm(x, (8,), eps=0.0)).all()
+
+
+def test_residual_output_is_exact_sum(kb, dtype):
+    x = torch.randn(3, 50, dtype=dtype, device=kb.device)
+    r = torch.randn(3, 50, dtype=dtype, device=kb.device)
+    for fn in (lmfast.ops.layer_norm, lmfast.ops.rms_norm):
+        _, s = fn(x, residual=r, backend=kb.name)
+        assert torch.equal(s, x + r)  # one rounding, as eager

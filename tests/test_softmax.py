@@ -1,0 +1,164 @@
+"""softmax(scale * x + mask), causal: every kernel backend against the float64 reference under
+the error budget, forward and gradients (of x, and of an additive mask that requires grad)."""
+
+import pytest
+import torch
+
+import lmfast
+from lmfast import reference
+from lmfast.testing import check_against_reference
+
+WIDTHS = [1, 7, 127, 1000, 4097, 16384]
+
+
+def _check(kb, name, x, *, dim=-1, scale=1.0, mask=None, causal=False, mask_grad=False):
+    inputs = {"x": x, "dim": dim, "scale": scale, "mask": mask, "causal": causal}
+    grad = ["x", "mask"] if mask_grad else ["x"]
+    check_against_reference(lambda **kw: lmfast.ops.softmax(**kw, backend=kb.name),
+                            reference.softmax, inputs, grad=grad, name=f"softmax {kb.name} {name}")
+
+
+def _randn(*shape, kb, dtype=torch.float32):
+    return torch.randn(shape, device=kb.device, dtype=dtype) * 3
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_all_widths_with_scale(width, kb, dtype):
+    _check(kb, f"w={width}", _randn(kb.rows(33), width, kb=kb, dtype=dtype), scale=0.125)
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_all_widths_causal_and_mask(width, kb, dtype):
+    x = _randn(1, 2, kb.rows(19, 8), width, kb=kb, dtype=dtype)
+    pad = torch.rand(1, 1, 1, width, device=kb.device) > 0.2  # key padding, broadcast over heads/queries
+    _check(kb, f"w={width} causal+mask", x, scale=0.3, mask=pad, causal=True)
+
+
+@pytest.mark.parametrize("q_len,k_len", [(1, 1), (17, 17), (5, 33), (1, 100), (33, 5)],
+                         ids=["1x1", "square", "q<k", "decode", "q>k"])
+def test_causal_is_bottom_right_aligned(q_len, k_len, kb, dtype):
+    # q > k: the first q - k queries see no key at all and give zeros.
+    x = _randn(4, 4 * 17 // q_len + 1, q_len, k_len, kb=kb, dtype=dtype)  # >= 16 rows
+    _check(kb, f"causal {q_len}x{k_len}", x, scale=0.5, causal=True)
+
+
+def test_causal_q_longer_than_k_gives_zero_rows(kb):
+    y = lmfast.ops.softmax(torch.randn(1, 1, 6, 4, device=kb.device), causal=True, backend=kb.name)
+    assert torch.count_nonzero(y[..., :2, :]) == 0
+    assert torch.allclose(y[..., 2:, :].sum(-1).cpu(), torch.ones(4))
+
+
+MASKS = {
+    # name: (mask shape for x of shape (B=2, H=3, M=5, N=37), dtype kind)
+    "additive-full": ((2, 3, 5, 37), "float"),
+    "additive-per-query": ((5, 37), "float"),
+    "additive-per-batch-key": ((2, 1, 1, 37), "float"),
+    "additive-per-row-scalar": ((2, 3, 5, 1), "float"),  # zero stride along the softmax dim
+    "bool-key-padding": ((2, 1, 1, 37), "bool"),
+    "bool-full": ((2, 3, 5, 37), "bool"),
+    "bool-per-row": ((2, 3, 5, 1), "bool"),
+}
+
+
+def _mask(shape, kind, kb, dtype):
+    if kind == "bool":
+        return torch.rand(shape, device=kb.device) > 0.3
+    m = torch.randn(shape, device=kb.device, dtype=dtype)
+    return m.masked_fill(torch.rand(shape, device=kb.device) < 0.2, float("-inf"))
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_mask_kinds(mask_name, kb, dtype):
+    shape, kind = MASKS[mask_name]
+    _check(kb, mask_name, _randn(2, 3, 5, 37, kb=kb, dtype=dtype), scale=0.7, mask=_mask(shape, kind, kb, dtype))
+
+
+@pytest.mark.parametrize("mask_name", ["additive-full", "additive-per-query", "additive-per-batch-key"])
+def test_additive_mask_gradient(mask_name, kb, dtype):
+    shape, _ = MASKS[mask_name]
+    mask = torch.randn(shape, device=kb.device, dtype=dtype)  # finite: a learnable bias
+    _check(kb, f"{mask_name} grad", _randn(2, 3, 5, 37, kb=kb, dtype=dtype), scale=0.7, mask=mask,
+           causal=True, mask_grad=True)
+
+
+def test_fully_masked_rows_are_zero_with_zero_grad(kb, dtype):
+    x = _randn(2, 9, 9, kb=kb, dtype=dtype)
+    keep = torch.rand(2, 9, 9, device=kb.device) > 0.5
+    keep[0, 1] = False  # one row with nothing kept
+    neg = torch.zeros(2, 9, 9, device=kb.device, dtype=dtype)
+    neg[1, 2] = float("-inf")  # one additive row all -inf
+    for mask in (keep, neg):
+        xr = x.detach().requires_grad_()
+        y = lmfast.ops.softmax(xr, mask=mask, backend=kb.name)
+        assert not torch.isnan(y).any()
+        (g,) = torch.autograd.grad(y, xr, torch.randn_like(y))
+        assert not torch.isnan(g).any()
+        dead = ~(mask if mask.dtype == torch.bool else mask > float("-inf")).any(-1)
+        assert dead.any()
+        assert torch.count_nonzero(y[dead]) == 0 and torch.count_nonzero(g[dead]) == 0
+        _check(kb, "fully masked rows", x, mask=mask)
+
+
+def test_transposed_mask_and_non_contiguous_x(kb):
+    x = _randn(3, 40, 6, kb=kb).transpose(1, 2)  # (3, 6, 40), not contiguous
+    mask = torch.randn(40, 6, device=kb.device).t()  # (6, 40) with last stride 6
+    assert not x.is_contiguous() and mask.stride(-1) != 1
+    _check(kb, "transposed mask", x, mask=mask, scale=0.9)
+
+
+@pytest.mark.parametrize("dim", [0, 1, -2])
+def test_other_dims(dim, kb, dtype):
+    x = _randn(5, 6, 7, kb=kb, dtype=dtype)
+    mask = _mask((1, 6, 7), "float", kb, dtype)
+    _check(kb, f"dim={dim}", x, dim=dim, scale=1.5, mask=mask)
+
+
+@pytest.mark.parametrize("shape", [(1000,), (16, 37), (2, 2, 2, 3, 37), (2, 3, 3, 1, 2, 37)])
+def test_ranks(shape, kb):
+    # A rank-1 softmax is one row: its gradient is one random draw, so it is long (see
+    # lmfast.testing) to keep the error statistic meaningful.
+    x = _randn(*shape, kb=kb)
+    mask = torch.rand(shape[-1], device=kb.device) > 0.3
+    _check(kb, f"rank {len(shape)}", x, mask=mask, causal=len(shape) >= 2)
+
+
+def test_rank_above_4_with_unmergeable_mask(kb):
+    x = _randn(2, 3, 4, 5, 6, kb=kb)
+    mask = torch.randn(3, 1, 5, 6, device=kb.device)  # broadcast in a middle dim
+    _check(kb, "rank 5 unmergeable mask", x, mask=mask)
+
+
+def test_wide_rows_loop_over_blocks(kb, dtype, small_triton_blocks):
+    x = _randn(1, 2, kb.rows(9, 8), 1000, kb=kb, dtype=dtype)
+    pad = torch.rand(1, 1, 1, 1000, device=kb.device) > 0.3
+    _check(kb, "looping causal+mask", x, scale=0.2, mask=pad, causal=True)
+    _check(kb, "looping plain", x[0])
+
+
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (2, 0, 8)], ids=["no-rows", "width-0", "no-rows-3d"])
+def test_empty(shape, kb):
+    x = torch.randn(shape, device=kb.device, requires_grad=True)
+    y = lmfast.ops.softmax(x, causal=True, backend=kb.name)
+    assert y.shape == x.shape
+    (g,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    assert g.shape == x.shape
+
+
+def test_gradcheck_cpu_float64():
+    x = torch.randn(2, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(3, 1, 6, dtype=torch.float64, requires_grad=True)
+
+    def f(x, mask):
+        return lmfast.ops.softmax(x, scale=0.7, mask=mask, causal=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(f, (x, mask))
+
+
+def test_float64_on_cpu_backend():
+    x = torch.randn(2, 3, 50, 70, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 1, 1, 70) > 0.2
+    got = lmfast.ops.softmax(x, scale=0.4, mask=mask, causal=True, backend="cpu")
+    want = reference.softmax(x, -1, 0.4, mask, True)
+    torch.testing.assert_close(got, want)
+    dy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy), torch.autograd.grad(want, x, dy))
