@@ -42,9 +42,11 @@ def triton_interpreted() -> bool:
 
 @functools.cache
 def _cpu_status() -> BackendStatus:
-    from . import _extension
+    from . import _extension, ops
 
     ext = _extension.status()
+    if ext.loaded:
+        ops.register_cpp_ops()  # the ops exist now: give them fake impls and autograd
     return BackendStatus("cpu", ext.loaded, ext.detail)
 
 
@@ -120,9 +122,20 @@ def _auto(device: torch.device, dtype: torch.dtype) -> str:
     return "torch"
 
 
+_resolved: dict[tuple, str] = {}
+
+
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs an op on (device, dtype); raises if an explicitly named
-    backend cannot."""
+    backend cannot. Memoized: this runs on every op call."""
+    key = (backend, device, dtype, os.environ.get("LMFAST_BACKEND", ""), triton_interpreted())
+    found = _resolved.get(key)
+    if found is None:
+        found = _resolved[key] = _resolve_uncached(backend, device, dtype)
+    return found
+
+
+def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -135,13 +148,3 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     if error is not None:
         raise error
     return backend
-
-
-def kernels(backend: str):
-    """The namespace holding `backend`'s launchers: layer_norm_fwd, ..., softmax_bwd, all with
-    the contracts of csrc/ops.h."""
-    if backend == "cpu":
-        return torch.ops.lmfast_C
-    if backend == "triton":
-        return importlib.import_module("lmfast.kernels")
-    raise ValueError(f"backend {backend!r} has no kernels")

@@ -61,7 +61,8 @@ def test_custom_ops_appear_in_the_graph(kb):
     model = Block(backend=kb.name).to(kb.device)
     x, r, pad = _inputs(kb.device, requires_grad=False)
     torch.compile(model, backend=capture, fullgraph=True)(x, r, pad)
-    assert {"lmfast.layer_norm_fwd", "lmfast.rms_norm_fwd", "lmfast.softmax_fwd"} <= set(seen), seen
+    ns = {"cpu": "lmfast_C", "triton": "lmfast_triton"}[kb.name]
+    assert {f"{ns}.layer_norm_fwd", f"{ns}.rms_norm_fwd", f"{ns}.softmax_fwd"} <= set(seen), seen
 
 
 def test_dynamic_shapes(kb):
@@ -74,12 +75,27 @@ def test_dynamic_shapes(kb):
         torch.testing.assert_close(f(x, w), lmfast.ops.rms_norm(x, w, backend="torch"))
 
 
-def test_opcheck_custom_ops():
-    """torch.library.opcheck: schema, fake impl, autograd registration are consistent."""
-    x = torch.randn(16, 33)
-    w, b = torch.randn(33), torch.randn(33)
-    torch.library.opcheck(torch.ops.lmfast.layer_norm_fwd, (x, w, b, torch.randn(16, 33), 1e-5, "cpu"))
-    torch.library.opcheck(torch.ops.lmfast.rms_norm_fwd, (x, w, None, 1e-6, "cpu"))
-    x4 = torch.randn(2, 3, 5, 7)
-    mask = torch.randn(1, 3, 1, 7).expand(2, 3, 5, 7)
-    torch.library.opcheck(torch.ops.lmfast.softmax_fwd, (x4, mask, 0.5, True, "cpu"))
+OP_NAMES = ["layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "softmax_fwd", "softmax_bwd"]
+
+
+@pytest.mark.parametrize("name", OP_NAMES)
+def test_cpp_and_triton_ops_share_one_schema(name):
+    lmfast.backends()  # loads the C++ library
+    cpp = getattr(torch.ops.lmfast_C, name).default._schema
+    tri = getattr(torch.ops.lmfast_triton, name).default._schema
+    assert [(a.name, str(a.type)) for a in cpp.arguments] == [(a.name, str(a.type)) for a in tri.arguments]
+    assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in tri.returns]
+
+
+def test_opcheck_custom_ops(kb):
+    """torch.library.opcheck: schema, fake impl and autograd registration are consistent."""
+    lmfast.backends()
+    ns = getattr(torch.ops, {"cpu": "lmfast_C", "triton": "lmfast_triton"}[kb.name])
+    dev = kb.device
+    x, r = torch.randn(16, 33, device=dev), torch.randn(16, 33, device=dev)
+    w, b = torch.randn(33, device=dev), torch.randn(33, device=dev)
+    torch.library.opcheck(ns.layer_norm_fwd, (x, w, b, r, 1e-5))
+    torch.library.opcheck(ns.rms_norm_fwd, (x, w, None, 1e-6))
+    x4 = torch.randn(2, 3, 5, 7, device=dev)
+    mask = torch.randn(1, 3, 1, 7, device=dev).expand(2, 3, 5, 7)
+    torch.library.opcheck(ns.softmax_fwd, (x4, mask, 0.5, True))

@@ -138,3 +138,13 @@ def test_residual_output_is_exact_sum(kb, dtype):
     for fn in (lmfast.ops.layer_norm, lmfast.ops.rms_norm):
         _, s = fn(x, residual=r, backend=kb.name)
         assert torch.equal(s, x + r)  # one rounding, as eager
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_rows_with_large_mean(op, kb):
+    # |mean| >> std: normalizing must subtract the mean before scaling (x * rstd - mean * rstd
+    # loses the cancellation, an error of ~eps * |mean| / std).
+    inputs = _inputs(op, (kb.rows(33), 257), torch.float32, kb.device)
+    inputs["x"] = inputs["x"] * 0.01 + 300.0
+    inputs["residual"] = None
+    _check(op, kb.name, inputs, f"{op} {kb.name} mean 300, std 0.02")

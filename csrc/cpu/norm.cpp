@@ -69,60 +69,71 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
         // the rounded values are what gets normalized.
         scalar_t* s_out = residual_out + i * N;
         const scalar_t* r = residual + i * N;
-        for (int64_t j = 0; j < N; j += K) {
-          const int64_t n = std::min(K, N - j);
-          auto a = C::load(s + j, n), b = C::load(r + j, n);
+        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+          auto a = C::load(s + j, n);
+          const auto b = C::load(r + j, n);
           a.lo += b.lo;
           a.hi += b.hi;
           a.store(s_out + j, n);
-        }
+        });
         s = s_out;
       }
 
       acc_t mu = 0;
       if constexpr (kCentered) {
         Vec sum_lo(0), sum_hi(0);
-        for (int64_t j = 0; j < N; j += K) {
-          const auto c = C::load(s + j, std::min(K, N - j));  // tail lanes load as 0
+        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+          const auto c = C::load(s + j, n);  // tail lanes load as 0
           sum_lo += c.lo;
           sum_hi += c.hi;
-        }
+        });
         mu = hsum(sum_lo + sum_hi) / acc_t(N);
       }
+      // Variance as a second pass over the cache-resident row: exact for any mean.
+      const bool has_next = i + 1 < end;
+      const scalar_t* next_x = has_next ? x + (i + 1) * N : nullptr;
+      const scalar_t* next_r = has_next && residual ? residual + (i + 1) * N : nullptr;
+      scalar_t* next_y = has_next ? y + (i + 1) * N : nullptr;
       const Vec mu_v(mu);
       Vec sq_lo(0), sq_hi(0);
-      for (int64_t j = 0; j < N; j += K) {
-        const int64_t n = std::min(K, N - j);
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        prefetch_row_chunk(next_x, j, sizeof(scalar_t));
+        prefetch_row_chunk(next_r, j, sizeof(scalar_t));
         auto c = C::load(s + j, n);
         c.lo -= mu_v;
         c.hi -= mu_v;
         c = c.keep_first(n, 0);
         sq_lo = at::vec::fmadd(c.lo, c.lo, sq_lo);
         sq_hi = at::vec::fmadd(c.hi, c.hi, sq_hi);
-      }
+      });
       const acc_t rstd = acc_t(1) / std::sqrt(hsum(sq_lo + sq_hi) / acc_t(N) + acc_t(eps));
       if (mean_out != nullptr) mean_out[i] = mu;
       rstd_out[i] = rstd;
 
+      // y = (s - mu) * rstd * w + b. Subtract first: x * rstd - mu * rstd would lose the exact
+      // cancellation of s - mu (error ~ eps * |mu| / std when |mu| >> std).
       const Vec rstd_v(rstd);
       scalar_t* yi = y + i * N;
-      for (int64_t j = 0; j < N; j += K) {
-        const int64_t n = std::min(K, N - j);
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        prefetch_row_chunk_for_write(next_y, j, sizeof(scalar_t));
         auto c = C::load(s + j, n);
         c.lo = (c.lo - mu_v) * rstd_v;
         c.hi = (c.hi - mu_v) * rstd_v;
-        if (weight != nullptr) {
+        if (weight != nullptr && bias != nullptr) {
+          const auto w = C::load(weight + j, n), b = C::load(bias + j, n);
+          c.lo = at::vec::fmadd(c.lo, w.lo, b.lo);
+          c.hi = at::vec::fmadd(c.hi, w.hi, b.hi);
+        } else if (weight != nullptr) {
           const auto w = C::load(weight + j, n);
           c.lo *= w.lo;
           c.hi *= w.hi;
-        }
-        if (bias != nullptr) {
+        } else if (bias != nullptr) {
           const auto b = C::load(bias + j, n);
           c.lo += b.lo;
           c.hi += b.hi;
         }
         c.store(yi + j, n);
-      }
+      });
     }
   });
 }
@@ -145,13 +156,11 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xi = x + i * N;
       const scalar_t* dyi = dy + i * N;
-      const Vec mu_v(kCentered ? mean[i] : acc_t(0));
-      const Vec rstd_v(rstd[i]);
+      const Vec mu_v(kCentered ? mean[i] : acc_t(0)), rstd_v(rstd[i]);  // xhat = (x - mu) * rstd
 
       // Pass 1: mean(g * xhat) and mean(g). Tail lanes of x and dy load as zero, so g = 0 there.
       Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
-      for (int64_t j = 0; j < N; j += K) {
-        const int64_t n = std::min(K, N - j);
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
         xh.lo = (xh.lo - mu_v) * rstd_v;
         xh.hi = (xh.hi - mu_v) * rstd_v;
@@ -162,17 +171,23 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
         }
         gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
         gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
-        g_lo += g.lo;
-        g_hi += g.hi;
-      }
+        if constexpr (kCentered) {
+          g_lo += g.lo;
+          g_hi += g.hi;
+        }
+      });
       const Vec c1(hsum(gx_lo + gx_hi) / acc_t(N));
       const Vec c2(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
 
-      // Pass 2: dx, plus this block's share of dweight / dbias.
+      // Pass 2: dx = (g - xhat * c1 - c2) * rstd (+ dresidual), plus this block's dw / db.
       scalar_t* dxi = dx + i * N;
       const scalar_t* dri = dresidual_out ? dresidual_out + i * N : nullptr;
-      for (int64_t j = 0; j < N; j += K) {
-        const int64_t n = std::min(K, N - j);
+      const bool has_next = i + 1 < end;
+      const scalar_t* next_x = has_next ? xi + N : nullptr;
+      const scalar_t* next_dy = has_next ? dyi + N : nullptr;
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        prefetch_row_chunk(next_x, j, sizeof(scalar_t));
+        prefetch_row_chunk(next_dy, j, sizeof(scalar_t));
         auto xh = C::load(xi + j, n);
         const auto d = C::load(dyi + j, n);
         xh.lo = (xh.lo - mu_v) * rstd_v;
@@ -184,8 +199,8 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
           g.hi *= w.hi;
         }
         C out;
-        out.lo = (g.lo - xh.lo * c1 - c2) * rstd_v;
-        out.hi = (g.hi - xh.hi * c1 - c2) * rstd_v;
+        out.lo = at::vec::fnmadd(xh.lo, c1, g.lo - c2) * rstd_v;
+        out.hi = at::vec::fnmadd(xh.hi, c1, g.hi - c2) * rstd_v;
         if (dri != nullptr) {  // gradient flowing into the residual-sum output
           const auto r = C::load(dri + j, n);
           out.lo += r.lo;
@@ -204,7 +219,7 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
           acc.hi += d.hi;
           acc.store_acc(db_acc + j, n);
         }
-      }
+      });
     }
   });
 }

@@ -36,7 +36,7 @@ struct MaskRow {
 
 template <typename scalar_t, typename mask_t>
 void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
-                        const int64_t mask_strides[4], int64_t B, int64_t H, int64_t M,
+                        const int64_t mask_strides[4], int64_t H, int64_t M, int64_t rows,
                         int64_t N, double scale, bool causal) {
   using C = Chunk<scalar_t>;
   using Vec = typename C::Vec;
@@ -44,9 +44,8 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
   constexpr int64_t K = C::kChunk;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool kBoolMask = std::is_same_v<mask_t, bool>;
-  (void)B;
 
-  at::parallel_for(0, B * H * M, row_grain(N), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> scratch(C::kReduced ? N : 0);
     alignas(64) acc_t mask_tmp[K];
     for (int64_t row = begin; row < end; ++row) {
@@ -64,8 +63,7 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
       // Pass 1: z = scale * x + mask over the valid prefix; row max.
       const Vec scale_v(static_cast<acc_t>(scale));
       Vec max_v(kNegInf);
-      for (int64_t j = 0; j < valid; j += K) {
-        const int64_t n = std::min(K, valid - j);
+      for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
         auto c = C::load(xi + j, n);
         c.lo *= scale_v;
         c.hi *= scale_v;
@@ -89,7 +87,7 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
         c.store_acc(z + j, n);
         c = c.keep_first(n, kNegInf);
         max_v = at::vec::maximum(max_v, at::vec::maximum(c.lo, c.hi));
-      }
+      });
       const acc_t row_max = hmax(max_v);
 
       if (row_max == kNegInf) {  // fully masked (or empty) row: zeros, not NaN
@@ -100,27 +98,26 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
       // Pass 2: e = exp(z - max) in place, and its sum.
       const Vec max_bc(row_max);
       CompensatedSum<Vec> sum;  // its rounding would scale every y of the row
-      for (int64_t j = 0; j < valid; j += K) {
-        const int64_t n = std::min(K, valid - j);
+      const scalar_t* next_x = row + 1 < end ? xi + N : nullptr;
+      for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
+        prefetch_row_chunk(next_x, j, sizeof(scalar_t));
         auto c = C::load_acc(z + j, n);
-        c.lo = (c.lo - max_bc).exp();
-        c.hi = (c.hi - max_bc).exp();
+        c.lo = softmax_exp(c.lo - max_bc);
+        c.hi = softmax_exp(c.hi - max_bc);
         c.store_acc(z + j, n);
         c = c.keep_first(n, 0);
         sum.add(c.lo);
         sum.add(c.hi);
-      }
-      const Vec sum_bc(sum.result());
+      });
+      const Vec inv_sum(acc_t(1) / sum.result());
 
-      // Pass 3: normalize (a division, not a multiply by 1/sum: one rounding instead of two);
-      // the masked-off causal tail is zero.
-      for (int64_t j = 0; j < valid; j += K) {
-        const int64_t n = std::min(K, valid - j);
+      // Pass 3: normalize; the masked-off causal tail is zero.
+      for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
         auto c = C::load_acc(z + j, n);
-        c.lo /= sum_bc;
-        c.hi /= sum_bc;
+        c.lo *= inv_sum;
+        c.hi *= inv_sum;
         c.store(yi + j, n);
-      }
+      });
       std::fill(yi + valid, yi + N, scalar_t(0));
     }
   });
@@ -139,22 +136,23 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
       const scalar_t* dyi = dy + row * N;
       const scalar_t* yi = y + row * N;
       CompensatedSum<Vec> dot_sum;  // dy_j - dot cancels, so dot's error would show in dx
-      for (int64_t j = 0; j < N; j += K) {
-        const int64_t n = std::min(K, N - j);
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         const auto a = C::load(yi + j, n), g = C::load(dyi + j, n);  // tails load as 0
         dot_sum.add(a.lo * g.lo);
         dot_sum.add(a.hi * g.hi);
-      }
+      });
       const Vec dot(dot_sum.result());
       const Vec scale_v(static_cast<acc_t>(scale));
-      for (int64_t j = 0; j < N; j += K) {
-        const int64_t n = std::min(K, N - j);
+      const bool has_next = row + 1 < end;
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        prefetch_row_chunk(has_next ? yi + N : nullptr, j, sizeof(scalar_t));
+        prefetch_row_chunk(has_next ? dyi + N : nullptr, j, sizeof(scalar_t));
         auto a = C::load(yi + j, n);
         const auto g = C::load(dyi + j, n);
         a.lo = a.lo * (g.lo - dot) * scale_v;
         a.hi = a.hi * (g.hi - dot) * scale_v;
         a.store(dx + row * N + j, n);
-      }
+      });
     }
   });
 }
@@ -177,18 +175,18 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
   }
   Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
-  const int64_t B = x.size(0), H = x.size(1), M = x.size(2), N = x.size(3);
+  const int64_t H = x.size(1), M = x.size(2), N = x.size(3), rows = x.numel() / N;
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_softmax_fwd", [&] {
     if (mask.has_value() && mask->scalar_type() == at::kBool) {
       softmax_fwd_kernel<scalar_t, bool>(x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                         mask->const_data_ptr<bool>(), mask_strides, B, H, M, N,
+                                         mask->const_data_ptr<bool>(), mask_strides, H, M, rows, N,
                                          scale, causal);
     } else {
       softmax_fwd_kernel<scalar_t, scalar_t>(
           x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          mask.has_value() ? mask->const_data_ptr<scalar_t>() : nullptr, mask_strides, B, H, M,
-          N, scale, causal);
+          mask.has_value() ? mask->const_data_ptr<scalar_t>() : nullptr, mask_strides, H, M,
+          rows, N, scale, causal);
     }
   });
   return y;

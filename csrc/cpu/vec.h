@@ -124,6 +124,61 @@ struct CompensatedSum {
   }
 };
 
+// Calls f(j, n) for the chunks [j, j + n) of a row of N elements: full chunks first (n is the
+// constant K there, so the inlined body has no per-chunk branches), then one partial tail.
+template <int64_t K, typename F>
+inline void for_each_chunk(int64_t N, const F& f) {
+  int64_t j = 0;
+  for (; j + K <= N; j += K) f(j, K);
+  if (j < N) f(j, N - j);
+}
+
+// exp for softmax, where the argument is z - max <= 0. On AVX2: inline, max error 1.25 ulp
+// (measured over 32M random arguments; Sleef's out-of-line expf is 1 ulp and ~2x slower),
+// exactly 0 below ln(FLT_MIN) (masked entries, -inf, stay exact zeros), NaN propagates,
+// accurate up to x = 88.37 and saturating above. Cody-Waite reduction x = n ln2 + r with the
+// Cephes degree-6 polynomial for exp(r); 2^n is built in the exponent bits.
+template <typename Vec>
+inline Vec softmax_exp(const Vec& x) {
+  return x.exp();
+}
+
+#if defined(CPU_CAPABILITY_AVX2)
+template <>
+inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
+  __m256 v = x;
+  const __m256 lo = _mm256_set1_ps(-87.33654475f);  // ln(FLT_MIN)
+  const __m256 too_small = _mm256_cmp_ps(v, lo, _CMP_LT_OQ);
+  v = _mm256_max_ps(lo, _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), v));  // NaN kept
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), v);  // ln2 split in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), _mm256_setzero_ps(),
+                          too_small);
+}
+#endif
+
+// Row kernels read a row from memory once and then work on it in cache; without help the
+// next row's memory fetch only starts after that work, and memory time and compute time add
+// up. So the cache-resident passes of row i prefetch row i + 1 into L2, one 64-byte line per
+// chunk (a chunk is 32 or 64 bytes). Prefetches never fault, but are kept in bounds anyway.
+inline void prefetch_row_chunk(const void* row, int64_t j, int64_t elem_size) {
+  if (row != nullptr) __builtin_prefetch(static_cast<const char*>(row) + j * elem_size, 0, 2);
+}
+inline void prefetch_row_chunk_for_write(void* row, int64_t j, int64_t elem_size) {
+  if (row != nullptr) __builtin_prefetch(static_cast<char*>(row) + j * elem_size, 1, 2);
+}
+
 // Rows per parallel task so that one task touches at least ~32K elements: small rows are
 // batched, wide rows are spread one per task.
 inline int64_t row_grain(int64_t row_len) {

@@ -1,7 +1,15 @@
 """Functional API. Every op takes backend="auto" | "torch" | "cpu" | "triton" (see
 lmfast.backends()); LMFAST_BACKEND overrides "auto"."""
 
+from . import norm, softmax as _softmax_module
 from .norm import layer_norm, rms_norm
 from .softmax import softmax
 
 __all__ = ["layer_norm", "rms_norm", "softmax"]
+
+
+def register_cpp_ops() -> None:
+    """Fake impls and autograd for the C++ ops (torch.ops.lmfast_C); called once, by
+    lmfast._backends, right after the C++ library loads."""
+    norm.register("lmfast_C")
+    _softmax_module.register("lmfast_C")

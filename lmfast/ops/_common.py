@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -21,9 +22,22 @@ def resolve_backend(backend: str, x: Tensor) -> str:
     return _resolve(backend, x.device, x.dtype)
 
 
+def backend_ops(backend: str):
+    """The custom-op namespace of a kernel backend: torch.ops.lmfast_C (C++ kernels, loaded by
+    resolve_backend) or torch.ops.lmfast_triton. Same op names and schemas in both."""
+    return torch.ops.lmfast_C if backend == "cpu" else torch.ops.lmfast_triton
+
+
+def triton_kernels():
+    """lmfast.kernels, imported on first use (importing triton takes a while)."""
+    return importlib.import_module("lmfast.kernels")
+
+
 def as_rows(t: Tensor) -> Tensor:
     """(..., N) -> contiguous (rows, N); a view when t is already contiguous."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1]).contiguous()  # not -1: N may be 0
+    if t.dim() != 2:
+        t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])  # not -1: N may be 0
+    return t.contiguous()
 
 
 def upstream_grad(g: Tensor | None, like: Tensor) -> Tensor:

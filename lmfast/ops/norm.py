@@ -1,9 +1,10 @@
 """LayerNorm and RMSNorm over the last dim, with an optional fused residual add.
 
-Layers: public function (validation, backend choice, reshaping to rows) -> torch.library
-custom ops lmfast::{layer,rms}_norm_{fwd,bwd} (fake impls + autograd, so torch.compile traces
-them without graph breaks) -> the backend's launchers (csrc/cpu/norm.cpp, kernels/norm.py).
-backend="torch" runs lmfast.reference directly.
+Layers: public function (validation, backend choice, reshaping to rows) -> the backend's custom
+ops {ns}::{layer,rms}_norm_{fwd,bwd}, where ns is lmfast_C (C++ kernels, schemas in
+csrc/ops.cpp) or lmfast_triton (Triton kernels, defined below) -> kernels. Both namespaces get
+the same fake impls and autograd (register()), so torch.compile traces them without graph
+breaks. backend="torch" runs lmfast.reference directly.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _backends, reference
+from .. import reference
 from . import _checks
-from ._common import as_rows, resolve_backend, upstream_grad
+from ._common import as_rows, backend_ops, resolve_backend, triton_kernels, upstream_grad
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -33,8 +34,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     impl = resolve_backend(backend, x)
     if impl == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual)
-    y, s, _, _ = torch.ops.lmfast.layer_norm_fwd(
-        as_rows(x), _vec(weight), _vec(bias), None if residual is None else as_rows(residual), eps, impl)
+    y, s, _, _ = backend_ops(impl).layer_norm_fwd(
+        as_rows(x), _vec(weight), _vec(bias), None if residual is None else as_rows(residual), eps)
     y = y.view(x.shape)
     return y if residual is None else (y, s.view(x.shape))
 
@@ -52,8 +53,8 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
     impl = resolve_backend(backend, x)
     if impl == "torch":
         return reference.rms_norm(x, weight, eps, residual)
-    y, s, _ = torch.ops.lmfast.rms_norm_fwd(
-        as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps, impl)
+    y, s, _ = backend_ops(impl).rms_norm_fwd(
+        as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps)
     y = y.view(x.shape)
     return y if residual is None else (y, s.view(x.shape))
 
@@ -62,8 +63,35 @@ def _vec(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.contiguous()
 
 
+# ---- Triton ops (contracts as in csrc/ops.h; a test checks the schemas match lmfast_C) ---
+
+@torch.library.custom_op("lmfast_triton::layer_norm_fwd", mutates_args=())
+def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+      eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return triton_kernels().layer_norm_fwd(x, weight, bias, residual, eps)
+
+
+@torch.library.custom_op("lmfast_triton::layer_norm_bwd", mutates_args=())
+def _(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
+      dresidual_out: Tensor | None, weight_grad: bool, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return triton_kernels().layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad)
+
+
+@torch.library.custom_op("lmfast_triton::rms_norm_fwd", mutates_args=())
+def _(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return triton_kernels().rms_norm_fwd(x, weight, residual, eps)
+
+
+@torch.library.custom_op("lmfast_triton::rms_norm_bwd", mutates_args=())
+def _(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dresidual_out: Tensor | None,
+      weight_grad: bool) -> tuple[Tensor, Tensor]:
+    return triton_kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad)
+
+
+# ---- fake impls and autograd, shared by both namespaces -----------------------------------
+
 def _stats(x: Tensor) -> Tensor:
-    """Fake (rows,) per-row statistic in the accumulation dtype."""
+    """(rows,) per-row statistic in the accumulation dtype."""
     return x.new_empty(x.shape[0], dtype=reference.acc_dtype(x.dtype))
 
 
@@ -71,99 +99,65 @@ def _param_grad(flag: bool, x: Tensor) -> Tensor:
     return x.new_empty(x.shape[1]) if flag else x.new_empty(0)
 
 
-# ---- LayerNorm custom ops ---------------------------------------------------------------
-
-@torch.library.custom_op("lmfast::layer_norm_fwd", mutates_args=())
-def layer_norm_fwd(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-                   eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x, residual: (rows, N). Returns (y, x + residual or an empty tensor, mean, rstd)."""
-    return tuple(_backends.kernels(backend).layer_norm_fwd(x, weight, bias, residual, eps))
+def _residual_out(residual: Tensor | None, x: Tensor) -> Tensor:
+    return torch.empty_like(x) if residual is not None else x.new_empty(0)
 
 
-@layer_norm_fwd.register_fake
-def _(x, weight, bias, residual, eps, backend):
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, _stats(x), _stats(x)
+def _layer_norm_fwd_fake(x, weight, bias, residual, eps):
+    return torch.empty_like(x), _residual_out(residual, x), _stats(x), _stats(x)
 
 
-@torch.library.custom_op("lmfast::layer_norm_bwd", mutates_args=())
-def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-                   dresidual_out: Tensor | None, weight_grad: bool, bias_grad: bool,
-                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (dx, dweight or empty, dbias or empty); dx includes dresidual_out."""
-    return tuple(_backends.kernels(backend).layer_norm_bwd(
-        dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad))
-
-
-@layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, backend):
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad):
     return torch.empty_like(x), _param_grad(weight_grad, x), _param_grad(bias_grad, x)
 
 
-def _layer_norm_setup(ctx, inputs, output):
-    x, weight, bias, residual, eps, backend = inputs
-    _, s, mean, rstd = output
-    ctx.has_residual = residual is not None
-    ctx.backend = backend
-    ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
+def _rms_norm_fwd_fake(x, weight, residual, eps):
+    return torch.empty_like(x), _residual_out(residual, x), _stats(x)
 
 
-def _layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
-    normed, weight, mean, rstd = ctx.saved_tensors
-    need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
-    ds = upstream_grad(ds, normed) if ctx.has_residual else None
-    dx, dw, db = torch.ops.lmfast.layer_norm_bwd(
-        upstream_grad(dy, normed), normed, weight, mean, rstd, ds, need_w, need_b, ctx.backend)
-    return (dx if need_x else None, dw if need_w else None, db if need_b else None,
-            dx if need_r else None, None, None)
-
-
-layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
-
-
-# ---- RMSNorm custom ops -----------------------------------------------------------------
-
-@torch.library.custom_op("lmfast::rms_norm_fwd", mutates_args=())
-def rms_norm_fwd(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float,
-                 backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """x, residual: (rows, N). Returns (y, x + residual or an empty tensor, rstd)."""
-    return tuple(_backends.kernels(backend).rms_norm_fwd(x, weight, residual, eps))
-
-
-@rms_norm_fwd.register_fake
-def _(x, weight, residual, eps, backend):
-    s = torch.empty_like(x) if residual is not None else x.new_empty(0)
-    return torch.empty_like(x), s, _stats(x)
-
-
-@torch.library.custom_op("lmfast::rms_norm_bwd", mutates_args=())
-def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor,
-                 dresidual_out: Tensor | None, weight_grad: bool,
-                 backend: str) -> tuple[Tensor, Tensor]:
-    """Returns (dx, dweight or empty); dx includes dresidual_out."""
-    return tuple(_backends.kernels(backend).rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad))
-
-
-@rms_norm_bwd.register_fake
-def _(dy, x, weight, rstd, dresidual_out, weight_grad, backend):
+def _rms_norm_bwd_fake(dy, x, weight, rstd, dresidual_out, weight_grad):
     return torch.empty_like(x), _param_grad(weight_grad, x)
 
 
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, residual, eps = inputs
+    _, s, mean, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
+
+
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, residual, eps, backend = inputs
+    x, weight, residual, eps = inputs
     _, s, rstd = output
     ctx.has_residual = residual is not None
-    ctx.backend = backend
     ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
 
 
-def _rms_norm_backward(ctx, dy, ds, _drstd):
-    normed, weight, rstd = ctx.saved_tensors
-    need_x, need_w, need_r = ctx.needs_input_grad[:3]
-    ds = upstream_grad(ds, normed) if ctx.has_residual else None
-    dx, dw = torch.ops.lmfast.rms_norm_bwd(
-        upstream_grad(dy, normed), normed, weight, rstd, ds, need_w, ctx.backend)
-    return dx if need_x else None, dw if need_w else None, dx if need_r else None, None, None
+def register(ns: str) -> None:
+    """Fake impls and autograd for ns::{layer,rms}_norm_{fwd,bwd}."""
+    ops = getattr(torch.ops, ns)
+
+    def layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+        normed, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
+        ds = upstream_grad(ds, normed) if ctx.has_residual else None
+        dx, dw, db = ops.layer_norm_bwd(upstream_grad(dy, normed), normed, weight, mean, rstd, ds,
+                                        need_w, need_b)
+        return (dx if need_x else None, dw if need_w else None, db if need_b else None,
+                dx if need_r else None, None)
+
+    def rms_norm_backward(ctx, dy, ds, _drstd):
+        normed, weight, rstd = ctx.saved_tensors
+        need_x, need_w, need_r = ctx.needs_input_grad[:3]
+        ds = upstream_grad(ds, normed) if ctx.has_residual else None
+        dx, dw = ops.rms_norm_bwd(upstream_grad(dy, normed), normed, weight, rstd, ds, need_w)
+        return dx if need_x else None, dw if need_w else None, dx if need_r else None, None
+
+    for name, fake in (("layer_norm_fwd", _layer_norm_fwd_fake), ("layer_norm_bwd", _layer_norm_bwd_fake),
+                       ("rms_norm_fwd", _rms_norm_fwd_fake), ("rms_norm_bwd", _rms_norm_bwd_fake)):
+        torch.library.register_fake(f"{ns}::{name}", fake)
+    torch.library.register_autograd(f"{ns}::layer_norm_fwd", layer_norm_backward, setup_context=_layer_norm_setup)
+    torch.library.register_autograd(f"{ns}::rms_norm_fwd", rms_norm_backward, setup_context=_rms_norm_setup)
 
 
-rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+register("lmfast_triton")

@@ -1,9 +1,9 @@
 """softmax(scale * x + mask) with optional causal masking, fused in one pass.
 
-Layers as in norm.py: public function -> custom ops lmfast::softmax_{fwd,bwd} -> launchers
-(csrc/cpu/softmax.cpp, kernels/softmax.py). Kernels see x as a contiguous (B, H, M, N) tensor
-with softmax over N, and the mask expanded to that shape through strides (a broadcast mask is
-never materialized).
+Layers as in norm.py: public function -> {ns}::softmax_{fwd,bwd} (ns: lmfast_C or
+lmfast_triton) -> kernels. Kernels see x as a contiguous (B, H, M, N) tensor with softmax over
+N, and the mask expanded to that shape through strides (a broadcast mask is never
+materialized).
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _backends, reference
+from .. import reference
 from . import _checks
-from ._common import as_rows, resolve_backend, upstream_grad
+from ._common import as_rows, backend_ops, resolve_backend, triton_kernels, upstream_grad
 
 
 def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
@@ -50,7 +50,7 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
         mask4 = mask.expand(x.shape).movedim(d, last).reshape(shape4)  # a view unless unmergeable
         if mask4.stride(-1) not in (0, 1) and mask4.shape[-1] > 1:
             mask4 = mask4.contiguous()  # kernels read mask rows with unit or zero stride
-    y4 = torch.ops.lmfast.softmax_fwd(x4, mask4, scale, causal, impl)
+    y4 = backend_ops(impl).softmax_fwd(x4, mask4, scale, causal)
     return y4.view(xm.shape).movedim(last, d)
 
 
@@ -60,44 +60,52 @@ def _as_4d(shape: torch.Size) -> tuple[int, int, int, int]:
     return (math.prod(dims[:-3]), dims[-3], dims[-2], dims[-1])
 
 
-@torch.library.custom_op("lmfast::softmax_fwd", mutates_args=())
-def softmax_fwd(x: Tensor, mask: Tensor | None, scale: float, causal: bool, backend: str) -> Tensor:
-    """x: (B, H, M, N) contiguous; mask: None or expanded to (B, H, M, N). Softmax over N."""
-    return _backends.kernels(backend).softmax_fwd(x, mask, scale, causal)
+# ---- Triton ops (contracts as in csrc/ops.h) ---------------------------------------------
+
+@torch.library.custom_op("lmfast_triton::softmax_fwd", mutates_args=())
+def _(x: Tensor, mask: Tensor | None, scale: float, causal: bool) -> Tensor:
+    return triton_kernels().softmax_fwd(x, mask, scale, causal)
 
 
-@softmax_fwd.register_fake
-def _(x, mask, scale, causal, backend):
+@torch.library.custom_op("lmfast_triton::softmax_bwd", mutates_args=())
+def _(dy: Tensor, y: Tensor, scale: float) -> Tensor:
+    return triton_kernels().softmax_bwd(dy, y, scale)
+
+
+# ---- fake impls and autograd, shared by both namespaces -----------------------------------
+
+def _softmax_fwd_fake(x, mask, scale, causal):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("lmfast::softmax_bwd", mutates_args=())
-def softmax_bwd(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
-    """dy, y: (rows, N). Returns scale * y * (dy - sum(y * dy))."""
-    return _backends.kernels(backend).softmax_bwd(dy, y, scale)
-
-
-@softmax_bwd.register_fake
-def _(dy, y, scale, backend):
+def _softmax_bwd_fake(dy, y, scale):
     return torch.empty_like(y)
 
 
 def _softmax_setup(ctx, inputs, output):
-    x, mask, scale, causal, backend = inputs
-    ctx.scale, ctx.backend = scale, backend
+    x, mask, scale, causal = inputs
+    ctx.scale = scale
     ctx.save_for_backward(output)
 
 
-def _softmax_backward(ctx, dy):
-    (y,) = ctx.saved_tensors
-    need_x, need_mask = ctx.needs_input_grad[:2]
-    y2, dy2 = as_rows(y), as_rows(upstream_grad(dy, y))  # (rows, N)
-    if not need_mask:
-        return torch.ops.lmfast.softmax_bwd(dy2, y2, ctx.scale, ctx.backend).view(y.shape), None, None, None, None
-    # d(loss)/d(logits) is also the additive mask's gradient (summed over its broadcast dims
-    # by autograd's expand backward); x's gradient is that times scale.
-    dz = torch.ops.lmfast.softmax_bwd(dy2, y2, 1.0, ctx.backend).view(y.shape)
-    return (dz * ctx.scale if need_x else None), dz, None, None, None
+def register(ns: str) -> None:
+    """Fake impls and autograd for ns::softmax_{fwd,bwd}."""
+    ops = getattr(torch.ops, ns)
+
+    def softmax_backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        need_x, need_mask = ctx.needs_input_grad[:2]
+        y2, dy2 = as_rows(y), as_rows(upstream_grad(dy, y))  # (rows, N)
+        if not need_mask:
+            return ops.softmax_bwd(dy2, y2, ctx.scale).view(y.shape), None, None, None
+        # d(loss)/d(logits) is also the additive mask's gradient (summed over its broadcast
+        # dims by autograd's expand backward); x's gradient is that times scale.
+        dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
+        return (dz * ctx.scale if need_x else None), dz, None, None
+
+    torch.library.register_fake(f"{ns}::softmax_fwd", _softmax_fwd_fake)
+    torch.library.register_fake(f"{ns}::softmax_bwd", _softmax_bwd_fake)
+    torch.library.register_autograd(f"{ns}::softmax_fwd", softmax_backward, setup_context=_softmax_setup)
 
 
-softmax_fwd.register_autograd(_softmax_backward, setup_context=_softmax_setup)
+register("lmfast_triton")

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU check, for an NVIDIA machine with torch and triton already installed and no network:
+# installs lmfast in place (no build isolation, no dependency resolution), runs the tests on
+# CUDA, then the benchmarks at GPU sizes. Logs and JSON results go to $1 (default
+# ./gpu-results). Budget: about 8 minutes.
+set -uo pipefail
+OUT="${1:-./gpu-results}"
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/env.txt" 2>&1
+
+echo "== install" | tee "$OUT/install.log"
+MAX_JOBS=16 timeout 240 python3 -m pip install --no-build-isolation --no-deps --no-index -e . >> "$OUT/install.log" 2>&1
+echo "install exit $?" | tee -a "$OUT/install.log"
+python3 -m lmfast.cli info >> "$OUT/env.txt" 2>&1
+
+echo "== tests (CUDA)"
+timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+echo "tests exit $?" | tee -a "$OUT/tests.log"
+tail -5 "$OUT/tests.log"
+
+echo "== benchmarks (GPU sizes)"
+timeout 240 python3 -m lmfast.cli bench --size full --out "$OUT" --min-time 0.2 > "$OUT/bench.log" 2>&1
+echo "bench exit $?" | tee -a "$OUT/bench.log"
+tail -40 "$OUT/bench.log"
