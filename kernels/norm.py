@@ -68,34 +68,50 @@ def _norm_fwd_kernel(
     RES_OUT += row * N
     Y += row * N
     cols = tl.arange(0, BLOCK_N)
+    # Mean and variance by the corrected two-pass algorithm (as csrc/cpu/norm.cpp): m0 = mean(s),
+    # then d = s - m0 gives mean = m0 + mean(d), accurate to ~eps * std, and
+    # var = mean(d^2) - mean(d)^2 without cancellation.
     if ONE_BLOCK:
         in_row = cols < N
         s = _load_sum(X, RES, RES_OUT, cols, in_row, HAS_RES, INTERPRETED)
         if CENTERED:
-            mean = tl.sum(s, axis=0) / N
+            m0 = tl.sum(s, axis=0) / N
         else:
-            mean = 0.0
-        d = tl.where(in_row, s - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=0) / N + eps)
-        _store_normalized(d, rstd, W, B, Y, cols, in_row, HAS_W, HAS_B, INTERPRETED)
+            m0 = 0.0
+        d = tl.where(in_row, s - m0, 0.0)
+        if CENTERED:
+            mean_d = tl.sum(d, axis=0) / N
+        else:
+            mean_d = 0.0
+        mean = m0 + mean_d
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(d * d, axis=0) / N - mean_d * mean_d, 0.0) + eps)
+        _store_normalized(tl.where(in_row, s - mean, 0.0), rstd, W, B, Y, cols, in_row, HAS_W, HAS_B,
+                          INTERPRETED)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             acc += _load_sum(X, RES, RES_OUT, start + cols, start + cols < N, HAS_RES, INTERPRETED)
         if CENTERED:
-            mean = tl.sum(acc, axis=0) / N
+            m0 = tl.sum(acc, axis=0) / N
         else:
-            mean = 0.0
+            m0 = 0.0
         if HAS_RES:  # later passes read the stored (rounded) sum
             S = RES_OUT
         else:
             S = X
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_d = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             in_row = start + cols < N
-            d = tl.where(in_row, tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - mean, 0.0)
+            d = tl.where(in_row, tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - m0, 0.0)
+            acc_d += d
             acc += d * d
-        rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / N + eps)
+        if CENTERED:
+            mean_d = tl.sum(acc_d, axis=0) / N
+        else:
+            mean_d = 0.0
+        mean = m0 + mean_d
+        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(acc, axis=0) / N - mean_d * mean_d, 0.0) + eps)
         for start in range(0, N, BLOCK_N):
             in_row = start + cols < N
             d = tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - mean

@@ -15,8 +15,10 @@ CPU_SOURCES = ("ops.cpp", "cpu/norm.cpp", "cpu/softmax.cpp")
 
 def cpu_compile_args(torch_version: str) -> list[str]:
     arch = os.environ.get("LMFAST_CPU_ARCH", "native")
-    # Unquoted (ops.cpp stringifies it): quotes would not survive the first-use ninja build.
-    args = ["-O3", "-std=c++17", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
+    # -fno-wrapv undoes the -fwrapv that setup.py builds inherit from Python's CFLAGS (it
+    # blocks some loop optimizations), so both builds compile the same code. The version is
+    # unquoted (ops.cpp stringifies it): quotes would not survive the first-use ninja build.
+    args = ["-O3", "-fno-wrapv", "-std=c++17", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
     if arch != "none":
         args.append(f"-march={arch}")
     return args

@@ -33,14 +33,37 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// The backward splits rows into contiguous blocks; each block owns one row of partial
-// dweight/dbias sums, and the partials are summed afterwards. Blocks of at most ~32 rows keep
-// the sequential part of that reduction short (as accurate as torch's cascade sum), at least
-// one block per thread keeps every thread busy, and at most 256 bound the partials' memory.
+// The backward splits rows into one contiguous block per thread, and each block sums its
+// rows' contributions to dweight / dbias in a RowSum. Blocks' totals are summed afterwards.
 int64_t num_row_blocks(int64_t rows) {
-  const int64_t by_accuracy = std::min<int64_t>(256, (rows + 31) / 32);
-  return std::max<int64_t>(1, std::min<int64_t>(rows, std::max<int64_t>(at::get_num_threads(), by_accuracy)));
+  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
 }
+
+// A per-block sum over rows of (N,) gradient rows: the kernel adds each row into `run` (acc_t,
+// cache-resident), which is flushed into the float64 `total` every kFlushRows rows. Summing
+// any number of rows then rounds no more than an 8-row sum does, like torch's cascade sum
+// (a plain running float sum over a 22-row block had 35x eager's error on a width-1 weight
+// gradient), while most of the work stays in the cheap float adds.
+template <typename acc_t>
+struct RowSum {
+  static constexpr int kFlushRows = 8;
+  acc_t* run = nullptr;     // (N,) sum of the rows since the last flush
+  double* total = nullptr;  // (N,) sum of the flushed runs
+  int pending = 0;
+
+  explicit operator bool() const { return run != nullptr; }
+
+  void end_row(int64_t N) {
+    if (++pending == kFlushRows) flush(N);
+  }
+  void flush(int64_t N) {
+    for (int64_t j = 0; j < N; ++j) {  // vectorized by the compiler
+      total[j] += double(run[j]);
+      run[j] = acc_t(0);
+    }
+    pending = 0;
+  }
+};
 
 // Runs fn(block, begin, end) for each of `blocks` contiguous row ranges, in parallel. Results
 // do not depend on how the thread pool schedules the blocks.
@@ -79,7 +102,11 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
         s = s_out;
       }
 
-      acc_t mu = 0;
+      // Mean and variance by the corrected two-pass algorithm: m0 = mean(s), then one pass
+      // over d = s - m0 (in cache) gives sum(d) and sum(d^2); mu = m0 + mean(d) is accurate to
+      // ~eps * std rather than eps * |mean|, and var = mean(d^2) - mean(d)^2 has no
+      // cancellation since mean(d) is tiny.
+      acc_t m0 = 0;
       if constexpr (kCentered) {
         Vec sum_lo(0), sum_hi(0);
         for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
@@ -87,32 +114,38 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
           sum_lo += c.lo;
           sum_hi += c.hi;
         });
-        mu = hsum(sum_lo + sum_hi) / acc_t(N);
+        m0 = hsum(sum_lo + sum_hi) / acc_t(N);
       }
-      // Variance as a second pass over the cache-resident row: exact for any mean.
       const bool has_next = i + 1 < end;
       const scalar_t* next_x = has_next ? x + (i + 1) * N : nullptr;
       const scalar_t* next_r = has_next && residual ? residual + (i + 1) * N : nullptr;
       scalar_t* next_y = has_next ? y + (i + 1) * N : nullptr;
-      const Vec mu_v(mu);
-      Vec sq_lo(0), sq_hi(0);
+      const Vec m0_v(m0);
+      Vec d_lo(0), d_hi(0), sq_lo(0), sq_hi(0);
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         prefetch_row_chunk(next_x, j, sizeof(scalar_t));
         prefetch_row_chunk(next_r, j, sizeof(scalar_t));
         auto c = C::load(s + j, n);
-        c.lo -= mu_v;
-        c.hi -= mu_v;
+        c.lo -= m0_v;
+        c.hi -= m0_v;
         c = c.keep_first(n, 0);
+        if constexpr (kCentered) {
+          d_lo += c.lo;
+          d_hi += c.hi;
+        }
         sq_lo = at::vec::fmadd(c.lo, c.lo, sq_lo);
         sq_hi = at::vec::fmadd(c.hi, c.hi, sq_hi);
       });
-      const acc_t rstd = acc_t(1) / std::sqrt(hsum(sq_lo + sq_hi) / acc_t(N) + acc_t(eps));
+      const acc_t mean_d = kCentered ? hsum(d_lo + d_hi) / acc_t(N) : acc_t(0);
+      const acc_t mu = m0 + mean_d;
+      const acc_t var = std::max(hsum(sq_lo + sq_hi) / acc_t(N) - mean_d * mean_d, acc_t(0));
+      const acc_t rstd = acc_t(1) / std::sqrt(var + acc_t(eps));
       if (mean_out != nullptr) mean_out[i] = mu;
       rstd_out[i] = rstd;
 
       // y = (s - mu) * rstd * w + b. Subtract first: x * rstd - mu * rstd would lose the exact
       // cancellation of s - mu (error ~ eps * |mu| / std when |mu| >> std).
-      const Vec rstd_v(rstd);
+      const Vec mu_v(mu), rstd_v(rstd);
       scalar_t* yi = y + i * N;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         prefetch_row_chunk_for_write(next_y, j, sizeof(scalar_t));
@@ -142,17 +175,18 @@ template <typename scalar_t, bool kCentered>
 void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
                      const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
                      const scalar_t* dresidual_out, scalar_t* dx,
-                     at::opmath_type<scalar_t>* dweight_partial,
-                     at::opmath_type<scalar_t>* dbias_partial, int64_t rows, int64_t N,
-                     int64_t blocks) {
+                     at::opmath_type<scalar_t>* dweight_run, double* dweight_total,
+                     at::opmath_type<scalar_t>* dbias_run, double* dbias_total, int64_t rows,
+                     int64_t N, int64_t blocks) {
   using C = Chunk<scalar_t>;
   using Vec = typename C::Vec;
   using acc_t = typename C::acc_t;
   constexpr int64_t K = C::kChunk;
 
   for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
-    acc_t* dw_acc = dweight_partial ? dweight_partial + block * N : nullptr;  // (N,)
-    acc_t* db_acc = dbias_partial ? dbias_partial + block * N : nullptr;      // (N,)
+    RowSum<acc_t> dw_sum, db_sum;  // this block's dweight / dbias
+    if (dweight_run) dw_sum = {dweight_run + block * N, dweight_total + block * N};
+    if (dbias_run) db_sum = {dbias_run + block * N, dbias_total + block * N};
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* xi = x + i * N;
       const scalar_t* dyi = dy + i * N;
@@ -207,20 +241,24 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
           out.hi += r.hi;
         }
         out.store(dxi + j, n);
-        if (dw_acc != nullptr) {
-          C acc = C::load_acc(dw_acc + j, n);
+        if (dw_sum) {
+          C acc = C::load_acc(dw_sum.run + j, n);
           acc.lo = at::vec::fmadd(d.lo, xh.lo, acc.lo);
           acc.hi = at::vec::fmadd(d.hi, xh.hi, acc.hi);
-          acc.store_acc(dw_acc + j, n);
+          acc.store_acc(dw_sum.run + j, n);
         }
-        if (db_acc != nullptr) {
-          C acc = C::load_acc(db_acc + j, n);
+        if (db_sum) {
+          C acc = C::load_acc(db_sum.run + j, n);
           acc.lo += d.lo;
           acc.hi += d.hi;
-          acc.store_acc(db_acc + j, n);
+          acc.store_acc(db_sum.run + j, n);
         }
       });
+      if (dw_sum) dw_sum.end_row(N);
+      if (db_sum) db_sum.end_row(N);
     }
+    if (dw_sum) dw_sum.flush(N);
+    if (db_sum) db_sum.flush(N);
   });
 }
 
@@ -291,9 +329,12 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
 
   Tensor dx = at::empty_like(x);
   const int64_t blocks = num_row_blocks(rows);
-  const auto acc_opts = x.options().dtype(acc_type);
-  Tensor dw_partial = weight_grad ? at::zeros({blocks, N}, acc_opts) : Tensor();
-  Tensor db_partial = bias_grad ? at::zeros({blocks, N}, acc_opts) : Tensor();
+  // Per-block running sums and float64 totals (see RowSum).
+  const auto run_opts = x.options().dtype(acc_type), total_opts = x.options().dtype(at::kDouble);
+  Tensor dw_run = weight_grad ? at::zeros({blocks, N}, run_opts) : Tensor();
+  Tensor db_run = bias_grad ? at::zeros({blocks, N}, run_opts) : Tensor();
+  Tensor dw_total = weight_grad ? at::zeros({blocks, N}, total_opts) : Tensor();
+  Tensor db_total = bias_grad ? at::zeros({blocks, N}, total_opts) : Tensor();
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_bwd", [&] {
       using acc_t = at::opmath_type<scalar_t>;
@@ -301,14 +342,16 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           ptr_or_null<scalar_t>(weight), kCentered ? mean.const_data_ptr<acc_t>() : nullptr,
           rstd.const_data_ptr<acc_t>(), ptr_or_null<scalar_t>(dresidual_out),
-          dx.data_ptr<scalar_t>(), weight_grad ? dw_partial.data_ptr<acc_t>() : nullptr,
-          bias_grad ? db_partial.data_ptr<acc_t>() : nullptr, rows, N, blocks);
+          dx.data_ptr<scalar_t>(), weight_grad ? dw_run.data_ptr<acc_t>() : nullptr,
+          weight_grad ? dw_total.data_ptr<double>() : nullptr,
+          bias_grad ? db_run.data_ptr<acc_t>() : nullptr,
+          bias_grad ? db_total.data_ptr<double>() : nullptr, rows, N, blocks);
     });
   }
-  // (blocks, N) partials -> (N,), summed in the accumulation dtype, then rounded once.
-  // Gradients not asked for are separate empty tensors (custom-op outputs must not alias).
-  Tensor dw = weight_grad ? dw_partial.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
-  Tensor db = bias_grad ? db_partial.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  // (blocks, N) float64 totals -> (N,), rounded once. Gradients not asked for are separate
+  // empty tensors (custom-op outputs must not alias).
+  Tensor dw = weight_grad ? dw_total.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+  Tensor db = bias_grad ? db_total.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
   return {dx, dw, db};
 }
 

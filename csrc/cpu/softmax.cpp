@@ -135,13 +135,13 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* dyi = dy + row * N;
       const scalar_t* yi = y + row * N;
-      CompensatedSum<Vec> dot_sum;  // dy_j - dot cancels, so dot's error would show in dx
+      Vec dot_lo(0), dot_hi(0);
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         const auto a = C::load(yi + j, n), g = C::load(dyi + j, n);  // tails load as 0
-        dot_sum.add(a.lo * g.lo);
-        dot_sum.add(a.hi * g.hi);
+        dot_lo = at::vec::fmadd(a.lo, g.lo, dot_lo);
+        dot_hi = at::vec::fmadd(a.hi, g.hi, dot_hi);
       });
-      const Vec dot(dot_sum.result());
+      const Vec dot(hsum(dot_lo + dot_hi));
       const Vec scale_v(static_cast<acc_t>(scale));
       const bool has_next = row + 1 < end;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
