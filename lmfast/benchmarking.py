@@ -131,6 +131,11 @@ def _lmfast_fn(case: Case, backend: str) -> Callable[..., Tensor]:
 
 @functools.cache
 def _compiled(case: Case, device: str) -> Callable[..., Tensor]:
+    # Backward is timed by re-running it on one graph (retain_graph=True), which compiled
+    # backwards with donated buffers refuse; donation saves memory, not time.
+    import torch._functorch.config
+
+    torch._functorch.config.donated_buffer = False
     return torch.compile(_eager_fn(case, device))
 
 
@@ -191,35 +196,36 @@ class Result:
     vs_compile: float | None = None
 
 
-def run(selected: list[Case], device: str, *, min_run_time: float = 0.3,
+def run(selected: list[Case], device: str, *, min_run_time: float = 0.2, rounds: int = 3,
         progress: Callable[[str], None] | None = None) -> list[Result]:
+    """Times every provider of every case, forward and backward. Providers (and the copy
+    ceiling) are timed in `rounds` interleaved rounds and each keeps its best median, so a
+    slow spell of a shared machine does not land on one provider only."""
     results: list[Result] = []
     for case in selected:
-        table = providers(case, device)
-        copy_s = seconds(table["copy"]().forward, device, min_run_time)
-        copy_gbps = bytes_moved(case, "fwd") / copy_s / 1e9
+        if progress:
+            progress(f"{case.name}: preparing (torch.compile takes a while)")
+        bound = {name: build() for name, build in providers(case, device).items()}
+        timed = {(name, d): (b.forward if d == "fwd" else b.backward)
+                 for name, b in bound.items() for d in ("fwd", "bwd")
+                 if (b.forward if d == "fwd" else b.backward) is not None}
+        best = {key: float("inf") for key in timed}
+        for r in range(rounds):
+            if progress:
+                progress(f"{case.name}: round {r + 1}/{rounds}")
+            for key, fn in timed.items():
+                best[key] = min(best[key], seconds(fn, device, min_run_time))
+        del bound, timed
+        copy_gbps = bytes_moved(case, "fwd") / best[("copy", "fwd")] / 1e9
         for direction in ("fwd", "bwd"):
-            row: dict[str, float] = {}
-            for name, build in table.items():
-                if name == "copy":
-                    continue
-                bound = build()
-                fn = bound.forward if direction == "fwd" else bound.backward
-                if progress:
-                    progress(f"{case.name} {direction} {name}")
-                row[name] = seconds(fn, device, min_run_time)
-                del bound, fn
-            for name, s in row.items():
-                gbps = bytes_moved(case, direction) / s / 1e9
+            row = {name: t for (name, d), t in best.items() if d == direction}
+            for name, t in row.items():
+                gbps = bytes_moved(case, direction) / t / 1e9
                 results.append(Result(
                     case.name, case.op, list(case.shape), str(case.dtype).removeprefix("torch."),
-                    direction, name, s, gbps, gbps / copy_gbps,
-                    row["eager"] / s if "eager" in row else None,
-                    row["compile"] / s if "compile" in row else None))
-            if direction == "fwd":  # the ceiling row, shown once per case
-                results.append(Result(case.name, case.op, list(case.shape),
-                                      str(case.dtype).removeprefix("torch."), direction, "copy",
-                                      copy_s, copy_gbps, 1.0))
+                    direction, name, t, gbps, gbps / copy_gbps,
+                    row["eager"] / t if name != "copy" else None,
+                    row["compile"] / t if name != "copy" else None))
     return results
 
 

@@ -41,7 +41,7 @@ def _bench(args) -> int:
         return 2
     selected = benchmarking.cases(args.size, device, dtype, args.ops)
     print(f"lmfast bench: {len(selected)} cases on {device} ({args.size})", file=sys.stderr)
-    results = benchmarking.run(selected, device, min_run_time=args.min_time,
+    results = benchmarking.run(selected, device, min_run_time=args.min_time, rounds=args.rounds,
                                progress=lambda msg: print(f"  {msg}", file=sys.stderr, flush=True))
     print(benchmarking.format_table(results))
     path = out / f"bench-{device}.json"
@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
     bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"])
     bench.add_argument("--out", default="lmfast-bench", help="directory for the JSON results")
-    bench.add_argument("--min-time", type=float, default=0.3, help="seconds of timing per measurement")
+    bench.add_argument("--min-time", type=float, default=0.2, help="seconds of timing per measurement")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds; each result is the best")
     args = parser.parse_args(argv)
     return {"info": _info, "bench": _bench}[args.command](args)
 

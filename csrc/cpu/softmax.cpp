@@ -8,8 +8,8 @@
 //   backward: dx_j = scale * y_j * (dy_j - sum_k y_k dy_k)
 //
 // The mask is read through strides, so a broadcast mask (stride 0) is never materialized.
-// z is kept in a float row buffer (the output row itself for float32), so 16-bit outputs
-// are rounded once.
+// exp(z - max) is kept in a float row buffer (the output row itself for float32), so 16-bit
+// outputs are rounded once.
 #include "vec.h"  // first: selects the vector ISA
 
 #include <ATen/ATen.h>
@@ -60,10 +60,10 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
         mrow.col_stride = mask_strides[3];
       }
 
-      // Pass 1: z = scale * x + mask over the valid prefix; row max.
+      // z = scale * x + mask for one chunk of the valid prefix (computed in passes 1 and 2:
+      // cheaper than storing it in pass 1 and reading it back).
       const Vec scale_v(static_cast<acc_t>(scale));
-      Vec max_v(kNegInf);
-      for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
+      auto logits = [&](int64_t j, int64_t n) {
         auto c = C::load(xi + j, n);
         c.lo *= scale_v;
         c.hi *= scale_v;
@@ -84,8 +84,13 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
             c.hi += mk;
           }
         }
-        c.store_acc(z + j, n);
-        c = c.keep_first(n, kNegInf);
+        return c;
+      };
+
+      // Pass 1: row max.
+      Vec max_v(kNegInf);
+      for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
+        const auto c = logits(j, n).keep_first(n, kNegInf);
         max_v = at::vec::maximum(max_v, at::vec::maximum(c.lo, c.hi));
       });
       const acc_t row_max = hmax(max_v);
@@ -95,21 +100,21 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
         continue;
       }
 
-      // Pass 2: e = exp(z - max) in place, and its sum.
+      // Pass 2: e = exp(z - max) into the float row buffer, and its sum.
       const Vec max_bc(row_max);
-      CompensatedSum<Vec> sum;  // its rounding would scale every y of the row
+      Vec sum_lo(0), sum_hi(0);
       const scalar_t* next_x = row + 1 < end ? xi + N : nullptr;
       for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
         prefetch_row_chunk(next_x, j, sizeof(scalar_t));
-        auto c = C::load_acc(z + j, n);
+        auto c = logits(j, n);
         c.lo = softmax_exp(c.lo - max_bc);
         c.hi = softmax_exp(c.hi - max_bc);
         c.store_acc(z + j, n);
         c = c.keep_first(n, 0);
-        sum.add(c.lo);
-        sum.add(c.hi);
+        sum_lo += c.lo;
+        sum_hi += c.hi;
       });
-      const Vec inv_sum(acc_t(1) / sum.result());
+      const Vec inv_sum(acc_t(1) / hsum(sum_lo + sum_hi));
 
       // Pass 3: normalize; the masked-off causal tail is zero.
       for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
@@ -141,8 +146,10 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
         dot_lo = at::vec::fmadd(a.lo, g.lo, dot_lo);
         dot_hi = at::vec::fmadd(a.hi, g.hi, dot_hi);
       });
-      const Vec dot(hsum(dot_lo + dot_hi));
+      // dx = y * (dy - dot) * scale; subtract first: dy - dot is exact where they are equal
+      // (a width-1 row), fmsub(dy, scale, dot * scale) would leave dot * scale's rounding.
       const Vec scale_v(static_cast<acc_t>(scale));
+      const Vec dot(hsum(dot_lo + dot_hi));
       const bool has_next = row + 1 < end;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         prefetch_row_chunk(has_next ? yi + N : nullptr, j, sizeof(scalar_t));

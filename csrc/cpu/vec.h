@@ -99,31 +99,6 @@ inline auto hmax(const Vec& v) {
   return at::vec::vec_reduce_all([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
 }
 
-// Compensated (Kahan) sum, lane-wise: for the few sums whose rounding shows in every output
-// of a row (the softmax denominator, the softmax-backward dot product). Lanes are combined
-// in double, so the result is about as accurate as the inputs allow.
-template <typename Vec>
-struct CompensatedSum {
-  Vec sum = Vec(0), carry = Vec(0);  // carry: the low-order part lost from `sum`
-
-  inline void add(const Vec& v) {
-    const Vec y = v - carry;
-    const Vec t = sum + y;
-    carry = (t - sum) - y;
-    sum = t;
-  }
-
-  inline auto result() const {
-    using acc_t = typename Vec::value_type;
-    alignas(64) acc_t s[Vec::size()], c[Vec::size()];
-    sum.store(s);
-    carry.store(c);
-    double total = 0;
-    for (int64_t i = 0; i < Vec::size(); ++i) total += double(s[i]) - double(c[i]);
-    return acc_t(total);
-  }
-};
-
 // Calls f(j, n) for the chunks [j, j + n) of a row of N elements: full chunks first (n is the
 // constant K there, so the inlined body has no per-chunk branches), then one partial tail.
 template <int64_t K, typename F>
