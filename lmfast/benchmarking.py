@@ -298,3 +298,25 @@ def pytest_benchmark(benchmark, case: Case, direction: str, provider: str, devic
     gbps = bytes_moved(case, direction) / benchmark.stats.stats.median / 1e9
     benchmark.extra_info.update({"GB/s": round(gbps, 2), "frac_of_copy": round(gbps / _copy_gbps(case, device), 3),
                                  "device": device})
+
+
+def markdown_summary(report: dict) -> str:
+    """A README table from a `lmfast bench` JSON report: per case, lmfast's forward bandwidth
+    and fraction of copy, and its speedups over eager and torch.compile, forward and backward."""
+    env = report["environment"]
+    rows = {}
+    for r in report["results"]:
+        rows.setdefault(r["case"], {})[(r["provider"], r["direction"])] = r
+    lines = [f"{env['device_name']}, torch {env['torch']}, {env['date'][:10]} (`lmfast bench --size {report['size']}`)",
+             "",
+             "| case | lmfast fwd GB/s | of copy | fwd vs eager | fwd vs compile | bwd vs eager | bwd vs compile |",
+             "|---|---|---|---|---|---|---|"]
+    for case, cells in rows.items():
+        ours = next((p for p, d in cells if p.startswith("lmfast-") and d == "fwd"), None)
+        if ours is None:
+            continue
+        f, b = cells[(ours, "fwd")], cells.get((ours, "bwd"))
+        bwd = f"{b['vs_eager']:.2f}x | {b['vs_compile']:.2f}x" if b else "- | -"
+        lines.append(f"| {case} | {f['gbps']:.1f} | {f['frac_of_copy']:.0%} | {f['vs_eager']:.2f}x | "
+                     f"{f['vs_compile']:.2f}x | {bwd} |")
+    return "\n".join(lines)
