@@ -25,13 +25,15 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def reduction_programs(rows: int, device: torch.device) -> int:
+def reduction_programs(rows: int, n: int, device: torch.device) -> int:
     """Programs for a backward that also sums weight gradients over rows: each program walks a
-    contiguous run of rows and keeps one partial row; runs of <= 32 rows keep the sequential
-    part of the sum short (accurate), >= 4 programs per SM keep the GPU busy, and <= 1024
-    partial rows bound their memory."""
+    contiguous run of rows, summing into one float32 partial row, and the partials are summed
+    afterwards. Runs of <= 8 rows keep those float sums about as accurate as torch's cascade
+    sum (as csrc/cpu/norm.cpp's RowSum); >= 4 programs per SM keep the GPU busy; the partial
+    rows are capped at 2^23 floats (32 MiB) per gradient, past which runs grow longer."""
     sms = _multiprocessors(device.index or 0) if device.type == "cuda" else 1
-    return max(1, min(rows, max(4 * sms, min(1024, -(-rows // 32)))))
+    by_accuracy = min(-(-rows // 8), max(1, (1 << 23) // max(n, 1)))
+    return max(1, min(rows, max(4 * sms, by_accuracy)))
 
 
 def interpreted() -> bool:

@@ -122,6 +122,16 @@ def _norm_fwd_kernel(
 
 
 @triton.jit
+def _row_stats(MEAN, RSTD, row, CENTERED: tl.constexpr):
+    """(mean, rstd) saved by the forward for one row; mean is 0 for RMSNorm."""
+    if CENTERED:
+        mean = tl.load(MEAN + row)
+    else:
+        mean = 0.0
+    return mean, tl.load(RSTD + row)
+
+
+@triton.jit
 def _grad_terms(DY, X, W, cols, in_row, mean, rstd, HAS_W: tl.constexpr):
     """(dy, xhat, g = dy * w) for one block as float32; all zero outside the row."""
     dy = tl.load(DY + cols, mask=in_row, other=0.0).to(tl.float32)
@@ -171,11 +181,7 @@ def _norm_bwd_kernel(
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for row in range(row_start, row_end):
             off = row * N
-            if CENTERED:
-                mean = tl.load(MEAN + row)
-            else:
-                mean = 0.0
-            rstd = tl.load(RSTD + row)
+            mean, rstd = _row_stats(MEAN, RSTD, row, CENTERED)
             dy, xhat, g = _grad_terms(DY + off, X + off, W, cols, in_row, mean, rstd, HAS_W)
             c1 = tl.sum(g * xhat, axis=0) / N
             if CENTERED:
@@ -192,11 +198,7 @@ def _norm_bwd_kernel(
     else:
         for row in range(row_start, row_end):
             off = row * N
-            if CENTERED:
-                mean = tl.load(MEAN + row)
-            else:
-                mean = 0.0
-            rstd = tl.load(RSTD + row)
+            mean, rstd = _row_stats(MEAN, RSTD, row, CENTERED)
             gx_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             g_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
@@ -244,7 +246,7 @@ def _norm_fwd(x, weight, bias, residual, eps, centered):
 def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, centered):
     rows, n = x.shape
     dx = torch.empty_like(x)
-    programs = _common.reduction_programs(rows, x.device)
+    programs = _common.reduction_programs(rows, n, x.device)
     dw_partial = torch.zeros(programs if weight_grad else 0, n, device=x.device, dtype=torch.float32)
     db_partial = torch.zeros(programs if bias_grad else 0, n, device=x.device, dtype=torch.float32)
     if rows > 0 and n > 0:

@@ -18,6 +18,8 @@ import triton.language as tl
 from . import _common
 from ._common import round_to
 
+NEG_INF = tl.constexpr(float("-inf"))
+
 
 @triton.jit
 def _logits(X, MASK, cols, N, n_visible, scale, stride_mn,
@@ -31,7 +33,7 @@ def _logits(X, MASK, cols, N, n_visible, scale, stride_mn,
             visible = visible & (m != 0)
         else:
             z = z + m.to(tl.float32)
-    return tl.where(visible, z, float("-inf"))
+    return tl.where(visible, z, NEG_INF)
 
 
 @triton.jit
@@ -57,7 +59,6 @@ def _softmax_fwd_kernel(
     else:
         n_visible = N
     cols = tl.arange(0, BLOCK_N)
-    NEG_INF: tl.constexpr = float("-inf")
     if ONE_BLOCK:
         z = _logits(X, MASK, cols, N, n_visible, scale, stride_mn, HAS_MASK, BOOL_MASK)
         row_max = tl.max(z, axis=0)

@@ -128,6 +128,8 @@ _resolved: dict[tuple, str] = {}
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs an op on (device, dtype); raises if an explicitly named
     backend cannot. Memoized: this runs on every op call."""
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {type(backend).__name__}")
     key = (backend, device, dtype, os.environ.get("LMFAST_BACKEND", ""), triton_interpreted())
     found = _resolved.get(key)
     if found is None:
@@ -136,7 +138,7 @@ def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
 
 
 def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    if not isinstance(backend, str) or backend not in (*BACKENDS, "auto"):
+    if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if backend == "auto":
         backend = os.environ.get("LMFAST_BACKEND", "") or "auto"

@@ -140,11 +140,12 @@ def _compiled(case: Case, device: str) -> Callable[..., Tensor]:
 
 
 def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
-    """name -> a zero-argument builder of that provider's bound closures, for `case`."""
-    def bind(fn_of_case, grad_too=True):
+    """name -> a zero-argument builder of that provider's bound closures, for `case`.
+    Builders take `make_fn`, which returns the provider's function of the case's inputs."""
+    def bind(make_fn, grad_too=True):
         def build():
             ins = _inputs(case, device, grad=grad_too)
-            fn = fn_of_case()
+            fn = make_fn()
             if not grad_too:
                 return Bound(lambda: fn(**ins), None)
             y = fn(**ins)
@@ -155,11 +156,9 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
         return build
 
     table = {}
-    for b in ("cpu", "triton"):
-        st = lmfast.backends()[b]
-        if st.available and (b == "cpu") == (device == "cpu") and not (
-                b == "triton" and device == "cpu"):  # never time the Triton interpreter
-            table[f"lmfast-{b}"] = bind(lambda b=b: _lmfast_fn(case, b))
+    ours = "cpu" if device == "cpu" else "triton"  # (the Triton interpreter is never timed)
+    if lmfast.backends()[ours].available:
+        table[f"lmfast-{ours}"] = bind(lambda: _lmfast_fn(case, ours))
     table["eager"] = bind(lambda: _eager_fn(case, device))
     if case.op == "rms_norm" and hasattr(F, "rms_norm"):
         table["torch.rms_norm"] = bind(lambda: lambda x, weight: F.rms_norm(x, (x.shape[-1],), weight, 1e-6))

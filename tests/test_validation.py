@@ -62,6 +62,7 @@ def test_softmax_bad_inputs(backend):
 
 def test_unknown_backend_names_the_argument():
     _raises(ValueError, "backend must be one of", lmfast.ops.softmax, x, backend="gpu")
+    _raises(TypeError, "backend must be a str", lmfast.ops.layer_norm, x, backend=["cpu"])
 
 
 def test_env_override_is_validated(monkeypatch):
