@@ -18,7 +18,8 @@ def cpu_compile_args(torch_version: str) -> list[str]:
     # -fno-wrapv undoes the -fwrapv that setup.py builds inherit from Python's CFLAGS (it
     # blocks some loop optimizations), so both builds compile the same code. The version is
     # unquoted (ops.cpp stringifies it): quotes would not survive the first-use ninja build.
-    args = ["-O3", "-fno-wrapv", "-std=c++17", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
+    # No -std: torch's build helpers pass the standard its headers need (C++20 for 2.13).
+    args = ["-O3", "-fno-wrapv", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
     if arch != "none":
         args.append(f"-march={arch}")
     return args

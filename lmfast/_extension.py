@@ -16,6 +16,7 @@ import functools
 import hashlib
 import importlib
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,10 @@ def _load_first_use() -> ExtensionStatus:
     src = _source_dir()
     if src is None:
         return ExtensionStatus(False, "the C++ sources (lmfast/_csrc) are not installed")
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return ExtensionStatus(False, f"no C++ compiler: {compiler!r} is not on PATH (set CXX, or "
+                                      "install g++) to build the C++ CPU kernels")
     from torch.utils import cpp_extension
 
     sources = [src / s for s in _build_flags.CPU_SOURCES]
@@ -98,9 +103,10 @@ def _load_first_use() -> ExtensionStatus:
 
 
 def _why(e: Exception) -> str:
-    """The telling part of a build error: compiler error lines if any, else its first line."""
+    """The telling part of a build error: the compiler's "error:" lines if any, else the
+    exception's first line."""
     text = str(e).strip()
-    errors = [l.strip() for l in text.splitlines() if "error" in l.lower() and not l.startswith("[")]
+    errors = [line.strip() for line in text.splitlines() if "error:" in line]
     detail = "; ".join(errors[:3]) if errors else (text.splitlines()[0] if text else "")
     return f"{type(e).__name__}: {detail[:400]}"
 

@@ -124,3 +124,21 @@ def test_first_use_build(tmp_path):
     second = _run(code, LMFAST_CACHE_DIR=str(tmp_path))
     assert second.returncode == 0, second.stderr
     assert "compiling" not in second.stderr  # cached
+
+
+def test_no_compiler_is_reported_and_ops_fall_back(tmp_path):
+    code = (
+        "import sys, warnings\n"
+        "sys.modules['lmfast._C'] = None  # as after `pip install .` with build isolation\n"
+        "import torch, lmfast\n"
+        "print(lmfast.backends()['cpu'])\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    lmfast.ops.rms_norm(torch.randn(2, 8))\n"
+        "print(len(w))\n"
+    )
+    out = _run(code, CXX="/nonexistent/c++", LMFAST_CACHE_DIR=str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    status, warned = out.stdout.splitlines()[:2]
+    assert "no C++ compiler: '/nonexistent/c++' is not on PATH" in status
+    assert warned == "1"
