@@ -24,6 +24,12 @@ import torch
 
 BACKENDS = ("torch", "cpu", "triton", "cuda")
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Ops each kernel backend implements; "torch" (the reference) implements every op.
+KERNEL_OPS = {
+    "cpu": {"layer_norm", "rms_norm", "softmax"},
+    "triton": {"layer_norm", "rms_norm", "softmax"},
+    "cuda": set(),
+}
 
 
 @dataclass(frozen=True)
@@ -88,11 +94,13 @@ def backends() -> dict[str, BackendStatus]:
     return {name: status(name) for name in BACKENDS}
 
 
-def _serves(name: str, device: torch.device, dtype: torch.dtype) -> Exception | None:
-    """None if backend `name` can run on (device, dtype), else the error that says why not."""
+def _serves(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Exception | None:
+    """None if backend `name` can run `op` on (device, dtype), else the error that says why not."""
     st = status(name)
     if not st.available:
         return RuntimeError(f"backend {name!r} is not available: {st.detail}")
+    if name != "torch" and op not in KERNEL_OPS[name]:
+        return RuntimeError(f"backend {name!r} has no {op} kernel yet")
     if name == "cpu" and device.type != "cpu":
         return ValueError(f"backend 'cpu' runs on CPU tensors, got a tensor on {device}")
     if name == "triton":
@@ -110,11 +118,11 @@ def _warn_fallback(reason: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
-def _auto(device: torch.device, dtype: torch.dtype) -> str:
+def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
     preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
     if preferred is None:
         return "torch"
-    error = _serves(preferred, device, dtype)
+    error = _serves(preferred, op, device, dtype)
     if error is None:
         return preferred
     if not isinstance(error, TypeError):  # float64 on a GPU goes to the reference silently
@@ -125,19 +133,19 @@ def _auto(device: torch.device, dtype: torch.dtype) -> str:
 _resolved: dict[tuple, str] = {}
 
 
-def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The concrete backend that runs an op on (device, dtype); raises if an explicitly named
+def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The concrete backend that runs `op` on (device, dtype); raises if an explicitly named
     backend cannot. Memoized: this runs on every op call."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {type(backend).__name__}")
-    key = (backend, device, dtype, os.environ.get("LMFAST_BACKEND", ""), triton_interpreted())
+    key = (backend, op, device, dtype, os.environ.get("LMFAST_BACKEND", ""), triton_interpreted())
     found = _resolved.get(key)
     if found is None:
-        found = _resolved[key] = _resolve_uncached(backend, device, dtype)
+        found = _resolved[key] = _resolve_uncached(backend, op, device, dtype)
     return found
 
 
-def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve_uncached(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if backend == "auto":
@@ -145,8 +153,8 @@ def _resolve_uncached(backend: str, device: torch.device, dtype: torch.dtype) ->
         if backend not in (*BACKENDS, "auto"):
             raise ValueError(f"LMFAST_BACKEND must be one of {('auto', *BACKENDS)}, got {backend!r}")
         if backend == "auto":
-            return _auto(device, dtype)
-    error = _serves(backend, device, dtype)
+            return _auto(op, device, dtype)
+    error = _serves(backend, op, device, dtype)
     if error is not None:
         raise error
     return backend

@@ -18,9 +18,13 @@ def _info(args) -> int:
     print(f"lmfast {lmfast.__version__}  torch {env['torch']}  triton {env.get('triton', 'not installed')}  "
           f"python {env['python']}")
     print(f"device: {env['device_name']}")
+    from lmfast._backends import KERNEL_OPS
+
     print("backends:")
     for status in lmfast.backends().values():
         print(f"  {status}")
+        ops = "every op (the reference)" if status.name == "torch" else ", ".join(sorted(KERNEL_OPS[status.name])) or "none yet"
+        print(f"          ops: {ops}")
     return 0
 
 

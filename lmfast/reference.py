@@ -83,3 +83,51 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
     # then its output is set to 0.
     y = torch.softmax(z.masked_fill(fully_masked, 0.0), dim).masked_fill(fully_masked, 0.0)
     return y.to(x.dtype)
+
+
+def attention_keep(q_len: int, k_len: int, causal: bool, window: int | None, device=None) -> Tensor | None:
+    """(q_len, k_len) boolean mask (True = keep) of the position-based masking, or None.
+
+    Query i sits at key position p = i + k_len - q_len (bottom-right alignment). `causal` keeps
+    keys j <= p; `window=w` keeps keys j > p - w, so with causal a query sees its w most recent
+    keys, itself included (as Hugging Face's sliding-window attention).
+    """
+    if not causal and window is None:
+        return None
+    p = torch.arange(q_len, device=device).unsqueeze(1) + (k_len - q_len)  # (q_len, 1)
+    j = torch.arange(k_len, device=device).unsqueeze(0)                    # (1, k_len)
+    keep = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        keep &= j <= p
+    if window is not None:
+        keep &= j > p - window
+    return keep
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+              causal: bool = False, scale: float | None = None, window: int | None = None):
+    """Scaled dot-product attention, materializing the (Sq, Sk) scores: the oracle.
+
+        s = scale * q @ k^T + attn_mask          (boolean mask: s = -inf where False)
+        o = softmax(s) @ v,   lse = logsumexp(s)  over keys
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq a multiple of Hkv: query head h reads kv
+    head h // (Hq // Hkv) (grouped-query attention). scale defaults to D**-0.5. causal and
+    window as in attention_keep. Rows with every key masked give o = 0 and lse = -inf.
+    Returns (o in q's dtype, lse (B, Hq, Sq) in float32, or float64 for float64 inputs).
+    """
+    acc = acc_dtype(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    kf = k.to(acc).repeat_interleave(group, dim=1)  # (B, Hq, Sk, D)
+    vf = v.to(acc).repeat_interleave(group, dim=1)
+    s = (q.to(acc) @ kf.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
+    keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    fully_masked = (s == float("-inf")).all(-1, keepdim=True)  # (B, Hq, Sq, 1); also Sk = 0
+    s = s.masked_fill(fully_masked, 0.0)  # finite, so gradients stay 0, not NaN
+    lse = torch.logsumexp(s, -1, keepdim=True).masked_fill(fully_masked, float("-inf"))
+    p = torch.softmax(s, -1).masked_fill(fully_masked, 0.0)
+    return (p @ vf).to(q.dtype), lse.squeeze(-1)

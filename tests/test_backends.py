@@ -27,20 +27,20 @@ def test_cpu_kernels_are_built():
 
 
 def test_auto_picks_cpu_kernels_for_cpu_tensors():
-    assert _backends.resolve("auto", torch.device("cpu"), torch.float32) == "cpu"
-    assert _backends.resolve("auto", torch.device("meta"), torch.float32) == "torch"
+    assert _backends.resolve("auto", "softmax", torch.device("cpu"), torch.float32) == "cpu"
+    assert _backends.resolve("auto", "softmax", torch.device("meta"), torch.float32) == "torch"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_picks_triton_for_cuda_tensors():
-    assert _backends.resolve("auto", torch.device("cuda"), torch.bfloat16) == "triton"
-    assert _backends.resolve("auto", torch.device("cuda"), torch.float64) == "torch"
+    assert _backends.resolve("auto", "softmax", torch.device("cuda"), torch.bfloat16) == "triton"
+    assert _backends.resolve("auto", "softmax", torch.device("cuda"), torch.float64) == "torch"
 
 
 def test_env_overrides_auto(monkeypatch):
     monkeypatch.setenv("LMFAST_BACKEND", "torch")
-    assert _backends.resolve("auto", torch.device("cpu"), torch.float32) == "torch"
-    assert _backends.resolve("cpu", torch.device("cpu"), torch.float32) == "cpu"  # explicit wins
+    assert _backends.resolve("auto", "softmax", torch.device("cpu"), torch.float32) == "torch"
+    assert _backends.resolve("cpu", "softmax", torch.device("cpu"), torch.float32) == "cpu"  # explicit wins
 
 
 def test_env_override_naming_an_impossible_backend_fails_clearly(monkeypatch):

@@ -2,10 +2,11 @@
 lmfast.backends()); LMFAST_BACKEND overrides "auto"."""
 
 from . import norm, softmax as _softmax_module
+from .attention import attention
 from .norm import layer_norm, rms_norm
 from .softmax import softmax
 
-__all__ = ["layer_norm", "rms_norm", "softmax"]
+__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]
 
 
 def register_cpp_ops() -> None:

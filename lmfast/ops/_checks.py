@@ -66,23 +66,26 @@ def dim_index(dim: object, ndim: int) -> int:
     return int(dim) % ndim
 
 
-def mask_for(mask: Tensor | None, x: Tensor) -> None:
-    """An additive (x's dtype) or boolean (True = keep) mask broadcastable to x."""
+def mask_for(mask: Tensor | None, x: Tensor, shape: tuple[int, ...] | None = None,
+             name: str = "mask", shape_name: str = "x's shape") -> None:
+    """An additive (x's dtype) or boolean (True = keep) mask broadcastable to `shape` (default
+    x's shape), described in errors as `shape_name`."""
     if mask is None:
         return
+    target = tuple(x.shape) if shape is None else tuple(shape)
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(mask).__name__}")
     if mask.device != x.device:
-        raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        raise ValueError(f"{name} is on {mask.device} but x is on {x.device}")
     if mask.dtype != torch.bool:
         if mask.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"mask must be boolean (True = keep) or additive float, got {mask.dtype}")
+            raise TypeError(f"{name} must be boolean (True = keep) or additive float, got {mask.dtype}")
         if mask.dtype != x.dtype:
-            raise TypeError(f"additive mask has dtype {mask.dtype} but x has {x.dtype}; pass "
-                            "mask.to(x.dtype) or a boolean mask")
+            raise TypeError(f"additive {name} has dtype {mask.dtype} but x has {x.dtype}; pass "
+                            f"{name}.to(x.dtype) or a boolean mask")
     try:
-        ok = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
+        ok = torch.broadcast_shapes(mask.shape, target) == target
     except RuntimeError:
         ok = False
     if not ok:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not broadcast to x's shape {tuple(x.shape)}")
+        raise ValueError(f"{name} of shape {tuple(mask.shape)} does not broadcast to {shape_name} {target}")

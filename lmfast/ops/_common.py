@@ -12,14 +12,14 @@ from .. import _backends
 
 
 @torch.compiler.assume_constant_result
-def _resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     # Evaluated once at trace time under torch.compile: the choice depends only on constants.
-    return _backends.resolve(backend, device, dtype)
+    return _backends.resolve(backend, op, device, dtype)
 
 
-def resolve_backend(backend: str, x: Tensor) -> str:
-    """The concrete backend ("torch", "cpu", "triton") that runs an op on x."""
-    return _resolve(backend, x.device, x.dtype)
+def resolve_backend(backend: str, op: str, x: Tensor) -> str:
+    """The concrete backend ("torch", "cpu", "triton") that runs `op` on x."""
+    return _resolve(backend, op, x.device, x.dtype)
 
 
 def backend_ops(backend: str):

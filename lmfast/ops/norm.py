@@ -31,7 +31,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     _checks.norm_param("bias", bias, x)
     _checks.residual_like(residual, x)
     eps = _checks.real_number("eps", eps, minimum=0.0)
-    impl = resolve_backend(backend, x)
+    impl = resolve_backend(backend, "layer_norm", x)
     if impl == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual)
     y, s, _, _ = backend_ops(impl).layer_norm_fwd(
@@ -50,7 +50,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
     _checks.norm_param("weight", weight, x)
     _checks.residual_like(residual, x)
     eps = _checks.real_number("eps", eps, minimum=0.0)
-    impl = resolve_backend(backend, x)
+    impl = resolve_backend(backend, "rms_norm", x)
     if impl == "torch":
         return reference.rms_norm(x, weight, eps, residual)
     y, s, _ = backend_ops(impl).rms_norm_fwd(

@@ -37,7 +37,7 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
     if causal and (x.dim() < 2 or d != x.dim() - 1):
         raise ValueError(f"causal=True masks over the last two dims and needs dim=-1 and x with "
                          f">= 2 dims; got dim={dim} for x of shape {tuple(x.shape)}")
-    impl = resolve_backend(backend, x)
+    impl = resolve_backend(backend, "softmax", x)
     if impl == "torch":
         return reference.softmax(x, dim, scale, mask, causal)
 
