@@ -41,6 +41,11 @@ TORCH_LIBRARY(lmfast_C, m) {
         " bool weight_grad) -> (Tensor, Tensor)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
+        " int? window) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
+        " Tensor? dlse, Tensor? mask, float scale, bool causal, int? window, bool mask_grad)"
+        " -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lmfast_C, CPU, m) {
@@ -50,6 +55,8 @@ TORCH_LIBRARY_IMPL(lmfast_C, CPU, m) {
   m.impl("rms_norm_bwd", &lmfast::cpu::rms_norm_bwd);
   m.impl("softmax_fwd", &lmfast::cpu::softmax_fwd);
   m.impl("softmax_bwd", &lmfast::cpu::softmax_bwd);
+  m.impl("attention_fwd", &lmfast::cpu::attention_fwd);
+  m.impl("attention_bwd", &lmfast::cpu::attention_bwd);
 }
 
 // `import lmfast._C` (ahead-of-time build) loads the library above; the module itself is empty.

@@ -37,6 +37,17 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
                    bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 
+// Attention: q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), contiguous; mask expanded to
+// (B, Hq, Sq, Sk); window: none or >= 1. Returns (o, lse) with lse (B, Hq, Sq) in the
+// accumulation dtype; the backward returns (dq, dk, dv, dmask or an empty tensor).
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale,
+                                         bool causal, std::optional<int64_t> window);
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+    const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
+    double scale, bool causal, std::optional<int64_t> window, bool mask_grad);
+
 // "torch=<version the extension was built against>;isa=<AVX512|AVX2|DEFAULT>;openmp=<0|1>"
 std::string build_info();
 

@@ -1,7 +1,7 @@
 """Functional API. Every op takes backend="auto" | "torch" | "cpu" | "triton" (see
 lmfast.backends()); LMFAST_BACKEND overrides "auto"."""
 
-from . import norm, softmax as _softmax_module
+from . import attention as _attention_module, norm, softmax as _softmax_module
 from .attention import attention
 from .norm import layer_norm, rms_norm
 from .softmax import softmax
@@ -14,3 +14,4 @@ def register_cpp_ops() -> None:
     lmfast._backends, right after the C++ library loads."""
     norm.register("lmfast_C")
     _softmax_module.register("lmfast_C")
+    _attention_module.register("lmfast_C")

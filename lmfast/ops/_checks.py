@@ -20,12 +20,12 @@ def floating_tensor(name: str, t: object) -> None:
         raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
 
 
-def same_device_and_dtype(name: str, t: Tensor, x: Tensor) -> None:
+def same_device_and_dtype(name: str, t: Tensor, x: Tensor, x_name: str = "x") -> None:
     if t.device != x.device:
-        raise ValueError(f"{name} is on {t.device} but x is on {x.device}; both must be on one device")
+        raise ValueError(f"{name} is on {t.device} but {x_name} is on {x.device}; both must be on one device")
     if t.dtype != x.dtype:
-        raise TypeError(f"{name} has dtype {t.dtype} but x has dtype {x.dtype}; they must match "
-                        f"(cast with {name}.to(x.dtype))")
+        raise TypeError(f"{name} has dtype {t.dtype} but {x_name} has dtype {x.dtype}; they must match "
+                        f"(cast with {name}.to({x_name}.dtype))")
 
 
 def norm_param(name: str, t: Tensor | None, x: Tensor) -> None:

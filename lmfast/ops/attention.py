@@ -1,9 +1,9 @@
 """Scaled dot-product attention with grouped-query heads, masks, causal and sliding windows.
 
-Public function: validation and backend choice. The C++ and Triton flash kernels (which never
-materialize the (Sq, Sk) scores) are being built (issue 3); until a backend implements the op,
-"auto" runs the reference (lmfast.reference.attention) with one warning, and naming that
-backend explicitly raises.
+Layers as in norm.py: public function (validation, backend choice) -> the backend's custom ops
+{ns}::attention_{fwd,bwd} (fake impls and autograd registered below) -> flash kernels, which
+never materialize the (Sq, Sk) scores (csrc/cpu/attention.cpp; the Triton kernels are being
+built, issue 3). backend="torch" runs lmfast.reference.attention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import resolve_backend
+from ._common import backend_ops, resolve_backend, upstream_grad
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -31,15 +31,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     window: w >= 1 keeps keys j > i + Sk - Sq - w; with causal, each query's w most recent keys.
     scale: defaults to D**-0.5.
     Rows with every key masked give zeros (and lse = -inf), not NaN.
-    Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq) float32, the
-    log-sum-exp of each row's scaled, masked scores.
+    Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
+    of each row's scaled, masked scores, in float32 (float64 for float64 inputs).
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(name, t)
         if t.dim() != 4:
             raise ValueError(f"{name} must have 4 dims (B, H, S, D), got shape {tuple(t.shape)}")
-    _checks.same_device_and_dtype("k", k, q)
-    _checks.same_device_and_dtype("v", v, q)
+    _checks.same_device_and_dtype("k", k, q, "q")
+    _checks.same_device_and_dtype("v", v, q, "q")
     B, Hq, Sq, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape (B, Hkv, Sk, D), got {tuple(k.shape)} "
@@ -60,7 +60,47 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         raise ValueError(f"window must be >= 1 (the number of keys each query sees), got {window}")
     scale = D ** -0.5 if scale is None else _checks.real_number("scale", scale)
 
+    window = None if window is None else int(window)
     impl = resolve_backend(backend, "attention", q)
-    assert impl == "torch", impl  # no kernel backend implements attention yet (KERNEL_OPS)
-    o, lse = reference.attention(q, k, v, attn_mask, causal, scale, None if window is None else int(window))
-    return (o, lse.float()) if return_lse else o
+    if impl == "torch":
+        o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window)
+    else:
+        mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
+        o, lse = backend_ops(impl).attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(),
+                                                 mask4, scale, causal, window)
+    return (o, lse) if return_lse else o
+
+
+# ---- fake impls and autograd, shared by the kernel namespaces ------------------------------
+
+def _attention_fwd_fake(q, k, v, mask, scale, causal, window):
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
+
+
+def _attention_bwd_fake(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad):
+    dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, mask, scale, causal, window = inputs
+    o, lse = output
+    ctx.scale, ctx.causal, ctx.window = scale, causal, window
+    ctx.save_for_backward(q, k, v, o, lse, mask)
+
+
+def register(ns: str) -> None:
+    """Fake impls and autograd for ns::attention_{fwd,bwd}."""
+    ops = getattr(torch.ops, ns)
+
+    def attention_backward(ctx, do, dlse):
+        q, k, v, o, lse, mask = ctx.saved_tensors
+        mask_grad = ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = ops.attention_bwd(
+            upstream_grad(do, o), q, k, v, o, lse, None if dlse is None else dlse.contiguous(), mask,
+            ctx.scale, ctx.causal, ctx.window, mask_grad)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+
+    torch.library.register_fake(f"{ns}::attention_fwd", _attention_fwd_fake)
+    torch.library.register_fake(f"{ns}::attention_bwd", _attention_bwd_fake)
+    torch.library.register_autograd(f"{ns}::attention_fwd", attention_backward, setup_context=_attention_setup)

@@ -1,0 +1,412 @@
+// Flash attention (FlashAttention-2 algorithm) on the CPU, forward and backward.
+//
+// q: (B, Hq, Sq, D), k, v: (B, Hkv, Sk, D), contiguous; query head h reads kv head
+// h / (Hq / Hkv). Scores are computed one (Bq x Bk) tile at a time and never materialized
+// whole:
+//
+//   forward, per query block, over key blocks:   s = scale * q k^T + mask (masked: -inf)
+//       m' = max(m, rowmax s);  p = exp(s - m');  l = l e^(m - m') + rowsum p;
+//       o = o e^(m - m') + p v;     finally o /= l,  lse = m + log l
+//   backward (recomputing p = exp(s - lse)), with delta = rowsum(do * o):
+//       dv += p^T do;  dp = do v^T;  ds = p (dp - delta + dlse);  dq += scale ds k;  dk += scale ds^T q
+//
+// The tile products are ATen matrix multiplies (BLAS: MKL on x86 wheels) on float (double for
+// double inputs) tiles; 16-bit inputs are widened tile by tile. Position masking is
+// bottom-right aligned: query i sits at key position p = i + Sk - Sq; causal keeps keys
+// j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped. A row with
+// every key masked gives o = 0 and lse = -inf.
+#include "vec.h"  // first: selects the vector ISA
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "../ops.h"
+
+namespace lmfast::cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int64_t kBlockQ = 128;   // query rows per task / tile
+constexpr int64_t kBlockK = 256;   // keys per tile
+
+struct Geometry {
+  int64_t B, Hq, Hkv, Sq, Sk, D;
+  int64_t group() const { return Hq / Hkv; }
+};
+
+// The contiguous range [lo, hi) of keys that causal/window masking lets query i see.
+struct KeyBand {
+  bool causal;
+  int64_t window;  // 0: none
+  int64_t offset;  // Sk - Sq: key position of query 0
+  int64_t Sk;
+
+  int64_t lo(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i + offset - window + 1) : 0; }
+  int64_t hi(int64_t i) const { return causal ? std::clamp<int64_t>(i + offset + 1, 0, Sk) : Sk; }
+  // Whether tile [j0, j1) holds any key some query in [i0, i1) may see.
+  bool tile_visible(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
+    return j0 < hi(i1 - 1) && j1 > lo(i0);
+  }
+};
+
+// Where the mask values of query row (b, h, i) live; the mask is read through its strides
+// (0 along broadcast dims), as in softmax.cpp.
+template <typename mask_t>
+struct MaskView {
+  const mask_t* data = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+  const mask_t* row(int64_t b, int64_t h, int64_t i) const {
+    return data ? data + b * sb + h * sh + i * sq : nullptr;
+  }
+};
+
+template <typename mask_t>
+MaskView<mask_t> mask_view(const std::optional<Tensor>& mask) {
+  MaskView<mask_t> m;
+  if (!mask.has_value()) return m;
+  m.data = mask->const_data_ptr<mask_t>();
+  int64_t* s[4] = {&m.sb, &m.sh, &m.sq, &m.sk};
+  for (int d = 0; d < 4; ++d) *s[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
+  return m;
+}
+
+// A float (double) matrix view for at::mm on a tile buffer.
+Tensor tile(void* data, int64_t rows, int64_t cols, int64_t ld, at::ScalarType t) {
+  return at::from_blob(data, {rows, cols}, {ld, 1}, at::TensorOptions().dtype(t));
+}
+
+// rows x D block of a (.., S, D) tensor as an acc_t tile: a view when scalar_t == acc_t,
+// else widened into `buf`.
+template <typename scalar_t>
+Tensor load_tile(const scalar_t* src, int64_t rows, int64_t D, std::vector<at::opmath_type<scalar_t>>& buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto t = c10::CppTypeToScalarType<acc_t>::value;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return tile(const_cast<scalar_t*>(src), rows, D, D, t);
+  } else {
+    buf.resize(rows * D);
+    for (int64_t n = 0; n < rows * D; ++n) buf[n] = acc_t(src[n]);
+    return tile(buf.data(), rows, D, D, t);
+  }
+}
+
+// One row of a score tile (keys j0 .. j0 + nk of query i, already scaled): adds the mask and
+// sets -inf outside the query's key band or where a boolean mask is False. Returns the
+// visible column range [lo, hi) of the row (empty: lo == hi).
+template <typename acc_t, typename mask_t>
+std::pair<int64_t, int64_t> prepare_row(acc_t* row, int64_t i, int64_t j0, int64_t nk,
+                                        const KeyBand& band, const mask_t* m, int64_t m_stride) {
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t lo = std::clamp<int64_t>(band.lo(i) - j0, 0, nk);
+  const int64_t hi = std::max(lo, std::clamp<int64_t>(band.hi(i) - j0, 0, nk));
+  std::fill(row, row + lo, kNegInf);
+  std::fill(row + hi, row + nk, kNegInf);
+  if (m == nullptr) return {lo, hi};
+  if constexpr (std::is_same_v<mask_t, bool>) {
+    for (int64_t c = lo; c < hi; ++c)
+      if (!m[(j0 + c) * m_stride]) row[c] = kNegInf;
+  } else if (m_stride == 1) {
+    for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+      (Vec::loadu(row + lo + j, n) + Chunk<mask_t>::load(m + j0 + lo + j, n).lo).store(row + lo + j, n);
+    });
+  } else {
+    for (int64_t c = lo; c < hi; ++c) row[c] += acc_t(m[(j0 + c) * m_stride]);
+  }
+  return {lo, hi};
+}
+
+// row[c] := exp(row[c] - m) over [lo, hi) (0 elsewhere; -inf scores give 0), returns the sum.
+template <typename acc_t>
+acc_t exp_row(acc_t* row, int64_t nk, int64_t lo, int64_t hi, acc_t m) {
+  using Vec = Vectorized<acc_t>;
+  std::fill(row, row + lo, acc_t(0));
+  std::fill(row + hi, row + nk, acc_t(0));
+  const Vec m_v(m);
+  Vec sum(0);
+  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+    const Vec p = softmax_exp(Vec::loadu(row + lo + j, n) - m_v);
+    p.store(row + lo + j, n);
+    sum += Vec::set(Vec(0), p, n);
+  });
+  return hsum(sum);
+}
+
+template <typename acc_t>
+acc_t max_row(const acc_t* row, int64_t lo, int64_t hi) {
+  using Vec = Vectorized<acc_t>;
+  Vec mx(-std::numeric_limits<acc_t>::infinity());
+  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+    mx = at::vec::maximum(mx, Vec::set(mx, Vec::loadu(row + lo + j, n), n));
+  });
+  return hmax(mx);
+}
+
+// The query tile (rows x D, from a (.., S, D) tensor) times `scale`, as acc_t.
+template <typename scalar_t>
+Tensor scaled_query_tile(const scalar_t* src, int64_t rows, int64_t D, at::opmath_type<scalar_t> scale,
+                         std::vector<at::opmath_type<scalar_t>>& buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  buf.resize(rows * D);
+  for (int64_t n = 0; n < rows * D; ++n) buf[n] = acc_t(src[n]) * scale;
+  return tile(buf.data(), rows, D, D, c10::CppTypeToScalarType<acc_t>::value);
+}
+
+template <typename scalar_t, typename mask_t>
+void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
+                          at::opmath_type<scalar_t>* lse, const MaskView<mask_t>& mask,
+                          const Geometry& g, double scale_d, const KeyBand& band) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const auto T = c10::CppTypeToScalarType<acc_t>::value;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const int64_t q_blocks = (g.Sq + kBlockQ - 1) / kBlockQ, D = g.D;
+
+  at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * D), m(kBlockQ), l(kBlockQ);
+    std::vector<acc_t> q_buf, k_buf, v_buf;  // widened 16-bit tiles
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
+      const int64_t hk = h / g.group();
+      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, g.Sq - i0);
+      const scalar_t* kh = k + (b * g.Hkv + hk) * g.Sk * D;
+      const scalar_t* vh = v + (b * g.Hkv + hk) * g.Sk * D;
+      const int64_t row0 = (b * g.Hq + h) * g.Sq + i0;  // first query row, over (B, Hq, Sq)
+      Tensor qt = scaled_query_tile(q + row0 * D, nq, D, scale, q_buf);  // scale folded into q
+      Tensor ot = tile(o_buf.data(), nq, D, D, T);
+      ot.zero_();
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), acc_t(0));
+
+      for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK) {
+        const int64_t nk = std::min(kBlockK, g.Sk - j0);
+        if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
+        Tensor st = tile(s_buf.data(), nq, nk, kBlockK, T);
+        at::mm_out(st, qt, load_tile(kh + j0 * D, nk, D, k_buf).t());
+        // Online softmax, row by row: p = exp(s - m') in place; rescale o and l by e^(m - m').
+        for (int64_t r = 0; r < nq; ++r) {
+          acc_t* srow = s_buf.data() + r * kBlockK;
+          const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
+          const acc_t m_new = std::max(m[r], max_row(srow, lo, hi));
+          if (m_new == kNegInf) {  // nothing visible yet: p = 0
+            std::fill(srow, srow + nk, acc_t(0));
+            continue;
+          }
+          const acc_t alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
+          l[r] = l[r] * alpha + exp_row(srow, nk, lo, hi, m_new);
+          m[r] = m_new;
+          if (alpha != acc_t(1)) {
+            acc_t* orow = o_buf.data() + r * D;
+            for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) {
+              (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n);
+            });
+          }
+        }
+        ot.addmm_(st, load_tile(vh + j0 * D, nk, D, v_buf));  // o += p v
+      }
+
+      // o /= l (0 for fully masked rows), lse = m + log(l).
+      for (int64_t r = 0; r < nq; ++r) {
+        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
+        const acc_t* orow = o_buf.data() + r * D;
+        scalar_t* out = o + (row0 + r) * D;
+        for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(orow[d] * inv);
+        lse[row0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : kNegInf;
+      }
+    }
+  });
+}
+
+template <typename scalar_t, typename mask_t>
+void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
+                          const scalar_t* v, const scalar_t* o, const at::opmath_type<scalar_t>* lse,
+                          const at::opmath_type<scalar_t>* dlse /* or nullptr */,
+                          const MaskView<mask_t>& mask, const Geometry& g, double scale_d,
+                          const KeyBand& band, scalar_t* dq, scalar_t* dk, scalar_t* dv,
+                          scalar_t* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const auto T = c10::CppTypeToScalarType<acc_t>::value;
+  const acc_t scale = static_cast<acc_t>(scale_d);
+  const int64_t D = g.D;
+
+  // One task per (b, kv head): it owns dk, dv of that head and dq of the query heads reading it.
+  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK), dq_buf(kBlockQ * D);
+    std::vector<acc_t> delta(kBlockQ), dk_acc, dv_acc;
+    std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.Hkv, hk = task % g.Hkv;
+      const int64_t kv0 = (b * g.Hkv + hk) * g.Sk;  // first key row, over (B, Hkv, Sk)
+      dk_acc.assign(g.Sk * D, acc_t(0));
+      dv_acc.assign(g.Sk * D, acc_t(0));
+      for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
+        for (int64_t i0 = 0; i0 < g.Sq; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
+          Tensor qt = scaled_query_tile(q + row0 * D, nq, D, scale, q_buf);  // scale * q
+          Tensor dot = load_tile(dout + row0 * D, nq, D, do_buf);
+          Tensor dqt = tile(dq_buf.data(), nq, D, D, T);
+          dqt.zero_();
+          // When one key tile holds every key these rows see, delta is taken as rowsum(p * dp)
+          // from that tile instead: the same rounded dp values then enter both terms of
+          // dp - delta, as in an unfused softmax backward, so ds is exactly 0 where a single key
+          // takes all the weight (Sk = 1, the first causal row) instead of a rounding residue.
+          int64_t visible_tiles = 0;
+          for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK)
+            visible_tiles += band.tile_visible(i0, i0 + nq, j0, std::min(g.Sk, j0 + kBlockK));
+          const bool delta_from_tile = visible_tiles == 1;
+          // delta = rowsum(do * o)
+          for (int64_t r = 0; r < nq && !delta_from_tile; ++r) {
+            acc_t acc = 0;
+            for (int64_t d = 0; d < D; ++d) acc += acc_t(dout[(row0 + r) * D + d]) * acc_t(o[(row0 + r) * D + d]);
+            delta[r] = acc;
+          }
+          for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK) {
+            const int64_t nk = std::min(kBlockK, g.Sk - j0);
+            if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
+            Tensor kt = load_tile(k + (kv0 + j0) * D, nk, D, k_buf);
+            Tensor vt = load_tile(v + (kv0 + j0) * D, nk, D, v_buf);
+            Tensor st = tile(s_buf.data(), nq, nk, kBlockK, T), dpt = tile(dp_buf.data(), nq, nk, kBlockK, T);
+            at::mm_out(st, qt, kt.t());
+            for (int64_t r = 0; r < nq; ++r) {  // p = exp(s - lse); 0 where masked or lse = -inf
+              acc_t* srow = s_buf.data() + r * kBlockK;
+              const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
+              const acc_t L = lse[row0 + r];
+              if (L == kNegInf) std::fill(srow, srow + nk, acc_t(0));
+              else exp_row(srow, nk, lo, hi, L);
+            }
+            tile(dv_acc.data() + j0 * D, nk, D, D, T).addmm_(st.t(), dot);  // dv += p^T do
+            at::mm_out(dpt, dot, vt.t());                                   // dp = do v^T
+            // ds = p (dp - delta + dlse), into dp_buf: lse's gradient enters as d lse_i / d s_ij
+            // = p_ij, added after the difference so that it survives exactly where dp - delta = 0.
+            for (int64_t r = 0; r < nq; ++r) {
+              const acc_t* p = s_buf.data() + r * kBlockK;
+              acc_t* ds = dp_buf.data() + r * kBlockK;
+              if (delta_from_tile) {
+                Vec acc(0);
+                for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
+                  acc += Vec::set(Vec(0), Vec::loadu(p + j, n) * Vec::loadu(ds + j, n), n);
+                });
+                delta[r] = hsum(acc);
+              }
+              const Vec delta_v(delta[r]), dlse_v(dlse != nullptr ? dlse[row0 + r] : acc_t(0));
+              for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
+                (Vec::loadu(p + j, n) * ((Vec::loadu(ds + j, n) - delta_v) + dlse_v)).store(ds + j, n);
+              });
+              if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds
+                scalar_t* dm = dmask + (row0 + r) * g.Sk + j0;
+                for (int64_t c = 0; c < nk; ++c) dm[c] = scalar_t(ds[c]);
+              }
+            }
+            dqt.addmm_(dpt, kt, 1, scale);                                  // dq += scale ds k
+            tile(dk_acc.data() + j0 * D, nk, D, D, T).addmm_(dpt.t(), qt);  // dk += ds^T (scale q)
+          }
+          for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
+        }
+      }
+      for (int64_t n = 0; n < g.Sk * D; ++n) {
+        dk[kv0 * D + n] = scalar_t(dk_acc[n]);
+        dv[kv0 * D + n] = scalar_t(dv_acc[n]);
+      }
+    }
+  });
+}
+
+Geometry geometry(const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.is_contiguous() &&
+                  k.is_contiguous() && v.is_contiguous() && q.device().is_cpu(),
+              "lmfast_C: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) must be contiguous CPU tensors");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
+              "lmfast_C: q, k, v must share a dtype");
+  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  TORCH_CHECK(k.size(0) == g.B && k.size(3) == g.D && g.Hkv > 0 && g.Hq % g.Hkv == 0,
+              "lmfast_C: q and k/v shapes do not fit (batch, head dim, or head groups)");
+  return g;
+}
+
+void check_mask(const std::optional<Tensor>& mask, const Tensor& q, const Geometry& g) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK(mask->device().is_cpu() && mask->dim() == 4 && mask->size(0) == g.B &&
+                  mask->size(1) == g.Hq && mask->size(2) == g.Sq && mask->size(3) == g.Sk,
+              "lmfast_C: mask must be expanded to (B, Hq, Sq, Sk)");
+  TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type(),
+              "lmfast_C: mask must be bool or have q's dtype");
+}
+
+KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window) {
+  TORCH_CHECK(!window.has_value() || *window >= 1, "lmfast_C: window must be >= 1");
+  return KeyBand{causal, window.value_or(0), g.Sk - g.Sq, g.Sk};
+}
+
+// Runs fn<mask_t>() with mask_t = bool or scalar_t as the mask's dtype says.
+template <typename scalar_t, typename F>
+void with_mask_type(const std::optional<Tensor>& mask, const F& fn) {
+  if (mask.has_value() && mask->scalar_type() == at::kBool) {
+    fn(mask_view<bool>(mask));
+  } else {
+    fn(mask_view<scalar_t>(mask));
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale,
+                                         bool causal, std::optional<int64_t> window) {
+  const Geometry g = geometry(q, k, v);
+  check_mask(mask, q, g);
+  const KeyBand band = key_band(g, causal, window);
+  Tensor o = at::empty_like(q);
+  Tensor lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
+  if (q.numel() == 0 && lse.numel() == 0) return {o, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_fwd", [&] {
+    with_mask_type<scalar_t>(mask, [&](auto mv) {
+      attention_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                     v.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
+                                     lse.data_ptr<at::opmath_type<scalar_t>>(), mv, g, scale, band);
+    });
+  });
+  return {o, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
+    const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
+    double scale, bool causal, std::optional<int64_t> window, bool mask_grad) {
+  const Geometry g = geometry(q, k, v);
+  check_mask(mask, q, g);
+  TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && dout.is_contiguous() &&
+                  o.is_contiguous() && dout.scalar_type() == q.scalar_type(),
+              "lmfast_C: dout and o must be contiguous and shaped like q");
+  TORCH_CHECK(lse.is_contiguous() && lse.numel() == g.B * g.Hq * g.Sq &&
+                  lse.scalar_type() == at::toOpMathType(q.scalar_type()),
+              "lmfast_C: lse must be a contiguous (B, Hq, Sq) tensor in the accumulation dtype");
+  TORCH_CHECK(!dlse.has_value() || (dlse->sizes() == lse.sizes() && dlse->is_contiguous() &&
+                                    dlse->scalar_type() == lse.scalar_type()),
+              "lmfast_C: dlse must be shaped and typed like lse");
+  const KeyBand band = key_band(g, causal, window);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  Tensor dmask = mask_grad ? at::zeros({g.B, g.Hq, g.Sq, g.Sk}, q.options()) : at::empty({0}, q.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_bwd", [&] {
+    with_mask_type<scalar_t>(mask, [&](auto mv) {
+      attention_bwd_kernel<scalar_t>(
+          dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+          v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
+          lse.const_data_ptr<at::opmath_type<scalar_t>>(),
+          dlse.has_value() ? dlse->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr, mv, g,
+          scale, band, dq.data_ptr<scalar_t>(),
+          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
+    });
+  });
+  return {dq, dk, dv, dmask};
+}
+
+}  // namespace lmfast::cpu

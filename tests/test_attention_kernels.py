@@ -1,0 +1,172 @@
+"""Attention kernels (every backend that implements attention) against the float64
+reference under the error budget: outputs, lse, and the gradients of q, k, v, an additive
+mask and lse; head dims 16-256, odd lengths, grouped-query ratios, every mask kind, bottom-right
+causal, windows, fully masked rows; plus peak memory (no (Sq, Sk) buffer) and torch.compile."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmfast
+from lmfast import reference
+from lmfast._backends import KERNEL_OPS
+from lmfast.testing import check_against_reference
+
+
+@pytest.fixture
+def ab(kb):
+    """The kernel backend under test, if it implements attention."""
+    if "attention" not in KERNEL_OPS[kb.name]:
+        pytest.skip(f"backend {kb.name!r} has no attention kernel yet (issue 3 in progress)")
+    return kb
+
+
+def _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, *, mask=None, causal=False, window=None, scale=None):
+    def rand(*shape):
+        return torch.randn(shape, device=ab.device).to(dtype)
+    return {"q": rand(B, Hq, Sq, D), "k": rand(B, Hkv, Sk, D), "v": rand(B, Hkv, Sk, D),
+            "attn_mask": mask, "causal": causal, "scale": scale, "window": window}
+
+
+def _check(ab, name, inputs, grad=("q", "k", "v"), trials=1):
+    check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
+                            reference.attention, inputs, grad=grad, name=f"attention {ab.name} {name}",
+                            trials=trials)
+
+
+@pytest.mark.parametrize("D", [16, 64, 80, 96, 128, 256])
+def test_head_dims(D, ab, dtype):
+    _check(ab, f"D={D}", _inputs(ab, 2, 4, 2, 17, 33, D, dtype, causal=True))
+
+
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 1000), (17, 17), (127, 127), (17, 1000), (1000, 1000)])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_lengths(Sq, Sk, causal, ab):
+    B, Hq = (2, 8) if Sq == 1 else (1, 2)  # >= 16 query rows for the lse statistic
+    _check(ab, f"Sq={Sq} Sk={Sk} causal={causal}", _inputs(ab, B, Hq, 2, Sq, Sk, 64, torch.float32, causal=causal))
+
+
+@pytest.mark.parametrize("ratio", [1, 3, 8])
+def test_grouped_query_ratios(ratio, ab, dtype):
+    _check(ab, f"GQA {ratio}", _inputs(ab, 2, 2 * ratio, 2, 19, 40, 32, dtype, causal=True))
+
+
+MASKS = {
+    "bool-key-padding": lambda B, H, Sq, Sk: torch.rand(B, 1, 1, Sk) > 0.3,
+    "bool-full": lambda B, H, Sq, Sk: torch.rand(B, H, Sq, Sk) > 0.3,
+    "additive-full": lambda B, H, Sq, Sk: torch.randn(B, H, Sq, Sk),
+    "additive-per-query": lambda B, H, Sq, Sk: torch.randn(Sq, Sk).masked_fill(torch.rand(Sq, Sk) < 0.2, float("-inf")),
+}
+
+
+@pytest.mark.parametrize("mask_name", MASKS)
+def test_masks(mask_name, ab, dtype):
+    m = MASKS[mask_name](2, 4, 21, 300).to(ab.device)
+    if m.dtype != torch.bool:
+        m = m.to(dtype)
+    _check(ab, mask_name, _inputs(ab, 2, 4, 2, 21, 300, 64, dtype, mask=m, causal=True))
+
+
+def test_additive_mask_and_lse_gradients(ab, dtype):
+    bias = torch.randn(1, 4, 19, 50, device=ab.device).to(dtype)  # e.g. a learned position bias
+    _check(ab, "mask grad", _inputs(ab, 2, 4, 2, 19, 50, 32, dtype, mask=bias, causal=True),
+           grad=("q", "k", "v", "attn_mask"))
+
+
+@pytest.mark.parametrize("window", [1, 7, 64])
+@pytest.mark.parametrize("Sq,Sk", [(40, 40), (9, 70)])
+def test_sliding_windows(window, Sq, Sk, ab):
+    _check(ab, f"window={window} {Sq}x{Sk}", _inputs(ab, 2, 4, 1, Sq, Sk, 32, torch.float32, causal=True, window=window))
+    _check(ab, f"window={window} {Sq}x{Sk} no causal", _inputs(ab, 2, 4, 1, Sq, Sk, 32, torch.float32, window=window))
+
+
+def test_fully_masked_rows_give_zeros_not_nan(ab, dtype):
+    pad = torch.ones(2, 1, 20, 30, dtype=torch.bool, device=ab.device)
+    pad[0, :, 3] = False  # one query sees nothing
+    ins = _inputs(ab, 2, 4, 2, 20, 30, 32, dtype, mask=pad)
+    q, k, v = (ins[n].requires_grad_() for n in "qkv")
+    o, lse = lmfast.ops.attention(q, k, v, pad, return_lse=True, backend=ab.name)
+    assert torch.count_nonzero(o[0, :, 3]) == 0 and torch.isneginf(lse[0, :, 3]).all()
+    grads = torch.autograd.grad(o.float().sum(), (q, k, v))
+    assert all(torch.isfinite(g).all() for g in grads)
+    _check(ab, "fully masked rows", ins)
+    # causal with Sq > Sk: the first Sq - Sk queries see no key
+    _check(ab, "causal Sq > Sk", _inputs(ab, 2, 4, 2, 30, 12, 32, dtype, causal=True))
+
+
+def test_scale_and_non_contiguous_layouts(ab):
+    # (B, S, H, D) tensors viewed as (B, H, S, D), as Hugging Face models produce them
+    q = torch.randn(2, 33, 4, 64, device=ab.device).transpose(1, 2)
+    k = torch.randn(2, 40, 2, 64, device=ab.device).transpose(1, 2)
+    v = torch.randn(2, 40, 2, 64, device=ab.device).transpose(1, 2)
+    assert not q.is_contiguous()
+    _check(ab, "non-contiguous", {"q": q, "k": k, "v": v, "attn_mask": None, "causal": True, "scale": 0.3, "window": None})
+
+
+def test_empty(ab):
+    for Sq, Sk in ((0, 5), (5, 0)):
+        q = torch.randn(1, 2, Sq, 16, device=ab.device, requires_grad=True)
+        k = torch.randn(1, 2, Sk, 16, device=ab.device, requires_grad=True)
+        v = torch.randn(1, 2, Sk, 16, device=ab.device, requires_grad=True)
+        o, lse = lmfast.ops.attention(q, k, v, return_lse=True, backend=ab.name)
+        assert o.shape == q.shape and torch.count_nonzero(o) == 0 and torch.isneginf(lse).all()
+        grads = torch.autograd.grad(o.sum(), (q, k, v))
+        assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+
+
+def test_gradcheck_cpu_float64():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(1, 1, 5, 9, dtype=torch.float64, generator=g, requires_grad=True)
+
+    def f(q, k, v, bias):
+        return lmfast.ops.attention(q, k, v, bias, causal=True, window=6, return_lse=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(lambda *a: tuple(t.nan_to_num(0.0, 0.0, 0.0) for t in f(*a)), (q, k, v, bias))
+
+
+def test_cpu_forward_holds_no_score_matrix():
+    """Peak memory of a CPU forward at Sq = Sk = 8192: a (Sq, Sk) float32 score matrix alone
+    would be 256 MiB; the flash kernel's tiles are under 1 MiB per thread."""
+    code = (
+        "import torch, lmfast\n"
+        "q, k, v = (torch.randn(1, 1, 8192, 64) for _ in range(3))\n"
+        "def peak():\n"
+        "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
+        "lmfast.ops.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64], backend='cpu')  # load, warm up\n"
+        "before = peak()\n"
+        "o = lmfast.ops.attention(q, k, v, causal=True, backend='cpu')\n"
+        "print((peak() - before) // 1024)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr
+    grew_mib = int(out.stdout.strip())
+    assert grew_mib < 32, f"peak memory grew by {grew_mib} MiB; a score matrix would be 256 MiB"
+
+
+def test_compile_fullgraph(ab):
+    torch._dynamo.reset()
+
+    def block(q, k, v, pad):
+        return lmfast.ops.attention(q, k, v, pad, causal=True, backend=ab.name).square().sum()
+
+    ins = _inputs(ab, 2, 4, 2, 16, 24, 32, torch.float32)
+    q, k, v = (ins[n].requires_grad_() for n in "qkv")
+    pad = torch.rand(2, 1, 1, 24, device=ab.device) > 0.2
+    want = torch.autograd.grad(block(q, k, v, pad), (q, k, v))
+    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v, pad), (q, k, v))
+    torch.testing.assert_close(got, want)
+
+
+def test_opcheck(ab):
+    lmfast.backends()
+    ns = getattr(torch.ops, {"cpu": "lmfast_C", "triton": "lmfast_triton"}[ab.name])
+    ins = _inputs(ab, 2, 4, 2, 9, 13, 16, torch.float32)
+    mask = torch.randn(1, 4, 9, 13, device=ab.device).expand(2, 4, 9, 13)
+    torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5))
