@@ -1,7 +1,7 @@
 """pytest-benchmark suites: `pytest benchmarks/ --benchmark-only` (CPU sizes) or with
 `--lmfast-size=full` (GPU sizes). Cases and providers come from lmfast.benchmarking, the same
-definitions `lmfast bench` uses; each benchmark's extra_info carries GB/s and the fraction of
-the same-run clone bandwidth."""
+definitions `lmfast bench` uses; each benchmark's extra_info carries its rate (GB/s, or
+TFLOP/s for attention) and the fraction of the same-run ceiling (clone, or a large matmul)."""
 
 import pytest
 import torch
@@ -22,9 +22,9 @@ def pytest_generate_tests(metafunc):
     op = metafunc.module.OP
     params = []
     for case in benchmarking.cases(size, device, ops=[op]):
-        for direction in ("fwd", "bwd"):
+        for direction in case.directions:
             for provider in benchmarking.providers(case, device):
-                if provider == "copy" and direction == "bwd":
+                if provider == case.ceiling and direction != "fwd":
                     continue
                 params.append(pytest.param((case, direction, provider, device),
                                            id=f"{case.name.replace(' ', '-')}-{direction}-{provider}"))

@@ -27,7 +27,7 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Ops each kernel backend implements; "torch" (the reference) implements every op.
 KERNEL_OPS = {
     "cpu": {"layer_norm", "rms_norm", "softmax", "attention"},
-    "triton": {"layer_norm", "rms_norm", "softmax"},
+    "triton": {"layer_norm", "rms_norm", "softmax", "attention"},
     "cuda": set(),
 }
 

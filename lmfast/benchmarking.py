@@ -1,13 +1,19 @@
 """Benchmark cases, providers and measurement, shared by `lmfast bench` and benchmarks/.
 
-Every case runs each provider forward ("fwd") and backward ("bwd": the gradient of all inputs,
-given the forward's graph) and reports achieved bandwidth, counting each tensor the op must
-read or write once (fwd: x and y; bwd: dy, the saved tensor and dx), and its fraction of the
-same-run `x.clone()` bandwidth: the practical ceiling of a memory-bound op.
+Memory-bound ops (layer_norm, rms_norm, softmax) run forward ("fwd") and backward ("bwd": the
+gradient of all inputs, given the forward's graph) and report achieved bandwidth (GB/s),
+counting each tensor the op must read or write once (fwd: x and y; bwd: dy, the saved tensor
+and dx), as a fraction of the same-run `x.clone()` bandwidth: their practical ceiling.
+
+Attention is compute-bound: it runs forward and forward+backward ("fwd+bwd") and reports
+TFLOP/s, counting the matmul FLOPs of the visible (query, key) pairs (4 D per pair forward, 2.5x
+that backward, the FlashAttention convention), as a fraction of the same-run rate of a large
+matmul in the case's dtype: its practical ceiling.
 
 Providers: lmfast-<backend> (the kernels this device runs), eager (what models run in plain
-PyTorch), compile (torch.compile of eager), and for rms_norm also torch.rms_norm (PyTorch's
-fused op).
+PyTorch), compile (torch.compile of eager), for rms_norm also torch.rms_norm (PyTorch's fused
+op), for attention also sdpa-<backend> (F.scaled_dot_product_attention with each backend
+this device runs), and the ceiling (copy or matmul).
 """
 
 from __future__ import annotations
@@ -25,22 +31,40 @@ from torch import Tensor
 
 import lmfast
 
-OPS = ("layer_norm", "rms_norm", "softmax")
+OPS = ("layer_norm", "rms_norm", "softmax", "attention")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
 class Case:
     op: str                   # one of OPS
-    shape: tuple[int, ...]    # x's shape; norms and softmax work over the last dim
+    shape: tuple[int, ...]    # x's shape (norms and softmax work over the last dim); attention:
+                              # (B, H, S, D) of q, k and v
     dtype: torch.dtype
-    causal: bool = False      # softmax only: scale = D^-0.5 and a causal mask, as in attention
+    causal: bool = False      # softmax: scale = D^-0.5 and a causal mask, as in attention
 
     @property
     def name(self) -> str:
         dims = "x".join(map(str, self.shape))
-        extra = " scale+causal" if self.causal else ""
+        extra = " causal" if self.op == "attention" and self.causal else " scale+causal" if self.causal else ""
         return f"{self.op} {dims} {str(self.dtype).removeprefix('torch.')}{extra}"
+
+    @property
+    def compute_bound(self) -> bool:
+        return self.op == "attention"
+
+    @property
+    def directions(self) -> tuple[str, str]:
+        return ("fwd", "fwd+bwd") if self.compute_bound else ("fwd", "bwd")
+
+    @property
+    def unit(self) -> str:
+        return "TFLOP/s" if self.compute_bound else "GB/s"
+
+    @property
+    def ceiling(self) -> str:
+        """The provider whose rate is this case's practical ceiling."""
+        return "matmul" if self.compute_bound else "copy"
 
     @property
     def nbytes(self) -> int:
@@ -50,27 +74,48 @@ class Case:
             n *= s
         return n * torch.finfo(self.dtype).bits // 8
 
+    def work(self, direction: str) -> float:
+        """Units of work of one call: bytes moved, or TFLOPs (attention)."""
+        if not self.compute_bound:
+            return self.nbytes * (2 if direction == "fwd" else 3)
+        B, H, S, D = self.shape
+        pairs = S * (S + 1) // 2 if self.causal else S * S
+        fwd = 4 * B * H * pairs * D / 1e12
+        return fwd if direction == "fwd" else 3.5 * fwd
+
+
+# Ceiling of compute-bound cases: an (n x n) @ (n x n) matmul.
+MATMUL_N = {"cpu": 2048, "cuda": 8192}
+
 
 def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = None,
           ops: Iterable[str] = OPS) -> list[Case]:
     """quick: minutes on a 2-core CPU; full: GPU sizes. (2, 12, 512, 512) is BERT-base
     attention scores; (1024, 4096) is 16 MiB in float32; (4096, 4096) float32 is 64 MiB, past
     the size where a new CPU tensor gets fresh (zeroed) pages from the OS on every allocation,
-    so there every op returning a tensor, clone included, is bound by page zeroing."""
+    so there every op returning a tensor, clone included, is bound by page zeroing.
+    Attention: (4, 12, 1024, 64) is BERT-base-like at 4k tokens; at full size, 16k tokens
+    (B * S) with head dims 128 (16 heads) and 64 (32 heads), S from 512 to 16k."""
     if size == "quick":
         dt = dtype or torch.float32
         rows = [(1024, 4096), (4096, 4096)] if device == "cpu" else [(4096, 4096)]
         scores = (2, 12, 512, 512)
+        attention = [(4, 12, 1024, 64)]
     elif size == "full":
         dt = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
         rows = [(16384, 4096), (65536, 1024), (4096, 16384)]
         scores = (8, 16, 2048, 2048)
+        attention = [(16384 // S, 16, S, 128) for S in (512, 2048, 8192, 16384)] + \
+                    [(16384 // S, 32, S, 64) for S in (2048, 16384)]
     else:
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     out = []
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+        if op == "attention":
+            out += [Case(op, shape, dt, causal) for shape in attention for causal in (False, True)]
+            continue
         out += [Case(op, shape, dt) for shape in rows]
         if op == "softmax":
             out.append(Case(op, scores, dt, causal=True))
@@ -88,6 +133,9 @@ class Bound:
 
 def _inputs(case: Case, device: str, grad: bool) -> dict[str, Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
+    if case.op == "attention":
+        return {n: torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype).requires_grad_(grad)
+                for n in "qkv"}
     x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
     n = case.shape[-1]
     ins = {"x": x.requires_grad_(grad)}
@@ -102,7 +150,59 @@ def _scale(case: Case) -> float:
     return case.shape[-1] ** -0.5 if case.causal else 1.0
 
 
+def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
+    """Attention as Hugging Face's eager path computes it: matmul, mask, float32 softmax, matmul."""
+    S, D = case.shape[2], case.shape[3]
+    additive = None
+    if case.causal:
+        additive = torch.zeros(S, S, device=device, dtype=case.dtype).masked_fill(
+            ~lmfast.reference.causal_keep(S, S, device), float("-inf"))
+
+    def eager_attention(q, k, v):
+        s = (q @ k.transpose(-1, -2)) * D ** -0.5
+        if additive is not None:
+            s = s + additive
+        return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+    return eager_attention
+
+
+def _sdpa_fn(case: Case, backend) -> Callable[..., Tensor]:
+    def sdpa(q, k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+        from torch.nn.attention import sdpa_kernel
+
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+    return sdpa
+
+
+def _sdpa_backends(case: Case, device: str) -> dict[str, object]:
+    """name -> SDPBackend (None: PyTorch's own choice) of each SDPA backend that runs case."""
+    if device == "cpu":
+        return {"sdpa": None}  # the CPU dispatches to its flash kernel; there is no other choice
+    from torch.nn.attention import SDPBackend
+
+    out = {}
+    for name, b in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
+                    ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            q = torch.randn(1, *case.shape[1:2], 128, case.shape[3], device=device, dtype=case.dtype)
+            _sdpa_fn(case, b)(q, q, q)
+            out[name] = b
+        except RuntimeError:  # not built, or not for this dtype / head dim / GPU
+            pass
+    return out
+
+
+# Eager attention (and torch.compile of it, which keeps the scores) materializes the (S, S)
+# scores: cases whose scores pass this are left out of those providers.
+EAGER_SCORES_LIMIT = 4 << 30
+
+
 def _eager_fn(case: Case, device: str) -> Callable[..., Tensor]:
+    if case.op == "attention":
+        return _eager_attention(case, device)
     if case.op == "layer_norm":
         return lambda x, weight, bias: F.layer_norm(x, (x.shape[-1],), weight, bias, 1e-5)
     if case.op == "rms_norm":  # Hugging Face LlamaRMSNorm.forward
@@ -121,6 +221,8 @@ def _eager_fn(case: Case, device: str) -> Callable[..., Tensor]:
 
 
 def _lmfast_fn(case: Case, backend: str) -> Callable[..., Tensor]:
+    if case.op == "attention":
+        return lambda q, k, v: lmfast.ops.attention(q, k, v, causal=case.causal, backend=backend)
     if case.op == "layer_norm":
         return lambda x, weight, bias: lmfast.ops.layer_norm(x, weight, bias, 1e-5, backend=backend)
     if case.op == "rms_norm":
@@ -148,9 +250,12 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
             fn = make_fn()
             if not grad_too:
                 return Bound(lambda: fn(**ins), None)
+            leaves = list(ins.values())
+            if case.compute_bound:  # forward + backward, a new graph each call
+                dy = torch.randn_like(fn(**ins))
+                return Bound(lambda: fn(**ins), lambda: torch.autograd.grad(fn(**ins), leaves, dy))
             y = fn(**ins)
             dy = torch.randn_like(y)
-            leaves = list(ins.values())
             return Bound(lambda: fn(**ins),
                          lambda: torch.autograd.grad(y, leaves, dy, retain_graph=True))
         return build
@@ -159,17 +264,33 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
     ours = "cpu" if device == "cpu" else "triton"  # (the Triton interpreter is never timed)
     if lmfast.backends()[ours].available:
         table[f"lmfast-{ours}"] = bind(lambda: _lmfast_fn(case, ours))
-    table["eager"] = bind(lambda: _eager_fn(case, device))
+    if case.op == "attention":
+        for name, b in _sdpa_backends(case, device).items():
+            table[name] = bind(lambda b=b: _sdpa_fn(case, b))
+    B, H, S = (case.shape + (1, 1, 1))[:3]
+    scores_bytes = B * H * S * S * 4
+    if case.op != "attention" or scores_bytes <= EAGER_SCORES_LIMIT:
+        table["eager"] = bind(lambda: _eager_fn(case, device))
+        table["compile"] = bind(lambda: _compiled(case, device))
     if case.op == "rms_norm" and hasattr(F, "rms_norm"):
         table["torch.rms_norm"] = bind(lambda: lambda x, weight: F.rms_norm(x, (x.shape[-1],), weight, 1e-6))
-    table["compile"] = bind(lambda: _compiled(case, device))
-    table["copy"] = bind(lambda: lambda **ins: ins["x"].clone(), grad_too=False)
+    if case.ceiling == "copy":
+        table["copy"] = bind(lambda: lambda **ins: ins["x"].clone(), grad_too=False)
+    else:
+        def matmul():
+            n = MATMUL_N["cpu" if device == "cpu" else "cuda"]
+            a = torch.randn(n, n, device=device, dtype=case.dtype)
+            return Bound(lambda: a @ a, None)
+        table["matmul"] = matmul
     return table
 
 
-def bytes_moved(case: Case, direction: str) -> int:
-    """fwd reads x and writes y; bwd reads dy and the saved x (or y) and writes dx."""
-    return case.nbytes * (2 if direction == "fwd" else 3)
+def ceiling_work(case: Case, device: str) -> float:
+    """Work of one call of the ceiling provider, in case.unit's units."""
+    if case.ceiling == "copy":
+        return case.work("fwd")
+    n = MATMUL_N["cpu" if device == "cpu" else "cuda"]
+    return 2 * n ** 3 / 1e12
 
 
 def seconds(fn: Callable[[], object], device: str, min_run_time: float) -> float:
@@ -186,27 +307,29 @@ class Result:
     op: str
     shape: list[int]
     dtype: str
-    direction: str       # fwd | bwd
+    direction: str       # fwd | bwd | fwd+bwd
     provider: str
     seconds: float
-    gbps: float          # achieved bandwidth, GB/s
-    frac_of_copy: float  # gbps / same-run clone bandwidth
+    rate: float          # work per second in `unit`
+    unit: str            # GB/s (bandwidth) or TFLOP/s
+    frac_of_ceiling: float  # rate / the same-run rate of the ceiling provider (copy or matmul)
     vs_eager: float | None = None    # eager's time / this time (> 1: faster than eager)
     vs_compile: float | None = None
+    vs_sdpa: float | None = None     # attention: the fastest SDPA backend's time / this time
 
 
 def run(selected: list[Case], device: str, *, min_run_time: float = 0.2, rounds: int = 3,
         progress: Callable[[str], None] | None = None) -> list[Result]:
-    """Times every provider of every case, forward and backward. Providers (and the copy
-    ceiling) are timed in `rounds` interleaved rounds and each keeps its best median, so a
-    slow spell of a shared machine does not land on one provider only."""
+    """Times every provider of every case in both directions. Providers (and the ceiling) are
+    timed in `rounds` interleaved rounds and each keeps its best median, so a slow spell of a
+    shared machine does not land on one provider only."""
     results: list[Result] = []
     for case in selected:
         if progress:
             progress(f"{case.name}: preparing (torch.compile takes a while)")
         bound = {name: build() for name, build in providers(case, device).items()}
         timed = {(name, d): (b.forward if d == "fwd" else b.backward)
-                 for name, b in bound.items() for d in ("fwd", "bwd")
+                 for name, b in bound.items() for d in case.directions
                  if (b.forward if d == "fwd" else b.backward) is not None}
         best = {key: float("inf") for key in timed}
         for r in range(rounds):
@@ -215,16 +338,19 @@ def run(selected: list[Case], device: str, *, min_run_time: float = 0.2, rounds:
             for key, fn in timed.items():
                 best[key] = min(best[key], seconds(fn, device, min_run_time))
         del bound, timed
-        copy_gbps = bytes_moved(case, "fwd") / best[("copy", "fwd")] / 1e9
-        for direction in ("fwd", "bwd"):
+        ceiling_rate = ceiling_work(case, device) / best[(case.ceiling, "fwd")]
+        for direction in case.directions:
             row = {name: t for (name, d), t in best.items() if d == direction}
+            sdpa = min((t for name, t in row.items() if name.startswith("sdpa")), default=None)
             for name, t in row.items():
-                gbps = bytes_moved(case, direction) / t / 1e9
+                work = ceiling_work(case, device) if name == case.ceiling else case.work(direction)
+                rate = work / t / (1e9 if case.unit == "GB/s" else 1)
+                ratio = (lambda other: other / t if other is not None and name != case.ceiling else None)
                 results.append(Result(
                     case.name, case.op, list(case.shape), str(case.dtype).removeprefix("torch."),
-                    direction, name, t, gbps, gbps / copy_gbps,
-                    row["eager"] / t if name != "copy" else None,
-                    row["compile"] / t if name != "copy" else None))
+                    direction, name, t, rate, case.unit,
+                    rate / (ceiling_rate / (1e9 if case.unit == "GB/s" else 1)),
+                    ratio(row.get("eager")), ratio(row.get("compile")), ratio(sdpa)))
     return results
 
 
@@ -260,7 +386,8 @@ def as_dicts(results: list[Result]) -> list[dict]:
 
 
 def format_table(results: list[Result]) -> str:
-    lines = [f"{'case':38s} {'dir':3s} {'provider':15s} {'time':>10s} {'GB/s':>7s} {'of copy':>7s} {'vs eager':>8s} {'vs compile':>10s}"]
+    lines = [f"{'case':42s} {'dir':7s} {'provider':15s} {'time':>10s} {'rate':>13s} {'of ceil':>7s} "
+             f"{'vs eager':>8s} {'vs compile':>10s} {'vs sdpa':>8s}"]
     last = None
     for r in results:
         key = (r.case, r.direction)
@@ -268,16 +395,18 @@ def format_table(results: list[Result]) -> str:
             lines.append("")
         last = key
         t = f"{r.seconds * 1e3:8.3f}ms"
-        ve = f"{r.vs_eager:7.2f}x" if r.vs_eager else ""
-        vc = f"{r.vs_compile:9.2f}x" if r.vs_compile else ""
-        lines.append(f"{r.case:38s} {r.direction:3s} {r.provider:15s} {t:>10s} {r.gbps:7.1f} {r.frac_of_copy:6.0%} {ve:>8s} {vc:>10s}")
+        rate = f"{r.rate:7.3f} {r.unit}" if r.unit == "TFLOP/s" else f"{r.rate:7.1f} {r.unit}"
+        ratios = [f"{x:.2f}x" if x else "" for x in (r.vs_eager, r.vs_compile, r.vs_sdpa)]
+        lines.append(f"{r.case:42s} {r.direction:7s} {r.provider:15s} {t:>10s} {rate:>13s} {r.frac_of_ceiling:6.0%} "
+                     f"{ratios[0]:>8s} {ratios[1]:>10s} {ratios[2]:>8s}")
     return "\n".join(lines)
 
 
 @functools.cache
-def _copy_gbps(case: Case, device: str) -> float:
-    """Same-run clone bandwidth for case's tensor size, measured once per pytest session."""
-    return bytes_moved(case, "fwd") / seconds(providers(case, device)["copy"]().forward, device, 0.3) / 1e9
+def _ceiling_rate(case: Case, device: str) -> float:
+    """Same-run rate of the case's ceiling provider, measured once per pytest session."""
+    t = seconds(providers(case, device)[case.ceiling]().forward, device, 0.3)
+    return ceiling_work(case, device) / t
 
 
 def pytest_benchmark(benchmark, case: Case, direction: str, provider: str, device: str) -> None:
@@ -293,29 +422,50 @@ def pytest_benchmark(benchmark, case: Case, direction: str, provider: str, devic
     else:
         timed = fn
     benchmark.group = f"{case.name} {direction}"
-    benchmark.pedantic(timed, rounds=20, iterations=1, warmup_rounds=2)
-    gbps = bytes_moved(case, direction) / benchmark.stats.stats.median / 1e9
-    benchmark.extra_info.update({"GB/s": round(gbps, 2), "frac_of_copy": round(gbps / _copy_gbps(case, device), 3),
+    rounds = 5 if case.compute_bound and device == "cpu" else 20
+    benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    work = ceiling_work(case, device) if provider == case.ceiling else case.work(direction)
+    rate = work / benchmark.stats.stats.median
+    scale = 1e9 if case.unit == "GB/s" else 1
+    benchmark.extra_info.update({case.unit: round(rate / scale, 3),
+                                 "frac_of_ceiling": round(rate / _ceiling_rate(case, device), 3),
                                  "device": device})
 
 
 def markdown_summary(report: dict) -> str:
-    """A README table from a `lmfast bench` JSON report: per case, lmfast's forward bandwidth
-    and fraction of copy, and its speedups over eager and torch.compile, forward and backward."""
+    """README tables from a `lmfast bench` JSON report: per case, lmfast's forward rate and
+    fraction of the ceiling, and its speedups over the other providers in both directions."""
     env = report["environment"]
     rows = {}
     for r in report["results"]:
         rows.setdefault(r["case"], {})[(r["provider"], r["direction"])] = r
-    lines = [f"{env['device_name']}, torch {env['torch']}, {env['date'][:10]} (`lmfast bench --size {report['size']}`)",
-             "",
-             "| case | lmfast fwd GB/s | of copy | fwd vs eager | fwd vs compile | bwd vs eager | bwd vs compile |",
-             "|---|---|---|---|---|---|---|"]
-    for case, cells in rows.items():
-        ours = next((p for p, d in cells if p.startswith("lmfast-") and d == "fwd"), None)
-        if ours is None:
-            continue
-        f, b = cells[(ours, "fwd")], cells.get((ours, "bwd"))
-        bwd = f"{b['vs_eager']:.2f}x | {b['vs_compile']:.2f}x" if b else "- | -"
-        lines.append(f"| {case} | {f['gbps']:.1f} | {f['frac_of_copy']:.0%} | {f['vs_eager']:.2f}x | "
-                     f"{f['vs_compile']:.2f}x | {bwd} |")
+
+    def ratio(x):
+        return f"{x:.2f}x" if x else "-"
+
+    lines = [f"{env['device_name']}, torch {env['torch']}, {env['date'][:10]} (`lmfast bench --size {report['size']}`)"]
+    memory = [(c, cells) for c, cells in rows.items() if next(iter(cells.values()))["unit"] == "GB/s"]
+    compute = [(c, cells) for c, cells in rows.items() if next(iter(cells.values()))["unit"] == "TFLOP/s"]
+    if memory:
+        lines += ["", "| case | lmfast fwd GB/s | of copy | fwd vs eager | fwd vs compile | bwd vs eager | bwd vs compile |",
+                  "|---|---|---|---|---|---|---|"]
+        for case, cells in memory:
+            ours = next((p for p, d in cells if p.startswith("lmfast-") and d == "fwd"), None)
+            if ours is None:
+                continue
+            f, b = cells[(ours, "fwd")], cells.get((ours, "bwd"), {})
+            lines.append(f"| {case} | {f['rate']:.1f} | {f['frac_of_ceiling']:.0%} | {ratio(f['vs_eager'])} | "
+                         f"{ratio(f['vs_compile'])} | {ratio(b.get('vs_eager'))} | {ratio(b.get('vs_compile'))} |")
+    if compute:
+        lines += ["", "| case | lmfast fwd TFLOP/s | of matmul | fwd vs SDPA | fwd vs eager | fwd+bwd TFLOP/s "
+                      "| fwd+bwd vs SDPA | fwd+bwd vs eager |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for case, cells in compute:
+            ours = next((p for p, d in cells if p.startswith("lmfast-") and d == "fwd"), None)
+            if ours is None:
+                continue
+            f, b = cells[(ours, "fwd")], cells.get((ours, "fwd+bwd"), {})
+            lines.append(f"| {case} | {f['rate']:.3f} | {f['frac_of_ceiling']:.0%} | {ratio(f['vs_sdpa'])} | "
+                         f"{ratio(f['vs_eager'])} | {b.get('rate', 0):.3f} | {ratio(b.get('vs_sdpa'))} | "
+                         f"{ratio(b.get('vs_eager'))} |")
     return "\n".join(lines)

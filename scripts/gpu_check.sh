@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU check, for an NVIDIA machine with torch and triton already installed and no network:
 # installs lmfast in place (no build isolation, no dependency resolution), runs the tests on
-# CUDA, then the benchmarks at GPU sizes. Logs and JSON results go to $1 (default
-# ./gpu-results). Budget: about 8 minutes.
+# CUDA, then the benchmarks at GPU sizes (attention first: it matters most). Logs and JSON
+# results go to $1 (default ./gpu-results). Each step has its own time limit, so one that
+# hangs still leaves the others' results; worst case about 12 minutes, typically 6-8.
 set -uo pipefail
 OUT="${1:-./gpu-results}"
 mkdir -p "$OUT"
@@ -15,16 +16,26 @@ export PYTHONUNBUFFERED=1
 } > "$OUT/env.txt" 2>&1
 
 echo "== install" | tee "$OUT/install.log"
-MAX_JOBS=16 timeout 240 python3 -m pip install --no-build-isolation --no-deps --no-index -e . >> "$OUT/install.log" 2>&1
+MAX_JOBS=16 timeout 180 python3 -m pip install --no-build-isolation --no-deps --no-index -e . >> "$OUT/install.log" 2>&1
 echo "install exit $?" | tee -a "$OUT/install.log"
 python3 -m lmfast.cli info >> "$OUT/env.txt" 2>&1
 
+# The compile-for-sm_90 test is for machines without a GPU; here the kernels compile for real.
 echo "== tests (CUDA)"
-timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider --ignore=tests/test_triton_compile.py \
+  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 echo "tests exit $?" | tee -a "$OUT/tests.log"
-tail -5 "$OUT/tests.log"
+tail -15 "$OUT/tests.log"
 
-echo "== benchmarks (GPU sizes)"
-timeout 240 python3 -m lmfast.cli bench --size full --out "$OUT" --min-time 0.2 > "$OUT/bench.log" 2>&1
+echo "== benchmarks (GPU sizes): attention"
+mkdir -p "$OUT/attention"
+timeout 180 python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/attention" --min-time 0.1 --rounds 2 \
+  > "$OUT/bench-attention.log" 2>&1
+echo "bench exit $?" | tee -a "$OUT/bench-attention.log"
+tail -60 "$OUT/bench-attention.log"
+
+echo "== benchmarks (GPU sizes): norms and softmax"
+timeout 90 python3 -m lmfast.cli bench --size full --ops layer_norm rms_norm softmax --out "$OUT" --min-time 0.1 --rounds 2 \
+  > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/bench.log"
 tail -40 "$OUT/bench.log"

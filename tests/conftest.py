@@ -15,6 +15,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# On a GPU, attention kernels run with one fixed tile config per head-dim bucket: autotuning
+# every flag combination the tests run would compile each kernel several times over.
+# (test_attention_kernels.py::test_autotuned_launch runs the autotuner once.)
+os.environ.setdefault("LMFAST_AUTOTUNE", "0")
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ causal, windows, fully masked rows; plus peak memory (no (Sq, Sk) buffer) and to
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -170,3 +171,21 @@ def test_opcheck(ab):
     ins = _inputs(ab, 2, 4, 2, 9, 13, 16, torch.float32)
     mask = torch.randn(1, 4, 9, 13, device=ab.device).expand(2, 4, 9, 13)
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU (the interpreter runs fixed tiles)")
+def test_autotuned_launch(monkeypatch):
+    monkeypatch.setenv("LMFAST_AUTOTUNE", "1")
+    ab = types.SimpleNamespace(name="triton", device="cuda")
+    _check(ab, "autotuned", _inputs(ab, 2, 8, 2, 300, 300, 128, torch.bfloat16, causal=True))
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_decoding_with_a_long_cache(mask_kind, ab, dtype):
+    """Few query rows per kv head against a long cache: on a GPU (and in the interpreter) the
+    forward splits the keys over programs and combines their partial softmaxes."""
+    B, Hq, Hkv, Sq, Sk = 2, 8, 2, 3, 600
+    pad = torch.rand(B, 1, 1, Sk, device=ab.device) > 0.1
+    mask = pad if mask_kind == "bool" else torch.randn(B, 1, Sq, Sk, device=ab.device).to(dtype)
+    _check(ab, f"decode {mask_kind}", _inputs(ab, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask, causal=True, window=500))
+    _check(ab, f"decode {mask_kind} no causal", _inputs(ab, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask))

@@ -15,13 +15,16 @@ class Block(torch.nn.Module):
         self.ln = lmfast.nn.LayerNorm(dim, backend=backend)
         self.rms = lmfast.nn.RMSNorm(dim, backend=backend)
         self.sm = lmfast.nn.Softmax(dim=-1, scale=dim ** -0.5, causal=True, backend=backend)
+        self.attn = lmfast.nn.Attention(causal=True, backend=backend)
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x, residual, pad_mask):
         y, s = self.ln(x, residual)                 # (B, S, D)
         h = self.rms(self.proj(y))
         p = self.sm(h @ h.transpose(-1, -2), pad_mask)  # (B, S, S)
-        return p @ h + s
+        heads = h.view(h.shape[0], h.shape[1], 2, -1).transpose(1, 2)  # (B, 2, S, D/2)
+        a = self.attn(heads, heads[:, :1], heads[:, 1:], pad_mask[:, None])  # 2 query heads, 1 kv head
+        return p @ h + s + a.transpose(1, 2).reshape(h.shape)
 
 
 def _inputs(device, requires_grad=True):
@@ -62,7 +65,7 @@ def test_custom_ops_appear_in_the_graph(kb):
     x, r, pad = _inputs(kb.device, requires_grad=False)
     torch.compile(model, backend=capture, fullgraph=True)(x, r, pad)
     ns = {"cpu": "lmfast_C", "triton": "lmfast_triton"}[kb.name]
-    assert {f"{ns}.layer_norm_fwd", f"{ns}.rms_norm_fwd", f"{ns}.softmax_fwd"} <= set(seen), seen
+    assert {f"{ns}.layer_norm_fwd", f"{ns}.rms_norm_fwd", f"{ns}.softmax_fwd", f"{ns}.attention_fwd"} <= set(seen), seen
 
 
 def test_dynamic_shapes(kb):
@@ -75,7 +78,8 @@ def test_dynamic_shapes(kb):
         torch.testing.assert_close(f(x, w), lmfast.ops.rms_norm(x, w, backend="torch"))
 
 
-OP_NAMES = ["layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "softmax_fwd", "softmax_bwd"]
+OP_NAMES = ["layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "softmax_fwd", "softmax_bwd",
+            "attention_fwd", "attention_bwd"]
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

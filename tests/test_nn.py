@@ -86,6 +86,17 @@ def test_softmax_module():
     assert "causal=True" in repr(sm)
 
 
+def test_attention_module(kb):
+    attn = lmfast.nn.Attention(causal=True, window=5, backend=kb.name)
+    q = torch.randn(2, 4, 9, 16, device=kb.device, requires_grad=True)
+    k, v = (torch.randn(2, 2, 12, 16, device=kb.device) for _ in range(2))
+    pad = torch.rand(2, 1, 1, 12, device=kb.device) > 0.2
+    torch.testing.assert_close(attn(q, k, v, pad), lmfast.reference.attention(q, k, v, pad, True, None, 5)[0])
+    attn(q, k, v).sum().backward()
+    assert q.grad is not None and list(attn.parameters()) == []
+    assert "causal=True, window=5" in repr(attn)
+
+
 def test_modules_train(kb):
     ln = lmfast.nn.LayerNorm(32, device=kb.device, backend=kb.name)
     rms = lmfast.nn.RMSNorm(32, device=kb.device, backend=kb.name)

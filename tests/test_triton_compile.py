@@ -46,6 +46,52 @@ def _variants():
                         {"HAS_MASK": mask != "none", "BOOL_MASK": mask == "bool", "CAUSAL": mask != "additive", **block}))
         if centered:
             out.append(("softmax._softmax_bwd_kernel", {"DY": p, "Y": p, "DX": p, "N": "i32", "scale": "fp32"}, block))
+    return [(*v, {}, (90, 80)) for v in out] + _attention_variants()
+
+
+def _attention_variants():
+    """Attention kernels (about 5 s each to compile): every kernel for each dtype, the dtypes
+    spread over the flag sets and head-dim buckets, the first autotune config of the bucket.
+    Autotuning skips configs that do not fit a GPU's shared memory, so configs are not swept."""
+    from lmfast.kernels import attention as A
+
+    out = []
+    for dt, flags_on, block_d in (("fp32", False, 64), ("fp16", True, 128), ("bf16", True, 256)):
+        p = f"*{dt}"
+        mask = "*u8" if dt == "fp16" else p  # fp16 runs the bool mask
+        flags = {"CAUSAL": flags_on, "WINDOW": flags_on, "HAS_MASK": flags_on, "BOOL_MASK": dt == "fp16",
+                 "BLOCK_D": block_d, "UPCAST": False, "PRECISION": "ieee", "INTERPRETED": False}
+        dims = {"Hq": "i32", "Hkv": "i32", "Sq": "i32", "Sk": "i32", "D": "i32", "scale": "fp32", "window": "i32"}
+        mask_sig = {"MASK": mask, "smb": "i64", "smh": "i64", "smq": "i64", "smk": "i64"}
+        buckets = {"Q_BUCKET": "i32", "K_BUCKET": "i32"}
+        archs = (90, 80) if dt == "bf16" else (90,)
+
+        def tuned(table, sig, consts):
+            cfg = table[block_d][0]
+            out.append((f"attention.{name}", sig, {**consts, **cfg.kwargs},
+                        {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, archs))
+
+        name = "_attn_fwd_kernel"
+        tuned(A.FWD_CONFIGS, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", **mask_sig, **dims, **buckets}, flags)
+        name = "_attn_bwd_dq_kernel"
+        tuned(A.BWD_DQ_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
+                                 "DQ": p, "DMASK": p, **mask_sig, **dims, **buckets},
+              {**flags, "HAS_DLSE": flags_on, "MASK_GRAD": flags_on and dt == "bf16"})
+        name = "_attn_bwd_dkdv_kernel"
+        tuned(A.BWD_DKDV_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
+                                   "DK": p, "DV": p, **mask_sig, **dims, **buckets},
+              {**flags, "HAS_DLSE": flags_on})
+        out.append(("attention._attn_fwd_split_kernel",
+                    {"Q": p, "K": p, "V": p, "O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", **mask_sig,
+                     **dims, "keys_per_split": "i32", "rows_total": "i32"},
+                    {**flags, "BLOCK_M": 16, "BLOCK_N": 64}, {"num_warps": 4, "num_stages": 2}, (90,)))
+        out.append(("attention._attn_combine_kernel",
+                    {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "O": p, "LSE": "*fp32",
+                     "rows_total": "i32", "splits": "i32", "D": "i32"},
+                    {"BLOCK_S": 16, "BLOCK_D": block_d, "INTERPRETED": False}, {"num_warps": 4}, (90,)))
+        out.append(("attention._attn_bwd_delta_kernel",
+                    {"DO": p, "O": p, "DELTA": "*fp32", "rows": "i32", "D": "i32"},
+                    {"BLOCK_R": 8192 // block_d, "BLOCK_D": block_d}, {}, (90,)))
     return out
 
 
@@ -57,17 +103,20 @@ def compile_all(archs=(90, 80), verbose=False) -> int:
     from triton.compiler import ASTSource
 
     n = 0
-    for arch in archs:
-        for name, sig, consts in _variants():
-            module, kernel = name.split(".")
-            fn = getattr(importlib.import_module(f"lmfast.kernels.{module}"), kernel)
-            signature = {**sig, **{k: "constexpr" for k in consts}}
+    for name, sig, consts, options, variant_archs in _variants():
+        module, kernel = name.split(".")
+        fn = getattr(importlib.import_module(f"lmfast.kernels.{module}"), kernel)
+        signature = {**sig, **{k: "constexpr" for k in consts}}
+        for arch in set(archs) & set(variant_archs):
             compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts),
-                                      target=GPUTarget("cuda", arch, 32))
+                                      target=GPUTarget("cuda", arch, 32), options=options)
             assert compiled.asm.get("cubin"), f"{name} {consts}: no cubin for sm_{arch}"
+            # shared memory per block: sm_80 allows 163 KiB, sm_90 227 KiB
+            limit = {80: 163, 90: 227}[arch] * 1024
+            assert compiled.metadata.shared <= limit, f"{name} {consts}: {compiled.metadata.shared} B shared > sm_{arch}'s"
             n += 1
             if verbose:
-                print(f"sm_{arch} {name} {sig['X' if 'X' in sig else 'DY']} {consts}")
+                print(f"sm_{arch} {name} {next(iter(sig.values()))} {consts}", flush=True)
     return n
 
 
@@ -78,7 +127,8 @@ def test_triton_kernels_compile_for_sm90_and_sm80():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9 warns when unset; fusion is the default
     out = subprocess.run([sys.executable, __file__], capture_output=True, text=True, env=env, timeout=900)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-    assert f"compiled {2 * len(_variants())} kernel variants" in out.stdout, out.stdout[-2000:]
+    expected = sum(len(v[4]) for v in _variants())
+    assert f"compiled {expected} kernel variants" in out.stdout, out.stdout[-2000:]
 
 
 if __name__ == "__main__":

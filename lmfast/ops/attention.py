@@ -2,8 +2,8 @@
 
 Layers as in norm.py: public function (validation, backend choice) -> the backend's custom ops
 {ns}::attention_{fwd,bwd} (fake impls and autograd registered below) -> flash kernels, which
-never materialize the (Sq, Sk) scores (csrc/cpu/attention.cpp; the Triton kernels are being
-built, issue 3). backend="torch" runs lmfast.reference.attention.
+never materialize the (Sq, Sk) scores (csrc/cpu/attention.cpp, kernels/attention.py).
+backend="torch" runs lmfast.reference.attention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import backend_ops, resolve_backend, upstream_grad
+from ._common import backend_ops, resolve_backend, triton_kernels, upstream_grad
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -71,6 +71,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     return (o, lse) if return_lse else o
 
 
+# ---- Triton ops (contracts as in csrc/ops.h) ---------------------------------------------
+
+@torch.library.custom_op("lmfast_triton::attention_fwd", mutates_args=())
+def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
+      window: int | None) -> tuple[Tensor, Tensor]:
+    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window)
+
+
+@torch.library.custom_op("lmfast_triton::attention_bwd", mutates_args=())
+def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
+      mask: Tensor | None, scale: float, causal: bool, window: int | None,
+      mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return triton_kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad)
+
+
 # ---- fake impls and autograd, shared by the kernel namespaces ------------------------------
 
 def _attention_fwd_fake(q, k, v, mask, scale, causal, window):
@@ -104,3 +119,6 @@ def register(ns: str) -> None:
     torch.library.register_fake(f"{ns}::attention_fwd", _attention_fwd_fake)
     torch.library.register_fake(f"{ns}::attention_bwd", _attention_bwd_fake)
     torch.library.register_autograd(f"{ns}::attention_fwd", attention_backward, setup_context=_attention_setup)
+
+
+register("lmfast_triton")

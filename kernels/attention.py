@@ -1,0 +1,614 @@
+"""Flash attention (FlashAttention-2 algorithm) in Triton: forward, split-K decoding forward,
+backward.
+
+q: (B, Hq, Sq, D), k, v: (B, Hkv, Sk, D), contiguous; query head h reads kv head
+h // (Hq // Hkv) (grouped-query attention by index, nothing repeated). Same semantics as
+csrc/cpu/attention.cpp:
+
+    s = scale * q k^T + mask     (boolean mask: -inf where False; -inf outside the key band)
+    key band of query i (bottom-right aligned, position p = i + Sk - Sq):
+        causal keeps j <= p,  a window w keeps j > p - w
+    o = softmax(s) v;  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
+
+Kernels (one program per tile, tiles never leave registers/shared memory):
+  _attn_fwd_kernel      program (query block, b*Hq + h): online softmax over the key blocks
+                        in the query block's band (blocks outside it are skipped).
+  _attn_fwd_split_kernel / _attn_combine_kernel   decoding (few query rows per kv head, long
+                        cache): the rows of all query heads sharing a kv head form one tile,
+                        so K/V are read once per group, and the keys are split over programs
+                        whose partial (max, sum, o) are combined afterwards.
+  _attn_bwd_delta_kernel  delta = rowsum(do * o)
+  _attn_bwd_dq_kernel     program (query block, b*Hq + h): dq (and the mask gradient)
+  _attn_bwd_dkdv_kernel   program (key block, b*Hkv + hk): dk, dv, looping over the query heads
+                        of its group and the query blocks that can see the key block
+
+backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
+    ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
+When one key block holds every key a row can see, that row's delta is taken as
+rowsum(p * dp) from the block (as csrc/cpu/attention.cpp does): then dp - delta is exactly 0
+where one key takes all the weight, as in an unfused softmax backward.
+
+Scores and softmax are float32. 16-bit inputs go to tl.dot as they are (p and ds are rounded
+to the input dtype for their products, as eager attention does); float32 inputs use IEEE
+float32 products unless torch allows TF32 matmuls. In the Triton interpreter, tl.dot on
+bfloat16 gives wrong numbers, so there (UPCAST) operands are widened to float32 first.
+"""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _common
+from ._common import round_to
+
+NEG_INF = tl.constexpr(float("-inf"))
+
+
+# ---- shared pieces -------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with float32 accumulation."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                   BOOL_MASK: tl.constexpr):
+    """s (rows x cols tile, already scaled) plus the mask, -inf where masked or out of range.
+
+    rows, cols: query and key indices of the tile; MASK points at the mask of the tile's
+    (b, h) (or per row, when it is a 2-D pointer block of row bases)."""
+    keep = (rows[:, None] < Sq) & (cols[None, :] < Sk)
+    pos = rows[:, None] + (Sk - Sq)  # key position of each query
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= pos)
+    if WINDOW:
+        keep = keep & (cols[None, :] > pos - window)
+    if HAS_MASK:
+        m = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk, mask=keep, other=0)
+        if BOOL_MASK:
+            keep = keep & (m != 0)
+        else:
+            s = s + m.to(tl.float32)
+    return tl.where(keep, s, NEG_INF)
+
+
+@triton.jit
+def _key_range(row_lo, row_hi, Sq, Sk, window, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """[lo, hi): the keys some query in rows [row_lo, row_hi) may see, lo a multiple of BLOCK_N."""
+    lo = 0
+    hi = Sk
+    if CAUSAL:
+        hi = tl.maximum(tl.minimum(Sk, row_hi - 1 + (Sk - Sq) + 1), 0)
+    if WINDOW:
+        lo = tl.maximum(0, row_lo + (Sk - Sq) - window + 1)
+        lo = (lo // BLOCK_N) * BLOCK_N
+    return lo, hi
+
+
+@triton.jit
+def _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Whether every key each row may see lies in keys [start_n, start_n + BLOCK_N)."""
+    pos = rows + (Sk - Sq)
+    hi = tl.zeros_like(rows) + Sk
+    lo = tl.zeros_like(rows)
+    if CAUSAL:
+        hi = tl.minimum(pos + 1, Sk)
+    if WINDOW:
+        lo = tl.maximum(pos - window + 1, 0)
+    return (lo >= start_n) & (hi <= start_n + BLOCK_N)
+
+
+# ---- forward ---------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V,        # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, contiguous
+    O,              # (B, Hq, Sq, D) output
+    LSE,            # (B, Hq, Sq) float32 output
+    MASK,           # mask values (additive, or uint8 with 1 = keep)          [HAS_MASK]
+    smb, smh, smq, smk,  # mask strides, 0 along broadcast dims
+    Hq, Hkv, Sq, Sk, D,
+    scale, window,
+    Q_BUCKET, K_BUCKET,  # powers of two of Sq, Sk: autotuning keys only
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)  # b * Hq + h
+    h = bh % Hq
+    b = bh // Hq
+    kv = b * Hkv + h // (Hq // Hkv)
+    Q += bh * Sq * D
+    O += bh * Sq * D
+    LSE += bh * Sq
+    K += kv * Sk * D
+    V += kv * Sk * D
+    MASK += b * smb + h * smh
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows[:, None] < Sq
+    dim_ok = dims[None, :] < D
+    q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=row_ok & dim_ok, other=0.0)  # (M, D)
+
+    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)  # running row max
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)          # running sum of exp(s - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of exp(s - m_i) v
+    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        key_ok = cols[None, :] < Sk
+        kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
+        s = _dot(q, kT, UPCAST, PRECISION) * scale
+        s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + cols[:, None] * D + dims[None, :], mask=(cols[:, None] < Sk) & dim_ok, other=0.0)  # (N, D)
+        acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
+        m_i = m_new
+
+    o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: acc = 0, o = 0
+    tl.store(O + rows[:, None] * D + dims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED), mask=row_ok & dim_ok)
+    lse = tl.where(l_i == 0.0, NEG_INF, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+    tl.store(LSE + rows, lse, mask=rows < Sq)
+
+
+@triton.jit
+def _attn_fwd_split_kernel(
+    Q, K, V,        # as _attn_fwd_kernel
+    O_PART,         # (splits, B * Hq * Sq, D) float32: unnormalized sum of exp(s - m) v
+    M_PART, L_PART,  # (splits, B * Hq * Sq) float32: row max m and sum of exp(s - m)
+    MASK, smb, smh, smq, smk,
+    Hq, Hkv, Sq, Sk, D,
+    scale, window, keys_per_split, rows_total,  # rows_total = B * Hq * Sq
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    # Tile rows r = (head within the group) * Sq + query index: all G * Sq <= BLOCK_M query rows
+    # reading kv head (b, hk), against keys [split * keys_per_split, +keys_per_split).
+    split = tl.program_id(0)
+    bk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    G = Hq // Hkv
+    b = bk // Hkv
+    r = tl.arange(0, BLOCK_M)
+    h = (bk % Hkv) * G + r // Sq        # query head of each row
+    i = r % Sq                          # query index of each row
+    row_ok = r < G * Sq
+    qrow = (b * Hq + h) * Sq + i        # row over (B, Hq, Sq)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims[None, :] < D
+    q = tl.load(Q + qrow[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok, other=0.0)
+    K += bk * Sk * D
+    V += bk * Sk * D
+    # Per-row mask base: row i of head h. _masked_scores adds i * smq, so give it h only.
+    MASK_ROWS = MASK + b * smb + h[:, None] * smh
+    # rows >= G * Sq get i >= Sq so that _masked_scores drops them
+    i = tl.where(row_ok, i, Sq)
+
+    m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(0, Sq, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    lo = tl.maximum(lo, split * keys_per_split)
+    hi = tl.minimum(hi, (split + 1) * keys_per_split)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        in_split = cols < hi
+        kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=in_split[None, :] & (dims[:, None] < D), other=0.0)
+        s = _dot(q, kT, UPCAST, PRECISION) * scale
+        s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+        s = tl.where(in_split[None, :], s, NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+        p = tl.exp(s - m_ref[:, None])
+        alpha = tl.exp(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + cols[:, None] * D + dims[None, :], mask=in_split[:, None] & dim_ok, other=0.0)
+        acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
+        m_i = m_new
+
+    part = split * rows_total + qrow
+    tl.store(O_PART + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok)
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _attn_combine_kernel(
+    O_PART, M_PART, L_PART,  # from _attn_fwd_split_kernel
+    O, LSE,                  # (B * Hq * Sq, D), (B * Hq * Sq) outputs
+    rows_total, splits, D,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    sp_ok = sp < splits
+    m = tl.load(M_PART + sp * rows_total + row, mask=sp_ok, other=NEG_INF)
+    l = tl.load(L_PART + sp * rows_total + row, mask=sp_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_ref = tl.where(m_max == NEG_INF, 0.0, m_max)
+    w = tl.exp(m - m_ref)  # 0 for splits that saw nothing
+    total = tl.sum(l * w, axis=0)
+    parts = tl.load(O_PART + (sp[:, None] * rows_total + row) * D + dims[None, :],
+                    mask=sp_ok[:, None] & (dims[None, :] < D), other=0.0)
+    o = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + row * D + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < D)
+    tl.store(LSE + row, tl.where(total == 0.0, NEG_INF, m_ref + tl.log(tl.where(total == 0.0, 1.0, total))))
+
+
+# ---- backward --------------------------------------------------------------------------------
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    DO, O,          # (rows, D)
+    DELTA,          # (rows,) float32 output: rowsum(do * o)
+    rows, D,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    dims = tl.arange(0, BLOCK_D)
+    ok = (r[:, None] < rows) & (dims[None, :] < D)
+    do = tl.load(DO + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    o = tl.load(O + r[:, None] * D + dims[None, :], mask=ok, other=0.0).to(tl.float32)
+    tl.store(DELTA + r, tl.sum(do * o, axis=1), mask=r < rows)
+
+
+@triton.jit
+def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
+                  MASK, smq, smk, Sq, Sk, window, scale,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                  BOOL_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile."""
+    s = _dot(q, kT, UPCAST, PRECISION) * scale
+    s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+    p = tl.exp(s - lse[:, None])  # lse is 0 on fully masked rows, whose s are all -inf
+    dp = _dot(do, vT, UPCAST, PRECISION)
+    single = _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    if tl.max(single.to(tl.int32), axis=0) > 0:
+        delta = tl.where(single, tl.sum(p * dp, axis=1), delta)
+    ds = p * ((dp - delta[:, None]) + dlse[:, None])
+    return p, ds
+
+
+@triton.jit
+def _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
+    row_ok = rows < Sq
+    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
+    lse = tl.where(lse == NEG_INF, 0.0, lse)
+    delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + rows, mask=row_ok, other=0.0)
+    else:
+        dlse = tl.zeros_like(delta)
+    return lse, delta, dlse
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO,    # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, (B, Hq, Sq, D)
+    LSE, DELTA, DLSE,  # (B, Hq, Sq) float32 each; DLSE only if HAS_DLSE
+    DQ,             # (B, Hq, Sq, D) output
+    DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
+    MASK, smb, smh, smq, smk,
+    Hq, Hkv, Sq, Sk, D,
+    scale, window,
+    Q_BUCKET, K_BUCKET,  # autotuning keys only
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % Hq
+    b = bh // Hq
+    kv = b * Hkv + h // (Hq // Hkv)
+    Q += bh * Sq * D
+    DO += bh * Sq * D
+    DQ += bh * Sq * D
+    LSE += bh * Sq
+    DELTA += bh * Sq
+    DLSE += bh * Sq
+    DMASK += bh * Sq * Sk
+    K += kv * Sk * D
+    V += kv * Sk * D
+    MASK += b * smb + h * smh
+
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    ok = (rows[:, None] < Sq) & (dims[None, :] < D)
+    q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
+    lse, delta, dlse = _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
+        kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
+        vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
+        p, ds = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
+                              Sq, Sk, window, scale, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, BLOCK_N,
+                              UPCAST, PRECISION)
+        if MASK_GRAD:  # d loss / d (additive mask) = ds
+            tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :], round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
+                     mask=(rows[:, None] < Sq) & (cols[None, :] < Sk))
+        dq += _dot(round_to(ds, kT.dtype, INTERPRETED), tl.trans(kT), UPCAST, PRECISION)
+    tl.store(DQ + rows[:, None] * D + dims[None, :], round_to(dq * scale, DQ.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DLSE,  # as _attn_bwd_dq_kernel
+    DK, DV,         # (B, Hkv, Sk, D) outputs
+    MASK, smb, smh, smq, smk,
+    Hq, Hkv, Sq, Sk, D,
+    scale, window,
+    Q_BUCKET, K_BUCKET,  # autotuning keys only
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):
+    start_n = tl.program_id(0) * BLOCK_N
+    bk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
+    G = Hq // Hkv
+    b = bk // Hkv
+    K += bk * Sk * D
+    V += bk * Sk * D
+    DK += bk * Sk * D
+    DV += bk * Sk * D
+
+    cols = start_n + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    kv_ok = (cols[:, None] < Sk) & (dims[None, :] < D)
+    k = tl.load(K + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)  # (N, D)
+    v = tl.load(V + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
+    kT = tl.trans(k)
+    vT = tl.trans(v)
+
+    # Queries that may see keys [start_n, start_n + BLOCK_N): causal needs i + Sk - Sq >= j,
+    # a window needs i + Sk - Sq < j + w.
+    q_lo = 0
+    q_hi = Sq
+    if CAUSAL:
+        q_lo = tl.maximum(0, start_n - (Sk - Sq))
+        q_lo = (q_lo // BLOCK_M) * BLOCK_M
+    if WINDOW:
+        q_hi = tl.minimum(Sq, start_n + BLOCK_N - 1 - (Sk - Sq) + window)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for g in range(0, G):
+        bh = b * Hq + (bk % Hkv) * G + g
+        h = bh % Hq
+        MASK_H = MASK + b * smb + h * smh
+        for start_m in range(q_lo, q_hi, BLOCK_M):
+            rows = start_m + tl.arange(0, BLOCK_M)
+            ok = (rows[:, None] < Sq) & (dims[None, :] < D)
+            q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
+            do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
+            lse, delta, dlse = _load_row_stats(LSE + bh * Sq, DELTA + bh * Sq, DLSE + bh * Sq, rows, Sq, HAS_DLSE)
+            p, ds = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H, smq, smk,
+                                  Sq, Sk, window, scale, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, BLOCK_N,
+                                  UPCAST, PRECISION)
+            dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
+            dk += _dot(tl.trans(round_to(ds, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
+    tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=kv_ok)
+    tl.store(DV + cols[:, None] * D + dims[None, :], round_to(dv, DV.dtype.element_ty, INTERPRETED), mask=kv_ok)
+
+
+# ---- launch configuration --------------------------------------------------------------------
+
+def _config(block_m, block_n, warps, stages):
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
+
+
+# Candidate tiles per kernel and head-dim bucket (BLOCK_D), meant to fit the shared memory of
+# sm_80 and sm_90 in 16-bit dtypes; autotuning picks among the 2-4 of a bucket, per shape
+# bucket, and skips any that runs out of resources (float32 doubles the shared memory).
+# tests/test_triton_compile.py compiles the first of each bucket (the one used when
+# LMFAST_AUTOTUNE=0) and checks its shared memory.
+FWD_CONFIGS = {
+    64: [_config(128, 64, 4, 3), _config(128, 128, 8, 3), _config(64, 64, 4, 3), _config(128, 32, 4, 4)],
+    128: [_config(128, 64, 8, 3), _config(128, 32, 4, 3), _config(64, 64, 4, 3), _config(128, 128, 8, 2)],
+    256: [_config(64, 32, 4, 2), _config(128, 32, 8, 2), _config(64, 64, 8, 2)],
+}
+BWD_DQ_CONFIGS = {
+    64: [_config(64, 64, 4, 2), _config(128, 64, 8, 2), _config(64, 128, 8, 2)],
+    128: [_config(64, 64, 4, 2), _config(128, 32, 8, 2), _config(64, 32, 4, 2)],
+    256: [_config(32, 32, 4, 1), _config(64, 32, 8, 1)],
+}
+BWD_DKDV_CONFIGS = {
+    64: [_config(64, 64, 4, 2), _config(64, 128, 8, 2), _config(32, 128, 4, 2)],
+    128: [_config(64, 64, 8, 2), _config(32, 64, 4, 2), _config(64, 32, 4, 2)],
+    256: [_config(32, 32, 4, 1), _config(32, 64, 8, 1)],
+}
+
+
+def interpreted_blocks(q_len: int, k_len: int) -> dict:
+    """Tiles in the interpreter (tests on CPU): 16 so that small test shapes span several
+    blocks with a partial last one; 64 for long sequences, whose loops would take minutes."""
+    return {"BLOCK_M": 16 if q_len <= 128 else 64, "BLOCK_N": 16 if k_len <= 128 else 64}
+
+
+def _bucket(d: int) -> int:
+    return 64 if d <= 64 else 128 if d <= 128 else 256
+
+
+def head_dim_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _tuned(kernel, table):
+    """kernel autotuned over table[bucket of BLOCK_D], keyed on the shape buckets it is
+    launched with (Q_BUCKET, K_BUCKET: powers of two of the lengths), the flags and dtypes."""
+    configs = [c for cs in table.values() for c in cs]
+
+    def prune(configs, named_args, **kwargs):
+        wanted = table[_bucket(named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"])]
+        return [c for c in configs if any(c is w for w in wanted)]
+
+    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW", "HAS_MASK"],
+                           prune_configs_by={"early_config_prune": prune})(kernel)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _common.interpreted() and torch.get_float32_matmul_precision() != "highest":
+        return "tf32"  # torch allows TF32 for float32 matmuls, so eager attention uses it too
+    return "ieee"
+
+
+def _common_flags(q: torch.Tensor, mask, causal: bool, window):
+    return dict(CAUSAL=causal, WINDOW=window is not None, HAS_MASK=mask is not None,
+                BOOL_MASK=mask is not None and mask.dtype == torch.bool,
+                BLOCK_D=head_dim_block(q.shape[-1]),
+                UPCAST=_common.interpreted() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
+
+
+def _mask_args(mask, like):
+    """(mask pointer, its 4 strides): a uint8 view for bool masks, 0 strides on broadcast dims."""
+    if mask is None:
+        return like, (0, 0, 0, 0)
+    arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    return arg, tuple(0 if mask.shape[d] == 1 else mask.stride(d) for d in range(4))
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+# Decoding path: used when all query rows of a kv-head group fit one tile and the cache is long.
+SPLIT_MAX_ROWS = 64
+SPLIT_MIN_KEYS = 512
+SPLIT_KEYS_MIN_PER_SPLIT = 256
+
+
+def _split_plan(B, Hq, Hkv, Sq, Sk, device) -> int:
+    """Number of key splits for the decoding path (0: use the regular forward)."""
+    rows = (Hq // Hkv) * Sq
+    if rows > SPLIT_MAX_ROWS or Sk < SPLIT_MIN_KEYS:
+        return 0
+    sms = 4 if device.type != "cuda" else _multiprocessors(device.index or 0)  # interpreter: 4, so tests split
+    want = -(-2 * sms // (B * Hkv))  # ~2 programs per SM
+    return max(1, min(want, Sk // SPLIT_KEYS_MIN_PER_SPLIT, 128))
+
+
+# Kernels as launched on a GPU: autotuned, or with the first config of the head-dim bucket
+# when LMFAST_AUTOTUNE=0 (the test suite does that: autotuning every flag combination it
+# runs would compile each kernel several times over).
+_TUNED = {
+    _attn_fwd_kernel: (_tuned(_attn_fwd_kernel, FWD_CONFIGS), FWD_CONFIGS),
+    _attn_bwd_dq_kernel: (_tuned(_attn_bwd_dq_kernel, BWD_DQ_CONFIGS), BWD_DQ_CONFIGS),
+    _attn_bwd_dkdv_kernel: (_tuned(_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS), BWD_DKDV_CONFIGS),
+}
+
+
+def _launch(kernel, grid_of, args, flags, q_len, k_len):
+    """Launches kernel; grid_of(meta) -> grid. The length buckets are appended to args (the
+    kernels' Q_BUCKET, K_BUCKET)."""
+    args = (*args, triton.next_power_of_2(max(q_len, 1)), triton.next_power_of_2(max(k_len, 1)))
+    tuned, table = _TUNED[kernel]
+    if _common.interpreted():
+        meta = {**flags, **interpreted_blocks(q_len, k_len)}
+        kernel[grid_of(meta)](*args, **meta, INTERPRETED=True)
+    elif os.environ.get("LMFAST_AUTOTUNE", "1") == "0":
+        cfg = table[_bucket(flags["BLOCK_D"])][0]
+        meta = {**flags, **cfg.kwargs}
+        kernel[grid_of(meta)](*args, **meta, INTERPRETED=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        tuned[grid_of](*args, **flags, INTERPRETED=False)
+
+
+# ---- entry points (contracts as in csrc/ops.h) -------------------------------------------------
+
+def attention_fwd(q, k, v, mask, scale: float, causal: bool, window):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    if lse.numel() == 0:
+        return o, lse
+    # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
+    # run zero times / all head-dim lanes are masked.
+    mask_arg, ms = _mask_args(mask, q)
+    flags = _common_flags(q, mask, causal, window)
+    w = 0 if window is None else window
+    splits = _split_plan(B, Hq, Hkv, Sq, Sk, q.device)
+    if splits:
+        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse)
+    args = (q, k, v, o, lse, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w)
+    _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
+    return o, lse
+
+
+def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    block_n = interpreted_blocks(Sq, Sk)["BLOCK_N"] if _common.interpreted() else 64
+    keys_per_split = triton.cdiv(triton.cdiv(Sk, splits), block_n) * block_n
+    splits = triton.cdiv(Sk, keys_per_split)
+    rows = B * Hq * Sq
+    o_part = torch.empty((splits, rows, D), device=q.device, dtype=torch.float32)
+    m_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
+    l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
+    block_m = max(16, triton.next_power_of_2((Hq // Hkv) * Sq))
+    interp = _common.interpreted()
+    _attn_fwd_split_kernel[(splits, B * Hkv)](
+        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, keys_per_split, rows,
+        CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"],
+        PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
+    _attn_combine_kernel[(rows,)](
+        o_part, m_part, l_part, o, lse, rows, splits, D,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=flags["BLOCK_D"], INTERPRETED=interp,
+        **({} if interp else {"num_warps": 4}))
+    return o, lse
+
+
+def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool):
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    dmask = q.new_zeros((B, Hq, Sq, Sk)) if mask_grad else q.new_empty(0)
+    if Sq == 0 or B * Hq == 0:  # no query: k and v get zero gradients
+        return dq, dk.zero_(), dv.zero_(), dmask
+    rows = B * Hq * Sq
+    delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    block_d = head_dim_block(D)
+    block_r = 16 if _common.interpreted() else max(1, 8192 // block_d)
+    _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, D, BLOCK_R=block_r, BLOCK_D=block_d)
+    mask_arg, ms = _mask_args(mask, q)
+    flags = _common_flags(q, mask, causal, window)
+    w = 0 if window is None else window
+    dlse_arg = delta if dlse is None else dlse
+    dq_args = (q, k, v, dout, lse, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
+               Hq, Hkv, Sq, Sk, D, scale, w)
+    _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
+            {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
+    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w)
+    _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
+            {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
+    return dq, dk, dv, dmask
