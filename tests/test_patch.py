@@ -1,5 +1,5 @@
-"""lmfast.patch / unpatch: swaps norms in place, shares parameters, leaves look-alikes alone,
-restores the original modules; shown on toy models and on real pretrained weights
+"""lmfast.patch / unpatch: swaps norms in place and makes transformers models use lmfast
+attention, shares parameters, leaves look-alikes alone, restores the original modules; shown on toy models and on real pretrained weights
 (all-MiniLM-L6-v2, a BERT; SmolLM2-135M-Instruct, a Llama with grouped-query attention)."""
 
 import importlib.util
@@ -51,6 +51,7 @@ def test_patch_swaps_norms_and_reports_the_rest():
     report = lmfast.patch(model)
     assert report.swapped == {"LayerNorm (LayerNorm)": 3, "RMSNorm (LlamaStyleRMSNorm)": 1}
     assert [p for p, _ in report.skipped if p] == ["3"] and "GemmaStyleRMSNorm" in str(report)
+    assert "not a Hugging Face transformers model" in str(report)  # attention: reported, not silently skipped
     assert isinstance(model[1], lmfast.nn.LayerNorm) and isinstance(model[2], lmfast.nn.RMSNorm)
     assert type(model[3]) is GemmaStyleRMSNorm
     # the same Parameter objects under the same names: optimizers and state_dict see no change
@@ -112,7 +113,18 @@ SENTENCES = ["lmfast makes transformers faster.", "A much longer sentence, so th
              "and the attention mask is exercised on every layer of the encoder.", "Short."]
 
 
-def test_minilm_real_weights(minilm):
+def _count_attention_calls(monkeypatch) -> list:
+    """Records the masks lmfast.ops.attention receives (the transformers integration calls it)."""
+    seen, attention = [], lmfast.ops.attention
+
+    def counting(q, k, v, attn_mask=None, *args, **kwargs):
+        seen.append(None if attn_mask is None else tuple(attn_mask.shape))
+        return attention(q, k, v, attn_mask, *args, **kwargs)
+    monkeypatch.setattr(lmfast.ops, "attention", counting)
+    return seen
+
+
+def test_minilm_real_weights(minilm, monkeypatch):
     tok, model = minilm
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # padding present
@@ -123,14 +135,18 @@ def test_minilm_real_weights(minilm):
         keys = list(model.state_dict())
         report = lmfast.patch(model)
         try:
-            assert report.swapped == {"LayerNorm (LayerNorm)": 13}  # embeddings + 2 per layer x 6
+            assert report.swapped == {"LayerNorm (LayerNorm)": 13,  # embeddings + 2 per layer x 6
+                                      "attention (attn_implementation 'sdpa' -> 'lmfast')": 6}
             assert list(model.state_dict()) == keys
+            masks = _count_attention_calls(monkeypatch)
             got = model(**batch).last_hidden_state
         finally:
             lmfast.unpatch(model)
+    assert masks == [(3, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])] * 6  # the padding mask arrives
     keep = batch["attention_mask"].bool()  # padded positions are not defined outputs
     assert_within_budget(got[keep], ref64[keep], eager[keep], "MiniLM last_hidden_state")
     assert not any(isinstance(m, lmfast.nn.LayerNorm) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
 
 
 def _smollm2_gguf() -> str:
@@ -152,8 +168,9 @@ def smollm2(transformers):
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
 
 
-def test_smollm2_greedy_generation_is_unchanged(smollm2):
+def test_smollm2_greedy_generation_is_unchanged(smollm2, monkeypatch):
     tok, model = smollm2
+    layers = model.config.num_hidden_layers
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped-query
 
     def generate():
@@ -162,13 +179,25 @@ def test_smollm2_greedy_generation_is_unchanged(smollm2):
             ids = tok(prompt, return_tensors="pt")
             with torch.no_grad():
                 out.append(model.generate(**ids, max_new_tokens=32, do_sample=False)[0].tolist())
+        # a left-padded batch: the padding mask must reach the attention, prefill and decode
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        batch = tok(PROMPTS, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out.append(model.generate(**batch, max_new_tokens=16, do_sample=False).tolist())
         return out
 
     want = generate()
     report = lmfast.patch(model)
     try:
-        assert report.swapped == {"RMSNorm (LlamaRMSNorm)": 2 * model.config.num_hidden_layers + 1}
+        assert report.swapped == {"RMSNorm (LlamaRMSNorm)": 2 * layers + 1,
+                                  "attention (attn_implementation 'sdpa' -> 'lmfast')": layers}
+        masks = _count_attention_calls(monkeypatch)
         got = generate()
     finally:
         lmfast.unpatch(model)
     assert got == want
+    assert len(masks) % layers == 0 and len(masks) // layers > len(PROMPTS) + 1  # every layer, each step
+    assert None in masks and any(m is not None for m in masks)  # causal skip unpadded, mask with padding
+    assert model.config._attn_implementation == "sdpa"

@@ -119,8 +119,9 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
     """Swaps model's norm modules for lmfast's in place; returns a PatchReport (print it).
 
     norms: torch.nn.LayerNorm and Hugging Face *RMSNorm modules whose formula a probe
-    confirms. Patching twice is a no-op; unpatch(model) restores the original modules.
-    attention, softmax: not implemented yet (they are reported as skipped when True).
+    confirms. attention: a transformers model's attn_implementation becomes "lmfast"
+    (lmfast.integrations.hf); torch.nn.MultiheadAttention is not swapped yet. softmax: not
+    implemented yet. Patching twice is a no-op; unpatch(model) restores what patch changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -143,15 +144,46 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
                 setattr(parent, name, new)
                 report.swapped[f"{kind} ({type(child).__name__})"] += 1
                 break
-    for wanted, what in ((attention, "attention"), (softmax, "softmax")):
-        if wanted:
-            report.skipped.append(("", f"{what} swapping is not implemented yet (issue 4 in progress)"))
+    if attention:
+        _patch_hf_attention(model, backend, report)
+    if softmax:
+        report.skipped.append(("", "softmax swapping is not implemented yet (issue 4 in progress)"))
     return report
+
+
+_PREVIOUS_ATTN = "_lmfast_previous_attn_implementation"  # on a patched transformers model
+
+
+def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> None:
+    """transformers models: attn_implementation -> "lmfast" (see hf.py); others: reported."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "_attn_implementation") or not hasattr(model, "set_attn_implementation"):
+        report.skipped.append(("", "attention: not a Hugging Face transformers model; torch.nn.MultiheadAttention "
+                                   "swapping is not implemented yet (issue 4 in progress)"))
+        return
+    from . import hf
+
+    if not hf.register():
+        report.skipped.append(("", "attention: transformers is not importable"))
+        return
+    layers = sum(1 for m in model.modules() if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"))
+    previous = config._attn_implementation
+    config._lmfast_backend = backend
+    if previous == hf.NAME:
+        report.already_patched += layers
+        return
+    model.set_attn_implementation(hf.NAME)
+    object.__setattr__(model, _PREVIOUS_ATTN, previous)
+    report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += layers
 
 
 def unpatch(model: nn.Module) -> int:
     """Restores every module patch() replaced; returns how many."""
     restored = 0
+    previous = model.__dict__.pop(_PREVIOUS_ATTN, None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        restored += 1
     for parent, name, child, _ in list(_children_paths(model)):
         original = getattr(child, _ORIGINAL, None)
         if original is not None:
