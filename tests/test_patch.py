@@ -145,8 +145,8 @@ def test_minilm_real_weights(minilm, monkeypatch):
     assert masks == [(3, 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])] * 6  # the padding mask arrives
     keep = batch["attention_mask"].bool()  # padded positions are not defined outputs
     assert_within_budget(got[keep], ref64[keep], eager[keep], "MiniLM last_hidden_state")
-    assert not any(isinstance(m, lmfast.nn.LayerNorm) for m in model.modules())
-    assert model.config._attn_implementation == "sdpa"
+    assert not any(isinstance(m, lmfast.nn.LayerNorm) or hasattr(m, "_lmfast_backend") for m in model.modules())
+    assert model.config._attn_implementation == "sdpa" and "lmfast" not in str(model.config.to_dict())
 
 
 def _smollm2_gguf() -> str:

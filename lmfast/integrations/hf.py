@@ -17,6 +17,7 @@ import torch
 from .. import ops
 
 NAME = "lmfast"
+BACKEND_ATTR = "_lmfast_backend"  # on attention layers: the lmfast backend lmfast.patch chose
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -36,7 +37,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
     elif attention_mask.dtype != torch.bool:
         attention_mask = attention_mask.to(query.dtype)  # additive
-    backend = getattr(getattr(module, "config", None), "_lmfast_backend", "auto")  # set by lmfast.patch
+    backend = getattr(module, BACKEND_ATTR, "auto")  # set by lmfast.patch
     out = ops.attention(query, key, value, attention_mask, causal=causal, scale=scaling, backend=backend)
     return out.transpose(1, 2).contiguous(), None
 

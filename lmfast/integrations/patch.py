@@ -166,24 +166,30 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
     if not hf.register():
         report.skipped.append(("", "attention: transformers is not importable"))
         return
-    layers = sum(1 for m in model.modules() if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention"))
+    layers = [m for m in model.modules() if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention")]
+    for layer in layers:  # read by hf.attention_forward; a plain attribute, not in state_dict or config
+        object.__setattr__(layer, hf.BACKEND_ATTR, backend)
     previous = config._attn_implementation
-    config._lmfast_backend = backend
     if previous == hf.NAME:
-        report.already_patched += layers
+        report.already_patched += len(layers)
         return
     model.set_attn_implementation(hf.NAME)
     object.__setattr__(model, _PREVIOUS_ATTN, previous)
-    report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += layers
+    report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += len(layers)
 
 
 def unpatch(model: nn.Module) -> int:
-    """Restores every module patch() replaced; returns how many."""
+    """Undoes what patch() did (each swapped module, and the attention implementation);
+    returns how many of those it restored."""
     restored = 0
     previous = model.__dict__.pop(_PREVIOUS_ATTN, None)
     if previous is not None:
+        from . import hf
+
         model.set_attn_implementation(previous)
         restored += 1
+        for m in model.modules():
+            m.__dict__.pop(hf.BACKEND_ATTR, None)
     for parent, name, child, _ in list(_children_paths(model)):
         original = getattr(child, _ORIGINAL, None)
         if original is not None:
