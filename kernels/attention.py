@@ -447,8 +447,11 @@ BWD_DKDV_CONFIGS = {
 
 def interpreted_blocks(q_len: int, k_len: int) -> dict:
     """Tiles in the interpreter (tests on CPU): 16 so that small test shapes span several
-    blocks with a partial last one; 64 for long sequences, whose loops would take minutes."""
-    return {"BLOCK_M": 16 if q_len <= 128 else 64, "BLOCK_N": 16 if k_len <= 128 else 64}
+    blocks with a partial last one; larger for long sequences, whose loops would take minutes
+    (1000 keys still span 8 blocks of 128)."""
+    def block(n):
+        return 16 if n <= 128 else 64 if n <= 512 else 128
+    return {"BLOCK_M": block(q_len), "BLOCK_N": block(k_len)}
 
 
 def _bucket(d: int) -> int:
