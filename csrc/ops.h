@@ -37,9 +37,11 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
                    bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 
-// Attention: q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D), contiguous; mask expanded to
-// (B, Hq, Sq, Sk); window: none or >= 1. Returns (o, lse) with lse (B, Hq, Sq) in the
-// accumulation dtype; the backward returns (dq, dk, dv, dmask or an empty tensor).
+// Attention: q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D); the forward takes any strides with a
+// contiguous head dim and returns o in (B, Sq, Hq, D) memory order (o.transpose(1, 2) is
+// contiguous), the backward takes contiguous tensors; mask expanded to (B, Hq, Sq, Sk);
+// window: none or >= 1. Returns (o, lse) with lse (B, Hq, Sq) in the accumulation dtype; the
+// backward returns (dq, dk, dv, dmask or an empty tensor).
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,
                                          bool causal, std::optional<int64_t> window);

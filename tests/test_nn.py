@@ -7,23 +7,6 @@ import torch
 import lmfast
 
 
-class HFStyleRMSNorm(torch.nn.Module):
-    """The Hugging Face LlamaRMSNorm forward, verbatim in substance (transformers is not a test
-    dependency of this file)."""
-
-    def __init__(self, hidden_size, eps=1e-6):
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size))
-        self.variance_epsilon = eps
-
-    def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
-
-
 @pytest.mark.parametrize("kwargs", [{}, {"elementwise_affine": False}, {"bias": False}, {"eps": 1e-3}])
 def test_layer_norm_is_a_drop_in(kwargs, kb):
     ref = torch.nn.LayerNorm(48, **kwargs, device=kb.device)
@@ -57,8 +40,14 @@ def test_layer_norm_residual_forward():
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (32,), ln.weight, ln.bias))
 
 
+def _llama_rms_norm():
+    """transformers' own LlamaRMSNorm (a test extra; the offline GPU runner may lack it)."""
+    return pytest.importorskip("transformers.models.llama.modeling_llama",
+                               reason="transformers is not installed").LlamaRMSNorm
+
+
 def test_rms_norm_matches_hugging_face_module(kb):
-    ref = HFStyleRMSNorm(64, eps=1e-5).to(kb.device)
+    ref = _llama_rms_norm()(64, eps=1e-5).to(kb.device)
     torch.nn.init.normal_(ref.weight)
     ours = lmfast.nn.RMSNorm(64, eps=1e-5, device=kb.device, backend=kb.name)
     assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight"}
@@ -69,7 +58,7 @@ def test_rms_norm_matches_hugging_face_module(kb):
 
 
 def test_rms_norm_mixed_dtypes_follow_hugging_face_promotion():
-    ref, ours = HFStyleRMSNorm(32), lmfast.nn.RMSNorm(32)
+    ref, ours = _llama_rms_norm()(32), lmfast.nn.RMSNorm(32)
     torch.nn.init.normal_(ref.weight)
     ours.load_state_dict(ref.state_dict())  # float32 weight
     x = torch.randn(16, 32, dtype=torch.bfloat16)

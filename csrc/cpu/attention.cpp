@@ -1,7 +1,10 @@
 // Flash attention (FlashAttention-2 algorithm) on the CPU, forward and backward.
 //
-// q: (B, Hq, Sq, D), k, v: (B, Hkv, Sk, D), contiguous; query head h reads kv head
-// h / (Hq / Hkv). Scores are computed one (Bq x Bk) tile at a time and never materialized
+// q: (B, Hq, Sq, D), k, v: (B, Hkv, Sk, D); query head h reads kv head h / (Hq / Hkv). The
+// forward reads q, k, v through their strides (the head dim contiguous), so the transposed
+// (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, D)
+// memory order, the layout models want back (as SDPA's CPU flash kernel does). The backward
+// takes contiguous tensors. Scores are computed one (Bq x Bk) tile at a time and never materialized
 // whole:
 //
 //   forward, per query block, over key blocks:   s = scale * q k^T + mask (masked: -inf)
@@ -39,6 +42,13 @@ constexpr int64_t kBlockK = 256;   // keys per tile
 struct Geometry {
   int64_t B, Hq, Hkv, Sq, Sk, D;
   int64_t group() const { return Hq / Hkv; }
+};
+
+// Element strides of a (B, H, S, D) tensor whose head dim is contiguous.
+struct Rows {
+  int64_t b, h, s;
+  explicit Rows(const Tensor& t) : b(t.stride(0)), h(t.stride(1)), s(t.stride(2)) {}
+  int64_t at(int64_t bi, int64_t hi, int64_t si) const { return bi * b + hi * h + si * s; }
 };
 
 // The contiguous range [lo, hi) of keys that causal/window masking lets query i see.
@@ -115,18 +125,19 @@ void gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, cons
   ct.addmm_(view(a, a_t ? k : m, a_t ? m : k, lda, a_t), view(b, b_t ? n : k, b_t ? k : n, ldb, b_t), beta, alpha);
 }
 
-// rows x D block of a (.., S, D) tensor as acc_t: the data itself when scalar_t == acc_t,
-// else widened into `buf`.
+// A rows x D tile as acc_t, rows `ld` elements apart: the data itself when scalar_t == acc_t
+// (leading dim `ld`), else widened into `buf` (leading dim D). Returns (pointer, leading dim).
 template <typename scalar_t>
-const at::opmath_type<scalar_t>* load_tile(const scalar_t* src, int64_t rows, int64_t D,
-                                           std::vector<at::opmath_type<scalar_t>>& buf) {
+std::pair<const at::opmath_type<scalar_t>*, int64_t> load_tile(
+    const scalar_t* src, int64_t rows, int64_t D, int64_t ld, std::vector<at::opmath_type<scalar_t>>& buf) {
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
+    return {src, ld};
   } else {
     buf.resize(rows * D);
-    for (int64_t n = 0; n < rows * D; ++n) buf[n] = acc_t(src[n]);
-    return buf.data();
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = acc_t(src[r * ld + d]);
+    return {buf.data(), D};
   }
 }
 
@@ -144,6 +155,14 @@ std::pair<int64_t, int64_t> prepare_row(acc_t* row, int64_t i, int64_t j0, int64
   std::fill(row + hi, row + nk, kNegInf);
   if (m == nullptr) return {lo, hi};
   if constexpr (std::is_same_v<mask_t, bool>) {
+    if (m_stride == 1) {
+      const bool* mj = m + j0;
+      int64_t a = lo, z = hi;  // narrowed past masked keys at either end (padding)
+      while (a < z && !mj[a]) row[a++] = kNegInf;
+      while (z > a && !mj[z - 1]) row[--z] = kNegInf;
+      for (int64_t c = a; c < z; ++c) row[c] = mj[c] ? row[c] : kNegInf;  // branch-free: vectorizes
+      return {a, z};
+    }
     for (int64_t c = lo; c < hi; ++c)
       if (!m[(j0 + c) * m_stride]) row[c] = kNegInf;
   } else if (m_stride == 1) {
@@ -182,21 +201,23 @@ acc_t max_row(const acc_t* row, int64_t lo, int64_t hi) {
   return hmax(mx);
 }
 
-// The query tile (rows x D, from a (.., S, D) tensor) times `scale`, as acc_t.
+// The query tile (rows x D, rows `ld` elements apart) times `scale`, as contiguous acc_t.
 template <typename scalar_t>
-const at::opmath_type<scalar_t>* scaled_query_tile(const scalar_t* src, int64_t rows, int64_t D,
+const at::opmath_type<scalar_t>* scaled_query_tile(const scalar_t* src, int64_t rows, int64_t D, int64_t ld,
                                                    at::opmath_type<scalar_t> scale,
                                                    std::vector<at::opmath_type<scalar_t>>& buf) {
   using acc_t = at::opmath_type<scalar_t>;
   buf.resize(rows * D);
-  for (int64_t n = 0; n < rows * D; ++n) buf[n] = acc_t(src[n]) * scale;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t d = 0; d < D; ++d) buf[r * D + d] = acc_t(src[r * ld + d]) * scale;
   return buf.data();
 }
 
 template <typename scalar_t, typename mask_t>
 void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
                           at::opmath_type<scalar_t>* lse, const MaskView<mask_t>& mask,
-                          const Geometry& g, double scale_d, const KeyBand& band) {
+                          const Geometry& g, const Rows& qs, const Rows& ks, const Rows& vs, const Rows& os,
+                          double scale_d, const KeyBand& band) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -210,10 +231,10 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
       const int64_t hk = h / g.group();
       const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, g.Sq - i0);
-      const scalar_t* kh = k + (b * g.Hkv + hk) * g.Sk * D;
-      const scalar_t* vh = v + (b * g.Hkv + hk) * g.Sk * D;
-      const int64_t row0 = (b * g.Hq + h) * g.Sq + i0;  // first query row, over (B, Hq, Sq)
-      const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, scale, q_buf);  // scale folded into q
+      const scalar_t* kh = k + ks.at(b, hk, 0);
+      const scalar_t* vh = v + vs.at(b, hk, 0);
+      const int64_t row0 = (b * g.Hq + h) * g.Sq + i0;  // first query row, over (B, Hq, Sq): lse's index
+      const acc_t* qt = scaled_query_tile(q + qs.at(b, h, i0), nq, D, qs.s, scale, q_buf);  // scale folded into q
       std::fill(o_buf.begin(), o_buf.end(), acc_t(0));
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), acc_t(0));
@@ -222,7 +243,8 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         const int64_t nk = std::min(kBlockK, g.Sk - j0);
         if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
         // s = (scale q) k^T
-        gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, load_tile(kh + j0 * D, nk, D, k_buf), D, 0, s_buf.data(), kBlockK);
+        const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, k_buf);
+        gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kt, ldk, 0, s_buf.data(), kBlockK);
         // Online softmax, row by row: p = exp(s - m') in place; rescale o and l by e^(m - m').
         for (int64_t r = 0; r < nq; ++r) {
           acc_t* srow = s_buf.data() + r * kBlockK;
@@ -243,14 +265,15 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           }
         }
         // o += p v
-        gemm<acc_t>(false, false, nq, D, nk, 1, s_buf.data(), kBlockK, load_tile(vh + j0 * D, nk, D, v_buf), D, 1, o_buf.data(), D);
+        const auto [vt, ldv] = load_tile(vh + j0 * vs.s, nk, D, vs.s, v_buf);
+        gemm<acc_t>(false, false, nq, D, nk, 1, s_buf.data(), kBlockK, vt, ldv, 1, o_buf.data(), D);
       }
 
       // o /= l (0 for fully masked rows), lse = m + log(l).
       for (int64_t r = 0; r < nq; ++r) {
         const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
         const acc_t* orow = o_buf.data() + r * D;
-        scalar_t* out = o + (row0 + r) * D;
+        scalar_t* out = o + os.at(b, h, i0 + r);
         for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(orow[d] * inv);
         lse[row0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : kNegInf;
       }
@@ -284,8 +307,8 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
         for (int64_t i0 = 0; i0 < g.Sq; i0 += kBlockQ) {
           const int64_t nq = std::min(kBlockQ, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
-          const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, scale, q_buf);  // scale * q
-          const acc_t* dot = load_tile(dout + row0 * D, nq, D, do_buf);
+          const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
+          const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
           std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
           // When one key tile holds every key these rows see, delta is taken as rowsum(p * dp)
           // from that tile instead: the same rounded dp values then enter both terms of
@@ -304,8 +327,8 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
           for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK) {
             const int64_t nk = std::min(kBlockK, g.Sk - j0);
             if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
-            const acc_t* kt = load_tile(k + (kv0 + j0) * D, nk, D, k_buf);
-            const acc_t* vt = load_tile(v + (kv0 + j0) * D, nk, D, v_buf);
+            const acc_t* kt = load_tile(k + (kv0 + j0) * D, nk, D, D, k_buf).first;  // (contiguous: ld D)
+            const acc_t* vt = load_tile(v + (kv0 + j0) * D, nk, D, D, v_buf).first;
             acc_t *st = s_buf.data(), *dpt = dp_buf.data();  // (nq, nk) tiles, leading dim kBlockK
             gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kt, D, 0, st, kBlockK);  // s = (scale q) k^T
             for (int64_t r = 0; r < nq; ++r) {  // p = exp(s - lse); 0 where masked or lse = -inf
@@ -352,10 +375,16 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   });
 }
 
-Geometry geometry(const Tensor& q, const Tensor& k, const Tensor& v) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.is_contiguous() &&
-                  k.is_contiguous() && v.is_contiguous() && q.device().is_cpu(),
-              "lmfast_C: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) must be contiguous CPU tensors");
+bool head_dim_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
+
+Geometry geometry(const Tensor& q, const Tensor& k, const Tensor& v, bool contiguous) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.device().is_cpu() &&
+                  k.device().is_cpu() && v.device().is_cpu(),
+              "lmfast_C: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) must be CPU tensors");
+  TORCH_CHECK(contiguous ? q.is_contiguous() && k.is_contiguous() && v.is_contiguous()
+                         : head_dim_contiguous(q) && head_dim_contiguous(k) && head_dim_contiguous(v),
+              contiguous ? "lmfast_C: the backward's q, k, v must be contiguous"
+                         : "lmfast_C: q, k, v must have a contiguous head dim (stride 1)");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "lmfast_C: q, k, v must share a dtype");
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
@@ -393,17 +422,19 @@ void with_mask_type(const std::optional<Tensor>& mask, const F& fn) {
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,
                                          bool causal, std::optional<int64_t> window) {
-  const Geometry g = geometry(q, k, v);
+  const Geometry g = geometry(q, k, v, /*contiguous=*/false);
   check_mask(mask, q, g);
   const KeyBand band = key_band(g, causal, window);
-  Tensor o = at::empty_like(q);
+  // (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D): o.transpose(1, 2) is contiguous.
+  Tensor o = at::empty({g.B, g.Sq, g.Hq, g.D}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
   if (q.numel() == 0 && lse.numel() == 0) return {o, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_fwd", [&] {
     with_mask_type<scalar_t>(mask, [&](auto mv) {
       attention_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                      v.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                                     lse.data_ptr<at::opmath_type<scalar_t>>(), mv, g, scale, band);
+                                     lse.data_ptr<at::opmath_type<scalar_t>>(), mv, g, Rows(q), Rows(k),
+                                     Rows(v), Rows(o), scale, band);
     });
   });
   return {o, lse};
@@ -413,7 +444,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad) {
-  const Geometry g = geometry(q, k, v);
+  const Geometry g = geometry(q, k, v, /*contiguous=*/true);
   check_mask(mask, q, g);
   TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && dout.is_contiguous() &&
                   o.is_contiguous() && dout.scalar_type() == q.scalar_type(),

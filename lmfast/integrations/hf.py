@@ -2,22 +2,44 @@
 
 Registers "lmfast" in transformers' attention-function registry and, beside it, a mask
 function in its attention-mask registry (without one, a custom attention function receives
-no padding mask). The mask function hands over no mask at all where the mask is exactly
-bottom-right causal (or nothing), so the kernel runs with causal=True and skips masked key
-blocks; otherwise it hands over SDPA's boolean mask (True = keep, as lmfast's), which the
-kernel reads through its strides.
+no padding mask). Registration happens as soon as transformers' modeling code is imported
+(an import hook installed by `import lmfast`), so `from_pretrained(...,
+attn_implementation="lmfast")` works without calling lmfast.patch first.
+
+Masks. The mask function builds SDPA's boolean (B, 1, Sq, Sk) mask (True = keep, as lmfast's),
+then checks whether it is exactly causal (bottom-right, as lmfast's `causal`), optionally with
+a sliding `window`, and a per-key padding mask. If so it notes that structure on the mask, and
+the attention function calls the kernel with causal=/window= and a (B, 1, 1, Sk) padding mask,
+so the kernel skips blocks outside the band instead of reading (Sq x Sk) mask values. The
+check is exact, not a guess from arguments: a prefill into a static cache (top-left causal),
+chunked attention or a prefix-LM mask fails it and the full mask is used. Where the mask is
+no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all (None, as for SDPA).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.abc
+import importlib.util
+import sys
+import warnings
+from typing import NamedTuple
 
 import torch
 
-from .. import ops
+from .. import ops, reference
 
 NAME = "lmfast"
 BACKEND_ATTR = "_lmfast_backend"  # on attention layers: the lmfast backend lmfast.patch chose
+_STRUCTURE_ATTR = "_lmfast_structure"  # on masks built by _mask: a MaskStructure
+
+
+class MaskStructure(NamedTuple):
+    """A boolean mask that equals `padding & (causal / window band)`, in lmfast's terms."""
+    version: int                   # the mask tensor's _version when checked (an in-place edit voids it)
+    causal: bool
+    window: int | None
+    padding: torch.Tensor | None   # (B, 1, 1, Sk) bool, or None if no key is padding
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -31,35 +53,119 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     for unsupported in ("softcap", "position_bias", "s_aux"):
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"lmfast attention does not support {unsupported}")
-    q_len = query.shape[2]
-    causal = False
-    if attention_mask is None:  # from _mask below: exactly bottom-right causal, or no mask
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and q_len > 1
-    elif attention_mask.dtype != torch.bool:
-        attention_mask = attention_mask.to(query.dtype)  # additive
+    causal, window = False, None
+    if attention_mask is None:  # from _mask: exactly bottom-right causal, or no mask
+        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+    else:
+        structure = getattr(attention_mask, _STRUCTURE_ATTR, None)
+        if structure is not None and structure.version == attention_mask._version:
+            causal, window, attention_mask = structure.causal, structure.window, structure.padding
+        elif attention_mask.dtype != torch.bool:
+            attention_mask = attention_mask.to(query.dtype)  # additive
     backend = getattr(module, BACKEND_ATTR, "auto")  # set by lmfast.patch
-    out = ops.attention(query, key, value, attention_mask, causal=causal, scale=scaling, backend=backend)
-    return out.transpose(1, 2).contiguous(), None
+    out = ops.attention(query, key, value, attention_mask, causal=causal and query.shape[2] > 1,
+                        scale=scaling, window=window, backend=backend)
+    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
 
 
-def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, allow_is_causal_skip=True, **kwargs):
-    """SDPA's boolean mask, or None where that is exactly what causal=True (bottom-right) or no
-    mask computes: only when Sq = 1 or Sq = Sk. (SDPA's own skip also covers a prefill into an
-    empty static cache, Sq < Sk with top-left causal alignment, which bottom-right is not.)"""
+def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None,
+          allow_is_causal_skip=True, **kwargs):
+    """transformers' mask-function contract (see masking_utils.sdpa_mask): SDPA's boolean mask,
+    with its structure noted where it has one; None where that mask is no mask, or exactly
+    causal with Sq = 1 or Sq = Sk. (SDPA's own skip also covers a prefill into an empty static
+    cache, Sq < Sk with top-left causal alignment, which bottom-right is not.)"""
     from transformers.masking_utils import sdpa_mask
 
     skip = allow_is_causal_skip and (q_length == 1 or q_length == kv_length)
-    return sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, allow_is_causal_skip=skip, **kwargs)
+    mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
+                     local_size=local_size, allow_is_causal_skip=skip, **kwargs)
+    if mask is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        # (compiled graphs get the plain mask: the check reads mask values on the host)
+        structure = _structure(mask, attention_mask, kv_length, kv_offset, local_size)
+        if structure is not None:
+            setattr(mask, _STRUCTURE_ATTR, structure)
+    return mask
+
+
+def _structure(mask: torch.Tensor, attention_mask: torch.Tensor | None, kv_length: int, kv_offset,
+               window: int | None) -> MaskStructure | None:
+    """The MaskStructure that `mask` (B, 1, Sq, Sk) exactly equals, or None."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1 or not isinstance(kv_offset, int):
+        return None
+    batch, _, q_length, _ = mask.shape
+    padding = None  # (B, 1, 1, Sk): the 2-D padding mask over this call's keys, as sdpa_mask reads it
+    if attention_mask is not None:
+        if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
+            return None
+        padding = attention_mask.bool()
+        if (short := kv_offset + kv_length - padding.shape[1]) > 0:
+            padding = torch.nn.functional.pad(padding, (0, short))  # as masking_utils.prepare_padding_mask
+        padding = padding[:, kv_offset:kv_offset + kv_length].reshape(batch, 1, 1, kv_length)
+    candidates = [(True, window)] if window is not None else [(True, None), (False, None)]
+    for causal, win in candidates:
+        expected = reference.attention_keep(q_length, kv_length, causal, win, mask.device)
+        if expected is None:
+            expected = torch.ones((), dtype=torch.bool, device=mask.device)
+        if padding is not None:
+            expected = expected & padding
+        if torch.equal(mask, expected.expand(mask.shape)):
+            if padding is not None and bool(padding.all()):
+                padding = None
+            return MaskStructure(mask._version, causal, win, padding)
+    return None
 
 
 @functools.cache
 def register() -> bool:
     """Registers "lmfast" with transformers (once); False if transformers is not importable."""
     try:
-        from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
+        from transformers.modeling_utils import AttentionInterface
     except ImportError:
         return False
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, _mask)
     return True
+
+
+# ---- registration when transformers loads ----------------------------------------------------
+# Importing transformers' registries costs seconds, so `import lmfast` does not; it registers
+# right after the program itself imports transformers' modeling code.
+
+_MODELING = "transformers.modeling_utils"
+
+
+def _register_quietly() -> None:
+    try:
+        register()
+    except Exception as e:  # never break the user's import of transformers
+        warnings.warn(f"lmfast could not register its attention with transformers: {e!r}; "
+                      "call lmfast.integrations.hf.register() to see why", stacklevel=2)
+
+
+class _RegisterAfterImport(importlib.abc.MetaPathFinder):
+    """One-shot import hook: lets the other finders load transformers.modeling_utils, then registers."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _MODELING:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module = spec.loader.exec_module
+
+        def exec_then_register(module):
+            exec_module(module)
+            _register_quietly()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+def register_when_transformers_loads() -> None:
+    """Registers now if transformers' modeling code is loaded, else as soon as it is."""
+    if _MODELING in sys.modules:
+        _register_quietly()
+    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterAfterImport())

@@ -1,9 +1,9 @@
 """lmfast.patch / lmfast.unpatch: swap a model's modules for lmfast's, in place.
 
-One table (NORM_SWAPS) says which modules are candidates and how to build the replacement.
-A candidate is swapped only if a probe shows it computes what the replacement computes: the
-probe runs a copy of the module, with random parameters, against the replacement sharing
-those parameters. So a look-alike with another formula (Gemma's RMSNorm scales by
+One table (SWAPS) says which modules are candidates and how to build the replacement. A
+norm or softmax candidate is swapped only if a probe shows it computes what the replacement
+computes: the probe runs a copy of the module, with random parameters, against the
+replacement sharing those parameters. So a look-alike with another formula (Gemma's RMSNorm scales by
 1 + weight) is left alone and reported, never silently changed.
 
 Replacements share the original's Parameter objects (optimizers, state_dict() and
@@ -32,6 +32,7 @@ class PatchReport:
     swapped: Counter = field(default_factory=Counter)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module path, reason)
     already_patched: int = 0
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         done = ", ".join(f"{kind} x{n}" for kind, n in sorted(self.swapped.items())) or "nothing swapped"
@@ -40,6 +41,8 @@ class PatchReport:
             lines.append(f"  already patched: {self.already_patched} modules")
         for path, why in self.skipped:
             lines.append(f"  skipped {path or '(model)'}: {why}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
         return "\n".join(lines)
 
 
@@ -59,27 +62,65 @@ def _rms_norm(module: nn.Module, backend: str) -> nn.Module:
     return new
 
 
-def _is_layer_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) and not isinstance(module, lmnn.LayerNorm)
+def _softmax(module: nn.Softmax, backend: str) -> nn.Module:
+    return lmnn.Softmax(module.dim, backend=backend)
 
 
-def _is_hf_rms_norm(module: nn.Module) -> bool:
+def _multihead_attention(module: nn.MultiheadAttention, backend: str) -> nn.Module:
+    return lmnn.MultiheadAttention.from_torch(module, backend)
+
+
+def _is_layer_norm(module: nn.Module) -> str | None:
+    return None if isinstance(module, nn.LayerNorm) and not isinstance(module, lmnn.LayerNorm) else NOT_A_CANDIDATE
+
+
+def _is_hf_rms_norm(module: nn.Module) -> str | None:
     """Hugging Face style RMSNorm: a class named *RMSNorm with a 1-D `weight` and an epsilon."""
     weight = getattr(module, "weight", None)
-    return (type(module).__name__.endswith("RMSNorm") and not isinstance(module, lmnn.RMSNorm)
-            and isinstance(weight, nn.Parameter) and weight.dim() == 1
-            and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float))
+    looks_like = (type(module).__name__.endswith("RMSNorm") and not isinstance(module, lmnn.RMSNorm)
+                  and isinstance(weight, nn.Parameter) and weight.dim() == 1
+                  and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float))
+    return None if looks_like else NOT_A_CANDIDATE
 
 
-# (kind reported, is it a candidate, build the replacement)
-NORM_SWAPS: list[tuple[str, Callable[[nn.Module], bool], Callable[[nn.Module, str], nn.Module]]] = [
-    ("LayerNorm", _is_layer_norm, _layer_norm),
-    ("RMSNorm", _is_hf_rms_norm, _rms_norm),
+def _is_softmax(module: nn.Module) -> str | None:
+    if type(module) is not nn.Softmax:
+        return NOT_A_CANDIDATE
+    return "has dim=None (torch's legacy implicit dim)" if module.dim is None else None
+
+
+def _is_multihead_attention(module: nn.Module) -> str | None:
+    if not isinstance(module, nn.MultiheadAttention) or isinstance(module, lmnn.MultiheadAttention):
+        return NOT_A_CANDIDATE
+    if module.bias_k is not None or module.add_zero_attn:
+        return "uses add_bias_kv / add_zero_attn, which lmfast attention does not serve"
+    return None
+
+
+NOT_A_CANDIDATE = "not a candidate"
+
+
+@dataclass(frozen=True)
+class Swap:
+    kind: str                                         # as reported
+    flag: str                                         # the patch() argument that enables it
+    check: Callable[[nn.Module], str | None]          # None: a candidate; else why not (NOT_A_CANDIDATE: silent)
+    build: Callable[[nn.Module, str], nn.Module]      # (original, backend) -> replacement sharing its Parameters
+    probe_shape: Callable[[nn.Module], tuple] | None  # input shape for the formula probe; None: no probe
+
+
+SWAPS: list[Swap] = [
+    Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape)),
+    Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0])),
+    Swap("Softmax", "softmax", _is_softmax, _softmax, lambda m: (3, 5, 7)),
+    # torch's own forward serves what lmfast does not (need_weights=True, dropout in training):
+    # no formula to probe, the calls differ, so tests/test_patch.py proves it on nn.Transformer*.
+    Swap("MultiheadAttention", "attention", _is_multihead_attention, _multihead_attention, None),
 ]
 
 
-def _probe(original: nn.Module, build: Callable[[nn.Module, str], nn.Module]) -> str | None:
-    """None if `build(original)` computes what `original` does; else why not.
+def _probe(original: nn.Module, swap: Swap) -> str | None:
+    """None if `swap.build(original)` computes what `original` does; else why not.
 
     Runs on a deep copy whose floating parameters are redrawn at random (so that identity
     weights cannot hide a different formula), in float32 on the CPU, against the replacement
@@ -90,10 +131,9 @@ def _probe(original: nn.Module, build: Callable[[nn.Module, str], nn.Module]) ->
         with torch.no_grad():
             for p in twin.parameters():
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
-            hidden = twin.weight.shape if getattr(twin, "weight", None) is not None else original.normalized_shape
-            x = torch.randn(3, *hidden, generator=g) * 3 + 1
+            x = torch.randn(*swap.probe_shape(twin), generator=g) * 3 + 1
             want = twin(x)
-            replacement = build(twin, "torch")
+            replacement = swap.build(twin, "torch")
             got = replacement(x)
     except Exception as e:  # a module we cannot probe is not one we can vouch for
         return f"could not be probed ({type(e).__name__}: {e})"
@@ -116,51 +156,85 @@ def _children_paths(model: nn.Module):
 
 def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softmax: bool = True,
           backend: str = "auto") -> PatchReport:
-    """Swaps model's norm modules for lmfast's in place; returns a PatchReport (print it).
+    """Swaps model's modules for lmfast's in place; returns a PatchReport (print it).
 
-    norms: torch.nn.LayerNorm and Hugging Face *RMSNorm modules whose formula a probe
-    confirms. attention: a transformers model's attn_implementation becomes "lmfast"
-    (lmfast.integrations.hf); torch.nn.MultiheadAttention is not swapped yet. softmax: not
-    implemented yet. Patching twice is a no-op; unpatch(model) restores what patch changed.
+    norms: torch.nn.LayerNorm and Hugging Face *RMSNorm modules whose formula a probe confirms.
+    attention: a transformers model's attn_implementation becomes "lmfast"
+    (lmfast.integrations.hf); torch.nn.MultiheadAttention (inside nn.Transformer* or anywhere)
+    becomes lmfast.nn.MultiheadAttention. softmax: torch.nn.Softmax modules. Patching twice is
+    a no-op; unpatch(model) restores what patch changed.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    enabled = {"norms": norms, "attention": attention, "softmax": softmax}
+    swaps = [s for s in SWAPS if enabled[s.flag]]
     report = PatchReport()
-    if norms:
-        for parent, name, child, path in list(_children_paths(model)):
-            if hasattr(child, _ORIGINAL):
-                report.already_patched += 1
+    for parent, name, child, path in list(_children_paths(model)):
+        if hasattr(child, _ORIGINAL):
+            report.already_patched += 1
+            continue
+        for swap in swaps:
+            why = swap.check(child)
+            if why == NOT_A_CANDIDATE:
                 continue
-            for kind, is_candidate, build in NORM_SWAPS:
-                if not is_candidate(child):
-                    continue
-                why = _probe(child, build)
-                if why is not None:
-                    report.skipped.append((path, f"{type(child).__name__} {why}"))
-                    break
-                new = build(child, backend)
-                new.train(child.training)
-                object.__setattr__(new, _ORIGINAL, child)  # not registered as a submodule
-                setattr(parent, name, new)
-                report.swapped[f"{kind} ({type(child).__name__})"] += 1
+            if why is None and swap.probe_shape is not None:
+                why = _probe(child, swap)
+            if why is not None:
+                report.skipped.append((path, f"{type(child).__name__} {why}"))
                 break
+            new = swap.build(child, backend)
+            new.train(child.training)
+            object.__setattr__(new, _ORIGINAL, child)  # not registered as a submodule
+            setattr(parent, name, new)
+            report.swapped[f"{swap.kind} ({type(child).__name__})"] += 1
+            break
     if attention:
         _patch_hf_attention(model, backend, report)
-    if softmax:
-        report.skipped.append(("", "softmax swapping is not implemented yet (issue 4 in progress)"))
+        _route_torch_transformers_to_lmfast(model, report)
     return report
+
+
+# torch.nn.TransformerEncoderLayer / TransformerEncoder in inference (eval, no grad) call torch's
+# fused kernel with the layer's parameters, bypassing its submodules, and the encoder packs
+# padded batches into nested tensors for it. A patched layer must run its lmfast modules, so
+# patch turns both off through the attributes torch reads (the layer computes the same thing
+# either way), keeping the old values for unpatch.
+_SAVED_ATTRS = "_lmfast_saved_attributes"
+
+
+def _set_saving(module: nn.Module, name: str, value) -> None:
+    saved = module.__dict__.setdefault(_SAVED_ATTRS, {})
+    saved.setdefault(name, getattr(module, name))
+    setattr(module, name, value)
+
+
+def _route_torch_transformers_to_lmfast(model: nn.Module, report: PatchReport) -> None:
+    layers = 0
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer) and isinstance(m.self_attn, lmnn.MultiheadAttention):
+            if _SAVED_ATTRS not in m.__dict__:
+                layers += 1
+            _set_saving(m, "activation_relu_or_gelu", 0)  # 0 fails the fast-path check; forward uses m.activation
+        elif isinstance(m, nn.TransformerEncoder) and any(
+                isinstance(layer.self_attn, lmnn.MultiheadAttention) for layer in m.layers):
+            _set_saving(m, "use_nested_tensor", False)
+    if layers:
+        report.notes.append(f"{layers} TransformerEncoderLayer(s): torch's fused inference path is turned off "
+                            "so that lmfast's modules run (unpatch turns it back on)")
+    dropout = [m for m in model.modules() if isinstance(m, lmnn.MultiheadAttention) and m.dropout > 0]
+    if dropout:
+        report.notes.append(f"{len(dropout)} MultiheadAttention module(s) have attention dropout "
+                            f"{dropout[0].dropout:g}: in training they run torch's forward (lmfast has no dropout)")
 
 
 _PREVIOUS_ATTN = "_lmfast_previous_attn_implementation"  # on a patched transformers model
 
 
 def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> None:
-    """transformers models: attn_implementation -> "lmfast" (see hf.py); others: reported."""
+    """transformers models: attn_implementation -> "lmfast" (see hf.py)."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation") or not hasattr(model, "set_attn_implementation"):
-        report.skipped.append(("", "attention: not a Hugging Face transformers model; torch.nn.MultiheadAttention "
-                                   "swapping is not implemented yet (issue 4 in progress)"))
-        return
+        return  # not a transformers model
     from . import hf
 
     if not hf.register():
@@ -190,6 +264,9 @@ def unpatch(model: nn.Module) -> int:
         restored += 1
         for m in model.modules():
             m.__dict__.pop(hf.BACKEND_ATTR, None)
+    for m in model.modules():
+        for name, value in m.__dict__.pop(_SAVED_ATTRS, {}).items():
+            setattr(m, name, value)
     for parent, name, child, _ in list(_children_paths(model)):
         original = getattr(child, _ORIGINAL, None)
         if original is not None:

@@ -28,6 +28,18 @@ def backend_ops(backend: str):
     return torch.ops.lmfast_C if backend == "cpu" else torch.ops.lmfast_triton
 
 
+def forward_op(backend: str, name: str, *args):
+    """backend_ops(backend).<name>(*args), skipping autograd's Python wrapper (~10 us a call,
+    which decoding one token at a time pays on every norm and attention) when no argument
+    needs a gradient. The compiled path always takes the wrapper: torch.compile traces it."""
+    op = getattr(backend_ops(backend), name)
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
+            isinstance(a, Tensor) and a.requires_grad for a in args)):
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():  # what the wrapper does without grad, minus its Python
+        return op(*args)
+
+
 def triton_kernels():
     """lmfast.kernels, imported on first use (importing triton takes a while)."""
     return importlib.import_module("lmfast.kernels")
@@ -43,4 +55,4 @@ def as_rows(t: Tensor) -> Tensor:
 def upstream_grad(g: Tensor | None, like: Tensor) -> Tensor:
     """An output's incoming gradient as a contiguous tensor shaped like `like` (autograd may
     hand over None for an unused output, or a broadcast view such as expanded ones)."""
-    return torch.zeros_like(like) if g is None else g.contiguous()
+    return torch.zeros_like(like, memory_format=torch.contiguous_format) if g is None else g.contiguous()

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import backend_ops, resolve_backend, triton_kernels, upstream_grad
+from ._common import backend_ops, forward_op, resolve_backend, triton_kernels, upstream_grad
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -66,9 +66,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
-        o, lse = backend_ops(impl).attention_fwd(q.contiguous(), k.contiguous(), v.contiguous(),
-                                                 mask4, scale, causal, window)
+        o, lse = forward_op(impl, "attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window)
     return (o, lse) if return_lse else o
+
+
+def _rows(t: Tensor) -> Tensor:
+    """t with a contiguous head dim, as the kernels' forward takes it: the (B, S, H, D)
+    projections models transpose to (B, H, S, D) pass without a copy."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 # ---- Triton ops (contracts as in csrc/ops.h) ---------------------------------------------
@@ -89,7 +94,9 @@ def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dls
 # ---- fake impls and autograd, shared by the kernel namespaces ------------------------------
 
 def _attention_fwd_fake(q, k, v, mask, scale, causal, window):
-    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
+    B, Hq, Sq, D = q.shape  # o: (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D), as the kernels write it
+    o = q.new_empty((B, Sq, Hq, D)).transpose(1, 2)
+    return o, q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
 
 
 def _attention_bwd_fake(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad):
@@ -111,6 +118,7 @@ def register(ns: str) -> None:
     def attention_backward(ctx, do, dlse):
         q, k, v, o, lse, mask = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
+        q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()  # as the backward takes them
         dq, dk, dv, dmask = ops.attention_bwd(
             upstream_grad(do, o), q, k, v, o, lse, None if dlse is None else dlse.contiguous(), mask,
             ctx.scale, ctx.causal, ctx.window, mask_grad)

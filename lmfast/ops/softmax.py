@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import as_rows, backend_ops, resolve_backend, triton_kernels, upstream_grad
+from ._common import as_rows, backend_ops, forward_op, resolve_backend, triton_kernels, upstream_grad
 
 
 def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
@@ -50,7 +50,7 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
         mask4 = mask.expand(x.shape).movedim(d, last).reshape(shape4)  # a view unless unmergeable
         if mask4.stride(-1) not in (0, 1) and mask4.shape[-1] > 1:
             mask4 = mask4.contiguous()  # kernels read mask rows with unit or zero stride
-    y4 = backend_ops(impl).softmax_fwd(x4, mask4, scale, causal)
+    y4 = forward_op(impl, "softmax_fwd", x4, mask4, scale, causal)
     return y4.view(xm.shape).movedim(last, d)
 
 

@@ -1,0 +1,374 @@
+"""lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2 and Mistral (sliding window)
+from small random configs, and torch.nn.Transformer / TransformerEncoder. For each: outputs
+within the error budget of the unpatched model (float32, bfloat16, float16), one training
+step's gradients within budget, KV-cache generation unchanged, unpatch restores everything.
+The error budget is DESIGN.md's: against the float64 model, at most twice the unpatched
+model's own error (lmfast.testing.assert_within_budget)."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lmfast
+from lmfast.testing import assert_within_budget
+
+import transformers  # part of the test extras: missing is a failure (scripts/gpu_check.sh leaves this file out)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _spy_attention(monkeypatch) -> list[dict]:
+    """Records each lmfast.ops.attention call: its mask shape, causal and window."""
+    calls, attention = [], lmfast.ops.attention
+
+    def spy(q, k, v, attn_mask=None, causal=False, scale=None, window=None, **kwargs):
+        calls.append({"mask": None if attn_mask is None else tuple(attn_mask.shape), "causal": causal,
+                      "window": window})
+        return attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window, **kwargs)
+    monkeypatch.setattr(lmfast.ops, "attention", spy)
+    return calls
+
+
+# ---- Hugging Face decoders from random configs --------------------------------------------------
+
+VOCAB, WINDOW = 97, 6
+
+
+def _hf_model(arch: str):
+    t = transformers
+    small = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=128, attention_dropout=0.0)
+    config = {
+        "gpt2": lambda: t.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
+        "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **small),  # grouped-query, biased q/k/v
+        "mistral": lambda: t.MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **small),
+    }[arch]()
+    config.pad_token_id = 0
+    torch.manual_seed(0)
+    return t.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+
+
+def _batch():
+    """Three rows of 16 tokens: left padding, right padding, none (any padding pattern is legal)."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (3, 16), generator=g)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, :5] = 0
+    mask[1, -3:] = 0
+    return ids, mask
+
+
+ARCHS = ["gpt2", "qwen2", "mistral"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_decoder_logits(arch, dtype, monkeypatch):
+    model = _hf_model(arch)
+    ids, mask = _batch()
+    keep = mask.bool()  # logits at padded positions are not defined outputs
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
+        model.to(dtype)
+        eager = model(ids, attention_mask=mask).logits
+        classes = [type(m) for m in model.modules()]
+        report = lmfast.patch(model)
+        calls = _spy_attention(monkeypatch)
+        got = model(ids, attention_mask=mask).logits
+    assert report.swapped[f"attention (attn_implementation 'sdpa' -> 'lmfast')"] == 2
+    assert_within_budget(got[keep], ref64[keep], eager[keep], f"{arch} logits")
+    # the mask arrives as causal (+ window) and a (B, 1, 1, Sk) padding mask, not (Sq x Sk)
+    window = WINDOW if arch == "mistral" else None
+    assert calls == [{"mask": (3, 1, 1, 16), "causal": True, "window": window}] * 2
+    lmfast.unpatch(model)
+    assert [type(m) for m in model.modules()] == classes
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_decoder_training_step(arch):
+    """One training step's gradients, patched, within budget of the unpatched float32 model's."""
+    ids, mask = _batch()
+    keep = mask.bool()
+    weights = torch.randn(3, 16, VOCAB, generator=torch.Generator().manual_seed(2))
+
+    def grads(model):
+        model.train()
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        (logits * weights.to(logits.dtype))[keep].sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref64 = grads(_hf_model(arch).double())
+    model = _hf_model(arch)
+    eager = grads(model)
+    lmfast.patch(model)
+    got = grads(model)
+    assert got.keys() == eager.keys()
+    for name in got:
+        assert_within_budget(got[name], ref64[name], eager[name], f"{arch} grad of {name}")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
+    """Greedy generate() on a left-padded batch: the same tokens patched and not. For Mistral
+    the 16 + 12 tokens run past the 6-token window, so the sliding cache drops keys."""
+    model = _hf_model(arch)
+    ids, mask = _batch()
+    mask[1] = 1  # generate() wants left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        lmfast.patch(model)
+        calls = _spy_attention(monkeypatch)
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+    assert len(calls) == 2 * 12  # each layer, prefill and 11 decode steps
+    # prefill: causal with a (B, 1, 1, Sk) padding mask; decoding (Sq = 1): that padding mask,
+    # or none once Mistral's sliding cache holds no padded key
+    assert all(c["causal"] for c in calls[:2])
+    assert all(c["mask"] is None or c["mask"][:3] == (3, 1, 1) for c in calls)
+    assert all(c["window"] == (WINDOW if arch == "mistral" else None) for c in calls)
+
+
+def test_from_pretrained_with_attn_implementation_lmfast(tmp_path):
+    """No lmfast.patch call: `import lmfast` registered "lmfast" with transformers."""
+    model = _hf_model("qwen2")
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lmfast").eval()
+    assert loaded.config._attn_implementation == "lmfast"
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        ref64 = model.double()(ids, attention_mask=mask).logits
+        got = loaded(ids, attention_mask=mask).logits
+    keep = mask.bool()
+    assert_within_budget(got[keep], ref64[keep], want[keep], "from_pretrained(attn_implementation='lmfast')")
+
+
+def test_import_lmfast_registers_with_transformers_when_it_loads():
+    """In a fresh interpreter: `import lmfast` leaves transformers' modeling code unloaded (it
+    costs seconds), and registers "lmfast" as soon as the program loads it."""
+    code = ("import sys, lmfast; assert 'transformers.modeling_utils' not in sys.modules; "
+            "from transformers import AutoModel; from transformers.modeling_utils import AttentionInterface; "
+            "from transformers.masking_utils import AttentionMaskInterface; "
+            "assert 'lmfast' in AttentionInterface._global_mapping, 'attention'; "
+            "assert 'lmfast' in AttentionMaskInterface._global_mapping, 'mask'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_mask_structure_is_exact_or_absent():
+    """The mask function notes a structure only where the mask equals it: top-left causal
+    (a prefill into a static cache, Sq < Sk) keeps the full mask."""
+    from transformers.masking_utils import causal_mask_function
+
+    from lmfast.integrations import hf
+
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[0, :2] = False
+    bottom_right = hf._mask(2, 5, 8, q_offset=3, kv_offset=0, mask_function=causal_mask_function,
+                            attention_mask=padding)
+    assert getattr(bottom_right, "_lmfast_structure").causal
+    static = hf._mask(2, 5, 8, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
+                      attention_mask=padding[:, :5])  # top-left: keys 5.. are empty cache slots
+    assert getattr(static, "_lmfast_structure", None) is None
+    # an in-place edit voids the noted structure
+    bottom_right[0, 0, 0, 0] = True
+    s = bottom_right._lmfast_structure
+    assert s.version != bottom_right._version
+
+
+def test_patched_hf_model_under_torch_compile(monkeypatch):
+    model = _hf_model("qwen2")
+    ids, mask = _batch()
+    keep = mask.bool()
+    with torch.no_grad():
+        eager = model(ids, attention_mask=mask).logits
+        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
+        lmfast.patch(model)
+        calls = _spy_attention(monkeypatch)
+        compiled = torch.compile(model, backend="aot_eager")
+        got = compiled(ids, attention_mask=mask).logits
+    assert calls  # lmfast attention was traced into the graph
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "compiled patched qwen2 logits")
+
+
+# ---- torch.nn.Transformer / TransformerEncoder ------------------------------------------------
+
+D_MODEL, HEADS = 32, 4
+
+
+def _torch_transformer(batch_first: bool, dropout: float = 0.0):
+    torch.manual_seed(0)
+    return torch.nn.Transformer(D_MODEL, HEADS, num_encoder_layers=2, num_decoder_layers=2, dim_feedforward=64,
+                                dropout=dropout, batch_first=batch_first).eval()
+
+
+def _seq2seq_inputs(batch_first: bool, dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    src, tgt = torch.randn(3, 11, D_MODEL, generator=g), torch.randn(3, 7, D_MODEL, generator=g)
+    src_pad = torch.zeros(3, 11, dtype=torch.bool)
+    src_pad[0, -4:] = True  # True = padding, torch's convention
+    tgt_pad = torch.zeros(3, 7, dtype=torch.bool)
+    tgt_pad[2, -2:] = True
+    if not batch_first:
+        src, tgt = src.transpose(0, 1), tgt.transpose(0, 1)
+    return dict(src=src.to(dtype), tgt=tgt.to(dtype), tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(7),
+                tgt_is_causal=True, src_key_padding_mask=src_pad, tgt_key_padding_mask=tgt_pad,
+                memory_key_padding_mask=src_pad)
+
+
+def _as_rows(out, batch_first):
+    return out if batch_first else out.transpose(0, 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch_first", [True, False], ids=["batch_first", "seq_first"])
+def test_torch_transformer_encoder_decoder(batch_first, dtype, monkeypatch):
+    model = _torch_transformer(batch_first)
+    inputs = _seq2seq_inputs(batch_first)
+    keep = ~inputs["tgt_key_padding_mask"]
+    with torch.no_grad():
+        ref64 = _as_rows(copy.deepcopy(model).double()(**{k: v.double() if v.is_floating_point() else v
+                                                         for k, v in inputs.items() if torch.is_tensor(v)},
+                                                      tgt_is_causal=True), batch_first)
+        model.to(dtype)
+        inputs = _seq2seq_inputs(batch_first, dtype)
+        inputs["tgt_mask"] = inputs["tgt_mask"].to(dtype)
+        eager = _as_rows(model(**inputs), batch_first)
+        report = lmfast.patch(model)
+        calls = _spy_attention(monkeypatch)
+        got = _as_rows(model(**inputs), batch_first)
+    assert report.swapped == {"LayerNorm (LayerNorm)": 12, "MultiheadAttention (MultiheadAttention)": 6}
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "nn.Transformer output")
+    # encoder self-attention: padding only; decoder self-attention: causal + padding; cross: padding
+    assert calls == ([{"mask": (3, 1, 1, 11), "causal": False, "window": None}] * 2
+                     + [{"mask": (3, 1, 1, 7), "causal": True, "window": None},
+                        {"mask": (3, 1, 1, 11), "causal": False, "window": None}] * 2)
+    lmfast.unpatch(model)
+    assert not any(isinstance(m, (lmfast.nn.MultiheadAttention, lmfast.nn.LayerNorm)) for m in model.modules())
+
+
+def test_torch_transformer_training_step():
+    model = _torch_transformer(batch_first=True)
+    inputs = _seq2seq_inputs(True)
+    keep = ~inputs["tgt_key_padding_mask"]
+    weights = torch.randn(3, 7, D_MODEL, generator=torch.Generator().manual_seed(4))
+
+    def grads(m, dtype=torch.float32):
+        m.train()
+        m.zero_grad()
+        x = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+        (m(**x) * weights.to(dtype))[keep].sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ref64 = grads(copy.deepcopy(model).double(), torch.float64)
+    eager = grads(model)
+    lmfast.patch(model)
+    got = grads(model)
+    for name in got:
+        assert_within_budget(got[name], ref64[name], eager[name], f"nn.Transformer grad of {name}")
+
+
+def test_torch_encoder_inference_runs_lmfast_not_torchs_fast_path(monkeypatch):
+    """In eval under no_grad torch's encoder would take its fused path (nested tensors for the
+    padding), bypassing the swapped modules: patch turns that off, unpatch back on."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(D_MODEL, HEADS, 64, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    x = torch.randn(3, 11, D_MODEL)
+    pad = torch.zeros(3, 11, dtype=torch.bool)
+    pad[1, -5:] = True
+    keep = ~pad
+    with torch.no_grad():
+        ref64 = copy.deepcopy(encoder).double()(x.double(), src_key_padding_mask=pad)
+        eager = encoder(x, src_key_padding_mask=pad)
+        report = lmfast.patch(encoder)
+        calls = _spy_attention(monkeypatch)
+        got = encoder(x, src_key_padding_mask=pad)
+    assert "fused inference path is turned off" in str(report)
+    assert len(calls) == 2
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "TransformerEncoder output")
+    lmfast.unpatch(encoder)
+    assert encoder.use_nested_tensor and all(lay.activation_relu_or_gelu == 1 for lay in encoder.layers)
+
+
+def test_multihead_attention_falls_back_to_torch_where_lmfast_does_not_serve(monkeypatch):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(D_MODEL, HEADS, dropout=0.5, batch_first=True)
+    lm = lmfast.nn.MultiheadAttention.from_torch(mha)
+    x = torch.randn(2, 5, D_MODEL)
+    calls = _spy_attention(monkeypatch)
+    out, weights = lm(x, x, x)  # need_weights=True (torch's default): torch's forward, exactly
+    assert weights.shape == (2, 5, 5) and not calls
+    mha.eval(), lm.eval()
+    assert torch.equal(lm(x, x, x, need_weights=True)[0], mha(x, x, x, need_weights=True)[0])
+    lm.train()
+    lm(x, x, x, need_weights=False)  # dropout in training: torch's forward
+    assert not calls
+    lm.eval()
+    assert lm(x, x, x, need_weights=False)[1] is None and len(calls) == 1
+    with pytest.raises(ValueError, match="is_causal=True .* attn_mask is None"):
+        lm(x, x, x, need_weights=False, is_causal=True)
+    with pytest.raises(ValueError, match="key_padding_mask must be"):
+        lm(x, x, x, need_weights=False, key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))
+
+
+def test_patch_leaves_unserved_multihead_attention_and_softmax_alone():
+    model = torch.nn.ModuleDict({"bias_kv": torch.nn.MultiheadAttention(D_MODEL, HEADS, add_bias_kv=True),
+                                 "softmax": torch.nn.Softmax(dim=-1), "legacy": torch.nn.Softmax()})
+    report = lmfast.patch(model)
+    assert report.swapped == {"Softmax (Softmax)": 1}
+    assert {p for p, _ in report.skipped} == {"bias_kv", "legacy"}
+    assert "add_bias_kv" in str(report) and "dim=None" in str(report)
+    x = torch.randn(4, 9) * 3
+    assert_within_budget(model["softmax"](x), torch.softmax(x.double(), -1), torch.softmax(x, -1), "softmax")
+
+
+MASKS = ["none", "bool", "float", "bool+padding", "float+padding", "per-head"]
+
+
+@pytest.mark.parametrize("kdim", [None, 24], ids=["self", "kdim24"])
+@pytest.mark.parametrize("layout, masks", [(layout, m) for layout in ("batch_first", "seq_first") for m in MASKS]
+                         + [("unbatched", m) for m in ("none", "bool", "float")])  # (no batch: no padding)
+def test_multihead_attention_matches_torch(layout, kdim, masks):
+    """lmfast.nn.MultiheadAttention.from_torch against torch's module: outputs and the
+    gradients of the inputs and of every parameter, within the error budget."""
+    torch.manual_seed(0)
+    E, L, S, B = D_MODEL, 5, 9, 3
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, L, E, generator=g)
+    kv = torch.randn(B, S, kdim or E, generator=g)
+    kwargs = {}
+    if masks != "none":
+        scores = torch.randn(L, S, generator=g)
+        kind = masks.split("+")[0]  # a boolean True masks, as in torch
+        kwargs["attn_mask"] = {"bool": scores > 1, "float": scores,
+                               "per-head": torch.randn(B * HEADS, L, S, generator=g)}[kind]
+    if "padding" in masks:
+        pad = torch.zeros(B, S, dtype=torch.bool)
+        pad[0, -4:] = True
+        kwargs["key_padding_mask"] = pad if masks.startswith("bool") else torch.zeros(B, S).masked_fill(pad, -1e9)
+    if layout == "seq_first":
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    elif layout == "unbatched":
+        q, kv = q[0], kv[0]
+
+    def run(module, dtype):
+        qq = q.to(dtype).requires_grad_()
+        kk = kv.to(dtype).requires_grad_()
+        kw = {n: m.to(dtype) if m.is_floating_point() else m for n, m in kwargs.items()}
+        out = module(qq, kk, kk, need_weights=False, **kw)[0]
+        out.backward(torch.ones_like(out))
+        return [out, qq.grad, kk.grad] + [p.grad for p in module.parameters()]
+
+    torch_mha = torch.nn.MultiheadAttention(E, HEADS, kdim=kdim, vdim=kdim, batch_first=layout == "batch_first")
+    ref64 = run(copy.deepcopy(torch_mha).double(), torch.float64)
+    eager = run(copy.deepcopy(torch_mha), torch.float32)
+    got = run(lmfast.nn.MultiheadAttention.from_torch(torch_mha), torch.float32)
+    for name, a, r, e in zip(["output", "d query", "d key/value"] + [n for n, _ in torch_mha.named_parameters()],
+                             got, ref64, eager):
+        assert_within_budget(a, r, e, f"MultiheadAttention {name}")
