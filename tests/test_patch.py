@@ -181,3 +181,87 @@ def test_smollm2_greedy_generation_is_unchanged(smollm2, monkeypatch):
     assert len(masks) % layers == 0 and len(masks) // layers > len(PROMPTS) + 1  # every layer, each step
     assert None in masks and any(m is not None for m in masks)  # causal skip unpadded, mask with padding
     assert model.config._attn_implementation == "sdpa"
+
+
+def _grads(model, loss_fn):
+    model.zero_grad()
+    loss_fn(model).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_grads_within_budget(got, ref64, eager, what):
+    assert got.keys() == eager.keys() == ref64.keys() and got
+    for name in got:
+        assert_within_budget(got[name], ref64[name], eager[name], f"{what} grad of {name}")
+
+
+def test_minilm_gradients_and_bfloat16(minilm):
+    """A backward pass through the patched MiniLM (every parameter's gradient within budget),
+    and its bfloat16 hidden states."""
+    import copy
+
+    tok, model = minilm
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    keep = batch["attention_mask"].bool()
+    weights = torch.randn(*keep.shape, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+
+    def loss(m):  # eval mode (no dropout), gradients on
+        hidden = m(**batch).last_hidden_state
+        return (hidden * weights.to(hidden.dtype))[keep].sum()
+
+    twin = copy.deepcopy(model)
+    ref64 = _grads(twin.double(), loss)
+    eager = _grads(model, loss)
+    lmfast.patch(model)
+    try:
+        got = _grads(model, loss)
+    finally:
+        lmfast.unpatch(model)
+    _assert_grads_within_budget(got, ref64, eager, "MiniLM")
+
+    with torch.no_grad():
+        ref64 = twin(**batch).last_hidden_state
+        bf16 = twin.to(torch.bfloat16)
+        eager = bf16(**batch).last_hidden_state
+        lmfast.patch(bf16)
+        got = bf16(**batch).last_hidden_state
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "MiniLM bfloat16 last_hidden_state")
+
+
+def test_smollm2_logits_and_gradients(smollm2):
+    """SmolLM2 on a left-padded batch: float32 logits and every parameter's gradient within
+    budget, patched against unpatched, both against float64."""
+    import copy
+
+    tok, model = smollm2
+    tok.padding_side = "left"
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    batch = tok(PROMPTS, return_tensors="pt", padding=True)
+    keep = batch["attention_mask"].bool()
+
+    def loss(m):
+        logits = m(**batch).logits
+        w = torch.linspace(-1, 1, logits.shape[-1], dtype=logits.dtype)  # (deterministic, not constant)
+        return (logits * w)[keep].sum()
+
+    twin64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref64 = twin64(**batch).logits
+        eager = model(**batch).logits
+        lmfast.patch(model)
+        try:
+            got = model(**batch).logits
+        finally:
+            lmfast.unpatch(model)
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "SmolLM2 logits")
+    g64 = _grads(twin64, loss)
+    del twin64
+    eager = _grads(model, loss)
+    lmfast.patch(model)
+    try:
+        got = _grads(model, loss)
+    finally:
+        lmfast.unpatch(model)
+        model.zero_grad(set_to_none=True)
+    _assert_grads_within_budget(got, g64, eager, "SmolLM2")

@@ -134,12 +134,18 @@ def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
     assert all(c["window"] == (WINDOW if arch == "mistral" else None) for c in calls)
 
 
-def test_from_pretrained_with_attn_implementation_lmfast(tmp_path):
-    """No lmfast.patch call: `import lmfast` registered "lmfast" with transformers."""
+def test_save_pretrained_then_from_pretrained_with_attn_implementation_lmfast(tmp_path):
+    """save_pretrained of a patched model writes the original checkpoint; loading it with
+    attn_implementation="lmfast" needs no lmfast.patch call (`import lmfast` registered it)."""
     model = _hf_model("qwen2")
-    model.save_pretrained(tmp_path)
+    lmfast.patch(model)
+    model.save_pretrained(tmp_path)  # from the patched model: same keys and tensors, no lmfast in the config
+    assert "lmfast" not in (tmp_path / "config.json").read_text()
+    lmfast.unpatch(model)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="lmfast").eval()
     assert loaded.config._attn_implementation == "lmfast"
+    assert list(loaded.state_dict()) == list(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     ids, mask = _batch()
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
@@ -190,7 +196,7 @@ def test_patched_hf_model_under_torch_compile(monkeypatch):
         ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
         lmfast.patch(model)
         calls = _spy_attention(monkeypatch)
-        compiled = torch.compile(model, backend="aot_eager")
+        compiled = torch.compile(model)  # inductor, as a user would (~20 s here)
         got = compiled(ids, attention_mask=mask).logits
     assert calls  # lmfast attention was traced into the graph
     assert_within_budget(got[keep], ref64[keep], eager[keep], "compiled patched qwen2 logits")

@@ -335,8 +335,21 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
               acc_t* srow = s_buf.data() + r * kBlockK;
               const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
               const acc_t L = lse[row0 + r];
-              if (L == kNegInf) std::fill(srow, srow + nk, acc_t(0));
-              else exp_row(srow, nk, lo, hi, L);
+              if (L == kNegInf) {
+                std::fill(srow, srow + nk, acc_t(0));
+              } else {
+                const acc_t sum = exp_row(srow, nk, lo, hi, L);
+                // With every key of the row in this tile, p is renormalized to sum to 1 as an
+                // unfused softmax's does: lse's rounding (an ulp of |lse|) would otherwise leave
+                // sum(p) - 1 ~ 1e-7 and rowsum(ds) = delta (1 - sum p) != 0, the error that
+                // lands in gradients that are exactly 0 (a key bias's: softmax ignores it).
+                if (delta_from_tile && sum > acc_t(0)) {
+                  const Vec inv(acc_t(1) / sum);
+                  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+                    (Vec::loadu(srow + lo + j, n) * inv).store(srow + lo + j, n);
+                  });
+                }
+              }
             }
             gemm<acc_t>(true, false, nk, D, nq, 1, st, kBlockK, dot, D, 1, dv_acc.data() + j0 * D, D);  // dv += p^T do
             gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vt, D, 0, dpt, kBlockK);                     // dp = do v^T
