@@ -378,3 +378,34 @@ def test_multihead_attention_matches_torch(layout, kdim, masks):
     for name, a, r, e in zip(["output", "d query", "d key/value"] + [n for n, _ in torch_mha.named_parameters()],
                              got, ref64, eager):
         assert_within_budget(a, r, e, f"MultiheadAttention {name}")
+
+
+def test_hf_attention_dropout_in_training_runs_transformers_sdpa(monkeypatch):
+    """GPT-2's default attention dropout: in training the SDPA path runs (and dropout happens),
+    in eval lmfast attention does; the report says so."""
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                                     attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    report = lmfast.patch(model)
+    assert "attention dropout 0.5: in training, transformers' SDPA path runs" in str(report)
+    calls = _spy_attention(monkeypatch)
+    ids, mask = _batch()
+    model.train()
+    a, b = model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+    assert not calls and not torch.equal(a, b)  # dropout, not lmfast
+    model.eval()
+    model(ids, attention_mask=mask)
+    assert len(calls) == 2
+
+
+def test_hf_softcapping_model_keeps_its_attention():
+    """Gemma 2 caps attention logits (attn_logit_softcapping): lmfast leaves its attention
+    alone and says why; its norms (1 + weight formula) are left alone by the probe."""
+    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")  # (no SDPA)
+    report = lmfast.patch(model)
+    assert not report.swapped
+    assert "attention: logit softcapping (attn_logit_softcapping)" in str(report)
+    assert model.config._attn_implementation == "eager"

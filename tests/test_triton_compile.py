@@ -87,7 +87,7 @@ def _attention_variants():
                     {**flags, "BLOCK_M": 16, "BLOCK_N": 64}, {"num_warps": 4, "num_stages": 2}, (90,)))
         out.append(("attention._attn_combine_kernel",
                     {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "O": p, "LSE": "*fp32",
-                     "rows_total": "i32", "splits": "i32", "D": "i32"},
+                     "rows_total": "i32", "splits": "i32", "Hq": "i32", "Sq": "i32", "D": "i32"},
                     {"BLOCK_S": 16, "BLOCK_D": block_d, "INTERPRETED": False}, {"num_warps": 4}, (90,)))
         out.append(("attention._attn_bwd_delta_kernel",
                     {"DO": p, "O": p, "DELTA": "*fp32", "rows": "i32", "D": "i32"},

@@ -47,10 +47,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D)
     (not repeated for grouped-query attention), returns ((B, Sq, Hq, D), None)."""
-    if dropout and module.training:
-        raise NotImplementedError("lmfast attention has no attention dropout; train with attention dropout 0 "
-                                  "(config.attention_dropout = 0.0) or use another attn_implementation")
-    for unsupported in ("softcap", "position_bias", "s_aux"):
+    if (dropout and module.training) or kwargs.get("position_bias") is not None:
+        # what lmfast does not compute (attention dropout, T5-style position bias): transformers'
+        # own SDPA path, with the same mask (a full mask, or None exactly where SDPA's is None too)
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    for unsupported in ("softcap", "s_aux"):  # (lmfast.patch leaves models with these alone)
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"lmfast attention does not support {unsupported}")
     causal, window = False, None

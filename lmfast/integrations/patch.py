@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import nn as lmnn
+from . import hf  # (imports no transformers code until used)
 
 _ORIGINAL = "_lmfast_original"  # attribute of a replacement: the module it replaced
 
@@ -235,21 +236,42 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "_attn_implementation") or not hasattr(model, "set_attn_implementation"):
         return  # not a transformers model
-    from . import hf
-
     if not hf.register():
         report.skipped.append(("", "attention: transformers is not importable"))
         return
     layers = [m for m in model.modules() if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention")]
+    unserved = _unserved_hf_attention(config, layers)
+    if unserved:
+        report.skipped.append(("", f"attention: {unserved}, which lmfast attention does not compute"))
+        return
+    dropout = [getattr(config, k) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
+               if isinstance(getattr(config, k, None), float) and getattr(config, k) > 0]
+    if dropout:
+        report.notes.append(f"attention dropout {dropout[0]:g}: in training, transformers' SDPA path runs "
+                            "(lmfast has no dropout)")
+    previous = config._attn_implementation
+    if previous == hf.NAME:  # patched before, or loaded with attn_implementation="lmfast"
+        report.already_patched += len(layers)
+    else:
+        try:
+            model.set_attn_implementation(hf.NAME)
+        except (ValueError, ImportError) as e:  # a model whose attention is not pluggable
+            report.skipped.append(("", f"attention: transformers refused attn_implementation 'lmfast' ({e})"))
+            return
+        object.__setattr__(model, _PREVIOUS_ATTN, previous)
+        report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += len(layers)
     for layer in layers:  # read by hf.attention_forward; a plain attribute, not in state_dict or config
         object.__setattr__(layer, hf.BACKEND_ATTR, backend)
-    previous = config._attn_implementation
-    if previous == hf.NAME:
-        report.already_patched += len(layers)
-        return
-    model.set_attn_implementation(hf.NAME)
-    object.__setattr__(model, _PREVIOUS_ATTN, previous)
-    report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += len(layers)
+
+
+def _unserved_hf_attention(config, layers) -> str | None:
+    """Why lmfast cannot compute this transformers model's attention, or None."""
+    for sub in [config, *(getattr(config, k) for k in ("text_config",) if hasattr(config, k))]:
+        if getattr(sub, "attn_logit_softcapping", None) is not None:
+            return "logit softcapping (attn_logit_softcapping)"
+    if any(hasattr(layer, "sinks") for layer in layers):
+        return "attention sinks"
+    return None
 
 
 def unpatch(model: nn.Module) -> int:
@@ -258,13 +280,10 @@ def unpatch(model: nn.Module) -> int:
     restored = 0
     previous = model.__dict__.pop(_PREVIOUS_ATTN, None)
     if previous is not None:
-        from . import hf
-
         model.set_attn_implementation(previous)
         restored += 1
-        for m in model.modules():
-            m.__dict__.pop(hf.BACKEND_ATTR, None)
     for m in model.modules():
+        m.__dict__.pop(hf.BACKEND_ATTR, None)
         for name, value in m.__dict__.pop(_SAVED_ATTRS, {}).items():
             setattr(m, name, value)
     for parent, name, child, _ in list(_children_paths(model)):
