@@ -409,3 +409,20 @@ def test_hf_softcapping_model_keeps_its_attention():
     assert not report.swapped
     assert "attention: logit softcapping (attn_logit_softcapping)" in str(report)
     assert model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_projects_shared_inputs_once(batch_first, monkeypatch):
+    """Self-attention takes one input projection matmul, cross-attention with key is value two,
+    in either layout (the sequence-first transposes must not hide that q, k, v are one tensor)."""
+    lm = lmfast.nn.MultiheadAttention(D_MODEL, HEADS, batch_first=batch_first)
+    x, memory = torch.randn(2, 5, D_MODEL), torch.randn(2, 7, D_MODEL)  # (B, S, E)
+    if not batch_first:
+        x, memory = x.transpose(0, 1), memory.transpose(0, 1)  # (S, B, E)
+    linear, calls = torch.nn.functional.linear, []
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *a, **k: calls.append(1) or linear(*a, **k))
+    lm(x, x, x, need_weights=False)
+    assert len(calls) == 2  # q/k/v together, then out_proj
+    calls.clear()
+    lm(x, memory, memory, need_weights=False)
+    assert len(calls) == 3  # q, k/v together, out_proj

@@ -84,13 +84,14 @@ class MultiheadAttention(nn.MultiheadAttention):
         if is_causal and attn_mask is None:
             raise ValueError("is_causal=True is a hint that attn_mask is the causal mask, but attn_mask is None "
                              "(as torch.nn.MultiheadAttention, lmfast needs the mask)")
+        shared = (query is key, key is value)  # before the transposes make new objects of them
         unbatched = query.dim() == 2
         if unbatched:  # (L, E) -> (1, L, E)
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
             key_padding_mask = None if key_padding_mask is None else key_padding_mask.unsqueeze(0)
         elif not self.batch_first:  # (L, B, E) -> (B, L, E)
             query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, *shared)
         B, L, S = q.shape[0], q.shape[1], k.shape[1]
         heads, head_dim = self.num_heads, self.head_dim
         q = q.view(B, L, heads, head_dim).transpose(1, 2)  # (B, H, L, D)
@@ -106,7 +107,8 @@ class MultiheadAttention(nn.MultiheadAttention):
             out = out.transpose(0, 1)
         return out, None
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, query_is_key: bool,
+                 key_is_value: bool) -> tuple[Tensor, Tensor, Tensor]:
         """q (B, L, E), k and v (B, S, E) through the input projections (one matmul for self-attention)."""
         E = self.embed_dim
         w, b = self.in_proj_weight, self.in_proj_bias
@@ -114,11 +116,11 @@ class MultiheadAttention(nn.MultiheadAttention):
             bq, bk, bv = (None, None, None) if b is None else b.chunk(3)
             return (F.linear(query, self.q_proj_weight, bq), F.linear(key, self.k_proj_weight, bk),
                     F.linear(value, self.v_proj_weight, bv))
-        if query is key and key is value:
+        if query_is_key and key_is_value:
             return F.linear(query, w, b).chunk(3, dim=-1)
         bq, bkv = (None, None) if b is None else (b[:E], b[E:])
         q = F.linear(query, w[:E], bq)
-        if key is value:
+        if key_is_value:
             k, v = F.linear(key, w[E:], bkv).chunk(2, dim=-1)
             return q, k, v
         bk, bv = (None, None) if b is None else (b[E:2 * E], b[2 * E:])
