@@ -101,9 +101,9 @@ def _structure(mask: torch.Tensor, attention_mask: torch.Tensor | None, kv_lengt
     if attention_mask is not None:
         if attention_mask.dim() != 2 or attention_mask.shape[0] != batch:
             return None
-        padding = attention_mask.bool()
-        if (short := kv_offset + kv_length - padding.shape[1]) > 0:
-            padding = torch.nn.functional.pad(padding, (0, short))  # as masking_utils.prepare_padding_mask
+        from transformers.masking_utils import prepare_padding_mask  # (pads it to kv_offset + kv_length)
+
+        padding = prepare_padding_mask(attention_mask.bool(), kv_length, kv_offset)
         padding = padding[:, kv_offset:kv_offset + kv_length].reshape(batch, 1, 1, kv_length)
     candidates = [(True, window)] if window is not None else [(True, None), (False, None)]
     for causal, win in candidates:
