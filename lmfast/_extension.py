@@ -30,6 +30,7 @@ from . import _build_flags
 class ExtensionStatus:
     loaded: bool
     detail: str  # how it was loaded (and its build info), or why it could not be
+    location: str | None = None  # the shared library's path, when loaded
 
 
 def _source_dir() -> Path | None:
@@ -59,7 +60,8 @@ def _load_ahead_of_time() -> ExtensionStatus | None:
     if _torch_of(info) != torch.__version__:
         return ExtensionStatus(False, f"lmfast._C was built for torch {_torch_of(info)} but torch "
                                       f"{torch.__version__} is running; reinstall lmfast")
-    return ExtensionStatus(True, f"lmfast._C, built at install time ({info})")
+    return ExtensionStatus(True, f"lmfast._C, built at install time ({info})",
+                           importlib.import_module("lmfast._C").__file__)
 
 
 def cache_root() -> Path:
@@ -99,7 +101,8 @@ def _load_first_use() -> ExtensionStatus:
                            is_python_module=False, verbose=False)
     except Exception as e:  # no compiler, no ninja, compile error: report, don't crash
         return ExtensionStatus(False, f"first-use build failed: {_why(e)}")
-    return ExtensionStatus(True, f"built on first use in {build_dir} ({_build_info()})")
+    return ExtensionStatus(True, f"built on first use in {build_dir} ({_build_info()})",
+                           str(build_dir / f"{name}.so"))
 
 
 def _why(e: Exception) -> str:

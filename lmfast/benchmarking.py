@@ -90,26 +90,30 @@ MATMUL_N = {"cpu": 2048, "cuda": 8192}
 
 def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = None,
           ops: Iterable[str] = OPS) -> list[Case]:
-    """quick: minutes on a 2-core CPU; full: GPU sizes. (2, 12, 512, 512) is BERT-base
-    attention scores; (1024, 4096) is 16 MiB in float32; (4096, 4096) float32 is 64 MiB, past
-    the size where a new CPU tensor gets fresh (zeroed) pages from the OS on every allocation,
-    so there every op returning a tensor, clone included, is bound by page zeroing.
-    Attention: (4, 12, 1024, 64) is BERT-base-like at 4k tokens; at full size, 16k tokens
-    (B * S) with head dims 128 (16 heads) and 64 (32 heads), S from 512 to 16k."""
-    if size == "quick":
+    """quick (the default): about two minutes on a 2-core CPU; full: the thorough set of the
+    device (GPU sizes on a GPU). (2, 12, 512, 512) is BERT-base attention scores; (1024, 4096)
+    is 16 MiB in float32; (4096, 4096) float32 is 64 MiB, past the size where a new CPU tensor
+    gets fresh (zeroed) pages from the OS on every allocation, so there every op returning a
+    tensor, clone included, is bound by page zeroing. Attention: (4, 12, 1024, 64) is
+    BERT-base-like at 4k tokens; at GPU full size, 16k tokens (B * S) with head dims 128
+    (16 heads) and 64 (32 heads), S from 512 to 16k."""
+    if size not in ("quick", "full"):
+        raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
+    on_cpu = device == "cpu"
+    if size == "quick" or on_cpu:
         dt = dtype or torch.float32
-        rows = [(1024, 4096), (4096, 4096)] if device == "cpu" else [(4096, 4096)]
+        rows = [(1024, 4096)] if on_cpu else [(4096, 4096)]
+        if size == "full":
+            rows.append((4096, 4096))
         scores = (2, 12, 512, 512)
         attention = [(4, 12, 1024, 64)]
-    elif size == "full":
-        dt = dtype or (torch.bfloat16 if device != "cpu" else torch.float32)
+    else:
+        dt = dtype or torch.bfloat16
         rows = [(16384, 4096), (65536, 1024), (4096, 16384)]
         scores = (8, 16, 2048, 2048)
         # the target sizes (D = 128, S >= 2k) first, so that a time-limited run has them
         attention = [(16384 // S, 16, S, 128) for S in (2048, 8192, 16384, 512)] + \
                     [(16384 // S, 32, S, 64) for S in (2048, 16384)]
-    else:
-        raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     out = []
     for op in ops:
         if op not in OPS:
@@ -320,6 +324,11 @@ class Result:
     vs_eager: float | None = None    # eager's time / this time (> 1: faster than eager)
     vs_compile: float | None = None
     vs_sdpa: float | None = None     # attention: the fastest SDPA backend's time / this time
+
+
+def steps(selected: list[Case], rounds: int) -> int:
+    """Progress steps of run(): per case, preparing, then each round."""
+    return len(selected) * (rounds + 1)
 
 
 def run(selected: list[Case], device: str, *, min_run_time: float = 0.2, rounds: int = 3,

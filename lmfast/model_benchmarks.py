@@ -50,6 +50,8 @@ class ModelResult:
     matmul_share: float | None = None        # of the unpatched time (profiled), prefill only
     removed_of_the_rest: float | None = None  # time saved / the unpatched non-matmul time
     samples: int = 0                          # (unpatched, patched) pairs timed
+    speedup_quartiles: tuple[float, float] | None = None  # of the pairs' ratios: the run's spread
+    agrees: bool = True                       # False: the outputs check failed (see agreement)
 
 
 # ---- models (local packages only: nothing is downloaded) ------------------------------------
@@ -145,8 +147,13 @@ def _result(workload, unit, work, pairs, agreement, matmul_share=None) -> ModelR
     removed = None
     if matmul_share is not None:  # the time patching saved, over the unpatched non-matmul time
         removed = (1 - 1 / speedup) / (1 - matmul_share)
+    ratios = [u / p for u, p in pairs]
+    quartiles = None
+    if len(ratios) >= 2:
+        q = statistics.quantiles(ratios, n=4)
+        quartiles = (q[0], q[2])
     return ModelResult(workload, unit, work / t_unpatched, work / t_patched, speedup, agreement, matmul_share,
-                       removed, len(pairs))
+                       removed, len(pairs), quartiles)
 
 
 # ---- workloads -------------------------------------------------------------------------------
@@ -195,6 +202,85 @@ def minilm_encode(tok, model, sentences: int = 32, samples: int = 20) -> ModelRe
     agreement = f"hidden states max |diff| {(got - want)[keep].abs().max().item():.2e}"
     return _result(f"minilm-encode-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences, pairs,
                    agreement)
+
+
+# GPT-2-small row of `lmfast bench` per (--size, device): prefill tokens, decoded tokens, timed
+# (unpatched, patched) pairs per workload
+GPT2_SIZES = {("quick", "cpu"): (256, 16, 6), ("full", "cpu"): (512, 32, 8),
+              ("quick", "cuda"): (1024, 64, 6), ("full", "cuda"): (1024, 128, 8)}
+
+
+def gpt2_small_model():
+    """GPT-2 small's shape (12 layers, 12 heads, 768 wide, 50257-token vocabulary, 1024
+    positions) with random weights (seed 0), float32 on the CPU, in eval mode."""
+    import transformers
+
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
+
+
+def gpt2_token_ids(n: int) -> torch.Tensor:
+    """(1, n) random token ids (seed 0): random weights make any text as good as another."""
+    return torch.randint(0, 50257, (1, n), generator=torch.Generator().manual_seed(0))
+
+
+def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_tokens: int = 16,
+               samples: int = 4, progress: Callable[[str], None] | None = None) -> list[ModelResult]:
+    """gpt2_small_model() (built in code; nothing downloaded): prefill of `prefill_tokens` random
+    tokens and greedy decoding of `new_tokens` after a 32-token prompt, patched against
+    unpatched. Prefill logits are checked against the model in float64 under the error budget;
+    decoding must give identical tokens. `progress(label)` is called once per step of
+    `gpt2_steps(samples)`."""
+    from .testing import error_budget
+
+    step = progress or (lambda label: None)
+    step("gpt2-small: building the model (random weights)")
+    model = gpt2_small_model()
+    ids = gpt2_token_ids(prefill_tokens)
+    with torch.no_grad():  # the float64 oracle, on the CPU or the device
+        ref64 = model.to(device, torch.float64)(ids.to(device)).logits
+    model.to(device, dtype)
+    ids = ids.to(device)
+    unpatched, patched = _pair(model)
+    logits = torch.no_grad()(lambda m: m(ids).logits)
+    want, got = logits(unpatched), logits(patched)
+    eager_err, budget = error_budget(want, ref64)
+    err = (got.double() - ref64).square().mean().sqrt().item()
+    verdict = "within" if err <= budget else "OVER"
+    agreement = f"logits RMS error vs float64 {err:.1e}, {verdict} the budget {budget:.1e} (eager {eager_err:.1e})"
+    del ref64
+
+    def timed_prefill(m):
+        step(f"gpt2-small prefill {prefill_tokens} tokens")
+        return _seconds(lambda: logits(m), device)
+
+    pairs = _paired_times(timed_prefill, unpatched, patched, samples)
+    results = [_result(f"gpt2-small-prefill-{prefill_tokens}", "tokens/s", prefill_tokens, pairs, agreement)]
+    results[0].agrees = err <= budget
+
+    prompt = ids[:, :32]
+
+    def generate(m, n):
+        with torch.no_grad():
+            return m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, pad_token_id=model.config.eos_token_id)
+
+    same = torch.equal(generate(unpatched, new_tokens), generate(patched, new_tokens))
+
+    def decode_seconds(m):  # the prefill and the first token cancel out
+        step(f"gpt2-small decode {new_tokens} tokens")
+        return _seconds(lambda: generate(m, new_tokens), device) - _seconds(lambda: generate(m, 1), device)
+
+    pairs = _paired_times(decode_seconds, unpatched, patched, samples)
+    results.append(_result(f"gpt2-small-decode-{new_tokens}", "tokens/s", new_tokens - 1, pairs,
+                           "identical tokens" if same else "TOKENS DIFFER"))
+    results[1].agrees = same
+    return results
+
+
+def gpt2_steps(samples: int) -> int:
+    """Progress steps of gpt2_small: building, then one per timed call, for both workloads."""
+    return 1 + 2 * 2 * samples
 
 
 def format_table(results: list[ModelResult]) -> str:

@@ -48,6 +48,12 @@ timeout 90 python3 -m lmfast.cli bench --size full --ops layer_norm rms_norm sof
 echo "bench exit $?" | tee -a "$OUT/bench.log"
 tail -40 "$OUT/bench.log"
 
+echo "== model row: GPT-2-small shape, random weights, patched vs unpatched (bf16)"
+mkdir -p "$OUT/gpt2"
+timeout 120 python3 -m lmfast.cli bench --size full --ops gpt2 --out "$OUT/gpt2" > "$OUT/bench-gpt2.log" 2>&1
+echo "gpt2 bench exit $?" | tee -a "$OUT/bench-gpt2.log"
+tail -8 "$OUT/bench-gpt2.log"
+
 if [ "$have_models" = 1 ]; then
   echo "== model benchmarks (SmolLM2-135M, MiniLM; bf16, patched vs unpatched)"
   timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --samples 4 --out "$OUT" \

@@ -1,9 +1,8 @@
-"""Prints the README results table for a `lmfast bench` JSON report:
+"""Prints the README results tables for a `lmfast bench` JSON report (ops and model rows):
 python scripts/results_table.py benchmarks/results/<file>.json"""
 
-import json
 import sys
 
-from lmfast.benchmarking import markdown_summary
+from lmfast import bench_report
 
-print(markdown_summary(json.load(open(sys.argv[1]))))
+print(bench_report.markdown(bench_report.load(sys.argv[1])))

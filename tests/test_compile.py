@@ -103,3 +103,18 @@ def test_opcheck_custom_ops(kb):
     x4 = torch.randn(2, 3, 5, 7, device=dev)
     mask = torch.randn(1, 3, 1, 7, device=dev).expand(2, 3, 5, 7)
     torch.library.opcheck(ns.softmax_fwd, (x4, mask, 0.5, True))
+
+
+def test_import_lmfast_leaves_dynamo_unloaded_and_marks_backend_choice_when_it_loads():
+    """`import lmfast` must not pay for importing torch._dynamo (~2 s); the backend choice is
+    still a trace-time constant once dynamo loads."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lmfast\n"
+            "from lmfast.ops import _common\n"
+            "assert 'torch._dynamo' not in sys.modules\n"
+            "import torch._dynamo\n"
+            "assert _common._resolve._dynamo_marked_constant\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr

@@ -19,15 +19,13 @@ no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all (None, as
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import importlib.util
-import sys
 import warnings
 from typing import NamedTuple
 
 import torch
 
 from .. import ops, reference
+from .._import_hooks import call_after_import
 
 NAME = "lmfast"
 BACKEND_ATTR = "_lmfast_backend"  # on attention layers: the lmfast backend lmfast.patch chose
@@ -147,29 +145,6 @@ def _register_quietly() -> None:
                       "call lmfast.integrations.hf.register() to see why", stacklevel=2)
 
 
-class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """One-shot import hook: lets the other finders load transformers.modeling_utils, then registers."""
-
-    def find_spec(self, name, path=None, target=None):
-        if name != _MODELING:
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        exec_module = spec.loader.exec_module
-
-        def exec_then_register(module):
-            exec_module(module)
-            _register_quietly()
-
-        spec.loader.exec_module = exec_then_register
-        return spec
-
-
 def register_when_transformers_loads() -> None:
     """Registers now if transformers' modeling code is loaded, else as soon as it is."""
-    if _MODELING in sys.modules:
-        _register_quietly()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    call_after_import(_MODELING, _register_quietly)

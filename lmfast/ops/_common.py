@@ -9,12 +9,17 @@ import torch
 from torch import Tensor
 
 from .. import _backends
+from .._import_hooks import call_after_import
 
 
-@torch.compiler.assume_constant_result
 def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
-    # Evaluated once at trace time under torch.compile: the choice depends only on constants.
     return _backends.resolve(backend, op, device, dtype)
+
+
+# Under torch.compile, _resolve is evaluated once at trace time: the choice depends only on
+# constants. Marked when torch._dynamo loads (the mark is an attribute set on the function):
+# importing dynamo here would add ~2 s to every `import lmfast`.
+call_after_import("torch._dynamo", lambda: torch.compiler.assume_constant_result(_resolve))
 
 
 def resolve_backend(backend: str, op: str, x: Tensor) -> str:
