@@ -136,7 +136,9 @@ def plot(report: dict, path: str | Path) -> Path:
     if not panels:
         raise ValueError("nothing to plot: the report has no results")
     height = max(3.0, 0.42 * max(len(rows), len(models)) + 1.6)
-    fig, axes = plt.subplots(1, panels, figsize=(6.2 * panels, height), squeeze=False)
+    widths = ([1.0, 1.0] if rows else []) + ([0.6] if models else [])
+    fig, axes = plt.subplots(1, panels, figsize=(6.2 * sum(widths), height), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     axes = list(axes[0])
     env = report["environment"]
     fig.suptitle(f"lmfast bench, {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
@@ -154,6 +156,7 @@ def plot(report: dict, path: str | Path) -> Path:
                     [cells[_ours(cells)][field] or 0 for _, cells in rows], height=h, label=f"vs {name}")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))  # ... 0.5x 1x 2x 4x ...
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(y, labels, fontsize=7)
@@ -188,7 +191,7 @@ def plot(report: dict, path: str | Path) -> Path:
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_yticks(y, [m["workload"] for m in models], fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel("patched / unpatched tokens per second (line: middle half of the pairs)")
+        ax.set_xlabel("patched / unpatched rate\n(line: middle half of the timed pairs)")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
