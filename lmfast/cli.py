@@ -108,7 +108,7 @@ def _writable_dir(path: Path) -> Path:
 def _bench(args) -> int:
     import torch
 
-    from lmfast import bench_report, benchmarking
+    from lmfast import bench_report, benchmarking, model_benchmarks
     from lmfast._progress import ProgressBar
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,8 +126,6 @@ def _bench(args) -> int:
     out = _writable_dir(Path(args.out))
     dtype = benchmarking.DTYPES[args.dtype] if args.dtype else None
     selected = benchmarking.cases(args.size, device, dtype, [op for op in args.ops if op in BENCH_OPS])
-    from lmfast import model_benchmarks
-
     notes = []
     gpt2 = model_benchmarks.GPT2_SIZES[(args.size, device)] if MODEL_ROW in args.ops else None
     if gpt2 and _version("transformers") == "not installed":

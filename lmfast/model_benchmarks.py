@@ -139,7 +139,7 @@ def _matmul_share(step: Callable[[], object]) -> float:
     return sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total
 
 
-def _result(workload, unit, work, pairs, agreement, matmul_share=None) -> ModelResult:
+def _result(workload, unit, work, pairs, agreement, matmul_share=None, agrees=True) -> ModelResult:
     """Rates from the median times; speedup: the median of the pairs' ratios."""
     t_unpatched = statistics.median(u for u, _ in pairs)
     t_patched = statistics.median(p for _, p in pairs)
@@ -153,7 +153,7 @@ def _result(workload, unit, work, pairs, agreement, matmul_share=None) -> ModelR
         q = statistics.quantiles(ratios, n=4)
         quartiles = (q[0], q[2])
     return ModelResult(workload, unit, work / t_unpatched, work / t_patched, speedup, agreement, matmul_share,
-                       removed, len(pairs), quartiles)
+                       removed, len(pairs), quartiles, agrees)
 
 
 # ---- workloads -------------------------------------------------------------------------------
@@ -252,8 +252,8 @@ def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_t
         return _seconds(lambda: logits(m), device)
 
     pairs = _paired_times(timed_prefill, unpatched, patched, samples)
-    results = [_result(f"gpt2-small-prefill-{prefill_tokens}", "tokens/s", prefill_tokens, pairs, agreement)]
-    results[0].agrees = agrees
+    results = [_result(f"gpt2-small-prefill-{prefill_tokens}", "tokens/s", prefill_tokens, pairs, agreement,
+                       agrees=agrees)]
 
     prompt = ids[:, :32]
 
@@ -279,8 +279,8 @@ def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_t
         return _seconds(lambda: generate(m, new_tokens), device) - _seconds(lambda: generate(m, 1), device)
 
     pairs = _paired_times(decode_seconds, unpatched, patched, samples)
-    results.append(_result(f"gpt2-small-decode-{new_tokens}", "tokens/s", new_tokens - 1, pairs, agreement))
-    results[1].agrees = agrees
+    results.append(_result(f"gpt2-small-decode-{new_tokens}", "tokens/s", new_tokens - 1, pairs, agreement,
+                           agrees=agrees))
     return results
 
 

@@ -64,3 +64,15 @@ def small_triton_blocks(monkeypatch):
 def _seed():
     # LMFAST_TEST_SEED reruns the suite on other random inputs (e.g. to hunt rare failures).
     torch.manual_seed(int(os.environ.get("LMFAST_TEST_SEED", "0")))
+
+
+# The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
+# worker, handed out in collection order. The longest files go first, so that no worker is
+# still starting one of them when the others run out of work. (Serial runs just see a new order.)
+LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cli.py", "test_patch.py", "test_backends.py",
+                       "test_patch_models.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
