@@ -90,8 +90,8 @@ MATMUL_N = {"cpu": 2048, "cuda": 8192}
 
 def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = None,
           ops: Iterable[str] = OPS) -> list[Case]:
-    """quick (the default): about two minutes on a 2-core CPU; full: the thorough set of the
-    device (GPU sizes on a GPU). (2, 12, 512, 512) is BERT-base attention scores; (1024, 4096)
+    """quick (the default): about two minutes on a 2-core CPU (lmfast bench adds its model
+    row); full: the thorough set of the device (GPU sizes on a GPU). (2, 12, 512, 512) is BERT-base attention scores; (1024, 4096)
     is 16 MiB in float32; (4096, 4096) float32 is 64 MiB, past the size where a new CPU tensor
     gets fresh (zeroed) pages from the OS on every allocation, so there every op returning a
     tensor, clone included, is bound by page zeroing. Attention: (4, 12, 1024, 64) is
