@@ -3,14 +3,11 @@ nothing downloaded), unpatched vs lmfast.patch'ed, prefill and greedy decoding w
 cache. Grouped per workload so the two variants sit side by side; extra_info has tokens/s.
 Sizes from lmfast.model_benchmarks.GPT2_SIZES (--lmfast-size quick | full)."""
 
-import copy
-
 import pytest
 import torch
 
 pytest.importorskip("transformers", reason="the model row needs transformers (pip install 'lmfast[bench]')")
 
-import lmfast  # noqa: E402
 from lmfast import model_benchmarks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -21,11 +18,9 @@ DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 def gpt2(request):
     """{"unpatched": model, "patched": its patched deep copy}, and the workload sizes."""
     prefill, new_tokens, _ = model_benchmarks.GPT2_SIZES[(request.config.getoption("--lmfast-size"), DEVICE)]
-    model = model_benchmarks.gpt2_small_model().to(DEVICE, DTYPE)
-    patched = copy.deepcopy(model)
-    lmfast.patch(patched)
+    unpatched, patched = model_benchmarks.patched_pair(model_benchmarks.gpt2_small_model().to(DEVICE, DTYPE))
     ids = model_benchmarks.gpt2_token_ids(prefill).to(DEVICE)
-    return {"unpatched": model, "patched": patched}, ids, new_tokens
+    return {"unpatched": unpatched, "patched": patched}, ids, new_tokens
 
 
 def _timed(fn):
@@ -54,10 +49,8 @@ def test_gpt2_small_decode(benchmark, gpt2, variant):
     models, ids, new_tokens = gpt2
     prompt = ids[:, :32]
 
-    @torch.no_grad()
     def run():
-        return models[variant].generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=50256)
+        return model_benchmarks.greedy(models[variant], prompt, new_tokens, models[variant].config.eos_token_id)
     run()
     benchmark.group = f"gpt2-small decode {new_tokens} tokens {DEVICE}"
     benchmark.pedantic(_timed(run), rounds=3, iterations=1, warmup_rounds=0)

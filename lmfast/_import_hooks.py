@@ -36,8 +36,9 @@ class _AfterImport(importlib.abc.MetaPathFinder):
 
 
 def call_after_import(name: str, then: Callable[[], None]) -> None:
-    """then() now if module `name` is loaded, else as soon as it is (once)."""
+    """then() now if module `name` is loaded, else as soon as it is (once, however often the
+    same (name, then) is asked for)."""
     if name in sys.modules:
         then()
-    elif not any(isinstance(f, _AfterImport) and f.name == name for f in sys.meta_path):
+    elif not any(isinstance(f, _AfterImport) and f.name == name and f.then is then for f in sys.meta_path):
         sys.meta_path.insert(0, _AfterImport(name, then))

@@ -91,12 +91,12 @@ MATMUL_N = {"cpu": 2048, "cuda": 8192}
 def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = None,
           ops: Iterable[str] = OPS) -> list[Case]:
     """quick (the default): about two minutes on a 2-core CPU (lmfast bench adds its model
-    row); full: the thorough set of the device (GPU sizes on a GPU). (2, 12, 512, 512) is BERT-base attention scores; (1024, 4096)
-    is 16 MiB in float32; (4096, 4096) float32 is 64 MiB, past the size where a new CPU tensor
-    gets fresh (zeroed) pages from the OS on every allocation, so there every op returning a
-    tensor, clone included, is bound by page zeroing. Attention: (4, 12, 1024, 64) is
-    BERT-base-like at 4k tokens; at GPU full size, 16k tokens (B * S) with head dims 128
-    (16 heads) and 64 (32 heads), S from 512 to 16k."""
+    row); full: the thorough set of the device (GPU sizes on a GPU). (2, 12, 512, 512) is
+    BERT-base attention scores; (1024, 4096) is 16 MiB in float32; (4096, 4096) float32 is
+    64 MiB, past the size where a new CPU tensor gets fresh (zeroed) pages from the OS on every
+    allocation, so there every op returning a tensor, clone included, is bound by page zeroing.
+    Attention: (4, 12, 1024, 64) is BERT-base-like at 4k tokens; at GPU full size, 16k tokens
+    (B * S) with head dims 128 (16 heads) and 64 (32 heads), S from 512 to 16k."""
     if size not in ("quick", "full"):
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     on_cpu = device == "cpu"

@@ -96,11 +96,19 @@ def _sentences(n: int) -> list[str]:
 
 # ---- timing ----------------------------------------------------------------------------------
 
-def _pair(model):
+def patched_pair(model):
     """(unpatched model, patched deep copy of it): timed side by side, call by call."""
     twin = copy.deepcopy(model)
     lmfast.patch(twin)
     return model, twin
+
+
+def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
+    """(1, S + new_tokens) ids: exactly `new_tokens` greedy tokens after `prompt` (1, S), with
+    the KV cache, whatever tokens come (an end-of-text token does not stop it)."""
+    with torch.no_grad():
+        return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
 
 
 def _paired_times(run: Callable[[torch.nn.Module], float], unpatched, patched, samples: int):
@@ -161,7 +169,7 @@ def _result(workload, unit, work, pairs, agreement, matmul_share=None, agrees=Tr
 def smollm2_prefill(tok, model, tokens: int = 512, samples: int = 8) -> ModelResult:
     device = _device(model)
     ids = tok(TEXT * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
-    unpatched, patched = _pair(model)
+    unpatched, patched = patched_pair(model)
     logits = torch.no_grad()(lambda m: m(ids).logits)
     want, got = logits(unpatched), logits(patched)  # (also the warm-up)
     share = _matmul_share(lambda: logits(unpatched)) if device == "cpu" else None
@@ -174,12 +182,10 @@ def smollm2_prefill(tok, model, tokens: int = 512, samples: int = 8) -> ModelRes
 def smollm2_decode(tok, model, new_tokens: int = 32, samples: int = 6) -> ModelResult:
     device = _device(model)
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :32].to(device)
-    unpatched, patched = _pair(model)
+    unpatched, patched = patched_pair(model)
 
     def generate(m, n):
-        with torch.no_grad():
-            return m.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=tok.eos_token_id)
+        return greedy(m, ids, n, tok.eos_token_id)
 
     want, got = generate(unpatched, new_tokens), generate(patched, new_tokens)
 
@@ -194,7 +200,7 @@ def smollm2_decode(tok, model, new_tokens: int = 32, samples: int = 6) -> ModelR
 def minilm_encode(tok, model, sentences: int = 32, samples: int = 20) -> ModelResult:
     device = _device(model)
     batch = tok(_sentences(sentences), padding=True, return_tensors="pt").to(device)
-    unpatched, patched = _pair(model)
+    unpatched, patched = patched_pair(model)
     hidden = torch.no_grad()(lambda m: m(**batch).last_hidden_state)
     want, got = hidden(unpatched), hidden(patched)
     keep = batch["attention_mask"].bool()
@@ -240,7 +246,7 @@ def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_t
     model64 = copy.deepcopy(model).to(device, torch.float64)  # the oracle
     model.to(device, dtype)
     ids = gpt2_token_ids(prefill_tokens).to(device)
-    unpatched, patched = _pair(model)
+    unpatched, patched = patched_pair(model)
     logits = torch.no_grad()(lambda m: m(ids).logits)
     with torch.no_grad():
         ref64 = model64(ids).logits
@@ -258,9 +264,7 @@ def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_t
     prompt = ids[:, :32]
 
     def generate(m, n):
-        with torch.no_grad():
-            return m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
-                              min_new_tokens=n, do_sample=False, pad_token_id=model.config.eos_token_id)
+        return greedy(m, prompt, n, model.config.eos_token_id)
 
     tokens, tokens_patched = generate(unpatched, new_tokens), generate(patched, new_tokens)
     with torch.no_grad():  # (1, new_tokens, V): the predictions of the decoded tokens
