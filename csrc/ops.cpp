@@ -1,5 +1,10 @@
-// Registers the C++ kernels as torch.ops.lmfast_C.*. The public custom ops (lmfast::*) are
-// defined in Python (lmfast/ops/) and call these for backend="cpu".
+// Registers lmfast's C++ ops as torch.ops.lmfast_C.*:
+//   public ops   layer_norm, rms_norm, softmax, attention: argument checks and shaping, then
+//                the kernel ops (csrc/api.cpp; CompositeImplicitAutograd, so torch.compile
+//                traces them into the kernel ops). lmfast.ops and lmfast.nn call these for
+//                backend="cpu".
+//   kernel ops   *_fwd / *_bwd: the kernels (csrc/cpu/), their autograd (csrc/api.cpp); fake
+//                impls are registered in Python (lmfast/ops/*.py), beside the Triton twins.
 #include "cpu/vec.h"  // first (see vec.h); also defines the CPU_CAPABILITY build_info reports
 
 #include <Python.h>
@@ -31,6 +36,14 @@ std::string build_info() {
 
 TORCH_LIBRARY(lmfast_C, m) {
   m.def("build_info() -> str", &lmfast::cpu::build_info);
+  // public ops
+  m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
+        " -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor? weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
+  m.def("softmax(Tensor x, int dim, float scale, Tensor? mask, bool causal) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float? scale,"
+        " int? window) -> (Tensor, Tensor)");
+  // kernel ops
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
@@ -57,6 +70,20 @@ TORCH_LIBRARY_IMPL(lmfast_C, CPU, m) {
   m.impl("softmax_bwd", &lmfast::cpu::softmax_bwd);
   m.impl("attention_fwd", &lmfast::cpu::attention_fwd);
   m.impl("attention_bwd", &lmfast::cpu::attention_bwd);
+}
+
+TORCH_LIBRARY_IMPL(lmfast_C, CompositeImplicitAutograd, m) {
+  m.impl("layer_norm", &lmfast::api::layer_norm);
+  m.impl("rms_norm", &lmfast::api::rms_norm);
+  m.impl("softmax", &lmfast::api::softmax);
+  m.impl("attention", &lmfast::api::attention);
+}
+
+TORCH_LIBRARY_IMPL(lmfast_C, Autograd, m) {
+  m.impl("layer_norm_fwd", &lmfast::api::layer_norm_fwd_autograd);
+  m.impl("rms_norm_fwd", &lmfast::api::rms_norm_fwd_autograd);
+  m.impl("softmax_fwd", &lmfast::api::softmax_fwd_autograd);
+  m.impl("attention_fwd", &lmfast::api::attention_fwd_autograd);
 }
 
 // `import lmfast._C` (ahead-of-time build) loads the library above; the module itself is empty.

@@ -1,8 +1,14 @@
-// Entry points of lmfast._C. Launch-level contracts (the Python op layer validates user
-// input first; these only TORCH_CHECK their own preconditions):
-//   norms:   x is a contiguous (rows, N) tensor; weight/bias (N,) of x's dtype; mean/rstd are
-//            (rows,) in the accumulation dtype (float, or double for double inputs).
-//   softmax: x is a contiguous (B, H, M, N) tensor; mask is expanded to x's shape.
+// Entry points of lmfast._C.
+//
+// Kernel ops (lmfast::cpu, registered for the CPU key). Launch-level contracts (the public
+// ops, in C++ or Python, validate user input first; these only TORCH_CHECK their own
+// preconditions):
+//   norms:   x is a contiguous (..., N) tensor, normalized over N (the Triton twins take
+//            (rows, N)); weight/bias (N,) of x's dtype; mean/rstd hold one value per row,
+//            shaped like x's leading dims, in the accumulation dtype (float, or double for
+//            double inputs).
+//   softmax: the forward's x is a contiguous (B, H, M, N) tensor, its mask expanded to x's
+//            shape; the backward's y and dy are contiguous (..., N).
 // Optional outputs that are not requested come back as empty (0,) tensors.
 #pragma once
 
@@ -54,3 +60,40 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
 std::string build_info();
 
 }  // namespace lmfast::cpu
+
+// The public ops and the kernel ops' autograd (csrc/api.cpp): device-independent, they call
+// the kernel ops above through the dispatcher.
+namespace lmfast::api {
+
+using at::Tensor;
+
+// Public ops: check the user's arguments (the Python layer's messages), shape them for the
+// kernels and call the kernel ops. The norms return (y, x + residual), or (y, an empty tensor)
+// without a residual; attention returns (o, lse), o (B, Hq, Sq, D) in (B, Sq, Hq, D) memory.
+std::tuple<Tensor, Tensor> layer_norm(const Tensor& x, const std::optional<Tensor>& weight,
+                                      const std::optional<Tensor>& bias,
+                                      const std::optional<Tensor>& residual, double eps);
+std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const std::optional<Tensor>& weight,
+                                    const std::optional<Tensor>& residual, double eps);
+Tensor softmax(const Tensor& x, int64_t dim, double scale, const std::optional<Tensor>& mask,
+               bool causal);
+std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const std::optional<Tensor>& attn_mask, bool causal,
+                                     std::optional<double> scale, std::optional<int64_t> window);
+
+// Autograd-key kernels of the *_fwd kernel ops (their backward calls the *_bwd ops).
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(
+    const Tensor& x, const std::optional<Tensor>& weight, const std::optional<Tensor>& bias,
+    const std::optional<Tensor>& residual, double eps);
+std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x,
+                                                         const std::optional<Tensor>& weight,
+                                                         const std::optional<Tensor>& residual,
+                                                         double eps);
+Tensor softmax_fwd_autograd(const Tensor& x, const std::optional<Tensor>& mask, double scale,
+                            bool causal);
+std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k,
+                                                  const Tensor& v,
+                                                  const std::optional<Tensor>& mask, double scale,
+                                                  bool causal, std::optional<int64_t> window);
+
+}  // namespace lmfast::api

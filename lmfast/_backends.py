@@ -9,6 +9,10 @@ Backends:
 
 "auto" picks cpu for CPU tensors and triton for CUDA tensors, and falls back to torch, with
 one warning, when that backend cannot run. LMFAST_BACKEND=<name> replaces "auto".
+
+The environment (LMFAST_BACKEND, TRITON_INTERPRET) is read once, when lmfast first picks a
+backend, not on every call (reading it costs about a microsecond, a tenth of a decode-size
+norm); refresh() reads it again and forgets every choice made.
 """
 
 from __future__ import annotations
@@ -42,8 +46,23 @@ class BackendStatus:
         return f"{self.name:7s} {'yes' if self.available else 'no ':3s}  {self.detail}"
 
 
+@functools.cache
+def _environment() -> tuple[str, bool]:
+    """(LMFAST_BACKEND, whether TRITON_INTERPRET is on), as read at first use or refresh()."""
+    return os.environ.get("LMFAST_BACKEND", ""), os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _environment()[1]
+
+
+def refresh() -> None:
+    """Reads LMFAST_BACKEND and TRITON_INTERPRET again and forgets every backend choice made
+    (which backend runs what, and the backend names that mean the C++ kernels)."""
+    global _cpp_names
+    _environment.cache_clear()
+    _resolved.clear()
+    _cpp_names = None
 
 
 @functools.cache
@@ -135,21 +154,41 @@ _resolved: dict[tuple, str] = {}
 
 def resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     """The concrete backend that runs `op` on (device, dtype); raises if an explicitly named
-    backend cannot. Memoized: this runs on every op call."""
+    backend cannot. Memoized (see refresh())."""
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {type(backend).__name__}")
-    key = (backend, op, device, dtype, os.environ.get("LMFAST_BACKEND", ""), triton_interpreted())
+    key = (backend, op, device, dtype)
     found = _resolved.get(key)
     if found is None:
         found = _resolved[key] = _resolve_uncached(backend, op, device, dtype)
     return found
 
 
+_cpp_names: frozenset[str] | None = None
+
+
+def runs_cpp(backend: str) -> bool:
+    """Whether `backend` ("auto", "cpu", ...) means the C++ kernels for CPU tensors, so that
+    a call on CPU tensors can go straight into one torch.ops.lmfast_C op (which checks the
+    arguments itself). False where anything else decides: another backend, a C++ build that
+    did not load, an LMFAST_BACKEND to apply or to reject. The answer depends on the name and
+    the environment only, so it is computed once per name (every op and module forward asks)."""
+    global _cpp_names
+    if _cpp_names is None:
+        names = set()
+        if status("cpu").available:
+            names.add("cpu")
+            if _environment()[0] in ("", "auto", "cpu"):
+                names.add("auto")
+        _cpp_names = frozenset(names)
+    return isinstance(backend, str) and backend in _cpp_names
+
+
 def _resolve_uncached(backend: str, op: str, device: torch.device, dtype: torch.dtype) -> str:
     if backend not in (*BACKENDS, "auto"):
         raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     if backend == "auto":
-        backend = os.environ.get("LMFAST_BACKEND", "") or "auto"
+        backend = _environment()[0] or "auto"
         if backend not in (*BACKENDS, "auto"):
             raise ValueError(f"LMFAST_BACKEND must be one of {('auto', *BACKENDS)}, got {backend!r}")
         if backend == "auto":

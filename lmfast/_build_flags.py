@@ -10,7 +10,7 @@ Environment switches:
 
 import os
 
-CPU_SOURCES = ("ops.cpp", "cpu/norm.cpp", "cpu/softmax.cpp", "cpu/attention.cpp")
+CPU_SOURCES = ("ops.cpp", "api.cpp", "cpu/norm.cpp", "cpu/softmax.cpp", "cpu/attention.cpp")
 
 
 def cpu_compile_args(torch_version: str) -> list[str]:

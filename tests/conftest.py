@@ -60,6 +60,25 @@ def small_triton_blocks(monkeypatch):
     monkeypatch.setattr(common, "MAX_BLOCK_N", 256)
 
 
+@pytest.fixture
+def set_backend_env():
+    """set_backend_env(value): sets LMFAST_BACKEND for the test (None: unset) and makes lmfast
+    read it again (it reads the environment once, at first use); restored afterwards."""
+    from lmfast import _backends
+
+    old = os.environ.get("LMFAST_BACKEND")
+
+    def set_env(value):
+        if value is None:
+            os.environ.pop("LMFAST_BACKEND", None)
+        else:
+            os.environ["LMFAST_BACKEND"] = value
+        _backends.refresh()
+
+    yield set_env
+    set_env(old)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     # LMFAST_TEST_SEED reruns the suite on other random inputs (e.g. to hunt rare failures).

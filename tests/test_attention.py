@@ -112,12 +112,13 @@ def test_auto_picks_the_cpu_kernel_for_cpu_tensors():
     torch.testing.assert_close(lmfast.ops.attention(q, k, v), reference.attention(q, k, v)[0])
 
 
-def _raises(exc, match, *args, **kwargs):
-    with pytest.raises(exc, match=match):
-        lmfast.ops.attention(*args, **kwargs, backend="torch")
+@pytest.mark.parametrize("backend", ["auto", "torch", "cpu", "triton"])
+def test_bad_inputs_name_the_argument(backend):
+    """The same errors from the Python checks (torch, triton) and the C++ public op (auto, cpu)."""
+    def _raises(exc, match, *args, **kwargs):
+        with pytest.raises(exc, match=match):
+            lmfast.ops.attention(*args, **kwargs, backend=backend)
 
-
-def test_bad_inputs_name_the_argument():
     q, k, v = _qkv(dtype=torch.float32)
     _raises(ValueError, r"q must have 4 dims \(B, H, S, D\)", q[0], k, v)
     _raises(TypeError, "k must be a float16", q, k.long(), v)

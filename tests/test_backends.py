@@ -37,22 +37,22 @@ def test_auto_picks_triton_for_cuda_tensors():
     assert _backends.resolve("auto", "softmax", torch.device("cuda"), torch.float64) == "torch"
 
 
-def test_env_overrides_auto(monkeypatch):
-    monkeypatch.setenv("LMFAST_BACKEND", "torch")
+def test_env_overrides_auto(set_backend_env):
+    set_backend_env("torch")
     assert _backends.resolve("auto", "softmax", torch.device("cpu"), torch.float32) == "torch"
     assert _backends.resolve("cpu", "softmax", torch.device("cpu"), torch.float32) == "cpu"  # explicit wins
 
 
-def test_env_override_naming_an_impossible_backend_fails_clearly(monkeypatch):
-    monkeypatch.setenv("LMFAST_BACKEND", "cuda")
+def test_env_override_naming_an_impossible_backend_fails_clearly(set_backend_env):
+    set_backend_env("cuda")
     with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
         lmfast.ops.softmax(torch.randn(3, 4))
 
 
-def test_every_backend_gives_the_same_answer_through_auto(monkeypatch):
+def test_every_backend_gives_the_same_answer_through_auto(set_backend_env):
     x = torch.randn(5, 16)
     want = lmfast.ops.rms_norm(x, backend="torch")
-    monkeypatch.setenv("LMFAST_BACKEND", "cpu")
+    set_backend_env("cpu")
     torch.testing.assert_close(lmfast.ops.rms_norm(x), want)
 
 

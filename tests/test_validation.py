@@ -65,8 +65,8 @@ def test_unknown_backend_names_the_argument():
     _raises(TypeError, "backend must be a str", lmfast.ops.layer_norm, x, backend=["cpu"])
 
 
-def test_env_override_is_validated(monkeypatch):
-    monkeypatch.setenv("LMFAST_BACKEND", "fast")
+def test_env_override_is_validated(set_backend_env):
+    set_backend_env("fast")
     _raises(ValueError, "LMFAST_BACKEND must be one of", lmfast.ops.rms_norm, x)
 
 

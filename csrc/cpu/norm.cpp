@@ -20,6 +20,7 @@
 
 #include <cmath>
 #include <optional>
+#include <vector>
 
 #include "../ops.h"
 
@@ -262,7 +263,7 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
   });
 }
 
-void check_rows(const Tensor& t, const char* name, const Tensor& x) {
+void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
   TORCH_CHECK(t.device().is_cpu(), "lmfast_C: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lmfast_C: ", name, " must have dtype ",
               x.scalar_type(), ", got ", t.scalar_type());
@@ -273,9 +274,18 @@ void check_rows(const Tensor& t, const char* name, const Tensor& x) {
 void check_param(const std::optional<Tensor>& t, const char* name, const Tensor& x) {
   if (!t.has_value()) return;
   TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == x.scalar_type() && t->dim() == 1 &&
-                  t->size(0) == x.size(1) && t->is_contiguous(),
-              "lmfast_C: ", name, " must be a contiguous CPU tensor of shape (", x.size(1),
+                  t->size(0) == x.size(-1) && t->is_contiguous(),
+              "lmfast_C: ", name, " must be a contiguous CPU tensor of shape (", x.size(-1),
               ",) and dtype ", x.scalar_type());
+}
+
+// x is a contiguous (..., N) tensor: its rows are the product of the leading dims.
+int64_t check_rows_of(const Tensor& x) {
+  TORCH_CHECK(x.dim() >= 1 && x.is_contiguous() && x.device().is_cpu(),
+              "lmfast_C: x must be a contiguous CPU tensor (..., N)");
+  int64_t rows = 1;
+  for (int64_t d = 0; d + 1 < x.dim(); ++d) rows *= x.size(d);
+  return rows;
 }
 
 template <bool kCentered>
@@ -284,17 +294,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x,
                                                     const std::optional<Tensor>& bias,
                                                     const std::optional<Tensor>& residual,
                                                     double eps) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
-              "lmfast_C: x must be a contiguous 2-D CPU tensor (rows, N)");
-  if (residual.has_value()) check_rows(*residual, "residual", x);
+  const int64_t rows = check_rows_of(x), N = x.size(-1);
+  if (residual.has_value()) check_like_x(*residual, "residual", x);
   check_param(weight, "weight", x);
   check_param(bias, "bias", x);
-  const int64_t rows = x.size(0), N = x.size(1);
+  // mean, rstd: one per row, shaped like x's leading dims
   const auto stat_opts = x.options().dtype(at::toOpMathType(x.scalar_type()));
+  const auto stat_shape = x.sizes().slice(0, x.dim() - 1);
   Tensor y = at::empty_like(x);
   Tensor residual_out = residual.has_value() ? at::empty_like(x) : at::empty({0}, x.options());
-  Tensor mean = kCentered ? at::empty({rows}, stat_opts) : at::empty({0}, stat_opts);
-  Tensor rstd = at::empty({rows}, stat_opts);
+  Tensor mean = kCentered ? at::empty(stat_shape, stat_opts) : at::empty({0}, stat_opts);
+  Tensor rstd = at::empty(stat_shape, stat_opts);
   if (rows == 0) return {y, residual_out, mean, rstd};
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_fwd", [&] {
@@ -308,50 +318,56 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x,
   return {y, residual_out, mean, rstd};
 }
 
+// out[j] = sum over blocks of totals[block * N + j], rounded once to scalar_t.
+template <typename scalar_t>
+void sum_blocks(const std::vector<double>& totals, int64_t blocks, int64_t N, scalar_t* out) {
+  for (int64_t j = 0; j < N; ++j) {
+    double acc = 0;
+    for (int64_t b = 0; b < blocks; ++b) acc += totals[b * N + j];
+    out[j] = scalar_t(acc);
+  }
+}
+
 template <bool kCentered>
 std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
                                             const std::optional<Tensor>& weight,
                                             const Tensor& mean, const Tensor& rstd,
                                             const std::optional<Tensor>& dresidual_out,
                                             bool weight_grad, bool bias_grad) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.device().is_cpu(),
-              "lmfast_C: x must be a contiguous 2-D CPU tensor (rows, N)");
-  check_rows(dy, "dy", x);
-  if (dresidual_out.has_value()) check_rows(*dresidual_out, "dresidual_out", x);
+  const int64_t rows = check_rows_of(x), N = x.size(-1);
+  check_like_x(dy, "dy", x);
+  if (dresidual_out.has_value()) check_like_x(*dresidual_out, "dresidual_out", x);
   check_param(weight, "weight", x);
-  const int64_t rows = x.size(0), N = x.size(1);
   const auto acc_type = at::toOpMathType(x.scalar_type());
   TORCH_CHECK(rstd.scalar_type() == acc_type && rstd.numel() == rows && rstd.is_contiguous(),
-              "lmfast_C: rstd must be a contiguous (rows,) tensor of dtype ", acc_type);
+              "lmfast_C: rstd must be a contiguous tensor of one ", acc_type, " per row");
   TORCH_CHECK(!kCentered || (mean.scalar_type() == acc_type && mean.numel() == rows &&
                              mean.is_contiguous()),
-              "lmfast_C: mean must be a contiguous (rows,) tensor of dtype ", acc_type);
+              "lmfast_C: mean must be a contiguous tensor of one ", acc_type, " per row");
 
+  // Gradients not asked for are separate empty tensors (custom-op outputs must not alias).
   Tensor dx = at::empty_like(x);
+  Tensor dw = at::empty({weight_grad ? N : 0}, x.options());
+  Tensor db = at::empty({bias_grad ? N : 0}, x.options());
   const int64_t blocks = num_row_blocks(rows);
-  // Per-block running sums and float64 totals (see RowSum).
-  const auto run_opts = x.options().dtype(acc_type), total_opts = x.options().dtype(at::kDouble);
-  Tensor dw_run = weight_grad ? at::zeros({blocks, N}, run_opts) : Tensor();
-  Tensor db_run = bias_grad ? at::zeros({blocks, N}, run_opts) : Tensor();
-  Tensor dw_total = weight_grad ? at::zeros({blocks, N}, total_opts) : Tensor();
-  Tensor db_total = bias_grad ? at::zeros({blocks, N}, total_opts) : Tensor();
-  if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_bwd", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_bwd", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    // Per-block running sums and float64 totals of the weight/bias gradients (see RowSum),
+    // summed over blocks at the end and rounded once.
+    std::vector<acc_t> dw_run(weight_grad ? blocks * N : 0), db_run(bias_grad ? blocks * N : 0);
+    std::vector<double> dw_total(dw_run.size()), db_total(db_run.size());
+    if (rows > 0) {
       norm_bwd_kernel<scalar_t, kCentered>(
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           ptr_or_null<scalar_t>(weight), kCentered ? mean.const_data_ptr<acc_t>() : nullptr,
           rstd.const_data_ptr<acc_t>(), ptr_or_null<scalar_t>(dresidual_out),
-          dx.data_ptr<scalar_t>(), weight_grad ? dw_run.data_ptr<acc_t>() : nullptr,
-          weight_grad ? dw_total.data_ptr<double>() : nullptr,
-          bias_grad ? db_run.data_ptr<acc_t>() : nullptr,
-          bias_grad ? db_total.data_ptr<double>() : nullptr, rows, N, blocks);
-    });
-  }
-  // (blocks, N) float64 totals -> (N,), rounded once. Gradients not asked for are separate
-  // empty tensors (custom-op outputs must not alias).
-  Tensor dw = weight_grad ? dw_total.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
-  Tensor db = bias_grad ? db_total.sum(0).to(x.scalar_type()) : at::empty({0}, x.options());
+          dx.data_ptr<scalar_t>(), weight_grad ? dw_run.data() : nullptr,
+          weight_grad ? dw_total.data() : nullptr, bias_grad ? db_run.data() : nullptr,
+          bias_grad ? db_total.data() : nullptr, rows, N, blocks);
+    }
+    if (weight_grad) sum_blocks(dw_total, blocks, N, dw.data_ptr<scalar_t>());
+    if (bias_grad) sum_blocks(db_total, blocks, N, db.data_ptr<scalar_t>());
+  });
   return {dx, dw, db};
 }
 

@@ -200,16 +200,17 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
 }
 
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.device().is_cpu(),
-              "lmfast_C: y must be a contiguous 2-D CPU tensor (rows, N)");
+  TORCH_CHECK(y.dim() >= 1 && y.is_contiguous() && y.device().is_cpu(),
+              "lmfast_C: y must be a contiguous CPU tensor (..., N)");
   TORCH_CHECK(dy.sizes() == y.sizes() && dy.is_contiguous() &&
                   dy.scalar_type() == y.scalar_type() && dy.device().is_cpu(),
               "lmfast_C: dy must be a contiguous CPU tensor like y");
   Tensor dx = at::empty_like(y);
   if (y.numel() == 0) return dx;
+  const int64_t N = y.size(-1);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y.scalar_type(), "lmfast_softmax_bwd", [&] {
     softmax_bwd_kernel<scalar_t>(dy.const_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                                 dx.data_ptr<scalar_t>(), y.size(0), y.size(1), scale);
+                                 dx.data_ptr<scalar_t>(), y.numel() / N, N, scale);
   });
   return dx;
 }

@@ -184,6 +184,7 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
                 report.skipped.append((path, f"{type(child).__name__} {why}"))
                 break
             new = swap.build(child, backend)
+            _carry_attributes(child, new)
             new.train(child.training)
             object.__setattr__(new, _ORIGINAL, child)  # not registered as a submodule
             setattr(parent, name, new)
@@ -274,6 +275,31 @@ def _unserved_hf_attention(config, layers) -> str | None:
     return None
 
 
+def _plain_attributes(module: nn.Module) -> list[str]:
+    """The public plain attributes of a module (not parameters, buffers, submodules or tensors):
+    eps, normalized_shape, variance_epsilon, a subclass's extras..."""
+    return [name for name, value in vars(module).items()
+            if not name.startswith("_") and name != "training" and not isinstance(value, (torch.Tensor, nn.Module))]
+
+
+def _carry_attributes(original: nn.Module, replacement: nn.Module) -> None:
+    """Gives the replacement every plain attribute of the original, so that code reading or
+    writing one finds it. Those the replacement computes with (eps, variance_epsilon,
+    normalized_shape...) it has already, under the same names and meaning; the others are
+    copied."""
+    for name in _plain_attributes(original):
+        if not hasattr(replacement, name):
+            setattr(replacement, name, getattr(original, name))
+
+
+def _carry_back(replacement: nn.Module, original: nn.Module) -> None:
+    """unpatch: the original takes back its plain attributes as they are now, so that what was
+    written to the replacement (norm.eps = 1e-3) holds after unpatch too."""
+    for name in _plain_attributes(original):
+        if hasattr(replacement, name):
+            setattr(original, name, getattr(replacement, name))
+
+
 def unpatch(model: nn.Module) -> int:
     """Undoes what patch() did (each swapped module, and the attention implementation);
     returns how many of those it restored."""
@@ -289,6 +315,7 @@ def unpatch(model: nn.Module) -> int:
     for parent, name, child, _ in list(_children_paths(model)):
         original = getattr(child, _ORIGINAL, None)
         if original is not None:
+            _carry_back(child, original)
             setattr(parent, name, original)
             restored += 1
     return restored

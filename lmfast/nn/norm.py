@@ -1,4 +1,10 @@
-"""Norm modules: drop-ins with the parameters and state_dict keys of the modules they replace."""
+"""Norm modules: drop-ins with the parameters, state_dict keys and attributes of the modules
+they replace.
+
+On CPU tensors a forward is one C++ op call (torch.ops.lmfast_C.*_norm, which checks its
+arguments): decoding one token at a time runs a few dozen norms a token, so their per-call
+cost is part of what lmfast must not make slower. Anything else goes through lmfast.ops.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +13,16 @@ import math
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import _backends, ops
+
+_C = torch.ops.lmfast_C  # the C++ ops (resolved on first use, once the extension has loaded)
 
 
 class LayerNorm(torch.nn.LayerNorm):
     """torch.nn.LayerNorm running lmfast.ops.layer_norm (same constructor, parameters,
-    state_dict keys). A multi-dim `normalized_shape` normalizes the flattened trailing dims,
-    as torch does. `backend` selects the lmfast backend ("auto" by default).
+    state_dict keys and attributes, read on every call as torch's are). A multi-dim
+    `normalized_shape` normalizes the flattened trailing dims, as torch does. `backend`
+    selects the lmfast backend ("auto" by default).
 
     forward(x, residual=None): with a residual returns (norm(x + residual), x + residual).
     """
@@ -23,10 +32,19 @@ class LayerNorm(torch.nn.LayerNorm):
         self.backend = backend
 
     def forward(self, x: Tensor, residual: Tensor | None = None):
-        w, b = self.weight, self.bias
+        # Parameters read from _parameters: self.weight goes through nn.Module.__getattr__,
+        # ~0.7 us each, a tenth of a decode-size call (a parametrized weight is not there, but
+        # a property: then it is read as one)
+        params = self._parameters
+        w = params["weight"] if "weight" in params else self.weight
+        b = params["bias"] if "bias" in params else self.bias
+        if (len(self.normalized_shape) == 1 and _backends.runs_cpp(self.backend) and isinstance(x, Tensor)
+                and x.is_cpu and (w is None or w.dtype == x.dtype) and (b is None or b.dtype == x.dtype)):
+            # the common case, one C++ call: per-call overhead is what decoding pays per token
+            y, s = _C.layer_norm.default(x, w, b, residual, float(self.eps))
+            return y if residual is None else (y, s)
         if (len(self.normalized_shape) == 1 and x.dim() > 0 and x.shape[-1] == self.normalized_shape[0]
                 and (w is None or w.dtype == x.dtype) and (b is None or b.dtype == x.dtype)):
-            # the common case, kept short: per-call overhead is what decoding pays per token
             return ops.layer_norm(x, w, b, self.eps, residual=residual, backend=self.backend)
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
@@ -45,6 +63,8 @@ class LayerNorm(torch.nn.LayerNorm):
 class RMSNorm(torch.nn.Module):
     """RMSNorm with the constructor and state_dict of Hugging Face's LlamaRMSNorm (and the
     Qwen2/Mistral/... copies of it): RMSNorm(hidden_size, eps=1e-6), one parameter `weight`.
+    The epsilon is `variance_epsilon`, as there, and also `eps`, as in torch.nn.RMSNorm and
+    other Hugging Face norms: two names for one value, both readable and writable.
 
     Like those modules, it normalizes in float32 and returns `weight * normed` in the promoted
     dtype when the input's dtype differs from the weight's; when they match, the weight
@@ -62,13 +82,22 @@ class RMSNorm(torch.nn.Module):
     def eps(self) -> float:
         return self.variance_epsilon
 
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.variance_epsilon = value
+
     def forward(self, x: Tensor, residual: Tensor | None = None):
-        if x.dtype == self.weight.dtype:
-            return ops.rms_norm(x, self.weight, self.variance_epsilon, residual=residual, backend=self.backend)
+        params = self._parameters  # (as in LayerNorm.forward)
+        w = params["weight"] if "weight" in params else self.weight
+        if _backends.runs_cpp(self.backend) and isinstance(x, Tensor) and x.is_cpu and x.dtype == w.dtype:
+            y, s = _C.rms_norm.default(x, w, residual, float(self.variance_epsilon))  # one C++ call
+            return y if residual is None else (y, s)
+        if x.dtype == w.dtype:
+            return ops.rms_norm(x, w, self.variance_epsilon, residual=residual, backend=self.backend)
         out = ops.rms_norm(x, None, self.variance_epsilon, residual=residual, backend=self.backend)
         if residual is None:
-            return self.weight * out
-        return self.weight * out[0], out[1]
+            return w * out
+        return w * out[0], out[1]
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"

@@ -1,5 +1,6 @@
 """Functional API. Every op takes backend="auto" | "torch" | "cpu" | "triton" (see
-lmfast.backends()); LMFAST_BACKEND overrides "auto"."""
+lmfast.backends()); LMFAST_BACKEND overrides "auto". On CPU tensors a call is one C++ op
+(torch.ops.lmfast_C.<op>), which checks its arguments itself."""
 
 from . import attention as _attention_module, norm, softmax as _softmax_module
 from .attention import attention
@@ -10,8 +11,8 @@ __all__ = ["attention", "layer_norm", "rms_norm", "softmax"]
 
 
 def register_cpp_ops() -> None:
-    """Fake impls and autograd for the C++ ops (torch.ops.lmfast_C); called once, by
-    lmfast._backends, right after the C++ library loads."""
-    norm.register("lmfast_C")
-    _softmax_module.register("lmfast_C")
-    _attention_module.register("lmfast_C")
+    """Fake impls of the C++ kernel ops (torch.ops.lmfast_C; their autograd is in C++); called
+    once, by lmfast._backends, right after the C++ library loads."""
+    norm.register_fakes("lmfast_C")
+    _softmax_module.register_fakes("lmfast_C")
+    _attention_module.register_fakes("lmfast_C")

@@ -16,10 +16,16 @@ def _resolve(backend: str, op: str, device: torch.device, dtype: torch.dtype) ->
     return _backends.resolve(backend, op, device, dtype)
 
 
-# Under torch.compile, _resolve is evaluated once at trace time: the choice depends only on
-# constants. Marked when torch._dynamo loads (the mark is an attribute set on the function):
-# importing dynamo here would add ~2 s to every `import lmfast`.
-call_after_import("torch._dynamo", lambda: torch.compiler.assume_constant_result(_resolve))
+# Under torch.compile, the backend choices are evaluated once at trace time: they depend only
+# on constants (and the first one may load the extension, which dynamo must not trace). Marked
+# when torch._dynamo loads (the mark is an attribute set on the function): importing dynamo
+# here would add ~2 s to every `import lmfast`.
+def _mark_constant_results() -> None:
+    torch.compiler.assume_constant_result(_resolve)
+    torch.compiler.assume_constant_result(_backends.runs_cpp)
+
+
+call_after_import("torch._dynamo", _mark_constant_results)
 
 
 def resolve_backend(backend: str, op: str, x: Tensor) -> str:
@@ -27,17 +33,33 @@ def resolve_backend(backend: str, op: str, x: Tensor) -> str:
     return _resolve(backend, op, x.device, x.dtype)
 
 
-def backend_ops(backend: str):
-    """The custom-op namespace of a kernel backend: torch.ops.lmfast_C (C++ kernels, loaded by
-    resolve_backend) or torch.ops.lmfast_triton. Same op names and schemas in both."""
-    return torch.ops.lmfast_C if backend == "cpu" else torch.ops.lmfast_triton
+def runs_cpp(backend: str, x: object) -> bool:
+    """Whether this call goes straight into the C++ public op: x is a CPU tensor and `backend`
+    means the C++ kernels there. The C++ op checks every tensor argument itself, with the
+    Python layer's messages; the caller checks that the plain Python arguments have the types
+    of the op's schema, else takes the Python path, whose checks name the argument."""
+    return isinstance(x, Tensor) and x.is_cpu and _backends.runs_cpp(backend)
 
 
-def forward_op(backend: str, name: str, *args):
-    """backend_ops(backend).<name>(*args), skipping autograd's Python wrapper (~10 us a call,
+def tensors_or_none(*args) -> bool:
+    """Whether every argument fits a `Tensor?` of a C++ op's schema (anything else takes the
+    Python path, whose checks say what is wrong with it)."""
+    for a in args:
+        if a is not None and not isinstance(a, Tensor):
+            return False
+    return True
+
+
+def cpp_ops():
+    """torch.ops.lmfast_C: the C++ public and kernel ops (loaded by resolve_backend / runs_cpp)."""
+    return torch.ops.lmfast_C
+
+
+def triton_op(name: str, *args):
+    """torch.ops.lmfast_triton.<name>(*args), skipping autograd's Python wrapper (~10 us a call,
     which decoding one token at a time pays on every norm and attention) when no argument
     needs a gradient. The compiled path always takes the wrapper: torch.compile traces it."""
-    op = getattr(backend_ops(backend), name)
+    op = getattr(torch.ops.lmfast_triton, name)
     if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(
             isinstance(a, Tensor) and a.requires_grad for a in args)):
         return op(*args)

@@ -1,9 +1,9 @@
 """Scaled dot-product attention with grouped-query heads, masks, causal and sliding windows.
 
-Layers as in norm.py: public function (validation, backend choice) -> the backend's custom ops
-{ns}::attention_{fwd,bwd} (fake impls and autograd registered below) -> flash kernels, which
-never materialize the (Sq, Sk) scores (csrc/cpu/attention.cpp, kernels/attention.py).
-backend="torch" runs lmfast.reference.attention.
+Layers as in norm.py: CPU tensors go through the C++ public op lmfast_C::attention; Triton
+through the checks here and lmfast_triton::attention_{fwd,bwd} (autograd registered below).
+Both run flash kernels, which never materialize the (Sq, Sk) scores (csrc/cpu/attention.cpp,
+kernels/attention.py). backend="torch" runs lmfast.reference.attention.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import backend_ops, forward_op, resolve_backend, triton_kernels, upstream_grad
+from ._common import cpp_ops, resolve_backend, runs_cpp, triton_kernels, triton_op, upstream_grad
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -34,6 +34,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
     of each row's scaled, masked scores, in float32 (float64 for float64 inputs).
     """
+    if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
+            and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
+            and isinstance(v, Tensor) and runs_cpp(backend, q)):
+        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window)  # checks its arguments
+        return (o, lse) if return_lse else o
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(name, t)
         if t.dim() != 4:
@@ -64,9 +69,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     impl = resolve_backend(backend, "attention", q)
     if impl == "torch":
         o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window)
+    elif impl == "cpu":
+        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
-        o, lse = forward_op(impl, "attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window)
+        o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window)
     return (o, lse) if return_lse else o
 
 
@@ -91,7 +98,7 @@ def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dls
     return triton_kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad)
 
 
-# ---- fake impls and autograd, shared by the kernel namespaces ------------------------------
+# ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
 def _attention_fwd_fake(q, k, v, mask, scale, causal, window):
     B, Hq, Sq, D = q.shape  # o: (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D), as the kernels write it
@@ -111,9 +118,15 @@ def _attention_setup(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse, mask)
 
 
-def register(ns: str) -> None:
-    """Fake impls and autograd for ns::attention_{fwd,bwd}."""
-    ops = getattr(torch.ops, ns)
+def register_fakes(ns: str) -> None:
+    """Fake impls of ns::attention_{fwd,bwd} (lmfast_C or lmfast_triton)."""
+    torch.library.register_fake(f"{ns}::attention_fwd", _attention_fwd_fake)
+    torch.library.register_fake(f"{ns}::attention_bwd", _attention_bwd_fake)
+
+
+def _register_triton_autograd() -> None:
+    """Autograd of lmfast_triton::attention_fwd (the C++ op's is in csrc/api.cpp)."""
+    ops = torch.ops.lmfast_triton
 
     def attention_backward(ctx, do, dlse):
         q, k, v, o, lse, mask = ctx.saved_tensors
@@ -124,9 +137,8 @@ def register(ns: str) -> None:
             ctx.scale, ctx.causal, ctx.window, mask_grad)
         return dq, dk, dv, (dmask if mask_grad else None), None, None, None
 
-    torch.library.register_fake(f"{ns}::attention_fwd", _attention_fwd_fake)
-    torch.library.register_fake(f"{ns}::attention_bwd", _attention_bwd_fake)
-    torch.library.register_autograd(f"{ns}::attention_fwd", attention_backward, setup_context=_attention_setup)
+    torch.library.register_autograd("lmfast_triton::attention_fwd", attention_backward, setup_context=_attention_setup)
 
 
-register("lmfast_triton")
+register_fakes("lmfast_triton")
+_register_triton_autograd()

@@ -1,10 +1,11 @@
 """LayerNorm and RMSNorm over the last dim, with an optional fused residual add.
 
-Layers: public function (validation, backend choice, reshaping to rows) -> the backend's custom
-ops {ns}::{layer,rms}_norm_{fwd,bwd}, where ns is lmfast_C (C++ kernels, schemas in
-csrc/ops.cpp) or lmfast_triton (Triton kernels, defined below) -> kernels. Both namespaces get
-the same fake impls and autograd (register()), so torch.compile traces them without graph
-breaks. backend="torch" runs lmfast.reference directly.
+Layers. CPU tensors (backend "cpu", or "auto"): one call of the C++ public op
+lmfast_C::{layer,rms}_norm, which checks the arguments and calls the kernel op
+lmfast_C::{layer,rms}_norm_{fwd,bwd} (csrc/api.cpp; autograd in C++). Triton: the checks here
+(_checks), then the custom ops lmfast_triton::{layer,rms}_norm_{fwd,bwd} defined below, with
+autograd registered here. Both namespaces' kernel ops get the fake impls below, so
+torch.compile traces them without graph breaks. backend="torch" runs lmfast.reference.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import as_rows, backend_ops, forward_op, resolve_backend, triton_kernels, upstream_grad
+from ._common import (as_rows, cpp_ops, resolve_backend, runs_cpp, tensors_or_none, triton_kernels, triton_op,
+                      upstream_grad)
 
 
 def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None,
@@ -26,6 +28,9 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     x: (..., N); weight, bias: (N,) or None. float16/bfloat16/float32 (float64 on the cpu and
     torch backends), accumulated in float32.
     """
+    if type(eps) is float and runs_cpp(backend, x) and tensors_or_none(weight, bias, residual):
+        y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)  # checks its arguments
+        return y if residual is None else (y, s)
     _checks.floating_tensor("x", x)
     _checks.norm_param("weight", weight, x)
     _checks.norm_param("bias", bias, x)
@@ -34,10 +39,12 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     impl = resolve_backend(backend, "layer_norm", x)
     if impl == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual)
-    y, s, _, _ = forward_op(impl, "layer_norm_fwd", as_rows(x), _vec(weight), _vec(bias),
-                            None if residual is None else as_rows(residual), eps)
-    y = y.view_as(x)  # (view_as: a third of view(x.shape)'s overhead)
-    return y if residual is None else (y, s.view_as(x))
+    if impl == "cpu":
+        y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)
+        return y if residual is None else (y, s)
+    y, s, _, _ = triton_op("layer_norm_fwd", as_rows(x), _vec(weight), _vec(bias),
+                           None if residual is None else as_rows(residual), eps)
+    return y.view_as(x) if residual is None else (y.view_as(x), s.view_as(x))
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
@@ -46,6 +53,9 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
 
     `residual` as in layer_norm: returns (y, x + residual) when given.
     """
+    if type(eps) is float and runs_cpp(backend, x) and tensors_or_none(weight, residual):
+        y, s = cpp_ops().rms_norm.default(x, weight, residual, eps)  # checks its arguments
+        return y if residual is None else (y, s)
     _checks.floating_tensor("x", x)
     _checks.norm_param("weight", weight, x)
     _checks.residual_like(residual, x)
@@ -53,10 +63,11 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
     impl = resolve_backend(backend, "rms_norm", x)
     if impl == "torch":
         return reference.rms_norm(x, weight, eps, residual)
-    y, s, _ = forward_op(impl, "rms_norm_fwd", as_rows(x), _vec(weight),
-                         None if residual is None else as_rows(residual), eps)
-    y = y.view_as(x)
-    return y if residual is None else (y, s.view_as(x))
+    if impl == "cpu":
+        y, s = cpp_ops().rms_norm.default(x, weight, residual, eps)
+        return y if residual is None else (y, s)
+    y, s, _ = triton_op("rms_norm_fwd", as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps)
+    return y.view_as(x) if residual is None else (y.view_as(x), s.view_as(x))
 
 
 def _vec(t: Tensor | None) -> Tensor | None:
@@ -88,15 +99,15 @@ def _(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dresidual_out:
     return triton_kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad)
 
 
-# ---- fake impls and autograd, shared by both namespaces -----------------------------------
+# ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
 def _stats(x: Tensor) -> Tensor:
-    """(rows,) per-row statistic in the accumulation dtype."""
-    return x.new_empty(x.shape[0], dtype=reference.acc_dtype(x.dtype))
+    """A per-row statistic of (..., N) x: shaped x.shape[:-1], in the accumulation dtype."""
+    return x.new_empty(x.shape[:-1], dtype=reference.acc_dtype(x.dtype))
 
 
 def _param_grad(flag: bool, x: Tensor) -> Tensor:
-    return x.new_empty(x.shape[1]) if flag else x.new_empty(0)
+    return x.new_empty(x.shape[-1]) if flag else x.new_empty(0)
 
 
 def _residual_out(residual: Tensor | None, x: Tensor) -> Tensor:
@@ -133,9 +144,16 @@ def _rms_norm_setup(ctx, inputs, output):
     ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
 
 
-def register(ns: str) -> None:
-    """Fake impls and autograd for ns::{layer,rms}_norm_{fwd,bwd}."""
-    ops = getattr(torch.ops, ns)
+def register_fakes(ns: str) -> None:
+    """Fake impls of ns::{layer,rms}_norm_{fwd,bwd} (lmfast_C or lmfast_triton)."""
+    for name, fake in (("layer_norm_fwd", _layer_norm_fwd_fake), ("layer_norm_bwd", _layer_norm_bwd_fake),
+                       ("rms_norm_fwd", _rms_norm_fwd_fake), ("rms_norm_bwd", _rms_norm_bwd_fake)):
+        torch.library.register_fake(f"{ns}::{name}", fake)
+
+
+def _register_triton_autograd() -> None:
+    """Autograd of the Triton forward ops (the C++ ones have theirs in csrc/api.cpp)."""
+    ops = torch.ops.lmfast_triton
 
     def layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
         normed, weight, mean, rstd = ctx.saved_tensors
@@ -153,11 +171,10 @@ def register(ns: str) -> None:
         dx, dw = ops.rms_norm_bwd(upstream_grad(dy, normed), normed, weight, rstd, ds, need_w)
         return dx if need_x else None, dw if need_w else None, dx if need_r else None, None
 
-    for name, fake in (("layer_norm_fwd", _layer_norm_fwd_fake), ("layer_norm_bwd", _layer_norm_bwd_fake),
-                       ("rms_norm_fwd", _rms_norm_fwd_fake), ("rms_norm_bwd", _rms_norm_bwd_fake)):
-        torch.library.register_fake(f"{ns}::{name}", fake)
-    torch.library.register_autograd(f"{ns}::layer_norm_fwd", layer_norm_backward, setup_context=_layer_norm_setup)
-    torch.library.register_autograd(f"{ns}::rms_norm_fwd", rms_norm_backward, setup_context=_rms_norm_setup)
+    torch.library.register_autograd("lmfast_triton::layer_norm_fwd", layer_norm_backward,
+                                    setup_context=_layer_norm_setup)
+    torch.library.register_autograd("lmfast_triton::rms_norm_fwd", rms_norm_backward, setup_context=_rms_norm_setup)
 
 
-register("lmfast_triton")
+register_fakes("lmfast_triton")
+_register_triton_autograd()

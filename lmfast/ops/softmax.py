@@ -1,9 +1,9 @@
 """softmax(scale * x + mask) with optional causal masking, fused in one pass.
 
-Layers as in norm.py: public function -> {ns}::softmax_{fwd,bwd} (ns: lmfast_C or
-lmfast_triton) -> kernels. Kernels see x as a contiguous (B, H, M, N) tensor with softmax over
-N, and the mask expanded to that shape through strides (a broadcast mask is never
-materialized).
+Layers as in norm.py: CPU tensors go through the C++ public op lmfast_C::softmax; Triton
+through the checks here and lmfast_triton::softmax_{fwd,bwd}. Kernels see x as a contiguous
+(B, H, M, N) tensor with softmax over N, and the mask expanded to that shape through strides
+(a broadcast mask is never materialized).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import as_rows, backend_ops, forward_op, resolve_backend, triton_kernels, upstream_grad
+from ._common import as_rows, cpp_ops, resolve_backend, runs_cpp, triton_kernels, triton_op, upstream_grad
 
 
 def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
@@ -28,6 +28,9 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
         aligned when M != N). Needs dim=-1.
     Rows with every entry masked give zeros, not NaN.
     """
+    if (type(dim) is int and type(scale) is float and type(causal) is bool and (mask is None or isinstance(mask, Tensor))
+            and runs_cpp(backend, x)):
+        return cpp_ops().softmax.default(x, dim, scale, mask, causal)  # checks its arguments
     _checks.floating_tensor("x", x)
     d = _checks.dim_index(dim, x.dim())
     scale = _checks.real_number("scale", scale)
@@ -40,6 +43,8 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
     impl = resolve_backend(backend, "softmax", x)
     if impl == "torch":
         return reference.softmax(x, dim, scale, mask, causal)
+    if impl == "cpu":
+        return cpp_ops().softmax.default(x, d, scale, mask, causal)
 
     last = x.dim() - 1
     xm = x.movedim(d, last)  # (..., N) with the softmax dim last
@@ -50,12 +55,13 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
         mask4 = mask.expand(x.shape).movedim(d, last).reshape(shape4)  # a view unless unmergeable
         if mask4.stride(-1) not in (0, 1) and mask4.shape[-1] > 1:
             mask4 = mask4.contiguous()  # kernels read mask rows with unit or zero stride
-    y4 = forward_op(impl, "softmax_fwd", x4, mask4, scale, causal)
+    y4 = triton_op("softmax_fwd", x4, mask4, scale, causal)
     return y4.view(xm.shape).movedim(last, d)
 
 
 def _as_4d(shape: torch.Size) -> tuple[int, int, int, int]:
-    """(..., M, N) -> (B, H, M, N): missing leading dims are 1, extra ones merge into B."""
+    """(..., M, N) -> (B, H, M, N): missing leading dims are 1, extra ones merge into B
+    (as csrc/api.cpp's softmax does for the C++ kernels)."""
     dims = [1] * max(0, 4 - len(shape)) + list(shape)
     return (math.prod(dims[:-3]), dims[-3], dims[-2], dims[-1])
 
@@ -72,7 +78,7 @@ def _(dy: Tensor, y: Tensor, scale: float) -> Tensor:
     return triton_kernels().softmax_bwd(dy, y, scale)
 
 
-# ---- fake impls and autograd, shared by both namespaces -----------------------------------
+# ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
 def _softmax_fwd_fake(x, mask, scale, causal):
     return torch.empty_like(x)
@@ -88,9 +94,15 @@ def _softmax_setup(ctx, inputs, output):
     ctx.save_for_backward(output)
 
 
-def register(ns: str) -> None:
-    """Fake impls and autograd for ns::softmax_{fwd,bwd}."""
-    ops = getattr(torch.ops, ns)
+def register_fakes(ns: str) -> None:
+    """Fake impls of ns::softmax_{fwd,bwd} (lmfast_C or lmfast_triton)."""
+    torch.library.register_fake(f"{ns}::softmax_fwd", _softmax_fwd_fake)
+    torch.library.register_fake(f"{ns}::softmax_bwd", _softmax_bwd_fake)
+
+
+def _register_triton_autograd() -> None:
+    """Autograd of lmfast_triton::softmax_fwd (the C++ op's is in csrc/api.cpp)."""
+    ops = torch.ops.lmfast_triton
 
     def softmax_backward(ctx, dy):
         (y,) = ctx.saved_tensors
@@ -103,9 +115,8 @@ def register(ns: str) -> None:
         dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
         return (dz * ctx.scale if need_x else None), dz, None, None
 
-    torch.library.register_fake(f"{ns}::softmax_fwd", _softmax_fwd_fake)
-    torch.library.register_fake(f"{ns}::softmax_bwd", _softmax_bwd_fake)
-    torch.library.register_autograd(f"{ns}::softmax_fwd", softmax_backward, setup_context=_softmax_setup)
+    torch.library.register_autograd("lmfast_triton::softmax_fwd", softmax_backward, setup_context=_softmax_setup)
 
 
-register("lmfast_triton")
+register_fakes("lmfast_triton")
+_register_triton_autograd()
