@@ -50,6 +50,37 @@ def test_lengths(Sq, Sk, causal, ab):
     _check(ab, f"Sq={Sq} Sk={Sk} causal={causal}", _inputs(ab, B, Hq, 2, Sq, Sk, 64, torch.float32, causal=causal))
 
 
+DECODE_MASKS = {
+    None: None,
+    # the first 70% of the keys are padding: whole key ranges of the CPU kernel's splits see nothing
+    "bool-left-padding": lambda B, Sk: (torch.arange(Sk) >= 0.7 * Sk).expand(B, 1, 1, Sk),
+    "additive-full": lambda B, Sk: torch.randn(B, 1, 1, Sk),
+}
+
+
+@pytest.mark.parametrize("mask_name", DECODE_MASKS)
+@pytest.mark.parametrize("B,Hq,Hkv,Sq", [(1, 16, 1, 1), (1, 9, 3, 2), (2, 1, 1, 8)], ids=["mqa", "gqa3", "mha-8rows"])
+def test_cpu_decoding_splits_a_long_cache(B, Hq, Hkv, Sq, mask_name, dtype):
+    """The C++ kernel's decode path: a few query rows per kv head (16 rows: a BLAS tile; 6 or 8:
+    the hand-written one) against 1000 cached keys, and few kv heads, so that it reads each kv
+    head once for its whole query group and splits the keys over tasks (4 threads: 7, 3 and 4
+    splits), merging their partial softmaxes; causal, windowed, masked, fully padded ranges.
+    (test_decoding_with_a_long_cache below runs the Triton kernels' split path.)"""
+    cpu = types.SimpleNamespace(name="cpu", device="cpu")
+    Sk, make = 1000, DECODE_MASKS[mask_name]
+    mask = None if make is None else make(B, Sk)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # the split count follows the thread count
+    try:
+        for window in (None, 300):
+            _check(cpu, f"decode B={B} {Hq}/{Hkv} Sq={Sq} {mask_name} window={window}",
+                   _inputs(cpu, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask, causal=True, window=window))
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("ratio", [1, 3, 8])
 def test_grouped_query_ratios(ratio, ab, dtype):
     _check(ab, f"GQA {ratio}", _inputs(ab, 2, 2 * ratio, 2, 19, 40, 32, dtype, causal=True))

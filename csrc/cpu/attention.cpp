@@ -213,70 +213,233 @@ const at::opmath_type<scalar_t>* scaled_query_tile(const scalar_t* src, int64_t 
   return buf.data();
 }
 
+// The forward works on tiles of query rows that share one kv head, against a range of keys:
+//   long queries  (group * Sq > kBlockQ): kBlockQ consecutive queries of one head, all keys;
+//   short queries (decoding, small prefills): every query of every head of a kv-head group
+//                 (group * Sq rows), so K and V are read once per group, not once per head;
+//                 the keys are split over tasks when (batch x kv heads) alone would not
+//                 occupy the threads, and the splits' partial results are merged afterwards.
+// A tile's rows are listed explicitly (head, query), so both shapes share one inner loop.
+struct TileRows {
+  std::vector<int64_t> head, query;  // query head and query index of each row
+  int64_t size() const { return int64_t(head.size()); }
+  void clear() { head.clear(); query.clear(); }
+  void add(int64_t h, int64_t i) { head.push_back(h); query.push_back(i); }
+};
+
+// Online-softmax state of a tile: per row the running max m, the running sum l, and the
+// unnormalized output acc (rows x D), over the keys seen so far.
+template <typename acc_t>
+struct TileState {
+  std::vector<acc_t> m, l, acc;
+  void reset(int64_t rows, int64_t D) {
+    m.assign(rows, -std::numeric_limits<acc_t>::infinity());
+    l.assign(rows, acc_t(0));
+    acc.assign(rows * D, acc_t(0));
+  }
+};
+
+// Buffers of one thread, sized to the largest tile it works on (uninitialized: every entry
+// used is written first).
+template <typename acc_t>
+struct TileBuffers {
+  std::vector<acc_t> s, q, k, v;  // scores (rows x kBlockK), scaled queries, widened K/V tiles
+};
+
+// Tiles of at most kSmallRows rows (decoding: a kv head's few query rows) multiply by hand:
+// a BLAS call costs ~1-2 us of its own, more than a 1 x 256 x 64 product.
+constexpr int64_t kSmallRows = 8;
+
+// s (R x nk, leading dim ld_s) = qt (R x D, contiguous) kt^T, with kt nk rows of D, ldk apart.
+template <typename acc_t>
+void small_scores(const acc_t* qt, int64_t R, const acc_t* kt, int64_t ldk, int64_t nk, int64_t D, acc_t* s,
+                  int64_t ld_s) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t j = 0; j < nk; ++j) {
+    const acc_t* kj = kt + j * ldk;
+    for (int64_t r = 0; r < R; ++r) {  // R independent dot products: they overlap in the core
+      const acc_t* qr = qt + r * D;
+      Vec acc(0);
+      for_each_chunk<Vec::size()>(D, [&](int64_t d, int64_t n) {
+        acc = at::vec::fmadd(Vec::loadu(qr + d, n), Vec::loadu(kj + d, n), acc);  // tail lanes load as 0
+      });
+      s[r * ld_s + j] = hsum(acc);
+    }
+  }
+}
+
+// acc (R x D, contiguous) += p (R x nk, leading dim ld_s) vt, with vt nk rows of D, ldv apart.
+template <typename acc_t>
+void small_pv(const acc_t* p, int64_t ld_s, int64_t R, const acc_t* vt, int64_t ldv, int64_t nk, int64_t D,
+              acc_t* acc) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t j = 0; j < nk; ++j) {
+    const acc_t* vj = vt + j * ldv;
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec pj(p[r * ld_s + j]);
+      acc_t* ar = acc + r * D;
+      for_each_chunk<Vec::size()>(D, [&](int64_t d, int64_t n) {
+        at::vec::fmadd(pj, Vec::loadu(vj + d, n), Vec::loadu(ar + d, n)).store(ar + d, n);
+      });
+    }
+  }
+}
+
+// Attends the tile's rows to keys [j_begin, j_end) of kv head (b, hk), updating `st`.
+template <typename scalar_t, typename mask_t>
+void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
+                 const scalar_t* v, const MaskView<mask_t>& mask, const Geometry& g, const Rows& qs,
+                 const Rows& ks, const Rows& vs, at::opmath_type<scalar_t> scale, const KeyBand& band, int64_t b,
+                 int64_t hk, int64_t j_begin, int64_t j_end, TileState<at::opmath_type<scalar_t>>& st,
+                 TileBuffers<at::opmath_type<scalar_t>>& buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const int64_t R = rows.size(), D = g.D;
+  const int64_t i_lo = *std::min_element(rows.query.begin(), rows.query.end());
+  const int64_t i_hi = *std::max_element(rows.query.begin(), rows.query.end()) + 1;
+  // (scale q) as contiguous acc_t rows: the scale folded into q
+  buf.q.resize(R * D);
+  for (int64_t r = 0; r < R; ++r) {
+    const scalar_t* src = q + qs.at(b, rows.head[r], rows.query[r]);
+    for (int64_t d = 0; d < D; ++d) buf.q[r * D + d] = acc_t(src[d]) * scale;
+  }
+  const int64_t ld_s = std::min(kBlockK, j_end - j_begin);
+  if (int64_t(buf.s.size()) < R * ld_s) buf.s.resize(R * ld_s);
+  const scalar_t* kh = k + ks.at(b, hk, 0);
+  const scalar_t* vh = v + vs.at(b, hk, 0);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
+    const int64_t nk = std::min(kBlockK, j_end - j0);
+    if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
+    // s = (scale q) k^T
+    const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, buf.k);
+    if (R <= kSmallRows) {
+      small_scores(buf.q.data(), R, kt, ldk, nk, D, buf.s.data(), ld_s);
+    } else {
+      gemm<acc_t>(false, true, R, nk, D, 1, buf.q.data(), D, kt, ldk, 0, buf.s.data(), ld_s);
+    }
+    // Online softmax, row by row: p = exp(s - m') in place; rescale acc and l by e^(m - m').
+    for (int64_t r = 0; r < R; ++r) {
+      acc_t* srow = buf.s.data() + r * ld_s;
+      const int64_t i = rows.query[r];
+      const auto [lo, hi] = prepare_row(srow, i, j0, nk, band, mask.row(b, rows.head[r], i), mask.sk);
+      const acc_t m_new = std::max(st.m[r], max_row(srow, lo, hi));
+      if (m_new == kNegInf) {  // nothing visible yet: p = 0
+        std::fill(srow, srow + nk, acc_t(0));
+        continue;
+      }
+      const acc_t alpha = std::exp(st.m[r] - m_new);  // 0 when m was -inf
+      st.l[r] = st.l[r] * alpha + exp_row(srow, nk, lo, hi, m_new);
+      st.m[r] = m_new;
+      if (alpha != acc_t(1)) {
+        acc_t* orow = st.acc.data() + r * D;
+        for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) {
+          (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n);
+        });
+      }
+    }
+    // acc += p v
+    const auto [vt, ldv] = load_tile(vh + j0 * vs.s, nk, D, vs.s, buf.v);
+    if (R <= kSmallRows) {
+      small_pv(buf.s.data(), ld_s, R, vt, ldv, nk, D, st.acc.data());
+    } else {
+      gemm<acc_t>(false, false, R, D, nk, 1, buf.s.data(), ld_s, vt, ldv, 1, st.acc.data(), D);
+    }
+  }
+}
+
+// o = acc / l (0 for fully masked rows), lse = m + log(l).
+template <typename scalar_t>
+void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>& st,
+                const Geometry& g, int64_t b, const Rows& os, scalar_t* o, at::opmath_type<scalar_t>* lse) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for (int64_t r = 0; r < rows.size(); ++r) {
+    const int64_t h = rows.head[r], i = rows.query[r];
+    const acc_t inv = st.l[r] > 0 ? acc_t(1) / st.l[r] : acc_t(0);
+    const acc_t* orow = st.acc.data() + r * g.D;
+    scalar_t* out = o + os.at(b, h, i);
+    for (int64_t d = 0; d < g.D; ++d) out[d] = scalar_t(orow[d] * inv);
+    lse[(b * g.Hq + h) * g.Sq + i] = st.l[r] > 0 ? st.m[r] + std::log(st.l[r]) : -std::numeric_limits<acc_t>::infinity();
+  }
+}
+
+// Keys per task when short-query tiles split their keys (see attention_fwd_kernel).
+constexpr int64_t kMinSplitKeys = 128;
+
 template <typename scalar_t, typename mask_t>
 void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
                           at::opmath_type<scalar_t>* lse, const MaskView<mask_t>& mask,
                           const Geometry& g, const Rows& qs, const Rows& ks, const Rows& vs, const Rows& os,
                           double scale_d, const KeyBand& band) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const int64_t q_blocks = (g.Sq + kBlockQ - 1) / kBlockQ, D = g.D;
+  const int64_t group = g.group();
 
-  at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buf(kBlockQ * kBlockK), o_buf(kBlockQ * D), m(kBlockQ), l(kBlockQ);
-    std::vector<acc_t> q_buf, k_buf, v_buf;  // widened 16-bit tiles
+  if (g.Sq * group > kBlockQ) {  // long queries: one task per (b, h, query block)
+    const int64_t q_blocks = (g.Sq + kBlockQ - 1) / kBlockQ;
+    at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
+      TileRows rows;
+      TileState<acc_t> st;
+      TileBuffers<acc_t> buf;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
+        rows.clear();
+        for (int64_t i = qb * kBlockQ; i < std::min(g.Sq, (qb + 1) * kBlockQ); ++i) rows.add(h, i);
+        st.reset(rows.size(), g.D);
+        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, st, buf);
+        write_rows(rows, st, g, b, os, o, lse);
+      }
+    });
+    return;
+  }
+
+  // Short queries: one tile per (b, kv head) holding all group * Sq rows, its keys split in
+  // `splits` ranges so that there are about two tasks per thread.
+  const int64_t heads = g.B * g.Hkv;
+  const int64_t want = (2 * at::get_num_threads() + heads - 1) / heads;
+  const int64_t splits = std::max<int64_t>(1, std::min(want, g.Sk / kMinSplitKeys));
+  const int64_t R = g.Sq * group;
+  // Partial states of the splits (splits > 1): per task, m and l (R each) and acc (R x D).
+  std::vector<TileState<acc_t>> partial(splits > 1 ? heads * splits : 0);
+  auto tile_rows = [&](int64_t hk, TileRows& rows) {
+    rows.clear();
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
+      for (int64_t i = 0; i < g.Sq; ++i) rows.add(h, i);
+  };
+  at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+    TileRows rows;
+    TileState<acc_t> st;
+    TileBuffers<acc_t> buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
-      const int64_t hk = h / g.group();
-      const int64_t i0 = qb * kBlockQ, nq = std::min(kBlockQ, g.Sq - i0);
-      const scalar_t* kh = k + ks.at(b, hk, 0);
-      const scalar_t* vh = v + vs.at(b, hk, 0);
-      const int64_t row0 = (b * g.Hq + h) * g.Sq + i0;  // first query row, over (B, Hq, Sq): lse's index
-      const acc_t* qt = scaled_query_tile(q + qs.at(b, h, i0), nq, D, qs.s, scale, q_buf);  // scale folded into q
-      std::fill(o_buf.begin(), o_buf.end(), acc_t(0));
-      std::fill(m.begin(), m.end(), kNegInf);
-      std::fill(l.begin(), l.end(), acc_t(0));
-
-      for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK) {
-        const int64_t nk = std::min(kBlockK, g.Sk - j0);
-        if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
-        // s = (scale q) k^T
-        const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, k_buf);
-        gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kt, ldk, 0, s_buf.data(), kBlockK);
-        // Online softmax, row by row: p = exp(s - m') in place; rescale o and l by e^(m - m').
-        for (int64_t r = 0; r < nq; ++r) {
-          acc_t* srow = s_buf.data() + r * kBlockK;
-          const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
-          const acc_t m_new = std::max(m[r], max_row(srow, lo, hi));
-          if (m_new == kNegInf) {  // nothing visible yet: p = 0
-            std::fill(srow, srow + nk, acc_t(0));
-            continue;
-          }
-          const acc_t alpha = std::exp(m[r] - m_new);  // 0 when m was -inf
-          l[r] = l[r] * alpha + exp_row(srow, nk, lo, hi, m_new);
-          m[r] = m_new;
-          if (alpha != acc_t(1)) {
-            acc_t* orow = o_buf.data() + r * D;
-            for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) {
-              (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n);
-            });
-          }
+      const int64_t split = task % splits, hk = (task / splits) % g.Hkv, b = task / (splits * g.Hkv);
+      tile_rows(hk, rows);
+      TileState<acc_t>& state = splits > 1 ? partial[task] : st;
+      state.reset(R, g.D);
+      attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, hk, g.Sk * split / splits,
+                  g.Sk * (split + 1) / splits, state, buf);
+      if (splits == 1) write_rows(rows, state, g, b, os, o, lse);
+    }
+  });
+  if (splits == 1) return;
+  // Merge the splits of each tile: m = max m_s, l = sum l_s e^(m_s - m), acc likewise.
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    TileRows rows;
+    TileState<acc_t> merged;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t hk = t % g.Hkv, b = t / g.Hkv;
+      tile_rows(hk, rows);
+      merged.reset(R, g.D);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t sp = 0; sp < splits; ++sp) merged.m[r] = std::max(merged.m[r], partial[t * splits + sp].m[r]);
+        if (merged.m[r] == -std::numeric_limits<acc_t>::infinity()) continue;  // fully masked row
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const TileState<acc_t>& p = partial[t * splits + sp];
+          const acc_t w = std::exp(p.m[r] - merged.m[r]);  // 0 for a split that saw nothing
+          merged.l[r] += p.l[r] * w;
+          for (int64_t d = 0; d < g.D; ++d) merged.acc[r * g.D + d] += p.acc[r * g.D + d] * w;
         }
-        // o += p v
-        const auto [vt, ldv] = load_tile(vh + j0 * vs.s, nk, D, vs.s, v_buf);
-        gemm<acc_t>(false, false, nq, D, nk, 1, s_buf.data(), kBlockK, vt, ldv, 1, o_buf.data(), D);
       }
-
-      // o /= l (0 for fully masked rows), lse = m + log(l).
-      for (int64_t r = 0; r < nq; ++r) {
-        const acc_t inv = l[r] > 0 ? acc_t(1) / l[r] : acc_t(0);
-        const acc_t* orow = o_buf.data() + r * D;
-        scalar_t* out = o + os.at(b, h, i0 + r);
-        for (int64_t d = 0; d < D; ++d) out[d] = scalar_t(orow[d] * inv);
-        lse[row0 + r] = l[r] > 0 ? m[r] + std::log(l[r]) : kNegInf;
-      }
+      write_rows(rows, merged, g, b, os, o, lse);
     }
   });
 }
