@@ -426,3 +426,71 @@ def test_multihead_attention_projects_shared_inputs_once(batch_first, monkeypatc
     calls.clear()
     lm(x, memory, memory, need_weights=False)
     assert len(calls) == 3  # q, k/v together, out_proj
+
+
+# ---- calls lmfast attention does not compute, and compiled generation (issue 11) -----------------
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_output_attentions_returns_the_eager_attention_weights(arch, caplog, monkeypatch):
+    """Regression: with output_attentions=True a patched model returned an empty `attentions`
+    tuple. Such a call must get the weights: the model's eager attention computes it (one log
+    line says so), with the same mask; the weights keep their autograd graph (retain_grad)."""
+    model = _hf_model(arch)
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = eager(ids, attention_mask=mask, output_attentions=True).attentions
+    lmfast.patch(model)
+    with caplog.at_level("WARNING", logger="lmfast"):
+        out = model(ids, attention_mask=mask, output_attentions=True)
+        model(ids, attention_mask=mask, output_attentions=True)
+    assert len(out.attentions) == len(want) == 2
+    for got, ref in zip(out.attentions, want):
+        torch.testing.assert_close(got, ref)
+    said = [r for r in caplog.records if "asked for attention weights" in r.getMessage()]
+    assert len(said) <= 1  # once per process (an earlier test may have said it already)
+    out.attentions[0].retain_grad()
+    out.logits.sum().backward()
+    assert out.attentions[0].grad is not None
+    calls = _spy_attention(monkeypatch)  # without the request, lmfast attention runs again
+    with torch.no_grad():
+        assert model(ids, attention_mask=mask).attentions is None
+    assert len(calls) == 2
+
+
+def test_attention_under_fullgraph_compile_with_a_mask_noted_outside():
+    """Regression: a mask built (and its structure noted) outside the compiled region made the
+    traced attention read the mask's _version: "Could not guard on data-dependent expression"."""
+    from transformers.masking_utils import causal_mask_function
+
+    from lmfast.integrations import hf
+
+    torch._dynamo.reset()
+    padding = torch.ones(2, 8, dtype=torch.bool)
+    padding[0, :3] = False
+    mask = hf._mask(2, 8, 8, q_offset=0, kv_offset=0, mask_function=causal_mask_function, attention_mask=padding)
+    assert mask.__dict__.get("_lmfast_structure") is not None
+    layer = torch.nn.Module()
+    layer.is_causal = True
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    compiled = torch.compile(lambda q, k, v, m: hf.attention_forward(layer, q, k, v, m)[0], fullgraph=True,
+                             backend="eager")
+    torch.testing.assert_close(compiled(q, k, v, mask), hf.attention_forward(layer, q, k, v, mask)[0])
+
+
+def test_generate_with_a_fullgraph_compiled_forward():
+    """Compiled generation: torch.compile(model.forward, fullgraph=True) during generate(), with
+    the dynamic cache and with a static cache (whose masks are built outside the compiled
+    forward), gives the unpatched model's tokens."""
+    torch._dynamo.reset()
+    model = _hf_model("qwen2")
+    ids, mask = _batch()
+    mask[1] = 1  # generate() wants left padding
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, **kwargs)
+        lmfast.patch(model)
+        model.forward = torch.compile(model.forward, fullgraph=True, backend="eager")
+        assert torch.equal(model.generate(ids, **kwargs), want)
+        assert torch.equal(model.generate(ids, cache_implementation="static", **kwargs), want)

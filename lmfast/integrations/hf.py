@@ -19,6 +19,8 @@ no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all (None, as
 from __future__ import annotations
 
 import functools
+import logging
+import sys
 import warnings
 from typing import NamedTuple
 
@@ -42,9 +44,12 @@ class MaskStructure(NamedTuple):
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
-                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                      is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
     """transformers' attention-function contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D)
-    (not repeated for grouped-query attention), returns ((B, Sq, Hq, D), None)."""
+    (not repeated for grouped-query attention), returns ((B, Sq, Hq, D), None), or the
+    attention weights in place of None where the call asks for them (then the model's own eager
+    attention computes the call). Per call it does no more than transformers' SDPA path: a few
+    dict lookups, then one lmfast op."""
     if (dropout and module.training) or kwargs.get("position_bias") is not None:
         # what lmfast does not compute (attention dropout, T5-style position bias): transformers'
         # own SDPA path, with the same mask (a full mask, or None exactly where SDPA's is None too)
@@ -52,22 +57,91 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if kwargs.get("output_attentions") or _attentions_recorded():
+        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     for unsupported in ("softcap", "s_aux"):  # (lmfast.patch leaves models with these alone)
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"lmfast attention does not support {unsupported}")
     causal, window = False, None
     if attention_mask is None:  # from _mask: exactly bottom-right causal, or no mask
-        causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
-    else:
-        structure = getattr(attention_mask, _STRUCTURE_ATTR, None)
+        causal = _is_causal(module, is_causal)
+    elif not torch.compiler.is_compiling():
+        # the structure _mask noted, unless the mask was edited in place since (a compiled graph
+        # takes the mask as it is: the note and the tensor's _version are host-side state)
+        structure = attention_mask.__dict__.get(_STRUCTURE_ATTR)
         if structure is not None and structure.version == attention_mask._version:
             causal, window, attention_mask = structure.causal, structure.window, structure.padding
-        elif attention_mask.dtype != torch.bool:
-            attention_mask = attention_mask.to(query.dtype)  # additive
-    backend = getattr(module, BACKEND_ATTR, "auto")  # set by lmfast.patch
-    out = ops.attention(query, key, value, attention_mask, causal=causal and query.shape[2] > 1,
-                        scale=scaling, window=window, backend=backend)
-    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D)
+    if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
+        attention_mask = attention_mask.to(query.dtype)  # additive
+    backend = module.__dict__.get(BACKEND_ATTR, "auto")  # set by lmfast.patch
+    out = ops.attention(query, key, value, attention_mask, causal=causal and query.shape[2] > 1, scale=scaling,
+                        window=window, backend=backend)
+    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D) (no copy: the kernels write o so)
+
+
+def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
+    """The call's is_causal, else the layer's (as transformers' SDPA path decides)."""
+    return bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+
+
+# ---- calls that ask for the attention weights ---------------------------------------------------
+# transformers returns `outputs.attentions` by recording the second output of each attention
+# layer while its output collector holds an "attentions" list (output_attentions=True, or
+# config.output_attentions); some models also pass output_attentions to the attention function.
+# Such a call runs the model's own eager attention, which returns the weights; lmfast never
+# returns less than was asked for.
+
+_output_collector = None  # transformers' collector of recorded outputs (found by register())
+
+
+def _attentions_recorded() -> bool:
+    collector = _output_collector
+    if collector is None:
+        return False
+    if torch.compiler.is_compiling():
+        # torch.compile cannot trace a ContextVar; transformers' collector then keeps its value
+        # in a plain attribute, where it was set inside the compiled region. (Set outside it,
+        # as when only a decoder layer is compiled, the request is out of the graph's sight.)
+        recording = collector.global_var if collector.compiling else None
+    else:
+        recording = collector.get()
+    return bool(recording) and "attentions" in recording
+
+
+_log = logging.getLogger("lmfast")
+
+
+@functools.cache
+def _say_eager_once() -> None:
+    _log.warning("lmfast: a call asked for attention weights (output_attentions); the model's eager attention "
+                 "computes such calls, lmfast attention the others")
+
+
+def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    """The call as the model's eager attention computes it (its module's eager_attention_forward,
+    else a plain one), with the mask it expects: additive, and explicit where _mask left it out."""
+    _say_eager_once()
+    eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None) or _plain_eager
+    q_len, k_len = query.shape[2], key.shape[2]
+    if attention_mask is None and _is_causal(module, is_causal) and q_len > 1:
+        attention_mask = reference.attention_keep(q_len, k_len, True, None, query.device)[None, None]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = torch.zeros(attention_mask.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            ~attention_mask, torch.finfo(query.dtype).min)
+    kwargs.pop("output_attentions", None)
+    return eager(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def _plain_eager(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """softmax(q k^T * scaling + mask) v, with grouped-query kv heads repeated: ((B, Sq, Hq, D), weights)."""
+    group = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(group, 1), value.repeat_interleave(group, 1)
+    scores = query @ key.transpose(-1, -2) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = scores + attention_mask[..., :key.shape[2]]
+    weights = torch.softmax(scores, -1, dtype=torch.float32).to(query.dtype)
+    weights = torch.nn.functional.dropout(weights, p=dropout, training=module.training)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
 
 
 def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_mask=None, local_size=None,
@@ -127,6 +201,11 @@ def register() -> bool:
         return False
     AttentionInterface.register(NAME, attention_forward)
     AttentionMaskInterface.register(NAME, _mask)
+    global _output_collector
+    try:
+        from transformers.utils.output_capturing import _active_collector as _output_collector
+    except ImportError:  # a transformers without it records no attention weights this way
+        _output_collector = None
     return True
 
 
