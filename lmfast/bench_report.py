@@ -5,6 +5,7 @@ A report is the JSON `lmfast bench` writes:
     {"environment": {date, lmfast, torch, triton, transformers, device, device_name, ...},
      "size": "quick" | "full", "dtype": ...,
      "results": [benchmarking.Result as a dict, ...],      # every provider, every direction
+     "overhead": [overhead.OverheadResult as a dict, ...],  # per-call cost at decode sizes
      "models":  [model_benchmarks.ModelResult as a dict, ...]}
 """
 
@@ -68,6 +69,12 @@ def summary_table(report: dict) -> str:
                          f"{_x(r['vs_sdpa']):>8s}")
         lines.append("speedup = the provider's time / lmfast's (> 1: lmfast is faster); ceiling: the same-run "
                      "x.clone() bandwidth (norms, softmax) or large-matmul rate (attention)")
+    if report.get("overhead"):
+        from .overhead import format_table
+
+        if lines:
+            lines.append("")
+        lines.append(format_table(report["overhead"]))
     models = report.get("models") or []
     if models:
         if lines:
@@ -80,8 +87,9 @@ def summary_table(report: dict) -> str:
             unit = m["unit"].replace("tokens", "tok")
             lines.append(f"{m['workload']:28s} {m['unpatched']:>7.1f} {unit:6s} {m['patched']:>7.1f} {unit:6s} "
                          f"{m['speedup']:>7.2f}x {spread:>12s}  {m['agreement']}")
-        lines.append("models: patched and unpatched copies timed in alternating pairs; speedup = the median "
-                     "pair's patched/unpatched rate, middle half = its quartiles (this run's noise)")
+        lines.append("models: two copies of the model, one patched, timed call by call (decoding: step by step) "
+                     "interleaved and summed in blocks; speedup = the median block's patched/unpatched rate, "
+                     "middle half = the blocks' quartiles (this run's precision)")
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     return "\n".join(lines)
@@ -107,6 +115,14 @@ def compare(before: dict, now: dict) -> str:
                      f"{r['seconds'] * 1e3:8.3f}ms {b['seconds'] / r['seconds']:7.2f}x")
     if matched:
         lines += table + ["change = time before / time now (> 1: faster now)"]
+    old_overhead = {(r["case"], r["direction"]): r for r in before.get("overhead") or []}
+    for r in now.get("overhead") or []:
+        b = old_overhead.get((r["case"], r["direction"]))
+        if b is None:
+            continue
+        matched += 1
+        lines.append(f"{r['case']:34s} {r['direction']:7s} lmfast {b['ours_us']:.1f} -> {r['ours_us']:.1f} us a call, "
+                     f"ratio to {r['theirs']} {b['ratio']:.2f}x -> {r['ratio']:.2f}x")
     old_models = {m["workload"]: m for m in before.get("models") or []}
     for m in now.get("models") or []:
         b = old_models.get(m["workload"])
@@ -131,12 +147,13 @@ def plot(report: dict, path: str | Path) -> Path:
     import matplotlib.ticker
 
     rows = [(key, cells) for key, cells in _by_case(report["results"]).items() if _ours(cells)]
+    per_call = report.get("overhead") or []
     models = report.get("models") or []
-    panels = (2 if rows else 0) + (1 if models else 0)
+    panels = (2 if rows else 0) + (1 if per_call else 0) + (1 if models else 0)
     if not panels:
         raise ValueError("nothing to plot: the report has no results")
-    height = max(3.0, 0.42 * max(len(rows), len(models)) + 1.6)
-    widths = ([1.0, 1.0] if rows else []) + ([0.6] if models else [])
+    height = max(3.0, 0.42 * max(len(rows), len(per_call), len(models)) + 1.6)
+    widths = ([1.0, 1.0] if rows else []) + ([0.6] if per_call else []) + ([0.6] if models else [])
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * sum(widths), height), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     axes = list(axes[0])
@@ -180,6 +197,16 @@ def plot(report: dict, path: str | Path) -> Path:
         ax.set_xlabel("% of the same-run ceiling (copy bandwidth; matmul rate for attention)")
         ax.legend(fontsize=7)
         ax.grid(axis="x", alpha=0.3)
+    if per_call:
+        ax = axes.pop(0)
+        y = list(range(len(per_call)))
+        ax.barh(y, [r["ratio"] for r in per_call], color="tab:purple")
+        for v, r in zip(y, per_call):
+            ax.plot([r["target"]] * 2, [v - 0.4, v + 0.4], color="tab:red", linewidth=1.5)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_yticks(y, [f"{r['case']} {r['direction']}" for r in per_call], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("per-call time, lmfast / replaced module\n(red: the target; < 1: lmfast costs less)")
     if models:
         ax = axes.pop(0)
         y = list(range(len(models)))
@@ -205,6 +232,12 @@ def markdown(report: dict) -> str:
     from .benchmarking import markdown_summary
 
     text = markdown_summary(report) if report["results"] else ""
+    if report.get("overhead"):
+        text += ("\n\n| per-call cost, decode size | direction | replaced module | its us | lmfast us | ratio |\n"
+                 "|---|---|---|---|---|---|\n")
+        for r in report["overhead"]:
+            text += (f"| {r['case']} | {r['direction']} | {r['theirs']} | {r['theirs_us']:.1f} | {r['ours_us']:.1f} | "
+                     f"{r['ratio']:.2f}x |\n")
     models = report.get("models") or []
     if models:
         text += ("\n\n| model workload | unpatched | patched | speedup (middle half) | outputs |\n"

@@ -14,8 +14,10 @@ import sys
 from pathlib import Path
 
 # Spelled out (not imported) so that `lmfast --help` and argument errors do not import torch:
-# lmfast.benchmarking.OPS, and the model-level row of lmfast.model_benchmarks.gpt2_small.
+# lmfast.benchmarking.OPS, the per-call cost rows of lmfast.overhead, and the model-level
+# row of lmfast.model_benchmarks.gpt2_small.
 BENCH_OPS = ("layer_norm", "rms_norm", "softmax", "attention")
+OVERHEAD_ROW = "overhead"
 MODEL_ROW = "gpt2"
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -108,7 +110,7 @@ def _writable_dir(path: Path) -> Path:
 def _bench(args) -> int:
     import torch
 
-    from lmfast import bench_report, benchmarking, model_benchmarks
+    from lmfast import bench_report, benchmarking, model_benchmarks, overhead
     from lmfast._progress import ProgressBar
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -132,28 +134,35 @@ def _bench(args) -> int:
         notes.append("the gpt2 row needs transformers (pip install 'lmfast[bench]'); skipped")
         gpt2 = None
 
-    total = benchmarking.steps(selected, args.rounds) + (model_benchmarks.gpt2_steps(gpt2[2]) if gpt2 else 0)
-    print(f"lmfast bench: {len(selected)} op cases{' + the gpt2-small model row' if gpt2 else ''} on {device} "
-          f"(--size {args.size}); results go to {out}/", file=sys.stderr, flush=True)
+    with_overhead = OVERHEAD_ROW in args.ops
+    total = (benchmarking.steps(selected, args.rounds) + (model_benchmarks.gpt2_steps(gpt2[2]) if gpt2 else 0)
+             + (overhead.steps(args.rounds) if with_overhead else 0))
+    extras = (" + the per-call overhead rows" if with_overhead else "") + (" + the gpt2-small model row" if gpt2 else "")
+    print(f"lmfast bench: {len(selected)} op cases{extras} on {device} (--size {args.size}); results go to {out}/",
+          file=sys.stderr, flush=True)
     bar = ProgressBar(total)
     environment = benchmarking.environment(device) | {"transformers": _version("transformers")}
     model_dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16)
     report = {"environment": environment, "size": args.size, "dtype": args.dtype or "default",
-              "results": [], "models": [], "notes": notes}
+              "results": [], "overhead": [], "models": [], "notes": notes}
     stem = out / f"bench-{device}"
     json_path = stem.with_suffix(".json")
 
     def save():  # after every case, so an interrupted or time-limited run keeps what it measured
         json_path.write_text(json.dumps(report, indent=1) + "\n")
 
+    if with_overhead:  # first: a few seconds, and what decoding pays on every layer
+        report["overhead"] = overhead.as_dicts(overhead.run(device, rounds=args.rounds, min_run_time=args.min_time,
+                                                            progress=bar.step))
+        save()
     for case in selected:
         report["results"] += benchmarking.as_dicts(benchmarking.run(
             [case], device, min_run_time=args.min_time, rounds=args.rounds, progress=bar.step))
         save()
     if gpt2:
-        prefill, new_tokens, samples = gpt2
+        prefill, new_tokens, blocks = gpt2
         report["models"] = [dataclasses.asdict(r) for r in model_benchmarks.gpt2_small(
-            device, model_dtype, prefill, new_tokens, samples, progress=bar.step)]
+            device, model_dtype, prefill, new_tokens, blocks, progress=bar.step)]
         report["environment"]["model_dtype"] = str(model_dtype).removeprefix("torch.")
         save()
     bar.close()
@@ -203,9 +212,10 @@ def parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark lmfast against PyTorch eager, torch.compile and SDPA, "
                                          "and a GPT-2-small-shaped model patched against unpatched")
-    bench.add_argument("--ops", nargs="+", default=[*BENCH_OPS, MODEL_ROW], choices=[*BENCH_OPS, MODEL_ROW],
-                       metavar="OP", help=f"any of {', '.join(BENCH_OPS)}, {MODEL_ROW} (the model row); "
-                                      "default: all")
+    bench.add_argument("--ops", nargs="+", default=[OVERHEAD_ROW, *BENCH_OPS, MODEL_ROW],
+                       choices=[OVERHEAD_ROW, *BENCH_OPS, MODEL_ROW], metavar="OP",
+                       help=f"any of {', '.join(BENCH_OPS)}, {OVERHEAD_ROW} (per-call cost at decode sizes against "
+                            f"the modules lmfast replaces), {MODEL_ROW} (the model row); default: all")
     bench.add_argument("--size", choices=["quick", "full"], default="quick",
                        help="quick (default): 3-4 minutes on a 2-core CPU; full: the device's thorough set "
                             "(GPU sizes on a GPU)")

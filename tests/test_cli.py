@@ -89,6 +89,22 @@ def test_bench_writes_json_png_and_prints_the_summary(softmax_run):
     assert "4/4" in stderr and "done" in stderr  # the progress bar reached its end
 
 
+def test_bench_overhead_rows_time_each_replacement_against_the_module_it_replaces(tmp_path):
+    rc, stdout, stderr = run("bench", "--ops", "overhead", "--out", str(tmp_path), "--device", "cpu", *QUICK)
+    assert rc == 0, stderr
+    report = json.loads((tmp_path / "bench-cpu.json").read_text())
+    rows = report["overhead"]
+    assert [(r["case"].split()[0], r["direction"]) for r in rows] == [
+        (kind, d) for kind in ("LayerNorm", "RMSNorm", "attention") for d in ("fwd", "fwd+bwd")], rows
+    assert [r["theirs"] for r in rows[::2]] == ["torch.nn.LayerNorm", "LlamaRMSNorm",
+                                                 "transformers sdpa_attention_forward"]
+    for r in rows:
+        assert r["theirs_us"] > 0 and r["ours_us"] > 0 and r["ratio"] == pytest.approx(r["ours_us"] / r["theirs_us"])
+        assert r["target"] == (1.3 if r["direction"] == "fwd" else 1.5)
+    assert "per-call cost (decode sizes)" in stdout and stdout.count(" <= 1.") == 6, stdout
+    assert report["results"] == [] and report["models"] == []
+
+
 def test_bench_compare_prints_the_change(softmax_run, tmp_path):
     before, _, _ = softmax_run
     rc, out, err = run("bench", "--ops", "softmax", "--device", "cpu", "--out", str(tmp_path), "--compare",
@@ -193,6 +209,9 @@ def _report(seconds, speedup):
                                   "frac_of_ceiling": 0.5, "vs_eager": 2.0 * 1e-3 / seconds},
                         result | {"provider": "eager", "seconds": 2e-3, "rate": 0.5, "frac_of_ceiling": 0.25,
                                   "vs_eager": 1.0}],
+            "overhead": [{"case": "LayerNorm (1, 1, 768)", "theirs": "torch.nn.LayerNorm", "ours": "lmfast.nn.LayerNorm",
+                          "direction": "fwd", "theirs_us": 10.0, "ours_us": 10.0 / speedup, "ratio": 1 / speedup,
+                          "target": 1.3}],
             "models": [{"workload": "gpt2-small-decode-16", "unit": "tokens/s", "unpatched": 10.0,
                         "patched": 10.0 * speedup, "speedup": speedup, "agreement": "identical tokens",
                         "speedup_quartiles": [speedup - 0.1, speedup + 0.1]}]}
@@ -211,5 +230,8 @@ def test_report_summary_and_compare_read_the_right_numbers():
     eager_row = next(line for line in change.splitlines() if " eager " in line)
     assert eager_row.split()[-1] == "1.00x", eager_row
     assert "speedup over unpatched 1.10x -> 1.30x" in change, change
-    assert "| gpt2-small-decode-16 | 10.0 tokens/s | 13.0 tokens/s | 1.30x (1.20-1.40) |" in \
-        bench_report.markdown(now)
+    assert "lmfast 9.1 -> 7.7 us a call, ratio to torch.nn.LayerNorm 0.91x -> 0.77x" in change, change
+    assert re.search(r"LayerNorm \(1, 1, 768\) +fwd +torch.nn.LayerNorm +10.0 +7.7 +0.77x +<= 1.3x", summary), summary
+    markdown = bench_report.markdown(now)
+    assert "| gpt2-small-decode-16 | 10.0 tokens/s | 13.0 tokens/s | 1.30x (1.20-1.40) |" in markdown
+    assert "| LayerNorm (1, 1, 768) | fwd | torch.nn.LayerNorm | 10.0 | 7.7 | 0.77x |" in markdown
