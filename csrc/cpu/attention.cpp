@@ -290,7 +290,7 @@ template <typename scalar_t, typename mask_t>
 void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
                  const scalar_t* v, const MaskView<mask_t>& mask, const Geometry& g, const Rows& qs,
                  const Rows& ks, const Rows& vs, at::opmath_type<scalar_t> scale, const KeyBand& band, int64_t b,
-                 int64_t hk, int64_t j_begin, int64_t j_end, TileState<at::opmath_type<scalar_t>>& st,
+                 int64_t hk, int64_t j_begin, int64_t j_end, int64_t block_k, TileState<at::opmath_type<scalar_t>>& st,
                  TileBuffers<at::opmath_type<scalar_t>>& buf) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
@@ -304,12 +304,12 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
     const scalar_t* src = q + qs.at(b, rows.head[r], rows.query[r]);
     for (int64_t d = 0; d < D; ++d) buf.q[r * D + d] = acc_t(src[d]) * scale;
   }
-  const int64_t ld_s = std::min(kBlockK, j_end - j_begin);
+  const int64_t ld_s = std::min(block_k, j_end - j_begin);
   if (int64_t(buf.s.size()) < R * ld_s) buf.s.resize(R * ld_s);
   const scalar_t* kh = k + ks.at(b, hk, 0);
   const scalar_t* vh = v + vs.at(b, hk, 0);
-  for (int64_t j0 = j_begin; j0 < j_end; j0 += kBlockK) {
-    const int64_t nk = std::min(kBlockK, j_end - j0);
+  for (int64_t j0 = j_begin; j0 < j_end; j0 += block_k) {
+    const int64_t nk = std::min(block_k, j_end - j0);
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
     // s = (scale q) k^T
     const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, buf.k);
@@ -377,6 +377,9 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 
   if (g.Sq * group > kBlockQ) {  // long queries: one task per (b, h, query block)
     const int64_t q_blocks = (g.Sq + kBlockQ - 1) / kBlockQ;
+    // With a causal or window band, key tiles as long as a query block: only the tiles on the
+    // band's edges are partly masked, and a query block skips the rest whole.
+    const int64_t block_k = band.causal || band.window > 0 ? kBlockQ : kBlockK;
     at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
       TileRows rows;
       TileState<acc_t> st;
@@ -386,7 +389,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         rows.clear();
         for (int64_t i = qb * kBlockQ; i < std::min(g.Sq, (qb + 1) * kBlockQ); ++i) rows.add(h, i);
         st.reset(rows.size(), g.D);
-        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, st, buf);
+        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, st, buf);
         write_rows(rows, st, g, b, os, o, lse);
       }
     });
@@ -416,7 +419,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       TileState<acc_t>& state = splits > 1 ? partial[task] : st;
       state.reset(R, g.D);
       attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, hk, g.Sk * split / splits,
-                  g.Sk * (split + 1) / splits, state, buf);
+                  g.Sk * (split + 1) / splits, kBlockK, state, buf);
       if (splits == 1) write_rows(rows, state, g, b, os, o, lse);
     }
   });
