@@ -36,8 +36,10 @@ def reduction_programs(rows: int, n: int, device: torch.device) -> int:
     return max(1, min(rows, max(4 * sms, by_accuracy)))
 
 
+@functools.cache
 def interpreted() -> bool:
-    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors)."""
+    """True when kernels run in the Triton interpreter (TRITON_INTERPRET=1, CPU tensors). Read
+    once: Triton itself decides it when the kernels are defined, and every launch asks."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
