@@ -17,7 +17,7 @@ DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 @pytest.fixture(scope="module")
 def gpt2(request):
     """{"unpatched": model, "patched": its patched deep copy}, and the workload sizes."""
-    prefill, new_tokens, _ = model_benchmarks.GPT2_SIZES[(request.config.getoption("--lmfast-size"), DEVICE)]
+    prefill, new_tokens, _, _ = model_benchmarks.GPT2_SIZES[(request.config.getoption("--lmfast-size"), DEVICE)]
     unpatched, patched = model_benchmarks.patched_pair(model_benchmarks.gpt2_small_model().to(DEVICE, DTYPE))
     ids = model_benchmarks.gpt2_token_ids(prefill).to(DEVICE)
     return {"unpatched": unpatched, "patched": patched}, ids, new_tokens

@@ -160,9 +160,8 @@ def _bench(args) -> int:
             [case], device, min_run_time=args.min_time, rounds=args.rounds, progress=bar.step))
         save()
     if gpt2:
-        prefill, new_tokens, blocks = gpt2
         report["models"] = [dataclasses.asdict(r) for r in model_benchmarks.gpt2_small(
-            device, model_dtype, prefill, new_tokens, blocks, progress=bar.step)]
+            device, model_dtype, *gpt2, progress=bar.step)]
         report["environment"]["model_dtype"] = str(model_dtype).removeprefix("torch.")
         save()
     bar.close()

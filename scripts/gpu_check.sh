@@ -42,9 +42,9 @@ timeout 180 python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/
 echo "bench exit $?" | tee -a "$OUT/bench-attention.log"
 tail -60 "$OUT/bench-attention.log"
 
-echo "== benchmarks (GPU sizes): norms and softmax"
-timeout 90 python3 -m lmfast.cli bench --size full --ops layer_norm rms_norm softmax --out "$OUT" --min-time 0.1 --rounds 2 \
-  > "$OUT/bench.log" 2>&1
+echo "== benchmarks (GPU sizes): norms and softmax; per-call cost at decode sizes (overhead)"
+timeout 120 python3 -m lmfast.cli bench --size full --ops overhead layer_norm rms_norm softmax --out "$OUT" --min-time 0.1 \
+  --rounds 2 > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/bench.log"
 tail -40 "$OUT/bench.log"
 
@@ -56,7 +56,7 @@ tail -8 "$OUT/bench-gpt2.log"
 
 if [ "$have_models" = 1 ]; then
   echo "== model benchmarks (SmolLM2-135M, MiniLM; bf16, patched vs unpatched)"
-  timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --samples 4 --out "$OUT" \
+  timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --blocks 4 --out "$OUT" \
     > "$OUT/bench-models.log" 2>&1
   echo "model bench exit $?" | tee -a "$OUT/bench-models.log"
   tail -12 "$OUT/bench-models.log"

@@ -13,7 +13,8 @@ import math
 import torch
 from torch import Tensor
 
-from .. import _backends, ops
+from .. import ops
+from ..ops._common import on_cpp_path
 
 _C = torch.ops.lmfast_C  # the C++ ops (resolved on first use, once the extension has loaded)
 
@@ -38,8 +39,8 @@ class LayerNorm(torch.nn.LayerNorm):
         params = self._parameters
         w = params["weight"] if "weight" in params else self.weight
         b = params["bias"] if "bias" in params else self.bias
-        if (len(self.normalized_shape) == 1 and _backends.runs_cpp(self.backend) and isinstance(x, Tensor)
-                and x.is_cpu and (w is None or w.dtype == x.dtype) and (b is None or b.dtype == x.dtype)):
+        if (len(self.normalized_shape) == 1 and on_cpp_path(self.backend, x) and (w is None or w.dtype == x.dtype)
+                and (b is None or b.dtype == x.dtype)):
             # the common case, one C++ call: per-call overhead is what decoding pays per token
             y, s = _C.layer_norm.default(x, w, b, residual, float(self.eps))
             return y if residual is None else (y, s)
@@ -89,7 +90,7 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None):
         params = self._parameters  # (as in LayerNorm.forward)
         w = params["weight"] if "weight" in params else self.weight
-        if _backends.runs_cpp(self.backend) and isinstance(x, Tensor) and x.is_cpu and x.dtype == w.dtype:
+        if on_cpp_path(self.backend, x) and x.dtype == w.dtype:
             y, s = _C.rms_norm.default(x, w, residual, float(self.variance_epsilon))  # one C++ call
             return y if residual is None else (y, s)
         if x.dtype == w.dtype:

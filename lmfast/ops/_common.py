@@ -33,7 +33,7 @@ def resolve_backend(backend: str, op: str, x: Tensor) -> str:
     return _resolve(backend, op, x.device, x.dtype)
 
 
-def runs_cpp(backend: str, x: object) -> bool:
+def on_cpp_path(backend: str, x: object) -> bool:
     """Whether this call goes straight into the C++ public op: x is a CPU tensor and `backend`
     means the C++ kernels there. The C++ op checks every tensor argument itself, with the
     Python layer's messages; the caller checks that the plain Python arguments have the types
@@ -51,7 +51,7 @@ def tensors_or_none(*args) -> bool:
 
 
 def cpp_ops():
-    """torch.ops.lmfast_C: the C++ public and kernel ops (loaded by resolve_backend / runs_cpp)."""
+    """torch.ops.lmfast_C: the C++ public and kernel ops (loaded by resolve_backend / on_cpp_path)."""
     return torch.ops.lmfast_C
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import cpp_ops, resolve_backend, runs_cpp, triton_kernels, triton_op, upstream_grad
+from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op, upstream_grad
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -36,7 +36,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     """
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
-            and isinstance(v, Tensor) and runs_cpp(backend, q)):
+            and isinstance(v, Tensor) and on_cpp_path(backend, q)):
         o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window)  # checks its arguments
         return (o, lse) if return_lse else o
     for name, t in (("q", q), ("k", k), ("v", v)):

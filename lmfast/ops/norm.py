@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import (as_rows, cpp_ops, resolve_backend, runs_cpp, tensors_or_none, triton_kernels, triton_op,
+from ._common import (as_rows, cpp_ops, on_cpp_path, resolve_backend, tensors_or_none, triton_kernels, triton_op,
                       upstream_grad)
 
 
@@ -28,7 +28,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     x: (..., N); weight, bias: (N,) or None. float16/bfloat16/float32 (float64 on the cpu and
     torch backends), accumulated in float32.
     """
-    if type(eps) is float and runs_cpp(backend, x) and tensors_or_none(weight, bias, residual):
+    if type(eps) is float and on_cpp_path(backend, x) and tensors_or_none(weight, bias, residual):
         y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)  # checks its arguments
         return y if residual is None else (y, s)
     _checks.floating_tensor("x", x)
@@ -53,7 +53,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
 
     `residual` as in layer_norm: returns (y, x + residual) when given.
     """
-    if type(eps) is float and runs_cpp(backend, x) and tensors_or_none(weight, residual):
+    if type(eps) is float and on_cpp_path(backend, x) and tensors_or_none(weight, residual):
         y, s = cpp_ops().rms_norm.default(x, weight, residual, eps)  # checks its arguments
         return y if residual is None else (y, s)
     _checks.floating_tensor("x", x)

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from .. import reference
 from . import _checks
-from ._common import as_rows, cpp_ops, resolve_backend, runs_cpp, triton_kernels, triton_op, upstream_grad
+from ._common import as_rows, cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op, upstream_grad
 
 
 def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
@@ -29,7 +29,7 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
     Rows with every entry masked give zeros, not NaN.
     """
     if (type(dim) is int and type(scale) is float and type(causal) is bool and (mask is None or isinstance(mask, Tensor))
-            and runs_cpp(backend, x)):
+            and on_cpp_path(backend, x)):
         return cpp_ops().softmax.default(x, dim, scale, mask, causal)  # checks its arguments
     _checks.floating_tensor("x", x)
     d = _checks.dim_index(dim, x.dim())
