@@ -83,18 +83,21 @@ bool grad_wanted(std::initializer_list<const OptTensor*> opts, std::initializer_
   return false;
 }
 
-// needs_input_grad takes the index of an input among the *tensor* inputs that were given
-// (None optionals have no autograd edge): these record each argument's index, or -1.
-struct Edges {
-  std::vector<int64_t> index;
-  explicit Edges(std::initializer_list<bool> present) {
-    int64_t next = 0;
-    for (bool p : present) index.push_back(p ? next++ : -1);
+// Which tensor arguments of a forward were given, as bits (bit i: argument i). needs_input_grad
+// takes the index of an input among the *given* tensor inputs (a None optional has no autograd
+// edge), which these bits translate to. One int in the context: its map costs per entry.
+struct Given {
+  int64_t bits = 0;
+  explicit Given(std::initializer_list<bool> given) {
+    int64_t i = 0;
+    for (bool g : given) bits |= int64_t(g) << i++;
   }
-  void save(AutogradContext* ctx) const { ctx->saved_data["edges"] = c10::IntArrayRef(index); }
-  static bool needed(AutogradContext* ctx, size_t arg) {
-    const int64_t e = ctx->saved_data["edges"].toIntVector()[arg];
-    return e >= 0 && ctx->needs_input_grad(e);
+  explicit Given(AutogradContext* ctx) : bits(ctx->saved_data["given"].toInt()) {}
+  void save(AutogradContext* ctx) const { ctx->saved_data["given"] = bits; }
+  bool has(int arg) const { return (bits >> arg) & 1; }
+  // whether the backward must compute argument `arg`'s gradient
+  bool needed(AutogradContext* ctx, int arg) const {
+    return has(arg) && ctx->needs_input_grad(__builtin_popcountll(bits & ((int64_t(1) << arg) - 1)));
   }
 };
 
@@ -104,11 +107,10 @@ struct LayerNormFwd : torch::autograd::Function<LayerNormFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual, double eps) {
     ctx->set_materialize_grads(false);
-    Edges({true, weight.has_value(), bias.has_value(), residual.has_value()}).save(ctx);
+    Given({true, weight.has_value(), bias.has_value(), residual.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, s, mean, rstd] = layer_norm_fwd().call(x, weight, bias, residual, eps);
     const bool has_residual = residual.has_value();
-    ctx->saved_data["has_residual"] = has_residual;
     ctx->save_for_backward({has_residual ? s : x, weight.value_or(Tensor()), mean, rstd});
     ctx->mark_non_differentiable(has_residual ? variable_list{mean, rstd} : variable_list{s, mean, rstd});
     return {y, s, mean, rstd};
@@ -117,10 +119,10 @@ struct LayerNormFwd : torch::autograd::Function<LayerNormFwd> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &normed = saved[0], &weight = saved[1], &mean = saved[2], &rstd = saved[3];
-    const bool need_x = Edges::needed(ctx, 0), need_w = Edges::needed(ctx, 1), need_b = Edges::needed(ctx, 2),
-               need_r = Edges::needed(ctx, 3);
-    const OptTensor ds = ctx->saved_data["has_residual"].toBool() ? OptTensor(upstream_grad(grads[1], normed))
-                                                                   : std::nullopt;
+    const Given given(ctx);
+    const bool need_x = given.needed(ctx, 0), need_w = given.needed(ctx, 1), need_b = given.needed(ctx, 2),
+               need_r = given.needed(ctx, 3);
+    const OptTensor ds = given.has(3) ? OptTensor(upstream_grad(grads[1], normed)) : std::nullopt;
     auto [dx, dw, db] = layer_norm_bwd().call(upstream_grad(grads[0], normed), normed, defined_or_none(weight),
                                               mean, rstd, ds, need_w, need_b);
     return {need_x ? dx : Tensor(), need_w ? dw : Tensor(), need_b ? db : Tensor(), need_r ? dx : Tensor(),
@@ -132,11 +134,10 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
                                const OptTensor& residual, double eps) {
     ctx->set_materialize_grads(false);
-    Edges({true, weight.has_value(), residual.has_value()}).save(ctx);
+    Given({true, weight.has_value(), residual.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     auto [y, s, rstd] = rms_norm_fwd().call(x, weight, residual, eps);
     const bool has_residual = residual.has_value();
-    ctx->saved_data["has_residual"] = has_residual;
     ctx->save_for_backward({has_residual ? s : x, weight.value_or(Tensor()), rstd});
     ctx->mark_non_differentiable(has_residual ? variable_list{rstd} : variable_list{s, rstd});
     return {y, s, rstd};
@@ -145,9 +146,9 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &normed = saved[0], &weight = saved[1], &rstd = saved[2];
-    const bool need_x = Edges::needed(ctx, 0), need_w = Edges::needed(ctx, 1), need_r = Edges::needed(ctx, 2);
-    const OptTensor ds = ctx->saved_data["has_residual"].toBool() ? OptTensor(upstream_grad(grads[1], normed))
-                                                                   : std::nullopt;
+    const Given given(ctx);
+    const bool need_x = given.needed(ctx, 0), need_w = given.needed(ctx, 1), need_r = given.needed(ctx, 2);
+    const OptTensor ds = given.has(2) ? OptTensor(upstream_grad(grads[1], normed)) : std::nullopt;
     auto [dx, dw] = rms_norm_bwd().call(upstream_grad(grads[0], normed), normed, defined_or_none(weight), rstd, ds,
                                         need_w);
     return {need_x ? dx : Tensor(), need_w ? dw : Tensor(), need_r ? dx : Tensor(), Tensor()};
@@ -157,7 +158,7 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
 struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& mask, double scale, bool causal) {
     ctx->set_materialize_grads(false);
-    Edges({true, mask.has_value()}).save(ctx);
+    Given({true, mask.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     Tensor y = softmax_fwd().call(x, mask, scale, causal);
     ctx->saved_data["scale"] = scale;
@@ -167,7 +168,8 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const Tensor y = ctx->get_saved_variables()[0];
-    const bool need_x = Edges::needed(ctx, 0), need_mask = Edges::needed(ctx, 1);
+    const Given given(ctx);
+    const bool need_x = given.needed(ctx, 0), need_mask = given.needed(ctx, 1);
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
     const double scale = ctx->saved_data["scale"].toDouble();
     const Tensor dy = grads[0].contiguous();  // (B, H, M, N), as y
@@ -183,7 +185,7 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const OptTensor& mask, double scale, bool causal, std::optional<int64_t> window) {
     ctx->set_materialize_grads(false);
-    Edges({true, true, true, mask.has_value()}).save(ctx);
+    Given({true, true, true, mask.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     auto [o, lse] = attention_fwd().call(q, k, v, mask, scale, causal, window);
     ctx->saved_data["scale"] = scale;
@@ -196,7 +198,7 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor o = saved[3].contiguous();  // the backward takes contiguous tensors
-    const bool mask_grad = Edges::needed(ctx, 3);
+    const bool mask_grad = Given(ctx).needed(ctx, 3);
     const auto& window = ctx->saved_data["window"];
     auto [dq, dk, dv, dmask] = attention_bwd().call(
         upstream_grad(grads[0], o), saved[0].contiguous(), saved[1].contiguous(), saved[2].contiguous(), o,

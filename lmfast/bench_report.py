@@ -235,9 +235,8 @@ def markdown(report: dict) -> str:
     if report.get("overhead"):
         text += ("\n\n| per-call cost, decode size | direction | replaced module | its us | lmfast us | ratio |\n"
                  "|---|---|---|---|---|---|\n")
-        for r in report["overhead"]:
-            text += (f"| {r['case']} | {r['direction']} | {r['theirs']} | {r['theirs_us']:.1f} | {r['ours_us']:.1f} | "
-                     f"{r['ratio']:.2f}x |\n")
+        text += "\n".join(f"| {r['case']} | {r['direction']} | {r['theirs']} | {r['theirs_us']:.1f} | "
+                          f"{r['ours_us']:.1f} | {r['ratio']:.2f}x |" for r in report["overhead"])
     models = report.get("models") or []
     if models:
         text += ("\n\n| model workload | unpatched | patched | speedup (middle half) | outputs |\n"

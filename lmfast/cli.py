@@ -216,7 +216,7 @@ def parser() -> argparse.ArgumentParser:
                        help=f"any of {', '.join(BENCH_OPS)}, {OVERHEAD_ROW} (per-call cost at decode sizes against "
                             f"the modules lmfast replaces), {MODEL_ROW} (the model row); default: all")
     bench.add_argument("--size", choices=["quick", "full"], default="quick",
-                       help="quick (default): 3-4 minutes on a 2-core CPU; full: the device's thorough set "
+                       help="quick (default): about 4 minutes on a 2-core CPU; full: the device's thorough set "
                             "(GPU sizes on a GPU)")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if present, else cpu")
     bench.add_argument("--dtype", choices=DTYPES, help="default: float32 (bfloat16 for --size full on a GPU "
