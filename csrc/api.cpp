@@ -3,8 +3,8 @@
 //
 // 1. Public ops (lmfast_C::layer_norm, rms_norm, softmax, attention), CompositeImplicitAutograd:
 //    they check the user's arguments (checks.h: the Python layer's messages), shape them into
-//    the kernels' contracts (rows, a 4-D view, an expanded mask; views where possible) and call
-//    the kernel ops through the dispatcher. Being composite, torch.compile traces them into
+//    the kernels' contracts (contiguous inputs, a 4-D view for softmax, an expanded mask;
+//    views where possible) and call the kernel ops through the dispatcher. Being composite, torch.compile traces them into
 //    those kernel ops, whose fake impls are registered in Python (lmfast/ops/*.py); they
 //    therefore read shapes as SymInts.
 // 2. Autograd of the kernel ops (lmfast_C::*_fwd): torch::autograd::Function subclasses whose

@@ -62,6 +62,13 @@ def _batch():
     return ids, mask
 
 
+def _generation_inputs(max_new_tokens: int):
+    """_batch() with left padding only (generate() wants it), and greedy generate() kwargs."""
+    ids, mask = _batch()
+    mask[1] = 1
+    return ids, dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+
+
 ARCHS = ["gpt2", "qwen2", "mistral"]
 
 
@@ -117,9 +124,7 @@ def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
     """Greedy generate() on a left-padded batch: the same tokens patched and not. For Mistral
     the 16 + 12 tokens run past the 6-token window, so the sliding cache drops keys."""
     model = _hf_model(arch)
-    ids, mask = _batch()
-    mask[1] = 1  # generate() wants left padding
-    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    ids, kwargs = _generation_inputs(max_new_tokens=12)
     with torch.no_grad():
         want = model.generate(ids, **kwargs)
         lmfast.patch(model)
@@ -459,6 +464,22 @@ def test_output_attentions_returns_the_eager_attention_weights(arch, caplog, mon
     assert len(calls) == 2
 
 
+def test_output_attentions_of_a_layer_without_an_eager_function_of_its_own():
+    """A layer whose module defines no eager_attention_forward gets lmfast's plain eager one:
+    the weights softmax(scale q k^T + mask), grouped-query heads repeated, the causal mask made
+    explicit where the mask function left it out (None)."""
+    from lmfast.integrations import hf
+
+    layer = torch.nn.Module()  # (its class's module, torch.nn.modules.module, has no eager function)
+    layer.is_causal = True
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8), torch.randn(2, 2, 6, 8)
+    out, weights = hf.attention_forward(layer, q, k, v, None, scaling=0.5, output_attentions=True)
+    want_o, _ = lmfast.reference.attention(q, k, v, None, True, 0.5)
+    torch.testing.assert_close(out, want_o.transpose(1, 2))
+    assert weights.shape == (2, 4, 6, 6) and torch.equal(weights.triu(1), torch.zeros_like(weights))
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 4, 6))
+
+
 def test_attention_under_fullgraph_compile_with_a_mask_noted_outside():
     """Regression: a mask built (and its structure noted) outside the compiled region made the
     traced attention read the mask's _version: "Could not guard on data-dependent expression"."""
@@ -485,9 +506,7 @@ def test_generate_with_a_fullgraph_compiled_forward():
     forward), gives the unpatched model's tokens."""
     torch._dynamo.reset()
     model = _hf_model("qwen2")
-    ids, mask = _batch()
-    mask[1] = 1  # generate() wants left padding
-    kwargs = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    ids, kwargs = _generation_inputs(max_new_tokens=5)
     with torch.no_grad():
         want = model.generate(ids, **kwargs)
         lmfast.patch(model)

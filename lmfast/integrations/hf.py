@@ -50,6 +50,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     attention weights in place of None where the call asks for them (then the model's own eager
     attention computes the call). Per call it does no more than transformers' SDPA path: a few
     dict lookups, then one lmfast op."""
+    if kwargs.get("output_attentions") or _attentions_recorded():
+        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     if (dropout and module.training) or kwargs.get("position_bias") is not None:
         # what lmfast does not compute (attention dropout, T5-style position bias): transformers'
         # own SDPA path, with the same mask (a full mask, or None exactly where SDPA's is None too)
@@ -57,8 +59,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if kwargs.get("output_attentions") or _attentions_recorded():
-        return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     for unsupported in ("softcap", "s_aux"):  # (lmfast.patch leaves models with these alone)
         if kwargs.get(unsupported) is not None:
             raise NotImplementedError(f"lmfast attention does not support {unsupported}")
