@@ -3,10 +3,11 @@
 //                the kernel ops (csrc/api.cpp; CompositeImplicitAutograd, so torch.compile
 //                traces them into the kernel ops). lmfast.ops and lmfast.nn call these for
 //                backend="cpu".
-//   kernel ops   *_fwd / *_bwd: the kernels (csrc/cpu/), their autograd (csrc/api.cpp); fake
-//                impls are registered in Python (lmfast/ops/*.py), beside the Triton twins.
-#include "cpu/vec.h"  // first (see vec.h); also defines the CPU_CAPABILITY build_info reports
-
+//   kernel ops   *_fwd / *_bwd: the kernels (csrc/cpu/, reached through csrc/dispatch.cpp),
+//                their autograd (csrc/api.cpp); fake impls are registered in Python
+//                (lmfast/ops/*.py), beside the Triton twins.
+//   loading      cpu_levels, load_cpu_kernels: lmfast/_extension.py picks and loads the
+//                kernel library of this CPU's ISA level (csrc/cpu/kernel_table.h).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -22,8 +23,13 @@
 
 namespace lmfast::cpu {
 
+// "torch=<version built against>;isa=<loaded kernel level>;capability=<its ATen vector
+// ISA>;openmp=<0|1>"; isa=none until lmfast._extension has loaded a kernel library.
 std::string build_info() {
-  std::string info = "torch=" LMFAST_STR(LMFAST_TORCH_VERSION) ";isa=" LMFAST_STR(CPU_CAPABILITY);
+  const std::string loaded = lmfast::dispatch::loaded_cpu_kernels();  // "level;capability"
+  const auto split = loaded.find(';');
+  std::string info = "torch=" LMFAST_STR(LMFAST_TORCH_VERSION) ";isa=" + loaded.substr(0, split) +
+                     ";capability=" + loaded.substr(split + 1);
 #ifdef _OPENMP
   info += ";openmp=1";
 #else
@@ -36,6 +42,8 @@ std::string build_info() {
 
 TORCH_LIBRARY(lmfast_C, m) {
   m.def("build_info() -> str", &lmfast::cpu::build_info);
+  m.def("cpu_levels() -> str", &lmfast::dispatch::cpu_levels);
+  m.def("load_cpu_kernels(str path) -> str", &lmfast::dispatch::load_cpu_kernels);
   // public ops
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
         " -> (Tensor, Tensor)");
@@ -59,17 +67,6 @@ TORCH_LIBRARY(lmfast_C, m) {
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
         " Tensor? dlse, Tensor? mask, float scale, bool causal, int? window, bool mask_grad)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(lmfast_C, CPU, m) {
-  m.impl("layer_norm_fwd", &lmfast::cpu::layer_norm_fwd);
-  m.impl("layer_norm_bwd", &lmfast::cpu::layer_norm_bwd);
-  m.impl("rms_norm_fwd", &lmfast::cpu::rms_norm_fwd);
-  m.impl("rms_norm_bwd", &lmfast::cpu::rms_norm_bwd);
-  m.impl("softmax_fwd", &lmfast::cpu::softmax_fwd);
-  m.impl("softmax_bwd", &lmfast::cpu::softmax_bwd);
-  m.impl("attention_fwd", &lmfast::cpu::attention_fwd);
-  m.impl("attention_bwd", &lmfast::cpu::attention_bwd);
 }
 
 TORCH_LIBRARY_IMPL(lmfast_C, CompositeImplicitAutograd, m) {

@@ -1,6 +1,7 @@
 // Entry points of lmfast._C.
 //
-// Kernel ops (lmfast::cpu, registered for the CPU key). Launch-level contracts (the public
+// Kernel ops (lmfast::cpu: the kernels, compiled per ISA level into kernel libraries; _C
+// registers forwarders to them for the CPU key, see lmfast::dispatch below). Launch-level contracts (the public
 // ops, in C++ or Python, validate user input first; these only TORCH_CHECK their own
 // preconditions):
 //   norms:   x is a contiguous (..., N) tensor, normalized over N (the Triton twins take
@@ -15,6 +16,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 
 namespace lmfast::cpu {
@@ -56,10 +58,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad);
 
-// "torch=<version the extension was built against>;isa=<AVX512|AVX2|DEFAULT>;openmp=<0|1>"
-std::string build_info();
-
 }  // namespace lmfast::cpu
+
+// The kernel ops' CPU impls in lmfast._C forward to the kernels of one ISA level's library,
+// loaded at run time (csrc/dispatch.cpp; csrc/cpu/kernel_table.h).
+namespace lmfast::dispatch {
+
+std::string cpu_levels();                               // "avx512,avx2,default": what this CPU runs
+std::string load_cpu_kernels(const std::string& path);  // -> "level;capability"
+std::string loaded_cpu_kernels();                       // "level;capability" or "none;none"
+
+}  // namespace lmfast::dispatch
 
 // The public ops and the kernel ops' autograd (csrc/api.cpp): device-independent, they call
 // the kernel ops above through the dispatcher.

@@ -24,9 +24,10 @@ Kernels (one program per tile, tiles never leave registers/shared memory):
 
 backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
-When one key block holds every key a row can see, that row's delta is taken as
-rowsum(p * dp) from the block (as csrc/cpu/attention.cpp does): then dp - delta is exactly 0
-where one key takes all the weight, as in an unfused softmax backward.
+When one key block holds every key a row can see, that row's p is renormalized to sum to 1
+and its delta is taken as rowsum(p * dp) from the block (as csrc/cpu/attention.cpp does):
+then dp - delta is exactly 0 where one key takes all the weight, as in an unfused softmax
+backward.
 
 Scores and softmax are float32. 16-bit inputs go to tl.dot as they are (p and ds are rounded
 to the input dtype for their products, as eager attention does); float32 inputs use IEEE
@@ -285,6 +286,11 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
     dp = _dot(do, vT, UPCAST, PRECISION)
     single = _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     if tl.max(single.to(tl.int32), axis=0) > 0:
+        # p of such a row is renormalized to sum to 1, as an unfused softmax's is: s recomputed
+        # here may differ from the forward's by an ulp (another product shape, another
+        # summation order), and exp(s - lse) is then 1 +- 1e-7 where one key takes all the weight.
+        psum = tl.sum(p, axis=1)
+        p = tl.where(single[:, None] & (psum[:, None] > 0), p / psum[:, None], p)
         delta = tl.where(single, tl.sum(p * dp, axis=1), delta)
     ds = p * ((dp - delta[:, None]) + dlse[:, None])
     return p, ds

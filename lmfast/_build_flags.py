@@ -1,28 +1,66 @@
-"""Compiler settings for lmfast._C, shared by setup.py (ahead-of-time build) and
-lmfast._extension (first-use build). Imports nothing, so setup.py can exec it without
+"""Compiler settings for lmfast's C++ code, shared by setup.py (ahead-of-time build) and
+lmfast._extension (first-use build). Imports nothing heavy, so setup.py can exec it without
 importing the package.
 
+Two kinds of library are built:
+  lmfast._C            the op registrations, argument checks and autograd (CORE_SOURCES),
+                       compiled for the baseline ISA: it loads on any CPU of the platform;
+  lmfast._cpu_<level>  the kernels (KERNEL_SOURCES), once per ISA level with that level's
+                       -march, so one build runs at full speed on every x86 CPU: at load,
+                       lmfast._extension picks the best level the CPU runs (LMFAST_CPU_ISA
+                       forces one) and _C forwards the kernel ops to it.
+
 Environment switches:
-  LMFAST_CPU_ARCH   value for -march (default "native": the build machine's best vector ISA;
-                    use e.g. "x86-64-v3" for a wheel that must run on other AVX2 machines,
-                    or "none" for no -march flag at all, the portable scalar build)
+  LMFAST_CPU_ARCH   unset (default): the levels below. Set, one kernel library only, "custom",
+                    compiled with -march=<value> (e.g. "native": the build machine's best ISA,
+                    tied to CPUs like it), or with no -march at all for "none".
 """
 
 import os
+import platform
 
-CPU_SOURCES = ("ops.cpp", "api.cpp", "cpu/norm.cpp", "cpu/softmax.cpp", "cpu/attention.cpp")
+CORE_SOURCES = ("ops.cpp", "api.cpp", "dispatch.cpp")
+KERNEL_SOURCES = ("cpu/norm.cpp", "cpu/softmax.cpp", "cpu/attention.cpp", "cpu/kernel_table.cpp")
+
+# ISA level -> its -march flags, best first. x86-64-v4 is AVX-512 F/BW/CD/DQ/VL (ATen's AVX512
+# vectors), x86-64-v3 is AVX2 + FMA + F16C (ATen's AVX2 vectors); "default" is the compiler's
+# baseline (SSE2 on x86-64), scalar ATen vectors.
+X86_LEVELS = {"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "default": []}
 
 
-def cpu_compile_args(torch_version: str) -> list[str]:
-    arch = os.environ.get("LMFAST_CPU_ARCH", "native")
+def kernel_levels() -> dict[str, list[str]]:
+    """The kernel libraries to build: level name -> its ISA flags."""
+    arch = os.environ.get("LMFAST_CPU_ARCH")
+    if arch:
+        return {"custom": [] if arch == "none" else [f"-march={arch}"]}
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return dict(X86_LEVELS)
+    return {"default": []}
+
+
+def _common_args(torch_version: str) -> list[str]:
     # -fno-wrapv undoes the -fwrapv that setup.py builds inherit from Python's CFLAGS (it
     # blocks some loop optimizations), so both builds compile the same code. The version is
     # unquoted (ops.cpp stringifies it): quotes would not survive the first-use ninja build.
     # No -std: torch's build helpers pass the standard its headers need (C++20 for 2.13).
-    args = ["-O3", "-fno-wrapv", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
-    if arch != "none":
-        args.append(f"-march={arch}")
-    return args
+    return ["-O3", "-fno-wrapv", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
+
+
+def core_compile_args(torch_version: str) -> list[str]:
+    return _common_args(torch_version)
+
+
+def kernel_compile_args(torch_version: str, level: str) -> list[str]:
+    # Hidden visibility: every inline function a kernel library instantiates (std::vector's,
+    # ATen's) stays its own, so an AVX-512 copy can never be bound in place of another
+    # library's. Only the kernel table is exported (csrc/cpu/kernel_table.cpp).
+    return (_common_args(torch_version) + kernel_levels()[level]
+            + ["-fvisibility=hidden", "-fvisibility-inlines-hidden", f"-DLMFAST_ISA_LEVEL={level}"])
+
+
+def kernel_module(level: str) -> str:
+    """The module name of a level's kernel library, inside the lmfast package."""
+    return f"_cpu_{level}"
 
 
 # -fopenmp links libgomp.so.1; torch's wheel ships its own libgomp.so.1, already loaded when

@@ -1,11 +1,17 @@
 """Loads lmfast's C++ kernels, registered as torch.ops.lmfast_C.*.
 
+Two libraries make them: lmfast._C (the ops, their checks and autograd) and one kernel
+library, lmfast._cpu_<level>, of the ISA level this CPU runs best (lmfast/_build_flags.py:
+avx512, avx2, default), which _C forwards the kernel ops to. LMFAST_CPU_ISA=<level> forces a
+level (an error if the CPU cannot run it, or it was not built).
+
 Two ways in, tried in order:
-1. ahead of time: `lmfast._C`, built by setup.py when torch was importable at install time;
-   used only if it was built against the torch that is running;
+1. ahead of time: `lmfast._C` and the kernel libraries, built by setup.py when torch was
+   importable at install time; used only if built against the torch that is running;
 2. first use: the sources installed as lmfast/_csrc are compiled with ninja into a per-user
-   cache (LMFAST_CACHE_DIR, default ~/.cache/lmfast) keyed by torch version, sources and flags.
-   One line on stderr says so; later runs load the cached build.
+   cache (LMFAST_CACHE_DIR, default ~/.cache/lmfast) keyed by torch version, sources and flags
+   (_C and the one level this CPU needs). One line on stderr says so; later runs load the
+   cached build.
 
 If both fail, the "cpu" backend is unavailable and `status()` says why.
 """
@@ -15,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.machinery
 import os
 import shutil
 import sys
@@ -30,7 +37,59 @@ from . import _build_flags
 class ExtensionStatus:
     loaded: bool
     detail: str  # how it was loaded (and its build info), or why it could not be
-    location: str | None = None  # the shared library's path, when loaded
+    location: str | None = None  # lmfast._C's path, when loaded
+    kernels: str | None = None  # the loaded kernel library's path
+    isa: str | None = None  # its ISA level (avx512, avx2, default, custom)
+
+
+class KernelChoiceError(RuntimeError):
+    """No kernel library can be loaded as asked (LMFAST_CPU_ISA names a level this CPU cannot
+    run, or one that was not built)."""
+
+
+def cpu_levels() -> list[str]:
+    """The ISA levels this CPU runs, best first (needs lmfast._C loaded)."""
+    return str(torch.ops.lmfast_C.cpu_levels()).split(",")
+
+
+def _choose_level(built: list[str]) -> str:
+    """The kernel level to load, of those built: LMFAST_CPU_ISA's, else this CPU's best."""
+    if built == ["custom"]:  # LMFAST_CPU_ARCH build: one library, the user's own -march
+        return "custom"
+    runs = cpu_levels()
+    forced = os.environ.get("LMFAST_CPU_ISA", "").strip().lower()
+    if forced:
+        if forced not in (*_build_flags.X86_LEVELS, "custom"):
+            raise KernelChoiceError(f"LMFAST_CPU_ISA={forced} is not a level: use one of "
+                                    f"{', '.join(_build_flags.X86_LEVELS)}")
+        if forced not in runs:
+            raise KernelChoiceError(f"LMFAST_CPU_ISA={forced}: this CPU runs only {', '.join(runs)}")
+        if forced not in built:
+            raise KernelChoiceError(f"LMFAST_CPU_ISA={forced}: not built (built: {', '.join(built)})")
+        return forced
+    for level in runs:
+        if level in built:
+            return level
+    raise KernelChoiceError(f"no kernel library this CPU runs ({', '.join(runs)}) was built "
+                            f"(built: {', '.join(built)})")
+
+
+def _load_kernels(path: Path, level: str, how: str, location: str) -> ExtensionStatus:
+    torch.ops.lmfast_C.load_cpu_kernels(str(path))
+    forced = " (LMFAST_CPU_ISA)" if os.environ.get("LMFAST_CPU_ISA") else ""
+    return ExtensionStatus(True, f"{how} ({_build_info()}); kernels for {level}{forced}, this CPU "
+                                 f"runs {', '.join(cpu_levels())}", location, str(path), level)
+
+
+def _aot_kernel_libraries() -> dict[str, Path]:
+    """level -> path of the kernel libraries installed beside lmfast._C."""
+    pkg = Path(__file__).resolve().parent
+    found = {}
+    for f in pkg.glob("_cpu_*"):
+        name = f.name.split(".", 1)[0]
+        if any(f.name.endswith(sfx) for sfx in importlib.machinery.EXTENSION_SUFFIXES):
+            found[name[len("_cpu_"):]] = f
+    return found
 
 
 def _source_dir() -> Path | None:
@@ -60,8 +119,16 @@ def _load_ahead_of_time() -> ExtensionStatus | None:
     if _torch_of(info) != torch.__version__:
         return ExtensionStatus(False, f"lmfast._C was built for torch {_torch_of(info)} but torch "
                                       f"{torch.__version__} is running; reinstall lmfast")
-    return ExtensionStatus(True, f"lmfast._C, built at install time ({info})",
-                           importlib.import_module("lmfast._C").__file__)
+    libraries = _aot_kernel_libraries()
+    if not libraries:
+        return ExtensionStatus(False, "lmfast._C is installed without its kernel libraries "
+                                      "(lmfast/_cpu_*.so); reinstall lmfast")
+    try:
+        level = _choose_level(sorted(libraries))
+        return _load_kernels(libraries[level], level, "lmfast._C, built at install time",
+                             importlib.import_module("lmfast._C").__file__)
+    except (KernelChoiceError, RuntimeError) as e:
+        return ExtensionStatus(False, str(e).splitlines()[0])
 
 
 def cache_root() -> Path:
@@ -82,27 +149,39 @@ def _load_first_use() -> ExtensionStatus:
                                       "install g++) to build the C++ CPU kernels")
     from torch.utils import cpp_extension
 
-    sources = [src / s for s in _build_flags.CPU_SOURCES]
-    cflags = _build_flags.cpu_compile_args(torch.__version__)
     digest = hashlib.sha256(torch.__version__.encode())
     for f in sorted(src.rglob("*")):
         if f.suffix in (".h", ".cpp"):
             digest.update(f.name.encode() + f.read_bytes())
-    digest.update(" ".join(cflags + _build_flags.CPU_LINK_ARGS).encode())
-    name = f"lmfast_C_{digest.hexdigest()[:16]}"
-    build_dir = cache_root() / name
-    try:
+    levels = _build_flags.kernel_levels()
+    digest.update(repr(sorted(levels.items())).encode())
+    key = digest.hexdigest()[:16]
+    announced = False
+
+    def build(name: str, sources, cflags) -> Path:
+        # One cached library: compiled unless present, loaded with torch.ops.load_library.
+        nonlocal announced
+        build_dir = cache_root() / f"{name}_{key}"
         build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}.so").exists():
+        if not (build_dir / f"{name}_{key}.so").exists() and not announced:
             print(f"lmfast: compiling the C++ CPU kernels for torch {torch.__version__} "
-                  f"(first use, about a minute) into {build_dir}", file=sys.stderr, flush=True)
-        cpp_extension.load(name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
-                           extra_ldflags=_build_flags.CPU_LINK_ARGS, build_directory=str(build_dir),
-                           is_python_module=False, verbose=False)
+                  f"(first use, about a minute) into {cache_root()}", file=sys.stderr, flush=True)
+            announced = True
+        cpp_extension.load(name=f"{name}_{key}", sources=[str(src / s) for s in sources],
+                           extra_cflags=cflags, extra_ldflags=_build_flags.CPU_LINK_ARGS,
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+        return build_dir / f"{name}_{key}.so"
+
+    try:
+        core = build("lmfast_C", _build_flags.CORE_SOURCES, _build_flags.core_compile_args(torch.__version__))
+        level = _choose_level(list(levels))  # only the level this CPU loads is compiled
+        kernels = build(f"lmfast_cpu_{level}", _build_flags.KERNEL_SOURCES,
+                        _build_flags.kernel_compile_args(torch.__version__, level))
+        return _load_kernels(kernels, level, f"built on first use in {cache_root()}", str(core))
+    except KernelChoiceError as e:
+        return ExtensionStatus(False, str(e))
     except Exception as e:  # no compiler, no ninja, compile error: report, don't crash
         return ExtensionStatus(False, f"first-use build failed: {_why(e)}")
-    return ExtensionStatus(True, f"built on first use in {build_dir} ({_build_info()})",
-                           str(build_dir / f"{name}.so"))
 
 
 def _why(e: Exception) -> str:

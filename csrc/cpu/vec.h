@@ -2,8 +2,8 @@
 //
 // Include this header FIRST in every csrc/cpu/*.cpp file: it selects the ATen vector ISA
 // (AVX512 / AVX2 / portable) from what the compiler targets, and the macros must be set
-// before any ATen header is seen. setup.py compiles with -march=native by default
-// (LMFAST_CPU_ARCH overrides), so the build machine's best ISA is used.
+// before any ATen header is seen. These files are compiled once per ISA level, each with its
+// -march (lmfast/_build_flags.py), into one kernel library per level.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \

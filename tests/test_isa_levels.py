@@ -1,0 +1,92 @@
+"""The CPU kernels' ISA levels: one build holds a kernel library per level
+(lmfast/_build_flags.py), the best one this CPU runs is loaded, LMFAST_CPU_ISA forces one, and
+the kernels' parity tests pass under every level this machine can run."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmfast import _build_flags, _extension
+
+REPO = Path(__file__).resolve().parents[1]
+LEVELS = list(_build_flags.kernel_levels())  # what this build was asked to hold
+# The CPU backend's cases of the kernel test files (test ids name the backend: cpu-cpu, triton-cpu).
+PARITY_FILES = ["tests/test_norm.py", "tests/test_softmax.py", "tests/test_attention.py",
+                "tests/test_attention_kernels.py"]
+
+
+def _run(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+def _loaded() -> _extension.ExtensionStatus:
+    status = _extension.status()
+    assert status.loaded, status.detail
+    return status
+
+
+def test_every_level_of_the_platform_is_built():
+    assert _extension.cpu_levels()[-1] == "default"
+    if _loaded().detail.startswith("lmfast._C, built at install time"):
+        assert sorted(_extension._aot_kernel_libraries()) == sorted(LEVELS)
+
+
+def test_the_best_level_the_cpu_runs_is_loaded():
+    status = _loaded()
+    forced = os.environ.get("LMFAST_CPU_ISA")
+    runs = _extension.cpu_levels()
+    expected = forced or ("custom" if LEVELS == ["custom"] else next(lv for lv in runs if lv in LEVELS))
+    assert status.isa == expected, status.detail
+    assert f"isa={expected};" in status.detail and status.kernels and Path(status.kernels).is_file()
+
+
+def test_info_says_which_level_runs():
+    out = subprocess.run([sys.executable, "-m", "lmfast.cli", "info"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"kernels for {_loaded().isa}" in out.stdout
+
+
+@pytest.mark.parametrize("value,message", [
+    ("avx9", "LMFAST_CPU_ISA=avx9 is not a level"),
+    ("avx512", None),  # runs where the CPU has AVX-512; else the error names what it runs
+])
+def test_a_forced_level_is_loaded_or_refused_with_the_reason(value, message):
+    if LEVELS == ["custom"]:
+        pytest.skip("an LMFAST_CPU_ARCH build holds one level only")
+    code = ("import lmfast\nfrom lmfast import _extension\ns = _extension.status()\n"
+            "print(s.loaded, s.isa)\nprint(s.detail)\n")
+    out = _run(code, LMFAST_CPU_ISA=value)
+    assert out.returncode == 0, out.stderr
+    loaded, detail = out.stdout.splitlines()[:2]
+    if message is None:
+        can = value in _extension.cpu_levels()
+        message = "kernels for avx512 (LMFAST_CPU_ISA)" if can else "LMFAST_CPU_ISA=avx512: this CPU runs only"
+        assert loaded == ("True avx512" if can else "False None"), out.stdout
+    assert message in detail, detail
+
+
+@pytest.mark.parametrize("level", list(_build_flags.X86_LEVELS))
+def test_kernel_parity_under_every_level(level):
+    """The CPU backend's parity tests (error budget, odd shapes, every dtype, gradients) in a
+    fresh process that loads this level's kernels. The level this process loaded is covered
+    by the whole suite; the others run here."""
+    if level not in LEVELS:
+        pytest.skip(f"this build does not hold the {level} kernels (built: {', '.join(LEVELS)})")
+    if level not in _extension.cpu_levels():
+        pytest.skip(f"this CPU cannot run {level} code (it runs {', '.join(_extension.cpu_levels())})")
+    if level == _loaded().isa:
+        pytest.skip(f"{level} is the level this process loaded: every other test runs it")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-k", "cpu and not triton", *PARITY_FILES],
+        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "LMFAST_CPU_ISA": level})
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    assert out.returncode == 0, f"parity tests under {level}: {summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
+    assert " passed" in summary and "skipped" not in summary, summary
+    probe = _run("from lmfast import _extension; print(_extension.status().isa)", LMFAST_CPU_ISA=level)
+    assert probe.stdout.strip() == level, probe.stdout + probe.stderr
