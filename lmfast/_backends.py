@@ -3,7 +3,7 @@
 Backends:
   torch   the plain-PyTorch reference (lmfast.reference); runs anywhere, any dtype
   cpu     C++ kernels (csrc/, torch.ops.lmfast_C) on CPU tensors
-  triton  Triton kernels (kernels/, lmfast.kernels) on CUDA tensors, or on CPU tensors through
+  triton  Triton kernels (lmfast/kernels/) on CUDA tensors, or on CPU tensors through
           the Triton interpreter when TRITON_INTERPRET=1 (how CI tests them)
   cuda    CUDA C++ kernels (not built yet)
 

@@ -50,6 +50,32 @@ def test_lengths(Sq, Sk, causal, ab):
     _check(ab, f"Sq={Sq} Sk={Sk} causal={causal}", _inputs(ab, B, Hq, 2, Sq, Sk, 64, torch.float32, causal=causal))
 
 
+LONG_QUERY_MASKS = {
+    None: None,
+    "bool-padding": lambda B, Sq, Sk: (torch.arange(Sk) < Sk - 40).expand(B, 1, Sq, Sk),
+    "additive": lambda B, Sq, Sk: torch.randn(B, 1, Sq, Sk),
+}
+
+
+@pytest.mark.parametrize("mask_name", LONG_QUERY_MASKS)
+@pytest.mark.parametrize("band", ["full", "causal", "window"])
+@pytest.mark.parametrize("D", [64, 80, 33])
+def test_cpu_bfloat16_long_queries(D, band, mask_name):
+    """The C++ kernel's long-query forward in bfloat16: on a CPU with AMX-BF16 its tile products
+    run on the matrix units from K/V packed once per head (256 x 256 tiles, so 300 queries and
+    517 keys leave partial tiles on both sides, odd in the keys); an odd head dim (33) takes
+    the widening path everywhere. (Where AMX is absent, this is the widening path too.)"""
+    cpu = types.SimpleNamespace(name="cpu", device="cpu")
+    B, Sq, Sk = 1, 300, 517
+    make = LONG_QUERY_MASKS[mask_name]
+    mask = None if make is None else make(B, Sq, Sk)
+    if mask is not None and mask.dtype != torch.bool:
+        mask = mask.to(torch.bfloat16)
+    _check(cpu, f"bf16 long queries D={D} {band} {mask_name}",
+           _inputs(cpu, B, 4, 2, Sq, Sk, D, torch.bfloat16, mask=mask, causal=band == "causal",
+                   window=100 if band == "window" else None))
+
+
 DECODE_MASKS = {
     None: None,
     # the first 70% of the keys are padding: whole key ranges of the CPU kernel's splits see nothing

@@ -15,7 +15,8 @@
 //
 // The tile products are BLAS gemm calls (the sgemm_/dgemm_ that libtorch links: MKL on x86
 // wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
-// 16-bit inputs are widened tile by tile. Position masking is
+// 16-bit inputs are widened tile by tile, except bfloat16 long-query forwards on a CPU with
+// AMX-BF16, whose products run on the matrix units (see "bfloat16 on matrix units" below). Position masking is
 // bottom-right aligned: query i sits at key position p = i + Sk - Sq; causal keeps keys
 // j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped. A row with
 // every key masked gives o = 0 and lse = -inf.
@@ -24,8 +25,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <cmath>
+#include <cstdlib>
+#include <string>
 #include <optional>
 #include <vector>
 
@@ -348,6 +352,177 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
   }
 }
 
+// ---- bfloat16 on matrix units (AMX) ---------------------------------------------------------
+//
+// Where the CPU has AMX-BF16 (oneDNN reports it: cpublas::could_pack), the long-query forward
+// multiplies its bfloat16 tiles as they are, on the matrix units, with float32 accumulation
+// (at::native::cpublas::brgemm, which PyTorch's own CPU flash attention uses), instead of
+// widening them for sgemm. brgemm takes its B operand in VNNI layout: B (K x N) stored as
+// [K/2][N][2], the two rows of each pair interleaved. K^T and V are packed so once per kv head
+// before the tiles are walked (each is read by every query block of every head of its group):
+//   K tile (nk keys):  B = K^T (D x nk)   -> [D/2][nk][2]     one 32-bit word per (key, dim pair)
+//   V tile (nk keys):  B = V   (nk x D)   -> [nke/2][D][2]    nke = nk rounded up to even (zero row)
+// Scores come back in float32 (scaled afterwards, exactly); p is rounded to bfloat16 for p v, as
+// SDPA's kernel does, while l sums the float32 p.
+
+// Whether bfloat16 tiles go to the matrix units: AMX-BF16 present, an even head dim, and
+// LMFAST_CPU_AMX not set to 0 (the switch for comparing both paths).
+inline bool use_bf16_matrix_units(int64_t D) {
+  static const bool enabled = [] {
+    const char* env = std::getenv("LMFAST_CPU_AMX");
+    return !(env != nullptr && std::string(env) == "0") && at::native::cpublas::could_pack(at::kBFloat16);
+  }();
+  return enabled && D % 2 == 0 && D > 0;
+}
+
+// K and V of every (b, kv head), packed tile by tile; tile t of head bh starts at
+// (bh * tiles + t) * tile_elems.
+struct PackedKV {
+  int64_t block_k = 0, tiles = 0, tile_elems = 0;
+  std::vector<at::BFloat16> k, v;
+  const at::BFloat16* k_tile(int64_t bh, int64_t t) const { return k.data() + (bh * tiles + t) * tile_elems; }
+  const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * tile_elems; }
+};
+
+PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Rows& ks, const Rows& vs,
+                 int64_t block_k) {
+  PackedKV p;
+  p.block_k = block_k;
+  p.tiles = (g.Sk + block_k - 1) / block_k;
+  p.tile_elems = (block_k + block_k % 2) * g.D;
+  p.k.resize(g.B * g.Hkv * p.tiles * p.tile_elems);
+  p.v.resize(p.k.size());
+  const int64_t D = g.D, pairs = D / 2;
+  at::parallel_for(0, g.B * g.Hkv * p.tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task % p.tiles, bh = task / p.tiles, b = bh / g.Hkv, hk = bh % g.Hkv;
+      const int64_t j0 = t * block_k, nk = std::min(block_k, g.Sk - j0), nke = nk + nk % 2;
+      // K^T: word (pair i, key j) = K[j][2i..2i+1]
+      auto* kout = reinterpret_cast<uint32_t*>(p.k.data() + task * p.tile_elems);
+      for (int64_t j = 0; j < nk; ++j) {
+        const auto* row = reinterpret_cast<const uint32_t*>(k + ks.at(b, hk, j0 + j));
+        for (int64_t i = 0; i < pairs; ++i) kout[i * nk + j] = row[i];
+      }
+      // V: element (key pair jp, dim d, j % 2) = V[2 jp + j % 2][d]; an odd tail pairs with zeros
+      at::BFloat16* vout = p.v.data() + task * p.tile_elems;
+      for (int64_t jp = 0; jp < nke / 2; ++jp) {
+        const at::BFloat16* r0 = v + vs.at(b, hk, j0 + 2 * jp);
+        const bool has_r1 = 2 * jp + 1 < nk;
+        const at::BFloat16* r1 = has_r1 ? r0 + vs.s : nullptr;
+        at::BFloat16* out = vout + jp * 2 * D;
+        for (int64_t d = 0; d < D; ++d) {
+          out[2 * d] = r0[d];
+          out[2 * d + 1] = has_r1 ? r1[d] : at::BFloat16(0.f);
+        }
+      }
+    }
+  });
+  return p;
+}
+
+// p[lo, hi) = exp(mul * s - m) rounded to bfloat16 (0 elsewhere in [0, n)); returns the sum
+// of the unrounded p, which l accumulates. `store` writes one chunk of bfloat16.
+// (A plain loop, not for_each_chunk: a lambda would not inherit the caller's target ISA.)
+#define LMFAST_EXP_ROW_TO_BF16_BODY(store_chunk)                                   \
+  using Vec = Vectorized<float>;                                                   \
+  constexpr int64_t kChunkLen = 2 * Vec::size();                                   \
+  std::fill(p, p + lo, at::BFloat16(0.f));                                         \
+  std::fill(p + hi, p + n, at::BFloat16(0.f));                                     \
+  const Vec mul_v(mul), neg_m(-m);                                                 \
+  Vec sum(0);                                                                      \
+  for (int64_t j = lo; j < hi; j += kChunkLen) {                                   \
+    const int64_t len = std::min(kChunkLen, hi - j);                               \
+    Chunk<at::BFloat16> c = Chunk<at::BFloat16>::load_acc(s + j, len);             \
+    c.lo = softmax_exp(at::vec::fmadd(c.lo, mul_v, neg_m));                        \
+    c.hi = softmax_exp(at::vec::fmadd(c.hi, mul_v, neg_m));                        \
+    c = c.keep_first(len, 0.f);                                                    \
+    sum += c.lo + c.hi;                                                            \
+    store_chunk;                                                                   \
+  }                                                                                \
+  return hsum(sum);
+
+#if defined(CPU_CAPABILITY_AVX512)
+// CPUs with AMX-BF16 all have AVX512-BF16, which converts a chunk in one instruction
+// (rounding to nearest even, as ATen's conversion does).
+__attribute__((target("avx512bf16"))) float exp_row_to_bf16(const float* s, at::BFloat16* p, int64_t n,
+                                                             int64_t lo, int64_t hi, float mul, float m) {
+  LMFAST_EXP_ROW_TO_BF16_BODY({
+    const __m512i packed = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(__m512(c.hi), __m512(c.lo)));
+    if (len == kChunkLen) {
+      _mm512_storeu_si512(p + j, packed);
+    } else {
+      _mm512_mask_storeu_epi16(p + j, (__mmask32)((uint64_t(1) << len) - 1), packed);
+    }
+  })
+}
+#else
+float exp_row_to_bf16(const float* s, at::BFloat16* p, int64_t n, int64_t lo, int64_t hi, float mul, float m) {
+  LMFAST_EXP_ROW_TO_BF16_BODY(c.store(p + j, len))
+}
+#endif
+#undef LMFAST_EXP_ROW_TO_BF16_BODY
+
+// attend_keys for bfloat16 tiles on the matrix units: the tile's rows against every key tile
+// of kv head (b, hk), from the packed K/V.
+template <typename mask_t>
+void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskView<mask_t>& mask,
+                        const Geometry& g, const Rows& qs, float scale, const KeyBand& band, int64_t b, int64_t hk,
+                        const PackedKV& kv, TileState<float>& st, std::vector<float>& s_buf,
+                        std::vector<at::BFloat16>& q_buf, std::vector<at::BFloat16>& p_buf) {
+  using Vec = Vectorized<float>;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t R = rows.size(), D = g.D, bh = b * g.Hkv + hk;
+  const int64_t i_lo = rows.query.front(), i_hi = rows.query.back() + 1;  // consecutive queries of one head
+  q_buf.resize(R * D);
+  for (int64_t r = 0; r < R; ++r) {
+    const at::BFloat16* src = q + qs.at(b, rows.head[r], rows.query[r]);
+    std::copy(src, src + D, q_buf.data() + r * D);
+  }
+  const int64_t ld_s = kv.block_k + kv.block_k % 2;
+  s_buf.resize(R * ld_s);
+  p_buf.resize(R * ld_s);
+  for (int64_t t = 0; t < kv.tiles; ++t) {
+    const int64_t j0 = t * kv.block_k, nk = std::min(kv.block_k, g.Sk - j0), nke = nk + nk % 2;
+    if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
+    // s = q k^T (R x nk, float32)
+    at::native::cpublas::brgemm(R, nk, D, D, nk, ld_s, false, q_buf.data(), kv.k_tile(bh, t), s_buf.data(), true);
+    for (int64_t r = 0; r < R; ++r) {
+      float* srow = s_buf.data() + r * ld_s;
+      const int64_t i = rows.query[r];
+      const mask_t* mrow = mask.row(b, rows.head[r], i);
+      // The row's max over the visible keys, and p = exp(mul * s - m'): without a mask (and
+      // scale > 0) the raw s is only read, max(scale s) = scale max(s); with one, s is
+      // scaled and masked in place first.
+      int64_t lo = std::clamp<int64_t>(band.lo(i) - j0, 0, nk);
+      int64_t hi = std::max(lo, std::clamp<int64_t>(band.hi(i) - j0, 0, nk));
+      float mul = scale, row_max;
+      if (mrow == nullptr && scale > 0.f) {
+        row_max = lo < hi ? max_row(srow, lo, hi) * scale : kNegInf;
+      } else {
+        for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
+        std::tie(lo, hi) = prepare_row(srow, i, j0, nk, band, mrow, mask.sk);
+        row_max = max_row(srow, lo, hi);
+        mul = 1.f;
+      }
+      const float m_new = std::max(st.m[r], row_max);
+      at::BFloat16* prow = p_buf.data() + r * ld_s;
+      if (m_new == kNegInf || lo >= hi) {  // nothing visible here: p = 0
+        std::fill(prow, prow + nke, at::BFloat16(0.f));
+        continue;
+      }
+      const float alpha = std::exp(st.m[r] - m_new);  // 0 when m was -inf
+      st.l[r] = st.l[r] * alpha + exp_row_to_bf16(srow, prow, nke, lo, hi, mul, m_new);
+      st.m[r] = m_new;
+      if (alpha != 1.f) {
+        float* orow = st.acc.data() + r * D;
+        for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) { (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n); });
+      }
+    }
+    // acc += p v (R x D, float32)
+    at::native::cpublas::brgemm(R, D, nke, ld_s, D, D, true, p_buf.data(), kv.v_tile(bh, t), st.acc.data(), true);
+  }
+}
+
 // o = acc / l (0 for fully masked rows), lse = m + log(l).
 template <typename scalar_t>
 void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>& st,
@@ -380,6 +555,31 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     // With a causal or window band, key tiles as long as a query block: only the tiles on the
     // band's edges are partly masked, and a query block skips the rest whole.
     const int64_t block_k = band.causal || band.window > 0 ? kBlockQ : kBlockK;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (use_bf16_matrix_units(g.D)) {
+        // Larger tiles than the float32 path's: AMX products are ~7x faster than sgemm's, so
+        // the per-tile softmax work is what remains, and 256 x 256 measured best (causal and not).
+        constexpr int64_t kPackedBlockQ = 256, kPackedBlockK = 256;
+        const int64_t packed_q_blocks = (g.Sq + kPackedBlockQ - 1) / kPackedBlockQ;
+        const PackedKV kv = pack_kv(k, v, g, ks, vs, kPackedBlockK);
+        at::parallel_for(0, g.B * g.Hq * packed_q_blocks, 1, [&](int64_t begin, int64_t end) {
+          TileRows rows;
+          TileState<float> st;
+          std::vector<float> s_buf;
+          std::vector<at::BFloat16> q_buf, p_buf;
+          for (int64_t task = begin; task < end; ++task) {
+            const int64_t qb = task % packed_q_blocks, h = (task / packed_q_blocks) % g.Hq, b = task / (packed_q_blocks * g.Hq);
+            rows.clear();
+            for (int64_t i = qb * kPackedBlockQ; i < std::min(g.Sq, (qb + 1) * kPackedBlockQ); ++i) rows.add(h, i);
+            st.reset(rows.size(), g.D);
+            attend_keys_packed(rows, q, mask, g, qs, scale, band, b, h / group, kv, st, s_buf, q_buf, p_buf);
+            write_rows(rows, st, g, b, os, o, lse);
+          }
+          at::native::cpublas::brgemm_release(true);  // this thread's AMX tile state
+        });
+        return;
+      }
+    }
     at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
       TileRows rows;
       TileState<acc_t> st;

@@ -108,7 +108,7 @@ inline void for_each_chunk(int64_t N, const F& f) {
   if (j < N) f(j, N - j);
 }
 
-// exp for softmax, where the argument is z - max <= 0. On AVX2: inline, max error 1.25 ulp
+// exp for softmax, where the argument is z - max <= 0. On AVX2 and AVX-512: inline, max error 1.25 ulp
 // (measured over 32M random arguments; Sleef's out-of-line expf is 1 ulp and ~2x slower),
 // exactly 0 below ln(FLT_MIN) (masked entries, -inf, stay exact zeros), NaN propagates,
 // accurate up to x = 88.37 and saturating above. Cody-Waite reduction x = n ln2 + r with the
@@ -140,6 +140,32 @@ inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
       _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_blendv_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), _mm256_setzero_ps(),
                           too_small);
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same exp on 16 lanes (ATen's AVX512 exp is Sleef's out-of-line expf16_u10).
+template <>
+inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
+  __m512 v = x;
+  const __m512 lo = _mm512_set1_ps(-87.33654475f);  // ln(FLT_MIN)
+  const __mmask16 too_small = _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ);
+  v = _mm512_max_ps(lo, _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), v));  // NaN kept
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);  // ln2 split in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  const __m512i two_n = _mm512_slli_epi32(
+      _mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_mask_blend_ps(too_small, _mm512_mul_ps(p, _mm512_castsi512_ps(two_n)),
+                              _mm512_setzero_ps());
 }
 #endif
 

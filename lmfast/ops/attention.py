@@ -3,7 +3,7 @@
 Layers as in norm.py: CPU tensors go through the C++ public op lmfast_C::attention; Triton
 through the checks here and lmfast_triton::attention_{fwd,bwd} (autograd registered below).
 Both run flash kernels, which never materialize the (Sq, Sk) scores (csrc/cpu/attention.cpp,
-kernels/attention.py). backend="torch" runs lmfast.reference.attention.
+lmfast/kernels/attention.py). backend="torch" runs lmfast.reference.attention.
 """
 
 from __future__ import annotations
