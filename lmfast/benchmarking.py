@@ -114,14 +114,21 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
         # the target sizes (D = 128, S >= 2k) first, so that a time-limited run has them
         attention = [(16384 // S, 16, S, 128) for S in (2048, 8192, 16384, 512)] + \
                     [(16384 // S, 32, S, 64) for S in (2048, 16384)]
+    # The quick CPU run adds bfloat16 rows for the ops bfloat16 models run most (on a CPU with
+    # AMX, attention's tile products run on the matrix units in bfloat16).
+    extra_bf16 = on_cpu and size == "quick" and dtype is None
     out = []
     for op in ops:
         if op not in OPS:
             raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
         if op == "attention":
             out += [Case(op, shape, dt, causal) for shape in attention for causal in (False, True)]
+            if extra_bf16:
+                out += [Case(op, attention[0], torch.bfloat16, causal) for causal in (False, True)]
             continue
         out += [Case(op, shape, dt) for shape in rows]
+        if op == "rms_norm" and extra_bf16:
+            out.append(Case(op, rows[0], torch.bfloat16))
         if op == "softmax":
             out.append(Case(op, scores, dt, causal=True))
     return out
@@ -373,6 +380,7 @@ def environment(device: str) -> dict[str, str]:
            "device": device, "threads": str(torch.get_num_threads())}
     if device == "cpu":
         env["device_name"] = _cpu_name()
+        env["cpu_kernels"] = _cpu_kernel_level()  # the ISA level of lmfast's loaded CPU kernels
     else:
         env["device_name"] = torch.cuda.get_device_name()
     try:
@@ -382,6 +390,13 @@ def environment(device: str) -> dict[str, str]:
     except ImportError:
         pass
     return env
+
+
+def _cpu_kernel_level() -> str:
+    from . import _extension
+
+    status = _extension.status()
+    return status.isa if status.loaded else "none"
 
 
 def _cpu_name() -> str:

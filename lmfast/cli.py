@@ -168,15 +168,16 @@ def _bench(args) -> int:
 
     summary = bench_report.summary_table(report)
     full = benchmarking.format_table([benchmarking.Result(**r) for r in report["results"]])
-    stem.with_suffix(".txt").write_text(f"{environment['device_name']}, torch {environment['torch']}, "
-                                        f"{environment['date']}\n\n{summary}\n\nevery provider:\n{full}\n")
+    kernels = f", lmfast CPU kernels {environment['cpu_kernels']}" if "cpu_kernels" in environment else ""
+    heading = f"{environment['device_name']}{kernels}, torch {environment['torch']}, {environment['date']}"
+    stem.with_suffix(".txt").write_text(f"{heading}\n\n{summary}\n\nevery provider:\n{full}\n")
     written = [json_path, stem.with_suffix(".txt")]
     try:
         written.append(bench_report.plot(report, stem.with_suffix(".png")))
     except ImportError:
         print("lmfast bench: no plots: matplotlib is not installed (pip install 'lmfast[bench]')",
               file=sys.stderr)
-    print(f"\n{environment['device_name']}, torch {environment['torch']}, {environment['date']}\n")
+    print(f"\n{heading}\n")
     print(summary)
     if before is not None:
         print("\n" + bench_report.compare(before, report))

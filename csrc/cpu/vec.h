@@ -171,13 +171,23 @@ inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
 
 // Row kernels read a row from memory once and then work on it in cache; without help the
 // next row's memory fetch only starts after that work, and memory time and compute time add
-// up. So the cache-resident passes of row i prefetch row i + 1 into L2, one 64-byte line per
-// chunk (a chunk is 32 or 64 bytes). Prefetches never fault, but are kept in bounds anyway.
+// up. So the cache-resident passes of row i prefetch row i + 1 into L2, the 64-byte lines of
+// each chunk: one for a 64-byte chunk, two for float32 / double on AVX-512 (128 bytes).
+// Prefetches never fault, but are kept in bounds anyway.
+inline constexpr int64_t chunk_bytes(int64_t elem_size) {  // Chunk<T>::kChunk * sizeof(T)
+  return elem_size * 2 * (elem_size == 8 ? Vectorized<double>::size() : Vectorized<float>::size());
+}
 inline void prefetch_row_chunk(const void* row, int64_t j, int64_t elem_size) {
-  if (row != nullptr) __builtin_prefetch(static_cast<const char*>(row) + j * elem_size, 0, 2);
+  if (row == nullptr) return;
+  const char* p = static_cast<const char*>(row) + j * elem_size;
+  __builtin_prefetch(p, 0, 2);
+  if (chunk_bytes(elem_size) > 64) __builtin_prefetch(p + 64, 0, 2);
 }
 inline void prefetch_row_chunk_for_write(void* row, int64_t j, int64_t elem_size) {
-  if (row != nullptr) __builtin_prefetch(static_cast<char*>(row) + j * elem_size, 1, 2);
+  if (row == nullptr) return;
+  char* p = static_cast<char*>(row) + j * elem_size;
+  __builtin_prefetch(p, 1, 2);
+  if (chunk_bytes(elem_size) > 64) __builtin_prefetch(p + 64, 1, 2);
 }
 
 // Rows per parallel task so that one task touches at least ~32K elements: small rows are
