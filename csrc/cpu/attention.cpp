@@ -137,10 +137,13 @@ std::pair<const at::opmath_type<scalar_t>*, int64_t> load_tile(
   using acc_t = at::opmath_type<scalar_t>;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     return {src, ld};
-  } else {
+  } else {  // vector conversions (a scalar float16 conversion costs more than the products)
     buf.resize(rows * D);
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t d = 0; d < D; ++d) buf[r * D + d] = acc_t(src[r * ld + d]);
+    for (int64_t r = 0; r < rows; ++r) {
+      for_each_chunk<Chunk<scalar_t>::kChunk>(D, [&](int64_t d, int64_t n) {
+        Chunk<scalar_t>::load(src + r * ld + d, n).store_acc(buf.data() + r * D + d, n);
+      });
+    }
     return {buf.data(), D};
   }
 }
@@ -211,9 +214,16 @@ const at::opmath_type<scalar_t>* scaled_query_tile(const scalar_t* src, int64_t 
                                                    at::opmath_type<scalar_t> scale,
                                                    std::vector<at::opmath_type<scalar_t>>& buf) {
   using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
   buf.resize(rows * D);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t d = 0; d < D; ++d) buf[r * D + d] = acc_t(src[r * ld + d]) * scale;
+  for (int64_t r = 0; r < rows; ++r) {
+    for_each_chunk<Chunk<scalar_t>::kChunk>(D, [&](int64_t d, int64_t n) {
+      auto c = Chunk<scalar_t>::load(src + r * ld + d, n);
+      c.lo = c.lo * Vec(scale);
+      c.hi = c.hi * Vec(scale);
+      c.store_acc(buf.data() + r * D + d, n);
+    });
+  }
   return buf.data();
 }
 
@@ -306,7 +316,12 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
   buf.q.resize(R * D);
   for (int64_t r = 0; r < R; ++r) {
     const scalar_t* src = q + qs.at(b, rows.head[r], rows.query[r]);
-    for (int64_t d = 0; d < D; ++d) buf.q[r * D + d] = acc_t(src[d]) * scale;
+    for_each_chunk<Chunk<scalar_t>::kChunk>(D, [&](int64_t d, int64_t n) {
+      auto c = Chunk<scalar_t>::load(src + d, n);
+      c.lo = c.lo * Vec(scale);
+      c.hi = c.hi * Vec(scale);
+      c.store_acc(buf.q.data() + r * D + d, n);
+    });
   }
   const int64_t ld_s = std::min(block_k, j_end - j_begin);
   if (int64_t(buf.s.size()) < R * ld_s) buf.s.resize(R * ld_s);
@@ -562,7 +577,12 @@ void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>
     const acc_t inv = st.l[r] > 0 ? acc_t(1) / st.l[r] : acc_t(0);
     const acc_t* orow = st.acc.data() + r * g.D;
     scalar_t* out = o + os.at(b, h, i);
-    for (int64_t d = 0; d < g.D; ++d) out[d] = scalar_t(orow[d] * inv);
+    for_each_chunk<Chunk<scalar_t>::kChunk>(g.D, [&](int64_t d, int64_t n) {
+      auto c = Chunk<scalar_t>::load_acc(orow + d, n);
+      c.lo = c.lo * Vectorized<acc_t>(inv);
+      c.hi = c.hi * Vectorized<acc_t>(inv);
+      c.store(out + d, n);
+    });
     lse[(b * g.Hq + h) * g.Sq + i] = st.l[r] > 0 ? st.m[r] + std::log(st.l[r]) : -std::numeric_limits<acc_t>::infinity();
   }
 }
