@@ -228,7 +228,7 @@ const at::opmath_type<scalar_t>* scaled_query_tile(const scalar_t* src, int64_t 
 }
 
 // The forward works on tiles of query rows that share one kv head, against a range of keys:
-//   long queries  (group * Sq > kBlockQ): kBlockQ consecutive queries of one head, all keys;
+//   long queries  (group * Sq > kBlockQ): a block of consecutive queries of one head (128 or 256), all keys;
 //   short queries (decoding, small prefills): every query of every head of a kv-head group
 //                 (group * Sq rows), so K and V are read once per group, not once per head;
 //                 the keys are split over tasks when (batch x kv heads) alone would not
@@ -477,8 +477,8 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   for (int64_t j = lo; j < hi; j += kChunkLen) {                                   \
     const int64_t len = std::min(kChunkLen, hi - j);                               \
     Chunk<at::BFloat16> c = Chunk<at::BFloat16>::load_acc(s + j, len);             \
-    c.lo = softmax_exp(at::vec::fmadd(c.lo, mul_v, neg_m));                        \
-    c.hi = softmax_exp(at::vec::fmadd(c.hi, mul_v, neg_m));                        \
+    c.lo = softmax_exp_fast(at::vec::fmadd(c.lo, mul_v, neg_m));                   \
+    c.hi = softmax_exp_fast(at::vec::fmadd(c.hi, mul_v, neg_m));                   \
     c = c.keep_first(len, 0.f);                                                    \
     sum += c.lo + c.hi;                                                            \
     store_chunk;                                                                   \
@@ -600,16 +600,20 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   const int64_t group = g.group();
 
   if (g.Sq * group > kBlockQ) {  // long queries: one task per (b, h, query block)
-    const int64_t q_blocks = (g.Sq + kBlockQ - 1) / kBlockQ;
-    // With a causal or window band, key tiles as long as a query block: only the tiles on the
-    // band's edges are partly masked, and a query block skips the rest whole.
-    const int64_t block_k = band.causal || band.window > 0 ? kBlockQ : kBlockK;
+    // Query blocks of 256 rows where that still leaves four tasks per thread (larger products
+    // run closer to the BLAS's peak), else 128. Key tiles twice as long; with a causal or
+    // window band, as long as a query block: only the tiles on the band's edges are partly
+    // masked, and a query block skips the rest whole.
+    const int64_t threads = at::get_num_threads();
+    const int64_t block_q = g.B * g.Hq * ((g.Sq + 255) / 256) >= 4 * threads ? 256 : kBlockQ;
+    const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
+    const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (use_bf16_matrix_units(g.D)) {
-        // Larger tiles than the float32 path's: AMX products are ~7x faster than sgemm's, so
-        // the per-tile softmax work is what remains, and 256 x 256 measured best (causal and not).
-        constexpr int64_t kPackedBlockQ = 256, kPackedBlockK = 256;
-        const int64_t packed_q_blocks = (g.Sq + kPackedBlockQ - 1) / kPackedBlockQ;
+        // Square tiles (256 x 256 where there are enough tasks) measured best, causal or not:
+        // AMX products are ~7x faster than sgemm's, and the per-tile softmax work remains.
+        const int64_t kPackedBlockQ = block_q, kPackedBlockK = block_q;
+        const int64_t packed_q_blocks = q_blocks;
         const PackedKV kv = pack_kv(k, v, g, ks, vs, kPackedBlockK);
         at::parallel_for(0, g.B * g.Hq * packed_q_blocks, 1, [&](int64_t begin, int64_t end) {
           TileRows rows;
@@ -636,7 +640,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       for (int64_t task = begin; task < end; ++task) {
         const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
         rows.clear();
-        for (int64_t i = qb * kBlockQ; i < std::min(g.Sq, (qb + 1) * kBlockQ); ++i) rows.add(h, i);
+        for (int64_t i = qb * block_q; i < std::min(g.Sq, (qb + 1) * block_q); ++i) rows.add(h, i);
         st.reset(rows.size(), g.D);
         attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, st, buf);
         write_rows(rows, st, g, b, os, o, lse);
