@@ -74,6 +74,8 @@ def _info(args) -> int:
     print(f"devices: cpu {cpu}; cuda {gpu}")
     ext = _extension.status()
     print(f"C++ extension: {ext.location if ext.loaded else 'not loaded'}\n  {ext.detail}")
+    if ext.kernels:
+        print(f"  CPU kernels ({ext.isa}): {ext.kernels}")
     statuses = lmfast.backends()
     print("backends:")
     for st in statuses.values():
