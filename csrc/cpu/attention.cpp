@@ -710,6 +710,54 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   });
 }
 
+// The backward's rows, shared by both backward kernels.
+//
+// p = exp(s - lse) of query row i over keys j0 .. j0 + nk, in place of the scaled scores s;
+// 0 where masked or where lse = -inf (a fully masked row). With every key of the row in this
+// tile (`renormalize`), p is renormalized to sum to 1 as an unfused softmax's is: lse's
+// rounding (an ulp of |lse|) would otherwise leave sum(p) - 1 ~ 1e-7 and rowsum(ds) =
+// delta (1 - sum p) != 0, the error that lands in gradients that are exactly 0 (a key
+// bias's: softmax ignores it).
+template <typename acc_t, typename mask_t>
+void backward_probs_row(acc_t* srow, int64_t i, int64_t j0, int64_t nk, const KeyBand& band, const mask_t* mrow,
+                        int64_t mask_stride, acc_t lse, bool renormalize) {
+  using Vec = Vectorized<acc_t>;
+  const auto [lo, hi] = prepare_row(srow, i, j0, nk, band, mrow, mask_stride);
+  if (lse == -std::numeric_limits<acc_t>::infinity()) {
+    std::fill(srow, srow + nk, acc_t(0));
+    return;
+  }
+  const acc_t sum = exp_row(srow, nk, lo, hi, lse);
+  if (renormalize && sum > acc_t(0)) {
+    const Vec inv(acc_t(1) / sum);
+    for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+      (Vec::loadu(srow + lo + j, n) * inv).store(srow + lo + j, n);
+    });
+  }
+}
+
+// ds = p (dp - delta + dlse) in place of dp (nk entries). lse's gradient enters as
+// d lse_i / d s_ij = p_ij, added after the difference so that it survives exactly where
+// dp - delta = 0. With `delta_from_tile`, delta is taken as rowsum(p * dp) of this tile (and
+// written back) instead of rowsum(do * o): the same rounded dp values then enter both terms
+// of dp - delta, as in an unfused softmax backward, so ds is exactly 0 where a single key
+// takes all the weight (Sk = 1, the first causal row) instead of a rounding residue.
+template <typename acc_t>
+void backward_ds_row(const acc_t* p, acc_t* ds, int64_t nk, bool delta_from_tile, acc_t& delta, acc_t dlse) {
+  using Vec = Vectorized<acc_t>;
+  if (delta_from_tile) {
+    Vec acc(0);
+    for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
+      acc += Vec::set(Vec(0), Vec::loadu(p + j, n) * Vec::loadu(ds + j, n), n);
+    });
+    delta = hsum(acc);
+  }
+  const Vec delta_v(delta), dlse_v(dlse);
+  for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
+    (Vec::loadu(p + j, n) * ((Vec::loadu(ds + j, n) - delta_v) + dlse_v)).store(ds + j, n);
+  });
+}
+
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const at::BFloat16* o, const float* lse, const float* dlse,
@@ -725,7 +773,6 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
                           scalar_t* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -750,10 +797,8 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
           const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
           const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
           std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
-          // When one key tile holds every key these rows see, delta is taken as rowsum(p * dp)
-          // from that tile instead: the same rounded dp values then enter both terms of
-          // dp - delta, as in an unfused softmax backward, so ds is exactly 0 where a single key
-          // takes all the weight (Sk = 1, the first causal row) instead of a rounding residue.
+          // When one key tile holds every key these rows see, delta comes from that tile and p
+          // is renormalized (backward_probs_row, backward_ds_row).
           int64_t visible_tiles = 0;
           for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK)
             visible_tiles += band.tile_visible(i0, i0 + nq, j0, std::min(g.Sk, j0 + kBlockK));
@@ -771,44 +816,16 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
             const acc_t* vt = load_tile(v + (kv0 + j0) * D, nk, D, D, v_buf).first;
             acc_t *st = s_buf.data(), *dpt = dp_buf.data();  // (nq, nk) tiles, leading dim kBlockK
             gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kt, D, 0, st, kBlockK);  // s = (scale q) k^T
-            for (int64_t r = 0; r < nq; ++r) {  // p = exp(s - lse); 0 where masked or lse = -inf
-              acc_t* srow = s_buf.data() + r * kBlockK;
-              const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
-              const acc_t L = lse[row0 + r];
-              if (L == kNegInf) {
-                std::fill(srow, srow + nk, acc_t(0));
-              } else {
-                const acc_t sum = exp_row(srow, nk, lo, hi, L);
-                // With every key of the row in this tile, p is renormalized to sum to 1 as an
-                // unfused softmax's does: lse's rounding (an ulp of |lse|) would otherwise leave
-                // sum(p) - 1 ~ 1e-7 and rowsum(ds) = delta (1 - sum p) != 0, the error that
-                // lands in gradients that are exactly 0 (a key bias's: softmax ignores it).
-                if (delta_from_tile && sum > acc_t(0)) {
-                  const Vec inv(acc_t(1) / sum);
-                  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
-                    (Vec::loadu(srow + lo + j, n) * inv).store(srow + lo + j, n);
-                  });
-                }
-              }
+            for (int64_t r = 0; r < nq; ++r) {  // p = exp(s - lse)
+              backward_probs_row(s_buf.data() + r * kBlockK, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk,
+                                 lse[row0 + r], delta_from_tile);
             }
             gemm<acc_t>(true, false, nk, D, nq, 1, st, kBlockK, dot, D, 1, dv_acc.data() + j0 * D, D);  // dv += p^T do
             gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vt, D, 0, dpt, kBlockK);                     // dp = do v^T
-            // ds = p (dp - delta + dlse), into dp_buf: lse's gradient enters as d lse_i / d s_ij
-            // = p_ij, added after the difference so that it survives exactly where dp - delta = 0.
-            for (int64_t r = 0; r < nq; ++r) {
-              const acc_t* p = s_buf.data() + r * kBlockK;
+            for (int64_t r = 0; r < nq; ++r) {  // ds = p (dp - delta + dlse), into dp_buf
               acc_t* ds = dp_buf.data() + r * kBlockK;
-              if (delta_from_tile) {
-                Vec acc(0);
-                for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
-                  acc += Vec::set(Vec(0), Vec::loadu(p + j, n) * Vec::loadu(ds + j, n), n);
-                });
-                delta[r] = hsum(acc);
-              }
-              const Vec delta_v(delta[r]), dlse_v(dlse != nullptr ? dlse[row0 + r] : acc_t(0));
-              for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
-                (Vec::loadu(p + j, n) * ((Vec::loadu(ds + j, n) - delta_v) + dlse_v)).store(ds + j, n);
-              });
+              backward_ds_row(s_buf.data() + r * kBlockK, ds, nk, delta_from_tile, delta[r],
+                              dlse != nullptr ? dlse[row0 + r] : acc_t(0));
               if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds
                 scalar_t* dm = dmask + (row0 + r) * g.Sk + j0;
                 for (int64_t c = 0; c < nk; ++c) dm[c] = scalar_t(ds[c]);
@@ -843,7 +860,6 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   using BF = at::BFloat16;
   using Vec = Vectorized<float>;
   namespace blas = at::native::cpublas;
-  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t D = g.D, tiles = (g.Sk + kBlockK - 1) / kBlockK;
   constexpr int64_t kBQe = kBlockQ + kBlockQ % 2, kBKe = kBlockK + kBlockK % 2;  // even K dims
 
@@ -872,7 +888,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           transpose_rows(qt, nq, D, qT.data());
           transpose_rows(dot, nq, D, doT.data());
           std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
-          int64_t visible_tiles = 0;  // see attention_bwd_kernel: delta from the tile when it is the only one
+          int64_t visible_tiles = 0;  // as in attention_bwd_kernel
           for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK)
             visible_tiles += band.tile_visible(i0, i0 + nq, j0, std::min(g.Sk, j0 + kBlockK));
           const bool delta_from_tile = visible_tiles == 1;
@@ -886,41 +902,18 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
             if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
             float *st = s_buf.data(), *dpt = dp_buf.data();  // (nq, nk) tiles, leading dim kBKe
             blas::brgemm(nq, nk, D, D, nk, kBKe, false, qt, kT.data() + t * kBKe * D, st, true);  // s = q k^T
-            for (int64_t r = 0; r < nq; ++r) {  // p = exp(scale s - lse); 0 where masked or lse = -inf
+            for (int64_t r = 0; r < nq; ++r) {  // p = exp(scale s - lse)
               float* srow = st + r * kBKe;
               for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
-              const auto [lo, hi] = prepare_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
-              const float L = lse[row0 + r];
-              if (L == kNegInf) {
-                std::fill(srow, srow + nk, 0.f);
-              } else {
-                const float sum = exp_row(srow, nk, lo, hi, L);
-                if (delta_from_tile && sum > 0.f) {  // renormalized, as in attention_bwd_kernel
-                  const Vec inv(1.f / sum);
-                  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
-                    (Vec::loadu(srow + lo + j, n) * inv).store(srow + lo + j, n);
-                  });
-                }
-              }
+              backward_probs_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, lse[row0 + r], delta_from_tile);
             }
             // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
             pack_rows_rounded(st, nq, nk, kBKe, p_p.data());
             blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, doT.data(), p_p.data(), dvT_acc.data() + j0, true);
             blas::brgemm(nq, nk, D, D, nk, kBKe, false, dot, vT.data() + t * kBKe * D, dpt, true);  // dp = do v^T
-            for (int64_t r = 0; r < nq; ++r) {  // ds = p (dp - delta + dlse), as in attention_bwd_kernel
-              const float* pr = st + r * kBKe;
+            for (int64_t r = 0; r < nq; ++r) {  // ds = p (dp - delta + dlse), into dp_buf
               float* ds = dpt + r * kBKe;
-              if (delta_from_tile) {
-                Vec acc(0);
-                for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
-                  acc += Vec::set(Vec(0), Vec::loadu(pr + j, n) * Vec::loadu(ds + j, n), n);
-                });
-                delta[r] = hsum(acc);
-              }
-              const Vec delta_v(delta[r]), dlse_v(dlse != nullptr ? dlse[row0 + r] : 0.f);
-              for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
-                (Vec::loadu(pr + j, n) * ((Vec::loadu(ds + j, n) - delta_v) + dlse_v)).store(ds + j, n);
-              });
+              backward_ds_row(st + r * kBKe, ds, nk, delta_from_tile, delta[r], dlse != nullptr ? dlse[row0 + r] : 0.f);
               if (dmask != nullptr) {
                 BF* dm = dmask + (row0 + r) * g.Sk + j0;
                 for (int64_t c = 0; c < nk; ++c) dm[c] = BF(ds[c]);
