@@ -114,6 +114,8 @@ std::string load_cpu_kernels(const std::string& path) {
   return std::string(t.level) + ";" + t.capability;
 }
 
+std::string bf16_attention_unit() { return kernels().bf16_attention_unit(); }
+
 // "level;capability" of the loaded library, or "none;none".
 std::string loaded_cpu_kernels() {
   const KernelTable* t = loaded_table.load();

@@ -7,7 +7,8 @@
 //                their autograd (csrc/api.cpp); fake impls are registered in Python
 //                (lmfast/ops/*.py), beside the Triton twins.
 //   loading      cpu_levels, load_cpu_kernels: lmfast/_extension.py picks and loads the
-//                kernel library of this CPU's ISA level (csrc/cpu/kernel_table.h).
+//                kernel library of this CPU's ISA level (csrc/cpu/kernel_table.h);
+//                bf16_attention_unit: what that library multiplies bfloat16 attention tiles on.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -44,6 +45,7 @@ TORCH_LIBRARY(lmfast_C, m) {
   m.def("build_info() -> str", &lmfast::cpu::build_info);
   m.def("cpu_levels() -> str", &lmfast::dispatch::cpu_levels);
   m.def("load_cpu_kernels(str path) -> str", &lmfast::dispatch::load_cpu_kernels);
+  m.def("bf16_attention_unit() -> str", &lmfast::dispatch::bf16_attention_unit);
   // public ops
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
         " -> (Tensor, Tensor)");

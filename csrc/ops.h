@@ -57,6 +57,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad);
+// What multiplies bfloat16 attention tiles on this CPU: "amx", "avx512bf16" (oneDNN's brgemm)
+// or "sgemm" (tiles widened to float32). The first call runs a small brgemm self-check.
+const char* bf16_attention_unit();
 
 }  // namespace lmfast::cpu
 
@@ -67,6 +70,7 @@ namespace lmfast::dispatch {
 std::string cpu_levels();                               // "avx512,avx2,default": what this CPU runs
 std::string load_cpu_kernels(const std::string& path);  // -> "level;capability"
 std::string loaded_cpu_kernels();                       // "level;capability" or "none;none"
+std::string bf16_attention_unit();                      // the loaded library's cpu::bf16_attention_unit()
 
 }  // namespace lmfast::dispatch
 

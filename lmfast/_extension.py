@@ -193,6 +193,14 @@ def _why(e: Exception) -> str:
     return f"{type(e).__name__}: {detail[:400]}"
 
 
+def bf16_attention_unit() -> str | None:
+    """What the loaded CPU kernels multiply bfloat16 attention tiles on: "amx", "avx512bf16"
+    (both through oneDNN's brgemm) or "sgemm" (widened to float32); None without the extension."""
+    if not status().loaded:
+        return None
+    return str(torch.ops.lmfast_C.bf16_attention_unit())
+
+
 @functools.cache
 def status() -> ExtensionStatus:
     """Loads the extension once per process and reports how (or why not)."""

@@ -379,8 +379,11 @@ def environment(device: str) -> dict[str, str]:
            "lmfast": lmfast.__version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": device, "threads": str(torch.get_num_threads())}
     if device == "cpu":
+        from . import _extension
+
         env["device_name"] = _cpu_name()
         env["cpu_kernels"] = _cpu_kernel_level()  # the ISA level of lmfast's loaded CPU kernels
+        env["bf16_attention"] = _extension.bf16_attention_unit() or "none"  # amx, avx512bf16 or sgemm
     else:
         env["device_name"] = torch.cuda.get_device_name()
     try:

@@ -54,6 +54,13 @@ def _copy_bandwidth(device: str) -> tuple[float, int]:
     return 2 * nbytes / seconds / 1e9, nbytes
 
 
+_BF16_UNITS = {
+    "amx": "AMX-BF16 matrix units (oneDNN brgemm), float32 accumulation",
+    "avx512bf16": "AVX512-BF16 dot products (oneDNN brgemm), float32 accumulation",
+    "sgemm": "widened to float32 for sgemm (no AMX-BF16 or AVX512-BF16, or LMFAST_CPU_BRGEMM=0)",
+}
+
+
 def _info(args) -> int:
     import torch
 
@@ -76,6 +83,7 @@ def _info(args) -> int:
     print(f"C++ extension: {ext.location if ext.loaded else 'not loaded'}\n  {ext.detail}")
     if ext.kernels:
         print(f"  CPU kernels ({ext.isa}): {ext.kernels}")
+        print(f"  bfloat16 attention tile products: {_BF16_UNITS[_extension.bf16_attention_unit()]}")
     statuses = lmfast.backends()
     print("backends:")
     for st in statuses.values():
@@ -171,6 +179,8 @@ def _bench(args) -> int:
     summary = bench_report.summary_table(report)
     full = benchmarking.format_table([benchmarking.Result(**r) for r in report["results"]])
     kernels = f", lmfast CPU kernels {environment['cpu_kernels']}" if "cpu_kernels" in environment else ""
+    if environment.get("bf16_attention", "none") != "none":
+        kernels += f" (bfloat16 attention tiles on {environment['bf16_attention']})"
     heading = f"{environment['device_name']}{kernels}, torch {environment['torch']}, {environment['date']}"
     stem.with_suffix(".txt").write_text(f"{heading}\n\n{summary}\n\nevery provider:\n{full}\n")
     written = [json_path, stem.with_suffix(".txt")]

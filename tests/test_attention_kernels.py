@@ -61,10 +61,11 @@ LONG_QUERY_MASKS = {
 @pytest.mark.parametrize("band", ["full", "causal", "window"])
 @pytest.mark.parametrize("D", [64, 80, 33])
 def test_cpu_bfloat16_long_queries(D, band, mask_name):
-    """The C++ kernel's long-query forward in bfloat16: on a CPU with AMX-BF16 its tile products
-    run on the matrix units from K/V packed once per head (256 x 256 tiles, so 300 queries and
-    517 keys leave partial tiles on both sides, odd in the keys); an odd head dim (33) takes
-    the widening path everywhere. (Where AMX is absent, this is the widening path too.)"""
+    """The C++ kernel's long-query forward in bfloat16: on a CPU with AMX-BF16 or AVX512-BF16
+    its tile products run on oneDNN's brgemm from K/V packed once per head (256 x 256 tiles, so
+    300 queries and 517 keys leave partial tiles on both sides, odd in the keys); an odd head
+    dim (33) takes the widening path everywhere. (Where neither unit is present, this is the
+    widening path too; test_cpu_bfloat16_widening_path runs it where they are.)"""
     cpu = types.SimpleNamespace(name="cpu", device="cpu")
     B, Sq, Sk = 1, 300, 517
     make = LONG_QUERY_MASKS[mask_name]
@@ -74,6 +75,42 @@ def test_cpu_bfloat16_long_queries(D, band, mask_name):
     _check(cpu, f"bf16 long queries D={D} {band} {mask_name}",
            _inputs(cpu, B, 4, 2, Sq, Sk, D, torch.bfloat16, mask=mask, causal=band == "causal",
                    window=100 if band == "window" else None))
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as f:
+        return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+
+
+def test_cpu_bfloat16_tiles_run_on_the_cpus_bfloat16_unit():
+    """bfloat16 attention uses brgemm wherever the CPU multiplies bfloat16 natively (AMX-BF16, or
+    AVX512-BF16 as on AMD Zen 4/5), so a lost fast path fails here instead of only slowing down;
+    LMFAST_CPU_BRGEMM=0 turns it off."""
+    from lmfast import _extension
+
+    flags = _cpu_flags() if os.path.exists("/proc/cpuinfo") else set()
+    expected = "amx" if "amx_bf16" in flags else "avx512bf16" if "avx512_bf16" in flags else "sgemm"
+    if os.environ.get("LMFAST_CPU_BRGEMM") == "0":
+        expected = "sgemm"
+    assert _extension.bf16_attention_unit() == expected, f"CPU flags: {sorted(flags)}"
+    off = subprocess.run([sys.executable, "-c", "from lmfast import _extension; print(_extension.bf16_attention_unit())"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
+    assert off.stdout.strip() == "sgemm", off.stdout + off.stderr
+
+
+def test_cpu_bfloat16_widening_path():
+    """Where bfloat16 tiles run on brgemm, the widening path (LMFAST_CPU_BRGEMM=0: float32 tiles for
+    sgemm) still passes the bfloat16 attention parity tests, in a fresh process."""
+    from lmfast import _extension
+
+    if _extension.bf16_attention_unit() == "sgemm":
+        pytest.skip("this CPU has no AMX-BF16 or AVX512-BF16: every bfloat16 test here runs the widening path")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-k", "cpu and not triton and (bf16 or bfloat16) and not widening and not unit", __file__],
+        capture_output=True, text=True, timeout=900, env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
+    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    assert out.returncode == 0 and " passed" in summary, f"{summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
 
 
 DECODE_MASKS = {

@@ -390,14 +390,30 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
 // Scores come back in float32 (scaled afterwards, exactly); p is rounded to bfloat16 for p v, as
 // SDPA's kernel does, while l sums the float32 p.
 
-// Whether bfloat16 tiles go to the matrix units: AMX-BF16 present, an even head dim, and
-// LMFAST_CPU_AMX not set to 0 (the switch for comparing both paths).
-inline bool use_bf16_matrix_units(int64_t D) {
-  static const bool enabled = [] {
-    const char* env = std::getenv("LMFAST_CPU_AMX");
-    return !(env != nullptr && std::string(env) == "0") && at::native::cpublas::could_pack(at::kBFloat16);
-  }();
-  return enabled && D % 2 == 0 && D > 0;
+// Whether cpublas::brgemm multiplies bfloat16 natively: one 2 x 16 x 4 product with B in VNNI
+// layout, against its exact answer. (Where oneDNN's brgemm cannot run bfloat16, cpublas falls
+// back to a plain gemm that reads B as not packed, and the answer differs.)
+bool brgemm_bf16_computes_vnni() {
+  constexpr int64_t M = 2, N = 16, K = 4;
+  at::BFloat16 a[M * K], b_vnni[K * N];  // B (K x N) as [K/2][N][2]
+  float c[M * N], want[M * N] = {};
+  auto b_at = [](int64_t k, int64_t n) { return float((k * 7 + n * 3) % 11) - 5.f; };  // small ints: exact
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) a[m * K + k] = at::BFloat16(float(m * K + k + 1));
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < N; ++n) b_vnni[(k / 2) * 2 * N + n * 2 + k % 2] = at::BFloat16(b_at(k, n));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t k = 0; k < K; ++k) want[m * N + n] += float(a[m * K + k]) * b_at(k, n);
+  at::native::cpublas::brgemm(M, N, K, K, N, N, false, a, b_vnni, c, true);
+  at::native::cpublas::brgemm_release(true);
+  return std::equal(c, c + M * N, want);
+}
+
+// Whether bfloat16 tiles go to brgemm (above): a native unit and an even head dim.
+inline bool use_bf16_brgemm(int64_t D) {
+  static const bool native = std::string(bf16_attention_unit()) != "sgemm";
+  return native && D % 2 == 0 && D > 0;
 }
 
 // K and V of every (b, kv head), packed tile by tile; tile t of head bh starts at
@@ -619,7 +635,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
     const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (use_bf16_matrix_units(g.D)) {
+      if (use_bf16_brgemm(g.D)) {
         // Square tiles (256 x 256 where there are enough tasks) measured best, causal or not:
         // AMX products are ~7x faster than sgemm's, and the per-tile softmax work remains.
         const int64_t kPackedBlockQ = block_q, kPackedBlockK = block_q;
@@ -776,7 +792,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (use_bf16_matrix_units(D)) {
+    if (use_bf16_brgemm(D)) {
       return attention_bwd_packed(dout, q, k, v, o, lse, dlse, mask, g, scale, band, dq, dk, dv, dmask);
     }
   }
@@ -983,6 +999,24 @@ void with_mask_type(const std::optional<Tensor>& mask, const F& fn) {
 }
 
 }  // namespace
+
+// Which unit multiplies bfloat16 attention tiles here: "amx" (AMX-BF16: oneDNN reports
+// packing, cpublas::could_pack), "avx512bf16" (AVX512-BF16's dot-product instruction, which
+// oneDNN's brgemm also runs: 520 GFLOP/s a core against sgemm's 200, measured on an AMD EPYC
+// Zen 5), or "sgemm" (tiles widened to float32). brgemm is used only where it runs bfloat16
+// natively and its VNNI layout checks out; LMFAST_CPU_BRGEMM=0 turns it off.
+const char* bf16_attention_unit() {
+  static const char* unit = [] {
+    const char* env = std::getenv("LMFAST_CPU_BRGEMM");
+    if (env != nullptr && std::string(env) == "0") return "sgemm";
+    const char* native = at::native::cpublas::could_pack(at::kBFloat16) ? "amx" : nullptr;
+#if defined(__x86_64__)
+    if (native == nullptr && __builtin_cpu_supports("avx512bf16")) native = "avx512bf16";
+#endif
+    return native != nullptr && brgemm_bf16_computes_vnni() ? native : "sgemm";
+  }();
+  return unit;
+}
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,

@@ -16,7 +16,7 @@ lmfast_cpu_kernel_table() {
       k::kKernelTableVersion, LMFAST_STR(LMFAST_ISA_LEVEL), LMFAST_STR(CPU_CAPABILITY),
       &k::layer_norm_fwd,     &k::layer_norm_bwd,           &k::rms_norm_fwd,
       &k::rms_norm_bwd,       &k::softmax_fwd,              &k::softmax_bwd,
-      &k::attention_fwd,      &k::attention_bwd,
+      &k::attention_fwd,      &k::attention_bwd,            &k::bf16_attention_unit,
   };
   return &table;
 }

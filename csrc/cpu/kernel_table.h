@@ -14,7 +14,7 @@
 namespace lmfast::cpu {
 
 // Bumped whenever the table or a kernel signature changes: _C refuses a library of another.
-constexpr int kKernelTableVersion = 1;
+constexpr int kKernelTableVersion = 2;
 
 struct KernelTable {
   int version;
@@ -28,6 +28,7 @@ struct KernelTable {
   decltype(&cpu::softmax_bwd) softmax_bwd;
   decltype(&cpu::attention_fwd) attention_fwd;
   decltype(&cpu::attention_bwd) attention_bwd;
+  decltype(&cpu::bf16_attention_unit) bf16_attention_unit;
 };
 
 }  // namespace lmfast::cpu
