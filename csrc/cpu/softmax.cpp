@@ -137,28 +137,34 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
   constexpr int64_t K = C::kChunk;
 
   at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
+    const scalar_t* y_end = y + end * N;  // prefetches stay inside the task's rows
+    const scalar_t* dy_end = dy + end * N;
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* dyi = dy + row * N;
       const scalar_t* yi = y + row * N;
+      // Pass 1 (streams the row in; prefetches 4 KB ahead): dot = sum(y * dy).
       Vec dot_lo(0), dot_hi(0);
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        prefetch_ahead(yi, j, sizeof(scalar_t), y_end);
+        prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
         const auto a = C::load(yi + j, n), g = C::load(dyi + j, n);  // tails load as 0
         dot_lo = at::vec::fmadd(a.lo, g.lo, dot_lo);
         dot_hi = at::vec::fmadd(a.hi, g.hi, dot_hi);
       });
-      // dx = y * (dy - dot) * scale; subtract first: dy - dot is exact where they are equal
-      // (a width-1 row), fmsub(dy, scale, dot * scale) would leave dot * scale's rounding.
+      // Pass 2 (in cache; prefetches the next row's dx for writing): dx = y * (dy - dot) *
+      // scale; subtract first: dy - dot is exact where they are equal (a width-1 row),
+      // fmsub(dy, scale, dot * scale) would leave dot * scale's rounding.
       const Vec scale_v(static_cast<acc_t>(scale));
       const Vec dot(hsum(dot_lo + dot_hi));
-      const bool has_next = row + 1 < end;
+      scalar_t* dxi = dx + row * N;
+      scalar_t* next_dx = row + 1 < end ? dxi + N : nullptr;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-        prefetch_row_chunk(has_next ? yi + N : nullptr, j, sizeof(scalar_t));
-        prefetch_row_chunk(has_next ? dyi + N : nullptr, j, sizeof(scalar_t));
+        prefetch_row_chunk_for_write(next_dx, j, sizeof(scalar_t));
         auto a = C::load(yi + j, n);
         const auto g = C::load(dyi + j, n);
         a.lo = a.lo * (g.lo - dot) * scale_v;
         a.hi = a.hi * (g.hi - dot) * scale_v;
-        a.store(dx + row * N + j, n);
+        a.store(dxi + j, n);
       });
     }
   });

@@ -191,6 +191,20 @@ inline void prefetch_row_chunk_for_write(void* row, int64_t j, int64_t elem_size
   if (chunk_bytes(elem_size) > 64) __builtin_prefetch(p + 64, 1, 2);
 }
 
+// The pass that streams a row in from memory can instead prefetch a fixed distance further
+// along its inputs, into the next row near a row's end. That suits kernels whose other pass
+// is short (softmax backward; the norms' backward, whose second pass walks several rows):
+// measured on an AMD EPYC Zen 5, 4 KB ahead cut their time by 10-20%, while the norms'
+// forward (two passes in cache) did better prefetching the next row from those passes.
+// `end` bounds the prefetches to the task's rows.
+inline constexpr int64_t kPrefetchAheadBytes = 4096;
+inline void prefetch_ahead(const void* row, int64_t j, int64_t elem_size, const void* end) {
+  const char* p = static_cast<const char*>(row) + j * elem_size + kPrefetchAheadBytes;
+  if (p >= static_cast<const char*>(end)) return;
+  __builtin_prefetch(p, 0, 2);
+  if (chunk_bytes(elem_size) > 64) __builtin_prefetch(p + 64, 0, 2);
+}
+
 // Rows per parallel task so that one task touches at least ~32K elements: small rows are
 // batched, wide rows are spread one per task.
 inline int64_t row_grain(int64_t row_len) {
