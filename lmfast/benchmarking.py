@@ -309,11 +309,13 @@ def ceiling_work(case: Case, device: str) -> float:
 
 
 def seconds(fn: Callable[[], object], device: str, min_run_time: float) -> float:
-    """Median time of one call (torch.utils.benchmark synchronizes CUDA)."""
+    """Median time of one call (torch.utils.benchmark synchronizes CUDA), on all of torch's
+    threads: Timer's own default is one thread."""
     from torch.utils.benchmark import Timer
 
     fn()  # warm up (compiles, autotunes)
-    return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median
 
 
 @dataclass

@@ -50,7 +50,8 @@ def _copy_bandwidth(device: str) -> tuple[float, int]:
     nbytes = (16 << 20) if device == "cpu" else (1 << 30)
     x = torch.empty(nbytes // 4, device=device, dtype=torch.float32).fill_(1.0)
     x.clone()
-    seconds = Timer("x.clone()", globals={"x": x}).blocked_autorange(min_run_time=0.3).median
+    timer = Timer("x.clone()", globals={"x": x}, num_threads=torch.get_num_threads())  # (its default: 1)
+    seconds = timer.blocked_autorange(min_run_time=0.3).median
     return 2 * nbytes / seconds / 1e9, nbytes
 
 

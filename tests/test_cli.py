@@ -105,6 +105,23 @@ def test_bench_overhead_rows_time_each_replacement_against_the_module_it_replace
     assert report["results"] == [] and report["models"] == []
 
 
+def test_bench_times_every_call_on_torchs_threads():
+    """torch.utils.benchmark.Timer runs its statement on one thread unless told otherwise;
+    lmfast bench times every provider on the threads torch runs with (its heading names them)."""
+    import torch
+
+    from lmfast import benchmarking
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # two at least, even on a one-core runner
+    try:
+        seen = []
+        benchmarking.seconds(lambda: seen.append(torch.get_num_threads()), "cpu", min_run_time=0.01)
+        assert seen and set(seen) == {2}, seen
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_bench_compare_prints_the_change(softmax_run, tmp_path):
     before, _, _ = softmax_run
     rc, out, err = run("bench", "--ops", "softmax", "--device", "cpu", "--out", str(tmp_path), "--compare",
