@@ -82,7 +82,7 @@ def _cpu_flags() -> set[str]:
         return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
 
 
-def test_cpu_bfloat16_tiles_run_on_the_cpus_bfloat16_unit():
+def test_cpu_bfloat16_tiles_run_on_the_cpus_bfloat16_unit(tmp_path):
     """bfloat16 attention uses brgemm wherever the CPU multiplies bfloat16 natively (AMX-BF16, or
     AVX512-BF16 as on AMD Zen 4/5), so a lost fast path fails here instead of only slowing down;
     LMFAST_CPU_BRGEMM=0 turns it off."""
@@ -94,11 +94,12 @@ def test_cpu_bfloat16_tiles_run_on_the_cpus_bfloat16_unit():
         expected = "sgemm"
     assert _extension.bf16_attention_unit() == expected, f"CPU flags: {sorted(flags)}"
     off = subprocess.run([sys.executable, "-c", "from lmfast import _extension; print(_extension.bf16_attention_unit())"],
-                         capture_output=True, text=True, timeout=300, env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path,  # (not the checkout's lmfast)
+                         env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
     assert off.stdout.strip() == "sgemm", off.stdout + off.stderr
 
 
-def test_cpu_bfloat16_widening_path():
+def test_cpu_bfloat16_widening_path(tmp_path):
     """Where bfloat16 tiles run on brgemm, the widening path (LMFAST_CPU_BRGEMM=0: float32 tiles for
     sgemm) still passes the bfloat16 attention parity tests, in a fresh process."""
     from lmfast import _extension
@@ -108,7 +109,8 @@ def test_cpu_bfloat16_widening_path():
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-k", "cpu and not triton and (bf16 or bfloat16) and not widening and not unit", __file__],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
+        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # (not the checkout's lmfast)
+        env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0 and " passed" in summary, f"{summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
 

@@ -5,6 +5,7 @@ the kernels' parity tests pass under every level this machine can run."""
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,10 @@ import pytest
 from lmfast import _build_flags, _extension
 
 REPO = Path(__file__).resolve().parents[1]
+# Child processes start outside the checkout: `python -c` and `python -m` put the working
+# directory first on sys.path, and the source folder's lmfast (no compiled libraries) would
+# shadow the installed one and build its kernels on first use instead.
+OUTSIDE = tempfile.gettempdir()
 LEVELS = list(_build_flags.kernel_levels())  # what this build was asked to hold
 # The CPU backend's cases of the kernel test files (test ids name the backend: cpu-cpu, triton-cpu).
 PARITY_FILES = ["tests/test_norm.py", "tests/test_softmax.py", "tests/test_attention.py",
@@ -20,7 +25,7 @@ PARITY_FILES = ["tests/test_norm.py", "tests/test_softmax.py", "tests/test_atten
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **env})
+                          cwd=OUTSIDE, env={**os.environ, **env})
 
 
 def _loaded() -> _extension.ExtensionStatus:
@@ -30,8 +35,9 @@ def _loaded() -> _extension.ExtensionStatus:
 
 
 def test_every_level_of_the_platform_is_built():
+    status = _loaded()  # first: cpu_levels() asks the loaded lmfast._C
     assert _extension.cpu_levels()[-1] == "default"
-    if _loaded().detail.startswith("lmfast._C, built at install time"):
+    if status.detail.startswith("lmfast._C, built at install time"):
         assert sorted(_extension._aot_kernel_libraries()) == sorted(LEVELS)
 
 
@@ -46,7 +52,7 @@ def test_the_best_level_the_cpu_runs_is_loaded():
 
 def test_info_says_which_level_runs():
     out = subprocess.run([sys.executable, "-m", "lmfast.cli", "info"], capture_output=True, text=True,
-                         timeout=300)
+                         timeout=300, cwd=OUTSIDE)
     assert out.returncode == 0, out.stderr
     assert f"kernels for {_loaded().isa}" in out.stdout
 
@@ -83,8 +89,8 @@ def test_kernel_parity_under_every_level(level):
         pytest.skip(f"{level} is the level this process loaded: every other test runs it")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-k", "cpu and not triton", *PARITY_FILES],
-        cwd=REPO, capture_output=True, text=True, timeout=900, env={**os.environ, "LMFAST_CPU_ISA": level})
+         "-k", "cpu and not triton", *(str(REPO / f) for f in PARITY_FILES)],
+        cwd=OUTSIDE, capture_output=True, text=True, timeout=900, env={**os.environ, "LMFAST_CPU_ISA": level})
     summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
     assert out.returncode == 0, f"parity tests under {level}: {summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
     assert " passed" in summary and "skipped" not in summary, summary
