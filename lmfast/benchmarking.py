@@ -115,7 +115,7 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
         attention = [(16384 // S, 16, S, 128) for S in (2048, 8192, 16384, 512)] + \
                     [(16384 // S, 32, S, 64) for S in (2048, 16384)]
     # The quick CPU run adds bfloat16 rows for the ops bfloat16 models run most (on a CPU with
-    # AMX, attention's tile products run on the matrix units in bfloat16).
+    # AMX-BF16 or AVX512-BF16, attention's tile products run in bfloat16 on oneDNN's brgemm).
     extra_bf16 = on_cpu and size == "quick" and dtype is None
     out = []
     for op in ops:

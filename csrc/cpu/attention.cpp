@@ -15,8 +15,9 @@
 //
 // The tile products are BLAS gemm calls (the sgemm_/dgemm_ that libtorch links: MKL on x86
 // wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
-// 16-bit inputs are widened tile by tile, except bfloat16 long-query forwards on a CPU with
-// AMX-BF16, whose products run on the matrix units (see "bfloat16 on matrix units" below). Position masking is
+// 16-bit inputs are widened tile by tile, except bfloat16 on a CPU with AMX-BF16 or
+// AVX512-BF16, whose long-query forward and backward run their products in bfloat16 on
+// oneDNN's brgemm (see "bfloat16 on brgemm" below). Position masking is
 // bottom-right aligned: query i sits at key position p = i + Sk - Sq; causal keeps keys
 // j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped. A row with
 // every key masked gives o = 0 and lse = -inf.
@@ -377,10 +378,11 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
   }
 }
 
-// ---- bfloat16 on matrix units (AMX) ---------------------------------------------------------
+// ---- bfloat16 on brgemm (AMX-BF16 or AVX512-BF16) ---------------------------------------------
 //
-// Where the CPU has AMX-BF16 (oneDNN reports it: cpublas::could_pack), the long-query forward
-// multiplies its bfloat16 tiles as they are, on the matrix units, with float32 accumulation
+// Where the CPU multiplies bfloat16 natively (bf16_attention_unit: AMX-BF16's matrix units or
+// AVX512-BF16's dot products), the long-query forward multiplies its bfloat16 tiles as they
+// are, with float32 accumulation
 // (at::native::cpublas::brgemm, which PyTorch's own CPU flash attention uses), instead of
 // widening them for sgemm. brgemm takes its B operand in VNNI layout: B (K x N) stored as
 // [K/2][N][2], the two rows of each pair interleaved. K^T and V are packed so once per kv head
@@ -512,8 +514,9 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   return hsum(sum);
 
 #if defined(CPU_CAPABILITY_AVX512)
-// CPUs with AMX-BF16 all have AVX512-BF16, which converts a chunk in one instruction
-// (rounding to nearest even, as ATen's conversion does).
+// Every CPU that takes the brgemm path has AVX512-BF16 (bf16_attention_unit: CPUs with
+// AMX-BF16 all have it), which converts a chunk in one instruction (rounding to nearest even,
+// as ATen's conversion does).
 __attribute__((target("avx512bf16"))) float exp_row_to_bf16(const float* s, at::BFloat16* p, int64_t n,
                                                              int64_t lo, int64_t hi, float mul, float m) {
   LMFAST_EXP_ROW_TO_BF16_BODY({
@@ -532,7 +535,7 @@ float exp_row_to_bf16(const float* s, at::BFloat16* p, int64_t n, int64_t lo, in
 #endif
 #undef LMFAST_EXP_ROW_TO_BF16_BODY
 
-// attend_keys for bfloat16 tiles on the matrix units: the tile's rows against every key tile
+// attend_keys for bfloat16 tiles on brgemm: the tile's rows against every key tile
 // of kv head (b, hk), from the packed K/V.
 template <typename mask_t>
 void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskView<mask_t>& mask,
@@ -636,8 +639,9 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (use_bf16_brgemm(g.D)) {
-        // Square tiles (256 x 256 where there are enough tasks) measured best, causal or not:
-        // AMX products are ~7x faster than sgemm's, and the per-tile softmax work remains.
+        // Square tiles (256 x 256 where there are enough tasks) measured best on AMX, causal or
+        // not: its products are ~7x faster than sgemm's, and the per-tile softmax work remains.
+        // (Not re-tuned for AVX512-BF16, whose products are ~2.5x sgemm's.)
         const int64_t kPackedBlockQ = block_q, kPackedBlockK = block_q;
         const int64_t packed_q_blocks = q_blocks;
         const PackedKV kv = pack_kv(k, v, g, ks, vs, kPackedBlockK);
@@ -861,7 +865,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   });
 }
 
-// The backward of bfloat16 on the matrix units (see "bfloat16 on matrix units" above): the same
+// The backward of bfloat16 on brgemm (see "bfloat16 on brgemm" above): the same
 // loop as attention_bwd_kernel, its five tile products in bfloat16 with float32 accumulation.
 // p and ds are rounded to bfloat16 for their products (as SDPA's backward does); dq and dk
 // accumulate ds k and ds^T q unscaled and take the scale once at the end. dk and dv are
