@@ -79,6 +79,28 @@ def set_backend_env():
     set_env(old)
 
 
+@pytest.fixture
+def tests_in_fresh_process(tmp_path):
+    """tests_in_fresh_process(files, keyword, **env): runs pytest on `files` (-k `keyword`) in a
+    new process with `env` added to the environment, and returns its summary line after
+    asserting that it passed. The process starts outside the checkout: `python -m` puts the
+    working directory first on sys.path, and the source folder's lmfast (no compiled
+    libraries) would shadow the installed one."""
+    import subprocess
+    import sys
+
+    def run(files, keyword: str, **env) -> str:
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-k", keyword,
+             *map(str, files)],
+            cwd=tmp_path, capture_output=True, text=True, timeout=900, env={**os.environ, **env})
+        summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+        assert out.returncode == 0 and " passed" in summary, \
+            f"{env}: {summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
+        return summary
+    return run
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     # LMFAST_TEST_SEED reruns the suite on other random inputs (e.g. to hunt rare failures).

@@ -99,20 +99,15 @@ def test_cpu_bfloat16_tiles_run_on_the_cpus_bfloat16_unit(tmp_path):
     assert off.stdout.strip() == "sgemm", off.stdout + off.stderr
 
 
-def test_cpu_bfloat16_widening_path(tmp_path):
+def test_cpu_bfloat16_widening_path(tests_in_fresh_process):
     """Where bfloat16 tiles run on brgemm, the widening path (LMFAST_CPU_BRGEMM=0: float32 tiles for
     sgemm) still passes the bfloat16 attention parity tests, in a fresh process."""
     from lmfast import _extension
 
     if _extension.bf16_attention_unit() == "sgemm":
         pytest.skip("this CPU has no AMX-BF16 or AVX512-BF16: every bfloat16 test here runs the widening path")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-k", "cpu and not triton and (bf16 or bfloat16) and not widening and not unit", __file__],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,  # (not the checkout's lmfast)
-        env={**os.environ, "LMFAST_CPU_BRGEMM": "0"})
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0 and " passed" in summary, f"{summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
+    tests_in_fresh_process([__file__], "cpu and not triton and (bf16 or bfloat16) and not widening and not unit",
+                           LMFAST_CPU_BRGEMM="0")
 
 
 DECODE_MASKS = {

@@ -77,7 +77,7 @@ def test_a_forced_level_is_loaded_or_refused_with_the_reason(value, message):
 
 
 @pytest.mark.parametrize("level", list(_build_flags.X86_LEVELS))
-def test_kernel_parity_under_every_level(level):
+def test_kernel_parity_under_every_level(level, tests_in_fresh_process):
     """The CPU backend's parity tests (error budget, odd shapes, every dtype, gradients) in a
     fresh process that loads this level's kernels. The level this process loaded is covered
     by the whole suite; the others run here."""
@@ -87,12 +87,7 @@ def test_kernel_parity_under_every_level(level):
         pytest.skip(f"this CPU cannot run {level} code (it runs {', '.join(_extension.cpu_levels())})")
     if level == _loaded().isa:
         pytest.skip(f"{level} is the level this process loaded: every other test runs it")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-k", "cpu and not triton", *(str(REPO / f) for f in PARITY_FILES)],
-        cwd=OUTSIDE, capture_output=True, text=True, timeout=900, env={**os.environ, "LMFAST_CPU_ISA": level})
-    summary = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    assert out.returncode == 0, f"parity tests under {level}: {summary}\n{out.stdout[-4000:]}{out.stderr[-2000:]}"
-    assert " passed" in summary and "skipped" not in summary, summary
+    summary = tests_in_fresh_process([REPO / f for f in PARITY_FILES], "cpu and not triton", LMFAST_CPU_ISA=level)
+    assert "skipped" not in summary, summary
     probe = _run("from lmfast import _extension; print(_extension.status().isa)", LMFAST_CPU_ISA=level)
     assert probe.stdout.strip() == level, probe.stdout + probe.stderr
