@@ -1,0 +1,528 @@
+// Attention forward on CUDA: same math and contract as csrc/cpu/attention.cpp (csrc/ops.h):
+//
+//   s = scale * q k^T + mask   (boolean mask: -inf where False; -inf outside the key band:
+//                               causal keeps keys j <= i + Sk - Sq, a window w keeps j > i + Sk - Sq - w)
+//   o = softmax(s) v,  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
+//
+// q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D) with any strides and a contiguous head dim; query
+// head h reads kv head h / (Hq / Hkv) (grouped-query attention, nothing repeated); o is
+// written in (B, Sq, Hq, D) memory order, lse (B, Hq, Sq) in float32.
+//
+// Two kernels:
+//   prefill   a block of 16 * WARPS query rows of one head walks the key tiles its rows may
+//             see (flash attention: online softmax, scores never leave shared memory). The tile
+//             products run on tensor cores (WMMA 16x16x16, float32 accumulation) for
+//             float16/bfloat16, on the CUDA cores for float32 (eager's precision). Each warp
+//             owns 16 rows: scores, probabilities and its float32 output rows live in shared
+//             memory, so the rescale by exp(m_old - m_new) is a plain loop (a WMMA fragment's
+//             layout is unspecified), and the product adds onto the loaded output.
+//   decode    for few query rows and long caches: the keys are split over blocks (split-K),
+//             each block keeps (max, sum, unnormalized o) per split in a float32 workspace, and
+//             a combine kernel merges the splits (row_math.h: merge_factors).
+// The backward on CUDA is the Triton kernel's (lmfast/ops/attention.py).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <mma.h>
+
+#include "device.cuh"
+#include "launch.h"
+
+namespace lmfast::cuda {
+namespace {
+
+// ---- what every kernel reads -----------------------------------------------------------
+
+enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAdditiveMask = 2 };
+
+struct AttnParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* mask;  // bool (uint8) or q's dtype, read through its strides
+  void* o;           // (B, Sq, Hq, D) contiguous
+  float* lse;        // (B, Hq, Sq)
+  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, row (the head dim is contiguous)
+  int64_t mask_strides[4];                            // 0 along broadcast dims
+  int mask_kind;
+  int B, Hq, Hkv, Sq, Sk, D;
+  float scale;
+  bool causal;
+  int window;  // 0: none
+};
+
+// The keys query row i may see, [lo, hi) (causal/window band, as KeyBand in the CPU kernels).
+__device__ __forceinline__ int band_lo(const AttnParams& p, int i) {
+  return p.window > 0 ? max(0, i + p.Sk - p.Sq - p.window + 1) : 0;
+}
+__device__ __forceinline__ int band_hi(const AttnParams& p, int i) {
+  return p.causal ? min(max(i + p.Sk - p.Sq + 1, 0), p.Sk) : p.Sk;
+}
+
+// scale * dot + mask for query (b, h, i) and key j, -inf outside the band or masked off.
+template <typename T>
+__device__ __forceinline__ float masked_score(const AttnParams& p, float dot, int b, int h, int i, int j) {
+  if (j < band_lo(p, i) || j >= band_hi(p, i)) return -INFINITY;
+  float s = dot * p.scale;
+  if (p.mask_kind != kNoMask) {
+    const int64_t off = b * p.mask_strides[0] + h * p.mask_strides[1] + int64_t(i) * p.mask_strides[2] +
+                        int64_t(j) * p.mask_strides[3];
+    if (p.mask_kind == kBoolMask) s = static_cast<const bool*>(p.mask)[off] ? s : -INFINITY;
+    else s += to_float(static_cast<const T*>(p.mask)[off]);
+  }
+  return s;
+}
+
+// ---- prefill --------------------------------------------------------------------------------
+
+// Shared memory of one prefill block, in elements; rows padded so WMMA's 32-byte-aligned loads
+// land on every 16-row fragment and consecutive rows start on different banks.
+template <typename T, int Dp, int BLOCK_N, int WARPS>
+struct PrefillSmem {
+  static constexpr int BLOCK_M = 16 * WARPS;
+  static constexpr int ldt = Dp + 16 / int(sizeof(T)) * 1;  // T rows: + 16 bytes
+  static constexpr int lds = BLOCK_N + 4;                   // float score rows
+  static constexpr int ldp = BLOCK_N + 16 / int(sizeof(T));  // probability rows (T)
+  static constexpr int ldo = Dp + 4;                        // float output rows
+  static constexpr size_t q_off = 0;
+  static constexpr size_t k_off = q_off + sizeof(T) * BLOCK_M * ldt;
+  static constexpr size_t v_off = k_off + sizeof(T) * BLOCK_N * ldt;
+  static constexpr size_t s_off = v_off + sizeof(T) * BLOCK_N * ldt;
+  static constexpr size_t p_off = s_off + sizeof(float) * BLOCK_M * lds;
+  static constexpr size_t o_off = p_off + sizeof(T) * BLOCK_M * ldp;
+  static constexpr size_t alpha_off = o_off + sizeof(float) * BLOCK_M * ldo;
+  static constexpr size_t bytes = alpha_off + sizeof(float) * BLOCK_M;
+  static_assert(k_off % 32 == 0 && v_off % 32 == 0 && s_off % 32 == 0 && p_off % 32 == 0 && o_off % 32 == 0,
+                "WMMA needs 32-byte aligned tiles");
+};
+
+// rows x Dp tile of T at `dst` (row stride ld) <- rows [r0, r0 + rows) of a (.., S, D) head at
+// `src` (row stride `stride`), zero past S and past D. 16-byte copies when `vec16`.
+template <typename T, int Dp>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t stride, int r0, int rows, int S,
+                                          int D, bool vec16) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (vec16) {  // D % kVec == 0, rows and the head start 16-byte aligned
+    const int chunks = Dp / kVec;
+    for (int c = threadIdx.x; c < rows * chunks; c += blockDim.x) {
+      const int r = c / chunks, d = (c % chunks) * kVec;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r0 + r < S && d < D) val = *reinterpret_cast<const uint4*>(src + (r0 + r) * stride + d);
+      *reinterpret_cast<uint4*>(dst + r * ld + d) = val;
+    }
+  } else {
+    for (int c = threadIdx.x; c < rows * Dp; c += blockDim.x) {
+      const int r = c / Dp, d = c % Dp;
+      dst[r * ld + d] = (r0 + r < S && d < D) ? src[(r0 + r) * stride + d] : from_float<T>(0.f);
+    }
+  }
+}
+
+template <typename T, int Dp, int BLOCK_N, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, bool vec16) {
+  using L = PrefillSmem<T, Dp, BLOCK_N, WARPS>;
+  constexpr int BLOCK_M = L::BLOCK_M;
+  constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* Qs = reinterpret_cast<T*>(smem + L::q_off);
+  T* Ks = reinterpret_cast<T*>(smem + L::k_off);
+  T* Vs = reinterpret_cast<T*>(smem + L::v_off);
+  float* Ss = reinterpret_cast<float*>(smem + L::s_off);
+  T* Ps = reinterpret_cast<T*>(smem + L::p_off);
+  float* Os = reinterpret_cast<float*>(smem + L::o_off);
+  float* row_alpha = reinterpret_cast<float*>(smem + L::alpha_off);
+
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  // one block per (query block, head): consecutive blocks share a head's K and V in L2
+  const int q_blocks = (p.Sq + BLOCK_M - 1) / BLOCK_M;
+  const int m0 = int(blockIdx.x % q_blocks) * BLOCK_M;
+  const int bh = int(blockIdx.x / q_blocks), b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+
+  load_tile<T, Dp>(Qs, L::ldt, q, p.q_strides[2], m0, BLOCK_M, p.Sq, p.D, vec16);
+  for (int c = threadIdx.x; c < BLOCK_M * L::ldo; c += blockDim.x) Os[c] = 0.f;
+  __syncthreads();  // (the tile loop may not run at all: every row fully masked)
+
+  // This lane's softmax rows: 2 lanes per row, each half of the tile's columns.
+  const int my_row = warp * 16 + lane / 2, half = lane & 1;
+  const int qi = m0 + my_row;  // query index (may be >= Sq: computed, never written)
+  float m_run = -INFINITY, l_run = 0.f;
+
+  const int m_last = min(m0 + BLOCK_M, p.Sq) - 1;
+  const int key_lo = band_lo(p, m0), key_hi = m_last >= m0 ? band_hi(p, m_last) : 0;
+  for (int j0 = (key_lo / BLOCK_N) * BLOCK_N; j0 < key_hi; j0 += BLOCK_N) {
+    __syncthreads();  // every warp is done with the previous K/V tile
+    load_tile<T, Dp>(Ks, L::ldt, k, p.k_strides[2], j0, BLOCK_N, p.Sk, p.D, vec16);
+    load_tile<T, Dp>(Vs, L::ldt, v, p.v_strides[2], j0, BLOCK_N, p.Sk, p.D, vec16);
+    __syncthreads();
+
+    // S (this warp's 16 rows x BLOCK_N) = Q K^T
+    float* Sw = Ss + warp * 16 * L::lds;
+    if constexpr (kTensorCores) {
+      using namespace nvcuda;
+      for (int nf = 0; nf < BLOCK_N / 16; ++nf) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+        for (int kk = 0; kk < Dp / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> a;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::col_major> kt;  // K^T: K rows as columns
+          wmma::load_matrix_sync(a, Qs + warp * 16 * L::ldt + kk * 16, L::ldt);
+          wmma::load_matrix_sync(kt, Ks + nf * 16 * L::ldt + kk * 16, L::ldt);
+          wmma::mma_sync(acc, a, kt, acc);
+        }
+        wmma::store_matrix_sync(Sw + nf * 16, acc, L::lds, wmma::mem_row_major);
+      }
+    } else {
+      // lane: row lane / 2, columns [half * BLOCK_N / 2, ...)
+      const float* qr = reinterpret_cast<const float*>(Qs) + my_row * L::ldt;
+      for (int c = half * (BLOCK_N / 2); c < (half + 1) * (BLOCK_N / 2); ++c) {
+        const float* kr = reinterpret_cast<const float*>(Ks) + c * L::ldt;
+        float acc = 0.f;
+#pragma unroll 8
+        for (int d = 0; d < Dp; ++d) acc = fmaf(qr[d], kr[d], acc);
+        Sw[(lane / 2) * L::lds + c] = acc;
+      }
+    }
+    __syncwarp();
+
+    // online softmax over the tile, for this lane's half row
+    float* srow = Sw + (lane / 2) * L::lds;
+    float tile_max = -INFINITY;
+    for (int c = half * (BLOCK_N / 2); c < (half + 1) * (BLOCK_N / 2); ++c) {
+      // (j >= Sk lies outside the band; rows past Sq read no mask)
+      const float s = qi < p.Sq ? masked_score<T>(p, srow[c], b, h, qi, j0 + c) : -INFINITY;
+      srow[c] = s;
+      tile_max = fmaxf(tile_max, s);
+    }
+    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    const float m_new = fmaxf(m_run, tile_max);
+    const float alpha = exp_below(m_run, m_new);
+    float psum = 0.f;
+    T* prow = Ps + my_row * L::ldp;
+    for (int c = half * (BLOCK_N / 2); c < (half + 1) * (BLOCK_N / 2); ++c) {
+      const float pc = exp_below(srow[c], m_new);
+      psum += pc;
+      prow[c] = from_float<T>(pc);
+    }
+    psum += __shfl_xor_sync(0xffffffffu, psum, 1);
+    l_run = l_run * alpha + psum;
+    m_run = m_new;
+    if (half == 0) row_alpha[my_row] = alpha;
+    __syncwarp();
+
+    // O (this warp's rows) = alpha * O + P V
+    float* Ow = Os + warp * 16 * L::ldo;
+    for (int c = lane; c < 16 * Dp; c += 32) {
+      const int r = c / Dp, d = c % Dp;
+      Ow[r * L::ldo + d] *= row_alpha[warp * 16 + r];
+    }
+    __syncwarp();
+    if constexpr (kTensorCores) {
+      using namespace nvcuda;
+      for (int df = 0; df < Dp / 16; ++df) {
+        wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+        wmma::load_matrix_sync(acc, Ow + df * 16, L::ldo, wmma::mem_row_major);
+#pragma unroll
+        for (int kk = 0; kk < BLOCK_N / 16; ++kk) {
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> pa;
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> vb;
+          wmma::load_matrix_sync(pa, Ps + warp * 16 * L::ldp + kk * 16, L::ldp);
+          wmma::load_matrix_sync(vb, Vs + kk * 16 * L::ldt + df * 16, L::ldt);
+          wmma::mma_sync(acc, pa, vb, acc);
+        }
+        wmma::store_matrix_sync(Ow + df * 16, acc, L::ldo, wmma::mem_row_major);
+      }
+    } else {
+      const float* pr = reinterpret_cast<const float*>(Ps) + my_row * L::ldp;
+      for (int d = half * (Dp / 2); d < (half + 1) * (Dp / 2); ++d) {
+        float acc = Ow[(lane / 2) * L::ldo + d];
+#pragma unroll 8
+        for (int c = 0; c < BLOCK_N; ++c) acc = fmaf(pr[c], reinterpret_cast<const float*>(Vs)[c * L::ldt + d], acc);
+        Ow[(lane / 2) * L::ldo + d] = acc;
+      }
+    }
+    __syncwarp();
+  }
+
+  // o = O / l (0 on a fully masked row), lse = m + log(l) (-inf there)
+  __syncwarp();
+  if (half == 0) row_alpha[my_row] = l_run > 0.f ? 1.f / l_run : 0.f;
+  if (half == 0 && qi < p.Sq)
+    p.lse[(int64_t(b) * p.Hq + h) * p.Sq + qi] = l_run > 0.f ? m_run + logf(l_run) : -INFINITY;
+  __syncwarp();
+  T* o = static_cast<T*>(p.o);
+  for (int c = lane; c < 16 * p.D; c += 32) {
+    const int r = c / p.D, d = c % p.D, i = m0 + warp * 16 + r;
+    if (i < p.Sq)
+      o[((int64_t(b) * p.Sq + i) * p.Hq + h) * p.D + d] =
+          from_float<T>(Os[(warp * 16 + r) * L::ldo + d] * row_alpha[warp * 16 + r]);
+  }
+}
+
+// ---- decode ---------------------------------------------------------------------------------
+
+// One block per (query row, head, key split). Groups of LANES lanes each take one key at a
+// time, each lane holding EPL elements of q, k, v and o (VEC-wide loads); the block's groups
+// merge their (max, sum, o) in shared memory and write them to the split's workspace row.
+template <typename T, int Dp, int VEC>
+__global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys_per_split, float* part_o,
+                                                           float* part_ml) {
+  constexpr int LANES = (Dp / VEC) < 32 ? (Dp / VEC) : 32;  // lanes per key
+  constexpr int EPL = Dp / LANES;                          // elements per lane
+  constexpr int GROUPS = 128 / LANES;                      // keys in flight per block
+  __shared__ float sh_m[GROUPS], sh_l[GROUPS];
+  __shared__ float sh_o[GROUPS][Dp];
+
+  const int split = blockIdx.y, splits = gridDim.y;
+  const int i = int(blockIdx.x % p.Sq), bh = int(blockIdx.x / p.Sq);
+  const int b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
+  constexpr int kGroupsPerWarp = 32 / LANES;
+  const int grp = threadIdx.x / LANES, gl = threadIdx.x % LANES;
+  const int d0 = gl * EPL;  // this lane's first element
+  const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1] + int64_t(i) * p.q_strides[2];
+  const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
+  const T* v = static_cast<const T*>(p.v) + b * p.v_strides[0] + hk * p.v_strides[1];
+
+  float qv[EPL], ov[EPL];
+#pragma unroll
+  for (int e = 0; e < EPL; e += VEC) {
+    float t[VEC];
+    if (d0 + e < p.D) load_floats<T, VEC>(q + d0 + e, t);
+    else
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) t[u] = 0.f;
+#pragma unroll
+    for (int u = 0; u < VEC; ++u) {
+      qv[e + u] = t[u];
+      ov[e + u] = 0.f;
+    }
+  }
+  float m_run = -INFINITY, l_run = 0.f;
+  const int j_begin = max(split * keys_per_split, band_lo(p, i));
+  const int j_end = min((split + 1) * keys_per_split, band_hi(p, i));
+  // A warp's groups step together (their shuffles need every lane): group `sub` of the warp
+  // takes key jw + sub, if there is one.
+  const int sub = grp % kGroupsPerWarp;
+  for (int jw = j_begin + (threadIdx.x / 32) * kGroupsPerWarp; jw < j_end; jw += GROUPS) {
+    const int j = jw + sub;
+    const bool valid = j < j_end;
+    const T* kr = k + int64_t(j) * p.k_strides[2];
+    const T* vr = v + int64_t(j) * p.v_strides[2];
+    float dot = 0.f;
+#pragma unroll
+    for (int e = 0; e < EPL; e += VEC) {
+      if (valid && d0 + e < p.D) {
+        float t[VEC];
+        load_floats<T, VEC>(kr + d0 + e, t);
+#pragma unroll
+        for (int u = 0; u < VEC; ++u) dot = fmaf(qv[e + u], t[u], dot);
+      }
+    }
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+    if (!valid) continue;
+    // the key joins the running state: (old state, weight 1 at max s) merged (row_math.h)
+    const MergeFactors f = merge_factors(m_run, masked_score<T>(p, dot, b, h, i, j));
+    l_run = l_run * f.fa + f.fb;
+    m_run = f.max;
+#pragma unroll
+    for (int e = 0; e < EPL; e += VEC) {
+      float t[VEC] = {};
+      if (d0 + e < p.D) load_floats<T, VEC>(vr + d0 + e, t);
+#pragma unroll
+      for (int u = 0; u < VEC; ++u) ov[e + u] = ov[e + u] * f.fa + f.fb * t[u];
+    }
+  }
+  // merge the groups: every group's state into shared memory, then one pass per element
+  if (gl == 0) {
+    sh_m[grp] = m_run;
+    sh_l[grp] = l_run;
+  }
+#pragma unroll
+  for (int e = 0; e < EPL; ++e) sh_o[grp][d0 + e] = ov[e];
+  __syncthreads();
+  float m = -INFINITY;
+  for (int g = 0; g < GROUPS; ++g) m = fmaxf(m, sh_m[g]);
+  const int64_t row = (int64_t(b) * p.Hq + h) * p.Sq + i;  // (B, Hq, Sq) row
+  float* out = part_o + (row * splits + split) * Dp;
+  for (int d = threadIdx.x; d < Dp; d += blockDim.x) {
+    float acc = 0.f;
+    for (int g = 0; g < GROUPS; ++g) acc += exp_below(sh_m[g], m) * sh_o[g][d];
+    out[d] = acc;
+  }
+  if (threadIdx.x == 0) {
+    float l = 0.f;
+    for (int g = 0; g < GROUPS; ++g) l += exp_below(sh_m[g], m) * sh_l[g];
+    part_ml[(row * splits + split) * 2] = m;
+    part_ml[(row * splits + split) * 2 + 1] = l;
+  }
+}
+
+// One warp per (b, h, i) row: merges the row's splits into o (B, Sq, Hq, D) and lse.
+template <typename T>
+__global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const float* __restrict__ part_o,
+                                    const float* __restrict__ part_ml) {
+  const int64_t row = blockIdx.x * int64_t(blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x & 31;
+  if (row >= int64_t(p.B) * p.Hq * p.Sq) return;
+  const int i = int(row % p.Sq), h = int((row / p.Sq) % p.Hq), b = int(row / (int64_t(p.Sq) * p.Hq));
+  const float* ml = part_ml + row * splits * 2;
+  float m = -INFINITY;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, ml[2 * s]);
+  float l = 0.f;
+  for (int s = 0; s < splits; ++s) l += exp_below(ml[2 * s], m) * ml[2 * s + 1];
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+  T* o = static_cast<T*>(p.o) + ((int64_t(b) * p.Sq + i) * p.Hq + h) * p.D;
+  for (int d = lane; d < p.D; d += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < splits; ++s) acc += exp_below(ml[2 * s], m) * part_o[(row * splits + s) * Dp + d];
+    o[d] = from_float<T>(acc * inv);
+  }
+  if (lane == 0) p.lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+}
+
+// ---- launchers ---------------------------------------------------------------------------
+
+template <typename T, int Dp, int BLOCK_N, int WARPS>
+void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
+  using L = PrefillSmem<T, Dp, BLOCK_N, WARPS>;
+  auto kernel = attn_prefill_kernel<T, Dp, BLOCK_N, WARPS>;
+  int dev = 0, optin = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  TORCH_CHECK(L::bytes <= size_t(optin), "lmfast cuda attention: head dim ", p.D, " in this dtype needs ",
+              L::bytes, " bytes of shared memory per block, this GPU allows ", optin, "; use backend='triton'");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
+  const int64_t blocks = ceil_div(p.Sq, L::BLOCK_M) * p.B * p.Hq;
+  TORCH_CHECK(blocks < (int64_t(1) << 31), "lmfast cuda attention: too many query blocks");
+  kernel<<<unsigned(blocks), 32 * WARPS, L::bytes, stream>>>(p, vec16);
+}
+
+// The padded head dim: the smallest of 32, 64, 128, 256 that holds D.
+int padded_head_dim(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 128 ? 128 : 256; }
+
+template <typename T>
+void run_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
+  const int Dp = padded_head_dim(p.D);
+  if constexpr (std::is_same_v<T, float>) {  // float32 tiles are twice the size: smaller blocks
+    if (Dp == 32) launch_prefill<T, 32, 64, 4>(p, vec16, stream);
+    else if (Dp == 64) launch_prefill<T, 64, 64, 4>(p, vec16, stream);
+    else if (Dp == 128) launch_prefill<T, 128, 32, 4>(p, vec16, stream);
+    else launch_prefill<T, 256, 32, 2>(p, vec16, stream);
+  } else {
+    if (Dp == 32) launch_prefill<T, 32, 64, 4>(p, vec16, stream);
+    else if (Dp == 64) launch_prefill<T, 64, 64, 4>(p, vec16, stream);
+    else if (Dp == 128) launch_prefill<T, 128, 64, 4>(p, vec16, stream);
+    else launch_prefill<T, 256, 32, 4>(p, vec16, stream);
+  }
+}
+
+template <typename T, int Dp>
+void launch_decode_dp(const AttnParams& p, bool vec16, int splits, int keys_per_split, float* part_o, float* part_ml,
+                      cudaStream_t stream) {
+  const dim3 grid(unsigned(int64_t(p.B) * p.Hq * p.Sq), unsigned(splits));
+  if (vec16) attn_decode_kernel<T, Dp, 16 / sizeof(T)><<<grid, 128, 0, stream>>>(p, keys_per_split, part_o, part_ml);
+  else attn_decode_kernel<T, Dp, 1><<<grid, 128, 0, stream>>>(p, keys_per_split, part_o, part_ml);
+}
+
+template <typename T>
+void run_decode(const AttnParams& p, bool vec16, const at::TensorOptions& opts, cudaStream_t stream) {
+  const int Dp = padded_head_dim(p.D);
+  const int64_t rows = int64_t(p.B) * p.Hq * p.Sq;
+  // Enough blocks for about four per SM, each split at least 64 keys.
+  const int64_t want = ceil_div(int64_t(4) * multiprocessors(), rows);
+  const int splits = int(std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(p.Sk, 64), 65535})));
+  const int keys_per_split = int(ceil_div(p.Sk, splits));
+  at::Tensor part_o = at::empty({rows * splits * Dp}, opts.dtype(at::kFloat));
+  at::Tensor part_ml = at::empty({rows * splits * 2}, opts.dtype(at::kFloat));
+  float* po = part_o.data_ptr<float>();
+  float* pml = part_ml.data_ptr<float>();
+  if (Dp == 32) launch_decode_dp<T, 32>(p, vec16, splits, keys_per_split, po, pml, stream);
+  else if (Dp == 64) launch_decode_dp<T, 64>(p, vec16, splits, keys_per_split, po, pml, stream);
+  else if (Dp == 128) launch_decode_dp<T, 128>(p, vec16, splits, keys_per_split, po, pml, stream);
+  else launch_decode_dp<T, 256>(p, vec16, splits, keys_per_split, po, pml, stream);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  attn_combine_kernel<T><<<unsigned(ceil_div(rows, 4)), 128, 0, stream>>>(p, splits, Dp, po, pml);
+}
+
+// Query rows at or below which the decode kernel runs (it reads the keys once per row).
+constexpr int kDecodeMaxRows = 4;
+
+}  // namespace
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale, bool causal,
+                                         std::optional<int64_t> window) {
+  check_cuda_contiguous("attention_fwd", {&q, &k, &v, mask ? &*mask : nullptr}, /*need_contiguous=*/false);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lmfast_C::attention_fwd (cuda): 4-D q, k, v");
+  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
+  TORCH_CHECK_VALUE(D <= 256, "backend 'cuda' attention supports head dims up to 256, got ", D,
+                    "; use backend='triton' or 'torch'");
+  for (const Tensor* t : {&q, &k, &v})
+    TORCH_CHECK(D <= 1 || t->stride(3) == 1, "lmfast_C::attention_fwd (cuda): the head dim must be contiguous");
+  TORCH_CHECK(std::max({B * Hq * Sq, B * Hkv * Sk, Sk + Sq}) < (int64_t(1) << 31),
+              "lmfast_C::attention_fwd (cuda): sizes past 2^31 rows");
+  const c10::cuda::CUDAGuard guard(q.device());
+  // o in (B, Sq, Hq, D) memory, seen as (B, Hq, Sq, D)
+  Tensor o = at::empty({B, Sq, Hq, D}, q.options()).transpose(1, 2);
+  Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (B * Hq * Sq == 0) return {o, lse};
+  if (Sk == 0) {  // no keys: every row is fully masked
+    o.zero_();
+    lse.fill_(-INFINITY);
+    return {o, lse};
+  }
+
+  AttnParams p{};
+  p.q = q.const_data_ptr();
+  p.k = k.const_data_ptr();
+  p.v = v.const_data_ptr();
+  p.o = o.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  for (int d = 0; d < 3; ++d) {
+    p.q_strides[d] = q.stride(d);
+    p.k_strides[d] = k.stride(d);
+    p.v_strides[d] = v.stride(d);
+  }
+  p.mask_kind = kNoMask;
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 4, "lmfast_C::attention_fwd (cuda): mask must be expanded to (B, Hq, Sq, Sk)");
+    p.mask = mask->const_data_ptr();
+    p.mask_kind = mask->scalar_type() == at::kBool ? kBoolMask : kAdditiveMask;
+    TORCH_CHECK(p.mask_kind == kBoolMask || mask->scalar_type() == q.scalar_type(),
+                "lmfast_C::attention_fwd (cuda): an additive mask must have q's dtype");
+    for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
+  }
+  p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.Sq = int(Sq), p.Sk = int(Sk), p.D = int(D);
+  p.scale = float(scale);
+  p.causal = causal;
+  p.window = window.has_value() ? int(std::min<int64_t>(*window, Sk + 1)) : 0;  // (>= Sk + 1: no limit)
+
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t elem = q.element_size();
+  auto aligned = [&](const Tensor& t) {
+    if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16) return false;
+    for (int d = 0; d < 3; ++d)
+      if ((t.stride(d) * elem) % 16) return false;
+    return true;
+  };
+  const bool vec16 = (D * elem) % 16 == 0 && aligned(q) && aligned(k) && aligned(v);
+  auto run = [&]<typename T>() {
+    if (Sq <= kDecodeMaxRows) run_decode<T>(p, vec16, q.options(), stream);
+    else run_prefill<T>(p, vec16, stream);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run.template operator()<float>(); break;
+    case at::kHalf: run.template operator()<__half>(); break;
+    case at::kBFloat16: run.template operator()<__nv_bfloat16>(); break;
+    default: TORCH_CHECK_TYPE(false, "backend 'cuda' supports float16, bfloat16 and float32, got ", q.scalar_type());
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {o, lse};
+}
+
+}  // namespace lmfast::cuda

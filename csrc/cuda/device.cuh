@@ -1,0 +1,167 @@
+// Device-side helpers shared by the CUDA kernels: element conversions, 128-bit vector loads
+// and stores, warp and block reductions, and the launch geometry.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "row_math.h"
+
+namespace lmfast::cuda {
+
+using namespace lmfast::cuda_math;
+
+// ---- element conversions (all math is float32) ----------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(bool v) { return v ? 1.f : 0.f; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+// Rounds v to T and back: what a tensor of dtype T would hold (e.g. x + residual in eager).
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// ---- vector memory access --------------------------------------------------------------------
+
+// VEC consecutive elements, loaded or stored as one 128-bit access when VEC * sizeof(T) == 16
+// (the launcher picks VEC = 1 unless every row start is 16-byte aligned).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename T, int VEC>
+__device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
+  const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) out[e] = to_float(pk.v[e]);
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void store_floats(T* p, const float (&in)[VEC]) {
+  Pack<T, VEC> pk;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) pk.v[e] = from_float<T>(in[e]);
+  *reinterpret_cast<Pack<T, VEC>*>(p) = pk;
+}
+
+// ---- reductions ----------------------------------------------------------------------------
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ __forceinline__ Welford warp_welford(Welford w) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    Welford other{__shfl_xor_sync(0xffffffffu, w.mean, o), __shfl_xor_sync(0xffffffffu, w.m2, o),
+                  __shfl_xor_sync(0xffffffffu, w.count, o)};
+    w = welford_merge(w, other);
+  }
+  return w;
+}
+
+__device__ __forceinline__ RowMax warp_rowmax(RowMax s) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    RowMax other{__shfl_xor_sync(0xffffffffu, s.max, o), __shfl_xor_sync(0xffffffffu, s.sum, o)};
+    s = rowmax_merge(s, other);
+  }
+  return s;
+}
+
+// A reduction over the threads that share one row: a warp (group == 32) or the whole block.
+// Every thread of the group gets the result. The block case goes through `scratch` (32
+// slots of T in shared memory) and synchronizes the block; the block size is chosen at run
+// time from the row length, which is why this is not cub::BlockReduce (its block size is a
+// template argument). The order of the merges is fixed: results are deterministic.
+template <typename T, typename WarpOp, typename Merge>
+__device__ __forceinline__ T group_reduce(T v, int group, T* scratch, WarpOp warp_op, Merge merge) {
+  v = warp_op(v);
+  if (group == 32) return v;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  __syncthreads();  // scratch may still be read from a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  T r = scratch[0];
+  for (int w = 1; w < warps; ++w) r = merge(r, scratch[w]);
+  return r;
+}
+
+__device__ __forceinline__ float group_sum(float v, int group, float* scratch) {
+  return group_reduce(v, group, scratch, warp_sum, [](float a, float b) { return a + b; });
+}
+
+__device__ __forceinline__ float group_max(float v, int group, float* scratch) {
+  return group_reduce(v, group, scratch, warp_max, [](float a, float b) { return fmaxf(a, b); });
+}
+
+// ---- launch geometry ----------------------------------------------------------------------
+
+// Rows of up to `warp_row_max` elements get one warp each (kRowsPerBlock rows per block);
+// longer rows get a whole block, of enough threads that each holds at most `per_thread`
+// elements (up to 1024 threads). `cached`: the row fits the group at `per_thread` elements
+// a thread (kept in registers); a longer row is looped over instead.
+constexpr int kWarpRowMax = 1024;
+constexpr int kRowsPerBlock = 4;
+constexpr int kCachedPerThread = 32;
+
+// Orders the group's shared/global memory accesses: a warp's, or the block's.
+__device__ __forceinline__ void sync_group(int group) {
+  if (group == 32) __syncwarp();
+  else __syncthreads();
+}
+
+struct RowGeometry {
+  int threads;         // block size
+  int group;           // threads per row: 32 (a warp) or `threads`
+  int64_t blocks;      // grid size (rows are strided over it)
+  bool cached;         // the row fits the group's registers
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// rows x N elements read as `vec`-wide vectors; `max_blocks` caps the grid (the kernels
+// stride over the rows).
+inline RowGeometry row_geometry(int64_t rows, int64_t N, int64_t warp_row_max, int per_thread, int vec,
+                                int64_t max_blocks) {
+  RowGeometry g;
+  if (N <= warp_row_max) {
+    g.threads = 32 * kRowsPerBlock;
+    g.group = 32;
+    g.blocks = ceil_div(rows, kRowsPerBlock);
+  } else {
+    // enough threads that each holds <= kCachedPerThread elements, up to 1024
+    const int64_t want = ceil_div(ceil_div(N, per_thread), 32) * 32;
+    g.threads = int(want < 128 ? 128 : want > 1024 ? 1024 : want);
+    g.group = g.threads;
+    g.blocks = rows;
+  }
+  g.cached = N <= int64_t(g.group) * per_thread && per_thread % vec == 0;
+  if (g.blocks > max_blocks) g.blocks = max_blocks;
+  if (g.blocks < 1) g.blocks = 1;
+  return g;
+}
+
+}  // namespace lmfast::cuda

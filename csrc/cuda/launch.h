@@ -1,0 +1,65 @@
+// The CUDA twins of the kernel ops in csrc/ops.h (lmfast::cpu), same signatures and
+// contracts, registered for the CUDA dispatch key in csrc/cuda/register.cpp. Each .cu file
+// holds one op family's kernels and these entry points.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <cuda_runtime.h>
+
+#include <initializer_list>
+#include <optional>
+#include <tuple>
+
+namespace lmfast::cuda {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias,
+                                                          const std::optional<Tensor>& residual, double eps);
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                  const std::optional<Tensor>& weight, const Tensor& mean,
+                                                  const Tensor& rstd, const std::optional<Tensor>& dresidual_out,
+                                                  bool weight_grad, bool bias_grad);
+std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                                const std::optional<Tensor>& residual, double eps);
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
+                                        const Tensor& rstd, const std::optional<Tensor>& dresidual_out,
+                                        bool weight_grad);
+Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal);
+Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
+// Forward only: the backward on CUDA tensors is the Triton kernel's (lmfast/ops/attention.py
+// registers it for lmfast_C::attention_bwd's CUDA key).
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                         const std::optional<Tensor>& mask, double scale, bool causal,
+                                         std::optional<int64_t> window);
+
+// The launch-level contract (the public ops checked the user's input): CUDA tensors on one
+// device, contiguous unless the op says otherwise. null entries are absent optionals.
+inline void check_cuda_contiguous(const char* op, std::initializer_list<const Tensor*> tensors,
+                                  bool need_contiguous = true) {
+  const Tensor* first = nullptr;
+  for (const Tensor* t : tensors) {
+    if (t == nullptr || !t->defined()) continue;
+    TORCH_CHECK(t->is_cuda(), "lmfast_C::", op, " (cuda): expected CUDA tensors, got one on ", t->device());
+    TORCH_CHECK(!need_contiguous || t->is_contiguous(), "lmfast_C::", op, " (cuda): expected contiguous tensors");
+    if (first == nullptr) first = t;
+    TORCH_CHECK(t->device() == first->device(), "lmfast_C::", op, " (cuda): tensors on ", first->device(),
+                " and ", t->device());
+  }
+}
+
+// The current device's multiprocessor count (cached per device).
+inline int multiprocessors() {
+  static int count[64] = {};
+  int dev = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  if (dev < 64 && count[dev] > 0) return count[dev];
+  int n = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
+  if (dev < 64) count[dev] = n;
+  return n;
+}
+
+}  // namespace lmfast::cuda

@@ -1,0 +1,397 @@
+// LayerNorm and RMSNorm over the last dim, forward and backward, on CUDA. Same math and
+// contracts as csrc/cpu/norm.cpp (csrc/ops.h): per row of N elements, s = x (+ residual),
+//
+//   forward:   mu = mean(s) (0 for RMSNorm),  rstd = 1 / sqrt(mean((s - mu)^2) + eps)
+//              y  = (s - mu) * rstd * w + b
+//   backward:  xhat = (s - mu) * rstd,  g = dy * w
+//              ds = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dresidual_out)
+//              dw = sum_rows(dy * xhat),  db = sum_rows(dy)
+//
+// Rows of up to 1024 elements (512 in the backward) get a warp each, longer rows a block
+// (device.cuh: row_geometry). The forward keeps a row in registers where it fits and then
+// computes the variance in two exact passes over them; a longer row is read twice, with
+// Welford's running variance on the first read. The backward reads each row twice (the
+// second read hits L1/L2). Loads and stores are 128-bit where every row start is aligned.
+//
+// dweight/dbias: each row group (warp or block) owns a fixed set of rows and sums their
+// contributions for the columns each thread owns, in registers where they fit, else in its
+// own row of a float32 partials buffer; a second kernel sums the partials column by column in
+// a fixed order. No atomics: the result is deterministic.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "device.cuh"
+#include "launch.h"
+
+namespace lmfast::cuda {
+namespace {
+
+using at::Tensor;
+
+// Forward, one row per group. `cached`: the row fits kCachedPerThread elements per thread.
+template <typename T, int VEC, bool kCentered>
+__global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
+                                const T* __restrict__ weight, const T* __restrict__ bias,
+                                T* __restrict__ y, T* __restrict__ s_out, float* __restrict__ mean_out,
+                                float* __restrict__ rstd_out, int64_t rows, int64_t N, float eps,
+                                int group, bool cached) {
+  constexpr int kSlots = kCachedPerThread / VEC;
+  __shared__ Welford welford_scratch[32];
+  __shared__ float sum_scratch[32];
+  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
+  const int64_t groups_per_block = blockDim.x / group;
+  const int64_t first = blockIdx.x * groups_per_block + threadIdx.x / group;
+  const int64_t nvec = N / VEC;
+  const float inv_n = 1.f / float(N);
+
+  for (int64_t row = first; row < rows; row += gridDim.x * groups_per_block) {
+    const T* xr = x + row * N;
+    const T* rr = residual ? residual + row * N : nullptr;
+    T* sr = s_out ? s_out + row * N : nullptr;
+    T* yr = y + row * N;
+    // s = x + residual, rounded to T as eager's add would; stored when a residual is given.
+    auto load_s = [&](int64_t vi, float (&v)[VEC]) {
+      load_floats<T, VEC>(xr + vi * VEC, v);
+      if (rr) {
+        float r[VEC];
+        load_floats<T, VEC>(rr + vi * VEC, r);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) v[e] = round_to<T>(v[e] + r[e]);
+        store_floats<T, VEC>(sr + vi * VEC, v);
+      }
+    };
+    auto write_y = [&](int64_t vi, const float (&v)[VEC], float mu, float rstd) {
+      float w[VEC], b[VEC], out[VEC];
+      if (weight) load_floats<T, VEC>(weight + vi * VEC, w);
+      if (bias) load_floats<T, VEC>(bias + vi * VEC, b);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        float o = (v[e] - mu) * rstd;
+        if (weight) o *= w[e];
+        if (bias) o += b[e];
+        out[e] = o;
+      }
+      store_floats<T, VEC>(yr + vi * VEC, out);
+    };
+
+    float mu = 0.f, var = 0.f;
+    if (cached) {
+      float vals[kSlots][VEC];
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < kSlots; ++k) {
+        const int64_t vi = tid + int64_t(k) * group;
+        if (vi < nvec) {
+          load_s(vi, vals[k]);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sum += vals[k][e];
+        }
+      }
+      if (kCentered) mu = group_sum(sum, group, sum_scratch) * inv_n;
+      float sq = 0.f;  // second pass, over the registers: exact for any mean
+#pragma unroll
+      for (int k = 0; k < kSlots; ++k)
+        if (tid + int64_t(k) * group < nvec)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sq += (vals[k][e] - mu) * (vals[k][e] - mu);
+      var = group_sum(sq, group, sum_scratch) * inv_n;
+      const float rstd = rsqrtf(var + eps);
+#pragma unroll
+      for (int k = 0; k < kSlots; ++k) {
+        const int64_t vi = tid + int64_t(k) * group;
+        if (vi < nvec) write_y(vi, vals[k], mu, rstd);
+      }
+      if (tid == 0) {
+        if (kCentered) mean_out[row] = mu;
+        rstd_out[row] = rstd;
+      }
+      continue;
+    }
+
+    // Long row: Welford (LayerNorm) or a sum of squares (RMSNorm) on the first read...
+    Welford wf;
+    float sq = 0.f;
+    for (int64_t vi = tid; vi < nvec; vi += group) {
+      float v[VEC];
+      load_s(vi, v);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (kCentered) wf = welford_add(wf, v[e]);
+        else sq += v[e] * v[e];
+      }
+    }
+    if (kCentered) {
+      wf = group_reduce(wf, group, welford_scratch, warp_welford, welford_merge);
+      mu = wf.mean;
+      var = wf.m2 * inv_n;
+    } else {
+      var = group_sum(sq, group, sum_scratch) * inv_n;
+    }
+    const float rstd = rsqrtf(var + eps);
+    // ...and the output on the second (from L1/L2; s from where this thread just stored it)
+    const T* src = rr ? sr : xr;
+    for (int64_t vi = tid; vi < nvec; vi += group) {
+      float v[VEC];
+      load_floats<T, VEC>(src + vi * VEC, v);
+      write_y(vi, v, mu, rstd);
+    }
+    if (tid == 0) {
+      if (kCentered) mean_out[row] = mu;
+      rstd_out[row] = rstd;
+    }
+  }
+}
+
+// Backward, one row per group; this group's dweight/dbias partials go to row `g` of
+// dw_part/db_part (null: not wanted), or stay in registers while the row fits kBwdRegCols
+// columns per thread (`in_regs`).
+constexpr int kBwdRegCols = 16;
+
+template <typename T, int VEC, bool kCentered>
+__global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                const T* __restrict__ weight, const float* __restrict__ mean,
+                                const float* __restrict__ rstd, const T* __restrict__ dres,
+                                T* __restrict__ dx, float* __restrict__ dw_part,
+                                float* __restrict__ db_part, int64_t rows, int64_t N, int group,
+                                bool in_regs) {
+  constexpr int kSlots = kBwdRegCols / VEC;
+  __shared__ float sum_scratch[32];
+  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
+  const int64_t groups_per_block = blockDim.x / group;
+  const int64_t g = blockIdx.x * groups_per_block + threadIdx.x / group;  // this group's index
+  const int64_t ngroups = gridDim.x * groups_per_block;
+  const int64_t nvec = N / VEC;
+  const float inv_n = 1.f / float(N);
+  float acc_w[kSlots][VEC] = {}, acc_b[kSlots][VEC] = {};
+  float* dwp = dw_part ? dw_part + g * N : nullptr;
+  float* dbp = db_part ? db_part + g * N : nullptr;
+  if (!in_regs) {  // this group's partial rows start at zero (its own columns only)
+    for (int64_t vi = tid; vi < nvec; vi += group)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        if (dwp) dwp[vi * VEC + e] = 0.f;
+        if (dbp) dbp[vi * VEC + e] = 0.f;
+      }
+  }
+
+  for (int64_t row = g; row < rows; row += ngroups) {
+    const T* dyr = dy + row * N;
+    const T* xr = x + row * N;
+    const float mu = kCentered ? mean[row] : 0.f, rs = rstd[row];
+    // pass 1: mean(g * xhat) and mean(g)
+    float sum_gx = 0.f, sum_g = 0.f;
+    for (int64_t vi = tid; vi < nvec; vi += group) {
+      float d[VEC], v[VEC], w[VEC];
+      load_floats<T, VEC>(dyr + vi * VEC, d);
+      load_floats<T, VEC>(xr + vi * VEC, v);
+      if (weight) load_floats<T, VEC>(weight + vi * VEC, w);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float gv = weight ? d[e] * w[e] : d[e];
+        sum_gx += gv * (v[e] - mu) * rs;
+        sum_g += gv;
+      }
+    }
+    const float c1 = group_sum(sum_gx, group, sum_scratch) * inv_n;
+    const float c2 = kCentered ? group_sum(sum_g, group, sum_scratch) * inv_n : 0.f;
+    // pass 2: dx, and this row's share of dweight/dbias
+    int k = 0;
+    for (int64_t vi = tid; vi < nvec; vi += group, ++k) {
+      float d[VEC], v[VEC], w[VEC], out[VEC];
+      load_floats<T, VEC>(dyr + vi * VEC, d);
+      load_floats<T, VEC>(xr + vi * VEC, v);
+      if (weight) load_floats<T, VEC>(weight + vi * VEC, w);
+      float r[VEC];
+      if (dres) load_floats<T, VEC>(dres + row * N + vi * VEC, r);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float xhat = (v[e] - mu) * rs;
+        const float gv = weight ? d[e] * w[e] : d[e];
+        out[e] = rs * (gv - c2 - xhat * c1) + (dres ? r[e] : 0.f);
+        if (in_regs) {
+#pragma unroll
+          for (int s = 0; s < kSlots; ++s)  // (k is a run-time index: select the slot)
+            if (s == k) {
+              acc_w[s][e] += d[e] * xhat;
+              acc_b[s][e] += d[e];
+            }
+        } else {
+          if (dwp) dwp[vi * VEC + e] += d[e] * xhat;
+          if (dbp) dbp[vi * VEC + e] += d[e];
+        }
+      }
+      store_floats<T, VEC>(dx + row * N + vi * VEC, out);
+    }
+  }
+  if (in_regs && g < ngroups) {
+    int k = 0;
+    for (int64_t vi = tid; vi < nvec; vi += group, ++k)
+#pragma unroll
+      for (int s = 0; s < kSlots; ++s)
+        if (s == k)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            if (dwp) dwp[vi * VEC + e] = acc_w[s][e];
+            if (dbp) dbp[vi * VEC + e] = acc_b[s][e];
+          }
+  }
+}
+
+// out[c] = sum over groups of part[g, c], in group order (deterministic).
+template <typename T>
+__global__ void column_sum_kernel(const float* __restrict__ part, int64_t groups, int64_t N,
+                                  T* __restrict__ out) {
+  const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (c >= N) return;
+  float s = 0.f;
+  for (int64_t g = 0; g < groups; ++g) s += part[g * N + c];
+  out[c] = from_float<T>(s);
+}
+
+// ---- launchers ---------------------------------------------------------------------------
+
+template <typename T>
+const T* ptr(const Tensor& t) { return t.defined() && t.numel() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr; }
+template <typename T>
+T* mut_ptr(const Tensor& t) { return t.defined() && t.numel() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
+
+Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
+
+// VEC for 128-bit accesses when N is a multiple of it and every tensor's rows start aligned.
+template <typename T>
+int vector_width(int64_t N, std::initializer_list<const Tensor*> tensors) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (N % kVec != 0) return 1;
+  for (const Tensor* t : tensors)
+    if (t->defined() && t->numel() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
+  return kVec;
+}
+
+template <typename T, bool kCentered>
+void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r, Tensor& y,
+                     Tensor& s, Tensor& mean, Tensor& rstd, double eps) {
+  const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
+  if (rows == 0) return;
+  const int vec = vector_width<T>(N, {&x, &w, &b, &r, &y, &s});
+  const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, 65535 * 16);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto kernel) {
+    kernel<<<geo.blocks, geo.threads, 0, stream>>>(
+        ptr<T>(x), ptr<T>(r), ptr<T>(w), ptr<T>(b), mut_ptr<T>(y), mut_ptr<T>(s),
+        kCentered ? mut_ptr<float>(mean) : nullptr, mut_ptr<float>(rstd), rows, N, float(eps), geo.group,
+        geo.cached);
+  };
+  if (vec == 1) run(norm_fwd_kernel<T, 1, kCentered>);
+  else run(norm_fwd_kernel<T, 16 / sizeof(T), kCentered>);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool kCentered>
+void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
+                     const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db) {
+  const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
+  if (dw.defined() && dw.numel()) dw.zero_();
+  if (db.defined() && db.numel()) db.zero_();
+  if (rows == 0) return;
+  const int vec = vector_width<T>(N, {&dy, &x, &w, &dres, &dx});
+  RowGeometry geo = row_geometry(rows, N, kWarpRowMax / 2, kBwdRegCols, vec, rows);
+  // About half the threads the SMs hold, no more: each row group adds a row of partials.
+  geo.blocks = std::min<int64_t>(geo.blocks, int64_t(multiprocessors()) * std::max(1, 1024 / geo.threads));
+  const int64_t groups = geo.blocks * (geo.threads / geo.group);
+  const bool want_w = dw.defined() && dw.numel(), want_b = db.defined() && db.numel();
+  Tensor dw_part, db_part;
+  auto f32 = x.options().dtype(at::kFloat);
+  if (want_w) dw_part = at::empty({groups, N}, f32);
+  if (want_b) db_part = at::empty({groups, N}, f32);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&](auto kernel) {
+    kernel<<<geo.blocks, geo.threads, 0, stream>>>(
+        ptr<T>(dy), ptr<T>(x), ptr<T>(w), kCentered ? ptr<float>(mean) : nullptr, ptr<float>(rstd), ptr<T>(dres),
+        mut_ptr<T>(dx), mut_ptr<float>(dw_part), mut_ptr<float>(db_part), rows, N, geo.group, geo.cached);
+  };
+  if (vec == 1) run(norm_bwd_kernel<T, 1, kCentered>);
+  else run(norm_bwd_kernel<T, 16 / sizeof(T), kCentered>);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const unsigned col_blocks = unsigned(ceil_div(N, 256));
+  if (want_w) column_sum_kernel<T><<<col_blocks, 256, 0, stream>>>(ptr<float>(dw_part), groups, N, mut_ptr<T>(dw));
+  if (want_b) column_sum_kernel<T><<<col_blocks, 256, 0, stream>>>(ptr<float>(db_part), groups, N, mut_ptr<T>(db));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Runs fn.template operator()<T>() for x's dtype (the CUDA element type).
+template <typename Fn>
+void for_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn.template operator()<float>(); break;
+    case at::kHalf: fn.template operator()<__half>(); break;
+    case at::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
+    default: TORCH_CHECK_TYPE(false, "lmfast cuda: float16, bfloat16 and float32 only, got ", t);
+  }
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                                          const std::optional<Tensor>& bias,
+                                                          const std::optional<Tensor>& residual, double eps) {
+  check_cuda_contiguous("layer_norm_fwd", {&x, weight ? &*weight : nullptr, bias ? &*bias : nullptr,
+                                           residual ? &*residual : nullptr});
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : x.new_empty({0});
+  auto stats = x.options().dtype(at::kFloat);
+  auto lead = x.sizes().slice(0, x.dim() - 1);
+  Tensor mean = at::zeros(lead, stats), rstd = at::zeros(lead, stats);
+  for_dtype(x.scalar_type(), [&]<typename T>() {
+    launch_norm_fwd<T, true>(x, opt(weight), opt(bias), opt(residual), y, s, mean, rstd, eps);
+  });
+  return {y, s, mean, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                  const std::optional<Tensor>& weight, const Tensor& mean,
+                                                  const Tensor& rstd, const std::optional<Tensor>& dres,
+                                                  bool weight_grad, bool bias_grad) {
+  check_cuda_contiguous("layer_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &mean, &rstd,
+                                           dres ? &*dres : nullptr});
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t N = x.size(-1);
+  Tensor dx = at::empty_like(x);
+  Tensor dw = weight_grad ? at::empty({N}, x.options()) : x.new_empty({0});
+  Tensor db = bias_grad ? at::empty({N}, x.options()) : x.new_empty({0});
+  for_dtype(x.scalar_type(), [&]<typename T>() {
+    launch_norm_bwd<T, true>(dy, x, opt(weight), mean, rstd, opt(dres), dx, dw, db);
+  });
+  return {dx, dw, db};
+}
+
+std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                                const std::optional<Tensor>& residual, double eps) {
+  check_cuda_contiguous("rms_norm_fwd", {&x, weight ? &*weight : nullptr, residual ? &*residual : nullptr});
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : x.new_empty({0});
+  Tensor rstd = at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  Tensor no_mean;
+  for_dtype(x.scalar_type(), [&]<typename T>() {
+    launch_norm_fwd<T, false>(x, opt(weight), Tensor(), opt(residual), y, s, no_mean, rstd, eps);
+  });
+  return {y, s, rstd};
+}
+
+std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
+                                        const Tensor& rstd, const std::optional<Tensor>& dres, bool weight_grad) {
+  check_cuda_contiguous("rms_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &rstd, dres ? &*dres : nullptr});
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor dx = at::empty_like(x);
+  Tensor dw = weight_grad ? at::empty({x.size(-1)}, x.options()) : x.new_empty({0});
+  Tensor no_db;
+  for_dtype(x.scalar_type(), [&]<typename T>() {
+    launch_norm_bwd<T, false>(dy, x, opt(weight), Tensor(), rstd, opt(dres), dx, dw, no_db);
+  });
+  return {dx, dw};
+}
+
+}  // namespace lmfast::cuda

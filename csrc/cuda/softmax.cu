@@ -1,0 +1,234 @@
+// Softmax over the last dim with fused scale, additive/boolean mask and causal masking, on
+// CUDA. Same math and contracts as csrc/cpu/softmax.cpp: x viewed as (B, H, M, N), per row
+// (b, h, m):
+//
+//   z_j = scale * x_j + mask[b, h, m, j]      (boolean mask: -inf where False)
+//   z_j = -inf for j > N - M + m              (causal, bottom-right aligned)
+//   y_j = exp(z_j - max z) / sum_k exp(z_k - max z)      fully masked row -> y = 0
+//   backward: dx_j = scale * y_j * (dy_j - sum_k y_k dy_k)
+//
+// Geometry as the norms' (device.cuh): a warp per row up to 1024 elements, else a block. The
+// forward keeps the row's z in registers where it fits (one read of x), else makes an online
+// (max, sum) pass and recomputes z on a second read. The mask is read through its strides
+// (0 along broadcast dims), its last-dim stride 0 or 1, so a broadcast mask is never copied.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "device.cuh"
+#include "launch.h"
+
+namespace lmfast::cuda {
+namespace {
+
+struct MaskStrides {
+  int64_t b, h, m, n;
+};
+
+template <typename T, typename M, int VEC>
+__global__ void softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict__ mask, MaskStrides ms,
+                                   T* __restrict__ y, int64_t H, int64_t Mrows, int64_t rows, int64_t N,
+                                   float scale, bool causal, int group, bool cached) {
+  constexpr int kSlots = kCachedPerThread / VEC;
+  constexpr bool kBoolMask = std::is_same_v<M, bool>;
+  __shared__ RowMax rowmax_scratch[32];
+  __shared__ float sum_scratch[32];
+  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
+  const int64_t groups_per_block = blockDim.x / group;
+  const int64_t first = blockIdx.x * groups_per_block + threadIdx.x / group;
+  const int64_t nvec = N / VEC;
+
+  for (int64_t row = first; row < rows; row += gridDim.x * groups_per_block) {
+    const int64_t m = row % Mrows, h = (row / Mrows) % H, b = row / (Mrows * H);
+    const T* xr = x + row * N;
+    T* yr = y + row * N;
+    const M* mr = mask ? mask + b * ms.b + h * ms.h + m * ms.m : nullptr;
+    const int64_t visible = causal ? N - Mrows + m + 1 : N;  // keys j < visible (may be <= 0)
+    auto logits = [&](int64_t vi, float (&z)[VEC]) {
+      load_floats<T, VEC>(xr + vi * VEC, z);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const int64_t j = vi * VEC + e;
+        float v = z[e] * scale;
+        if (mr) {
+          if constexpr (kBoolMask) v = mr[j * ms.n] ? v : -INFINITY;
+          else v += to_float(mr[j * ms.n]);
+        }
+        z[e] = j < visible ? v : -INFINITY;
+      }
+    };
+
+    if (cached) {
+      float z[kSlots][VEC];
+      float mx = -INFINITY;
+#pragma unroll
+      for (int k = 0; k < kSlots; ++k) {
+        const int64_t vi = tid + int64_t(k) * group;
+        if (vi < nvec) {
+          logits(vi, z[k]);
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) mx = fmaxf(mx, z[k][e]);
+        }
+      }
+      mx = group_max(mx, group, sum_scratch);
+      float sum = 0.f;
+#pragma unroll
+      for (int k = 0; k < kSlots; ++k)
+        if (tid + int64_t(k) * group < nvec)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) {
+            z[k][e] = exp_below(z[k][e], mx);  // 0 for -inf, also on a fully masked row
+            sum += z[k][e];
+          }
+      sum = group_sum(sum, group, sum_scratch);
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+#pragma unroll
+      for (int k = 0; k < kSlots; ++k) {
+        const int64_t vi = tid + int64_t(k) * group;
+        if (vi < nvec) {
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) z[k][e] *= inv;
+          store_floats<T, VEC>(yr + vi * VEC, z[k]);
+        }
+      }
+      continue;
+    }
+
+    RowMax st;
+    for (int64_t vi = tid; vi < nvec; vi += group) {
+      float z[VEC];
+      logits(vi, z);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) st = rowmax_add(st, z[e]);
+    }
+    st = group_reduce(st, group, rowmax_scratch, warp_rowmax, rowmax_merge);
+    const float inv = st.sum > 0.f ? 1.f / st.sum : 0.f;
+    for (int64_t vi = tid; vi < nvec; vi += group) {
+      float z[VEC];
+      logits(vi, z);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) z[e] = exp_below(z[e], st.max) * inv;
+      store_floats<T, VEC>(yr + vi * VEC, z);
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void softmax_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
+                                   int64_t rows, int64_t N, float scale, int group) {
+  __shared__ float sum_scratch[32];
+  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
+  const int64_t groups_per_block = blockDim.x / group;
+  const int64_t first = blockIdx.x * groups_per_block + threadIdx.x / group;
+  const int64_t nvec = N / VEC;
+  for (int64_t row = first; row < rows; row += gridDim.x * groups_per_block) {
+    const T* dyr = dy + row * N;
+    const T* yr = y + row * N;
+    float dot = 0.f;
+    for (int64_t vi = tid; vi < nvec; vi += group) {
+      float d[VEC], p[VEC];
+      load_floats<T, VEC>(dyr + vi * VEC, d);
+      load_floats<T, VEC>(yr + vi * VEC, p);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) dot += d[e] * p[e];
+    }
+    dot = group_sum(dot, group, sum_scratch);
+    for (int64_t vi = tid; vi < nvec; vi += group) {  // second read: from L1/L2
+      float d[VEC], p[VEC], out[VEC];
+      load_floats<T, VEC>(dyr + vi * VEC, d);
+      load_floats<T, VEC>(yr + vi * VEC, p);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) out[e] = scale * p[e] * (d[e] - dot);
+      store_floats<T, VEC>(dx + row * N + vi * VEC, out);
+    }
+  }
+}
+
+template <typename T>
+int vector_width(int64_t N, std::initializer_list<const Tensor*> tensors) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (N % kVec != 0) return 1;
+  for (const Tensor* t : tensors)
+    if (t->numel() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
+  return kVec;
+}
+
+template <typename Fn>
+void for_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn.template operator()<float>(); break;
+    case at::kHalf: fn.template operator()<__half>(); break;
+    case at::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
+    default: TORCH_CHECK_TYPE(false, "lmfast cuda: float16, bfloat16 and float32 only, got ", t);
+  }
+}
+
+}  // namespace
+
+Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal) {
+  check_cuda_contiguous("softmax_fwd", {&x});
+  if (mask) check_cuda_contiguous("softmax_fwd", {&x, &*mask}, /*need_contiguous=*/false);
+  TORCH_CHECK(x.dim() == 4, "lmfast_C::softmax_fwd (cuda): x must be (B, H, M, N)");
+  const c10::cuda::CUDAGuard guard(x.device());
+  Tensor y = at::empty_like(x);
+  const int64_t H = x.size(1), M = x.size(2), N = x.size(3), rows = x.numel() / std::max<int64_t>(N, 1);
+  if (x.numel() == 0) return y;
+  MaskStrides ms{0, 0, 0, 0};
+  if (mask) {
+    TORCH_CHECK(mask->dim() == 4, "lmfast_C::softmax_fwd (cuda): mask must be expanded to x's shape");
+    int64_t* s[4] = {&ms.b, &ms.h, &ms.m, &ms.n};
+    for (int d = 0; d < 4; ++d) *s[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
+    TORCH_CHECK(ms.n == 0 || ms.n == 1, "lmfast_C::softmax_fwd (cuda): the mask's last dim must have stride 0 or 1");
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for_dtype(x.scalar_type(), [&]<typename T>() {
+    const int vec = vector_width<T>(N, {&x, &y});
+    const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
+    auto run = [&]<typename Mk>(const Mk* mp) {
+      if (vec == 1)
+        softmax_fwd_kernel<T, Mk, 1><<<geo.blocks, geo.threads, 0, stream>>>(
+            reinterpret_cast<const T*>(x.const_data_ptr()), mp, ms, reinterpret_cast<T*>(y.data_ptr()), H, M,
+            rows, N, float(scale), causal, geo.group, geo.cached);
+      else
+        softmax_fwd_kernel<T, Mk, 16 / sizeof(T)><<<geo.blocks, geo.threads, 0, stream>>>(
+            reinterpret_cast<const T*>(x.const_data_ptr()), mp, ms, reinterpret_cast<T*>(y.data_ptr()), H, M,
+            rows, N, float(scale), causal, geo.group, geo.cached);
+    };
+    if (!mask) run(static_cast<const T*>(nullptr));
+    else if (mask->scalar_type() == at::kBool) run(reinterpret_cast<const bool*>(mask->const_data_ptr()));
+    else {
+      TORCH_CHECK(mask->scalar_type() == x.scalar_type(), "lmfast_C::softmax_fwd (cuda): an additive mask must "
+                  "have x's dtype");
+      run(reinterpret_cast<const T*>(mask->const_data_ptr()));
+    }
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return y;
+}
+
+Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
+  check_cuda_contiguous("softmax_bwd", {&dy, &y});
+  TORCH_CHECK(dy.sizes() == y.sizes(), "lmfast_C::softmax_bwd (cuda): dy and y must have one shape");
+  const c10::cuda::CUDAGuard guard(y.device());
+  Tensor dx = at::empty_like(y);
+  if (y.numel() == 0) return dx;
+  const int64_t N = y.size(-1), rows = y.numel() / N;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for_dtype(y.scalar_type(), [&]<typename T>() {
+    const int vec = vector_width<T>(N, {&dy, &y, &dx});
+    const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
+    const T* d = reinterpret_cast<const T*>(dy.const_data_ptr());
+    const T* p = reinterpret_cast<const T*>(y.const_data_ptr());
+    T* out = reinterpret_cast<T*>(dx.data_ptr());
+    if (vec == 1)
+      softmax_bwd_kernel<T, 1><<<geo.blocks, geo.threads, 0, stream>>>(d, p, out, rows, N, float(scale), geo.group);
+    else
+      softmax_bwd_kernel<T, 16 / sizeof(T)><<<geo.blocks, geo.threads, 0, stream>>>(d, p, out, rows, N,
+                                                                                    float(scale), geo.group);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return dx;
+}
+
+}  // namespace lmfast::cuda

@@ -1,0 +1,123 @@
+"""The CUDA kernels' per-thread arithmetic (csrc/cuda/row_math.h), built for the host: Welford
+merges (LayerNorm's long rows), the online softmax state (softmax's long rows) and the split
+attention combine (the decode kernel), each run as the kernels chunk and merge it, against
+float64 under the error-budget rule: at most twice the error of float32 eager."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmfast.testing import assert_within_budget
+
+SOURCE = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "row_math_host.cpp"
+# Threads a row is split over, as the kernels split it: a warp, a block of 256, a block of
+# 1024. (One float32 thread over a whole long row is not a kernel configuration: sequential
+# Welford over 1000 values has ~20x the error of torch's CPU var, which accumulates in float64.)
+CHUNKS = [32, 256, 1024]
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory):
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.fail("no C++ compiler: the host build of the CUDA row math needs one (as the C++ kernels do)")
+    so = tmp_path_factory.mktemp("row_math") / "row_math.so"
+    subprocess.run([cxx, "-O2", "-std=c++17", "-shared", "-fPIC", str(SOURCE), "-o", str(so)], check=True)
+    lib = ctypes.CDLL(str(so))
+    f32p, i64 = ctypes.POINTER(ctypes.c_float), ctypes.c_int64
+    lib.lmfast_welford.argtypes = [f32p, i64, i64, f32p, f32p]
+    lib.lmfast_rowmax_lse.argtypes = [f32p, i64, i64]
+    lib.lmfast_rowmax_lse.restype = ctypes.c_float
+    lib.lmfast_split_attention.argtypes = [f32p, f32p, i64, i64, i64, f32p]
+    lib.lmfast_split_attention.restype = ctypes.c_float
+    return lib
+
+
+def _ptr(t: torch.Tensor):
+    assert t.dtype == torch.float32 and t.is_contiguous()
+    return ctypes.cast(t.data_ptr(), ctypes.POINTER(ctypes.c_float))
+
+
+def _welford(lib, x: torch.Tensor, chunks: int) -> tuple[float, float]:
+    mean, var = ctypes.c_float(), ctypes.c_float()
+    lib.lmfast_welford(_ptr(x), x.numel(), chunks, ctypes.byref(mean), ctypes.byref(var))
+    return mean.value, var.value
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("n", [1, 7, 1000, 4097, 65537])  # the last: LayerNorm's looped rows (> 32768)
+def test_welford_merge_matches_float64(lib, n, chunks):
+    rows = [torch.randn(n) * s + m for s, m in ((1.0, 0.0), (1e-2, 1e4), (50.0, -3.0))] * 6  # large means too
+    got = torch.tensor([_welford(lib, x, chunks) for x in rows])
+    ref = torch.stack([torch.stack([x.double().mean(), x.double().var(unbiased=False)]) for x in rows])
+    eager = torch.stack([torch.stack([x.mean(), x.var(unbiased=False)]) for x in rows])
+    assert_within_budget(got[:, 0], ref[:, 0], eager[:, 0], f"mean (n={n}, chunks={chunks})")
+    assert_within_budget(got[:, 1], ref[:, 1], eager[:, 1], f"variance (n={n}, chunks={chunks})")
+
+
+def _lse(lib, x: torch.Tensor, chunks: int) -> float:
+    return lib.lmfast_rowmax_lse(_ptr(x), x.numel(), chunks)
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+@pytest.mark.parametrize("n", [1, 7, 1000, 4097])
+def test_online_softmax_merge_matches_logsumexp(lib, n, chunks):
+    rows = []
+    for i in range(18):
+        x = torch.randn(n) * (1 + 10 * (i % 3))
+        if i % 2:  # masked entries
+            x[torch.rand(n) < 0.5] = -math.inf
+            x[0] = 0.5  # at least one kept
+        rows.append(x)
+    got = torch.tensor([_lse(lib, x, chunks) for x in rows])
+    ref = torch.stack([torch.logsumexp(x.double(), 0) for x in rows])
+    eager = torch.stack([torch.logsumexp(x, 0) for x in rows])
+    assert_within_budget(got, ref, eager, f"lse (n={n}, chunks={chunks})")
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_fully_masked_row_has_lse_minus_inf(lib, chunks):
+    x = torch.full((37,), -math.inf)
+    assert _lse(lib, x, chunks) == -math.inf
+    x[20] = 3.0  # one key: lse is its score, exactly
+    assert _lse(lib, x, chunks) == 3.0
+
+
+def _attend(lib, s: torch.Tensor, v: torch.Tensor, splits: int):
+    o = torch.empty(v.shape[1])
+    lse = lib.lmfast_split_attention(_ptr(s), _ptr(v.contiguous()), v.shape[0], v.shape[1], splits, _ptr(o))
+    return o, lse
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16, 300])  # split sizes as the decode kernel's (>= 64 keys) and smaller
+@pytest.mark.parametrize("n", [1, 50, 1000])
+def test_split_attention_combine_matches_softmax(lib, n, splits):
+    outs, lses, refs, eagers, ref_lse, eager_lse = [], [], [], [], [], []
+    for i in range(16):
+        s = torch.randn(n) * (1 + 4 * (i % 4))
+        if i % 2:
+            s[torch.rand(n) < 0.7] = -math.inf
+            s[-1] = 0.0
+        v = torch.randn(n, 24)
+        o, lse = _attend(lib, s, v, splits)
+        outs.append(o)
+        lses.append(lse)
+        refs.append(torch.softmax(s.double(), 0) @ v.double())
+        eagers.append(torch.softmax(s, 0) @ v)
+        ref_lse.append(torch.logsumexp(s.double(), 0))
+        eager_lse.append(torch.logsumexp(s, 0))
+    assert_within_budget(torch.stack(outs), torch.stack(refs), torch.stack(eagers), f"o (n={n}, splits={splits})")
+    assert_within_budget(torch.tensor(lses), torch.stack(ref_lse), torch.stack(eager_lse), "lse")
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_split_attention_fully_masked_gives_zeros(lib, splits):
+    o, lse = _attend(lib, torch.full((9,), -math.inf), torch.randn(9, 5), splits)
+    assert lse == -math.inf and torch.equal(o, torch.zeros(5))
