@@ -5,10 +5,12 @@ Backends:
   cpu     C++ kernels (csrc/, torch.ops.lmfast_C) on CPU tensors
   triton  Triton kernels (lmfast/kernels/) on CUDA tensors, or on CPU tensors through
           the Triton interpreter when TRITON_INTERPRET=1 (how CI tests them)
-  cuda    CUDA C++ kernels (not built yet)
+  cuda    CUDA C++ kernels (csrc/cuda/, lmfast._cuda) on CUDA tensors, through the same C++
+          ops as cpu; the attention backward is Triton's
 
-"auto" picks cpu for CPU tensors and triton for CUDA tensors, and falls back to torch, with
-one warning, when that backend cannot run. LMFAST_BACKEND=<name> replaces "auto".
+"auto" picks cpu for CPU tensors; for CUDA tensors, the backend AUTO_ON_CUDA names for the op
+and the GPU's architecture, else triton; it falls back to torch, with one warning, when that
+backend cannot run. LMFAST_BACKEND=<name> replaces "auto".
 
 The environment (LMFAST_BACKEND, TRITON_INTERPRET) is read once, when lmfast first picks a
 backend, not on every call (reading it costs about a microsecond, a tenth of a decode-size
@@ -32,8 +34,14 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KERNEL_OPS = {
     "cpu": {"layer_norm", "rms_norm", "softmax", "attention"},
     "triton": {"layer_norm", "rms_norm", "softmax", "attention"},
-    "cuda": set(),
+    "cuda": {"layer_norm", "rms_norm", "softmax", "attention"},
 }
+
+# "auto" on CUDA tensors: (op, compute capability "9.0") -> (backend, the committed result under
+# benchmarks/results/ that shows it right and fastest there). A row is added only from a GPU
+# run of scripts/gpu_check.sh; until then the CUDA C++ kernels run only when asked for
+# (backend="cuda"), and triton is the default.
+AUTO_ON_CUDA: dict[tuple[str, str], tuple[str, str]] = {}
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,16 @@ def _triton_status() -> BackendStatus:
     return BackendStatus("triton", True, f"triton {triton.__version__} on " + " and ".join(where))
 
 
+@functools.cache
+def _cuda_status() -> BackendStatus:
+    from . import _extension
+
+    ext = _extension.cuda_status()
+    if ext.loaded:
+        return BackendStatus("cuda", True, f"{ext.detail} (attention backward: the Triton kernel)")
+    return BackendStatus("cuda", False, ext.detail)
+
+
 def status(name: str) -> BackendStatus:
     if name == "torch":
         return BackendStatus("torch", True, f"PyTorch {torch.__version__} reference (lmfast.reference)")
@@ -104,7 +122,7 @@ def status(name: str) -> BackendStatus:
     if name == "triton":
         return _triton_status()
     if name == "cuda":
-        return BackendStatus("cuda", False, "the CUDA C++ kernels are not part of this release yet")
+        return _cuda_status()
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
 
 
@@ -122,6 +140,11 @@ def _serves(name: str, op: str, device: torch.device, dtype: torch.dtype) -> Exc
         return RuntimeError(f"backend {name!r} has no {op} kernel yet")
     if name == "cpu" and device.type != "cpu":
         return ValueError(f"backend 'cpu' runs on CPU tensors, got a tensor on {device}")
+    if name == "cuda":
+        if device.type != "cuda":
+            return ValueError(f"backend 'cuda' runs on CUDA tensors, got a tensor on {device}")
+        if dtype not in TRITON_DTYPES:
+            return TypeError(f"backend 'cuda' supports float16, bfloat16 and float32, got {dtype}")
     if name == "triton":
         if device.type not in ("cuda", "cpu") or (device.type == "cpu" and not triton_interpreted()):
             return ValueError("backend 'triton' runs on CUDA tensors (or CPU tensors with "
@@ -137,8 +160,17 @@ def _warn_fallback(reason: str) -> None:
                   RuntimeWarning, stacklevel=4)
 
 
+def _cuda_capability(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{major}.{minor}"
+
+
 def _auto(op: str, device: torch.device, dtype: torch.dtype) -> str:
     preferred = {"cpu": "cpu", "cuda": "triton"}.get(device.type)
+    if device.type == "cuda" and AUTO_ON_CUDA:
+        chosen = AUTO_ON_CUDA.get((op, _cuda_capability(device)))
+        if chosen is not None and _serves(chosen[0], op, device, dtype) is None:
+            return chosen[0]
     if preferred is None:
         return "torch"
     error = _serves(preferred, op, device, dtype)

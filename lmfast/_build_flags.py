@@ -10,10 +10,17 @@ Two kinds of library are built:
                        lmfast._extension picks the best level the CPU runs (LMFAST_CPU_ISA
                        forces one) and _C forwards the kernel ops to it.
 
+A third, lmfast._cuda (CUDA_SOURCES), holds the CUDA kernels of the same kernel ops,
+registered for the CUDA dispatch key; it is built where nvcc and a CUDA build of torch are
+present (setup.py, or on first use on a GPU machine).
+
 Environment switches:
   LMFAST_CPU_ARCH   unset (default): the levels below. Set, one kernel library only, "custom",
                     compiled with -march=<value> (e.g. "native": the build machine's best ISA,
                     tied to CPUs like it), or with no -march at all for "none".
+  LMFAST_CUDA_ARCHS the GPU architectures lmfast._cuda is compiled for, as compute
+                    capabilities without the dot, ";"- or ","-separated (default "80;90": A100,
+                    H100/H200); the highest also gets PTX, which newer GPUs compile at load.
 """
 
 import os
@@ -61,6 +68,45 @@ def kernel_compile_args(torch_version: str, level: str) -> list[str]:
 def kernel_module(level: str) -> str:
     """The module name of a level's kernel library, inside the lmfast package."""
     return f"_cpu_{level}"
+
+
+CUDA_SOURCES = ("cuda/register.cpp", "cuda/norm.cu", "cuda/softmax.cu", "cuda/attention.cu")
+DEFAULT_CUDA_ARCHS = "80;90"
+
+
+def cuda_archs() -> list[str]:
+    """The compute capabilities to compile for, e.g. ["80", "90"] (LMFAST_CUDA_ARCHS)."""
+    raw = os.environ.get("LMFAST_CUDA_ARCHS", "").strip() or DEFAULT_CUDA_ARCHS
+    archs = [a.strip().replace(".", "") for a in raw.replace(",", ";").split(";") if a.strip()]
+    bad = [a for a in archs if not a.isdigit() or not 2 <= len(a) <= 3]
+    if bad or not archs:
+        raise ValueError(f"LMFAST_CUDA_ARCHS={raw!r}: expected compute capabilities such as '80;90'")
+    return sorted(set(archs), key=int)
+
+
+def nvcc_arch_flags(archs: list[str]) -> list[str]:
+    """-gencode flags: machine code for each arch, and PTX of the highest."""
+    flags = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return flags + [f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}"]
+
+
+def cuda_compile_args(torch_version: str, archs: list[str]) -> dict[str, list[str]]:
+    """extra_compile_args of lmfast._cuda: host compiler ("cxx") and nvcc flags. The arch flags
+    also stop torch's build helpers from adding their own (TORCH_CUDA_ARCH_LIST)."""
+    defines = [f"-DLMFAST_TORCH_VERSION={torch_version}", f"-DLMFAST_CUDA_ARCHS={'_'.join(archs)}"]
+    return {"cxx": ["-O3", "-fno-wrapv"] + defines,
+            "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines + nvcc_arch_flags(archs)}
+
+
+def default_max_jobs() -> int:
+    """Parallel compile jobs for this machine: one per core, at most one per 3 GiB of memory
+    (nvcc on the kernel files takes 1-2 GiB each)."""
+    cores = os.cpu_count() or 1
+    try:
+        mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return cores
+    return max(1, min(cores, int(mem_gib // 3)))
 
 
 # -fopenmp links libgomp.so.1; torch's wheel ships its own libgomp.so.1, already loaded when

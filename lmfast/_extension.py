@@ -210,3 +210,79 @@ def status() -> ExtensionStatus:
     if aot is not None:
         return aot
     return _load_first_use()
+
+
+# ---- the CUDA kernels (lmfast._cuda) --------------------------------------------------------
+
+# Shown wherever the CUDA backend is described until a GPU run has checked it (issue 13): the
+# tests and benchmarks of scripts/gpu_check.sh, results committed under benchmarks/results/.
+CUDA_UNVERIFIED = "not yet verified on a GPU"
+
+
+def _cuda_build_info() -> str:
+    return str(torch.ops.lmfast_C.cuda_build_info())
+
+
+def _load_cuda_first_use() -> ExtensionStatus:
+    """Compiles lmfast._cuda into the cache (as the CPU kernels' first-use build) and loads it."""
+    from torch.utils import cpp_extension
+
+    src = _source_dir()
+    if src is None:
+        return ExtensionStatus(False, "lmfast._cuda is not installed and its sources (lmfast/_csrc) are missing")
+    if cpp_extension.CUDA_HOME is None:
+        return ExtensionStatus(False, f"lmfast._cuda was not built at install time and no nvcc is found to "
+                                      f"build it now (install the CUDA {torch.version.cuda} toolkit or set "
+                                      "CUDA_HOME, then reinstall lmfast)")
+    archs = _build_flags.cuda_archs()
+    digest = hashlib.sha256((torch.__version__ + ";".join(archs)).encode())
+    for f in sorted((src / "cuda").glob("*")):
+        digest.update(f.name.encode() + f.read_bytes())
+    name = f"lmfast_cuda_{digest.hexdigest()[:16]}"
+    build_dir = cache_root() / name
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / f"{name}.so").exists():
+        print(f"lmfast: compiling the CUDA kernels for torch {torch.__version__} (first use, a few minutes) "
+              f"into {cache_root()}", file=sys.stderr, flush=True)
+    args = _build_flags.cuda_compile_args(torch.__version__, archs)
+    try:
+        cpp_extension.load(name=name, sources=[str(src / s) for s in _build_flags.CUDA_SOURCES],
+                           extra_cflags=args["cxx"], extra_cuda_cflags=args["nvcc"],
+                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+    except Exception as e:
+        return ExtensionStatus(False, f"first-use build of the CUDA kernels failed: {_why(e)}")
+    return ExtensionStatus(True, f"built on first use in {cache_root()} ({_cuda_build_info()}); {CUDA_UNVERIFIED}",
+                           str(build_dir / f"{name}.so"))
+
+
+@functools.cache
+def cuda_status() -> ExtensionStatus:
+    """Loads lmfast._cuda (the CUDA kernels, registered for the kernel ops' CUDA key) once per
+    process, after lmfast._C, and reports how or why not."""
+    if torch.version.cuda is None:
+        return ExtensionStatus(False, f"this torch ({torch.__version__}) is a CPU build")
+    if not torch.cuda.is_available():
+        return ExtensionStatus(False, "no CUDA device is visible")
+    core = status()
+    if not core.loaded:
+        return ExtensionStatus(False, f"needs lmfast._C, which did not load: {core.detail}")
+    try:
+        module = importlib.import_module("lmfast._cuda")
+    except ModuleNotFoundError:
+        loaded = _load_cuda_first_use()
+    except ImportError as e:  # built against another torch or CUDA: undefined symbols
+        return ExtensionStatus(False, f"lmfast._cuda does not load under torch {torch.__version__} (CUDA "
+                                      f"{torch.version.cuda}): {str(e).splitlines()[0][:200]}; it was built "
+                                      "for another torch: reinstall lmfast (pip install --no-build-isolation .)")
+    else:
+        info = _cuda_build_info()
+        if _torch_of(info) != torch.__version__:
+            return ExtensionStatus(False, f"lmfast._cuda was built for torch {_torch_of(info)} but torch "
+                                          f"{torch.__version__} is running; reinstall lmfast")
+        loaded = ExtensionStatus(True, f"lmfast._cuda, built at install time ({info}); {CUDA_UNVERIFIED}",
+                                 module.__file__)
+    if loaded.loaded:
+        from .ops import attention
+
+        attention.register_cuda_backward()
+    return loaded

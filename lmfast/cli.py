@@ -96,8 +96,11 @@ def _info(args) -> int:
             has_kernel = name == "torch" or op in _backends.KERNEL_OPS[name]
             cells.append("yes" if st.available and has_kernel else "no" if has_kernel else "no kernel")
         print(f"  {op:12s}" + "".join(f"{c:8s}" for c in cells))
+    auto_cuda = ", ".join(f"{op} on sm {cap}: {b}" for (op, cap), (b, _) in _backends.AUTO_ON_CUDA.items())
     print("  (no: the backend cannot run here, for the reason above; \"auto\" picks cpu for CPU tensors and "
-          "triton for CUDA tensors)")
+          f"triton for CUDA tensors{', except ' + auto_cuda if auto_cuda else ''})")
+    print(f"  cuda: the CUDA C++ kernels (lmfast._cuda), {_extension.CUDA_UNVERIFIED}: opt-in with "
+          "backend=\"cuda\"; their attention backward is the Triton kernel")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         gbs, nbytes = _copy_bandwidth(device)
@@ -147,7 +150,7 @@ def _bench(args) -> int:
 
     with_overhead = OVERHEAD_ROW in args.ops
     total = (benchmarking.steps(selected, args.rounds) + (model_benchmarks.gpt2_steps(gpt2[2]) if gpt2 else 0)
-             + (overhead.steps(args.rounds) if with_overhead else 0))
+             + (overhead.steps(args.rounds, device) if with_overhead else 0))
     extras = (" + the per-call overhead rows" if with_overhead else "") + (" + the gpt2-small model row" if gpt2 else "")
     print(f"lmfast bench: {len(selected)} op cases{extras} on {device} (--size {args.size}); results go to {out}/",
           file=sys.stderr, flush=True)

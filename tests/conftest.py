@@ -4,6 +4,8 @@
   triton   on CUDA tensors when a GPU is present, else on CPU tensors through the Triton
            interpreter (TRITON_INTERPRET=1, set here before anything imports triton), with
            fewer rows since the interpreter is slow
+  cuda     the CUDA C++ kernels on CUDA tensors, when a GPU is present (the CPU machines
+           compile-check them: test_cuda_build.py, test_cuda_math.py)
 """
 
 import os
@@ -37,6 +39,23 @@ KERNEL_BACKENDS = [
     KernelBackend("cpu", "cpu", slow=False),
     KernelBackend("triton", "cuda", slow=False) if HAS_CUDA else KernelBackend("triton", "cpu", slow=True),
 ]
+
+
+def _cuda_cpp_available() -> bool:
+    import lmfast
+
+    return lmfast.backends()["cuda"].available
+
+
+# The CUDA C++ kernels (backend "cuda") join on a GPU machine where lmfast._cuda loads. A GPU
+# machine without them fails here rather than testing less: a CUDA build of torch with a GPU
+# and no lmfast._cuda is a broken install (LMFAST_SKIP_CUDA_BUILD=1 opts out knowingly).
+if HAS_CUDA and os.environ.get("LMFAST_SKIP_CUDA_BUILD") != "1":
+    if not _cuda_cpp_available():
+        import lmfast
+
+        raise RuntimeError(f"backend 'cuda' cannot run on this GPU machine: {lmfast.backends()['cuda'].detail}")
+    KERNEL_BACKENDS.append(KernelBackend("cuda", "cuda", slow=False))
 
 
 @pytest.fixture(params=KERNEL_BACKENDS, ids=lambda b: f"{b.name}-{b.device}")
@@ -110,7 +129,7 @@ def _seed():
 # The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
 # worker, handed out in collection order. The longest files go first, so that no worker is
 # still starting one of them when the others run out of work. (Serial runs just see a new order.)
-LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cli.py", "test_patch.py", "test_backends.py",
+LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cuda_build.py", "test_cli.py", "test_patch.py", "test_backends.py",
                        "test_patch_models.py")
 
 

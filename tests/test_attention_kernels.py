@@ -258,7 +258,7 @@ def test_compile_fullgraph(ab):
 
 def test_opcheck(ab):
     lmfast.backends()
-    ns = getattr(torch.ops, {"cpu": "lmfast_C", "triton": "lmfast_triton"}[ab.name])
+    ns = getattr(torch.ops, {"cpu": "lmfast_C", "cuda": "lmfast_C", "triton": "lmfast_triton"}[ab.name])
     ins = _inputs(ab, 2, 4, 2, 9, 13, 16, torch.float32)
     mask = torch.randn(1, 4, 9, 13, device=ab.device).expand(2, 4, 9, 13)
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5))

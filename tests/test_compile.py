@@ -71,10 +71,10 @@ def test_custom_ops_appear_in_the_graph(kb):
     model = Block(backend=kb.name).to(kb.device)
     x, r, pad = _inputs(kb.device, requires_grad=False)
     torch.compile(model, backend=capture, fullgraph=True)(x, r, pad)
-    ns = {"cpu": "lmfast_C", "triton": "lmfast_triton"}[kb.name]
+    ns = {"cpu": "lmfast_C", "cuda": "lmfast_C", "triton": "lmfast_triton"}[kb.name]
     kernel_ops = {f"{ns}.{op}_fwd.default" for op in ("layer_norm", "rms_norm", "softmax", "attention")}
     assert kernel_ops <= set(aot_nodes), aot_nodes
-    if kb.name == "cpu":
+    if kb.name in ("cpu", "cuda"):  # the C++ public ops, traced into their kernel ops
         assert {f"lmfast_C.{op}.default" for op in ("layer_norm", "rms_norm", "softmax", "attention")} <= set(dynamo_nodes)
 
 
@@ -104,7 +104,7 @@ def test_cpp_and_triton_ops_share_one_schema(name):
 def test_opcheck_custom_ops(kb):
     """torch.library.opcheck: schema, fake impl and autograd registration are consistent."""
     lmfast.backends()
-    ns = getattr(torch.ops, {"cpu": "lmfast_C", "triton": "lmfast_triton"}[kb.name])
+    ns = getattr(torch.ops, {"cpu": "lmfast_C", "cuda": "lmfast_C", "triton": "lmfast_triton"}[kb.name])
     dev = kb.device
     x, r = torch.randn(16, 33, device=dev), torch.randn(16, 33, device=dev)
     w, b = torch.randn(33, device=dev), torch.randn(33, device=dev)

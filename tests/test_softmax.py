@@ -128,6 +128,13 @@ def test_rank_above_4_with_unmergeable_mask(kb):
     _check(kb, "rank 5 unmergeable mask", x, mask=mask)
 
 
+def test_rows_too_long_for_registers(kb, dtype):
+    # 40000 > 32 elements x 1024 threads: the CUDA forward's online (max, sum) pass
+    x = _randn(1, 2, 8, 40000, kb=kb, dtype=dtype)
+    pad = torch.rand(1, 1, 1, 40000, device=kb.device) > 0.3
+    _check(kb, "w=40000 causal+mask", x, scale=0.2, mask=pad, causal=True)
+
+
 def test_wide_rows_loop_over_blocks(kb, dtype, small_triton_blocks):
     x = _randn(1, 2, kb.rows(9, 8), 1000, kb=kb, dtype=dtype)
     pad = torch.rand(1, 1, 1, 1000, device=kb.device) > 0.3

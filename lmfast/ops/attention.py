@@ -69,7 +69,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     impl = resolve_backend(backend, "attention", q)
     if impl == "torch":
         o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window)
-    elif impl == "cpu":
+    elif impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
@@ -142,3 +142,30 @@ def _register_triton_autograd() -> None:
 
 register_fakes("lmfast_triton")
 _register_triton_autograd()
+
+
+# ---- backend "cuda": the CUDA key of lmfast_C::attention_bwd -------------------------------
+
+_cuda_backward_library: torch.library.Library | None = None
+
+
+def register_cuda_backward() -> None:
+    """Registers the Triton backward as lmfast_C::attention_bwd's CUDA kernel (called once, by
+    lmfast._extension, when lmfast._cuda loads). The CUDA C++ kernels cover the attention
+    forward only; the C++ autograd (csrc/api.cpp) calls attention_bwd through the dispatcher,
+    which lands here for CUDA tensors. Same contract (csrc/ops.h) as the Triton op's."""
+    global _cuda_backward_library
+    if _cuda_backward_library is not None:
+        return
+    library = torch.library.Library("lmfast_C", "IMPL")
+
+    def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad):
+        try:
+            kernels = triton_kernels()
+        except ImportError as e:
+            raise RuntimeError("backend 'cuda' computes the attention backward with lmfast's Triton kernel, "
+                               f"and triton cannot be imported ({e}); pip install 'lmfast[triton]'") from None
+        return kernels.attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad)
+
+    library.impl("attention_bwd", attention_bwd, "CUDA")
+    _cuda_backward_library = library

@@ -39,7 +39,7 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     impl = resolve_backend(backend, "layer_norm", x)
     if impl == "torch":
         return reference.layer_norm(x, weight, bias, eps, residual)
-    if impl == "cpu":
+    if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)
         return y if residual is None else (y, s)
     y, s, _, _ = triton_op("layer_norm_fwd", as_rows(x), _vec(weight), _vec(bias),
@@ -63,7 +63,7 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
     impl = resolve_backend(backend, "rms_norm", x)
     if impl == "torch":
         return reference.rms_norm(x, weight, eps, residual)
-    if impl == "cpu":
+    if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         y, s = cpp_ops().rms_norm.default(x, weight, residual, eps)
         return y if residual is None else (y, s)
     y, s, _ = triton_op("rms_norm_fwd", as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps)

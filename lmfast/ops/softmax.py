@@ -43,7 +43,7 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
     impl = resolve_backend(backend, "softmax", x)
     if impl == "torch":
         return reference.softmax(x, dim, scale, mask, causal)
-    if impl == "cpu":
+    if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         return cpp_ops().softmax.default(x, d, scale, mask, causal)
 
     last = x.dim() - 1

@@ -1,0 +1,145 @@
+"""The CUDA backend where no GPU is: every CUDA source compiles for sm_80 and sm_90 with this
+machine's nvcc, with the flags of the real build (lmfast/_build_flags.py), and without register
+spills; the build switches parse; and lmfast says why the backend cannot run here.
+
+Nothing built here runs here: the kernels are checked on a GPU by scripts/gpu_check.sh. The
+CPU build of torch ships ATen's and c10's CUDA headers but not one generated config header
+(c10/cuda/impl/cuda_cmake_macros.h), which the compile check supplies as the CUDA build of
+torch generates it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import runpy
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import lmfast
+from lmfast import _backends
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+FLAGS = runpy.run_path(str(ROOT / "lmfast" / "_build_flags.py"))
+
+
+def _nvcc() -> str | None:
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    candidate = Path(home, "bin", "nvcc") if home else None
+    return str(candidate) if candidate and candidate.exists() else None
+
+
+NVCC = _nvcc()
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed: the CUDA sources are compile-checked "
+                                                     "only where it is (it is on the CI machines)")
+
+
+def test_every_cuda_source_is_in_the_build():
+    on_disk = {f"cuda/{f.name}" for f in CUDA_DIR.iterdir() if f.suffix in (".cu", ".cpp")}
+    on_disk.discard("cuda/row_math_host.cpp")  # the host test library (test_cuda_math.py)
+    assert set(FLAGS["CUDA_SOURCES"]) == on_disk
+
+
+@pytest.fixture(scope="module")
+def include_flags(tmp_path_factory) -> list[str]:
+    from torch.utils import cpp_extension
+
+    dirs = list(cpp_extension.include_paths())
+    macros = Path(dirs[0], "c10", "cuda", "impl", "cuda_cmake_macros.h")
+    if not macros.exists():  # CPU wheel: the header the CUDA build generates, as it generates it
+        shim = tmp_path_factory.mktemp("cuda_shim")
+        (shim / "c10" / "cuda" / "impl").mkdir(parents=True)
+        (shim / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h").write_text(
+            "#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+        dirs.insert(0, str(shim))
+    dirs.append(sysconfig.get_paths()["include"])  # Python.h (register.cpp)
+    return [f"-I{d}" for d in dirs]
+
+
+MAX_SPILL_BYTES = 64
+
+
+@needs_nvcc
+def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(include_flags, tmp_path):
+    args = FLAGS["cuda_compile_args"](torch.__version__, ["80", "90"])
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+
+    def compile_one(source: str) -> tuple[str, subprocess.CompletedProcess]:
+        path = ROOT / "csrc" / source
+        if path.suffix == ".cu":
+            cmd = [NVCC, "-c", str(path), "-o", str(tmp_path / (path.name + ".o")), "-std=c++20", "-Xcompiler", "-fPIC",
+                   abi, *include_flags, *args["nvcc"], "-Xptxas", "-warn-spills"]
+        else:  # host code: nvcc hands it to the host compiler with CUDA's include path
+            cmd = [NVCC, "-c", str(path), "-o", str(tmp_path / (path.name + ".o")), "-std=c++20", "-Xcompiler",
+                   "-fPIC", abi, *include_flags, *(f"-Xcompiler={a}" for a in args["cxx"])]
+        return source, subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(compile_one, FLAGS["CUDA_SOURCES"]))
+    for source, out in results:
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, f"{source} does not compile:\n{log[-6000:]}"
+        # (nvcc notes that sm_80/sm_90 offline compilation is deprecated in some versions: not ours)
+        # A few bytes spilled (a loop-invariant value) cost nothing; a register-pressure change
+        # that spills a tile's worth does. (The prefill kernels spill 4-28 bytes on sm_90.)
+        spills = [line for line in log.splitlines() if "spilled" in line
+                  and int(re.search(r"(\d+) bytes spill stores", line).group(1)) > MAX_SPILL_BYTES]
+        assert not spills, f"{source}: register spills past {MAX_SPILL_BYTES} bytes:\n" + "\n".join(spills[:20])
+
+
+def test_cuda_arch_switch(monkeypatch):
+    monkeypatch.delenv("LMFAST_CUDA_ARCHS", raising=False)
+    assert FLAGS["cuda_archs"]() == ["80", "90"]
+    monkeypatch.setenv("LMFAST_CUDA_ARCHS", "9.0, 8.6;80")
+    assert FLAGS["cuda_archs"]() == ["80", "86", "90"]
+    assert FLAGS["nvcc_arch_flags"](["80", "90"]) == [
+        "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90,code=sm_90",
+        "-gencode=arch=compute_90,code=compute_90"]
+    monkeypatch.setenv("LMFAST_CUDA_ARCHS", "hopper")
+    with pytest.raises(ValueError, match="LMFAST_CUDA_ARCHS='hopper'"):
+        FLAGS["cuda_archs"]()
+
+
+def test_max_jobs_default_is_positive_and_bounded_by_cores():
+    jobs = FLAGS["default_max_jobs"]()
+    assert 1 <= jobs <= (os.cpu_count() or 1)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_cuda_backend_says_why_it_cannot_run_here():
+    st = lmfast.backends()["cuda"]
+    assert not st.available
+    if torch.version.cuda is None:
+        assert "CPU build" in st.detail
+    else:
+        assert "no CUDA device" in st.detail
+    with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+        lmfast.ops.rms_norm(torch.randn(2, 8), backend="cuda")
+
+
+def test_cuda_backend_is_opt_in_until_a_gpu_result_justifies_it():
+    # "auto" prefers the CUDA C++ kernels only on rows that cite a committed GPU result
+    for (op, capability), (backend, evidence) in _backends.AUTO_ON_CUDA.items():
+        assert op in _backends.KERNEL_OPS[backend], (op, backend)
+        assert (ROOT / "benchmarks" / "results" / evidence).is_file(), f"{op} on sm {capability}: no {evidence}"
+
+
+def test_setup_says_what_it_builds(tmp_path):
+    # setup.py's one line about the build, as pip shows it (here: CPU levels, and why no CUDA)
+    out = subprocess.run([sys.executable, str(ROOT / "setup.py"), "--name"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "LMFAST_SKIP_CPU_BUILD": "0"})
+    line = next((x for x in out.stdout.splitlines() if x.startswith("lmfast: building the C++ kernels")), None)
+    assert line is not None, out.stdout + out.stderr
+    if torch.version.cuda is None:
+        assert "no CUDA (torch" in line and "is not a CUDA build" in line
