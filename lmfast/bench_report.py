@@ -32,9 +32,10 @@ def load(path: str | Path) -> dict:
     return report
 
 
-def _ours(cells: dict) -> str | None:
-    """The lmfast provider of one (case, direction)'s cells: provider -> result."""
-    return next((p for p in cells if p.startswith("lmfast-")), None)
+def _ours(cells: dict) -> list[str]:
+    """The lmfast providers of one (case, direction)'s cells (provider -> result): one, or on a
+    GPU both triton and cuda."""
+    return [p for p in cells if p.startswith("lmfast-")]
 
 
 def _by_case(results: list[dict]) -> dict[tuple[str, str], dict[str, dict]]:
@@ -59,14 +60,14 @@ def summary_table(report: dict) -> str:
         lines.append(f"{'case':42s} {'dir':7s} {'lmfast':>9s} {'rate':>13s} {'of ceiling':>10s} "
                      f"{'vs eager':>8s} {'vs compile':>10s} {'vs sdpa':>8s}")
         for (case, direction), cells in rows.items():
-            ours = _ours(cells)
-            if ours is None:
-                continue
-            r = cells[ours]
-            rate = f"{r['rate']:.3f} {r['unit']}" if r["unit"] == "TFLOP/s" else f"{r['rate']:.1f} {r['unit']}"
-            lines.append(f"{case:42s} {direction:7s} {r['seconds'] * 1e3:7.2f}ms {rate:>13s} "
-                         f"{r['frac_of_ceiling']:>10.0%} {_x(r['vs_eager']):>8s} {_x(r['vs_compile']):>10s} "
-                         f"{_x(r['vs_sdpa']):>8s}")
+            ours_all = _ours(cells)
+            for ours in ours_all:
+                r = cells[ours]
+                label = case if len(ours_all) == 1 else f"{case} ({ours[len('lmfast-'):]})"
+                rate = f"{r['rate']:.3f} {r['unit']}" if r["unit"] == "TFLOP/s" else f"{r['rate']:.1f} {r['unit']}"
+                lines.append(f"{label:42s} {direction:7s} {r['seconds'] * 1e3:7.2f}ms {rate:>13s} "
+                             f"{r['frac_of_ceiling']:>10.0%} {_x(r['vs_eager']):>8s} {_x(r['vs_compile']):>10s} "
+                             f"{_x(r['vs_sdpa']):>8s}")
         lines.append("speedup = the provider's time / lmfast's (> 1: lmfast is faster); ceiling: the same-run "
                      "x.clone() bandwidth (norms, softmax) or large-matmul rate (attention)")
     if report.get("overhead"):
@@ -152,7 +153,7 @@ def plot(report: dict, path: str | Path) -> Path:
     panels = (2 if rows else 0) + (1 if per_call else 0) + (1 if models else 0)
     if not panels:
         raise ValueError("nothing to plot: the report has no results")
-    height = max(3.0, 0.42 * max(len(rows), len(per_call), len(models)) + 1.6)
+    height = max(3.0, 0.42 * max(sum(len(_ours(c)) for _, c in rows), len(per_call), len(models)) + 1.6)
     widths = ([1.0, 1.0] if rows else []) + ([0.6] if per_call else []) + ([0.6] if models else [])
     fig, axes = plt.subplots(1, panels, figsize=(6.2 * sum(widths), height), squeeze=False,
                              gridspec_kw={"width_ratios": widths})
@@ -161,16 +162,19 @@ def plot(report: dict, path: str | Path) -> Path:
     fig.suptitle(f"lmfast bench, {env.get('device_name', '?')}, torch {env.get('torch', '?')}, "
                  f"{env.get('date', '')[:10]}", fontsize=10)
     if rows:
-        labels = [f"{case} {direction}" for (case, direction), _ in rows]
-        y = list(range(len(rows)))
+        # one bar group per (case, direction, lmfast backend)
+        ours_rows = [(f"{case} {direction}" + (f" ({p[len('lmfast-'):]})" if len(_ours(cells)) > 1 else ""), cells[p])
+                     for (case, direction), cells in rows for p in _ours(cells)]
+        labels = [label for label, _ in ours_rows]
+        y = list(range(len(ours_rows)))
         ax = axes.pop(0)
         others = [(field, name) for field, name in
                   (("vs_eager", "eager"), ("vs_compile", "torch.compile"), ("vs_sdpa", "SDPA"))
-                  if any(cells[_ours(cells)][field] for _, cells in rows)]
+                  if any(r[field] for _, r in ours_rows)]
         h = 0.8 / len(others)
         for i, (field, name) in enumerate(others):
             ax.barh([v + (i - (len(others) - 1) / 2) * h for v in y],
-                    [cells[_ours(cells)][field] or 0 for _, cells in rows], height=h, label=f"vs {name}")
+                    [r[field] or 0 for _, r in ours_rows], height=h, label=f"vs {name}")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
         ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2))  # ... 0.5x 1x 2x 4x ...

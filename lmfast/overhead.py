@@ -54,12 +54,12 @@ class _Pair:
     # build(device, grad) -> (their call, our call); with grad, each call runs forward + backward
 
 
-def _module_pair(original: torch.nn.Module, shape: tuple[int, ...]):
-    """(original, the module lmfast.patch swaps in for it) as a build function."""
+def _module_pair(original: torch.nn.Module, shape: tuple[int, ...], backend: str = "auto"):
+    """(original, the module lmfast.patch(backend=backend) swaps in for it) as a build function."""
     def build(device: str, grad: bool):
         theirs = copy.deepcopy(original).to(device)
         holder = torch.nn.ModuleDict({"m": copy.deepcopy(theirs)})
-        lmfast.patch(holder)
+        lmfast.patch(holder, backend=backend)
         ours = holder["m"]
         assert type(ours).__module__.startswith("lmfast"), f"lmfast.patch did not swap {type(original).__name__}"
         x = torch.randn(shape, device=device, requires_grad=grad)
@@ -99,7 +99,24 @@ def _attention_pair(device: str, grad: bool):
     return (lambda: torch.autograd.grad(theirs(), (q, k, v), dy)), (lambda: torch.autograd.grad(ours(), (q, k, v), dy))
 
 
-def pairs() -> list[_Pair]:
+def _cuda_attention_pair(device: str, grad: bool):
+    """SDPA against lmfast.nn.Attention on the CUDA C++ kernels, at the decode size above."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 9, 1, 64, generator=g).to(device).requires_grad_(grad)
+    k = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)
+    v = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)
+    attention = lmfast.nn.Attention(backend="cuda")
+    theirs = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+    ours = lambda: attention(q, k, v)  # noqa: E731
+    if not grad:
+        return torch.no_grad()(theirs), torch.no_grad()(ours)
+    dy = torch.ones_like(theirs())
+    return (lambda: torch.autograd.grad(theirs(), (q, k, v), dy)), (lambda: torch.autograd.grad(ours(), (q, k, v), dy))
+
+
+def pairs(device: str = "cpu") -> list[_Pair]:
+    """The pairs timed on `device`: on a GPU with the CUDA C++ kernels, also the same modules
+    on backend="cuda" (what "auto" runs there is Triton's)."""
     try:
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -111,17 +128,27 @@ def pairs() -> list[_Pair]:
     with torch.no_grad():  # not the identity: a probe or a kernel must not get it easy
         for p in rms.parameters():
             p.uniform_(0.5, 1.5)
-    return [
+    found = [
         _Pair("LayerNorm (1, 1, 768)", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm",
               _module_pair(torch.nn.LayerNorm(768), (1, 1, 768))),
         _Pair("RMSNorm (1, 1, 576)", rms_name, "lmfast.nn.RMSNorm", _module_pair(rms, (1, 1, 576))),
         _Pair("attention 9x1 over 3x300, D=64", *attention_names, _attention_pair),
     ]
+    if device == "cuda" and lmfast.backends()["cuda"].available:
+        found += [
+            _Pair("LayerNorm (1, 1, 768) [cuda]", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm cuda",
+                  _module_pair(torch.nn.LayerNorm(768), (1, 1, 768), backend="cuda")),
+            _Pair("RMSNorm (1, 1, 576) [cuda]", rms_name, "lmfast.nn.RMSNorm cuda",
+                  _module_pair(rms, (1, 1, 576), backend="cuda")),
+            _Pair("attention 9x1/3x300 [cuda]", "F.scaled_dot_product_attention", "lmfast.nn.Attention cuda",
+                  _cuda_attention_pair),
+        ]
+    return found
 
 
-def steps(rounds: int) -> int:
+def steps(rounds: int, device: str = "cpu") -> int:
     """Progress steps of run(): one per (pair, direction, round)."""
-    return len(pairs()) * len(TARGETS) * rounds
+    return len(pairs(device)) * len(TARGETS) * rounds
 
 
 def run(device: str, *, rounds: int = 3, min_run_time: float = 0.2,
@@ -129,7 +156,7 @@ def run(device: str, *, rounds: int = 3, min_run_time: float = 0.2,
     from .benchmarking import seconds
 
     results = []
-    for pair in pairs():
+    for pair in pairs(device):
         for direction, target in TARGETS.items():
             theirs, ours = pair.build(device, direction == "fwd+bwd")
             best = {"theirs": float("inf"), "ours": float("inf")}
