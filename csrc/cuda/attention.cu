@@ -26,6 +26,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <mma.h>
 
+#include <atomic>
+
 #include "device.cuh"
 #include "launch.h"
 
@@ -391,12 +393,20 @@ template <typename T, int Dp, int BLOCK_N, int WARPS>
 void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
   using L = PrefillSmem<T, Dp, BLOCK_N, WARPS>;
   auto kernel = attn_prefill_kernel<T, Dp, BLOCK_N, WARPS>;
-  int dev = 0, optin = 0;
+  // Past 48 KiB of shared memory a kernel must opt in, once per device (not on every call:
+  // decode-time host cost counts).
+  static std::atomic<uint64_t> configured{0};
+  int dev = 0;
   C10_CUDA_CHECK(cudaGetDevice(&dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  TORCH_CHECK(L::bytes <= size_t(optin), "lmfast cuda attention: head dim ", p.D, " in this dtype needs ",
-              L::bytes, " bytes of shared memory per block, this GPU allows ", optin, "; use backend='triton'");
-  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
+  const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
+  if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
+    int optin = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    TORCH_CHECK(L::bytes <= size_t(optin), "lmfast cuda attention: head dim ", p.D, " in this dtype needs ",
+                L::bytes, " bytes of shared memory per block, this GPU allows ", optin, "; use backend='triton'");
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
+    configured.fetch_or(bit);
+  }
   const int64_t blocks = ceil_div(p.Sq, L::BLOCK_M) * p.B * p.Hq;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "lmfast cuda attention: too many query blocks");
   kernel<<<unsigned(blocks), 32 * WARPS, L::bytes, stream>>>(p, vec16);
