@@ -19,6 +19,7 @@
 #include <cmath>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "ops.h"
@@ -155,6 +156,24 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
   }
 };
 
+// An additive mask's gradient from dz32 = d(loss)/d(logits) in float32: summed in float32 over
+// the dims along which the (expanded) mask broadcasts (stride 0), at index 0 of those dims and
+// zeros elsewhere, in the mask's 16-bit dtype. Autograd's expand backward then adds exact
+// zeros. Summing after rounding each element to 16 bits would lose the cancellation of a
+// softmax row's gradient (it sums to 0): found by tests/test_fuzz.py (a mask broadcast along
+// the softmax dim got 3e-4 where eager gets 1e-7).
+Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarType dtype) {
+  std::vector<int64_t> dims;
+  for (int64_t d = 0; d < dz32.dim(); ++d)
+    if (mask.stride(d) == 0 && mask.size(d) > 1) dims.push_back(d);
+  if (dims.empty()) return dz32.to(dtype);
+  Tensor g = at::zeros(dz32.sizes(), dz32.options().dtype(dtype));
+  Tensor first = g;
+  for (int64_t d : dims) first = first.narrow(d, 0, 1);
+  first.copy_(dz32.sum(dims, /*keepdim=*/true));
+  return g;
+}
+
 struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& mask, double scale, bool causal) {
     ctx->set_materialize_grads(false);
@@ -162,12 +181,13 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
     at::AutoDispatchBelowADInplaceOrView below;
     Tensor y = softmax_fwd().call(x, mask, scale, causal);
     ctx->saved_data["scale"] = scale;
-    ctx->save_for_backward({y});
+    ctx->save_for_backward({y, mask.value_or(Tensor())});
     return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const Tensor y = ctx->get_saved_variables()[0];
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &y = saved[0], &mask = saved[1];
     const Given given(ctx);
     const bool need_x = given.needed(ctx, 0), need_mask = given.needed(ctx, 1);
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
@@ -176,8 +196,18 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
     if (!need_mask) return {softmax_bwd().call(dy, y, scale), Tensor(), Tensor(), Tensor()};
     // d(loss)/d(logits) is also the additive mask's gradient (summed over its broadcast dims
     // by autograd's expand backward); x's gradient is that times scale.
-    const Tensor dz = softmax_bwd().call(dy, y, 1.0);
-    return {need_x ? dz * scale : Tensor(), dz, Tensor(), Tensor()};
+    if (y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble) {
+      const Tensor dz = softmax_bwd().call(dy, y, 1.0);
+      return {need_x ? dz * scale : Tensor(), dz, Tensor(), Tensor()};
+    }
+    // 16-bit: float32 d(logits) from y renormalized in float32 (y rounded to 16 bits sums to
+    // 1 +- 1e-3, and sum(dz) = sum(y dy) (1 - sum(y)) would not cancel), and the mask's
+    // gradient reduced before rounding (above)
+    const Tensor y32 = y.to(at::kFloat);
+    const Tensor row_sum = y32.sum(-1, /*keepdim=*/true);
+    const Tensor dz32 = softmax_bwd().call(dy.to(at::kFloat), y32 / at::where(row_sum == 0, 1.0, row_sum), 1.0);
+    return {need_x ? (dz32 * scale).to(y.scalar_type()) : Tensor(), broadcast_mask_grad(dz32, mask, y.scalar_type()),
+            Tensor(), Tensor()};
   }
 };
 

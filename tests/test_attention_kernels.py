@@ -281,3 +281,16 @@ def test_decoding_with_a_long_cache(mask_kind, dtype, ab):
     mask = pad if mask_kind == "bool" else torch.randn(B, 1, Sq, Sk, device=ab.device).to(dtype)
     _check(ab, f"decode {mask_kind}", _inputs(ab, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask, causal=True, window=500))
     _check(ab, f"decode {mask_kind} no causal", _inputs(ab, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask))
+
+
+def test_nan_inputs_give_nan_rows_not_zeros(ab):
+    # Found by tests/test_fuzz.py: a NaN score passed for a masked one (std::max(-inf, NaN) is
+    # -inf), so a NaN query row came out as zeros with lse = -inf instead of NaN.
+    ins = _inputs(ab, 1, 2, 1, 17, 33, 16, torch.float32)
+    ins["q"][0, 1, 3, 5] = float("nan")  # one query row
+    ins["k"][0, 0, 7, 0] = float("inf")  # one key: every row that sees it gets inf - inf = NaN
+    _check(ab, "nan in q, inf in k", ins, grad=())
+    _check(ab, "nan in q, inf in k, causal", {**ins, "causal": True}, grad=())
+    tiny = _inputs(ab, 1, 1, 1, 1, 1, 1, torch.float32)
+    tiny["q"].fill_(float("nan"))
+    _check(ab, "one nan score", tiny, grad=("q", "k", "v"), trials=1)

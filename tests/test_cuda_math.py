@@ -121,3 +121,16 @@ def test_split_attention_combine_matches_softmax(lib, n, splits):
 def test_split_attention_fully_masked_gives_zeros(lib, splits):
     o, lse = _attend(lib, torch.full((9,), -math.inf), torch.randn(9, 5), splits)
     assert lse == -math.inf and torch.equal(o, torch.zeros(5))
+
+
+@pytest.mark.parametrize("chunks", CHUNKS)
+def test_nan_propagates_through_the_merges(lib, chunks):
+    # (found by tests/test_fuzz.py on the CPU kernel: a max that drops NaN, as fmaxf and
+    # std::max(-inf, NaN) do, turns a NaN row into a "fully masked" one of zeros)
+    x = torch.randn(300)
+    x[123] = math.nan
+    assert math.isnan(_lse(lib, x, chunks))
+    s, v = torch.randn(300), torch.randn(300, 4)
+    s[7] = math.nan
+    o, lse = _attend(lib, s, v, min(chunks, 300))
+    assert math.isnan(lse) and torch.isnan(o).all()

@@ -169,3 +169,27 @@ def test_float64_on_cpu_backend():
     torch.testing.assert_close(got, want)
     dy = torch.randn_like(want)
     torch.testing.assert_close(torch.autograd.grad(got, x, dy), torch.autograd.grad(want, x, dy))
+
+
+@pytest.mark.parametrize("dtype16", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_16bit_mask_broadcast_along_the_softmax_dim(kb, dtype16):
+    # Found by tests/test_fuzz.py: an additive mask constant along the softmax dim (here: one
+    # value per column, softmax over the rows) has gradient 0 (a row's d(logits) sums to 0);
+    # summed after rounding each element to 16 bits it came out 3e-4 instead of eager's 1e-7.
+    x = _randn(2, 16, kb=kb, dtype=dtype16)
+    mask = torch.randn(16, device=kb.device).to(dtype16)
+    _check(kb, "mask broadcast along dim 0", x, dim=0, mask=mask, mask_grad=True)
+    x4 = _randn(2, 3, 5, 8, kb=kb, dtype=dtype16)
+    _check(kb, "mask broadcast along the last dim", x4, mask=torch.randn(2, 3, 5, 1, device=kb.device).to(dtype16),
+           mask_grad=True)
+
+
+def test_nan_under_a_boolean_mask_does_not_reach_the_row(kb, dtype):
+    # Found by tests/test_fuzz.py: the CPU kernel added -inf for masked-out entries, so a NaN
+    # there (padding positions hold anything) made NaN + -inf = NaN and poisoned the row; a
+    # boolean mask selects, as masked_fill does.
+    x = _randn(2, 3, 16, 40, kb=kb, dtype=dtype)
+    keep = torch.rand(1, 1, 16, 40, device=kb.device) > 0.3
+    keep[..., 0, :] = False  # and one fully masked row: zeros
+    x = x.masked_fill(~keep, float("nan"))
+    _check(kb, "nan where masked", x, mask=keep)

@@ -199,6 +199,13 @@ acc_t exp_row(acc_t* row, int64_t nk, int64_t lo, int64_t hi, acc_t m) {
   return hsum(sum);
 }
 
+// max(a, b), NaN if either is NaN. (std::max(-inf, NaN) is -inf: a NaN score would pass for
+// a masked one, and its row would come out as zeros instead of NaN.)
+template <typename T>
+T max_nan(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 // max of row[lo, hi), NaN if any is NaN. Four independent maxima: one would chain every
 // vector's max on the previous one (latency-bound, about 3x slower on a cache-resident tile).
 template <typename acc_t>
@@ -353,7 +360,7 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
       acc_t* srow = buf.s.data() + r * ld_s;
       const int64_t i = rows.query[r];
       const auto [lo, hi] = prepare_row(srow, i, j0, nk, band, mask.row(b, rows.head[r], i), mask.sk);
-      const acc_t m_new = std::max(st.m[r], max_row(srow, lo, hi));
+      const acc_t m_new = max_nan(st.m[r], max_row(srow, lo, hi));
       if (m_new == kNegInf) {  // nothing visible yet: p = 0
         std::fill(srow, srow + nk, acc_t(0));
         continue;
@@ -577,7 +584,7 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
         row_max = max_row(srow, lo, hi);
         mul = 1.f;
       }
-      const float m_new = std::max(st.m[r], row_max);
+      const float m_new = max_nan(st.m[r], row_max);
       at::BFloat16* prow = p_buf.data() + r * ld_s;
       if (m_new == kNegInf || lo >= hi) {  // nothing visible here: p = 0
         std::fill(prow, prow + nke, at::BFloat16(0.f));
@@ -603,7 +610,7 @@ void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>
   using acc_t = at::opmath_type<scalar_t>;
   for (int64_t r = 0; r < rows.size(); ++r) {
     const int64_t h = rows.head[r], i = rows.query[r];
-    const acc_t inv = st.l[r] > 0 ? acc_t(1) / st.l[r] : acc_t(0);
+    const acc_t inv = st.l[r] == 0 ? acc_t(0) : acc_t(1) / st.l[r];  // (a NaN l stays NaN)
     const acc_t* orow = st.acc.data() + r * g.D;
     scalar_t* out = o + os.at(b, h, i);
     for_each_chunk<Chunk<scalar_t>::kChunk>(g.D, [&](int64_t d, int64_t n) {
@@ -612,7 +619,9 @@ void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>
       c.hi = c.hi * Vectorized<acc_t>(inv);
       c.store(out + d, n);
     });
-    lse[(b * g.Hq + h) * g.Sq + i] = st.l[r] > 0 ? st.m[r] + std::log(st.l[r]) : -std::numeric_limits<acc_t>::infinity();
+    // logsumexp: -inf on a fully masked row, +inf where a score is +inf (l is NaN there)
+    constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
+    lse[(b * g.Hq + h) * g.Sq + i] = st.m[r] == kInf ? kInf : st.l[r] == 0 ? -kInf : st.m[r] + std::log(st.l[r]);
   }
 }
 
@@ -716,7 +725,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       tile_rows(hk, rows);
       merged.reset(R, g.D);
       for (int64_t r = 0; r < R; ++r) {
-        for (int64_t sp = 0; sp < splits; ++sp) merged.m[r] = std::max(merged.m[r], partial[t * splits + sp].m[r]);
+        for (int64_t sp = 0; sp < splits; ++sp) merged.m[r] = max_nan(merged.m[r], partial[t * splits + sp].m[r]);
         if (merged.m[r] == -std::numeric_limits<acc_t>::infinity()) continue;  // fully masked row
         for (int64_t sp = 0; sp < splits; ++sp) {
           const TileState<acc_t>& p = partial[t * splits + sp];

@@ -140,7 +140,13 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
       });
       const acc_t mean_d = kCentered ? hsum(d_lo + d_hi) / acc_t(N) : acc_t(0);
       const acc_t mu = m0 + mean_d;
-      const acc_t var = std::max(hsum(sq_lo + sq_hi) / acc_t(N) - mean_d * mean_d, acc_t(0));
+      // Where d^2 overflows (|s| ~ 1e19 and up in float) both terms can be inf: the variance is
+      // then inf (rstd 0), not inf - inf = NaN. A NaN input keeps it NaN. (The Triton twin's
+      // NaN read as 0 gave y ~ 1e32: found by tests/test_fuzz.py.)
+      const acc_t sum_sq = hsum(sq_lo + sq_hi);
+      const acc_t var = sum_sq == std::numeric_limits<acc_t>::infinity()
+                            ? sum_sq
+                            : std::max(sum_sq / acc_t(N) - mean_d * mean_d, acc_t(0));
       const acc_t rstd = acc_t(1) / std::sqrt(var + acc_t(eps));
       if (mean_out != nullptr) mean_out[i] = mu;
       rstd_out[i] = rstd;

@@ -69,11 +69,13 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
         c.hi *= scale_v;
         if (mrow.ptr != nullptr) {
           if constexpr (kBoolMask) {
-            for (int64_t t = 0; t < n; ++t)
-              mask_tmp[t] = mrow.ptr[(j + t) * mrow.col_stride] ? acc_t(0) : kNegInf;
+            // select, not add: a masked-out entry is -inf whatever x holds there (a NaN in a
+            // padding position must not reach the row; found by tests/test_fuzz.py)
+            for (int64_t t = 0; t < n; ++t) mask_tmp[t] = mrow.ptr[(j + t) * mrow.col_stride] ? acc_t(1) : acc_t(0);
             const auto mk = Chunk<acc_t>::load(mask_tmp, n);
-            c.lo += mk.lo;
-            c.hi += mk.hi;
+            const Vec zero(0), neg_inf(kNegInf);
+            c.lo = Vec::blendv(neg_inf, c.lo, mk.lo != zero);
+            c.hi = Vec::blendv(neg_inf, c.hi, mk.hi != zero);
           } else if (mrow.col_stride == 1) {
             const auto mk = C::load(mrow.ptr + j, n);
             c.lo += mk.lo;

@@ -198,10 +198,10 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
       // (j >= Sk lies outside the band; rows past Sq read no mask)
       const float s = qi < p.Sq ? masked_score<T>(p, srow[c], b, h, qi, j0 + c) : -INFINITY;
       srow[c] = s;
-      tile_max = fmaxf(tile_max, s);
+      tile_max = max_nan(tile_max, s);
     }
-    tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
-    const float m_new = fmaxf(m_run, tile_max);
+    tile_max = max_nan(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 1));
+    const float m_new = max_nan(m_run, tile_max);
     const float alpha = exp_below(m_run, m_new);
     float psum = 0.f;
     T* prow = Ps + my_row * L::ldp;
@@ -252,9 +252,9 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
 
   // o = O / l (0 on a fully masked row), lse = m + log(l) (-inf there)
   __syncwarp();
-  if (half == 0) row_alpha[my_row] = l_run > 0.f ? 1.f / l_run : 0.f;
+  if (half == 0) row_alpha[my_row] = l_run == 0.f ? 0.f : 1.f / l_run;  // (NaN stays NaN)
   if (half == 0 && qi < p.Sq)
-    p.lse[(int64_t(b) * p.Hq + h) * p.Sq + qi] = l_run > 0.f ? m_run + logf(l_run) : -INFINITY;
+    p.lse[(int64_t(b) * p.Hq + h) * p.Sq + qi] = m_run == INFINITY ? INFINITY : l_run == 0.f ? -INFINITY : m_run + logf(l_run);
   __syncwarp();
   T* o = static_cast<T*>(p.o);
   for (int c = lane; c < 16 * p.D; c += 32) {
@@ -348,7 +348,7 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
   for (int e = 0; e < EPL; ++e) sh_o[grp][d0 + e] = ov[e];
   __syncthreads();
   float m = -INFINITY;
-  for (int g = 0; g < GROUPS; ++g) m = fmaxf(m, sh_m[g]);
+  for (int g = 0; g < GROUPS; ++g) m = max_nan(m, sh_m[g]);
   const int64_t row = (int64_t(b) * p.Hq + h) * p.Sq + i;  // (B, Hq, Sq) row
   float* out = part_o + (row * splits + split) * Dp;
   for (int d = threadIdx.x; d < Dp; d += blockDim.x) {
@@ -374,17 +374,17 @@ __global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const floa
   const int i = int(row % p.Sq), h = int((row / p.Sq) % p.Hq), b = int(row / (int64_t(p.Sq) * p.Hq));
   const float* ml = part_ml + row * splits * 2;
   float m = -INFINITY;
-  for (int s = 0; s < splits; ++s) m = fmaxf(m, ml[2 * s]);
+  for (int s = 0; s < splits; ++s) m = max_nan(m, ml[2 * s]);
   float l = 0.f;
   for (int s = 0; s < splits; ++s) l += exp_below(ml[2 * s], m) * ml[2 * s + 1];
-  const float inv = l > 0.f ? 1.f / l : 0.f;
+  const float inv = l == 0.f ? 0.f : 1.f / l;
   T* o = static_cast<T*>(p.o) + ((int64_t(b) * p.Sq + i) * p.Hq + h) * p.D;
   for (int d = lane; d < p.D; d += 32) {
     float acc = 0.f;
     for (int s = 0; s < splits; ++s) acc += exp_below(ml[2 * s], m) * part_o[(row * splits + s) * Dp + d];
     o[d] = from_float<T>(acc * inv);
   }
-  if (lane == 0) p.lse[row] = l > 0.f ? m + logf(l) : -INFINITY;
+  if (lane == 0) p.lse[row] = m == INFINITY ? INFINITY : l == 0.f ? -INFINITY : m + logf(l);  // (+inf score: +inf)
 }
 
 // ---- launchers ---------------------------------------------------------------------------

@@ -68,7 +68,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  for (int o = 16; o > 0; o >>= 1) v = max_nan(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
 }
 
@@ -114,7 +114,7 @@ __device__ __forceinline__ float group_sum(float v, int group, float* scratch) {
 }
 
 __device__ __forceinline__ float group_max(float v, int group, float* scratch) {
-  return group_reduce(v, group, scratch, warp_max, [](float a, float b) { return fmaxf(a, b); });
+  return group_reduce(v, group, scratch, warp_max, [](float a, float b) { return max_nan(a, b); });
 }
 
 // ---- launch geometry ----------------------------------------------------------------------

@@ -6,7 +6,8 @@
 //               the merge of two such states (Chan et al.): what a thread keeps over a row too
 //               long for its registers, and what threads combine in a reduction.
 //   RowMax      online softmax state (max, sum of exp(v - max)) and its merge; -inf values
-//               (masked) contribute nothing, a state of only -inf values has sum 0.
+//               (masked) contribute nothing, a state of only -inf values has sum 0, and a
+//               NaN makes the state NaN for good (as softmax's output is then).
 //   Partial     one split of an attention row (max, sum, unnormalized o) and its merge, for
 //               the decode kernel's combine step.
 #pragma once
@@ -53,11 +54,14 @@ struct RowMax {
   float sum = 0.f;  // sum of exp(v - max)
 };
 
+// max(a, b), NaN if either is NaN (fmaxf drops a NaN: a NaN score would pass for a masked one).
+LMFAST_HD float max_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
 // exp(a - b) where a <= b, with exp(-inf - -inf) taken as 0 (nothing seen yet: no weight).
 LMFAST_HD float exp_below(float a, float b) { return a == -INFINITY ? 0.f : expf(a - b); }
 
 LMFAST_HD RowMax rowmax_add(RowMax s, float v) {
-  if (v > s.max) {
+  if (v > s.max || v != v) {  // a NaN becomes the max: NaN from then on
     s.sum = s.sum * exp_below(s.max, v) + 1.f;
     s.max = v;
   } else {
@@ -67,16 +71,15 @@ LMFAST_HD RowMax rowmax_add(RowMax s, float v) {
 }
 
 LMFAST_HD RowMax rowmax_merge(RowMax a, RowMax b) {
-  const float m = a.max > b.max ? a.max : b.max;
-  if (m == -INFINITY) return a;  // both empty
-  RowMax r;
+  const float m = max_nan(a.max, b.max);
+  RowMax r;  // (both empty: max -inf, sum 0)
   r.max = m;
   r.sum = a.sum * exp_below(a.max, m) + b.sum * exp_below(b.max, m);
   return r;
 }
 
 // log(sum exp(v)) of the values seen; -inf if none (or all -inf).
-LMFAST_HD float rowmax_lse(RowMax s) { return s.sum == 0.f ? -INFINITY : s.max + logf(s.sum); }
+LMFAST_HD float rowmax_lse(RowMax s) { return s.sum == 0.f ? -INFINITY : s.max + logf(s.sum); }  // NaN stays
 
 // The factors that rescale two partial attention rows (max ma, mb) onto their merged max:
 // o = fa * oa + fb * ob, sum = fa * la + fb * lb.
@@ -85,7 +88,7 @@ struct MergeFactors {
 };
 
 LMFAST_HD MergeFactors merge_factors(float ma, float mb) {
-  const float m = ma > mb ? ma : mb;
+  const float m = max_nan(ma, mb);
   if (m == -INFINITY) return {m, 0.f, 0.f};
   return {m, exp_below(ma, m), exp_below(mb, m)};
 }

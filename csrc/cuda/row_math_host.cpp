@@ -74,15 +74,15 @@ float lmfast_split_attention(const float* s, const float* v, int64_t n, int64_t 
     }
   }
   float mx = -INFINITY;
-  for (int64_t c = 0; c < splits; ++c) mx = m[c] > mx ? m[c] : mx;
+  for (int64_t c = 0; c < splits; ++c) mx = max_nan(mx, m[c]);
   float total = 0.f;
   for (int64_t c = 0; c < splits; ++c) total += exp_below(m[c], mx) * l[c];
   for (int64_t t = 0; t < d; ++t) {
     float sum = 0.f;
     for (int64_t c = 0; c < splits; ++c) sum += exp_below(m[c], mx) * acc[c * d + t];
-    o[t] = total > 0.f ? sum / total : 0.f;
+    o[t] = total == 0.f ? 0.f : sum / total;
   }
-  return total > 0.f ? mx + logf(total) : -INFINITY;
+  return total == 0.f ? -INFINITY : mx + logf(total);
 }
 
 }  // extern "C"

@@ -68,7 +68,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict_
         if (vi < nvec) {
           logits(vi, z[k]);
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) mx = fmaxf(mx, z[k][e]);
+          for (int e = 0; e < VEC; ++e) mx = max_nan(mx, z[k][e]);
         }
       }
       mx = group_max(mx, group, sum_scratch);
@@ -82,7 +82,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict_
             sum += z[k][e];
           }
       sum = group_sum(sum, group, sum_scratch);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
+      const float inv = sum == 0.f ? 0.f : 1.f / sum;  // (a NaN sum stays NaN)
 #pragma unroll
       for (int k = 0; k < kSlots; ++k) {
         const int64_t vi = tid + int64_t(k) * group;
@@ -103,7 +103,7 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict_
       for (int e = 0; e < VEC; ++e) st = rowmax_add(st, z[e]);
     }
     st = group_reduce(st, group, rowmax_scratch, warp_rowmax, rowmax_merge);
-    const float inv = st.sum > 0.f ? 1.f / st.sum : 0.f;
+    const float inv = st.sum == 0.f ? 0.f : 1.f / st.sum;
     for (int64_t vi = tid; vi < nvec; vi += group) {
       float z[VEC];
       logits(vi, z);

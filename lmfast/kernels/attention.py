@@ -167,6 +167,7 @@ def _attn_fwd_kernel(
     tl.store(O + rows[:, None] * (Hq * D) + dims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED),
              mask=row_ok & dim_ok)
     lse = tl.where(l_i == 0.0, NEG_INF, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
+    lse = tl.where(m_i == float("inf"), m_i, lse)  # a +inf score: logsumexp is +inf (l is NaN)
     tl.store(LSE + rows, lse, mask=rows < Sq)
 
 
@@ -253,7 +254,8 @@ def _attn_combine_kernel(
     o = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     b, h, i = row // (Hq * Sq), (row // Sq) % Hq, row % Sq  # row = (b * Hq + h) * Sq + i
     tl.store(O + ((b * Sq + i) * Hq + h) * D + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < D)
-    tl.store(LSE + row, tl.where(total == 0.0, NEG_INF, m_ref + tl.log(tl.where(total == 0.0, 1.0, total))))
+    lse = tl.where(total == 0.0, NEG_INF, m_ref + tl.log(tl.where(total == 0.0, 1.0, total)))
+    tl.store(LSE + row, tl.where(m_max == float("inf"), m_max, lse))  # (a +inf score: +inf)
 
 
 # ---- backward --------------------------------------------------------------------------------

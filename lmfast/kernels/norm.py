@@ -36,6 +36,16 @@ def _load_sum(X, RES, RES_OUT, cols, in_row, HAS_RES: tl.constexpr, INTERPRETED:
 
 
 @triton.jit
+def _rstd(sum_d2, mean_d, N, eps):
+    """1 / sqrt(var + eps), var = mean(d^2) - mean(d)^2 of d = s - m0. Where d^2 overflows
+    (|s| ~ 1e19 and up in float32) both terms can be inf and their difference NaN: the
+    variance is then inf (rstd 0, as a two-pass variance gives), not NaN read as 0 (which made
+    rstd 1/sqrt(eps) and y ~ 1e32: found by tests/test_fuzz.py). A NaN input keeps var NaN."""
+    var = tl.where(sum_d2 == float("inf"), float("inf"), sum_d2 / N - mean_d * mean_d)
+    return 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
+
+
+@triton.jit
 def _store_normalized(d, rstd, W, B, Y, cols, in_row, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                       INTERPRETED: tl.constexpr):
     """Y = d * rstd * w + b for one block, where d = s - mean."""
@@ -84,7 +94,7 @@ def _norm_fwd_kernel(
         else:
             mean_d = 0.0
         mean = m0 + mean_d
-        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(d * d, axis=0) / N - mean_d * mean_d, 0.0) + eps)
+        rstd = _rstd(tl.sum(d * d, axis=0), mean_d, N, eps)
         _store_normalized(tl.where(in_row, s - mean, 0.0), rstd, W, B, Y, cols, in_row, HAS_W, HAS_B,
                           INTERPRETED)
     else:
@@ -111,7 +121,7 @@ def _norm_fwd_kernel(
         else:
             mean_d = 0.0
         mean = m0 + mean_d
-        rstd = 1.0 / tl.sqrt(tl.maximum(tl.sum(acc, axis=0) / N - mean_d * mean_d, 0.0) + eps)
+        rstd = _rstd(tl.sum(acc, axis=0), mean_d, N, eps)
         for start in range(0, N, BLOCK_N):
             in_row = start + cols < N
             d = tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - mean

@@ -91,7 +91,23 @@ def _softmax_bwd_fake(dy, y, scale):
 def _softmax_setup(ctx, inputs, output):
     x, mask, scale, causal = inputs
     ctx.scale = scale
-    ctx.save_for_backward(output)
+    ctx.save_for_backward(output, mask)
+
+
+def _broadcast_mask_grad(dz32: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A 16-bit additive mask's gradient from float32 dz32 = d(loss)/d(logits), as
+    csrc/api.cpp's broadcast_mask_grad: summed in float32 over the dims the (expanded) mask
+    broadcasts along, at index 0 of those dims, zeros elsewhere (autograd's expand backward
+    then adds exact zeros; rounding each element first loses a softmax row's cancellation)."""
+    dims = [d for d in range(dz32.dim()) if mask.stride(d) == 0 and mask.shape[d] > 1]
+    if not dims:
+        return dz32.to(dtype)
+    g = torch.zeros(dz32.shape, dtype=dtype, device=dz32.device)
+    first = g
+    for d in dims:
+        first = first.narrow(d, 0, 1)
+    first.copy_(dz32.sum(dims, keepdim=True))
+    return g
 
 
 def register_fakes(ns: str) -> None:
@@ -105,15 +121,24 @@ def _register_triton_autograd() -> None:
     ops = torch.ops.lmfast_triton
 
     def softmax_backward(ctx, dy):
-        (y,) = ctx.saved_tensors
+        y, mask = ctx.saved_tensors
         need_x, need_mask = ctx.needs_input_grad[:2]
         y2, dy2 = as_rows(y), as_rows(upstream_grad(dy, y))  # (rows, N)
         if not need_mask:
             return ops.softmax_bwd(dy2, y2, ctx.scale).view(y.shape), None, None, None
         # d(loss)/d(logits) is also the additive mask's gradient (summed over its broadcast
         # dims by autograd's expand backward); x's gradient is that times scale.
-        dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
-        return (dz * ctx.scale if need_x else None), dz, None, None
+        if y.dtype in (torch.float32, torch.float64):
+            dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
+            return (dz * ctx.scale if need_x else None), dz, None, None
+        # 16-bit: y renormalized in float32 (rounded, it sums to 1 +- 1e-3 and a row's dz would
+        # not cancel), then the mask's gradient reduced before rounding (_broadcast_mask_grad)
+        y32 = y2.float()
+        row_sum = y32.sum(-1, keepdim=True)
+        dz32 = ops.softmax_bwd(dy2.float(), (y32 / torch.where(row_sum == 0, 1.0, row_sum)).contiguous(), 1.0)
+        dz32 = dz32.view(y.shape)
+        dx = (dz32 * ctx.scale).to(y.dtype) if need_x else None
+        return dx, _broadcast_mask_grad(dz32, mask, y.dtype), None, None
 
     torch.library.register_autograd("lmfast_triton::softmax_fwd", softmax_backward, setup_context=_softmax_setup)
 
