@@ -1,0 +1,146 @@
+"""Reliability of the kernels in long runs: bit-identical results across repeated calls
+(forward, and backward on the CPU), the same results from 8 Python threads at once as from
+serial calls, no growth in process memory over 10,000 calls of each op, and attention memory
+that grows linearly with the sequence length.
+
+GPU backends: the Triton and CUDA C++ kernels use no atomics (weight gradients are summed from
+per-program partials in a fixed order), so their results repeat bit for bit on one GPU and
+launch configuration; this file's repeatability tests run on them where a GPU is present."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import lmfast
+
+
+def _calls(device: str, dtype: torch.dtype, backend: str, seed: int = 0):
+    """One call of each op on fixed inputs (with grad): name -> () -> (outputs, gradients)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_()
+
+    x, r, w, b = rand(37, 300), rand(37, 300), rand(300), rand(300)
+    s, m = rand(2, 3, 17, 65), rand(1, 3, 17, 65)
+    q, k, v = rand(2, 4, 33, 64), rand(2, 2, 47, 64), rand(2, 2, 47, 64)
+    ops = {
+        "layer_norm": (lambda: lmfast.ops.layer_norm(x, w, b, residual=r, backend=backend), (x, r, w, b)),
+        "rms_norm": (lambda: lmfast.ops.rms_norm(x, w, residual=r, backend=backend), (x, r, w)),
+        "softmax": (lambda: lmfast.ops.softmax(s, scale=0.3, mask=m, causal=True, backend=backend), (s, m)),
+        "attention": (lambda: lmfast.ops.attention(q, k, v, causal=True, return_lse=True, backend=backend),
+                      (q, k, v)),
+    }
+
+    def run(fn, leaves):
+        def call():
+            out = fn()
+            outs = out if isinstance(out, tuple) else (out,)
+            gen = torch.Generator().manual_seed(1)
+            dys = [torch.randn(o.shape, generator=gen).to(o) for o in outs]
+            grads = torch.autograd.grad(outs, leaves, dys)
+            return [o.detach() for o in outs], list(grads)
+        return call
+    return {name: run(fn, leaves) for name, (fn, leaves) in ops.items()}
+
+
+def _bitwise_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x.view(torch.uint8) if x.numel() else x, y.view(torch.uint8) if y.numel() else y)
+               for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_results_repeat_bit_for_bit(kb, dtype):
+    for name, call in _calls(kb.device, dtype, kb.name).items():
+        first_out, first_grads = call()
+        for _ in range(3):
+            out, grads = call()
+            assert _bitwise_equal(out, first_out), f"{name} {kb.name}: the forward differs between calls"
+            assert _bitwise_equal(grads, first_grads), f"{name} {kb.name}: the backward differs between calls"
+
+
+def test_eight_python_threads_match_serial_calls():
+    """Each of 8 threads runs every op 10 times on its own inputs (torch's intra-op threads
+    underneath); every result must equal the serial result bit for bit."""
+    calls = [_calls("cpu", torch.float32, "cpu", seed=t) for t in range(8)]
+    serial = [{name: call() for name, call in c.items()} for c in calls]
+    errors: list[str] = []
+
+    def worker(t: int):
+        try:
+            for _ in range(10):
+                for name, call in calls[t].items():
+                    out, grads = call()
+                    if not (_bitwise_equal(out, serial[t][name][0]) and _bitwise_equal(grads, serial[t][name][1])):
+                        errors.append(f"thread {t}: {name} differs from its serial result")
+        except Exception as e:  # surfaced below: an exception in a thread would be lost
+            errors.append(f"thread {t}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors, errors[:5]
+
+
+def _run_child(code: str) -> str:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.abspath(__file__)) + "/..", env={**os.environ, "OMP_NUM_THREADS": "2"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+RSS = ("def rss_kib():\n"
+       "    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS'))\n")
+
+
+def test_ten_thousand_calls_leave_no_memory_growth():
+    code = RSS + (
+        "import os, sys\n"
+        "sys.path = [p for p in sys.path if p not in ('', os.getcwd())]  # the installed lmfast\n"
+        "import torch, lmfast\n"
+        "x, w, b = torch.randn(4, 256), torch.randn(256), torch.randn(256)\n"
+        "s, q, k = torch.randn(2, 2, 8, 32), torch.randn(1, 4, 3, 32), torch.randn(1, 2, 40, 32)\n"
+        "xg = x.clone().requires_grad_()\n"
+        "calls = [lambda: lmfast.ops.layer_norm(x, w, b), lambda: lmfast.ops.rms_norm(x, w),\n"
+        "         lambda: lmfast.ops.softmax(s, causal=True), lambda: lmfast.ops.attention(q, k, k, causal=True),\n"
+        "         lambda: lmfast.ops.rms_norm(xg, w).sum().backward()]\n"
+        "for f in calls:\n"
+        "    for _ in range(2000): f()\n"
+        "before = rss_kib()\n"
+        "for f in calls:\n"
+        "    for _ in range(10000): f()\n"
+        "print(rss_kib() - before)\n")
+    grew_kib = int(_run_child(code))
+    # 50,000 calls: a leak of even 100 bytes a call would be 5 MB
+    assert grew_kib < 2048, f"process memory grew by {grew_kib} KiB over 10,000 calls of each op"
+
+
+def test_attention_memory_grows_linearly_with_sequence_length():
+    """Peak memory of a causal CPU forward at S = 2k, 4k, 8k (one head, D = 64, float32): within
+    a bound from the tensors' own sizes (q, k, v, o: 4 S D floats) plus fixed per-thread tiles,
+    where a (S, S) score matrix would be S^2 floats (256 MiB at 8k)."""
+    code = RSS.replace("VmRSS", "VmHWM") + (
+        "import os, sys\n"
+        "sys.path = [p for p in sys.path if p not in ('', os.getcwd())]\n"
+        "import torch, lmfast\n"
+        "lmfast.ops.attention(*(torch.randn(1, 1, 64, 64) for _ in range(3)), backend='cpu')  # load, warm up\n"
+        "for S in (2048, 4096, 8192):\n"
+        "    q, k, v = (torch.randn(1, 1, S, 64) for _ in range(3))\n"
+        "    before = rss_kib()\n"
+        "    o = lmfast.ops.attention(q, k, v, causal=True, backend='cpu')\n"
+        "    print(S, rss_kib() - before)\n"
+        "    del q, k, v, o\n")
+    for line in _run_child(code).splitlines():
+        S, grew_kib = map(int, line.split())
+        tensors_kib = 4 * S * 64 * 4 // 1024
+        bound_kib = 2 * tensors_kib + 8 * 1024  # twice the tensors, 8 MiB of tiles and workspace
+        assert grew_kib <= bound_kib, f"S={S}: peak grew {grew_kib} KiB, bound {bound_kib} KiB (S^2 scores: " \
+                                      f"{S * S * 4 // 1024} KiB)"
