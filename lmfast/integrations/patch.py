@@ -167,6 +167,12 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    from .._backends import BACKENDS
+
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, one of {('auto', *BACKENDS)}, got {type(backend).__name__}")
+    if backend not in ("auto", *BACKENDS):  # (else every forward of the patched model would fail)
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
     enabled = {"norms": norms, "attention": attention, "softmax": softmax}
     swaps = [s for s in SWAPS if enabled[s.flag]]
     report = PatchReport()

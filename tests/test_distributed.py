@@ -1,0 +1,151 @@
+"""lmfast inside training runs: a patched model trained under torch.distributed DDP and FSDP2
+(gloo, two processes on this machine) matches the unpatched model under DDP within the error budget (the
+unpatched model in float64 is the oracle, in float32 the eager yardstick), and a patched model
+saved mid-training (torch.save of model and optimizer state; Hugging Face save_pretrained /
+from_pretrained) resumes exactly where it left off."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import lmfast
+from lmfast.testing import assert_within_budget
+
+# Run by each of two processes (gloo): three copies of one small pre-norm Transformer
+# (LayerNorm + nn.MultiheadAttention, which lmfast.patch replaces), trained 3 SGD steps on
+# rank-dependent batches; rank 0 saves every step's loss and the final gradients.
+DDP_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path = [p for p in sys.path if p not in ("", os.getcwd())]  # the installed lmfast
+    import torch, torch.distributed as dist, torch.multiprocessing as mp
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    import lmfast
+
+    def wrap(model, mode):
+        if mode == "ddp":
+            return DDP(model)
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        return fully_shard(model, mesh=init_device_mesh("cpu", (2,)))
+
+    def full(grad):  # FSDP2's gradients are shards (DTensors)
+        return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+
+    def run(rank, out, mode):
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        base = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True,
+                                                norm_first=True)
+        results = {}
+        for name, dtype, patched in (("ref64", torch.float64, False), ("eager", torch.float32, False),
+                                     ("lmfast", torch.float32, True)):
+            model = type(base)(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=True)
+            model.load_state_dict(base.state_dict())
+            model = model.to(dtype)
+            if patched:
+                report = lmfast.patch(model)
+                assert sum(report.swapped.values()) == 3, str(report)  # 2 LayerNorms, 1 attention
+            ddp = wrap(model, mode)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+            g = torch.Generator().manual_seed(100 + rank)
+            losses = []
+            for step in range(3):
+                x = torch.randn(4, 9, 32, generator=g).to(dtype)
+                mask = torch.ones(9, 9, dtype=torch.bool).tril()  # causal, as a boolean keep-mask
+                loss = ddp(x, src_mask=~mask).square().mean()
+                opt.zero_grad()
+                loss.backward()
+                losses.append(loss.detach())
+                if step < 2:
+                    opt.step()
+            grads = torch.cat([full(p.grad).reshape(-1) for p in ddp.parameters()])
+            results[name] = (torch.stack(losses), grads)
+        if rank == 0:
+            torch.save(results, out)
+        dist.destroy_process_group()
+
+    if __name__ == "__main__":
+        mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+''')
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_distributed_training_matches_unpatched(mode, tmp_path):
+    """DDP, and FSDP2's fully_shard (which this torch runs on the CPU with gloo)."""
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "results.pt"
+    port = str(29500 + os.getpid() % 1000 + (500 if mode == "fsdp2" else 0))
+    proc = subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env={**os.environ, "PORT": port, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = torch.load(out)
+    (loss64, grad64), (loss32, grad32), (ours_loss, ours_grad) = (results[k] for k in ("ref64", "eager", "lmfast"))
+    assert_within_budget(ours_loss, loss64, loss32, f"{mode} losses (3 steps)")
+    assert_within_budget(ours_grad, grad64, grad32, f"{mode} gradients after 2 steps")
+
+
+def _train(model, opt, steps: int, seed: int) -> list[float]:
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(4, 9, 32, generator=g)
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _encoder():
+    torch.manual_seed(0)
+    model = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=True)
+    report = lmfast.patch(model)
+    assert sum(report.swapped.values()) == 3, str(report)  # 2 LayerNorms, 1 attention
+    return model
+
+
+def test_torch_save_and_load_mid_training_resumes_exactly(tmp_path):
+    model = _encoder()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _train(model, opt, 3, seed=1)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
+    uninterrupted = _train(model, opt, 3, seed=2)
+
+    resumed = _encoder()
+    resumed_opt = torch.optim.AdamW(resumed.parameters(), lr=1e-2)
+    state = torch.load(tmp_path / "ckpt.pt")
+    resumed.load_state_dict(state["model"])
+    resumed_opt.load_state_dict(state["opt"])
+    assert _train(resumed, resumed_opt, 3, seed=2) == uninterrupted  # bit for bit
+
+
+def test_save_pretrained_round_trip_of_a_patched_model(tmp_path):
+    transformers = pytest.importorskip("transformers", reason="needs transformers (the test extras install it)")
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    lmfast.patch(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(tmp_path / "gpt2")
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2")
+    lmfast.patch(loaded)
+    model.eval()
+    loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
