@@ -45,12 +45,18 @@ def kernel_levels() -> dict[str, list[str]]:
     return {"default": []}
 
 
+# LMFAST_SANITIZE=1 (scripts/sanitize_cpu.sh): AddressSanitizer and UndefinedBehaviorSanitizer
+# in every C++ library, which then load only with libasan preloaded.
+SANITIZE_ARGS = (["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+                 if os.environ.get("LMFAST_SANITIZE") == "1" else [])
+
+
 def _common_args(torch_version: str) -> list[str]:
     # -fno-wrapv undoes the -fwrapv that setup.py builds inherit from Python's CFLAGS (it
     # blocks some loop optimizations), so both builds compile the same code. The version is
     # unquoted (ops.cpp stringifies it): quotes would not survive the first-use ninja build.
     # No -std: torch's build helpers pass the standard its headers need (C++20 for 2.13).
-    return ["-O3", "-fno-wrapv", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}"]
+    return ["-O3", "-fno-wrapv", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}", *SANITIZE_ARGS]
 
 
 def core_compile_args(torch_version: str) -> list[str]:
@@ -111,4 +117,4 @@ def default_max_jobs() -> int:
 
 # -fopenmp links libgomp.so.1; torch's wheel ships its own libgomp.so.1, already loaded when
 # the extension is, so the loader reuses it and torch and lmfast share one thread pool.
-CPU_LINK_ARGS = ["-fopenmp"]
+CPU_LINK_ARGS = ["-fopenmp", *SANITIZE_ARGS]

@@ -162,15 +162,18 @@ def _load_first_use() -> ExtensionStatus:
         # One cached library: compiled unless present, loaded with torch.ops.load_library.
         nonlocal announced
         build_dir = cache_root() / f"{name}_{key}"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        if not (build_dir / f"{name}_{key}.so").exists() and not announced:
-            print(f"lmfast: compiling the C++ CPU kernels for torch {torch.__version__} "
-                  f"(first use, about a minute) into {cache_root()}", file=sys.stderr, flush=True)
-            announced = True
-        cpp_extension.load(name=f"{name}_{key}", sources=[str(src / s) for s in sources],
-                           extra_cflags=cflags, extra_ldflags=_build_flags.CPU_LINK_ARGS,
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
-        return build_dir / f"{name}_{key}.so"
+
+        def announce():
+            nonlocal announced
+            if not announced:
+                print(f"lmfast: compiling the C++ CPU kernels for torch {torch.__version__} "
+                      f"(first use, about a minute) into {cache_root()}", file=sys.stderr, flush=True)
+                announced = True
+
+        return _cached_build(build_dir, f"{name}_{key}", announce, lambda: cpp_extension.load(
+            name=f"{name}_{key}", sources=[str(src / s) for s in sources], extra_cflags=cflags,
+            extra_ldflags=_build_flags.CPU_LINK_ARGS, build_directory=str(build_dir), is_python_module=False,
+            verbose=False))
 
     try:
         core = build("lmfast_C", _build_flags.CORE_SOURCES, _build_flags.core_compile_args(torch.__version__))
@@ -182,6 +185,42 @@ def _load_first_use() -> ExtensionStatus:
         return ExtensionStatus(False, str(e))
     except Exception as e:  # no compiler, no ninja, compile error: report, don't crash
         return ExtensionStatus(False, f"first-use build failed: {_why(e)}")
+
+
+def _cached_build(build_dir: Path, name: str, announce, build_and_load) -> Path:
+    """Builds (unless cached) and loads the library `name` in build_dir, safely when several
+    processes start at once: they take turns on a file lock, which the kernel releases if its
+    holder dies, so a killed build never blocks the next one (torch's own lock file, which a
+    killed build leaves behind and which would make every later build wait forever, is removed
+    while holding it). A library is trusted only with the marker written after it last built
+    and loaded (its size): a build killed while linking leaves a truncated file that ninja
+    takes as up to date and that crashes the process on loading (SIGBUS), so such a library
+    is deleted and rebuilt. One that still fails to load is rebuilt once."""
+    import fcntl
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    library = build_dir / f"{name}.so"
+    marker = build_dir / f"{name}.so.complete"
+    with open(build_dir / "lmfast.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        (build_dir / "lock").unlink(missing_ok=True)  # torch's, from a build that was killed
+        if library.exists() and not (marker.exists() and marker.read_text() == str(library.stat().st_size)):
+            print(f"lmfast: the cached {library.name} is incomplete (a build was interrupted); rebuilding it",
+                  file=sys.stderr, flush=True)
+            library.unlink()
+        if not library.exists():
+            announce()
+        try:
+            build_and_load()
+        except OSError as e:
+            if not library.exists():
+                raise
+            print(f"lmfast: the cached {library.name} does not load ({str(e).splitlines()[0][:120]}); "
+                  "rebuilding it", file=sys.stderr, flush=True)
+            library.unlink()
+            build_and_load()
+        marker.write_text(str(library.stat().st_size))
+    return library
 
 
 def _why(e: Exception) -> str:
@@ -240,15 +279,14 @@ def _load_cuda_first_use() -> ExtensionStatus:
         digest.update(f.name.encode() + f.read_bytes())
     name = f"lmfast_cuda_{digest.hexdigest()[:16]}"
     build_dir = cache_root() / name
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / f"{name}.so").exists():
-        print(f"lmfast: compiling the CUDA kernels for torch {torch.__version__} (first use, a few minutes) "
-              f"into {cache_root()}", file=sys.stderr, flush=True)
     args = _build_flags.cuda_compile_args(torch.__version__, archs)
     try:
-        cpp_extension.load(name=name, sources=[str(src / s) for s in _build_flags.CUDA_SOURCES],
-                           extra_cflags=args["cxx"], extra_cuda_cflags=args["nvcc"],
-                           build_directory=str(build_dir), is_python_module=False, verbose=False)
+        _cached_build(build_dir, name, lambda: print(
+            f"lmfast: compiling the CUDA kernels for torch {torch.__version__} (first use, a few minutes) into "
+            f"{cache_root()}", file=sys.stderr, flush=True), lambda: cpp_extension.load(
+                name=name, sources=[str(src / s) for s in _build_flags.CUDA_SOURCES], extra_cflags=args["cxx"],
+                extra_cuda_cflags=args["nvcc"], build_directory=str(build_dir), is_python_module=False,
+                verbose=False))
     except Exception as e:
         return ExtensionStatus(False, f"first-use build of the CUDA kernels failed: {_why(e)}")
     return ExtensionStatus(True, f"built on first use in {cache_root()} ({_cuda_build_info()}); {CUDA_UNVERIFIED}",

@@ -117,13 +117,28 @@ def test_first_use_build(tmp_path):
         "x = torch.randn(7, 33)\n"
         "torch.testing.assert_close(lmfast.ops.layer_norm(x, backend='cpu'), lmfast.ops.layer_norm(x, backend='torch'))\n"
     )
-    first = _run(code, LMFAST_CACHE_DIR=str(tmp_path))
-    assert first.returncode == 0, first.stderr
-    assert first.stdout.startswith("True built on first use"), first.stdout
-    assert "compiling the C++ CPU kernels" in first.stderr
+    # two processes start the build at once: they take turns, both load the same libraries
+    env = {**os.environ, "LMFAST_CACHE_DIR": str(tmp_path)}
+    both = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env) for _ in range(2)]
+    outs = [p.communicate(timeout=900) for p in both]
+    for p, (out, err) in zip(both, outs):
+        assert p.returncode == 0, err
+        assert out.startswith("True built on first use"), out
+    assert sum("compiling the C++ CPU kernels" in err for _, err in outs) >= 1
     second = _run(code, LMFAST_CACHE_DIR=str(tmp_path))
     assert second.returncode == 0, second.stderr
     assert "compiling" not in second.stderr  # cached
+    # a build killed while linking: a truncated library (loading it crashed the process with
+    # SIGBUS), and torch's lock file left behind (every later build waited for it forever):
+    # detected, rebuilt, loaded
+    kernels = next(tmp_path.glob("lmfast_cpu_*/lmfast_cpu_*.so"))
+    kernels.write_bytes(kernels.read_bytes()[:1000])
+    (kernels.parent / "lock").touch()
+    third = _run(code, LMFAST_CACHE_DIR=str(tmp_path))
+    assert third.returncode == 0, third.stderr
+    assert third.stdout.startswith("True built on first use"), third.stdout + third.stderr
+    assert "is incomplete (a build was interrupted); rebuilding it" in third.stderr
 
 
 def test_no_compiler_is_reported_and_ops_fall_back(tmp_path):
