@@ -75,17 +75,21 @@ def _calls(module: torch.nn.Module, x: torch.Tensor, grad: bool) -> Callable[[],
     return lambda: torch.autograd.grad(module(x), leaves, dy)
 
 
-def _attention_pair(device: str, grad: bool):
+def _attention_pair(device: str, grad: bool, backend: str = "auto"):
+    """transformers' SDPA attention function against lmfast's (without transformers, or for a
+    named backend: F.scaled_dot_product_attention against lmfast.nn.Attention)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, 1, 64, generator=g).to(device).requires_grad_(grad)   # (B, Hq, Sq, D)
     k = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)  # (B, Hkv, Sk, D)
     v = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)
     try:
+        if backend != "auto":
+            raise ImportError  # (the plain pair below)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         from .integrations import hf
     except ImportError:
-        attention = lmfast.nn.Attention()
+        attention = lmfast.nn.Attention(backend=backend)
         theirs = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
         ours = lambda: attention(q, k, v)  # noqa: E731
     else:
@@ -93,21 +97,6 @@ def _attention_pair(device: str, grad: bool):
         layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
         theirs = lambda: sdpa_attention_forward(layer, q, k, v, None, scaling=0.125)[0]  # noqa: E731
         ours = lambda: hf.attention_forward(layer, q, k, v, None, scaling=0.125)[0]  # noqa: E731
-    if not grad:
-        return torch.no_grad()(theirs), torch.no_grad()(ours)
-    dy = torch.ones_like(theirs())
-    return (lambda: torch.autograd.grad(theirs(), (q, k, v), dy)), (lambda: torch.autograd.grad(ours(), (q, k, v), dy))
-
-
-def _cuda_attention_pair(device: str, grad: bool):
-    """SDPA against lmfast.nn.Attention on the CUDA C++ kernels, at the decode size above."""
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 9, 1, 64, generator=g).to(device).requires_grad_(grad)
-    k = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)
-    v = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)
-    attention = lmfast.nn.Attention(backend="cuda")
-    theirs = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-    ours = lambda: attention(q, k, v)  # noqa: E731
     if not grad:
         return torch.no_grad()(theirs), torch.no_grad()(ours)
     dy = torch.ones_like(theirs())
@@ -141,7 +130,7 @@ def pairs(device: str = "cpu") -> list[_Pair]:
             _Pair("RMSNorm (1, 1, 576) [cuda]", rms_name, "lmfast.nn.RMSNorm cuda",
                   _module_pair(rms, (1, 1, 576), backend="cuda")),
             _Pair("attention 9x1/3x300 [cuda]", "F.scaled_dot_product_attention", "lmfast.nn.Attention cuda",
-                  _cuda_attention_pair),
+                  lambda device, grad: _attention_pair(device, grad, backend="cuda")),
         ]
     return found
 

@@ -521,16 +521,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     return true;
   };
   const bool vec16 = (D * elem) % 16 == 0 && aligned(q) && aligned(k) && aligned(v);
-  auto run = [&]<typename T>() {
+  for_dtype(q.scalar_type(), [&]<typename T>() {
     if (Sq <= kDecodeMaxRows) run_decode<T>(p, vec16, q.options(), stream);
     else run_prefill<T>(p, vec16, stream);
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat: run.template operator()<float>(); break;
-    case at::kHalf: run.template operator()<__half>(); break;
-    case at::kBFloat16: run.template operator()<__nv_bfloat16>(); break;
-    default: TORCH_CHECK_TYPE(false, "backend 'cuda' supports float16, bfloat16 and float32, got ", q.scalar_type());
-  }
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {o, lse};
 }

@@ -2,6 +2,7 @@
 // and stores, warp and block reductions, and the launch geometry.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -133,6 +134,19 @@ __device__ __forceinline__ void sync_group(int group) {
   else __syncthreads();
 }
 
+// This thread's place among the row groups of the grid (group: 32 or blockDim.x threads per
+// row): its index within its group, its group's first row, and the stride to its next row.
+struct RowGroup {
+  int tid;
+  int64_t first, step;
+};
+
+__device__ __forceinline__ RowGroup row_group(int group) {
+  const int64_t groups_per_block = blockDim.x / group;
+  return {group == 32 ? int(threadIdx.x & 31) : int(threadIdx.x),
+          blockIdx.x * groups_per_block + threadIdx.x / group, gridDim.x * groups_per_block};
+}
+
 struct RowGeometry {
   int threads;         // block size
   int group;           // threads per row: 32 (a warp) or `threads`
@@ -162,6 +176,30 @@ inline RowGeometry row_geometry(int64_t rows, int64_t N, int64_t warp_row_max, i
   if (g.blocks > max_blocks) g.blocks = max_blocks;
   if (g.blocks < 1) g.blocks = 1;
   return g;
+}
+
+// ---- host-side launch helpers --------------------------------------------------------------
+
+// Elements per access: 16 bytes' worth (a 128-bit load/store) when N is a multiple of it and
+// every given tensor's data starts 16-byte aligned (rows of N then stay aligned), else 1.
+template <typename T>
+int vector_width(int64_t N, std::initializer_list<const at::Tensor*> tensors) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (N % kVec != 0) return 1;
+  for (const at::Tensor* t : tensors)
+    if (t->defined() && t->numel() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
+  return kVec;
+}
+
+// fn.template operator()<T>() with T the CUDA element type of dtype t.
+template <typename Fn>
+void for_dtype(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: fn.template operator()<float>(); break;
+    case at::kHalf: fn.template operator()<__half>(); break;
+    case at::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
+    default: TORCH_CHECK_TYPE(false, "backend 'cuda' supports float16, bfloat16 and float32, got ", t);
+  }
 }
 
 }  // namespace lmfast::cuda

@@ -42,13 +42,11 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
   constexpr int kSlots = kCachedPerThread / VEC;
   __shared__ Welford welford_scratch[32];
   __shared__ float sum_scratch[32];
-  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
-  const int64_t groups_per_block = blockDim.x / group;
-  const int64_t first = blockIdx.x * groups_per_block + threadIdx.x / group;
+  const auto [tid, first, step] = row_group(group);
   const int64_t nvec = N / VEC;
   const float inv_n = 1.f / float(N);
 
-  for (int64_t row = first; row < rows; row += gridDim.x * groups_per_block) {
+  for (int64_t row = first; row < rows; row += step) {
     const T* xr = x + row * N;
     const T* rr = residual ? residual + row * N : nullptr;
     T* sr = s_out ? s_out + row * N : nullptr;
@@ -160,10 +158,7 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
                                 bool in_regs) {
   constexpr int kSlots = kBwdRegCols / VEC;
   __shared__ float sum_scratch[32];
-  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
-  const int64_t groups_per_block = blockDim.x / group;
-  const int64_t g = blockIdx.x * groups_per_block + threadIdx.x / group;  // this group's index
-  const int64_t ngroups = gridDim.x * groups_per_block;
+  const auto [tid, g, ngroups] = row_group(group);  // (g: this group's index and first row)
   const int64_t nvec = N / VEC;
   const float inv_n = 1.f / float(N);
   float acc_w[kSlots][VEC] = {}, acc_b[kSlots][VEC] = {};
@@ -261,16 +256,6 @@ T* mut_ptr(const Tensor& t) { return t.defined() && t.numel() ? reinterpret_cast
 
 Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 
-// VEC for 128-bit accesses when N is a multiple of it and every tensor's rows start aligned.
-template <typename T>
-int vector_width(int64_t N, std::initializer_list<const Tensor*> tensors) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (N % kVec != 0) return 1;
-  for (const Tensor* t : tensors)
-    if (t->defined() && t->numel() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
-  return kVec;
-}
-
 template <typename T, bool kCentered>
 void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r, Tensor& y,
                      Tensor& s, Tensor& mean, Tensor& rstd, double eps) {
@@ -320,17 +305,6 @@ void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const T
   if (want_w) column_sum_kernel<T><<<col_blocks, 256, 0, stream>>>(ptr<float>(dw_part), groups, N, mut_ptr<T>(dw));
   if (want_b) column_sum_kernel<T><<<col_blocks, 256, 0, stream>>>(ptr<float>(db_part), groups, N, mut_ptr<T>(db));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
-// Runs fn.template operator()<T>() for x's dtype (the CUDA element type).
-template <typename Fn>
-void for_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn.template operator()<float>(); break;
-    case at::kHalf: fn.template operator()<__half>(); break;
-    case at::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
-    default: TORCH_CHECK_TYPE(false, "lmfast cuda: float16, bfloat16 and float32 only, got ", t);
-  }
 }
 
 }  // namespace

@@ -34,12 +34,10 @@ __global__ void softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict_
   constexpr bool kBoolMask = std::is_same_v<M, bool>;
   __shared__ RowMax rowmax_scratch[32];
   __shared__ float sum_scratch[32];
-  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
-  const int64_t groups_per_block = blockDim.x / group;
-  const int64_t first = blockIdx.x * groups_per_block + threadIdx.x / group;
+  const auto [tid, first, step] = row_group(group);
   const int64_t nvec = N / VEC;
 
-  for (int64_t row = first; row < rows; row += gridDim.x * groups_per_block) {
+  for (int64_t row = first; row < rows; row += step) {
     const int64_t m = row % Mrows, h = (row / Mrows) % H, b = row / (Mrows * H);
     const T* xr = x + row * N;
     T* yr = y + row * N;
@@ -118,11 +116,9 @@ template <typename T, int VEC>
 __global__ void softmax_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx,
                                    int64_t rows, int64_t N, float scale, int group) {
   __shared__ float sum_scratch[32];
-  const int tid = group == 32 ? (threadIdx.x & 31) : threadIdx.x;
-  const int64_t groups_per_block = blockDim.x / group;
-  const int64_t first = blockIdx.x * groups_per_block + threadIdx.x / group;
+  const auto [tid, first, step] = row_group(group);
   const int64_t nvec = N / VEC;
-  for (int64_t row = first; row < rows; row += gridDim.x * groups_per_block) {
+  for (int64_t row = first; row < rows; row += step) {
     const T* dyr = dy + row * N;
     const T* yr = y + row * N;
     float dot = 0.f;
@@ -142,25 +138,6 @@ __global__ void softmax_bwd_kernel(const T* __restrict__ dy, const T* __restrict
       for (int e = 0; e < VEC; ++e) out[e] = scale * p[e] * (d[e] - dot);
       store_floats<T, VEC>(dx + row * N + vi * VEC, out);
     }
-  }
-}
-
-template <typename T>
-int vector_width(int64_t N, std::initializer_list<const Tensor*> tensors) {
-  constexpr int kVec = 16 / sizeof(T);
-  if (N % kVec != 0) return 1;
-  for (const Tensor* t : tensors)
-    if (t->numel() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
-  return kVec;
-}
-
-template <typename Fn>
-void for_dtype(at::ScalarType t, Fn&& fn) {
-  switch (t) {
-    case at::kFloat: fn.template operator()<float>(); break;
-    case at::kHalf: fn.template operator()<__half>(); break;
-    case at::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
-    default: TORCH_CHECK_TYPE(false, "lmfast cuda: float16, bfloat16 and float32 only, got ", t);
   }
 }
 
