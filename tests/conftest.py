@@ -47,14 +47,10 @@ def _cuda_cpp_available() -> bool:
     return lmfast.backends()["cuda"].available
 
 
-# The CUDA C++ kernels (backend "cuda") join on a GPU machine where lmfast._cuda loads. A GPU
-# machine without them fails here rather than testing less: a CUDA build of torch with a GPU
-# and no lmfast._cuda is a broken install (LMFAST_SKIP_CUDA_BUILD=1 opts out knowingly).
-if HAS_CUDA and os.environ.get("LMFAST_SKIP_CUDA_BUILD") != "1":
-    if not _cuda_cpp_available():
-        import lmfast
-
-        raise RuntimeError(f"backend 'cuda' cannot run on this GPU machine: {lmfast.backends()['cuda'].detail}")
+# The CUDA C++ kernels (backend "cuda") join on a GPU machine where lmfast._cuda loads; where
+# it does not, test_cuda_build.py::test_cuda_backend_loads_on_a_gpu_machine_and_says_why_not_elsewhere fails (and the
+# other backends are still tested).
+if HAS_CUDA and _cuda_cpp_available():
     KERNEL_BACKENDS.append(KernelBackend("cuda", "cuda", slow=False))
 
 
