@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The C++ CPU kernels under AddressSanitizer and UndefinedBehaviorSanitizer:
+#
+#   scripts/sanitize_cpu.sh [pytest arguments]    (default: the op and reliability tests, CPU backend)
+#
+# Copies the sources to a scratch folder (SANITIZE_DIR, default a new temporary one), builds
+# lmfast there with LMFAST_SANITIZE=1 (lmfast/_build_flags.py: -fsanitize=address,undefined,
+# UB fatal) and one kernel library for this CPU (LMFAST_CPU_ARCH=native), installs it into
+# SANITIZE_DIR/site, and runs the tests against that install with libasan and libubsan
+# preloaded into an uninstrumented Python and torch. Leak checking is off: CPython and torch
+# keep allocations for the life of the process by design. Any sanitizer report fails the run.
+# The memory-growth test is left out: ASan's quarantine holds freed memory on purpose (RSS
+# grew 174 MiB over its 50,000 calls under it). On 2 cores: about 6 minutes to build (one
+# job), about 3.5 minutes of tests.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+WORK="${SANITIZE_DIR:-$(mktemp -d)}"
+mkdir -p "$WORK"
+PYTHON="${PYTHON:-python3}"
+SECONDS=0
+
+echo "== build with ASan + UBSan in $WORK"
+rm -rf "$WORK/src" "$WORK/site"
+mkdir -p "$WORK/src"
+(cd "$ROOT" && git ls-files -z | xargs -0 -I{} cp --parents {} "$WORK/src/")
+(cd "$WORK/src" && LMFAST_SANITIZE=1 LMFAST_CPU_ARCH=native MAX_JOBS="${MAX_JOBS:-$(nproc)}" \
+  "$PYTHON" -m pip install -q --no-build-isolation --no-deps --target "$WORK/site" .)
+echo "built in ${SECONDS}s"
+
+ASAN="$(gcc -print-file-name=libasan.so)"
+UBSAN="$(gcc -print-file-name=libubsan.so)"
+if [ "$#" -eq 0 ]; then
+  set -- "$ROOT/tests/test_norm.py" "$ROOT/tests/test_softmax.py" "$ROOT/tests/test_attention_kernels.py" \
+    "$ROOT/tests/test_fuzz.py" "$ROOT/tests/test_reliability.py" -k "not triton and not widening_path and not memory_growth"
+fi
+echo "== tests under the sanitizers: $*"
+cd "$WORK"  # (not the checkout: its source lmfast would shadow the install)
+LD_PRELOAD="$ASAN:$UBSAN" \
+ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1" \
+UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
+PYTHONPATH="$WORK/site" \
+  "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist "$@"
+echo "sanitized tests passed in ${SECONDS}s"
