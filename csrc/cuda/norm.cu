@@ -279,9 +279,11 @@ template <typename T, bool kCentered>
 void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
                      const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db) {
   const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
-  if (dw.defined() && dw.numel()) dw.zero_();
-  if (db.defined() && db.numel()) db.zero_();
-  if (rows == 0) return;
+  if (rows == 0) {  // no rows: zero weight gradients (else column_sum_kernel writes every column)
+    if (dw.defined() && dw.numel()) dw.zero_();
+    if (db.defined() && db.numel()) db.zero_();
+    return;
+  }
   const int vec = vector_width<T>(N, {&dy, &x, &w, &dres, &dx});
   RowGeometry geo = row_geometry(rows, N, kWarpRowMax / 2, kBwdRegCols, vec, rows);
   // About half the threads the SMs hold, no more: each row group adds a row of partials.
