@@ -1,6 +1,6 @@
 """Reliability of the kernels in long runs: bit-identical results across repeated calls
-(forward, and backward on the CPU), the same results from 8 Python threads at once as from
-serial calls, no growth in process memory over 10,000 calls of each op, and attention memory
+(forward, and backward on the CPU) and, on the CPU, across thread counts; the same results from
+8 Python threads at once as from serial calls, no growth in process memory over 10,000 calls of each op, and attention memory
 that grows linearly with the sequence length.
 
 GPU backends: the Triton and CUDA C++ kernels use no atomics (weight gradients are summed from
@@ -88,6 +88,62 @@ def test_eight_python_threads_match_serial_calls():
     for th in threads:
         th.join()
     assert not errors, errors[:5]
+
+
+def _thread_count_cases():
+    """Shapes that exercise every way the CPU kernels split their work: a norm backward over many
+    row blocks, attention with long queries (128- and 256-row query blocks), short queries with
+    their keys split (decoding, GQA) and a bfloat16 prefill."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(shape, generator=g).to(dtype).requires_grad_()
+
+    x, r, w, b = rand(3001, 257), rand(3001, 257), rand(257), rand(257)
+    xb, wb = rand(700, 1024, dtype=torch.bfloat16), rand(1024, dtype=torch.bfloat16)
+    s = rand(3, 5, 130, 333)
+    q1, k1, v1 = rand(1, 4, 700, 64), rand(1, 4, 700, 64), rand(1, 4, 700, 64)       # 128-row blocks
+    q2, k2, v2 = rand(4, 8, 520, 64), rand(4, 2, 520, 64), rand(4, 2, 520, 64)       # 256-row blocks, GQA
+    qd, kd, vd = rand(2, 9, 1, 64), rand(2, 3, 3000, 64), rand(2, 3, 3000, 64)       # decoding: keys split
+    qb, kb_, vb = (rand(2, 6, 300, 64, dtype=torch.bfloat16) for _ in range(3))
+    return {
+        "layer_norm": (lambda: lmfast.ops.layer_norm(x, w, b, residual=r, backend="cpu"), (x, r, w, b)),
+        "rms_norm bf16": (lambda: lmfast.ops.rms_norm(xb, wb, backend="cpu"), (xb, wb)),
+        "softmax": (lambda: lmfast.ops.softmax(s, scale=0.5, causal=True, backend="cpu"), (s,)),
+        "attention 128-row blocks": (lambda: lmfast.ops.attention(q1, k1, v1, causal=True, backend="cpu"),
+                                     (q1, k1, v1)),
+        "attention 256-row blocks": (lambda: lmfast.ops.attention(q2, k2, v2, backend="cpu"), (q2, k2, v2)),
+        "attention decode": (lambda: lmfast.ops.attention(qd, kd, vd, backend="cpu"), (qd, kd, vd)),
+        "attention bf16": (lambda: lmfast.ops.attention(qb, kb_, vb, causal=True, backend="cpu"), (qb, kb_, vb)),
+    }
+
+
+def test_cpu_results_do_not_depend_on_the_thread_count():
+    """The CPU kernels split their work by the shape alone, so torch.set_num_threads(1, 2, 3, 8)
+    gives the same bits, forward and backward: a job resumed with another thread count, or a
+    run reproduced on a machine with more cores of the same CPU, computes the same numbers.
+    (Found: the norms' dweight / dbias were summed in one block per thread, and attention sized
+    its query blocks and decoding key splits from the thread count.)"""
+    cases = _thread_count_cases()
+    saved = torch.get_num_threads()
+    results: dict[int, dict[str, tuple]] = {}
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            results[threads] = {}
+            for name, (fn, leaves) in cases.items():
+                outs = fn()
+                outs = outs if isinstance(outs, tuple) else (outs,)
+                gen = torch.Generator().manual_seed(1)
+                dys = [torch.randn(o.shape, generator=gen).to(o) for o in outs]
+                results[threads][name] = ([o.detach() for o in outs], list(torch.autograd.grad(outs, leaves, dys)))
+    finally:
+        torch.set_num_threads(saved)
+    for threads in (2, 3, 8):
+        for name, (out, grads) in results[threads].items():
+            out1, grads1 = results[1][name]
+            assert _bitwise_equal(out, out1), f"{name}: the forward with {threads} threads differs from 1 thread"
+            assert _bitwise_equal(grads, grads1), f"{name}: the backward with {threads} threads differs from 1 thread"
 
 
 def _run_child(code: str) -> str:

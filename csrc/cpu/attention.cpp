@@ -625,8 +625,12 @@ void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>
   }
 }
 
-// Keys per task when short-query tiles split their keys (see attention_fwd_kernel).
-constexpr int64_t kMinSplitKeys = 128;
+// The forward's task shapes (see attention_fwd_kernel): fixed numbers, not read from the thread
+// count, since the split of the work decides the rounding and results must not change with
+// torch.set_num_threads. They suit up to ~16 threads; more threads idle on mid-size shapes.
+constexpr int64_t kTasksFor256 = 64;    // long queries: tasks needed before 256-row query blocks
+constexpr int64_t kSplitTasks = 32;     // short queries: tasks the key splits aim at
+constexpr int64_t kMinSplitKeys = 128;  // short queries: keys per split, at least
 
 template <typename scalar_t, typename mask_t>
 void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
@@ -638,12 +642,12 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   const int64_t group = g.group();
 
   if (g.Sq * group > kBlockQ) {  // long queries: one task per (b, h, query block)
-    // Query blocks of 256 rows where that still leaves four tasks per thread (larger products
-    // run closer to the BLAS's peak), else 128. Key tiles twice as long; with a causal or
-    // window band, as long as a query block: only the tiles on the band's edges are partly
-    // masked, and a query block skips the rest whole.
-    const int64_t threads = at::get_num_threads();
-    const int64_t block_q = g.B * g.Hq * ((g.Sq + 255) / 256) >= 4 * threads ? 256 : kBlockQ;
+    // Query blocks of 256 rows where that still makes kTasksFor256 tasks (larger products run
+    // closer to the BLAS's peak), else 128. Key tiles twice as long; with a causal or window
+    // band, as long as a query block: only the tiles on the band's edges are partly masked,
+    // and a query block skips the rest whole. The tiling follows the shape alone, not the
+    // thread count, so results are the same bits for any torch.set_num_threads.
+    const int64_t block_q = g.B * g.Hq * ((g.Sq + 255) / 256) >= kTasksFor256 ? 256 : kBlockQ;
     const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
     const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
@@ -689,9 +693,10 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   }
 
   // Short queries: one tile per (b, kv head) holding all group * Sq rows, its keys split in
-  // `splits` ranges so that there are about two tasks per thread.
+  // `splits` ranges so that there are about kSplitTasks tasks (of at least kMinSplitKeys keys).
+  // Like the tiling above, the split follows the shape alone, not the thread count.
   const int64_t heads = g.B * g.Hkv;
-  const int64_t want = (2 * at::get_num_threads() + heads - 1) / heads;
+  const int64_t want = (kSplitTasks + heads - 1) / heads;
   const int64_t splits = std::max<int64_t>(1, std::min(want, g.Sk / kMinSplitKeys));
   const int64_t R = g.Sq * group;
   // Partial states of the splits (splits > 1): per task, m and l (R each) and acc (R x D).

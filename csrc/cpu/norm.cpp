@@ -34,23 +34,33 @@ const T* ptr_or_null(const std::optional<Tensor>& t) {
   return t.has_value() ? t->const_data_ptr<T>() : nullptr;
 }
 
-// The backward splits rows into one contiguous block per thread, and each block sums its
-// rows' contributions to dweight / dbias in a RowSum. Blocks' totals are summed afterwards.
-int64_t num_row_blocks(int64_t rows) {
-  return std::max<int64_t>(1, std::min<int64_t>(rows, at::get_num_threads()));
+// The backward sums dweight / dbias over rows in contiguous blocks fixed by the shape alone,
+// never by the thread count, so the gradients are the same bits whatever torch.set_num_threads
+// says (with one block per thread, as before, they were not). Blocks of at least kMinBlockRows
+// rows, at most kMaxBlocks of them (192 = 2^6 x 3 spreads evenly over 1, 2, 3, 4, 6, 8, 12, 16,
+// 24, 32, 48, 64 or 96 threads), and at most kMaxTotalsBytes of float64 per-block totals
+// (or 4 blocks, for rows so wide that 4 blocks' totals exceed it).
+constexpr int64_t kMinBlockRows = 32, kMaxBlocks = 192, kMaxTotalsBytes = int64_t{8} << 20;
+
+int64_t num_row_blocks(int64_t rows, int64_t N, int64_t sums) {
+  const int64_t by_rows = (rows + kMinBlockRows - 1) / kMinBlockRows;
+  const int64_t by_memory = kMaxTotalsBytes / std::max<int64_t>(1, N * sums * int64_t(sizeof(double)));
+  return std::max<int64_t>(1, std::min({by_rows, kMaxBlocks, std::max<int64_t>(by_memory, 4)}));
 }
 
 // A per-block sum over rows of (N,) gradient rows: the kernel adds each row into `run` (acc_t,
-// cache-resident), which is flushed into the float64 `total` every kFlushRows rows. Summing
-// any number of rows then rounds no more than an 8-row sum does, like torch's cascade sum
-// (a plain running float sum over a 22-row block had 35x eager's error on a width-1 weight
-// gradient), while most of the work stays in the cheap float adds.
+// cache-resident, one per thread), which is flushed into the block's float64 `total` every
+// kFlushRows rows (the first flush assigns: totals start uninitialized). Summing any number of
+// rows then rounds no more than an 8-row sum does, like torch's cascade sum (a plain running
+// float sum over a 22-row block had 35x eager's error on a width-1 weight gradient), while most
+// of the work stays in the cheap float adds.
 template <typename acc_t>
 struct RowSum {
   static constexpr int kFlushRows = 8;
-  acc_t* run = nullptr;     // (N,) sum of the rows since the last flush
+  acc_t* run = nullptr;     // (N,) sum of the rows since the last flush, zero between blocks
   double* total = nullptr;  // (N,) sum of the flushed runs
   int pending = 0;
+  bool started = false;     // whether `total` holds a value yet
 
   explicit operator bool() const { return run != nullptr; }
 
@@ -60,21 +70,13 @@ struct RowSum {
   }
   void flush(int64_t N) {
     for (int64_t j = 0; j < N; ++j) {  // vectorized by the compiler
-      total[j] += double(run[j]);
+      total[j] = started ? total[j] + double(run[j]) : double(run[j]);
       run[j] = acc_t(0);
     }
     pending = 0;
+    started = true;
   }
 };
-
-// Runs fn(block, begin, end) for each of `blocks` contiguous row ranges, in parallel. Results
-// do not depend on how the thread pool schedules the blocks.
-template <typename F>
-void for_each_row_block(int64_t rows, int64_t blocks, const F& fn) {
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) fn(b, rows * b / blocks, rows * (b + 1) / blocks);
-  });
-}
 
 template <typename scalar_t, bool kCentered>
 void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* weight,
@@ -189,100 +191,105 @@ template <typename scalar_t, bool kCentered>
 void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
                      const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
                      const scalar_t* dresidual_out, scalar_t* dx,
-                     at::opmath_type<scalar_t>* dweight_run, double* dweight_total,
-                     at::opmath_type<scalar_t>* dbias_run, double* dbias_total, int64_t rows,
-                     int64_t N, int64_t blocks) {
+                     double* dweight_total, double* dbias_total, int64_t rows, int64_t N,
+                     int64_t blocks) {
   using C = Chunk<scalar_t>;
   using Vec = typename C::Vec;
   using acc_t = typename C::acc_t;
   constexpr int64_t K = C::kChunk, R = kBwdBlockRows;
 
-  for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
-    RowSum<acc_t> dw_sum, db_sum;  // this block's dweight / dbias
-    if (dweight_run) dw_sum = {dweight_run + block * N, dweight_total + block * N};
-    if (dbias_run) db_sum = {dbias_run + block * N, dbias_total + block * N};
-    const scalar_t* x_end = x + end * N;  // prefetches stay inside the task's rows
-    const scalar_t* dy_end = dy + end * N;
-    for (int64_t i0 = begin; i0 < end; i0 += R) {
-      const int64_t nr = std::min(R, end - i0);
-      Vec mu_v[R], rstd_v[R], c1[R], c2[R];  // per row: xhat = (x - mu) * rstd, and the two means
+  // Threads take whole blocks (block b: rows [rows * b / blocks, rows * (b + 1) / blocks)), in
+  // any order: a block's totals depend on its rows only.
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> dw_run(dweight_total ? N : 0), db_run(dbias_total ? N : 0);  // this thread's runs
+    for (int64_t block = b0; block < b1; ++block) {
+      const int64_t begin = rows * block / blocks, end = rows * (block + 1) / blocks;
+      RowSum<acc_t> dw_sum, db_sum;  // this block's dweight / dbias
+      if (dweight_total) dw_sum = {dw_run.data(), dweight_total + block * N};
+      if (dbias_total) db_sum = {db_run.data(), dbias_total + block * N};
+      const scalar_t* x_end = x + end * N;  // prefetches stay inside the task's rows
+      const scalar_t* dy_end = dy + end * N;
+      for (int64_t i0 = begin; i0 < end; i0 += R) {
+        const int64_t nr = std::min(R, end - i0);
+        Vec mu_v[R], rstd_v[R], c1[R], c2[R];  // per row: xhat = (x - mu) * rstd, and the two means
 
-      // Pass 1, per row (streamed from memory): c1 = mean(g * xhat), c2 = mean(g), g = dy * w.
-      // Tail lanes of x and dy load as zero, so g = 0 there.
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t i = i0 + r;
-        const scalar_t* xi = x + i * N;
-        const scalar_t* dyi = dy + i * N;
-        mu_v[r] = Vec(kCentered ? mean[i] : acc_t(0));
-        rstd_v[r] = Vec(rstd[i]);
-        Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
-        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-          prefetch_ahead(xi, j, sizeof(scalar_t), x_end);
-          prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
-          auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
-          xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
-          xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
-          if (weight != nullptr) {
-            const auto w = C::load(weight + j, n);
-            g.lo *= w.lo;
-            g.hi *= w.hi;
-          }
-          gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
-          gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
-          if constexpr (kCentered) {
-            g_lo += g.lo;
-            g_hi += g.hi;
-          }
-        });
-        c1[r] = Vec(hsum(gx_lo + gx_hi) / acc_t(N));
-        c2[r] = Vec(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
-      }
-
-      // Pass 2, chunk by chunk over the block's rows (in cache): dx = (g - xhat * c1 - c2) *
-      // rstd (+ dresidual), and the block's dw / db of the chunk, added to the RowSums once.
-      // The next block's dx rows are prefetched for writing.
-      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-        const C w = weight != nullptr ? C::load(weight + j, n) : C{Vec(1), Vec(1)};
-        C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
+        // Pass 1, per row (streamed from memory): c1 = mean(g * xhat), c2 = mean(g), g = dy * w.
+        // Tail lanes of x and dy load as zero, so g = 0 there.
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = i0 + r;
-          if (i + R < end) prefetch_row_chunk_for_write(dx + (i + R) * N, j, sizeof(scalar_t));
-          auto xh = C::load(x + i * N + j, n);
-          const auto d = C::load(dy + i * N + j, n);
-          xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
-          xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
-          C out;  // g = dy * w (w = 1 without a weight)
-          out.lo = at::vec::fnmadd(xh.lo, c1[r], d.lo * w.lo - c2[r]) * rstd_v[r];
-          out.hi = at::vec::fnmadd(xh.hi, c1[r], d.hi * w.hi - c2[r]) * rstd_v[r];
-          if (dresidual_out != nullptr) {  // gradient flowing into the residual-sum output
-            const auto res = C::load(dresidual_out + i * N + j, n);
-            out.lo += res.lo;
-            out.hi += res.hi;
+          const scalar_t* xi = x + i * N;
+          const scalar_t* dyi = dy + i * N;
+          mu_v[r] = Vec(kCentered ? mean[i] : acc_t(0));
+          rstd_v[r] = Vec(rstd[i]);
+          Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
+          for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+            prefetch_ahead(xi, j, sizeof(scalar_t), x_end);
+            prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
+            auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
+            xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
+            xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
+            if (weight != nullptr) {
+              const auto w = C::load(weight + j, n);
+              g.lo *= w.lo;
+              g.hi *= w.hi;
+            }
+            gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
+            gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
+            if constexpr (kCentered) {
+              g_lo += g.lo;
+              g_hi += g.hi;
+            }
+          });
+          c1[r] = Vec(hsum(gx_lo + gx_hi) / acc_t(N));
+          c2[r] = Vec(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
+        }
+
+        // Pass 2, chunk by chunk over the block's rows (in cache): dx = (g - xhat * c1 - c2) *
+        // rstd (+ dresidual), and the block's dw / db of the chunk, added to the RowSums once.
+        // The next block's dx rows are prefetched for writing.
+        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+          const C w = weight != nullptr ? C::load(weight + j, n) : C{Vec(1), Vec(1)};
+          C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
+          for (int64_t r = 0; r < nr; ++r) {
+            const int64_t i = i0 + r;
+            if (i + R < end) prefetch_row_chunk_for_write(dx + (i + R) * N, j, sizeof(scalar_t));
+            auto xh = C::load(x + i * N + j, n);
+            const auto d = C::load(dy + i * N + j, n);
+            xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
+            xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
+            C out;  // g = dy * w (w = 1 without a weight)
+            out.lo = at::vec::fnmadd(xh.lo, c1[r], d.lo * w.lo - c2[r]) * rstd_v[r];
+            out.hi = at::vec::fnmadd(xh.hi, c1[r], d.hi * w.hi - c2[r]) * rstd_v[r];
+            if (dresidual_out != nullptr) {  // gradient flowing into the residual-sum output
+              const auto res = C::load(dresidual_out + i * N + j, n);
+              out.lo += res.lo;
+              out.hi += res.hi;
+            }
+            out.store(dx + i * N + j, n);
+            dw_acc.lo = at::vec::fmadd(d.lo, xh.lo, dw_acc.lo);
+            dw_acc.hi = at::vec::fmadd(d.hi, xh.hi, dw_acc.hi);
+            db_acc.lo += d.lo;
+            db_acc.hi += d.hi;
           }
-          out.store(dx + i * N + j, n);
-          dw_acc.lo = at::vec::fmadd(d.lo, xh.lo, dw_acc.lo);
-          dw_acc.hi = at::vec::fmadd(d.hi, xh.hi, dw_acc.hi);
-          db_acc.lo += d.lo;
-          db_acc.hi += d.hi;
-        }
-        if (dw_sum) {
-          C acc = C::load_acc(dw_sum.run + j, n);
-          acc.lo += dw_acc.lo;
-          acc.hi += dw_acc.hi;
-          acc.store_acc(dw_sum.run + j, n);
-        }
-        if (db_sum) {
-          C acc = C::load_acc(db_sum.run + j, n);
-          acc.lo += db_acc.lo;
-          acc.hi += db_acc.hi;
-          acc.store_acc(db_sum.run + j, n);
-        }
-      });
-      if (dw_sum) dw_sum.end_rows(N, nr);
-      if (db_sum) db_sum.end_rows(N, nr);
+          if (dw_sum) {
+            C acc = C::load_acc(dw_sum.run + j, n);
+            acc.lo += dw_acc.lo;
+            acc.hi += dw_acc.hi;
+            acc.store_acc(dw_sum.run + j, n);
+          }
+          if (db_sum) {
+            C acc = C::load_acc(db_sum.run + j, n);
+            acc.lo += db_acc.lo;
+            acc.hi += db_acc.hi;
+            acc.store_acc(db_sum.run + j, n);
+          }
+        });
+        if (dw_sum) dw_sum.end_rows(N, nr);
+        if (db_sum) db_sum.end_rows(N, nr);
+      }
+      if (dw_sum) dw_sum.flush(N);
+      if (db_sum) db_sum.flush(N);
     }
-    if (dw_sum) dw_sum.flush(N);
-    if (db_sum) db_sum.flush(N);
   });
 }
 
@@ -341,14 +348,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x,
   return {y, residual_out, mean, rstd};
 }
 
-// out[j] = sum over blocks of totals[block * N + j], rounded once to scalar_t.
-template <typename scalar_t>
-void sum_blocks(const std::vector<double>& totals, int64_t blocks, int64_t N, scalar_t* out) {
-  for (int64_t j = 0; j < N; ++j) {
-    double acc = 0;
-    for (int64_t b = 0; b < blocks; ++b) acc += totals[b * N + j];
-    out[j] = scalar_t(acc);
+// Scratch for the backward's per-block totals: up to kMaxTotalsBytes, kept by the calling thread
+// between calls (a fresh ~1 MiB allocation came with fresh pages from the OS every call); the
+// rare larger one (4 blocks of very wide rows) lives in `oversize`, the caller's.
+double* totals_scratch(int64_t count, std::vector<double>& oversize) {
+  if (count * int64_t(sizeof(double)) > kMaxTotalsBytes) {
+    oversize.resize(count);
+    return oversize.data();
   }
+  thread_local std::vector<double> kept;
+  if (int64_t(kept.size()) < count) kept.resize(count);
+  return kept.data();
+}
+
+// out[j] = sum over blocks of totals[block * N + j], in block order, rounded once to scalar_t
+// (0 without rows: totals is null then). Accumulated into block 0's row a block at a time, so
+// the adds vectorize over columns (summing one column's blocks at a time was a chain of
+// dependent adds: 0.5 ms for 192 blocks at N = 1024); columns are split over threads.
+template <typename scalar_t>
+void sum_blocks(double* totals, int64_t blocks, int64_t N, scalar_t* out) {
+  at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
+    if (totals == nullptr) {
+      std::fill(out + j0, out + j1, scalar_t(0));
+      return;
+    }
+    for (int64_t b = 1; b < blocks; ++b) {
+      const double* block_total = totals + b * N;
+      for (int64_t j = j0; j < j1; ++j) totals[j] += block_total[j];
+    }
+    for (int64_t j = j0; j < j1; ++j) out[j] = scalar_t(totals[j]);
+  });
 }
 
 template <bool kCentered>
@@ -372,21 +401,23 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
   Tensor dx = at::empty_like(x);
   Tensor dw = at::empty({weight_grad ? N : 0}, x.options());
   Tensor db = at::empty({bias_grad ? N : 0}, x.options());
-  const int64_t blocks = num_row_blocks(rows);
+  const int64_t blocks = num_row_blocks(rows, N, int64_t(weight_grad) + int64_t(bias_grad));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Per-block running sums and float64 totals of the weight/bias gradients (see RowSum),
-    // summed over blocks at the end and rounded once.
-    std::vector<acc_t> dw_run(weight_grad ? blocks * N : 0), db_run(bias_grad ? blocks * N : 0);
-    std::vector<double> dw_total(dw_run.size()), db_total(db_run.size());
+    // Per-block float64 totals of the weight/bias gradients (see RowSum), summed over blocks in
+    // block order at the end and rounded once. Every block has rows (blocks <= rows), so the
+    // kernel writes every total before it is read.
+    const int64_t per_sum = rows > 0 ? blocks * N : 0;
+    std::vector<double> oversize;
+    double* totals = totals_scratch(per_sum * (int64_t(weight_grad) + int64_t(bias_grad)), oversize);
+    double* dw_total = weight_grad && per_sum > 0 ? totals : nullptr;
+    double* db_total = bias_grad && per_sum > 0 ? totals + (weight_grad ? per_sum : 0) : nullptr;
     if (rows > 0) {
       norm_bwd_kernel<scalar_t, kCentered>(
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           ptr_or_null<scalar_t>(weight), kCentered ? mean.const_data_ptr<acc_t>() : nullptr,
           rstd.const_data_ptr<acc_t>(), ptr_or_null<scalar_t>(dresidual_out),
-          dx.data_ptr<scalar_t>(), weight_grad ? dw_run.data() : nullptr,
-          weight_grad ? dw_total.data() : nullptr, bias_grad ? db_run.data() : nullptr,
-          bias_grad ? db_total.data() : nullptr, rows, N, blocks);
+          dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks);
     }
     if (weight_grad) sum_blocks(dw_total, blocks, N, dw.data_ptr<scalar_t>());
     if (bias_grad) sum_blocks(db_total, blocks, N, db.data_ptr<scalar_t>());
