@@ -1,11 +1,12 @@
 """Reliability of the kernels in long runs: bit-identical results across repeated calls
 (forward, and backward on the CPU) and, on the CPU, across thread counts; the same results from
-8 Python threads at once as from serial calls, no growth in process memory over 10,000 calls of each op, and attention memory
-that grows linearly with the sequence length.
+8 Python threads at once as from serial calls, no growth in process memory over 10,000 calls
+of each op, and attention memory that grows linearly with the sequence length.
 
 GPU backends: the Triton and CUDA C++ kernels use no atomics (weight gradients are summed from
 per-program partials in a fixed order), so their results repeat bit for bit on one GPU and
-launch configuration; this file's repeatability tests run on them where a GPU is present."""
+launch configuration; this file's repeatability tests run on them where a GPU is present.
+Triton attention's autotuned tiles are pinned by torch.use_deterministic_algorithms(True)."""
 
 from __future__ import annotations
 
@@ -200,3 +201,40 @@ def test_attention_memory_grows_linearly_with_sequence_length():
         bound_kib = 2 * tensors_kib + 8 * 1024  # twice the tensors, 8 MiB of tiles and workspace
         assert grew_kib <= bound_kib, f"S={S}: peak grew {grew_kib} KiB, bound {bound_kib} KiB (S^2 scores: " \
                                       f"{S * S * 4 // 1024} KiB)"
+
+
+def test_deterministic_algorithms_pin_the_triton_attention_tiles(monkeypatch):
+    """On a GPU the Triton attention kernels autotune their tiles by timing, so two processes can
+    pick different tiles and round differently. torch.use_deterministic_algorithms(True) (or
+    LMFAST_AUTOTUNE=0) launches the fixed first tile of the head-dim bucket instead. The launch
+    path is checked here with stand-in kernels (no GPU needed)."""
+    from lmfast.kernels import attention as kernels
+
+    class StandIn:  # records the meta-parameters of each `kernel[grid](...)` launch
+        def __init__(self):
+            self.launches = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **meta: self.launches.append(meta)
+
+    plain, tuned = StandIn(), StandIn()
+    monkeypatch.setitem(kernels._TUNED, plain, (tuned, {64: [kernels._config(32, 16, 4, 1)]}))
+    monkeypatch.setattr(kernels._common, "interpreted", lambda: False)
+    monkeypatch.setenv("LMFAST_AUTOTUNE", "1")
+
+    def launch():
+        kernels._launch(plain, lambda meta: (1,), (), {"BLOCK_D": 64}, 8, 8)
+
+    launch()
+    assert len(tuned.launches) == 1 and not plain.launches, "autotuning is on by default"
+    saved = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        launch()
+    finally:
+        torch.use_deterministic_algorithms(saved)
+    assert len(tuned.launches) == 1 and plain.launches[-1]["BLOCK_M"] == 32, \
+        "with deterministic algorithms on, the fixed tile must be launched"
+    monkeypatch.setenv("LMFAST_AUTOTUNE", "0")
+    launch()
+    assert len(plain.launches) == 2 and plain.launches[-1]["BLOCK_N"] == 16
