@@ -50,11 +50,11 @@ using NormOut = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 LMFAST_KERNEL_OP(layer_norm_fwd, NormOut(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&, double))
 LMFAST_KERNEL_OP(layer_norm_bwd, std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
                                                                     const Tensor&, const Tensor&, const OptTensor&,
-                                                                    bool, bool))
+                                                                    bool, bool, double))
 LMFAST_KERNEL_OP(rms_norm_fwd, std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
                                                                   double))
 LMFAST_KERNEL_OP(rms_norm_bwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                          const Tensor&, const OptTensor&, bool))
+                                                          const Tensor&, const OptTensor&, bool, double))
 LMFAST_KERNEL_OP(softmax_fwd, Tensor(const Tensor&, const OptTensor&, double, bool))
 LMFAST_KERNEL_OP(softmax_bwd, Tensor(const Tensor&, const Tensor&, double))
 LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
@@ -110,6 +110,7 @@ struct LayerNormFwd : torch::autograd::Function<LayerNormFwd> {
     ctx->set_materialize_grads(false);
     Given({true, weight.has_value(), bias.has_value(), residual.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->saved_data["eps"] = eps;
     auto [y, s, mean, rstd] = layer_norm_fwd().call(x, weight, bias, residual, eps);
     const bool has_residual = residual.has_value();
     ctx->save_for_backward({has_residual ? s : x, weight.value_or(Tensor()), mean, rstd});
@@ -125,7 +126,7 @@ struct LayerNormFwd : torch::autograd::Function<LayerNormFwd> {
                need_r = given.needed(ctx, 3);
     const OptTensor ds = given.has(3) ? OptTensor(upstream_grad(grads[1], normed)) : std::nullopt;
     auto [dx, dw, db] = layer_norm_bwd().call(upstream_grad(grads[0], normed), normed, defined_or_none(weight),
-                                              mean, rstd, ds, need_w, need_b);
+                                              mean, rstd, ds, need_w, need_b, ctx->saved_data["eps"].toDouble());
     return {need_x ? dx : Tensor(), need_w ? dw : Tensor(), need_b ? db : Tensor(), need_r ? dx : Tensor(),
             Tensor()};
   }
@@ -137,6 +138,7 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
     ctx->set_materialize_grads(false);
     Given({true, weight.has_value(), residual.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
+    ctx->saved_data["eps"] = eps;
     auto [y, s, rstd] = rms_norm_fwd().call(x, weight, residual, eps);
     const bool has_residual = residual.has_value();
     ctx->save_for_backward({has_residual ? s : x, weight.value_or(Tensor()), rstd});
@@ -151,7 +153,7 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
     const bool need_x = given.needed(ctx, 0), need_w = given.needed(ctx, 1), need_r = given.needed(ctx, 2);
     const OptTensor ds = given.has(2) ? OptTensor(upstream_grad(grads[1], normed)) : std::nullopt;
     auto [dx, dw] = rms_norm_bwd().call(upstream_grad(grads[0], normed), normed, defined_or_none(weight), rstd, ds,
-                                        need_w);
+                                        need_w, ctx->saved_data["eps"].toDouble());
     return {need_x ? dx : Tensor(), need_w ? dw : Tensor(), need_r ? dx : Tensor(), Tensor()};
   }
 };
@@ -162,6 +164,7 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
 // zeros. Summing after rounding each element to 16 bits would lose the cancellation of a
 // softmax row's gradient (it sums to 0): found by tests/test_fuzz.py (a mask broadcast along
 // the softmax dim got 3e-4 where eager gets 1e-7).
+
 Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarType dtype) {
   std::vector<int64_t> dims;
   for (int64_t d = 0; d < dz32.dim(); ++d)

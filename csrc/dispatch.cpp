@@ -41,16 +41,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
 }
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& w,
                                                   const Tensor& mean, const Tensor& rstd,
-                                                  const OptTensor& dres, bool wg, bool bg) {
-  return kernels().layer_norm_bwd(dy, x, w, mean, rstd, dres, wg, bg);
+                                                  const OptTensor& dres, bool wg, bool bg, double eps) {
+  return kernels().layer_norm_bwd(dy, x, w, mean, rstd, dres, wg, bg, eps);
 }
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const OptTensor& w,
                                                 const OptTensor& r, double eps) {
   return kernels().rms_norm_fwd(x, w, r, eps);
 }
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& w,
-                                        const Tensor& rstd, const OptTensor& dres, bool wg) {
-  return kernels().rms_norm_bwd(dy, x, w, rstd, dres, wg);
+                                        const Tensor& rstd, const OptTensor& dres, bool wg, double eps) {
+  return kernels().rms_norm_bwd(dy, x, w, rstd, dres, wg, eps);
 }
 Tensor softmax_fwd(const Tensor& x, const OptTensor& mask, double scale, bool causal) {
   return kernels().softmax_fwd(x, mask, scale, causal);

@@ -57,11 +57,11 @@ TORCH_LIBRARY(lmfast_C, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
-        " Tensor? dresidual_out, bool weight_grad, bool bias_grad) -> (Tensor, Tensor, Tensor)");
+        " Tensor? dresidual_out, bool weight_grad, bool bias_grad, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_fwd(Tensor x, Tensor? weight, Tensor? residual, float eps)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dresidual_out,"
-        " bool weight_grad) -> (Tensor, Tensor)");
+        " bool weight_grad, float eps) -> (Tensor, Tensor)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"

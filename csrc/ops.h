@@ -32,7 +32,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
                                                   const std::optional<Tensor>& weight,
                                                   const Tensor& mean, const Tensor& rstd,
                                                   const std::optional<Tensor>& dresidual_out,
-                                                  bool weight_grad, bool bias_grad);
+                                                  bool weight_grad, bool bias_grad, double eps);
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
                                                 const std::optional<Tensor>& weight,
                                                 const std::optional<Tensor>& residual,
@@ -40,7 +40,7 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
                                         const std::optional<Tensor>& weight, const Tensor& rstd,
                                         const std::optional<Tensor>& dresidual_out,
-                                        bool weight_grad);
+                                        bool weight_grad, double eps);
 Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale,
                    bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);

@@ -43,11 +43,15 @@ def _rms(t: Tensor) -> float:
 
 
 def error_budget(eager: Tensor, ref64: Tensor) -> tuple[float, float]:
-    """Returns (eager's RMS error, the RMS error a kernel must stay within)."""
+    """Returns (eager's RMS error, the RMS error a kernel must stay within). The floor is one
+    ulp at the reference's RMS scale, and never less than the dtype's smallest subnormal: no
+    result in the dtype can be closer than that to a reference that lies between two of them
+    (an output of ~1e-46 in float32 is 0 or 1.4e-45)."""
     finite = torch.isfinite(ref64)
     ref = ref64[finite]
     eager_err = _rms(eager.double()[finite] - ref)
-    return eager_err, BUDGET_FACTOR * eager_err + torch.finfo(eager.dtype).eps * _rms(ref)
+    info = torch.finfo(eager.dtype)
+    return eager_err, BUDGET_FACTOR * eager_err + max(info.eps * _rms(ref), info.smallest_normal * info.eps)
 
 
 def assert_within_budget(actual: Tensor, ref64: Tensor, eager: Tensor, name: str = "output") -> None:
@@ -71,7 +75,7 @@ def assert_within_budget(actual: Tensor, ref64: Tensor, eager: Tensor, name: str
         idx = tuple(int(i) for i in torch.unravel_index(err.argmax(), err.shape))
         raise AssertionError(
             f"{header}: RMS error {rms_err:.3e} exceeds the budget {budget:.3e} "
-            f"(2 x eager's RMS error {eager_err:.3e} + 1 ulp at RMS scale {_rms(r[finite]):.3e}); "
+            f"(2 x eager's RMS error {eager_err:.3e} + 1 ulp at RMS scale {_rms(r[finite]):.3e}, at least a subnormal); "
             f"max error {err.max().item():.3e} (eager's {(e.double() - r)[finite].abs().max().item():.3e}) "
             f"at index {idx}: got {a[idx].item():.8g}, reference {r[idx].item():.8g}, eager {e[idx].item():.8g}")
 

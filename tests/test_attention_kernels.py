@@ -294,3 +294,16 @@ def test_nan_inputs_give_nan_rows_not_zeros(ab):
     tiny = _inputs(ab, 1, 1, 1, 1, 1, 1, torch.float32)
     tiny["q"].fill_(float("nan"))
     _check(ab, "one nan score", tiny, grad=("q", "k", "v"), trials=1)
+
+
+@pytest.mark.parametrize("Sk", [1, 5])
+def test_huge_scores_keep_finite_gradients(Sk, ab):
+    """Found by the long fuzz profile: with q ~ 1e30 (float32) a score is ~1e29, and the
+    backward's recomputed score differs from the forward's by an ulp of that (~1e22), so
+    p = exp(s - lse) came out exp(+1e22) = inf and every gradient of the row NaN, where the
+    reference's are finite (0 with one key). p is now capped at exp(0) = 1."""
+    def inputs():
+        ins = _inputs(ab, 1, 2, 1, 3, Sk, 8, torch.float32)
+        ins["q"] = (torch.rand(ins["q"].shape, device=ab.device) * 2 - 1) * 1e30
+        return ins
+    _check(ab, f"q ~ 1e30, Sk={Sk}", inputs, trials=8)

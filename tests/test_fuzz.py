@@ -14,7 +14,8 @@ becomes a named regression test in the op's own test file.
 
 Small tensors hold few independent values, and the RMS of few errors is a noisy statistic:
 each example is drawn `trials` times (fresh values, same shape) so that >= 16 rows are pooled
-before the budget is applied (lmfast.testing.check_against_reference).
+before the budget is applied (lmfast.testing.check_against_reference); a draw that still fails
+on the RMS error alone is confirmed on 16x as many (check_against_reference below).
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 
 import lmfast
 from lmfast import reference
 from lmfast._backends import KERNEL_OPS
-from lmfast.testing import check_against_reference
+from lmfast import testing
 
 LONG = os.environ.get("LMFAST_FUZZ") == "long"
 # Examples per test: compiled kernels, and the Triton interpreter (CPU CI; ~100x slower).
@@ -78,6 +79,29 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t
 
 
+MAX_CONFIRM_VALUES = 1 << 22  # values per input in the confirming sample (memory)
+
+
+def check_against_reference(fn, ref, inputs, *, grad, name, trials):
+    """lmfast.testing.check_against_reference, plus a confirming second sample where the first
+    fails the error budget on its RMS error alone. Where errors are heavy-tailed (a softmax row
+    that is nearly one-hot, a cancellation), the RMS of a few dozen values lands above 2x eager's
+    now and then though the kernel is as accurate as eager on average (fp32 softmax: 0.95-1.0x
+    eager's over 200k rows); the long profile met such draws. So a failing draw is re-checked on
+    16x as many fresh draws of the same configuration (up to MAX_CONFIRM_VALUES per input), and
+    only a failure there counts: a real defect fails both. NaN/inf placement is never retried."""
+    try:
+        testing.check_against_reference(fn, ref, inputs, grad=grad, name=name, trials=trials)
+    except AssertionError as e:
+        if "exceeds the budget" not in str(e):
+            raise
+        note(f"first sample failed the budget; confirming on a larger one: {str(e)[:300]}")
+        largest = max((v.numel() for v in inputs().values() if isinstance(v, torch.Tensor)), default=1)
+        more = max(trials, min(16 * trials, MAX_CONFIRM_VALUES // max(largest, 1)))
+        testing.check_against_reference(fn, ref, inputs, grad=grad, name=f"{name} (confirming, {more} trials)",
+                                        trials=more)
+
+
 def _backend(kb, op: str):
     if op not in KERNEL_OPS[kb.name]:
         pytest.skip(f"backend {kb.name!r} has no {op} kernel")
@@ -90,6 +114,9 @@ def _backend(kb, op: str):
 def test_fuzz_norms(op, kb):
     _backend(kb, op)
     _fuzz(kb)(given(data=st.data())(lambda data: _norm_case(op, kb, data)))()
+
+
+EXACT_ROW_MAX = 8  # lmfast.kernels.norm.EXACT_ROW_MAX (not imported: that needs triton)
 
 
 def _norm_case(op, kb, data):
@@ -112,6 +139,12 @@ def _norm_case(op, kb, data):
             ins["bias"] = torch.randn(n, device=kb.device).to(dtype) if has_bias else None
         # (the residual stays in range: x + residual must not overflow the dtype)
         ins["residual"] = _fill(shape, dtype, kb.device, "normal") if has_residual else None
+        if has_residual and n <= EXACT_ROW_MAX:
+            # Every implementation normalizes s = x + residual rounded to the dtype (eager too),
+            # the float64 reference the exact sum. Rows this short have input gradients ~1 / the
+            # rounding of s (all cancellation), which would swamp the kernel's own error: keep
+            # the sum exact (s = 2x) so the comparison measures the kernel.
+            ins["residual"] = ins["x"].clone()
         return ins
 
     example = inputs()
@@ -147,6 +180,8 @@ def _softmax_case(kb, data):
     layout = data.draw(st.sampled_from(["contiguous", "transposed", "sliced"]), "layout")
     values = data.draw(st.sampled_from(VALUES), "values")
     rows = math.prod(s for i, s in enumerate(shape) if i != dim % len(shape))  # softmax rows
+    # (up to 4 dims of up to 1000: the long profile drew 1000 x 1000 x 129 and ran out of memory)
+    assume(math.prod(shape) * _rows_trials(rows) <= 1 << 20)
 
     def inputs():
         x = _layout(_fill(shape, dtype, kb.device, values, std=3.0), layout)
@@ -163,6 +198,11 @@ def _softmax_case(kb, data):
     note(f"softmax {kb.name} x{tuple(example['x'].shape)} stride {example['x'].stride()} dim={dim} {dtype} {values} "
          f"mask {mask_kind}{mask_shape} causal={causal}")
     grad = ["x", "mask"] if mask_kind == "additive" else ["x"]
+    if values in ("nan", "+inf", "-inf") and (mask_kind == "bool" or causal):
+        # A row holding NaN is NaN at its masked positions too (the reference's as well), and
+        # the backward, which sees y and not the mask, gives those positions NaN where the
+        # reference's masked_fill gives 0: a documented divergence (README), forward only here.
+        grad = []
     check_against_reference(lambda **kw: lmfast.ops.softmax(**kw, backend=kb.name), reference.softmax, inputs,
                             grad=grad, name=f"fuzz softmax {kb.name}", trials=_rows_trials(rows))
 

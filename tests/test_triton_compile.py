@@ -30,12 +30,15 @@ def _variants():
                         {"X": p, "RES": p, "W": p, "B": p, "Y": p, "RES_OUT": p, "MEAN": "*fp32",
                          "RSTD": "*fp32", "N": "i32", "eps": "fp32"},
                         {"CENTERED": centered, "HAS_RES": full, "HAS_W": full, "HAS_B": full and centered, **block}))
-            out.append(("norm._norm_bwd_kernel",
-                        {"DY": p, "X": p, "W": p, "MEAN": "*fp32", "RSTD": "*fp32", "DRES": p, "DX": p,
-                         "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "rows": "i32", "N": "i32",
-                         "rows_per_program": "i32"},
-                        {"CENTERED": centered, "HAS_W": full, "HAS_DRES": full, "W_GRAD": full,
-                         "B_GRAD": full and centered, **block}))
+            bwd_signature = {"DY": p, "X": p, "W": p, "MEAN": "*fp32", "RSTD": "*fp32", "DRES": p, "DX": p,
+                             "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "rows": "i32", "N": "i32",
+                             "rows_per_program": "i32", "eps": "fp32"}
+            bwd_flags = {"CENTERED": centered, "HAS_W": full, "HAS_DRES": full, "W_GRAD": full,
+                         "B_GRAD": full and centered}
+            out.append(("norm._norm_bwd_kernel", bwd_signature, {**bwd_flags, **block, "EXACT": False}))
+            if one_block:  # rows of <= 8 elements: the float64 path
+                out.append(("norm._norm_bwd_kernel", bwd_signature,
+                            {**bwd_flags, **block, "BLOCK_N": 8, "EXACT": True}))
         for mask in ("none", "bool", "additive"):
             if not centered:  # softmax has no `centered`: one pass over the loop suffices
                 continue
@@ -45,7 +48,8 @@ def _variants():
                          "M": "i32", "N": "i32", "scale": "fp32"},
                         {"HAS_MASK": mask != "none", "BOOL_MASK": mask == "bool", "CAUSAL": mask != "additive", **block}))
         if centered:
-            out.append(("softmax._softmax_bwd_kernel", {"DY": p, "Y": p, "DX": p, "N": "i32", "scale": "fp32"}, block))
+            out.append(("softmax._softmax_bwd_kernel", {"DY": p, "Y": p, "DX": p, "N": "i32", "scale": "fp32"},
+                        {**block, "RENORMALIZE": dt != "fp32"}))
     return [(*v, {}, (90, 80)) for v in out] + _attention_variants()
 
 

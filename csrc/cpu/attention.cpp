@@ -189,10 +189,14 @@ acc_t exp_row(acc_t* row, int64_t nk, int64_t lo, int64_t hi, acc_t m) {
   using Vec = Vectorized<acc_t>;
   std::fill(row, row + lo, acc_t(0));
   std::fill(row + hi, row + nk, acc_t(0));
-  const Vec m_v(m);
+  const Vec m_v(m), zero(0);
   Vec sum(0);
   for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
-    const Vec p = softmax_exp(Vec::loadu(row + lo + j, n) - m_v);
+    // s - m <= 0 in exact arithmetic (m is the max, or the backward's lse). The backward
+    // recomputes s, rounded apart from the forward's by up to an ulp of |s|: at |s| ~ 1e29 that
+    // is 1e22, and exp(+1e22) = inf made a row's gradients NaN where the reference's are 0
+    // (found by the long fuzz profile). minimum() keeps NaN.
+    const Vec p = softmax_exp(at::vec::minimum(Vec::loadu(row + lo + j, n) - m_v, zero));
     p.store(row + lo + j, n);
     sum += Vec::set(Vec(0), p, n);
   });
@@ -761,7 +765,11 @@ void backward_probs_row(acc_t* srow, int64_t i, int64_t j0, int64_t nk, const Ke
     std::fill(srow, srow + nk, acc_t(0));
     return;
   }
-  const acc_t sum = exp_row(srow, nk, lo, hi, lse);
+  // With every key of the row here, p is the softmax of these recomputed scores from their
+  // own max, not from lse: at |s| ~ 1e29 the recomputed s differ from the forward's (which lse
+  // holds) by ~1e22, and exp(s - lse) was 0 or inf (found by the long fuzz profile).
+  const acc_t m = renormalize ? max_row(srow, lo, hi) : lse;
+  const acc_t sum = exp_row(srow, nk, lo, hi, m == -std::numeric_limits<acc_t>::infinity() ? lse : m);
   if (renormalize && sum > acc_t(0)) {
     const Vec inv(acc_t(1) / sum);
     for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {

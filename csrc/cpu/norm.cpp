@@ -293,6 +293,64 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
   });
 }
 
+// Rows of at most kExactRowMax elements. dx = rstd (g - mean(g) - xhat mean(g xhat)) removes
+// from g its components along 1 and xhat, which span most of a short row: all of it for
+// LayerNorm at N = 2 and RMSNorm at N = 1, where dx ~ eps / (var + eps) is what is left of
+// O(|g|) terms that cancel. The float rounding of rstd and xhat is then amplified ~var / eps
+// times (found by the long fuzz profile: on single rows the float path had up to 3x eager's
+// error, though 0.2-1x eager's over 2M rows; both were wrong in the 2nd-5th digit). So these
+// rows recompute their statistics in double and split the sum so that nothing cancels: with
+// d = s - mu and p = (d . g) / (d . d) (g's component along d),
+//     xhat mean(g xhat) = d p var / (var + eps),   so
+//     g - mean(g) - xhat mean(g xhat) = (g - mean(g) - d p) + d p eps / (var + eps),
+// where the first term, g with its components along 1 and d removed, is exactly 0 when those
+// span the row (LayerNorm at N = 2, RMSNorm at N = 1, var > 0) and O(|g|) otherwise, and the
+// second is the small eps term, computed without cancellation. Rounded once to the dtype.
+constexpr int64_t kExactRowMax = 8;
+
+template <typename scalar_t, bool kCentered>
+void norm_bwd_exact_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
+                         const scalar_t* dresidual_out, scalar_t* dx, double* dweight_total,
+                         double* dbias_total, int64_t rows, int64_t N, int64_t blocks, double eps) {
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t block = b0; block < b1; ++block) {
+      double dw[kExactRowMax] = {}, db[kExactRowMax] = {};  // this block's sums
+      for (int64_t i = rows * block / blocks; i < rows * (block + 1) / blocks; ++i) {
+        const scalar_t* xi = x + i * N;
+        const scalar_t* dyi = dy + i * N;
+        double d[kExactRowMax], g[kExactRowMax];
+        double mu = 0, dd = 0, dg = 0, g_mean = 0;
+        for (int64_t j = 0; j < N; ++j) mu += kCentered ? double(xi[j]) : 0.0;
+        mu /= double(N);
+        for (int64_t j = 0; j < N; ++j) {
+          d[j] = double(xi[j]) - mu;
+          g[j] = double(dyi[j]) * (weight != nullptr ? double(weight[j]) : 1.0);
+          dd += d[j] * d[j];
+          dg += d[j] * g[j];
+          g_mean += g[j];
+        }
+        g_mean = kCentered ? g_mean / double(N) : 0.0;
+        const double var = dd / double(N), rstd = 1.0 / std::sqrt(var + eps);
+        const double p = dd > 0 ? dg / dd : 0.0;  // (NaN inputs: NaN via rstd and dd)
+        const bool spanned = dd > 0 && N == (kCentered ? 2 : 1);
+        const double eps_share = eps / (var + eps);
+        for (int64_t j = 0; j < N; ++j) {
+          const double removed = spanned ? 0.0 : g[j] - g_mean - d[j] * p;
+          double out = rstd * (removed + d[j] * p * eps_share);
+          if (dresidual_out != nullptr) out += double(dresidual_out[i * N + j]);
+          dx[i * N + j] = static_cast<scalar_t>(out);
+          dw[j] += double(dyi[j]) * d[j] * rstd;
+          db[j] += double(dyi[j]);
+        }
+      }
+      for (int64_t j = 0; j < N; ++j) {
+        if (dweight_total != nullptr) dweight_total[block * N + j] = dw[j];
+        if (dbias_total != nullptr) dbias_total[block * N + j] = db[j];
+      }
+    }
+  });
+}
+
 void check_like_x(const Tensor& t, const char* name, const Tensor& x) {
   TORCH_CHECK(t.device().is_cpu(), "lmfast_C: ", name, " must be a CPU tensor");
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), "lmfast_C: ", name, " must have dtype ",
@@ -385,7 +443,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
                                             const std::optional<Tensor>& weight,
                                             const Tensor& mean, const Tensor& rstd,
                                             const std::optional<Tensor>& dresidual_out,
-                                            bool weight_grad, bool bias_grad) {
+                                            bool weight_grad, bool bias_grad, double eps) {
   const int64_t rows = check_rows_of(x), N = x.size(-1);
   check_like_x(dy, "dy", x);
   if (dresidual_out.has_value()) check_like_x(*dresidual_out, "dresidual_out", x);
@@ -412,7 +470,11 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
     double* totals = totals_scratch(per_sum * (int64_t(weight_grad) + int64_t(bias_grad)), oversize);
     double* dw_total = weight_grad && per_sum > 0 ? totals : nullptr;
     double* db_total = bias_grad && per_sum > 0 ? totals + (weight_grad ? per_sum : 0) : nullptr;
-    if (rows > 0) {
+    if (rows > 0 && N <= kExactRowMax) {
+      norm_bwd_exact_rows<scalar_t, kCentered>(
+          dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(weight),
+          ptr_or_null<scalar_t>(dresidual_out), dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks, eps);
+    } else if (rows > 0) {
       norm_bwd_kernel<scalar_t, kCentered>(
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           ptr_or_null<scalar_t>(weight), kCentered ? mean.const_data_ptr<acc_t>() : nullptr,
@@ -439,8 +501,8 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
                                                   const std::optional<Tensor>& weight,
                                                   const Tensor& mean, const Tensor& rstd,
                                                   const std::optional<Tensor>& dresidual_out,
-                                                  bool weight_grad, bool bias_grad) {
-  return norm_bwd<true>(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad);
+                                                  bool weight_grad, bool bias_grad, double eps) {
+  return norm_bwd<true>(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps);
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
@@ -454,9 +516,9 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
                                         const std::optional<Tensor>& weight, const Tensor& rstd,
                                         const std::optional<Tensor>& dresidual_out,
-                                        bool weight_grad) {
+                                        bool weight_grad, double eps) {
   auto [dx, dw, db] =
-      norm_bwd<false>(dy, x, weight, Tensor(), rstd, dresidual_out, weight_grad, false);
+      norm_bwd<false>(dy, x, weight, Tensor(), rstd, dresidual_out, weight_grad, false, eps);
   return {dx, dw};
 }
 

@@ -116,16 +116,19 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
         sum_lo += c.lo;
         sum_hi += c.hi;
       });
-      const Vec inv_sum(acc_t(1) / hsum(sum_lo + sum_hi));
+      const acc_t inv_sum_s = acc_t(1) / hsum(sum_lo + sum_hi);
+      const Vec inv_sum(inv_sum_s);
 
-      // Pass 3: normalize; the masked-off causal tail is zero.
+      // Pass 3: normalize; the masked-off causal tail is zero, or NaN in a NaN row (as the
+      // reference's softmax over -inf entries gives, and the Triton kernel; found by the long
+      // fuzz profile).
       for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
         auto c = C::load_acc(z + j, n);
         c.lo *= inv_sum;
         c.hi *= inv_sum;
         c.store(yi + j, n);
       });
-      std::fill(yi + valid, yi + N, scalar_t(0));
+      std::fill(yi + valid, yi + N, std::isnan(inv_sum_s) ? scalar_t(NAN) : scalar_t(0));
     }
   });
 }
@@ -144,19 +147,32 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* dyi = dy + row * N;
       const scalar_t* yi = y + row * N;
-      // Pass 1 (streams the row in; prefetches 4 KB ahead): dot = sum(y * dy).
-      Vec dot_lo(0), dot_hi(0);
+      // Pass 1 (streams the row in; prefetches 4 KB ahead): dot = sum(y * dy), sum = sum(y).
+      Vec dot_lo(0), dot_hi(0), sum_lo(0), sum_hi(0);
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         prefetch_ahead(yi, j, sizeof(scalar_t), y_end);
         prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
         const auto a = C::load(yi + j, n), g = C::load(dyi + j, n);  // tails load as 0
         dot_lo = at::vec::fmadd(a.lo, g.lo, dot_lo);
         dot_hi = at::vec::fmadd(a.hi, g.hi, dot_hi);
+        sum_lo += a.lo;
+        sum_hi += a.hi;
       });
-      // Pass 2 (in cache; prefetches the next row's dx for writing): dx = y * (dy - dot) *
-      // scale; subtract first: dy - dot is exact where they are equal (a width-1 row),
-      // fmsub(dy, scale, dot * scale) would leave dot * scale's rounding.
-      const Vec scale_v(static_cast<acc_t>(scale));
+      // Pass 2 (in cache; prefetches the next row's dx for writing): dx = y (dy - dot) scale.
+      // 16-bit y is renormalized to p = y / sum first: dx = scale p (dy - sum(p dy)) = y (dy
+      // sum - dot) scale / sum^2. Rounded to 16 bits, y sums to 1 +- a few ulps, and on a
+      // peaked row dy_k - dot, for the dominant y_k ~ 1, is dy_k (1 - y_k) - ...: 1 - y_k's
+      // rounding (an ulp of 1: 2^-8 in bfloat16) was amplified into the whole result (found by
+      // the long fuzz profile: 7 ulps where eager, whose autograd keeps a float32 y, had 0.3);
+      // dy sum - dot = sum_j (dy - dy_j) y_j carries y_j's relative rounding only. float32 y
+      // keeps eager's own formula (renormalizing adds roundings and gains nothing there).
+      // Either is exact where dy and dot are equal (a width-1 row); a row of zeros (fully
+      // masked) gets dx = 0.
+      constexpr bool kRenormalize = sizeof(scalar_t) == 2;
+      const acc_t sum = kRenormalize ? hsum(sum_lo + sum_hi) : acc_t(1);
+      const acc_t coef_s = !kRenormalize ? static_cast<acc_t>(scale)
+                           : sum != acc_t(0) ? static_cast<acc_t>(scale) / (sum * sum) : acc_t(0);
+      const Vec coef(coef_s), sum_v(sum);
       const Vec dot(hsum(dot_lo + dot_hi));
       scalar_t* dxi = dx + row * N;
       scalar_t* next_dx = row + 1 < end ? dxi + N : nullptr;
@@ -164,8 +180,13 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
         prefetch_row_chunk_for_write(next_dx, j, sizeof(scalar_t));
         auto a = C::load(yi + j, n);
         const auto g = C::load(dyi + j, n);
-        a.lo = a.lo * (g.lo - dot) * scale_v;
-        a.hi = a.hi * (g.hi - dot) * scale_v;
+        if constexpr (kRenormalize) {
+          a.lo = a.lo * at::vec::fmsub(g.lo, sum_v, dot) * coef;
+          a.hi = a.hi * at::vec::fmsub(g.hi, sum_v, dot) * coef;
+        } else {
+          a.lo = a.lo * (g.lo - dot) * coef;
+          a.hi = a.hi * (g.hi - dot) * coef;
+        }
         a.store(dxi + j, n);
       });
     }
@@ -184,7 +205,9 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
                 "lmfast_C: mask must be a CPU tensor expanded to x's shape ", x.sizes());
     TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == x.scalar_type(),
                 "lmfast_C: mask must be bool or have x's dtype ", x.scalar_type());
-    TORCH_CHECK(mask->stride(3) == 0 || mask->stride(3) == 1 || mask->size(3) <= 1,
+    // (an empty x has nothing to read: its mask's strides can be anything; found by the long
+    // fuzz profile, softmax over dim 2 of a (0, 0, 2, 2) x with a (2, 2) mask)
+    TORCH_CHECK(mask->stride(3) == 0 || mask->stride(3) == 1 || mask->size(3) <= 1 || x.numel() == 0,
                 "lmfast_C: mask's last stride must be 0 or 1");
     for (int d = 0; d < 4; ++d) mask_strides[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
   }

@@ -236,6 +236,63 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
   }
 }
 
+// Rows of at most kExactRowMax elements, a thread per row: their statistics are recomputed in
+// double and dx formed from terms that do not cancel, rounded once (csrc/cpu/norm.cpp,
+// norm_bwd_exact_rows, has the why and the algebra: a short row's input gradient is mostly
+// cancellation). Thread t walks rows t, t + threads,
+// ... and leaves its dweight/dbias sums in partial row t.
+constexpr int kExactRowMax = 8;
+constexpr int kExactThreads = 128, kExactBlocksMax = 64;
+
+template <typename T, bool kCentered>
+__global__ void norm_bwd_exact_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x,
+                                           const T* __restrict__ weight, const T* __restrict__ dres,
+                                           T* __restrict__ dx, float* __restrict__ dw_part,
+                                           float* __restrict__ db_part, int64_t rows, int N, double eps) {
+  const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, stride = gridDim.x * int64_t(blockDim.x);
+  double dw[kExactRowMax] = {}, db[kExactRowMax] = {};
+  for (int64_t row = t; row < rows; row += stride) {
+    const T* xr = x + row * N;
+    const T* dyr = dy + row * N;
+    double d[kExactRowMax], g[kExactRowMax];
+    double mu = 0, dd = 0, dg = 0, g_mean = 0;
+#pragma unroll
+    for (int j = 0; j < kExactRowMax; ++j)
+      if (kCentered && j < N) mu += double(to_float(xr[j]));
+    mu /= double(N);
+#pragma unroll
+    for (int j = 0; j < kExactRowMax; ++j) {
+      d[j] = j < N ? double(to_float(xr[j])) - mu : 0.0;
+      g[j] = j < N ? double(to_float(dyr[j])) * (weight ? double(to_float(weight[j])) : 1.0) : 0.0;
+      dd += d[j] * d[j];
+      dg += d[j] * g[j];
+      g_mean += g[j];
+    }
+    g_mean = kCentered ? g_mean / double(N) : 0.0;
+    const double var = dd / double(N), rstd = 1.0 / sqrt(var + eps);
+    const double p = dd > 0 ? dg / dd : 0.0;
+    const bool spanned = dd > 0 && N == (kCentered ? 2 : 1);
+    const double eps_share = eps / (var + eps);
+#pragma unroll
+    for (int j = 0; j < kExactRowMax; ++j) {
+      if (j >= N) continue;
+      const double removed = spanned ? 0.0 : g[j] - g_mean - d[j] * p;
+      double out = rstd * (removed + d[j] * p * eps_share);
+      if (dres) out += double(to_float(dres[row * N + j]));
+      dx[row * N + j] = from_float<T>(float(out));
+      const double dyj = double(to_float(dyr[j]));
+      dw[j] += dyj * d[j] * rstd;
+      db[j] += dyj;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kExactRowMax; ++j) {
+    if (j >= N) continue;
+    if (dw_part) dw_part[t * N + j] = float(dw[j]);
+    if (db_part) db_part[t * N + j] = float(db[j]);
+  }
+}
+
 // out[c] = sum over groups of part[g, c], in group order (deterministic).
 template <typename T>
 __global__ void column_sum_kernel(const float* __restrict__ part, int64_t groups, int64_t N,
@@ -276,14 +333,36 @@ void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Te
 }
 
 template <typename T, bool kCentered>
+void launch_norm_bwd_exact_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& dres, Tensor& dx,
+                                Tensor& dw, Tensor& db, int64_t rows, double eps) {
+  const int N = int(x.size(-1));
+  // a fixed number of threads for a given row count (never from the GPU): results repeat on any GPU
+  const int blocks = int(std::min<int64_t>(kExactBlocksMax, ceil_div(rows, kExactThreads)));
+  const int64_t partial_rows = int64_t(blocks) * kExactThreads;
+  const bool want_w = dw.defined() && dw.numel(), want_b = db.defined() && db.numel();
+  auto f32 = x.options().dtype(at::kFloat);
+  Tensor dw_part = want_w ? at::zeros({partial_rows, N}, f32) : Tensor();
+  Tensor db_part = want_b ? at::zeros({partial_rows, N}, f32) : Tensor();
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  norm_bwd_exact_rows_kernel<T, kCentered><<<blocks, kExactThreads, 0, stream>>>(
+      ptr<T>(dy), ptr<T>(x), ptr<T>(w), ptr<T>(dres), mut_ptr<T>(dx), mut_ptr<float>(dw_part),
+      mut_ptr<float>(db_part), rows, N, eps);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (want_w) column_sum_kernel<T><<<1, 256, 0, stream>>>(ptr<float>(dw_part), partial_rows, N, mut_ptr<T>(dw));
+  if (want_b) column_sum_kernel<T><<<1, 256, 0, stream>>>(ptr<float>(db_part), partial_rows, N, mut_ptr<T>(db));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T, bool kCentered>
 void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                     const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db) {
+                     const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db, double eps) {
   const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
   if (rows == 0) {  // no rows: zero weight gradients (else column_sum_kernel writes every column)
     if (dw.defined() && dw.numel()) dw.zero_();
     if (db.defined() && db.numel()) db.zero_();
     return;
   }
+  if (N <= kExactRowMax) return launch_norm_bwd_exact_rows<T, kCentered>(dy, x, w, dres, dx, dw, db, rows, eps);
   const int vec = vector_width<T>(N, {&dy, &x, &w, &dres, &dx});
   RowGeometry geo = row_geometry(rows, N, kWarpRowMax / 2, kBwdRegCols, vec, rows);
   // About half the threads the SMs hold, no more: each row group adds a row of partials.
@@ -330,7 +409,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
                                                   const std::optional<Tensor>& weight, const Tensor& mean,
                                                   const Tensor& rstd, const std::optional<Tensor>& dres,
-                                                  bool weight_grad, bool bias_grad) {
+                                                  bool weight_grad, bool bias_grad, double eps) {
   check_cuda_contiguous("layer_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &mean, &rstd,
                                            dres ? &*dres : nullptr});
   const c10::cuda::CUDAGuard guard(x.device());
@@ -339,7 +418,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   Tensor dw = weight_grad ? at::empty({N}, x.options()) : x.new_empty({0});
   Tensor db = bias_grad ? at::empty({N}, x.options()) : x.new_empty({0});
   for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_bwd<T, true>(dy, x, opt(weight), mean, rstd, opt(dres), dx, dw, db);
+    launch_norm_bwd<T, true>(dy, x, opt(weight), mean, rstd, opt(dres), dx, dw, db, eps);
   });
   return {dx, dw, db};
 }
@@ -358,14 +437,15 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::opti
 }
 
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
-                                        const Tensor& rstd, const std::optional<Tensor>& dres, bool weight_grad) {
+                                        const Tensor& rstd, const std::optional<Tensor>& dres, bool weight_grad,
+                                        double eps) {
   check_cuda_contiguous("rms_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &rstd, dres ? &*dres : nullptr});
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor dx = at::empty_like(x);
   Tensor dw = weight_grad ? at::empty({x.size(-1)}, x.options()) : x.new_empty({0});
   Tensor no_db;
   for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_bwd<T, false>(dy, x, opt(weight), Tensor(), rstd, opt(dres), dx, dw, no_db);
+    launch_norm_bwd<T, false>(dy, x, opt(weight), Tensor(), rstd, opt(dres), dx, dw, no_db, eps);
   });
   return {dx, dw};
 }

@@ -121,21 +121,28 @@ __global__ void softmax_bwd_kernel(const T* __restrict__ dy, const T* __restrict
   for (int64_t row = first; row < rows; row += step) {
     const T* dyr = dy + row * N;
     const T* yr = y + row * N;
-    float dot = 0.f;
+    float dot = 0.f, total = 0.f;
     for (int64_t vi = tid; vi < nvec; vi += group) {
       float d[VEC], p[VEC];
       load_floats<T, VEC>(dyr + vi * VEC, d);
       load_floats<T, VEC>(yr + vi * VEC, p);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) dot += d[e] * p[e];
+      for (int e = 0; e < VEC; ++e) {
+        dot += d[e] * p[e];
+        total += p[e];
+      }
     }
     dot = group_sum(dot, group, sum_scratch);
+    total = group_sum(total, group, sum_scratch);
+    // 16-bit y renormalized to y / total (csrc/cpu/softmax.cpp says why); 0 for a row of zeros
+    constexpr bool kRenormalize = sizeof(T) == 2;
+    const float coef = !kRenormalize ? scale : total != 0.f ? scale / (total * total) : 0.f;
     for (int64_t vi = tid; vi < nvec; vi += group) {  // second read: from L1/L2
       float d[VEC], p[VEC], out[VEC];
       load_floats<T, VEC>(dyr + vi * VEC, d);
       load_floats<T, VEC>(yr + vi * VEC, p);
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) out[e] = scale * p[e] * (d[e] - dot);
+      for (int e = 0; e < VEC; ++e) out[e] = p[e] * (kRenormalize ? fmaf(d[e], total, -dot) : d[e] - dot) * coef;
       store_floats<T, VEC>(dx + row * N + vi * VEC, out);
     }
   }

@@ -284,13 +284,23 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
     """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile."""
     s = _dot(q, kT, UPCAST, PRECISION) * scale
     s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-    p = tl.exp(s - lse[:, None])  # lse is 0 on fully masked rows, whose s are all -inf
+    # lse is 0 on fully masked rows, whose s are all -inf. s - lse <= 0 in exact arithmetic,
+    # but this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
+    # ~1e22 and exp(+1e22) = inf made the row's gradients NaN (csrc/cpu/attention.cpp: exp_row)
+    d = s - lse[:, None]
+    p = tl.exp(tl.where(d > 0.0, 0.0, d))  # (a NaN d stays NaN)
     dp = _dot(do, vT, UPCAST, PRECISION)
     single = _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     if tl.max(single.to(tl.int32), axis=0) > 0:
         # p of such a row is renormalized to sum to 1, as an unfused softmax's is: s recomputed
         # here may differ from the forward's by an ulp (another product shape, another
         # summation order), and exp(s - lse) is then 1 +- 1e-7 where one key takes all the weight.
+        # Such rows take p from their own recomputed max, not from lse: at |s| ~ 1e29 the
+        # recomputed s differ from the forward's by ~1e22 (exp(s - lse): 0 or inf).
+        m_row = tl.max(s, axis=1)
+        m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
+        p_own = tl.exp(s - m_row[:, None])
+        p = tl.where(single[:, None], p_own, p)
         psum = tl.sum(p, axis=1)
         p = tl.where(single[:, None] & (psum[:, None] > 0), p / psum[:, None], p)
         delta = tl.where(single, tl.sum(p * dp, axis=1), delta)

@@ -175,9 +175,10 @@ def _norm_bwd_kernel(
     DB_PARTIAL,  # (programs, N) float32 zeros: this program's sum of dy          [B_GRAD]
     rows, N,
     rows_per_program,
+    eps,         # the forward's eps (as float32: ~3e-8 relative)          [EXACT]
     CENTERED: tl.constexpr, HAS_W: tl.constexpr, HAS_DRES: tl.constexpr,
     W_GRAD: tl.constexpr, B_GRAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, EXACT: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     row_start = pid * rows_per_program  # int64, so row * N below cannot overflow
@@ -185,7 +186,46 @@ def _norm_bwd_kernel(
     cols = tl.arange(0, BLOCK_N)
     DW_PARTIAL += pid * N
     DB_PARTIAL += pid * N
-    if ONE_BLOCK:
+    if EXACT:
+        # Rows of <= EXACT_ROW_MAX elements: statistics recomputed and dx formed in float64,
+        # split so that nothing cancels (see EXACT_ROW_MAX)
+        in_row = cols < N
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+        for row in range(row_start, row_end):
+            off = row * N
+            x = tl.load(X + off + cols, mask=in_row, other=0.0).to(tl.float64)
+            dy = tl.load(DY + off + cols, mask=in_row, other=0.0).to(tl.float64)
+            g = dy
+            if HAS_W:
+                g = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float64)
+            if CENTERED:
+                d = tl.where(in_row, x - tl.sum(x, axis=0) / N, 0.0)
+                g_mean = tl.sum(g, axis=0) / N
+            else:
+                d = x
+                g_mean = 0.0
+            dd = tl.sum(d * d, axis=0)
+            dg = tl.sum(d * g, axis=0)
+            var = dd / N
+            rstd = 1.0 / tl.sqrt(var + eps)
+            p = tl.where(dd > 0, dg / tl.where(dd > 0, dd, 1.0), 0.0)  # (no 0 / 0, even unselected)
+            if CENTERED:
+                spanned = (dd > 0) & (N == 2)
+            else:
+                spanned = (dd > 0) & (N == 1)
+            removed = tl.where(spanned, 0.0, g - g_mean - d * p)
+            dx = rstd * (removed + d * p * (eps / (var + eps)))
+            if HAS_DRES:
+                dx += tl.load(DRES + off + cols, mask=in_row, other=0.0).to(tl.float64)
+            tl.store(DX + off + cols, round_to(dx.to(tl.float32), DX.dtype.element_ty, INTERPRETED), mask=in_row)
+            dw_acc += dy * d * rstd
+            db_acc += dy
+        if W_GRAD:
+            tl.store(DW_PARTIAL + cols, dw_acc.to(tl.float32), mask=in_row)
+        if B_GRAD:
+            tl.store(DB_PARTIAL + cols, db_acc.to(tl.float32), mask=in_row)
+    elif ONE_BLOCK:
         in_row = cols < N
         dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -253,7 +293,17 @@ def _norm_fwd(x, weight, bias, residual, eps, centered):
     return y, residual_out, mean, rstd
 
 
-def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, centered):
+# Rows of at most this many elements take the backward's float64 path. There dx = rstd (g -
+# mean(g) - xhat mean(g xhat)) is mostly cancellation (all of it for LayerNorm at N = 2 and
+# RMSNorm at N = 1: dx ~ eps / (var + eps)), which amplifies the float32 rounding of rstd and
+# xhat ~var / eps times. So the statistics are recomputed from x and eps in float64 and the sum
+# split so that nothing cancels, as csrc/cpu/norm.cpp's norm_bwd_exact_rows explains: with
+# d = x - mu and p = (d . g) / (d . d), dx = rstd ((g - mean(g) - d p) + d p eps / (var + eps)),
+# the first term exactly 0 where 1 and d span the row.
+EXACT_ROW_MAX = 8
+
+
+def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps, centered):
     rows, n = x.shape
     dx = torch.empty_like(x)
     programs = _common.reduction_programs(rows, n, x.device)
@@ -265,10 +315,10 @@ def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, 
             dy, x, weight if weight is not None else x, mean if centered else rstd, rstd,
             dresidual_out if dresidual_out is not None else dy, dx,
             dw_partial if weight_grad else dx, db_partial if bias_grad else dx,
-            rows, n, -(-rows // programs),
+            rows, n, -(-rows // programs), eps,
             CENTERED=centered, HAS_W=weight is not None, HAS_DRES=dresidual_out is not None,
             W_GRAD=weight_grad, B_GRAD=bias_grad, BLOCK_N=block, ONE_BLOCK=one_block,
-            INTERPRETED=_common.interpreted(), num_warps=warps)
+            EXACT=n <= EXACT_ROW_MAX, INTERPRETED=_common.interpreted(), num_warps=warps)
     # (programs, N) partials -> (N,), summed in float32, rounded once
     dw = dw_partial.sum(0).to(x.dtype) if weight_grad else x.new_empty(0)
     db = db_partial.sum(0).to(x.dtype) if bias_grad else x.new_empty(0)
@@ -279,8 +329,8 @@ def layer_norm_fwd(x, weight, bias, residual, eps):
     return _norm_fwd(x, weight, bias, residual, eps, centered=True)
 
 
-def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad):
-    return _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, centered=True)
+def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps):
+    return _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps, centered=True)
 
 
 def rms_norm_fwd(x, weight, residual, eps):
@@ -288,6 +338,6 @@ def rms_norm_fwd(x, weight, residual, eps):
     return y, residual_out, rstd
 
 
-def rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad):
-    dx, dw, _ = _norm_bwd(dy, x, weight, None, rstd, dresidual_out, weight_grad, False, centered=False)
+def rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad, eps):
+    dx, dw, _ = _norm_bwd(dy, x, weight, None, rstd, dresidual_out, weight_grad, False, eps, centered=False)
     return dx, dw

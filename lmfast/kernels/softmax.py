@@ -87,12 +87,24 @@ def _softmax_fwd_kernel(
 
 
 @triton.jit
+def _dz(y, dy, dot, total, scale, RENORMALIZE: tl.constexpr):
+    """dx = y (dy - dot) scale; 16-bit y (RENORMALIZE) renormalized to p = y / total first:
+    y (dy total - dot) scale / total^2 (csrc/cpu/softmax.cpp says why: rounded to 16 bits, y
+    made a peaked row's gradient lose 1 - y_max). 0 for a row of zeros."""
+    if RENORMALIZE:
+        coef = tl.where(total != 0.0, scale / tl.where(total != 0.0, total * total, 1.0), 0.0)
+        return y * (dy * total - dot) * coef
+    else:
+        return scale * y * (dy - dot)
+
+
+@triton.jit
 def _softmax_bwd_kernel(
     DY, Y,          # (rows, N) upstream gradient, softmax output
     DX,             # (rows, N) output
     N,
     scale,
-    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, RENORMALIZE: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     DY += row * N
@@ -104,19 +116,25 @@ def _softmax_bwd_kernel(
         y = tl.load(Y + cols, mask=in_row, other=0.0).to(tl.float32)
         dy = tl.load(DY + cols, mask=in_row, other=0.0).to(tl.float32)
         dot = tl.sum(y * dy, axis=0)
-        tl.store(DX + cols, round_to(scale * y * (dy - dot), DX.dtype.element_ty, INTERPRETED), mask=in_row)
+        total = tl.sum(y, axis=0)
+        tl.store(DX + cols, round_to(_dz(y, dy, dot, total, scale, RENORMALIZE), DX.dtype.element_ty, INTERPRETED),
+                 mask=in_row)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_y = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             in_row = start + cols < N
             y = tl.load(Y + start + cols, mask=in_row, other=0.0).to(tl.float32)
             acc += y * tl.load(DY + start + cols, mask=in_row, other=0.0).to(tl.float32)
+            acc_y += y
         dot = tl.sum(acc, axis=0)
+        total = tl.sum(acc_y, axis=0)
         for start in range(0, N, BLOCK_N):
             in_row = start + cols < N
             y = tl.load(Y + start + cols, mask=in_row, other=0.0).to(tl.float32)
             dy = tl.load(DY + start + cols, mask=in_row, other=0.0).to(tl.float32)
-            tl.store(DX + start + cols, round_to(scale * y * (dy - dot), DX.dtype.element_ty, INTERPRETED), mask=in_row)
+            tl.store(DX + start + cols, round_to(_dz(y, dy, dot, total, scale, RENORMALIZE), DX.dtype.element_ty,
+                                                 INTERPRETED), mask=in_row)
 
 
 def softmax_fwd(x: torch.Tensor, mask, scale: float, causal: bool) -> torch.Tensor:
@@ -143,5 +161,6 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor
     if y.numel() == 0:
         return dx
     block, one_block, warps = _common.row_blocking(N)
-    _softmax_bwd_kernel[(rows,)](dy, y, dx, N, scale, BLOCK_N=block, ONE_BLOCK=one_block, INTERPRETED=_common.interpreted(), num_warps=warps)
+    _softmax_bwd_kernel[(rows,)](dy, y, dx, N, scale, BLOCK_N=block, ONE_BLOCK=one_block,
+                                 RENORMALIZE=y.element_size() == 2, INTERPRETED=_common.interpreted(), num_warps=warps)
     return dx

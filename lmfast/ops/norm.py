@@ -84,8 +84,8 @@ def _(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | 
 
 @torch.library.custom_op("lmfast_triton::layer_norm_bwd", mutates_args=())
 def _(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
-      dresidual_out: Tensor | None, weight_grad: bool, bias_grad: bool) -> tuple[Tensor, Tensor, Tensor]:
-    return triton_kernels().layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad)
+      dresidual_out: Tensor | None, weight_grad: bool, bias_grad: bool, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    return triton_kernels().layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps)
 
 
 @torch.library.custom_op("lmfast_triton::rms_norm_fwd", mutates_args=())
@@ -95,8 +95,8 @@ def _(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) -> 
 
 @torch.library.custom_op("lmfast_triton::rms_norm_bwd", mutates_args=())
 def _(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dresidual_out: Tensor | None,
-      weight_grad: bool) -> tuple[Tensor, Tensor]:
-    return triton_kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad)
+      weight_grad: bool, eps: float) -> tuple[Tensor, Tensor]:
+    return triton_kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad, eps)
 
 
 # ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
@@ -118,7 +118,7 @@ def _layer_norm_fwd_fake(x, weight, bias, residual, eps):
     return torch.empty_like(x), _residual_out(residual, x), _stats(x), _stats(x)
 
 
-def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad):
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps):
     return torch.empty_like(x), _param_grad(weight_grad, x), _param_grad(bias_grad, x)
 
 
@@ -126,21 +126,21 @@ def _rms_norm_fwd_fake(x, weight, residual, eps):
     return torch.empty_like(x), _residual_out(residual, x), _stats(x)
 
 
-def _rms_norm_bwd_fake(dy, x, weight, rstd, dresidual_out, weight_grad):
+def _rms_norm_bwd_fake(dy, x, weight, rstd, dresidual_out, weight_grad, eps):
     return torch.empty_like(x), _param_grad(weight_grad, x)
 
 
 def _layer_norm_setup(ctx, inputs, output):
     x, weight, bias, residual, eps = inputs
     _, s, mean, rstd = output
-    ctx.has_residual = residual is not None
+    ctx.has_residual, ctx.eps = residual is not None, eps
     ctx.save_for_backward(s if ctx.has_residual else x, weight, mean, rstd)
 
 
 def _rms_norm_setup(ctx, inputs, output):
     x, weight, residual, eps = inputs
     _, s, rstd = output
-    ctx.has_residual = residual is not None
+    ctx.has_residual, ctx.eps = residual is not None, eps
     ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
 
 
@@ -160,7 +160,7 @@ def _register_triton_autograd() -> None:
         need_x, need_w, need_b, need_r = ctx.needs_input_grad[:4]
         ds = upstream_grad(ds, normed) if ctx.has_residual else None
         dx, dw, db = ops.layer_norm_bwd(upstream_grad(dy, normed), normed, weight, mean, rstd, ds,
-                                        need_w, need_b)
+                                        need_w, need_b, ctx.eps)
         return (dx if need_x else None, dw if need_w else None, db if need_b else None,
                 dx if need_r else None, None)
 
@@ -168,7 +168,7 @@ def _register_triton_autograd() -> None:
         normed, weight, rstd = ctx.saved_tensors
         need_x, need_w, need_r = ctx.needs_input_grad[:3]
         ds = upstream_grad(ds, normed) if ctx.has_residual else None
-        dx, dw = ops.rms_norm_bwd(upstream_grad(dy, normed), normed, weight, rstd, ds, need_w)
+        dx, dw = ops.rms_norm_bwd(upstream_grad(dy, normed), normed, weight, rstd, ds, need_w, ctx.eps)
         return dx if need_x else None, dw if need_w else None, dx if need_r else None, None
 
     torch.library.register_autograd("lmfast_triton::layer_norm_fwd", layer_norm_backward,
