@@ -17,11 +17,12 @@ import torch
 import lmfast
 from lmfast.testing import assert_within_budget
 
-# Run by each of two processes (gloo): three copies of one small pre-norm Transformer
-# (LayerNorm + nn.MultiheadAttention, which lmfast.patch replaces), trained 3 SGD steps on
-# rank-dependent batches; rank 0 saves every step's loss and the final gradients.
+# Run by each of two processes (gloo): three copies of one small model (a pre-norm
+# TransformerEncoderLayer: LayerNorm + nn.MultiheadAttention; or a Llama: RMSNorm + GQA
+# attention; lmfast.patch replaces both kinds), trained 3 SGD steps on rank-dependent batches;
+# rank 0 saves every step's loss and the final gradients.
 DDP_SCRIPT = textwrap.dedent('''
-    import os, sys
+    import copy, os, sys
     sys.path = [p for p in sys.path if p not in ("", os.getcwd())]  # the installed lmfast
     import torch, torch.distributed as dist, torch.multiprocessing as mp
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -37,30 +38,45 @@ DDP_SCRIPT = textwrap.dedent('''
     def full(grad):  # FSDP2's gradients are shards (DTensors)
         return grad.full_tensor() if hasattr(grad, "full_tensor") else grad
 
-    def run(rank, out, mode):
+    def make(kind):
+        if kind == "encoder":
+            return torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True,
+                                                    norm_first=True)
+        # a Llama-architecture model: RMSNorm, rotary embeddings, grouped-query attention (4 heads, 2 kv)
+        from transformers import LlamaConfig, LlamaForCausalLM
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                            attn_implementation="eager"))
+
+    def step_loss(ddp, kind, g, dtype):
+        if kind == "encoder":
+            x = torch.randn(4, 9, 32, generator=g).to(dtype)
+            mask = torch.ones(9, 9, dtype=torch.bool).tril()  # causal, as a boolean keep-mask
+            return ddp(x, src_mask=~mask).square().mean()
+        ids = torch.randint(0, 64, (4, 9), generator=g)
+        return ddp(input_ids=ids, labels=ids).loss
+
+    def run(rank, out, mode, kind):
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
         dist.init_process_group("gloo", rank=rank, world_size=2)
         torch.set_num_threads(1)
         torch.manual_seed(0)
-        base = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True,
-                                                norm_first=True)
+        base = make(kind)
         results = {}
         for name, dtype, patched in (("ref64", torch.float64, False), ("eager", torch.float32, False),
                                      ("lmfast", torch.float32, True)):
-            model = type(base)(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True, norm_first=True)
-            model.load_state_dict(base.state_dict())
-            model = model.to(dtype)
+            model = copy.deepcopy(base).to(dtype)
             if patched:
                 report = lmfast.patch(model)
-                assert sum(report.swapped.values()) == 3, str(report)  # 2 LayerNorms, 1 attention
+                swapped = sum(report.swapped.values())
+                # encoder: 2 LayerNorms, 1 attention; llama: 5 RMSNorms, 2 attentions
+                assert swapped == (3 if kind == "encoder" else 7), str(report)
             ddp = wrap(model, mode)
             opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
             g = torch.Generator().manual_seed(100 + rank)
             losses = []
             for step in range(3):
-                x = torch.randn(4, 9, 32, generator=g).to(dtype)
-                mask = torch.ones(9, 9, dtype=torch.bool).tril()  # causal, as a boolean keep-mask
-                loss = ddp(x, src_mask=~mask).square().mean()
+                loss = step_loss(ddp, kind, g, dtype)
                 opt.zero_grad()
                 loss.backward()
                 losses.append(loss.detach())
@@ -73,24 +89,27 @@ DDP_SCRIPT = textwrap.dedent('''
         dist.destroy_process_group()
 
     if __name__ == "__main__":
-        mp.spawn(run, args=(sys.argv[1], sys.argv[2]), nprocs=2)
+        mp.spawn(run, args=(sys.argv[1], sys.argv[2], sys.argv[3]), nprocs=2)
 ''')
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_distributed_training_matches_unpatched(mode, tmp_path):
-    """DDP, and FSDP2's fully_shard (which this torch runs on the CPU with gloo)."""
+@pytest.mark.parametrize("mode,kind", [("ddp", "encoder"), ("fsdp2", "encoder"), ("ddp", "llama")])
+def test_distributed_training_matches_unpatched(mode, kind, tmp_path):
+    """DDP, and FSDP2's fully_shard (which this torch runs on the CPU with gloo), on a
+    TransformerEncoderLayer; DDP on a small Llama-architecture model (random weights)."""
+    if kind == "llama":
+        pytest.importorskip("transformers", reason="the Llama model comes from transformers (the [test] extra)")
     script = tmp_path / "train.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "results.pt"
-    port = str(29500 + os.getpid() % 1000 + (500 if mode == "fsdp2" else 0))
-    proc = subprocess.run([sys.executable, str(script), str(out), mode], capture_output=True, text=True, timeout=600,
-                          cwd=tmp_path, env={**os.environ, "PORT": port, "OMP_NUM_THREADS": "1"})
+    port = str(29500 + os.getpid() % 1000 + {"encoder": 0, "llama": 250}[kind] + (500 if mode == "fsdp2" else 0))
+    proc = subprocess.run([sys.executable, str(script), str(out), mode, kind], capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path, env={**os.environ, "PORT": port, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = torch.load(out)
     (loss64, grad64), (loss32, grad32), (ours_loss, ours_grad) = (results[k] for k in ("ref64", "eager", "lmfast"))
-    assert_within_budget(ours_loss, loss64, loss32, f"{mode} losses (3 steps)")
-    assert_within_budget(ours_grad, grad64, grad32, f"{mode} gradients after 2 steps")
+    assert_within_budget(ours_loss, loss64, loss32, f"{mode} {kind} losses (3 steps)")
+    assert_within_budget(ours_grad, grad64, grad32, f"{mode} {kind} gradients after 2 steps")
 
 
 def _train(model, opt, steps: int, seed: int) -> list[float]:
