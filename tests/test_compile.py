@@ -128,3 +128,20 @@ def test_import_lmfast_leaves_dynamo_unloaded_and_marks_backend_choice_when_it_l
             "assert _common._resolve._dynamo_marked_constant\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
+
+
+def test_compile_caches_are_keyed_by_the_kernel_op_schemas():
+    """A graph cached on disk by torch.compile under an lmfast whose kernel ops had other schemas
+    would call them with the old arguments (seen when the norm backward ops gained eps): lmfast
+    adds its op-schema version to torch.compile's cache key, keeping any tag the user set."""
+    import torch.compiler.config as compiler_config
+
+    assert f"lmfast-ops-v{lmfast.OPS_SCHEMA_VERSION}" in compiler_config.cache_key_tag.split("+")
+    saved = compiler_config.cache_key_tag
+    try:
+        compiler_config.cache_key_tag = "mine"
+        lmfast._tag_compile_caches()
+        lmfast._tag_compile_caches()
+        assert compiler_config.cache_key_tag == f"mine+lmfast-ops-v{lmfast.OPS_SCHEMA_VERSION}"
+    finally:
+        compiler_config.cache_key_tag = saved
