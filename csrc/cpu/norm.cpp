@@ -49,7 +49,7 @@ int64_t num_row_blocks(int64_t rows, int64_t N, int64_t sums) {
 }
 
 // A per-block sum over rows of (N,) gradient rows: the kernel adds each row into `run` (acc_t,
-// cache-resident, one per thread), which is flushed into the block's float64 `total` every
+// cache-resident, one per block), which is flushed into the block's float64 `total` every
 // kFlushRows rows (the first flush assigns: totals start uninitialized). Summing any number of
 // rows then rounds no more than an 8-row sum does, like torch's cascade sum (a plain running
 // float sum over a 22-row block had 35x eager's error on a width-1 weight gradient), while most
@@ -57,7 +57,7 @@ int64_t num_row_blocks(int64_t rows, int64_t N, int64_t sums) {
 template <typename acc_t>
 struct RowSum {
   static constexpr int kFlushRows = 8;
-  acc_t* run = nullptr;     // (N,) sum of the rows since the last flush, zero between blocks
+  acc_t* run = nullptr;     // (N,) sum of the rows since the last flush
   double* total = nullptr;  // (N,) sum of the flushed runs
   int pending = 0;
   bool started = false;     // whether `total` holds a value yet
@@ -77,6 +77,15 @@ struct RowSum {
     started = true;
   }
 };
+
+// Runs fn(block, begin, end) for each of `blocks` contiguous row ranges, in parallel. Results
+// do not depend on how the thread pool schedules the blocks.
+template <typename F>
+void for_each_row_block(int64_t rows, int64_t blocks, const F& fn) {
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) fn(b, rows * b / blocks, rows * (b + 1) / blocks);
+  });
+}
 
 template <typename scalar_t, bool kCentered>
 void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* weight,
@@ -198,98 +207,93 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
   using acc_t = typename C::acc_t;
   constexpr int64_t K = C::kChunk, R = kBwdBlockRows;
 
-  // Threads take whole blocks (block b: rows [rows * b / blocks, rows * (b + 1) / blocks)), in
-  // any order: a block's totals depend on its rows only.
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> dw_run(dweight_total ? N : 0), db_run(dbias_total ? N : 0);  // this thread's runs
-    for (int64_t block = b0; block < b1; ++block) {
-      const int64_t begin = rows * block / blocks, end = rows * (block + 1) / blocks;
-      RowSum<acc_t> dw_sum, db_sum;  // this block's dweight / dbias
-      if (dweight_total) dw_sum = {dw_run.data(), dweight_total + block * N};
-      if (dbias_total) db_sum = {db_run.data(), dbias_total + block * N};
-      const scalar_t* x_end = x + end * N;  // prefetches stay inside the task's rows
-      const scalar_t* dy_end = dy + end * N;
-      for (int64_t i0 = begin; i0 < end; i0 += R) {
-        const int64_t nr = std::min(R, end - i0);
-        Vec mu_v[R], rstd_v[R], c1[R], c2[R];  // per row: xhat = (x - mu) * rstd, and the two means
+  for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
+    std::vector<acc_t> dw_run(dweight_total ? N : 0), db_run(dbias_total ? N : 0);  // (see RowSum)
+    RowSum<acc_t> dw_sum, db_sum;  // this block's dweight / dbias
+    if (dweight_total) dw_sum = {dw_run.data(), dweight_total + block * N};
+    if (dbias_total) db_sum = {db_run.data(), dbias_total + block * N};
+    const scalar_t* x_end = x + end * N;  // prefetches stay inside the task's rows
+    const scalar_t* dy_end = dy + end * N;
+    for (int64_t i0 = begin; i0 < end; i0 += R) {
+      const int64_t nr = std::min(R, end - i0);
+      Vec mu_v[R], rstd_v[R], c1[R], c2[R];  // per row: xhat = (x - mu) * rstd, and the two means
 
-        // Pass 1, per row (streamed from memory): c1 = mean(g * xhat), c2 = mean(g), g = dy * w.
-        // Tail lanes of x and dy load as zero, so g = 0 there.
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t i = i0 + r;
-          const scalar_t* xi = x + i * N;
-          const scalar_t* dyi = dy + i * N;
-          mu_v[r] = Vec(kCentered ? mean[i] : acc_t(0));
-          rstd_v[r] = Vec(rstd[i]);
-          Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
-          for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-            prefetch_ahead(xi, j, sizeof(scalar_t), x_end);
-            prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
-            auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
-            xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
-            xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
-            if (weight != nullptr) {
-              const auto w = C::load(weight + j, n);
-              g.lo *= w.lo;
-              g.hi *= w.hi;
-            }
-            gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
-            gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
-            if constexpr (kCentered) {
-              g_lo += g.lo;
-              g_hi += g.hi;
-            }
-          });
-          c1[r] = Vec(hsum(gx_lo + gx_hi) / acc_t(N));
-          c2[r] = Vec(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
-        }
-
-        // Pass 2, chunk by chunk over the block's rows (in cache): dx = (g - xhat * c1 - c2) *
-        // rstd (+ dresidual), and the block's dw / db of the chunk, added to the RowSums once.
-        // The next block's dx rows are prefetched for writing.
+      // Pass 1, per row (streamed from memory): c1 = mean(g * xhat), c2 = mean(g), g = dy * w.
+      // Tail lanes of x and dy load as zero, so g = 0 there.
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t i = i0 + r;
+        const scalar_t* xi = x + i * N;
+        const scalar_t* dyi = dy + i * N;
+        mu_v[r] = Vec(kCentered ? mean[i] : acc_t(0));
+        rstd_v[r] = Vec(rstd[i]);
+        Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
         for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-          const C w = weight != nullptr ? C::load(weight + j, n) : C{Vec(1), Vec(1)};
-          C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
-          for (int64_t r = 0; r < nr; ++r) {
-            const int64_t i = i0 + r;
-            if (i + R < end) prefetch_row_chunk_for_write(dx + (i + R) * N, j, sizeof(scalar_t));
-            auto xh = C::load(x + i * N + j, n);
-            const auto d = C::load(dy + i * N + j, n);
-            xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
-            xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
-            C out;  // g = dy * w (w = 1 without a weight)
-            out.lo = at::vec::fnmadd(xh.lo, c1[r], d.lo * w.lo - c2[r]) * rstd_v[r];
-            out.hi = at::vec::fnmadd(xh.hi, c1[r], d.hi * w.hi - c2[r]) * rstd_v[r];
-            if (dresidual_out != nullptr) {  // gradient flowing into the residual-sum output
-              const auto res = C::load(dresidual_out + i * N + j, n);
-              out.lo += res.lo;
-              out.hi += res.hi;
-            }
-            out.store(dx + i * N + j, n);
-            dw_acc.lo = at::vec::fmadd(d.lo, xh.lo, dw_acc.lo);
-            dw_acc.hi = at::vec::fmadd(d.hi, xh.hi, dw_acc.hi);
-            db_acc.lo += d.lo;
-            db_acc.hi += d.hi;
+          prefetch_ahead(xi, j, sizeof(scalar_t), x_end);
+          prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
+          auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
+          xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
+          xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
+          if (weight != nullptr) {
+            const auto w = C::load(weight + j, n);
+            g.lo *= w.lo;
+            g.hi *= w.hi;
           }
-          if (dw_sum) {
-            C acc = C::load_acc(dw_sum.run + j, n);
-            acc.lo += dw_acc.lo;
-            acc.hi += dw_acc.hi;
-            acc.store_acc(dw_sum.run + j, n);
-          }
-          if (db_sum) {
-            C acc = C::load_acc(db_sum.run + j, n);
-            acc.lo += db_acc.lo;
-            acc.hi += db_acc.hi;
-            acc.store_acc(db_sum.run + j, n);
+          gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
+          gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
+          if constexpr (kCentered) {
+            g_lo += g.lo;
+            g_hi += g.hi;
           }
         });
-        if (dw_sum) dw_sum.end_rows(N, nr);
-        if (db_sum) db_sum.end_rows(N, nr);
+        c1[r] = Vec(hsum(gx_lo + gx_hi) / acc_t(N));
+        c2[r] = Vec(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
       }
-      if (dw_sum) dw_sum.flush(N);
-      if (db_sum) db_sum.flush(N);
+
+      // Pass 2, chunk by chunk over the block's rows (in cache): dx = (g - xhat * c1 - c2) *
+      // rstd (+ dresidual), and the block's dw / db of the chunk, added to the RowSums once.
+      // The next block's dx rows are prefetched for writing.
+      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        const C w = weight != nullptr ? C::load(weight + j, n) : C{Vec(1), Vec(1)};
+        C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t i = i0 + r;
+          if (i + R < end) prefetch_row_chunk_for_write(dx + (i + R) * N, j, sizeof(scalar_t));
+          auto xh = C::load(x + i * N + j, n);
+          const auto d = C::load(dy + i * N + j, n);
+          xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
+          xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
+          C out;  // g = dy * w (w = 1 without a weight)
+          out.lo = at::vec::fnmadd(xh.lo, c1[r], d.lo * w.lo - c2[r]) * rstd_v[r];
+          out.hi = at::vec::fnmadd(xh.hi, c1[r], d.hi * w.hi - c2[r]) * rstd_v[r];
+          if (dresidual_out != nullptr) {  // gradient flowing into the residual-sum output
+            const auto res = C::load(dresidual_out + i * N + j, n);
+            out.lo += res.lo;
+            out.hi += res.hi;
+          }
+          out.store(dx + i * N + j, n);
+          dw_acc.lo = at::vec::fmadd(d.lo, xh.lo, dw_acc.lo);
+          dw_acc.hi = at::vec::fmadd(d.hi, xh.hi, dw_acc.hi);
+          db_acc.lo += d.lo;
+          db_acc.hi += d.hi;
+        }
+        if (dw_sum) {
+          C acc = C::load_acc(dw_sum.run + j, n);
+          acc.lo += dw_acc.lo;
+          acc.hi += dw_acc.hi;
+          acc.store_acc(dw_sum.run + j, n);
+        }
+        if (db_sum) {
+          C acc = C::load_acc(db_sum.run + j, n);
+          acc.lo += db_acc.lo;
+          acc.hi += db_acc.hi;
+          acc.store_acc(db_sum.run + j, n);
+        }
+      });
+      if (dw_sum) dw_sum.end_rows(N, nr);
+      if (db_sum) db_sum.end_rows(N, nr);
     }
+    if (dw_sum) dw_sum.flush(N);
+    if (db_sum) db_sum.flush(N);
   });
 }
 
@@ -312,41 +316,39 @@ template <typename scalar_t, bool kCentered>
 void norm_bwd_exact_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
                          const scalar_t* dresidual_out, scalar_t* dx, double* dweight_total,
                          double* dbias_total, int64_t rows, int64_t N, int64_t blocks, double eps) {
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t block = b0; block < b1; ++block) {
-      double dw[kExactRowMax] = {}, db[kExactRowMax] = {};  // this block's sums
-      for (int64_t i = rows * block / blocks; i < rows * (block + 1) / blocks; ++i) {
-        const scalar_t* xi = x + i * N;
-        const scalar_t* dyi = dy + i * N;
-        double d[kExactRowMax], g[kExactRowMax];
-        double mu = 0, dd = 0, dg = 0, g_mean = 0;
-        for (int64_t j = 0; j < N; ++j) mu += kCentered ? double(xi[j]) : 0.0;
-        mu /= double(N);
-        for (int64_t j = 0; j < N; ++j) {
-          d[j] = double(xi[j]) - mu;
-          g[j] = double(dyi[j]) * (weight != nullptr ? double(weight[j]) : 1.0);
-          dd += d[j] * d[j];
-          dg += d[j] * g[j];
-          g_mean += g[j];
-        }
-        g_mean = kCentered ? g_mean / double(N) : 0.0;
-        const double var = dd / double(N), rstd = 1.0 / std::sqrt(var + eps);
-        const double p = dd > 0 ? dg / dd : 0.0;  // (NaN inputs: NaN via rstd and dd)
-        const bool spanned = dd > 0 && N == (kCentered ? 2 : 1);
-        const double eps_share = eps / (var + eps);
-        for (int64_t j = 0; j < N; ++j) {
-          const double removed = spanned ? 0.0 : g[j] - g_mean - d[j] * p;
-          double out = rstd * (removed + d[j] * p * eps_share);
-          if (dresidual_out != nullptr) out += double(dresidual_out[i * N + j]);
-          dx[i * N + j] = static_cast<scalar_t>(out);
-          dw[j] += double(dyi[j]) * d[j] * rstd;
-          db[j] += double(dyi[j]);
-        }
-      }
+  for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
+    double dw[kExactRowMax] = {}, db[kExactRowMax] = {};  // this block's sums
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* xi = x + i * N;
+      const scalar_t* dyi = dy + i * N;
+      double d[kExactRowMax], g[kExactRowMax];
+      double mu = 0, dd = 0, dg = 0, g_mean = 0;
+      for (int64_t j = 0; j < N; ++j) mu += kCentered ? double(xi[j]) : 0.0;
+      mu /= double(N);
       for (int64_t j = 0; j < N; ++j) {
-        if (dweight_total != nullptr) dweight_total[block * N + j] = dw[j];
-        if (dbias_total != nullptr) dbias_total[block * N + j] = db[j];
+        d[j] = double(xi[j]) - mu;
+        g[j] = double(dyi[j]) * (weight != nullptr ? double(weight[j]) : 1.0);
+        dd += d[j] * d[j];
+        dg += d[j] * g[j];
+        g_mean += g[j];
       }
+      g_mean = kCentered ? g_mean / double(N) : 0.0;
+      const double var = dd / double(N), rstd = 1.0 / std::sqrt(var + eps);
+      const double p = dd > 0 ? dg / dd : 0.0;  // (NaN inputs: NaN via rstd and dd)
+      const bool spanned = dd > 0 && N == (kCentered ? 2 : 1);
+      const double eps_share = eps / (var + eps);
+      for (int64_t j = 0; j < N; ++j) {
+        const double removed = spanned ? 0.0 : g[j] - g_mean - d[j] * p;
+        double out = rstd * (removed + d[j] * p * eps_share);
+        if (dresidual_out != nullptr) out += double(dresidual_out[i * N + j]);
+        dx[i * N + j] = static_cast<scalar_t>(out);
+        dw[j] += double(dyi[j]) * d[j] * rstd;
+        db[j] += double(dyi[j]);
+      }
+    }
+    for (int64_t j = 0; j < N; ++j) {
+      if (dweight_total != nullptr) dweight_total[block * N + j] = dw[j];
+      if (dbias_total != nullptr) dbias_total[block * N + j] = db[j];
     }
   });
 }
