@@ -189,6 +189,14 @@ def test_fully_masked_rows_give_zeros_not_nan(ab, dtype):
     _check(ab, "causal Sq > Sk", _inputs(ab, 2, 4, 2, 30, 12, 32, dtype, causal=True))
 
 
+def test_query_blocks_that_see_no_key_past_the_first_key_tile(ab):
+    """Causal with Sq - Sk = 150: the first 150 queries see no key, so (CPU) a whole backward
+    query block saw no key tile, and with Sk past one key tile the empty range of tiles was
+    taken as keys [512, 300): a crash (memset of a negative length), found by the long fuzz
+    profile on the CPU backward that keeps whole rows of p."""
+    _check(ab, "causal Sq=450 Sk=300", _inputs(ab, 1, 2, 1, 450, 300, 16, torch.float32, causal=True))
+
+
 def test_scale_and_non_contiguous_layouts(ab):
     # (B, S, H, D) tensors viewed as (B, H, S, D), as Hugging Face models produce them
     q = torch.randn(2, 33, 4, 64, device=ab.device).transpose(1, 2)
@@ -307,3 +315,22 @@ def test_huge_scores_keep_finite_gradients(Sk, ab):
         ins["q"] = (torch.rand(ins["q"].shape, device=ab.device) * 2 - 1) * 1e30
         return ins
     _check(ab, f"q ~ 1e30, Sk={Sk}", inputs, trials=8)
+
+
+@pytest.mark.parametrize("Sk", [300, 1000])
+def test_one_key_taking_all_the_weight_gives_the_unfused_gradient(Sk, ab):
+    """Found by the long fuzz profile: with q, k ~ 1e15 (float32) every row puts all of its
+    weight on one key (p = 1 exactly), where an unfused backward's dp - rowsum(p dp) is
+    exactly 0 and dq = scale dlse k. The backward took delta = rowsum(do o), the same sum in
+    another order, and with |v| ~ 1e4 its rounding made dq 2% wrong, 1e4 x eager's error,
+    once the keys spanned more than one key tile (the single-tile path already took delta from
+    p dp). The CPU backward now keeps whole rows of p and dp; Triton's is FlashAttention-2's
+    (README: attention, backward precision)."""
+    if ab.name != "cpu":
+        pytest.skip("Triton's backward takes p = exp(s - lse) and delta = rowsum(do o) tile by tile "
+                    "(README: attention, backward precision)")
+    def inputs():
+        ins = _inputs(ab, 1, 2, 1, 17, Sk, 64, torch.float32)
+        ins["q"], ins["k"], ins["v"] = ins["q"] * 1e15, ins["k"] * 1e15, ins["v"] * 1e4
+        return ins
+    _check(ab, f"one-hot rows, Sk={Sk}", inputs)

@@ -5,13 +5,14 @@
 // (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, D)
 // memory order, the layout models want back (as SDPA's CPU flash kernel does). The backward
 // takes contiguous tensors. Scores are computed one (Bq x Bk) tile at a time and never materialized
-// whole:
+// whole (the backward keeps a block of query rows of them, at most 4 MiB):
 //
 //   forward, per query block, over key blocks:   s = scale * q k^T + mask (masked: -inf)
 //       m' = max(m, rowmax s);  p = exp(s - m');  l = l e^(m - m') + rowsum p;
 //       o = o e^(m - m') + p v;     finally o /= l,  lse = m + log l
-//   backward (recomputing p = exp(s - lse)), with delta = rowsum(do * o):
-//       dv += p^T do;  dp = do v^T;  ds = p (dp - delta + dlse);  dq += scale ds k;  dk += scale ds^T q
+//   backward, per query block, recomputing s and p = softmax(s) over every key the block sees:
+//       dv += p^T do;  dp = do v^T;  delta = rowsum(p dp);  ds = p (dp - delta + dlse);
+//       dq += scale ds k;  dk += scale ds^T q          (why not p = exp(s - lse): see "backward")
 //
 // The tile products are BLAS gemm calls (the sgemm_/dgemm_ that libtorch links: MKL on x86
 // wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
@@ -189,14 +190,10 @@ acc_t exp_row(acc_t* row, int64_t nk, int64_t lo, int64_t hi, acc_t m) {
   using Vec = Vectorized<acc_t>;
   std::fill(row, row + lo, acc_t(0));
   std::fill(row + hi, row + nk, acc_t(0));
-  const Vec m_v(m), zero(0);
+  const Vec m_v(m);
   Vec sum(0);
   for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
-    // s - m <= 0 in exact arithmetic (m is the max, or the backward's lse). The backward
-    // recomputes s, rounded apart from the forward's by up to an ulp of |s|: at |s| ~ 1e29 that
-    // is 1e22, and exp(+1e22) = inf made a row's gradients NaN where the reference's are 0
-    // (found by the long fuzz profile). minimum() keeps NaN.
-    const Vec p = softmax_exp(at::vec::minimum(Vec::loadu(row + lo + j, n) - m_v, zero));
+    const Vec p = softmax_exp(Vec::loadu(row + lo + j, n) - m_v);  // m >= every score here: <= 0
     p.store(row + lo + j, n);
     sum += Vec::set(Vec(0), p, n);
   });
@@ -748,134 +745,184 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   });
 }
 
-// The backward's rows, shared by both backward kernels.
+// ---- backward ----
 //
-// p = exp(s - lse) of query row i over keys j0 .. j0 + nk, in place of the scaled scores s;
-// 0 where masked or where lse = -inf (a fully masked row). With every key of the row in this
-// tile (`renormalize`), p is renormalized to sum to 1 as an unfused softmax's is: lse's
-// rounding (an ulp of |lse|) would otherwise leave sum(p) - 1 ~ 1e-7 and rowsum(ds) =
-// delta (1 - sum p) != 0, the error that lands in gradients that are exactly 0 (a key
-// bias's: softmax ignores it).
-template <typename acc_t, typename mask_t>
-void backward_probs_row(acc_t* srow, int64_t i, int64_t j0, int64_t nk, const KeyBand& band, const mask_t* mrow,
-                        int64_t mask_stride, acc_t lse, bool renormalize) {
-  using Vec = Vectorized<acc_t>;
-  const auto [lo, hi] = prepare_row(srow, i, j0, nk, band, mrow, mask_stride);
-  if (lse == -std::numeric_limits<acc_t>::infinity()) {
-    std::fill(srow, srow + nk, acc_t(0));
-    return;
-  }
-  // With every key of the row here, p is the softmax of these recomputed scores from their
-  // own max, not from lse: at |s| ~ 1e29 the recomputed s differ from the forward's (which lse
-  // holds) by ~1e22, and exp(s - lse) was 0 or inf (found by the long fuzz profile).
-  const acc_t m = renormalize ? max_row(srow, lo, hi) : lse;
-  const acc_t sum = exp_row(srow, nk, lo, hi, m == -std::numeric_limits<acc_t>::infinity() ? lse : m);
-  if (renormalize && sum > acc_t(0)) {
-    const Vec inv(acc_t(1) / sum);
-    for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
-      (Vec::loadu(srow + lo + j, n) * inv).store(srow + lo + j, n);
-    });
-  }
+// The backward walks a block of query rows against the key tiles those rows see, as
+// FlashAttention-2's does, but keeps the rows' p and dp over all of those keys (not one tile
+// at a time): p is then the softmax of the recomputed scores from the row's own max, and
+// delta = rowsum(p dp), both rounded as an unfused softmax backward rounds them. The
+// tile-at-a-time form, p = exp(s - lse) and delta = rowsum(do o), equals them only in exact
+// arithmetic, and the long fuzz profile found where the rounding shows:
+//  - where one key takes all of a row's weight (p = 1 in float32: a score gap above ~17), an
+//    unfused backward's dp - delta is exactly 0, while rowsum(do o) sums that key's dp in
+//    another order: ds carried eps |do| |v| of noise where the reference's is 0 (dq 2% off at
+//    |v| ~ 1e4);
+//  - at |s| ~ 1e29 the recomputed scores differ from the forward's, which lse holds, by ~1e22,
+//    and exp(s - lse) was 0 or inf;
+//  - lse's rounding leaves sum(p) - 1 ~ 1e-7, and rowsum(ds) = delta (1 - sum p) lands in
+//    gradients that are exactly 0 (a key bias's: softmax ignores it).
+// lse is used no more. The tile products are the same five; the cost is 2 x rows x Sk
+// accumulators per thread, held under kBackwardRowsBytes by the number of rows per block.
+constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
+
+// Query rows per backward block: kBlockQ, fewer (a multiple of 16, at least 16) where their p
+// and dp over Sk keys would pass kBackwardRowsBytes. Follows the shape alone (so do the bits).
+template <typename acc_t>
+int64_t backward_block_rows(int64_t Sk) {
+  const int64_t row_bytes = 2 * std::max<int64_t>(Sk, 1) * int64_t(sizeof(acc_t));
+  return std::clamp<int64_t>(kBackwardRowsBytes / row_bytes / 16 * 16, 16, kBlockQ);
 }
 
-// ds = p (dp - delta + dlse) in place of dp (nk entries). lse's gradient enters as
-// d lse_i / d s_ij = p_ij, added after the difference so that it survives exactly where
-// dp - delta = 0. With `delta_from_tile`, delta is taken as rowsum(p * dp) of this tile (and
-// written back) instead of rowsum(do * o): the same rounded dp values then enter both terms
-// of dp - delta, as in an unfused softmax backward, so ds is exactly 0 where a single key
-// takes all the weight (Sk = 1, the first causal row) instead of a rounding residue.
+// The keys [k0, k1) of the key tiles with keys some query in [i0, i1) sees (k0 = k1 when there
+// are none): a contiguous run of tiles, since each query's band is contiguous and both of its
+// ends move right with the query.
+std::pair<int64_t, int64_t> visible_key_range(const KeyBand& band, int64_t i0, int64_t i1, int64_t Sk) {
+  const int64_t tiles = (Sk + kBlockK - 1) / kBlockK;
+  auto visible = [&](int64_t t) { return band.tile_visible(i0, i1, t * kBlockK, std::min(Sk, (t + 1) * kBlockK)); };
+  int64_t first = 0, last = tiles;
+  while (first < last && !visible(first)) ++first;
+  while (last > first && !visible(last - 1)) --last;
+  return first == last ? std::pair<int64_t, int64_t>{0, 0}
+                       : std::pair<int64_t, int64_t>{first * kBlockK, std::min(Sk, last * kBlockK)};
+}
+
+// p of query row i in place of its scores over keys [k0, k0 + n) (scaled, masked: -inf outside
+// the row's band and where a boolean mask is False): exp(s - max) / sum from the row's own
+// max, as an unfused softmax computes it; zeros for a fully masked row, NaN for a NaN row.
 template <typename acc_t>
-void backward_ds_row(const acc_t* p, acc_t* ds, int64_t nk, bool delta_from_tile, acc_t& delta, acc_t dlse) {
+void backward_probs_row(acc_t* row, int64_t i, int64_t k0, int64_t n, const KeyBand& band) {
   using Vec = Vectorized<acc_t>;
-  if (delta_from_tile) {
-    Vec acc(0);
-    for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
-      acc += Vec::set(Vec(0), Vec::loadu(p + j, n) * Vec::loadu(ds + j, n), n);
-    });
-    delta = hsum(acc);
+  const int64_t lo = std::clamp<int64_t>(band.lo(i) - k0, 0, n);
+  const int64_t hi = std::max(lo, std::clamp<int64_t>(band.hi(i) - k0, 0, n));
+  const acc_t m = max_row(row, lo, hi);
+  if (m == -std::numeric_limits<acc_t>::infinity()) {
+    std::fill(row, row + n, acc_t(0));
+    return;
   }
-  const Vec delta_v(delta), dlse_v(dlse);
-  for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) {
-    (Vec::loadu(p + j, n) * ((Vec::loadu(ds + j, n) - delta_v) + dlse_v)).store(ds + j, n);
+  const Vec inv(acc_t(1) / exp_row(row, n, lo, hi, m));
+  for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t c) {
+    (Vec::loadu(row + lo + j, c) * inv).store(row + lo + j, c);
   });
 }
 
+// ds = p (dp - delta + dlse) in place of dp, over a query row's n keys, with delta =
+// rowsum(p dp) of these same rounded values (see above). lse's gradient enters as
+// d lse_i / d s_ij = p_ij, added after the difference so that it survives exactly where
+// dp - delta = 0.
+template <typename acc_t>
+void backward_ds_row(const acc_t* p, acc_t* ds, int64_t n, acc_t dlse) {
+  using Vec = Vectorized<acc_t>;
+  Vec acc(0);
+  for_each_chunk<Vec::size()>(n, [&](int64_t j, int64_t c) {
+    acc += Vec::set(Vec(0), Vec::loadu(p + j, c) * Vec::loadu(ds + j, c), c);
+  });
+  const Vec delta(hsum(acc)), dlse_v(dlse);
+  for_each_chunk<Vec::size()>(n, [&](int64_t j, int64_t c) {
+    (Vec::loadu(p + j, c) * ((Vec::loadu(ds + j, c) - delta) + dlse_v)).store(ds + j, c);
+  });
+}
+
+// A block's rows of p and dp (then ds), each over every key (column j = key j, leading dim
+// `ld` = Sk rounded up to whole tiles), of which the block's visible tiles are filled.
+template <typename acc_t>
+struct BackwardRows {
+  int64_t ld = 0;
+  std::vector<acc_t> p, ds;
+  BackwardRows(int64_t rows, int64_t Sk) : ld((Sk + kBlockK - 1) / kBlockK * kBlockK), p(rows * ld), ds(rows * ld) {}
+  acc_t* p_at(int64_t r, int64_t j) { return p.data() + r * ld + j; }
+  acc_t* ds_at(int64_t r, int64_t j) { return ds.data() + r * ld + j; }
+};
+
+// The per-row steps between a block's tile products, shared by both backward kernels: after
+// the scores of keys [k0, k1) are in rows.p, `probs` turns them into p; after dp is in
+// rows.ds, `grads` turns it into ds (and writes the mask's gradient).
+template <typename acc_t, typename mask_t, typename scalar_t>
+struct BackwardRowSteps {
+  const Geometry& g;
+  const KeyBand& band;
+  const MaskView<mask_t>& mask;
+  const acc_t* dlse;   // or nullptr
+  scalar_t* dmask;     // (B, Hq, Sq, Sk) or nullptr
+
+  // Masks scores tile [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
+  void mask_tile(BackwardRows<acc_t>& rows, int64_t nq, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk) const {
+    for (int64_t r = 0; r < nq; ++r)
+      prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
+  }
+  void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
+    for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
+  }
+  void grads(BackwardRows<acc_t>& rows, int64_t nq, int64_t row0, int64_t k0, int64_t k1) const {
+    for (int64_t r = 0; r < nq; ++r) {
+      acc_t* ds = rows.ds_at(r, k0);
+      backward_ds_row(rows.p_at(r, k0), ds, k1 - k0, dlse != nullptr ? dlse[row0 + r] : acc_t(0));
+      if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds (0, as allocated, outside [k0, k1))
+        scalar_t* dm = dmask + (row0 + r) * g.Sk;
+        for (int64_t j = k0; j < k1; ++j) dm[j] = scalar_t(ds[j - k0]);
+      }
+    }
+  }
+};
+
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
-                          const at::BFloat16* v, const at::BFloat16* o, const float* lse, const float* dlse,
-                          const MaskView<mask_t>& mask, const Geometry& g, float scale, const KeyBand& band,
+                          const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
+                          const Geometry& g, float scale, const KeyBand& band,
                           at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask);
 
+// The backward (o and lse, which the forward returned, are not needed: see above).
 template <typename scalar_t, typename mask_t>
-void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k,
-                          const scalar_t* v, const scalar_t* o, const at::opmath_type<scalar_t>* lse,
+void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                           const at::opmath_type<scalar_t>* dlse /* or nullptr */,
                           const MaskView<mask_t>& mask, const Geometry& g, double scale_d,
                           const KeyBand& band, scalar_t* dq, scalar_t* dk, scalar_t* dv,
                           scalar_t* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (use_bf16_brgemm(D)) {
-      return attention_bwd_packed(dout, q, k, v, o, lse, dlse, mask, g, scale, band, dq, dk, dv, dmask);
+      return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, dq, dk, dv, dmask);
     }
   }
+  const int64_t block_q = backward_block_rows<acc_t>(g.Sk);
+  const BackwardRowSteps<acc_t, mask_t, scalar_t> steps{g, band, mask, dlse, dmask};
 
   // One task per (b, kv head): it owns dk, dv of that head and dq of the query heads reading it.
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> s_buf(kBlockQ * kBlockK), dp_buf(kBlockQ * kBlockK), dq_buf(kBlockQ * D);
-    std::vector<acc_t> delta(kBlockQ), dk_acc, dv_acc;
-    std::vector<acc_t> q_buf, do_buf, k_buf, v_buf;
+    BackwardRows<acc_t> rows(block_q, g.Sk);
+    std::vector<acc_t> dq_buf(block_q * D), dk_acc, dv_acc, q_buf, do_buf, k_buf, v_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv;
       const int64_t kv0 = (b * g.Hkv + hk) * g.Sk;  // first key row, over (B, Hkv, Sk)
+      const acc_t* kw = load_tile(k + kv0 * D, g.Sk, D, D, k_buf).first;  // (Sk, D), widened once per task
+      const acc_t* vw = load_tile(v + kv0 * D, g.Sk, D, D, v_buf).first;
       dk_acc.assign(g.Sk * D, acc_t(0));
       dv_acc.assign(g.Sk * D, acc_t(0));
       for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
-        for (int64_t i0 = 0; i0 < g.Sq; i0 += kBlockQ) {
-          const int64_t nq = std::min(kBlockQ, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
+        for (int64_t i0 = 0; i0 < g.Sq; i0 += block_q) {
+          const int64_t nq = std::min(block_q, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
           const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
           const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
           std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
-          // When one key tile holds every key these rows see, delta comes from that tile and p
-          // is renormalized (backward_probs_row, backward_ds_row).
-          int64_t visible_tiles = 0;
-          for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK)
-            visible_tiles += band.tile_visible(i0, i0 + nq, j0, std::min(g.Sk, j0 + kBlockK));
-          const bool delta_from_tile = visible_tiles == 1;
-          // delta = rowsum(do * o)
-          for (int64_t r = 0; r < nq && !delta_from_tile; ++r) {
-            acc_t acc = 0;
-            for (int64_t d = 0; d < D; ++d) acc += acc_t(dout[(row0 + r) * D + d]) * acc_t(o[(row0 + r) * D + d]);
-            delta[r] = acc;
-          }
-          for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK) {
-            const int64_t nk = std::min(kBlockK, g.Sk - j0);
-            if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
-            const acc_t* kt = load_tile(k + (kv0 + j0) * D, nk, D, D, k_buf).first;  // (contiguous: ld D)
-            const acc_t* vt = load_tile(v + (kv0 + j0) * D, nk, D, D, v_buf).first;
-            acc_t *st = s_buf.data(), *dpt = dp_buf.data();  // (nq, nk) tiles, leading dim kBlockK
-            gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kt, D, 0, st, kBlockK);  // s = (scale q) k^T
-            for (int64_t r = 0; r < nq; ++r) {  // p = exp(s - lse)
-              backward_probs_row(s_buf.data() + r * kBlockK, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk,
-                                 lse[row0 + r], delta_from_tile);
-            }
-            gemm<acc_t>(true, false, nk, D, nq, 1, st, kBlockK, dot, D, 1, dv_acc.data() + j0 * D, D);  // dv += p^T do
-            gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vt, D, 0, dpt, kBlockK);                     // dp = do v^T
-            for (int64_t r = 0; r < nq; ++r) {  // ds = p (dp - delta + dlse), into dp_buf
-              acc_t* ds = dp_buf.data() + r * kBlockK;
-              backward_ds_row(s_buf.data() + r * kBlockK, ds, nk, delta_from_tile, delta[r],
-                              dlse != nullptr ? dlse[row0 + r] : acc_t(0));
-              if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds
-                scalar_t* dm = dmask + (row0 + r) * g.Sk + j0;
-                for (int64_t c = 0; c < nk; ++c) dm[c] = scalar_t(ds[c]);
-              }
-            }
-            gemm<acc_t>(false, false, nq, D, nk, scale, dpt, kBlockK, kt, D, 1, dq_buf.data(), D);  // dq += scale ds k
-            gemm<acc_t>(true, false, nk, D, nq, 1, dpt, kBlockK, qt, D, 1, dk_acc.data() + j0 * D, D);  // dk += ds^T (scale q)
-          }
+          const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
+          auto each_tile = [&](auto&& f) {
+            for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) f(j0, std::min(kBlockK, g.Sk - j0));
+          };
+          each_tile([&](int64_t j0, int64_t nk) {  // s = (scale q) k^T, masked
+            gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + j0 * D, D, 0, rows.p_at(0, j0), rows.ld);
+            steps.mask_tile(rows, nq, b, h, i0, j0, nk);
+          });
+          steps.probs(rows, nq, i0, k0, k1);
+          each_tile([&](int64_t j0, int64_t nk) {
+            gemm<acc_t>(true, false, nk, D, nq, 1, rows.p_at(0, j0), rows.ld, dot, D, 1, dv_acc.data() + j0 * D, D);  // dv += p^T do
+            gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vw + j0 * D, D, 0, rows.ds_at(0, j0), rows.ld);            // dp = do v^T
+          });
+          steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
+          each_tile([&](int64_t j0, int64_t nk) {
+            gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + j0 * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
+            gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc.data() + j0 * D, D);    // dk += ds^T (scale q)
+          });
           for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
         }
       }
@@ -896,21 +943,23 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
 // Per task (b, kv head): K^T, K, V^T packed per key tile; per query block: q^T and do^T.
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
-                          const at::BFloat16* v, const at::BFloat16* o, const float* lse, const float* dlse,
-                          const MaskView<mask_t>& mask, const Geometry& g, float scale, const KeyBand& band,
+                          const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
+                          const Geometry& g, float scale, const KeyBand& band,
                           at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask) {
   using BF = at::BFloat16;
   using Vec = Vectorized<float>;
   namespace blas = at::native::cpublas;
   const int64_t D = g.D, tiles = (g.Sk + kBlockK - 1) / kBlockK;
-  constexpr int64_t kBQe = kBlockQ + kBlockQ % 2, kBKe = kBlockK + kBlockK % 2;  // even K dims
+  const int64_t block_q = backward_block_rows<float>(g.Sk), block_qe = block_q + block_q % 2;  // even K dims
+  constexpr int64_t kBKe = kBlockK + kBlockK % 2;
+  const BackwardRowSteps<float, mask_t, BF> steps{g, band, mask, dlse, dmask};
 
   at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s_buf(kBlockQ * kBKe), dp_buf(kBlockQ * kBKe), dq_acc(kBlockQ * D), delta(kBlockQ);
-    std::vector<float> dkT_acc, dvT_acc;  // (D, Sk)
+    BackwardRows<float> rows(block_q, g.Sk);
+    std::vector<float> dq_acc(block_q * D), dkT_acc, dvT_acc;  // dk^T, dv^T: (D, Sk)
     std::vector<BF> kT(tiles * kBKe * D), kp(tiles * kBKe * D), vT(tiles * kBKe * D);  // packed per tile
-    std::vector<BF> qT(D * kBQe), doT(D * kBQe);                   // A operands of dk^T, dv^T
-    std::vector<BF> p_p(kBQe * kBKe), ds_p(kBQe * kBKe), ds_b(kBlockQ * kBKe);  // p, ds packed; ds plain
+    std::vector<BF> qT(D * block_qe), doT(D * block_qe);                      // A operands of dk^T, dv^T
+    std::vector<BF> p_p(block_qe * kBKe), ds_p(block_qe * kBKe), ds_b(block_q * kBKe);  // p, ds packed; ds plain
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / g.Hkv, hk = task % g.Hkv;
       const int64_t kv0 = (b * g.Hkv + hk) * g.Sk;  // first key row, over (B, Hkv, Sk)
@@ -923,49 +972,42 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
       dkT_acc.assign(D * g.Sk, 0.f);
       dvT_acc.assign(D * g.Sk, 0.f);
       for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
-        for (int64_t i0 = 0; i0 < g.Sq; i0 += kBlockQ) {
-          const int64_t nq = std::min(kBlockQ, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
+        for (int64_t i0 = 0; i0 < g.Sq; i0 += block_q) {
+          const int64_t nq = std::min(block_q, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
           const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
           const BF* dot = dout + row0 * D;  // the A of dp = do V^T
           transpose_rows(qt, nq, D, qT.data());
           transpose_rows(dot, nq, D, doT.data());
           std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
-          int64_t visible_tiles = 0;  // as in attention_bwd_kernel
-          for (int64_t j0 = 0; j0 < g.Sk; j0 += kBlockK)
-            visible_tiles += band.tile_visible(i0, i0 + nq, j0, std::min(g.Sk, j0 + kBlockK));
-          const bool delta_from_tile = visible_tiles == 1;
-          for (int64_t r = 0; r < nq && !delta_from_tile; ++r) {  // delta = rowsum(do * o)
-            float acc = 0;
-            for (int64_t d = 0; d < D; ++d) acc += float(dout[(row0 + r) * D + d]) * float(o[(row0 + r) * D + d]);
-            delta[r] = acc;
-          }
-          for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
-            if (!band.tile_visible(i0, i0 + nq, j0, j0 + nk)) continue;
-            float *st = s_buf.data(), *dpt = dp_buf.data();  // (nq, nk) tiles, leading dim kBKe
-            blas::brgemm(nq, nk, D, D, nk, kBKe, false, qt, kT.data() + t * kBKe * D, st, true);  // s = q k^T
-            for (int64_t r = 0; r < nq; ++r) {  // p = exp(scale s - lse)
-              float* srow = st + r * kBKe;
+          const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
+          for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
+            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
+            blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kT.data() + t * kBKe * D, rows.p_at(0, j0), true);
+            for (int64_t r = 0; r < nq; ++r) {
+              float* srow = rows.p_at(r, j0);
               for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
-              backward_probs_row(srow, i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, lse[row0 + r], delta_from_tile);
             }
+            steps.mask_tile(rows, nq, b, h, i0, j0, nk);
+          }
+          steps.probs(rows, nq, i0, k0, k1);
+          for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
             // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
-            pack_rows_rounded(st, nq, nk, kBKe, p_p.data());
+            pack_rows_rounded(rows.p_at(0, j0), nq, nk, rows.ld, p_p.data());
             blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, doT.data(), p_p.data(), dvT_acc.data() + j0, true);
-            blas::brgemm(nq, nk, D, D, nk, kBKe, false, dot, vT.data() + t * kBKe * D, dpt, true);  // dp = do v^T
-            for (int64_t r = 0; r < nq; ++r) {  // ds = p (dp - delta + dlse), into dp_buf
-              float* ds = dpt + r * kBKe;
-              backward_ds_row(st + r * kBKe, ds, nk, delta_from_tile, delta[r], dlse != nullptr ? dlse[row0 + r] : 0.f);
-              if (dmask != nullptr) {
-                BF* dm = dmask + (row0 + r) * g.Sk + j0;
-                for (int64_t c = 0; c < nk; ++c) dm[c] = BF(ds[c]);
-              }
-              BF* dsr = ds_b.data() + r * nke;  // ds in bfloat16 (nq x nke), for dq += ds k
+            blas::brgemm(nq, nk, D, D, nk, rows.ld, false, dot, vT.data() + t * kBKe * D, rows.ds_at(0, j0), true);  // dp = do v^T
+          }
+          steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
+          for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
+            for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq x nke), for dq += ds k
+              const float* ds = rows.ds_at(r, j0);
+              BF* dsr = ds_b.data() + r * nke;
               for (int64_t c = 0; c < nk; ++c) dsr[c] = BF(ds[c]);
               if (nke > nk) dsr[nk] = BF(0.f);
             }
             blas::brgemm(nq, D, nke, nke, D, D, true, ds_b.data(), kp.data() + t * kBKe * D, dq_acc.data(), true);
-            pack_rows_rounded(dpt, nq, nk, kBKe, ds_p.data());  // dk^T += q^T ds
+            pack_rows_rounded(rows.ds_at(0, j0), nq, nk, rows.ld, ds_p.data());  // dk^T += q^T ds
             blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, qT.data(), ds_p.data(), dkT_acc.data() + j0, true);
           }
           for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = BF(dq_acc[n] * scale);
@@ -1087,8 +1129,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     with_mask_type<scalar_t>(mask, [&](auto mv) {
       attention_bwd_kernel<scalar_t>(
           dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-          v.const_data_ptr<scalar_t>(), o.const_data_ptr<scalar_t>(),
-          lse.const_data_ptr<at::opmath_type<scalar_t>>(),
+          v.const_data_ptr<scalar_t>(),
           dlse.has_value() ? dlse->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr, mv, g,
           scale, band, dq.data_ptr<scalar_t>(),
           dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);

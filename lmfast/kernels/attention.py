@@ -25,9 +25,10 @@ Kernels (one program per tile, tiles never leave registers/shared memory):
 backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
 When one key block holds every key a row can see, that row's p is renormalized to sum to 1
-and its delta is taken as rowsum(p * dp) from the block (as csrc/cpu/attention.cpp does):
-then dp - delta is exactly 0 where one key takes all the weight, as in an unfused softmax
-backward.
+and its delta is taken as rowsum(p * dp) from the block: then dp - delta is exactly 0 where
+one key takes all the weight, as in an unfused softmax backward. Rows spanning several key
+blocks keep the FlashAttention-2 form, which misses those exact zeros (README: attention,
+backward precision); the CPU backward (csrc/cpu/attention.cpp) keeps whole rows instead.
 
 Scores and softmax are float32. 16-bit inputs go to tl.dot as they are (p and ds are rounded
 to the input dtype for their products, as eager attention does); float32 inputs use IEEE
