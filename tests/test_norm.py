@@ -143,6 +143,18 @@ def test_layer_norm_constant_rows_with_zero_eps_match_reference(kb):
     assert torch.isnan(torch.nn.functional.layer_norm(x, (8,), eps=0.0)).all()
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("N", [1, 2, 9, 300])
+def test_a_nan_makes_its_whole_row_nan(op, N, kb):
+    """Found by the long fuzz profile (Triton RMSNorm): the variance clamp tl.maximum(var, 0)
+    dropped a NaN (its default, like max.f32 and fmax), so a row holding one NaN came out NaN
+    at that element only, the rest scaled by 1/sqrt(eps). The reference's row is all NaN."""
+    x = torch.randn(3, N, device=kb.device)
+    x[1, N // 2] = float("nan")
+    y = getattr(lmfast.ops, op)(x, eps=1e-5, backend=kb.name)
+    assert torch.isnan(y[1]).all() and not torch.isnan(y[[0, 2]]).any()
+
+
 def test_residual_output_is_exact_sum(kb, dtype):
     x = torch.randn(3, 50, dtype=dtype, device=kb.device)
     r = torch.randn(3, 50, dtype=dtype, device=kb.device)

@@ -40,9 +40,12 @@ def _rstd(sum_d2, mean_d, N, eps):
     """1 / sqrt(var + eps), var = mean(d^2) - mean(d)^2 of d = s - m0. Where d^2 overflows
     (|s| ~ 1e19 and up in float32) both terms can be inf and their difference NaN: the
     variance is then inf (rstd 0, as a two-pass variance gives), not NaN read as 0 (which made
-    rstd 1/sqrt(eps) and y ~ 1e32: found by tests/test_fuzz.py). A NaN input keeps var NaN."""
+    rstd 1/sqrt(eps) and y ~ 1e32: found by tests/test_fuzz.py). A NaN input keeps var NaN:
+    tl.maximum's default drops a NaN operand (max.f32 on NVIDIA GPUs, np.fmax in the
+    interpreter), which left RMSNorm rows with a NaN finite but for that element (found by the
+    long fuzz profile), so the clamp propagates NaN."""
     var = tl.where(sum_d2 == float("inf"), float("inf"), sum_d2 / N - mean_d * mean_d)
-    return 1.0 / tl.sqrt(tl.maximum(var, 0.0) + eps)
+    return 1.0 / tl.sqrt(tl.maximum(var, 0.0, propagate_nan=tl.PropagateNan.ALL) + eps)
 
 
 @triton.jit
