@@ -4,15 +4,16 @@ A kernel's result passes when, against the reference evaluated in float64,
 
     rms(kernel - ref64)  <=  2 * rms(eager - ref64)  +  finfo(dtype).eps * rms(ref64)
 
-where rms is the root-mean-square over the finite reference entries, "eager" is the same
-reference evaluated in the input dtype (plain PyTorch), and the last term is one unit in the
-last place at the output's scale (zero when the reference is all zeros, which then must be
-matched exactly). NaN must appear at the same places as in the reference, infinities where
-the reference lies beyond the output dtype's range: a float16 gradient whose float64 value
-is 68424 is correctly +inf, and a kernel that returned 65504 there would be wrong. Between
-the largest finite value and the next power of two (65504 to 65536 in float16) rounding may
-land on either side, so there either is right: a finite result counts in the error, an
-infinite one of the reference's sign does not. No test chooses its own tolerance.
+where rms is the root-mean-square over the reference entries in the output dtype's range
+(below), "eager" is the same reference evaluated in the input dtype (plain PyTorch), and the
+last term is one unit in the last place at the output's scale (zero when the reference is
+all zeros, which then must be matched exactly). NaN must appear at the same places as in the
+reference, infinities where the reference lies beyond the output dtype's range: a float16
+gradient whose float64 value is 68424 is correctly +inf, and a kernel that returned 65504
+there would be wrong. Between the largest finite value and the next power of two (65504 to
+65536 in float16) rounding may land on either side, so there either is right: a finite
+result counts in the error, an infinite one of the reference's sign does not. No test
+chooses its own tolerance.
 
 Where eager itself overflows (inf or NaN where the reference is in range), those entries are
 left out of eager's error rather than making the budget infinite: the kernel is held to

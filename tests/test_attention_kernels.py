@@ -309,7 +309,9 @@ def test_huge_scores_keep_finite_gradients(Sk, ab):
     """Found by the long fuzz profile: with q ~ 1e30 (float32) a score is ~1e29, and the
     backward's recomputed score differs from the forward's by an ulp of that (~1e22), so
     p = exp(s - lse) came out exp(+1e22) = inf and every gradient of the row NaN, where the
-    reference's are finite (0 with one key). p is now capped at exp(0) = 1."""
+    reference's are finite (0 with one key). Triton's p is now capped at exp(0) = 1 and, with
+    every key of the row in one key block, taken from the row's own max; the CPU backward
+    takes every row's p from its own max."""
     def inputs():
         ins = _inputs(ab, 1, 2, 1, 3, Sk, 8, torch.float32)
         ins["q"] = (torch.rand(ins["q"].shape, device=ab.device) * 2 - 1) * 1e30
