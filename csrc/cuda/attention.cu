@@ -110,7 +110,11 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t 
     for (int c = threadIdx.x; c < rows * chunks; c += blockDim.x) {
       const int r = c / chunks, d = (c % chunks) * kVec;
       uint4 val = make_uint4(0, 0, 0, 0);
-      if (r0 + r < S && d < D) val = *reinterpret_cast<const uint4*>(src + (r0 + r) * stride + d);
+      if (r0 + r < S && d < D) {
+        LMFAST_CHECK_ALIGNED(src + (r0 + r) * stride + d, 16);
+        val = *reinterpret_cast<const uint4*>(src + (r0 + r) * stride + d);
+      }
+      LMFAST_CHECK_ALIGNED(dst + r * ld + d, 16);
       *reinterpret_cast<uint4*>(dst + r * ld + d) = val;
     }
   } else {
@@ -126,7 +130,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   using L = PrefillSmem<T, Dp, BLOCK_N, WARPS>;
   constexpr int BLOCK_M = L::BLOCK_M;
   constexpr bool kTensorCores = !std::is_same_v<T, float>;
-  extern __shared__ __align__(128) unsigned char smem[];
+  LMFAST_DYNAMIC_SHARED(unsigned char, smem);
   T* Qs = reinterpret_cast<T*>(smem + L::q_off);
   T* Ks = reinterpret_cast<T*>(smem + L::k_off);
   T* Vs = reinterpret_cast<T*>(smem + L::v_off);
@@ -409,7 +413,7 @@ void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
   }
   const int64_t blocks = ceil_div(p.Sq, L::BLOCK_M) * p.B * p.Hq;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "lmfast cuda attention: too many query blocks");
-  kernel<<<unsigned(blocks), 32 * WARPS, L::bytes, stream>>>(p, vec16);
+  launch(kernel, unsigned(blocks), 32 * WARPS, L::bytes, stream, p, vec16);
 }
 
 // The padded head dim: the smallest of 32, 64, 128, 256 that holds D.
@@ -435,8 +439,10 @@ template <typename T, int Dp>
 void launch_decode_dp(const AttnParams& p, bool vec16, int splits, int keys_per_split, float* part_o, float* part_ml,
                       cudaStream_t stream) {
   const dim3 grid(unsigned(int64_t(p.B) * p.Hq * p.Sq), unsigned(splits));
-  if (vec16) attn_decode_kernel<T, Dp, 16 / sizeof(T)><<<grid, 128, 0, stream>>>(p, keys_per_split, part_o, part_ml);
-  else attn_decode_kernel<T, Dp, 1><<<grid, 128, 0, stream>>>(p, keys_per_split, part_o, part_ml);
+  if (vec16)
+    launch(attn_decode_kernel<T, Dp, 16 / sizeof(T)>, grid, 128, 0, stream, p, keys_per_split, part_o, part_ml);
+  else
+    launch(attn_decode_kernel<T, Dp, 1>, grid, 128, 0, stream, p, keys_per_split, part_o, part_ml);
 }
 
 template <typename T>
@@ -456,7 +462,7 @@ void run_decode(const AttnParams& p, bool vec16, const at::TensorOptions& opts, 
   else if (Dp == 128) launch_decode_dp<T, 128>(p, vec16, splits, keys_per_split, po, pml, stream);
   else launch_decode_dp<T, 256>(p, vec16, splits, keys_per_split, po, pml, stream);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  attn_combine_kernel<T><<<unsigned(ceil_div(rows, 4)), 128, 0, stream>>>(p, splits, Dp, po, pml);
+  launch(attn_combine_kernel<T>, unsigned(ceil_div(rows, 4)), 128, 0, stream, p, splits, Dp, po, pml);
 }
 
 // Query rows at or below which the decode kernel runs (it reads the keys once per row).

@@ -8,8 +8,24 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "row_math.h"
+
+// Built by nvcc this is CUDA; built by the host compiler with LMFAST_CUDA_EMULATION (the
+// headers of csrc/cuda/emulation/include first on the include path) the same kernels run on
+// CPU fibers, one per CUDA thread, for tests/test_cuda_emulation.py. The three places where
+// the two differ are the macros and launch() below.
+#ifdef LMFAST_CUDA_EMULATION
+#include "emulation/emulator.h"
+// The block's dynamic shared memory (the launch's smem bytes, filled with 0xff: NaN floats).
+#define LMFAST_DYNAMIC_SHARED(type, name) type* name = static_cast<type*>(::lmfast_emulation::dynamic_shared())
+// A vector access must be aligned to its size on a GPU (else "misaligned address"); x86 would not notice.
+#define LMFAST_CHECK_ALIGNED(p, bytes) ::lmfast_emulation::check_aligned(p, bytes, __FILE__, __LINE__)
+#else
+#define LMFAST_DYNAMIC_SHARED(type, name) extern __shared__ __align__(128) type name[]
+#define LMFAST_CHECK_ALIGNED(p, bytes) ((void)0)
+#endif
 
 namespace lmfast::cuda {
 
@@ -46,6 +62,7 @@ struct alignas(sizeof(T) * VEC) Pack {
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
+  LMFAST_CHECK_ALIGNED(p, sizeof(T) * VEC);
   const Pack<T, VEC> pk = *reinterpret_cast<const Pack<T, VEC>*>(p);
 #pragma unroll
   for (int e = 0; e < VEC; ++e) out[e] = to_float(pk.v[e]);
@@ -53,6 +70,7 @@ __device__ __forceinline__ void load_floats(const T* p, float (&out)[VEC]) {
 
 template <typename T, int VEC>
 __device__ __forceinline__ void store_floats(T* p, const float (&in)[VEC]) {
+  LMFAST_CHECK_ALIGNED(p, sizeof(T) * VEC);
   Pack<T, VEC> pk;
 #pragma unroll
   for (int e = 0; e < VEC; ++e) pk.v[e] = from_float<T>(in[e]);
@@ -179,6 +197,19 @@ inline RowGeometry row_geometry(int64_t rows, int64_t N, int64_t warp_row_max, i
 }
 
 // ---- host-side launch helpers --------------------------------------------------------------
+
+// kernel<<<grid, block, smem_bytes, stream>>>(args...); under LMFAST_CUDA_EMULATION, the same
+// launch run on CPU fibers (csrc/cuda/emulation/emulator.h).
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, cudaStream_t stream,
+            Args&&... args) {
+#ifdef LMFAST_CUDA_EMULATION
+  (void)stream;
+  ::lmfast_emulation::launch(kernel, grid, block, smem_bytes, std::forward<Args>(args)...);
+#else
+  kernel<<<grid, block, smem_bytes, stream>>>(std::forward<Args>(args)...);
+#endif
+}
 
 // Elements per access: 16 bytes' worth (a 128-bit load/store) when N is a multiple of it and
 // every given tensor's data starts 16-byte aligned (rows of N then stay aligned), else 1.

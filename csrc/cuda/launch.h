@@ -42,7 +42,11 @@ inline void check_cuda_contiguous(const char* op, std::initializer_list<const Te
   const Tensor* first = nullptr;
   for (const Tensor* t : tensors) {
     if (t == nullptr || !t->defined()) continue;
+#ifdef LMFAST_CUDA_EMULATION  // (the host emulation runs the kernels on CPU tensors)
+    TORCH_CHECK(t->is_cpu(), "lmfast_cuda_emulation::", op, ": expected CPU tensors, got one on ", t->device());
+#else
     TORCH_CHECK(t->is_cuda(), "lmfast_C::", op, " (cuda): expected CUDA tensors, got one on ", t->device());
+#endif
     TORCH_CHECK(!need_contiguous || t->is_contiguous(), "lmfast_C::", op, " (cuda): expected contiguous tensors");
     if (first == nullptr) first = t;
     TORCH_CHECK(t->device() == first->device(), "lmfast_C::", op, " (cuda): tensors on ", first->device(),

@@ -16,7 +16,7 @@
 // dweight/dbias: each row group (warp or block) owns a fixed set of rows and sums their
 // contributions for the columns each thread owns, in registers where they fit, else in its
 // own row of a float32 partials buffer; a second kernel sums the partials column by column in
-// a fixed order. No atomics: the result is deterministic.
+// a fixed order, in double. No atomics: the result is deterministic.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -247,8 +247,8 @@ constexpr int kExactThreads = 128, kExactBlocksMax = 64;
 template <typename T, bool kCentered>
 __global__ void norm_bwd_exact_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                            const T* __restrict__ weight, const T* __restrict__ dres,
-                                           T* __restrict__ dx, float* __restrict__ dw_part,
-                                           float* __restrict__ db_part, int64_t rows, int N, double eps) {
+                                           T* __restrict__ dx, double* __restrict__ dw_part,
+                                           double* __restrict__ db_part, int64_t rows, int N, double eps) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, stride = gridDim.x * int64_t(blockDim.x);
   double dw[kExactRowMax] = {}, db[kExactRowMax] = {};
   for (int64_t row = t; row < rows; row += stride) {
@@ -288,20 +288,21 @@ __global__ void norm_bwd_exact_rows_kernel(const T* __restrict__ dy, const T* __
 #pragma unroll
   for (int j = 0; j < kExactRowMax; ++j) {
     if (j >= N) continue;
-    if (dw_part) dw_part[t * N + j] = float(dw[j]);
-    if (db_part) db_part[t * N + j] = float(db[j]);
+    if (dw_part) dw_part[t * N + j] = dw[j];
+    if (db_part) db_part[t * N + j] = db[j];
   }
 }
 
-// out[c] = sum over groups of part[g, c], in group order (deterministic).
-template <typename T>
-__global__ void column_sum_kernel(const float* __restrict__ part, int64_t groups, int64_t N,
-                                  T* __restrict__ out) {
+// out[c] = sum over groups of part[g, c], in group order (deterministic), in double: a float
+// sum over a thousand partials would add ~sqrt(groups) ulps, where eager's tree sum adds ~1
+// (the CPU kernels also keep their totals in double).
+template <typename T, typename P>
+__global__ void column_sum_kernel(const P* __restrict__ part, int64_t groups, int64_t N, T* __restrict__ out) {
   const int64_t c = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (c >= N) return;
-  float s = 0.f;
-  for (int64_t g = 0; g < groups; ++g) s += part[g * N + c];
-  out[c] = from_float<T>(s);
+  double s = 0.0;
+  for (int64_t g = 0; g < groups; ++g) s += double(part[g * N + c]);
+  out[c] = from_float<T>(float(s));
 }
 
 // ---- launchers ---------------------------------------------------------------------------
@@ -322,7 +323,7 @@ void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Te
   const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, 65535 * 16);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto kernel) {
-    kernel<<<geo.blocks, geo.threads, 0, stream>>>(
+    launch(kernel, geo.blocks, geo.threads, 0, stream,
         ptr<T>(x), ptr<T>(r), ptr<T>(w), ptr<T>(b), mut_ptr<T>(y), mut_ptr<T>(s),
         kCentered ? mut_ptr<float>(mean) : nullptr, mut_ptr<float>(rstd), rows, N, float(eps), geo.group,
         geo.cached);
@@ -340,16 +341,18 @@ void launch_norm_bwd_exact_rows(const Tensor& dy, const Tensor& x, const Tensor&
   const int blocks = int(std::min<int64_t>(kExactBlocksMax, ceil_div(rows, kExactThreads)));
   const int64_t partial_rows = int64_t(blocks) * kExactThreads;
   const bool want_w = dw.defined() && dw.numel(), want_b = db.defined() && db.numel();
-  auto f32 = x.options().dtype(at::kFloat);
-  Tensor dw_part = want_w ? at::zeros({partial_rows, N}, f32) : Tensor();
-  Tensor db_part = want_b ? at::zeros({partial_rows, N}, f32) : Tensor();
+  auto f64 = x.options().dtype(at::kDouble);  // each thread's sums, kept in double
+  Tensor dw_part = want_w ? at::zeros({partial_rows, N}, f64) : Tensor();
+  Tensor db_part = want_b ? at::zeros({partial_rows, N}, f64) : Tensor();
   auto stream = c10::cuda::getCurrentCUDAStream();
-  norm_bwd_exact_rows_kernel<T, kCentered><<<blocks, kExactThreads, 0, stream>>>(
-      ptr<T>(dy), ptr<T>(x), ptr<T>(w), ptr<T>(dres), mut_ptr<T>(dx), mut_ptr<float>(dw_part),
-      mut_ptr<float>(db_part), rows, N, eps);
+  launch(norm_bwd_exact_rows_kernel<T, kCentered>, blocks, kExactThreads, 0, stream,
+      ptr<T>(dy), ptr<T>(x), ptr<T>(w), ptr<T>(dres), mut_ptr<T>(dx), mut_ptr<double>(dw_part),
+      mut_ptr<double>(db_part), rows, N, eps);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (want_w) column_sum_kernel<T><<<1, 256, 0, stream>>>(ptr<float>(dw_part), partial_rows, N, mut_ptr<T>(dw));
-  if (want_b) column_sum_kernel<T><<<1, 256, 0, stream>>>(ptr<float>(db_part), partial_rows, N, mut_ptr<T>(db));
+  if (want_w)
+    launch(column_sum_kernel<T, double>, 1, 256, 0, stream, ptr<double>(dw_part), partial_rows, N, mut_ptr<T>(dw));
+  if (want_b)
+    launch(column_sum_kernel<T, double>, 1, 256, 0, stream, ptr<double>(db_part), partial_rows, N, mut_ptr<T>(db));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -375,7 +378,7 @@ void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const T
   if (want_b) db_part = at::empty({groups, N}, f32);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto kernel) {
-    kernel<<<geo.blocks, geo.threads, 0, stream>>>(
+    launch(kernel, geo.blocks, geo.threads, 0, stream,
         ptr<T>(dy), ptr<T>(x), ptr<T>(w), kCentered ? ptr<float>(mean) : nullptr, ptr<float>(rstd), ptr<T>(dres),
         mut_ptr<T>(dx), mut_ptr<float>(dw_part), mut_ptr<float>(db_part), rows, N, geo.group, geo.cached);
   };
@@ -383,8 +386,10 @@ void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const T
   else run(norm_bwd_kernel<T, 16 / sizeof(T), kCentered>);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const unsigned col_blocks = unsigned(ceil_div(N, 256));
-  if (want_w) column_sum_kernel<T><<<col_blocks, 256, 0, stream>>>(ptr<float>(dw_part), groups, N, mut_ptr<T>(dw));
-  if (want_b) column_sum_kernel<T><<<col_blocks, 256, 0, stream>>>(ptr<float>(db_part), groups, N, mut_ptr<T>(db));
+  if (want_w)
+    launch(column_sum_kernel<T, float>, col_blocks, 256, 0, stream, ptr<float>(dw_part), groups, N, mut_ptr<T>(dw));
+  if (want_b)
+    launch(column_sum_kernel<T, float>, col_blocks, 256, 0, stream, ptr<float>(db_part), groups, N, mut_ptr<T>(db));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

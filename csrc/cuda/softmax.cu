@@ -171,11 +171,11 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
     const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
     auto run = [&]<typename Mk>(const Mk* mp) {
       if (vec == 1)
-        softmax_fwd_kernel<T, Mk, 1><<<geo.blocks, geo.threads, 0, stream>>>(
+        launch(softmax_fwd_kernel<T, Mk, 1>, geo.blocks, geo.threads, 0, stream,
             reinterpret_cast<const T*>(x.const_data_ptr()), mp, ms, reinterpret_cast<T*>(y.data_ptr()), H, M,
             rows, N, float(scale), causal, geo.group, geo.cached);
       else
-        softmax_fwd_kernel<T, Mk, 16 / sizeof(T)><<<geo.blocks, geo.threads, 0, stream>>>(
+        launch(softmax_fwd_kernel<T, Mk, 16 / sizeof(T)>, geo.blocks, geo.threads, 0, stream,
             reinterpret_cast<const T*>(x.const_data_ptr()), mp, ms, reinterpret_cast<T*>(y.data_ptr()), H, M,
             rows, N, float(scale), causal, geo.group, geo.cached);
     };
@@ -206,9 +206,9 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
     const T* p = reinterpret_cast<const T*>(y.const_data_ptr());
     T* out = reinterpret_cast<T*>(dx.data_ptr());
     if (vec == 1)
-      softmax_bwd_kernel<T, 1><<<geo.blocks, geo.threads, 0, stream>>>(d, p, out, rows, N, float(scale), geo.group);
+      launch(softmax_bwd_kernel<T, 1>, geo.blocks, geo.threads, 0, stream, d, p, out, rows, N, float(scale), geo.group);
     else
-      softmax_bwd_kernel<T, 16 / sizeof(T)><<<geo.blocks, geo.threads, 0, stream>>>(d, p, out, rows, N,
+      launch(softmax_bwd_kernel<T, 16 / sizeof(T)>, geo.blocks, geo.threads, 0, stream, d, p, out, rows, N,
                                                                                     float(scale), geo.group);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -1,0 +1,2 @@
+// The host emulation build of csrc/cuda/attention.cu (README.md here).
+#include "../attention.cu"

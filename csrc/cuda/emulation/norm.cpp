@@ -1,0 +1,2 @@
+// The host emulation build of csrc/cuda/norm.cu (README.md here).
+#include "../norm.cu"

@@ -1,0 +1,2 @@
+// The host emulation build of csrc/cuda/softmax.cu (README.md here).
+#include "../softmax.cu"

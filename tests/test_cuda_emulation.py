@@ -1,0 +1,300 @@
+"""The CUDA C++ kernels (csrc/cuda) on this machine's CPU: the host emulator
+(csrc/cuda/emulation) runs the unchanged kernel sources, each CUDA thread a fiber switched at
+its barriers, and their outputs and gradients are checked against the float64 reference under
+the error-budget rule, as every backend's are.
+
+What this proves: the kernels' indexing, tiling, masking, reductions, split-K combine and
+barrier placement, on every launch path (warp and block rows, cached and looped rows, 128-bit
+and scalar accesses, prefill and decode, float32 and tensor-core tiles), and that no launch
+diverges at a barrier, shuffles with an exited lane or makes a misaligned vector access. What it
+cannot: speed, the hardware's memory model beyond barrier order, the tensor cores' rounding,
+compiler bugs. Those wait for a GPU (scripts/gpu_check.sh).
+
+The emulated library builds once per source hash into build/cuda-emulation-<hash> (~15 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmfast import reference
+from lmfast.testing import check_against_reference
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+EMULATION_DIR = CUDA_DIR / "emulation"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(scope="module")
+def emu():
+    return build_emulation()
+
+
+def build_emulation():
+    """torch.ops.lmfast_cuda_emulation, built from the current sources (or loaded if built)."""
+    from torch.utils import cpp_extension
+
+    sources = sorted(p for p in [*CUDA_DIR.iterdir(), *EMULATION_DIR.rglob("*")]
+                     if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
+    build = ROOT / "build" / f"cuda-emulation-{digest}"
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name="lmfast_cuda_emulation",
+        sources=[str(EMULATION_DIR / f"{n}.cpp") for n in ("emulator", "norm", "softmax", "attention", "register",
+                                                                   "selftest")],
+        extra_include_paths=[str(EMULATION_DIR / "include")],
+        extra_cflags=["-O2", "-std=c++20", "-DLMFAST_CUDA_EMULATION", "-Wno-unknown-pragmas"],
+        build_directory=str(build), is_python_module=False)
+    return torch.ops.lmfast_cuda_emulation
+
+
+@pytest.fixture(params=["forward", "reverse"])
+def thread_order(request, monkeypatch):
+    """Fibers run in thread order or in reverse: a missing barrier reads stale shared memory in one."""
+    monkeypatch.setenv("LMFAST_CUDA_EMULATION_ORDER", request.param)
+    return request.param
+
+
+# ---- the emulator itself: it must reject what a GPU would, and expose a missing barrier --------
+
+@pytest.mark.parametrize("case,message", [
+    ("exit_before_syncthreads", "has exited"),
+    ("shuffle_with_exited_lanes", "warp barrier with an exited lane"),
+    ("misaligned_load", "misaligned 16-byte access"),
+    ("shared_past_48k_without_opt_in", "past the kernel's limit"),
+])
+def test_the_emulator_rejects_what_a_gpu_would(emu, case, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.selftest(case)
+
+
+def test_the_emulator_exposes_a_missing_barrier(emu, thread_order):
+    """Thread t reads what thread t + 1 wrote to shared memory: with __syncthreads between, every
+    read sees the write; without, some thread reads unwritten shared memory (NaN) in either order."""
+    n = 64
+    assert torch.equal(emu.selftest("barrier"), (torch.arange(n) + 1).remainder(n).float())
+    assert emu.selftest("missing_barrier").isnan().any()
+
+
+def _randn(*shape, dtype, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# ---- norms ---------------------------------------------------------------------------------
+
+class _Norm(torch.autograd.Function):
+    """The emulated {layer,rms}_norm_{fwd,bwd} with the autograd of lmfast/ops/norm.py's Triton path."""
+
+    @staticmethod
+    def forward(ctx, ops, centered, x, weight, bias, residual, eps):
+        if centered:
+            y, s, mean, rstd = ops.layer_norm_fwd(x, weight, bias, residual, eps)
+        else:
+            (y, s, rstd), mean = ops.rms_norm_fwd(x, weight, residual, eps), None
+        ctx.ops, ctx.centered, ctx.eps, ctx.has_residual = ops, centered, eps, residual is not None
+        ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
+        if residual is None:
+            ctx.mark_non_differentiable(s)
+        return y, s
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        normed, weight, mean, rstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_r = ctx.needs_input_grad[2:6]
+        ds = ds.contiguous() if ctx.has_residual else None
+        if ctx.centered:
+            dx, dw, db = ctx.ops.layer_norm_bwd(dy.contiguous(), normed, weight, mean, rstd, ds, need_w, need_b,
+                                                ctx.eps)
+        else:
+            (dx, dw), db = ctx.ops.rms_norm_bwd(dy.contiguous(), normed, weight, rstd, ds, need_w, ctx.eps), None
+        return (None, None, dx if need_x else None, dw if need_w else None, db if need_b else None,
+                dx if need_r else None, None)
+
+
+# (rows, N): exact-row backward (N <= 8); a warp per row with scalar and 128-bit accesses; the
+# backward's block rows (N > 512); block rows held in registers; long rows looped over.
+NORM_SHAPES = [(40, 1), (40, 5), (40, 33), (200, 64), (24, 520), (8, 1000), (6, 1500), (3, 4100), (2, 40000)]
+
+
+@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rows,N", NORM_SHAPES, ids=lambda v: str(v))
+def test_norms(emu, centered, dtype, rows, N):
+    affine = N % 2 == 1 or N >= 1000  # some shapes without weight and bias
+    residual = N in (5, 64, 1500, 40000)
+
+    def fn(x, weight=None, bias=None, residual=None):
+        y, s = _Norm.apply(emu, centered, x, weight, bias, residual, 1e-5)
+        return y if residual is None else (y, s)
+
+    def ref(x, weight=None, bias=None, residual=None):
+        if centered:
+            return reference.layer_norm(x, weight, bias, 1e-5, residual)
+        return reference.rms_norm(x, weight, 1e-5, residual)
+
+    inputs = {"x": _randn(rows, N, dtype=dtype) * 2 + 0.5}
+    if affine:
+        inputs["weight"] = _randn(N, dtype=dtype, seed=1)
+        if centered:
+            inputs["bias"] = _randn(N, dtype=dtype, seed=2)
+    if residual:
+        inputs["residual"] = _randn(rows, N, dtype=dtype, seed=3)
+    check_against_reference(fn, ref, inputs, grad=list(inputs), name=f"cuda-emulated {'layer' if centered else 'rms'}"
+                            f"_norm {rows}x{N} {dtype}")
+
+
+def test_norm_weight_gradient_of_many_narrow_rows(emu):
+    """Rows of <= 8 elements take the exact-row backward: a thread per row, its dweight sums in
+    double. Summing the threads' partials in float32 (1024 of them here) cost several ulps
+    where eager's tree sum costs about one: over budget. The sum is in double now."""
+    for centered in (True, False):
+        def fn(x, weight):
+            return _Norm.apply(emu, centered, x, weight, None, None, 1e-5)[0]
+
+        def ref(x, weight):
+            return reference.layer_norm(x, weight, None, 1e-5) if centered else reference.rms_norm(x, weight, 1e-5)
+
+        draws = iter(range(100))
+
+        def inputs():
+            seed = next(draws)
+            return {"x": _randn(3000, 3, dtype=torch.float32, seed=seed) * 10 + 3,
+                    "weight": _randn(3, dtype=torch.float32, seed=seed + 50)}
+
+        check_against_reference(fn, ref, inputs, grad=["weight"], trials=6, name=f"narrow rows centered={centered}")
+
+
+# ---- softmax -------------------------------------------------------------------------------
+
+class _Softmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, ops, x, mask, scale, causal):
+        y = ops.softmax_fwd(x, None if mask is None else mask.expand(x.shape), scale, causal)
+        ctx.ops, ctx.scale = ops, scale
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        return None, ctx.ops.softmax_bwd(dy.contiguous(), y, ctx.scale), None, None, None
+
+
+# (B, H, M, N), mask: None, a boolean (1, 1, M, N) or (B, 1, 1, N) one, an additive one;
+# causal with M > N leaves rows that see no key at all (zeros).
+SOFTMAX_CASES = [
+    ((2, 3, 5, 7), None, False), ((2, 3, 5, 7), "bool-keys", True), ((2, 2, 9, 4), None, True),
+    ((1, 2, 8, 64), "additive", False), ((2, 1, 4, 64), "bool", True), ((1, 2, 3, 1000), "additive", True),
+    ((1, 1, 3, 1500), "bool-keys", False), ((1, 1, 2, 4100), None, True), ((1, 1, 2, 40000), "additive", False),
+]
+
+
+def _softmax_mask(kind, shape, dtype):
+    B, _, M, N = shape
+    gen = torch.Generator().manual_seed(7)
+    if kind == "bool":
+        keep = torch.rand(1, 1, M, N, generator=gen) > 0.3
+        keep[..., 0, :] = False  # a fully masked row
+        return keep
+    if kind == "bool-keys":
+        return torch.rand(B, 1, 1, N, generator=gen) > 0.5
+    if kind == "additive":
+        return (torch.randn(1, 1, M, N, generator=gen) * 2).to(dtype)
+    return None
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,mask_kind,causal", SOFTMAX_CASES, ids=lambda v: str(v))
+def test_softmax(emu, dtype, shape, mask_kind, causal):
+    mask = _softmax_mask(mask_kind, shape, dtype)
+
+    def fn(x, mask=None):
+        return _Softmax.apply(emu, x, mask, 0.7, causal)
+
+    def ref(x, mask=None):
+        return reference.softmax(x, -1, 0.7, mask, causal)
+
+    inputs = {"x": _randn(*shape, dtype=dtype) * 3}
+    if mask is not None:
+        inputs["mask"] = mask
+    check_against_reference(fn, ref, inputs, grad=["x"], name=f"cuda-emulated softmax {shape} {mask_kind} "
+                            f"causal={causal} {dtype}")
+
+
+# ---- attention (forward: the backward on CUDA is Triton's) -------------------------------------
+
+# (B, Hq, Hkv, Sq, Sk, D): Sq <= 4 takes the decode kernel (split-K + combine), more the prefill
+# kernel; head dims padded to 32, 64, 128 and 256, some not a multiple of 8 (scalar tile loads).
+ATTENTION_SHAPES = [
+    (1, 2, 2, 1, 300, 64), (2, 4, 2, 3, 77, 40), (1, 2, 1, 4, 520, 128), (1, 1, 1, 2, 33, 3),
+    (1, 2, 2, 37, 45, 64), (2, 2, 1, 70, 70, 32), (1, 2, 2, 20, 150, 72), (1, 1, 1, 40, 33, 200),
+]
+
+
+def _attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask_kind, strided):
+    if strided:  # (B, S, H, D) memory, as a model's projections leave it
+        q = _randn(B, Sq, Hq, D, dtype=dtype).transpose(1, 2)
+        k = _randn(B, Sk, Hkv, D, dtype=dtype, seed=1).transpose(1, 2)
+        v = _randn(B, Sk, Hkv, D, dtype=dtype, seed=2).transpose(1, 2)
+    else:
+        q = _randn(B, Hq, Sq, D, dtype=dtype)
+        k = _randn(B, Hkv, Sk, D, dtype=dtype, seed=1)
+        v = _randn(B, Hkv, Sk, D, dtype=dtype, seed=2)
+    inputs = {"q": q * 1.5, "k": k, "v": v}
+    gen = torch.Generator().manual_seed(5)
+    if mask_kind == "bool":
+        keep = torch.rand(B, 1, Sq, Sk, generator=gen) > 0.2
+        keep[:, :, 0, :] = False  # a fully masked row: o = 0, lse = -inf
+        inputs["attn_mask"] = keep
+    elif mask_kind == "additive":
+        inputs["attn_mask"] = (torch.randn(1, Hq, Sq, Sk, generator=gen) * 2).to(dtype)
+    return inputs
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES, ids=lambda v: "x".join(map(str, v)))
+@pytest.mark.parametrize("variant", ["plain", "causal", "window-bool", "additive-strided"])
+def test_attention(emu, dtype, shape, variant):
+    B, Hq, Hkv, Sq, Sk, D = shape
+    causal = variant in ("causal", "window-bool")
+    window = 9 if variant == "window-bool" else None
+    mask_kind = {"window-bool": "bool", "additive-strided": "additive"}.get(variant)
+    inputs = _attention_inputs(*shape, dtype, mask_kind, strided=variant == "additive-strided")
+    scale = D ** -0.5
+
+    def fn(q, k, v, attn_mask=None):
+        mask = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)
+        return tuple(emu.attention_fwd(q, k, v, mask, scale, causal, window))
+
+    def ref(q, k, v, attn_mask=None):
+        return reference.attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window)
+
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {variant} {dtype}")
+
+
+def test_attention_rows_that_see_no_key(emu):
+    """Causal with Sq > Sk: the first Sq - Sk rows see no key (o = 0, lse = -inf), in both kernels."""
+    for Sq in (3, 40):
+        q, k, v = (_randn(1, 2, S, 64, dtype=torch.float16, seed=i) for i, S in enumerate((Sq, 2, 2)))
+        o, lse = emu.attention_fwd(q, k, v, None, 0.125, True, None)
+        o_ref, lse_ref = reference.attention(q.double(), k.double(), v.double(), causal=True, scale=0.125)
+        torch.testing.assert_close(o.double(), o_ref, atol=2e-3, rtol=2e-3)
+        assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and torch.isinf(lse[..., :Sq - 2]).all()
+
+
+# ---- the thread order: both orders on a path with shared memory per kernel -------------------
+
+def test_both_thread_orders(emu, thread_order):
+    """One case per kernel that shares data through shared memory or shuffles, in both orders."""
+    test_norms(emu, True, torch.float32, 3, 4100)
+    test_norms(emu, False, torch.bfloat16, 200, 64)
+    test_softmax(emu, torch.float16, (1, 1, 3, 1500), "bool-keys", False)
+    test_attention(emu, torch.bfloat16, (1, 2, 2, 37, 45, 64), "causal")
+    test_attention(emu, torch.float32, (2, 2, 1, 70, 70, 32), "plain")
+    test_attention(emu, torch.float16, (1, 2, 2, 1, 300, 64), "plain")
