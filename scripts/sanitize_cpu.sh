@@ -12,6 +12,11 @@
 # The memory-growth test is left out: ASan's quarantine holds freed memory on purpose (RSS
 # grew 174 MiB over its 50,000 calls under it). On 2 cores: about 6 minutes to build (one
 # job), about 3.5 minutes of tests.
+#
+# With no arguments it then runs tests/test_cuda_emulation.py with the emulated CUDA kernels
+# built under the same sanitizers (LMFAST_CUDA_EMULATION_SANITIZE=1): an out-of-bounds access
+# of a CUDA kernel to a tensor, which the emulator alone cannot see, fails there, as
+# compute-sanitizer's memcheck would fail it on a GPU. Reports go to $WORK/sanitizer.*.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${SANITIZE_DIR:-$(mktemp -d)}"
@@ -29,15 +34,27 @@ echo "built in ${SECONDS}s"
 
 ASAN="$(gcc -print-file-name=libasan.so)"
 UBSAN="$(gcc -print-file-name=libubsan.so)"
+EMULATION=0
 if [ "$#" -eq 0 ]; then
+  EMULATION=1
   set -- "$ROOT/tests/test_norm.py" "$ROOT/tests/test_softmax.py" "$ROOT/tests/test_attention_kernels.py" \
     "$ROOT/tests/test_fuzz.py" "$ROOT/tests/test_reliability.py" -k "not triton and not widening_path and not memory_growth"
 fi
-echo "== tests under the sanitizers: $*"
 cd "$WORK"  # (not the checkout: its source lmfast would shadow the install)
-LD_PRELOAD="$ASAN:$UBSAN" \
-ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1" \
-UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-PYTHONPATH="$WORK/site" \
-  "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist "$@"
+rm -f "$WORK"/sanitizer.*
+# (reports to files: pytest's capture dies with the aborted process)
+trap 'cat "$WORK"/sanitizer.* 2>/dev/null || true' EXIT
+sanitized() {
+  LD_PRELOAD="$ASAN:$UBSAN" \
+  ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:allocator_may_return_null=1:log_path=$WORK/sanitizer" \
+  UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$WORK/sanitizer" \
+  PYTHONPATH="$WORK/site" \
+    "$PYTHON" -m pytest -q -p no:cacheprovider -p no:xdist "$@"
+}
+echo "== tests under the sanitizers: $*"
+sanitized "$@"
+if [ "$EMULATION" = 1 ]; then
+  echo "== the emulated CUDA kernels under the sanitizers"
+  LMFAST_CUDA_EMULATION_SANITIZE=1 sanitized "$ROOT/tests/test_cuda_emulation.py"
+fi
 echo "sanitized tests passed in ${SECONDS}s"

@@ -16,6 +16,7 @@ The emulated library builds once per source hash into build/cuda-emulation-<hash
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -42,15 +43,20 @@ def build_emulation():
     sources = sorted(p for p in [*CUDA_DIR.iterdir(), *EMULATION_DIR.rglob("*")]
                      if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
-    build = ROOT / "build" / f"cuda-emulation-{digest}"
+    # scripts/sanitize_cpu.sh sets this (and preloads the sanitizer runtimes): out-of-bounds
+    # global memory accesses, which the emulator itself cannot see, then fail the launch.
+    sanitize = os.environ.get("LMFAST_CUDA_EMULATION_SANITIZE") == "1"
+    sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
+                       "-fno-omit-frame-pointer"] if sanitize else []
+    build = ROOT / "build" / f"cuda-emulation-{digest}{'-sanitized' if sanitize else ''}"
     build.mkdir(parents=True, exist_ok=True)
     cpp_extension.load(
         name="lmfast_cuda_emulation",
         sources=[str(EMULATION_DIR / f"{n}.cpp") for n in ("emulator", "norm", "softmax", "attention", "register",
                                                                    "selftest")],
         extra_include_paths=[str(EMULATION_DIR / "include")],
-        extra_cflags=["-O2", "-std=c++20", "-DLMFAST_CUDA_EMULATION", "-Wno-unknown-pragmas"],
-        build_directory=str(build), is_python_module=False)
+        extra_cflags=["-O2", "-std=c++20", "-DLMFAST_CUDA_EMULATION", "-Wno-unknown-pragmas", *sanitizer_flags],
+        extra_ldflags=sanitizer_flags, build_directory=str(build), is_python_module=False)
     return torch.ops.lmfast_cuda_emulation
 
 
@@ -147,6 +153,18 @@ def test_norms(emu, centered, dtype, rows, N):
         inputs["residual"] = _randn(rows, N, dtype=dtype, seed=3)
     check_against_reference(fn, ref, inputs, grad=list(inputs), name=f"cuda-emulated {'layer' if centered else 'rms'}"
                             f"_norm {rows}x{N} {dtype}")
+
+
+@pytest.mark.parametrize("N", [3000, 30000, 42963], ids=["warp-rows", "block-rows-in-registers", "looped-rows"])
+def test_layer_norm_of_rows_far_from_zero(emu, N):
+    """Values 3 +- 0.01: the output is (s - mean) * rstd with rstd ~ 100, so an ulp of error in
+    the mean is 100x that in y. A float tree sum (and before it, Welford's running mean on long
+    rows) was several ulps off the mean: up to 4x over budget. The mean is a compensated sum."""
+    for seed in range(3):
+        x = _randn(2, N, dtype=torch.float32, seed=seed) * 0.01 + 3
+        check_against_reference(lambda x: _Norm.apply(emu, True, x, None, None, None, 1e-5)[0],
+                                lambda x: reference.layer_norm(x, None, None, 1e-5), {"x": x},
+                                name=f"rows far from zero, N={N}, seed {seed}")
 
 
 def test_norm_weight_gradient_of_many_narrow_rows(emu):

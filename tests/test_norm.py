@@ -44,7 +44,7 @@ def test_forward_and_grads_all_widths(op, width, kb, dtype):
 
 @pytest.mark.parametrize("op", OPS)
 def test_rows_too_long_for_registers(op, kb, dtype):
-    # 40000 > 32 elements x 1024 threads: the CUDA forward's looped (Welford) path and the
+    # 40000 > 32 elements x 1024 threads: the CUDA forward's looped (three-read) path and the
     # backward's weight-gradient partials in memory; other backends take it as any wide row.
     _check(op, kb.name, lambda: _inputs(op, (16, 40000), dtype, kb.device), f"{op} {kb.name} w=40000")
 

@@ -91,14 +91,13 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
-__device__ __forceinline__ Welford warp_welford(Welford w) {
+__device__ __forceinline__ Compensated warp_compensated(Compensated c) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) {
-    Welford other{__shfl_xor_sync(0xffffffffu, w.mean, o), __shfl_xor_sync(0xffffffffu, w.m2, o),
-                  __shfl_xor_sync(0xffffffffu, w.count, o)};
-    w = welford_merge(w, other);
+    const Compensated other{__shfl_xor_sync(0xffffffffu, c.hi, o), __shfl_xor_sync(0xffffffffu, c.lo, o)};
+    c = compensated_merge(c, other);
   }
-  return w;
+  return c;
 }
 
 __device__ __forceinline__ RowMax warp_rowmax(RowMax s) {

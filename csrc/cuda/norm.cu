@@ -8,10 +8,11 @@
 //              dw = sum_rows(dy * xhat),  db = sum_rows(dy)
 //
 // Rows of up to 1024 elements (512 in the backward) get a warp each, longer rows a block
-// (device.cuh: row_geometry). The forward keeps a row in registers where it fits and then
-// computes the variance in two exact passes over them; a longer row is read twice, with
-// Welford's running variance on the first read. The backward reads each row twice (the
-// second read hits L1/L2). Loads and stores are 128-bit where every row start is aligned.
+// (device.cuh: row_geometry). The forward keeps a row in registers where it fits and takes
+// the mean (a compensated sum, row_math.h) and then the variance around it over them; a longer
+// row is read once per pass (LayerNorm three times, RMSNorm twice; the later reads hit L1/L2).
+// The backward reads each row twice. Loads and stores are 128-bit where every row start is
+// aligned.
 //
 // dweight/dbias: each row group (warp or block) owns a fixed set of rows and sums their
 // contributions for the columns each thread owns, in registers where they fit, else in its
@@ -32,6 +33,11 @@ namespace {
 
 using at::Tensor;
 
+// The mean of a row of N values whose group's threads hold the partial sums `sum`.
+__device__ __forceinline__ float row_mean(Compensated sum, int group, Compensated* scratch, int64_t N) {
+  return compensated_mean(group_reduce(sum, group, scratch, warp_compensated, compensated_merge), float(N));
+}
+
 // Forward, one row per group. `cached`: the row fits kCachedPerThread elements per thread.
 template <typename T, int VEC, bool kCentered>
 __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
@@ -40,7 +46,7 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
                                 float* __restrict__ rstd_out, int64_t rows, int64_t N, float eps,
                                 int group, bool cached) {
   constexpr int kSlots = kCachedPerThread / VEC;
-  __shared__ Welford welford_scratch[32];
+  __shared__ Compensated compensated_scratch[32];
   __shared__ float sum_scratch[32];
   const auto [tid, first, step] = row_group(group);
   const int64_t nvec = N / VEC;
@@ -79,17 +85,18 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
     float mu = 0.f, var = 0.f;
     if (cached) {
       float vals[kSlots][VEC];
-      float sum = 0.f;
+      Compensated sum;
 #pragma unroll
       for (int k = 0; k < kSlots; ++k) {
         const int64_t vi = tid + int64_t(k) * group;
         if (vi < nvec) {
           load_s(vi, vals[k]);
+          if constexpr (kCentered)
 #pragma unroll
-          for (int e = 0; e < VEC; ++e) sum += vals[k][e];
+            for (int e = 0; e < VEC; ++e) sum = compensated_add(sum, vals[k][e]);
         }
       }
-      if (kCentered) mu = group_sum(sum, group, sum_scratch) * inv_n;
+      if constexpr (kCentered) mu = row_mean(sum, group, compensated_scratch, N);
       float sq = 0.f;  // second pass, over the registers: exact for any mean
 #pragma unroll
       for (int k = 0; k < kSlots; ++k)
@@ -110,28 +117,32 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
       continue;
     }
 
-    // Long row: Welford (LayerNorm) or a sum of squares (RMSNorm) on the first read...
-    Welford wf;
+    // Long row: the first read sums it (LayerNorm) or its squares (RMSNorm); LayerNorm reads it
+    // again for the squares around the mean (exact for any mean); the last read writes y. The
+    // later reads come from L1/L2, s from where this thread just stored it.
+    const T* src = rr ? sr : xr;
+    Compensated sum;
     float sq = 0.f;
     for (int64_t vi = tid; vi < nvec; vi += group) {
       float v[VEC];
       load_s(vi, v);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
-        if (kCentered) wf = welford_add(wf, v[e]);
+        if constexpr (kCentered) sum = compensated_add(sum, v[e]);
         else sq += v[e] * v[e];
       }
     }
-    if (kCentered) {
-      wf = group_reduce(wf, group, welford_scratch, warp_welford, welford_merge);
-      mu = wf.mean;
-      var = wf.m2 * inv_n;
-    } else {
-      var = group_sum(sq, group, sum_scratch) * inv_n;
+    if constexpr (kCentered) {
+      mu = row_mean(sum, group, compensated_scratch, N);
+      for (int64_t vi = tid; vi < nvec; vi += group) {
+        float v[VEC];
+        load_floats<T, VEC>(src + vi * VEC, v);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) sq += (v[e] - mu) * (v[e] - mu);
+      }
     }
+    var = group_sum(sq, group, sum_scratch) * inv_n;
     const float rstd = rsqrtf(var + eps);
-    // ...and the output on the second (from L1/L2; s from where this thread just stored it)
-    const T* src = rr ? sr : xr;
     for (int64_t vi = tid; vi < nvec; vi += group) {
       float v[VEC];
       load_floats<T, VEC>(src + vi * VEC, v);

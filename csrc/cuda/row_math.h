@@ -2,9 +2,11 @@
 // that the host compiler builds the same code for tests/test_cuda_math.py (through
 // csrc/cuda/row_math_host.cpp), which checks it against float64 on this machine's CPU.
 //
-//   Welford     running mean and sum of squared deviations (m2) of a stream of values, and
-//               the merge of two such states (Chan et al.): what a thread keeps over a row too
-//               long for its registers, and what threads combine in a reduction.
+//   Compensated a float sum carried with its rounding error (Knuth's TwoSum), and the merge of
+//               two: LayerNorm's row mean. A plain float tree sum of a row far from zero
+//               (values ~ 3 +- 0.01) is off by a few ulps of the mean, and the output, scaled by
+//               rstd ~ 100, by 4x eager's error (tests/test_cuda_emulation.py found it); this
+//               one rounds once, at the end.
 //   RowMax      online softmax state (max, sum of exp(v - max)) and its merge; -inf values
 //               (masked) contribute nothing, a state of only -inf values has sum 0, and a
 //               NaN makes the state NaN for good (as softmax's output is then).
@@ -22,31 +24,36 @@
 
 namespace lmfast::cuda_math {
 
-struct Welford {
-  float mean = 0.f;
-  float m2 = 0.f;     // sum of (v - mean)^2
-  float count = 0.f;  // float: merges divide by it; exact up to 2^24 values
+struct Compensated {
+  float hi = 0.f;  // the float sum
+  float lo = 0.f;  // what rounding dropped from it (a NaN once an inf was added: the row's mean is then NaN)
 };
 
-LMFAST_HD Welford welford_add(Welford a, float v) {
-  a.count += 1.f;
-  const float delta = v - a.mean;
-  a.mean += delta / a.count;
-  a.m2 += delta * (v - a.mean);
-  return a;
+// Knuth's TwoSum: a + b as the rounded sum s and its exact error (a + b) - s, in float, with
+// no FMA or reassociation to break it (neither nvcc nor the host build uses fast math).
+LMFAST_HD float two_sum_error(float a, float b, float s) {
+  const float b_part = s - a;
+  return (a - (s - b_part)) + (b - b_part);
 }
 
-LMFAST_HD Welford welford_merge(Welford a, Welford b) {
-  if (b.count == 0.f) return a;
-  if (a.count == 0.f) return b;
-  const float n = a.count + b.count;
-  const float wb = b.count / n;  // b's share
-  const float delta = b.mean - a.mean;
-  Welford r;
-  r.count = n;
-  r.mean = a.mean + delta * wb;
-  r.m2 = a.m2 + b.m2 + delta * delta * a.count * wb;
-  return r;
+LMFAST_HD Compensated compensated_add(Compensated c, float v) {
+  const float s = c.hi + v;
+  return {s, c.lo + two_sum_error(c.hi, v, s)};
+}
+
+// Symmetric (the error is exact, the rest commutes): the two lanes of a butterfly step get
+// bit-identical results, so every lane of a row sees the same mean.
+LMFAST_HD Compensated compensated_merge(Compensated a, Compensated b) {
+  const float s = a.hi + b.hi;
+  return {s, two_sum_error(a.hi, b.hi, s) + (a.lo + b.lo)};
+}
+
+// (hi + lo) / n rounded about once (torch's CPU mean, which eager LayerNorm on CPU uses,
+// accumulates in double and rounds once): q = hi / n, the remainder hi - q n exact by FMA.
+LMFAST_HD float compensated_mean(Compensated c, float n) {
+  const float q = c.hi / n;
+  const float remainder = fmaf(-q, n, c.hi);
+  return q + (remainder + c.lo) / n;
 }
 
 struct RowMax {

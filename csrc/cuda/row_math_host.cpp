@@ -34,17 +34,16 @@ void part(int64_t n, int64_t chunks, int64_t c, int64_t& begin, int64_t& end) {
 
 extern "C" {
 
-// Mean and population variance of x[0..n) by Welford per chunk, then butterfly merges.
-void lmfast_welford(const float* x, int64_t n, int64_t chunks, float* mean, float* var) {
-  std::vector<Welford> states(chunks);
+// Mean of x[0..n) as LayerNorm's forward takes it: a compensated sum per chunk, the chunks'
+// sums merged by the butterfly.
+float lmfast_compensated_mean(const float* x, int64_t n, int64_t chunks) {
+  std::vector<Compensated> states(chunks);
   for (int64_t c = 0; c < chunks; ++c) {
     int64_t b, e;
     part(n, chunks, c, b, e);
-    for (int64_t i = b; i < e; ++i) states[c] = welford_add(states[c], x[i]);
+    for (int64_t i = b; i < e; ++i) states[c] = compensated_add(states[c], x[i]);
   }
-  const Welford w = butterfly(states, welford_merge);
-  *mean = w.mean;
-  *var = w.count > 0 ? w.m2 / w.count : 0.f;
+  return compensated_mean(butterfly(states, compensated_merge), float(n));
 }
 
 // logsumexp of x[0..n) (-inf entries are masked) by the online (max, sum) per chunk, merged.
