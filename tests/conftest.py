@@ -5,16 +5,39 @@
            interpreter (TRITON_INTERPRET=1, set here before anything imports triton), with
            fewer rows since the interpreter is slow
   cuda     the CUDA C++ kernels on CUDA tensors, when a GPU is present (the CPU machines
-           compile-check them: test_cuda_build.py, test_cuda_math.py)
+           compile-check them, test_cuda_build.py, and run them under the host emulator,
+           test_cuda_emulation.py)
+
+LMFAST_TEST_CPU_KERNELS=cuda-emulation puts the emulated CUDA kernels behind the C++ ops on CPU
+tensors for the whole run (tests/cuda_emulation.py: install), so that backend "cpu" tests them
+through api.cpp as backend "cuda" runs them on a GPU; only tests of the C++ path's contract
+(float16/bfloat16/float32 inputs) make sense then: test_cuda_emulation.py runs the fuzz so.
 """
 
+import importlib.util
 import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 
+
+
+def _load_cuda_emulation():
+    """tests/cuda_emulation.py as a module (the importlib import mode has no sibling imports)."""
+    name = "lmfast_tests_cuda_emulation"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("cuda_emulation.py"))
+        sys.modules[name] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 HAS_CUDA = torch.cuda.is_available()
+if os.environ.get("LMFAST_TEST_CPU_KERNELS") == "cuda-emulation":
+    _load_cuda_emulation().install()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # On a GPU, attention kernels run with one fixed tile config per head-dim bucket: autotuning
@@ -132,3 +155,9 @@ LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cuda_build.py", "test_
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
+
+@pytest.fixture(scope="session")
+def cuda_emulation():
+    """tests/cuda_emulation.py: build() and install() of the CUDA kernels' host emulation."""
+    return _load_cuda_emulation()

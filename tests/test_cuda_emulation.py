@@ -10,13 +10,15 @@ diverges at a barrier, shuffles with an exited lane or makes a misaligned vector
 cannot: speed, the hardware's memory model beyond barrier order, the tensor cores' rounding,
 compiler bugs. Those wait for a GPU (scripts/gpu_check.sh).
 
-The emulated library builds once per source hash into build/cuda-emulation-<hash> (~15 s).
+The emulated library builds once per source hash into build/cuda-emulation-<hash> (~15 s;
+tests/cuda_emulation.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,39 +27,12 @@ import torch
 from lmfast import reference
 from lmfast.testing import check_against_reference
 
-ROOT = Path(__file__).resolve().parents[1]
-CUDA_DIR = ROOT / "csrc" / "cuda"
-EMULATION_DIR = CUDA_DIR / "emulation"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture(scope="module")
-def emu():
-    return build_emulation()
-
-
-def build_emulation():
-    """torch.ops.lmfast_cuda_emulation, built from the current sources (or loaded if built)."""
-    from torch.utils import cpp_extension
-
-    sources = sorted(p for p in [*CUDA_DIR.iterdir(), *EMULATION_DIR.rglob("*")]
-                     if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
-    # scripts/sanitize_cpu.sh sets this (and preloads the sanitizer runtimes): out-of-bounds
-    # global memory accesses, which the emulator itself cannot see, then fail the launch.
-    sanitize = os.environ.get("LMFAST_CUDA_EMULATION_SANITIZE") == "1"
-    sanitizer_flags = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined",
-                       "-fno-omit-frame-pointer"] if sanitize else []
-    build = ROOT / "build" / f"cuda-emulation-{digest}{'-sanitized' if sanitize else ''}"
-    build.mkdir(parents=True, exist_ok=True)
-    cpp_extension.load(
-        name="lmfast_cuda_emulation",
-        sources=[str(EMULATION_DIR / f"{n}.cpp") for n in ("emulator", "norm", "softmax", "attention", "register",
-                                                                   "selftest")],
-        extra_include_paths=[str(EMULATION_DIR / "include")],
-        extra_cflags=["-O2", "-std=c++20", "-DLMFAST_CUDA_EMULATION", "-Wno-unknown-pragmas", *sanitizer_flags],
-        extra_ldflags=sanitizer_flags, build_directory=str(build), is_python_module=False)
-    return torch.ops.lmfast_cuda_emulation
+def emu(cuda_emulation):
+    return cuda_emulation.build()
 
 
 @pytest.fixture(params=["forward", "reverse"])
@@ -155,7 +130,8 @@ def test_norms(emu, centered, dtype, rows, N):
                             f"_norm {rows}x{N} {dtype}")
 
 
-@pytest.mark.parametrize("N", [3000, 30000, 42963], ids=["warp-rows", "block-rows-in-registers", "looped-rows"])
+@pytest.mark.parametrize("N", [1000, 3000, 30000, 42963],
+                         ids=["warp-rows", "block-rows", "block-rows-in-many-registers", "looped-rows"])
 def test_layer_norm_of_rows_far_from_zero(emu, N):
     """Values 3 +- 0.01: the output is (s - mean) * rstd with rstd ~ 100, so an ulp of error in
     the mean is 100x that in y. A float tree sum (and before it, Welford's running mean on long
@@ -316,3 +292,20 @@ def test_both_thread_orders(emu, thread_order):
     test_attention(emu, torch.bfloat16, (1, 2, 2, 37, 45, 64), "causal")
     test_attention(emu, torch.float32, (2, 2, 1, 70, 70, 32), "plain")
     test_attention(emu, torch.float16, (1, 2, 2, 1, 300, 64), "plain")
+
+
+# ---- the fuzz, through the public C++ ops ----------------------------------------------------
+
+def test_fuzz_through_the_public_ops(cuda_emulation):
+    """tests/test_fuzz.py's CPU-backend fuzz (shapes from 0 up, strided views, broadcast masks,
+    fully masked rows, NaN/inf propagation, extreme magnitudes, gradients), in a process where the
+    emulated CUDA kernels stand behind lmfast_C's kernel ops (conftest.py,
+    LMFAST_TEST_CPU_KERNELS=cuda-emulation): api.cpp's checks, autograd and glue around the CUDA
+    kernels, as backend "cuda" runs them on a GPU."""
+    cuda_emulation.build()  # (built here, not in the child, so a build error reads as one)
+    env = {**os.environ, "LMFAST_TEST_CPU_KERNELS": "cuda-emulation"}
+    fuzz = Path(__file__).with_name("test_fuzz.py")
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                          str(fuzz), "-k", "cpu-cpu"], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, f"fuzz with the emulated CUDA kernels failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    assert "4 passed" in run.stdout, run.stdout[-2000:]

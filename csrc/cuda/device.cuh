@@ -14,8 +14,8 @@
 
 // Built by nvcc this is CUDA; built by the host compiler with LMFAST_CUDA_EMULATION (the
 // headers of csrc/cuda/emulation/include first on the include path) the same kernels run on
-// CPU fibers, one per CUDA thread, for tests/test_cuda_emulation.py. The three places where
-// the two differ are the macros and launch() below.
+// CPU fibers, one per CUDA thread, for tests/test_cuda_emulation.py. The two builds differ
+// in the two macros and launch() below, and in launch.h's device check, nowhere else.
 #ifdef LMFAST_CUDA_EMULATION
 #include "emulation/emulator.h"
 // The block's dynamic shared memory (the launch's smem bytes, filled with 0xff: NaN floats).

@@ -33,6 +33,10 @@ namespace {
 
 using at::Tensor;
 
+// 1 / sqrt(v), correctly rounded twice (nvcc's default -prec-sqrt/-prec-div), so within an ulp:
+// rsqrtf may be 2 ulps off, and every element of the row carries its error. Once per row.
+__device__ __forceinline__ float inverse_sqrt(float v) { return 1.f / sqrtf(v); }
+
 // The mean of a row of N values whose group's threads hold the partial sums `sum`.
 __device__ __forceinline__ float row_mean(Compensated sum, int group, Compensated* scratch, int64_t N) {
   return compensated_mean(group_reduce(sum, group, scratch, warp_compensated, compensated_merge), float(N));
@@ -104,7 +108,7 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
 #pragma unroll
           for (int e = 0; e < VEC; ++e) sq += (vals[k][e] - mu) * (vals[k][e] - mu);
       var = group_sum(sq, group, sum_scratch) * inv_n;
-      const float rstd = rsqrtf(var + eps);
+      const float rstd = inverse_sqrt(var + eps);
 #pragma unroll
       for (int k = 0; k < kSlots; ++k) {
         const int64_t vi = tid + int64_t(k) * group;
@@ -142,7 +146,7 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
       }
     }
     var = group_sum(sq, group, sum_scratch) * inv_n;
-    const float rstd = rsqrtf(var + eps);
+    const float rstd = inverse_sqrt(var + eps);
     for (int64_t vi = tid; vi < nvec; vi += group) {
       float v[VEC];
       load_floats<T, VEC>(src + vi * VEC, v);

@@ -62,9 +62,10 @@ cudaError_t cudaFuncSetAttribute(F* func, cudaFuncAttribute attr, int value) {
 
 // ---- device functions ----------------------------------------------------------------------
 
+// (sqrtf, expf, logf, fmaf: the C library's. sqrtf and fmaf are exact on both; a GPU's expf
+// may be 2 ulps off where glibc's is within 1, a difference the error budget absorbs.)
 using std::max;
 using std::min;
-inline float rsqrtf(float x) { return 1.f / std::sqrt(x); }
 
 namespace lmfast_emulation {
 void block_barrier();  // __syncthreads
