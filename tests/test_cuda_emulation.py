@@ -225,6 +225,8 @@ def test_softmax(emu, dtype, shape, mask_kind, causal):
 
 # (B, Hq, Hkv, Sq, Sk, D): Sq <= 4 takes the decode kernel (split-K + combine), more the prefill
 # kernel; head dims padded to 32, 64, 128 and 256, some not a multiple of 8 (scalar tile loads).
+# Sk = 77 and 33 leave a decode warp's last keys to only some of its lane groups (the shuffle
+# must still see every lane: a divergent one fails there, not with 300 keys in 5 splits of 60).
 ATTENTION_SHAPES = [
     (1, 2, 2, 1, 300, 64), (2, 4, 2, 3, 77, 40), (1, 2, 1, 4, 520, 128), (1, 1, 1, 2, 33, 3),
     (1, 2, 2, 37, 45, 64), (2, 2, 1, 70, 70, 32), (1, 2, 2, 20, 150, 72), (1, 1, 1, 40, 33, 200),

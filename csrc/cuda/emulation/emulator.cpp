@@ -35,7 +35,7 @@ constexpr int kMaxThreads = 1024;
 constexpr size_t kDefaultSharedLimit = 48 * 1024;  // without cudaFuncSetAttribute's opt-in
 constexpr int kOptInSharedLimit = 227 * 1024;      // an H100's opt-in limit
 
-enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone };
+enum class State { kReady, kAtBlockBarrier, kAtWarpBarrier, kDone, kFaulted };
 
 struct Fiber {
   ucontext_t context;
@@ -168,8 +168,11 @@ void warp_barrier() { wait_at(State::kAtWarpBarrier); }
 uint64_t* warp_exchange() { return exchange[current / 32].data(); }
 void* dynamic_shared() { return shared_memory; }
 
+// The faulting thread stops here for good (the access it was about to make may be undefined
+// behaviour on the host too), and the launch fails once the scheduler has it back.
 void report_error(const char* what) {
   if (fault.empty()) fault = std::string(what) + " in " + thread_name(current);
+  wait_at(State::kFaulted);
 }
 
 void require_full_warp_mask(unsigned mask, const char* what) {

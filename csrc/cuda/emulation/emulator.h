@@ -19,7 +19,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem_bytes, cons
 
 void* dynamic_shared();  // the running block's dynamic shared memory
 void check_aligned(const void* p, size_t bytes, const char* file, int line);
-void report_error(const char* what);  // records a fault of the running thread; the launch throws it
+void report_error(const char* what);  // stops the running thread; the launch throws `what`
 
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes, Args&&... args) {
