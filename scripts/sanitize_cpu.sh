@@ -16,7 +16,9 @@
 # With no arguments it then runs tests/test_cuda_emulation.py with the emulated CUDA kernels
 # built under the same sanitizers (LMFAST_CUDA_EMULATION_SANITIZE=1): an out-of-bounds access
 # of a CUDA kernel to a tensor, which the emulator alone cannot see, fails there, as
-# compute-sanitizer's memcheck would fail it on a GPU. Reports go to $WORK/sanitizer.*.
+# compute-sanitizer's memcheck would fail it on a GPU (about 1 minute to build, 1.5 of tests;
+# ASan's warning that it does not fully support swapcontext is expected). Reports go to
+# $WORK/sanitizer.*.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 WORK="${SANITIZE_DIR:-$(mktemp -d)}"
