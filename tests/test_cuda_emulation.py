@@ -303,9 +303,10 @@ def test_fuzz_through_the_public_ops(cuda_emulation):
     fully masked rows, NaN/inf propagation, extreme magnitudes, gradients), in a process where the
     emulated CUDA kernels stand behind lmfast_C's kernel ops (conftest.py,
     LMFAST_TEST_CPU_KERNELS=cuda-emulation): api.cpp's checks, autograd and glue around the CUDA
-    kernels, as backend "cuda" runs them on a GPU."""
+    kernels, as backend "cuda" runs them on a GPU. With an H100's 132 SMs, where the tests above
+    see 3: the launchers size grids from it (more norm-backward groups than rows, more splits)."""
     cuda_emulation.build()  # (built here, not in the child, so a build error reads as one)
-    env = {**os.environ, "LMFAST_TEST_CPU_KERNELS": "cuda-emulation"}
+    env = {**os.environ, "LMFAST_TEST_CPU_KERNELS": "cuda-emulation", "LMFAST_CUDA_EMULATION_SMS": "132"}
     fuzz = Path(__file__).with_name("test_fuzz.py")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
                           str(fuzz), "-k", "cpu-cpu"], env=env, capture_output=True, text=True, timeout=1200)
