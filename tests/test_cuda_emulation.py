@@ -45,6 +45,7 @@ def thread_order(request, monkeypatch):
 # ---- the emulator itself: it must reject what a GPU would, and expose a missing barrier --------
 
 @pytest.mark.parametrize("case,message", [
+    ("divergent_barriers", "the block cannot go on.*waits at __syncthreads.*waits at a warp barrier"),
     ("exit_before_syncthreads", "has exited"),
     ("shuffle_with_exited_lanes", "warp barrier with an exited lane"),
     ("misaligned_load", "misaligned 16-byte access"),

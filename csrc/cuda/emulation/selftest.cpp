@@ -23,6 +23,13 @@ __global__ void neighbour_kernel(float* out, bool sync) {
   out[t] = posts[(t + 1) % n];
 }
 
+// Half of each warp waits at __syncthreads, the other half at __syncwarp: a hang on a GPU.
+__global__ void divergent_barriers_kernel(float* out) {
+  if ((threadIdx.x & 31) < 16) __syncthreads();
+  else __syncwarp();
+  out[threadIdx.x] = 1.f;
+}
+
 // Threads past the first warp leave before the barrier the first warp waits at.
 __global__ void exit_before_syncthreads_kernel(float* out) {
   if (threadIdx.x >= 32) return;
@@ -57,6 +64,7 @@ at::Tensor selftest(const std::string& name) {
   cudaStream_t stream = nullptr;
   if (name == "missing_barrier") launch(neighbour_kernel, 1, threads, threads * sizeof(float), stream, o, false);
   else if (name == "barrier") launch(neighbour_kernel, 1, threads, threads * sizeof(float), stream, o, true);
+  else if (name == "divergent_barriers") launch(divergent_barriers_kernel, 1, threads, 0, stream, o);
   else if (name == "exit_before_syncthreads") launch(exit_before_syncthreads_kernel, 1, threads, 0, stream, o);
   else if (name == "shuffle_with_exited_lanes") launch(shuffle_with_exited_lanes_kernel, 1, threads, 0, stream, o);
   else if (name == "misaligned_load")
