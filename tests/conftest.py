@@ -24,7 +24,6 @@ import pytest
 import torch
 
 
-
 def _load_cuda_emulation():
     """tests/cuda_emulation.py as a module (the importlib import mode has no sibling imports)."""
     name = "lmfast_tests_cuda_emulation"
@@ -36,10 +35,10 @@ def _load_cuda_emulation():
 
 
 HAS_CUDA = torch.cuda.is_available()
-if os.environ.get("LMFAST_TEST_CPU_KERNELS") == "cuda-emulation":
-    _load_cuda_emulation().install()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("LMFAST_TEST_CPU_KERNELS") == "cuda-emulation":  # (after TRITON_INTERPRET: it loads lmfast)
+    _load_cuda_emulation().install()
 # On a GPU, attention kernels run with one fixed tile config per head-dim bucket: autotuning
 # every flag combination the tests run would compile each kernel several times over.
 # (test_attention_kernels.py::test_autotuned_launch runs the autotuner once.)
@@ -148,8 +147,8 @@ def _seed():
 # The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
 # worker, handed out in collection order. The longest files go first, so that no worker is
 # still starting one of them when the others run out of work. (Serial runs just see a new order.)
-LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cuda_build.py", "test_cli.py", "test_patch.py", "test_backends.py",
-                       "test_patch_models.py")
+LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cuda_build.py", "test_cuda_emulation.py", "test_cli.py",
+                       "test_patch.py", "test_backends.py", "test_patch_models.py")
 
 
 def pytest_collection_modifyitems(items):

@@ -209,7 +209,7 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
       launch(softmax_bwd_kernel<T, 1>, geo.blocks, geo.threads, 0, stream, d, p, out, rows, N, float(scale), geo.group);
     else
       launch(softmax_bwd_kernel<T, 16 / sizeof(T)>, geo.blocks, geo.threads, 0, stream, d, p, out, rows, N,
-                                                                                    float(scale), geo.group);
+             float(scale), geo.group);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return dx;

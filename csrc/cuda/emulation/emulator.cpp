@@ -73,9 +73,9 @@ void fiber_main() {
   // returning resumes the scheduler (uc_link)
 }
 
-void wait_at(State barrier) {
+void wait_at(State state) {  // (a barrier, or the end of a faulting thread)
   Fiber& self = fibers[current];
-  self.state = barrier;
+  self.state = state;
   swapcontext(&self.context, &scheduler);
 }
 

@@ -26,8 +26,6 @@
 #define __align__(n) alignas(n)
 #define __shared__ static  // one block runs at a time: a function's statics are its block's shared memory
 
-#define CUDART_VERSION 0
-
 struct uint3 {
   unsigned x = 0, y = 0, z = 0;
 };
