@@ -42,12 +42,20 @@ class Case:
                               # (B, H, S, D) of q, k and v
     dtype: torch.dtype
     causal: bool = False      # softmax: scale = D^-0.5 and a causal mask, as in attention
+    kv_heads: int | None = None  # attention: k and v heads (grouped-query attention), else H
 
     @property
     def name(self) -> str:
         dims = "x".join(map(str, self.shape))
+        gqa = f" gqa{self.shape[1] // self.kv_heads}" if self.kv_heads not in (None, self.shape[1]) else ""
         extra = " causal" if self.op == "attention" and self.causal else " scale+causal" if self.causal else ""
-        return f"{self.op} {dims} {str(self.dtype).removeprefix('torch.')}{extra}"
+        return f"{self.op} {dims}{gqa} {str(self.dtype).removeprefix('torch.')}{extra}"
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        """attention: the shape of k and v."""
+        B, H, S, D = self.shape
+        return (B, self.kv_heads or H, S, D)
 
     @property
     def compute_bound(self) -> bool:
@@ -95,7 +103,9 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
     BERT-base attention scores; (1024, 4096) is 16 MiB in float32; (4096, 4096) float32 is
     64 MiB, past the size where a new CPU tensor gets fresh (zeroed) pages from the OS on every
     allocation, so there every op returning a tensor, clone included, is bound by page zeroing.
-    Attention: (4, 12, 1024, 64) is BERT-base-like at 4k tokens; at GPU full size, 16k tokens
+    Attention: (4, 12, 1024, 64) is BERT-base-like at 4k tokens; the full CPU set adds
+    SmolLM2-135M's at batch 1 (9 query heads on 3 kv heads, 2k tokens, causal), where the few
+    (batch, kv head) pairs must be split to occupy the cores; at GPU full size, 16k tokens
     (B * S) with head dims 128 (16 heads) and 64 (32 heads), S from 512 to 16k."""
     if size not in ("quick", "full"):
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
@@ -125,6 +135,8 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
             out += [Case(op, shape, dt, causal) for shape in attention for causal in (False, True)]
             if extra_bf16:
                 out += [Case(op, attention[0], torch.bfloat16, causal) for causal in (False, True)]
+            if on_cpu and size == "full":
+                out += [Case(op, (1, 9, 2048, 64), d, True, kv_heads=3) for d in (dt, torch.bfloat16)]
             continue
         out += [Case(op, shape, dt) for shape in rows]
         if op == "rms_norm" and extra_bf16:
@@ -146,8 +158,8 @@ class Bound:
 def _inputs(case: Case, device: str, grad: bool) -> dict[str, Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     if case.op == "attention":
-        return {n: torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype).requires_grad_(grad)
-                for n in "qkv"}
+        return {n: torch.randn(case.shape if n == "q" else case.kv_shape, generator=g)
+                .to(device=device, dtype=case.dtype).requires_grad_(grad) for n in "qkv"}
     x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
     n = case.shape[-1]
     ins = {"x": x.requires_grad_(grad)}
@@ -170,7 +182,11 @@ def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
         additive = torch.zeros(S, S, device=device, dtype=case.dtype).masked_fill(
             ~lmfast.reference.causal_keep(S, S, device), float("-inf"))
 
+    group = case.shape[1] // case.kv_shape[1]
+
     def eager_attention(q, k, v):
+        if group > 1:  # Hugging Face's repeat_kv
+            k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = (q @ k.transpose(-1, -2)) * D ** -0.5
         if additive is not None:
             s = s + additive
@@ -179,13 +195,15 @@ def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
 
 
 def _sdpa_fn(case: Case, backend) -> Callable[..., Tensor]:
+    gqa = {"enable_gqa": True} if case.kv_shape[1] != case.shape[1] else {}
+
     def sdpa(q, k, v):
         if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, **gqa)
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, **gqa)
     return sdpa
 
 
@@ -199,8 +217,9 @@ def _sdpa_backends(case: Case, device: str) -> dict[str, object]:
     for name, b in (("sdpa-flash", SDPBackend.FLASH_ATTENTION), ("sdpa-efficient", SDPBackend.EFFICIENT_ATTENTION),
                     ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
-            q = torch.randn(1, *case.shape[1:2], 128, case.shape[3], device=device, dtype=case.dtype)
-            _sdpa_fn(case, b)(q, q, q)
+            q = torch.randn(1, case.shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
+            kv = torch.randn(1, case.kv_shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
+            _sdpa_fn(case, b)(q, kv, kv)
             out[name] = b
         except RuntimeError:  # not built, or not for this dtype / head dim / GPU
             pass

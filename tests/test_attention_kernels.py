@@ -197,6 +197,37 @@ def test_query_blocks_that_see_no_key_past_the_first_key_tile(ab):
     _check(ab, "causal Sq=450 Sk=300", _inputs(ab, 1, 2, 1, 450, 300, 16, torch.float32, causal=True))
 
 
+BACKWARD_SPLITS = {  # (B, Hq, Hkv, Sq, Sk, causal, window): what the CPU backward's plan makes of it
+    "one head, causal": (1, 1, 1, 700, 700, True, None),         # 6 query blocks, cost-balanced chunks (some empty)
+    "gqa, window": (1, 6, 2, 300, 520, True, 100),                 # chunks span heads; keys 0-119 seen by no query
+    "mqa, short queries": (1, 4, 1, 40, 1000, False, None),        # one query block: a chunk per head
+    "33 kv heads": (33, 1, 1, 150, 64, False, None),                # 33 >= 32 (b, kv head)s: no split
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", BACKWARD_SPLITS)
+def test_cpu_backward_splits_few_kv_heads_into_chunks(name, dtype):
+    """The CPU backward's work per (b, kv head) owns that head's dk, dv; where the (b, kv
+    head)s are fewer than 32, their query blocks are cut into chunks of about equal cost, each
+    summing its own dk, dv partial over the keys its rows see, added up in order afterwards.
+    Here: a single head (whose backward ran on one core before), chunks across the heads of a
+    group with keys no query sees (their dk, dv must be exactly 0), short queries, and a shape
+    with enough heads not to split; float32, the bfloat16 brgemm path and float16 (widened).
+    (float64: test_gradcheck_cpu_float64 splits 2 kv heads into 2 chunks each.)"""
+    cpu = types.SimpleNamespace(name="cpu", device="cpu")
+    B, Hq, Hkv, Sq, Sk, causal, window = BACKWARD_SPLITS[name]
+    ins = _inputs(cpu, B, Hq, Hkv, Sq, Sk, 64, dtype, causal=causal, window=window)
+    _check(cpu, f"backward split {name}", ins)
+    if window is not None:
+        q, k, v = (ins[n].detach().requires_grad_() for n in "qkv")
+        o = lmfast.ops.attention(q, k, v, causal=causal, window=window, backend="cpu")
+        dk, dv = torch.autograd.grad(o, (k, v), torch.randn_like(o))
+        unseen = Sk - Sq - window + 1  # keys before the first query's window
+        assert torch.count_nonzero(dk[:, :, :unseen]) == 0 and torch.count_nonzero(dv[:, :, :unseen]) == 0
+        assert torch.count_nonzero(dk[:, :, unseen:]) > 0
+
+
 def test_scale_and_non_contiguous_layouts(ab):
     # (B, S, H, D) tensors viewed as (B, H, S, D), as Hugging Face models produce them
     q = torch.randn(2, 33, 4, 64, device=ab.device).transpose(1, 2)

@@ -31,6 +31,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <memory>
 #include <string>
 #include <optional>
 #include <vector>
@@ -864,6 +865,184 @@ struct BackwardRowSteps {
   }
 };
 
+// How the backward splits its work over tasks. Each (b, kv head) owns dk, dv of its keys and
+// the dq of the query heads reading it; its work items are (query block, head of the group)
+// pairs, listed query block first. Where the (b, kv head)s alone are fewer than
+// kBackwardTasks (a batch of 1, grouped-query or multi-query attention), each one's items are
+// cut into `chunks` runs of about equal cost (rows x visible keys), one task each: a chunk
+// writes the dq of its rows and sums its rows' dk, dv into a partial of its own over the keys
+// its rows see, and the partials are added up afterwards, chunk by chunk in order. Listing
+// query blocks first keeps a chunk's rows at neighbouring positions, so under a causal or
+// window band its partial covers only the keys they see. Like the forward's split, the plan
+// follows the shape alone, so the bits do not change with torch.set_num_threads.
+constexpr int64_t kBackwardTasks = 32;
+// The partials' memory, at most (where one chunk's partial passes it: no split).
+constexpr int64_t kBackwardPartialBytes = int64_t(128) << 20;
+
+struct BackwardPlan {
+  int64_t block_q = 0, q_blocks = 0, group = 0;
+  int64_t chunks = 1;
+  std::vector<int64_t> first_item;                      // chunk c: items [first_item[c], first_item[c + 1])
+  std::vector<std::pair<int64_t, int64_t>> keys;        // chunk c: its rows' keys [k0, k1) (k0 = k1: none)
+  std::vector<int64_t> partial_offset;                  // chunk c: its partial's first element, per (b, kv head)
+  int64_t partial_elems = 0;                            // all chunks' partials of one (b, kv head), dk's or dv's
+
+  int64_t items() const { return q_blocks * group; }
+  int64_t keys_of(int64_t c) const { return keys[c].second - keys[c].first; }
+  // Item -> (query block, head within the group).
+  std::pair<int64_t, int64_t> item(int64_t it) const { return {it / group, it % group}; }
+};
+
+template <typename acc_t>
+BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
+  BackwardPlan plan;
+  plan.block_q = backward_block_rows<acc_t>(g.Sk);
+  plan.q_blocks = (g.Sq + plan.block_q - 1) / plan.block_q;
+  plan.group = g.group();
+  const int64_t heads = g.B * g.Hkv, items = plan.items();
+  const int64_t chunk_bytes = 2 * std::max<int64_t>(1, g.Sk * g.D) * int64_t(sizeof(acc_t));  // dk + dv, all keys
+  const int64_t by_memory = kBackwardPartialBytes / (std::max<int64_t>(heads, 1) * chunk_bytes);
+  plan.chunks = std::max<int64_t>(1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory}));
+
+  // The visible keys of each query block, and the items' costs: rows x (visible keys + D), the
+  // D standing for a block's work besides its products (loads, dq's store).
+  std::vector<std::pair<int64_t, int64_t>> block_keys(plan.q_blocks);
+  std::vector<int64_t> cost_before(items + 1, 0);  // prefix sums
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t qb = plan.item(it).first, i0 = qb * plan.block_q, nq = std::min(plan.block_q, g.Sq - i0);
+    if (it % plan.group == 0) block_keys[qb] = visible_key_range(band, i0, i0 + nq, g.Sk);
+    cost_before[it + 1] = cost_before[it] + nq * (block_keys[qb].second - block_keys[qb].first + g.D);
+  }
+  // Chunk c ends at the first item whose prefix cost reaches c + 1 chunks' share.
+  plan.first_item.assign(plan.chunks + 1, 0);
+  for (int64_t c = 1; c <= plan.chunks; ++c) {
+    const int64_t share = c == plan.chunks ? cost_before[items] : cost_before[items] * c / plan.chunks;
+    int64_t it = plan.first_item[c - 1];
+    while (it < items && cost_before[it] < share) ++it;
+    plan.first_item[c] = c == plan.chunks ? items : it;
+  }
+  for (int64_t c = 0; c < plan.chunks; ++c) {
+    int64_t k0 = g.Sk, k1 = 0;
+    for (int64_t it = plan.first_item[c]; it < plan.first_item[c + 1]; ++it) {
+      const auto [b0, b1] = block_keys[plan.item(it).first];
+      if (b0 < b1) k0 = std::min(k0, b0), k1 = std::max(k1, b1);
+    }
+    plan.keys.push_back(k0 < k1 ? std::pair<int64_t, int64_t>{k0, k1} : std::pair<int64_t, int64_t>{0, 0});
+    plan.partial_offset.push_back(plan.partial_elems);
+    plan.partial_elems += plan.keys_of(c) * g.D;
+  }
+  return plan;
+}
+
+// The dk, dv partials of a plan's chunks, and their sum into dk, dv. Chunk c of a (b, kv head)
+// sums into (dk part, dv part) at offset plan.partial_offset[c], over its keys: (keys, D)
+// row-major, or (D, keys) where kTransposed. With one chunk per (b, kv head), its task keeps
+// them in its own buffer and writes dk, dv at once; with more, they live here until
+// write_all(), after every chunk is done.
+template <typename acc_t, bool kTransposed>
+class KeyGradPartials {
+ public:
+  KeyGradPartials(const BackwardPlan& plan, const Geometry& g)
+      : plan_(plan), g_(g), shared_(plan.chunks > 1 ? new acc_t[g.B * g.Hkv * 2 * plan.partial_elems] : nullptr) {}
+
+  // The (dk, dv) partials of chunk c of (b, kv head) bh, zeroed (by the task, so each thread
+  // first touches the pages it uses). `own` holds them when there is one chunk.
+  std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, std::vector<acc_t>& own) const {
+    acc_t* parts = shared_ ? shared_.get() + bh * 2 * plan_.partial_elems
+                           : (own.resize(2 * plan_.partial_elems), own.data());
+    const int64_t n = plan_.keys_of(c) * g_.D;
+    acc_t* dk_part = parts + plan_.partial_offset[c];
+    acc_t* dv_part = dk_part + plan_.partial_elems;
+    std::fill(dk_part, dk_part + n, acc_t(0));
+    std::fill(dv_part, dv_part + n, acc_t(0));
+    return {dk_part, dv_part};
+  }
+
+  // After the task of chunk c of bh: with one chunk, writes bh's dk, dv from `own`.
+  template <typename scalar_t>
+  void task_done(int64_t bh, const std::vector<acc_t>& own, acc_t dk_scale, scalar_t* dk, scalar_t* dv) const {
+    if (shared_) return;
+    std::vector<acc_t> buf;
+    for (int64_t j0 = 0; j0 < g_.Sk; j0 += kBlockK)
+      write(bh, j0, std::min(g_.Sk, j0 + kBlockK), own.data(), dk_scale, buf, dk, dv);
+  }
+
+  // After every task: with several chunks, writes every dk, dv from the shared partials.
+  template <typename scalar_t>
+  void write_all(acc_t dk_scale, scalar_t* dk, scalar_t* dv) const {
+    if (!shared_) return;
+    const int64_t tiles = (g_.Sk + kBlockK - 1) / kBlockK;
+    at::parallel_for(0, g_.B * g_.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buf;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bh = t / tiles, j0 = t % tiles * kBlockK;
+        write(bh, j0, std::min(g_.Sk, j0 + kBlockK), shared_.get() + bh * 2 * plan_.partial_elems, dk_scale, buf, dk, dv);
+      }
+    });
+  }
+
+ private:
+  // dk, dv of keys [j0, j1) of bh: its chunks' partials (from `parts`) added in chunk order
+  // (dk times dk_scale), 0 for keys no query sees.
+  template <typename scalar_t>
+  void write(int64_t bh, int64_t j0, int64_t j1, const acc_t* parts, acc_t dk_scale,
+             std::vector<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
+    const int64_t D = g_.D, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
+    buf.assign(2 * n * D, acc_t(0));
+    acc_t* dk_sum = buf.data();  // (n, D), or (D, n) where kTransposed: laid out as the partials
+    acc_t* dv_sum = buf.data() + n * D;
+    for (int64_t c = 0; c < plan_.chunks; ++c) {
+      const auto [k0, k1] = plan_.keys[c];
+      const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1), nk = k1 - k0;
+      if (lo >= hi) continue;
+      const acc_t* dk_part = parts + plan_.partial_offset[c];
+      const acc_t* dv_part = dk_part + plan_.partial_elems;
+      if constexpr (kTransposed) {  // rows of D: keys [lo, hi) of dim d, contiguous in both
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t j = lo; j < hi; ++j) {
+            dk_sum[d * n + (j - j0)] += dk_part[d * nk + (j - k0)];
+            dv_sum[d * n + (j - j0)] += dv_part[d * nk + (j - k0)];
+          }
+        }
+      } else {  // keys [lo, hi), D each: one contiguous run
+        for (int64_t e = 0; e < (hi - lo) * D; ++e) {
+          dk_sum[(lo - j0) * D + e] += dk_part[(lo - k0) * D + e];
+          dv_sum[(lo - j0) * D + e] += dv_part[(lo - k0) * D + e];
+        }
+      }
+    }
+    if constexpr (kTransposed) {  // to (n, D) rows, in blocks of 16 keys (16 rows stay in L1)
+      buf.resize(4 * n * D);
+      acc_t* rows = buf.data() + 2 * n * D;
+      for (int64_t jb = 0; jb < n; jb += 16) {
+        for (int64_t d = 0; d < D; ++d) {
+          for (int64_t j = jb; j < std::min(n, jb + 16); ++j) {
+            rows[j * D + d] = buf[d * n + j];
+            rows[(n + j) * D + d] = buf[(D + d) * n + j];
+          }
+        }
+      }
+      dk_sum = rows;
+      dv_sum = rows + n * D;
+    }
+    using C = Chunk<scalar_t>;
+    const typename C::Vec scale_v(dk_scale);
+    for (int64_t j = 0; j < n; ++j) {
+      for_each_chunk<C::kChunk>(D, [&](int64_t d, int64_t m) {
+        auto c = C::load_acc(dk_sum + j * D + d, m);
+        c.lo *= scale_v;
+        c.hi *= scale_v;
+        c.store(dk + (kv0 + j0 + j) * D + d, m);
+        C::load_acc(dv_sum + j * D + d, m).store(dv + (kv0 + j0 + j) * D + d, m);
+      });
+    }
+  }
+
+  const BackwardPlan& plan_;
+  const Geometry& g_;
+  std::unique_ptr<acc_t[]> shared_;  // (B * Hkv, 2, partial_elems): dk's, then dv's
+};
+
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
@@ -885,54 +1064,77 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, dq, dk, dv, dmask);
     }
   }
-  const int64_t block_q = backward_block_rows<acc_t>(g.Sk);
+  const BackwardPlan plan = backward_plan<acc_t>(g, band);
+  const KeyGradPartials<acc_t, /*kTransposed=*/false> partials(plan, g);
   const BackwardRowSteps<acc_t, mask_t, scalar_t> steps{g, band, mask, dlse, dmask};
 
-  // One task per (b, kv head): it owns dk, dv of that head and dq of the query heads reading it.
-  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
-    BackwardRows<acc_t> rows(block_q, g.Sk);
-    std::vector<acc_t> dq_buf(block_q * D), dk_acc, dv_acc, q_buf, do_buf, k_buf, v_buf;
+  // One task per chunk of a (b, kv head) (see BackwardPlan): it writes the dq of its rows and
+  // sums their dk, dv over the keys they see, [ck0, ck1).
+  at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
+    BackwardRows<acc_t> rows(plan.block_q, g.Sk);
+    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / g.Hkv, hk = task % g.Hkv;
-      const int64_t kv0 = (b * g.Hkv + hk) * g.Sk;  // first key row, over (B, Hkv, Sk)
-      const acc_t* kw = load_tile(k + kv0 * D, g.Sk, D, D, k_buf).first;  // (Sk, D), widened once per task
-      const acc_t* vw = load_tile(v + kv0 * D, g.Sk, D, D, v_buf).first;
-      dk_acc.assign(g.Sk * D, acc_t(0));
-      dv_acc.assign(g.Sk * D, acc_t(0));
-      for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
-        for (int64_t i0 = 0; i0 < g.Sq; i0 += block_q) {
-          const int64_t nq = std::min(block_q, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
-          const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
-          const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
-          std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
-          const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-          auto each_tile = [&](auto&& f) {
-            for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) f(j0, std::min(kBlockK, g.Sk - j0));
-          };
-          each_tile([&](int64_t j0, int64_t nk) {  // s = (scale q) k^T, masked
-            gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + j0 * D, D, 0, rows.p_at(0, j0), rows.ld);
-            steps.mask_tile(rows, nq, b, h, i0, j0, nk);
-          });
-          steps.probs(rows, nq, i0, k0, k1);
-          each_tile([&](int64_t j0, int64_t nk) {
-            gemm<acc_t>(true, false, nk, D, nq, 1, rows.p_at(0, j0), rows.ld, dot, D, 1, dv_acc.data() + j0 * D, D);  // dv += p^T do
-            gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vw + j0 * D, D, 0, rows.ds_at(0, j0), rows.ld);            // dp = do v^T
-          });
-          steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
-          each_tile([&](int64_t j0, int64_t nk) {
-            gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + j0 * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
-            gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc.data() + j0 * D, D);    // dk += ds^T (scale q)
-          });
-          for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
-        }
+      const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
+      const auto [ck0, ck1] = plan.keys[c];
+      const auto [dk_acc, dv_acc] = partials.chunk(bh, c, own_parts);  // (ck1 - ck0, D), key ck0 first
+      const int64_t kv0 = bh * g.Sk + ck0;                              // key row ck0, over (B, Hkv, Sk)
+      const acc_t* kw = load_tile(k + kv0 * D, ck1 - ck0, D, D, k_buf).first;  // widened once per task
+      const acc_t* vw = load_tile(v + kv0 * D, ck1 - ck0, D, D, v_buf).first;
+      for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
+        const auto [qb, h_in_group] = plan.item(item);
+        const int64_t h = hk * g.group() + h_in_group, i0 = qb * plan.block_q;
+        const int64_t nq = std::min(plan.block_q, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
+        const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
+        const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
+        std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
+        const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
+        auto each_tile = [&](auto&& f) {  // f(j0, nk, offset of key j0 in kw, vw, dk_acc, dv_acc)
+          for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) f(j0, std::min(kBlockK, g.Sk - j0), (j0 - ck0) * D);
+        };
+        each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
+          gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at, D, 0, rows.p_at(0, j0), rows.ld);
+          steps.mask_tile(rows, nq, b, h, i0, j0, nk);
+        });
+        steps.probs(rows, nq, i0, k0, k1);
+        each_tile([&](int64_t j0, int64_t nk, int64_t at) {
+          gemm<acc_t>(true, false, nk, D, nq, 1, rows.p_at(0, j0), rows.ld, dot, D, 1, dv_acc + at, D);  // dv += p^T do
+          gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vw + at, D, 0, rows.ds_at(0, j0), rows.ld);      // dp = do v^T
+        });
+        steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
+        each_tile([&](int64_t j0, int64_t nk, int64_t at) {
+          gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at, D, 1, dq_buf.data(), D);  // dq += scale ds k
+          gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at, D);             // dk += ds^T (scale q)
+        });
+        for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
       }
-      for (int64_t n = 0; n < g.Sk * D; ++n) {
-        dk[kv0 * D + n] = scalar_t(dk_acc[n]);
-        dv[kv0 * D + n] = scalar_t(dv_acc[n]);
-      }
+      partials.task_done(bh, own_parts, acc_t(1), dk, dv);
     }
   });
+  partials.write_all(acc_t(1), dk, dv);
 }
+
+// K^T, K and V^T of kv heads, packed per key tile for the bfloat16 backward's products
+// s = q K^T, dq += ds K and dp = do V^T (layouts: pack_transposed, pack_rows). Slot s holds
+// one (b, kv head).
+struct BackwardPackedKV {
+  static constexpr int64_t kTileKeys = kBlockK + kBlockK % 2;  // even: the VNNI pairs
+  int64_t tiles = 0, tile_elems = 0;
+  std::vector<at::BFloat16> kT, kp, vT;
+
+  BackwardPackedKV(int64_t slots, const Geometry& g)
+      : tiles((g.Sk + kBlockK - 1) / kBlockK), tile_elems(kTileKeys * g.D),
+        kT(slots * tiles * tile_elems), kp(kT.size()), vT(kT.size()) {}
+  // Packs key tile t of (b, kv head) bh into `slot`.
+  void pack(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, int64_t bh, int64_t t, int64_t slot) {
+    const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), row = bh * g.Sk + j0, at = (slot * tiles + t) * tile_elems;
+    pack_transposed(k + row * g.D, nk, g.D, g.D, kT.data() + at);
+    pack_rows(k + row * g.D, nk, g.D, g.D, kp.data() + at);
+    pack_transposed(v + row * g.D, nk, g.D, g.D, vT.data() + at);
+  }
+  const at::BFloat16* kT_tile(int64_t slot, int64_t t) const { return kT.data() + (slot * tiles + t) * tile_elems; }
+  const at::BFloat16* kp_tile(int64_t slot, int64_t t) const { return kp.data() + (slot * tiles + t) * tile_elems; }
+  const at::BFloat16* vT_tile(int64_t slot, int64_t t) const { return vT.data() + (slot * tiles + t) * tile_elems; }
+};
 
 // The backward of bfloat16 on brgemm (see "bfloat16 on brgemm" above): the same
 // loop as attention_bwd_kernel, its five tile products in bfloat16 with float32 accumulation.
@@ -940,7 +1142,8 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
 // accumulate ds k and ds^T q unscaled and take the scale once at the end. dk and dv are
 // accumulated transposed, dv^T += do^T p and dk^T += q^T ds, so that p and ds enter as B
 // operands packed row pair by row pair (contiguous) instead of being transposed per tile.
-// Per task (b, kv head): K^T, K, V^T packed per key tile; per query block: q^T and do^T.
+// K^T, K, V^T are packed per key tile: once per (b, kv head) before the tasks where it has
+// several chunks (see BackwardPlan), else by its task; per query block: q^T and do^T.
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
@@ -949,79 +1152,87 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   using BF = at::BFloat16;
   using Vec = Vectorized<float>;
   namespace blas = at::native::cpublas;
-  const int64_t D = g.D, tiles = (g.Sk + kBlockK - 1) / kBlockK;
-  const int64_t block_q = backward_block_rows<float>(g.Sk), block_qe = block_q + block_q % 2;  // even K dims
-  constexpr int64_t kBKe = kBlockK + kBlockK % 2;
+  const int64_t D = g.D;
+  const BackwardPlan plan = backward_plan<float>(g, band);
+  const KeyGradPartials<float, /*kTransposed=*/true> partials(plan, g);
+  const int64_t block_q = plan.block_q, block_qe = block_q + block_q % 2;  // even K dims
+  constexpr int64_t kBKe = BackwardPackedKV::kTileKeys;
   const BackwardRowSteps<float, mask_t, BF> steps{g, band, mask, dlse, dmask};
 
-  at::parallel_for(0, g.B * g.Hkv, 1, [&](int64_t begin, int64_t end) {
+  std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where they have several chunks
+  if (plan.chunks > 1) {
+    shared_kv.emplace(g.B * g.Hkv, g);
+    const int64_t tiles = shared_kv->tiles;
+    at::parallel_for(0, g.B * g.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) shared_kv->pack(k, v, g, task / tiles, task % tiles, task / tiles);
+    });
+  }
+
+  at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<float> rows(block_q, g.Sk);
-    std::vector<float> dq_acc(block_q * D), dkT_acc, dvT_acc;  // dk^T, dv^T: (D, Sk)
-    std::vector<BF> kT(tiles * kBKe * D), kp(tiles * kBKe * D), vT(tiles * kBKe * D);  // packed per tile
+    std::vector<float> dq_acc(block_q * D), own_parts;
+    std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
     std::vector<BF> qT(D * block_qe), doT(D * block_qe);                      // A operands of dk^T, dv^T
     std::vector<BF> p_p(block_qe * kBKe), ds_p(block_qe * kBKe), ds_b(block_q * kBKe);  // p, ds packed; ds plain
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / g.Hkv, hk = task % g.Hkv;
-      const int64_t kv0 = (b * g.Hkv + hk) * g.Sk;  // first key row, over (B, Hkv, Sk)
-      for (int64_t t = 0; t < tiles; ++t) {
-        const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
-        pack_transposed(k + (kv0 + j0) * D, nk, D, D, kT.data() + t * kBKe * D);  // s = q K^T
-        pack_rows(k + (kv0 + j0) * D, nk, D, D, kp.data() + t * kBKe * D);        // dq += ds K
-        pack_transposed(v + (kv0 + j0) * D, nk, D, D, vT.data() + t * kBKe * D);  // dp = do V^T
+      const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
+      const auto [ck0, ck1] = plan.keys[c];  // the keys this chunk's rows see (whole tiles from ck0)
+      // dk^T, dv^T of keys [ck0, ck1): (D, ck1 - ck0), key ck0 first
+      const auto [dkT_acc, dvT_acc] = partials.chunk(bh, c, own_parts);
+      const int64_t ldc = ck1 - ck0;
+      if (!shared_kv) {
+        if (!own_kv) own_kv.emplace(1, g);
+        for (int64_t t = ck0 / kBlockK; t * kBlockK < ck1; ++t) own_kv->pack(k, v, g, bh, t, 0);
       }
-      dkT_acc.assign(D * g.Sk, 0.f);
-      dvT_acc.assign(D * g.Sk, 0.f);
-      for (int64_t h = hk * g.group(); h < (hk + 1) * g.group(); ++h) {
-        for (int64_t i0 = 0; i0 < g.Sq; i0 += block_q) {
-          const int64_t nq = std::min(block_q, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
-          const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
-          const BF* dot = dout + row0 * D;  // the A of dp = do V^T
-          transpose_rows(qt, nq, D, qT.data());
-          transpose_rows(dot, nq, D, doT.data());
-          std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
-          const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-          for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
-            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
-            blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kT.data() + t * kBKe * D, rows.p_at(0, j0), true);
-            for (int64_t r = 0; r < nq; ++r) {
-              float* srow = rows.p_at(r, j0);
-              for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
-            }
-            steps.mask_tile(rows, nq, b, h, i0, j0, nk);
+      const BackwardPackedKV& kv = shared_kv ? *shared_kv : *own_kv;
+      const int64_t slot = shared_kv ? bh : 0;
+      for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
+        const auto [qb, h_in_group] = plan.item(item);
+        const int64_t h = hk * g.group() + h_in_group, i0 = qb * block_q;
+        const int64_t nq = std::min(block_q, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
+        const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
+        const BF* dot = dout + row0 * D;  // the A of dp = do V^T
+        transpose_rows(qt, nq, D, qT.data());
+        transpose_rows(dot, nq, D, doT.data());
+        std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+        const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
+        for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
+          const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
+          blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kv.kT_tile(slot, t), rows.p_at(0, j0), true);
+          for (int64_t r = 0; r < nq; ++r) {
+            float* srow = rows.p_at(r, j0);
+            for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
           }
-          steps.probs(rows, nq, i0, k0, k1);
-          for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
-            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
-            // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
-            pack_rows_rounded(rows.p_at(0, j0), nq, nk, rows.ld, p_p.data());
-            blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, doT.data(), p_p.data(), dvT_acc.data() + j0, true);
-            blas::brgemm(nq, nk, D, D, nk, rows.ld, false, dot, vT.data() + t * kBKe * D, rows.ds_at(0, j0), true);  // dp = do v^T
-          }
-          steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
-          for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
-            const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
-            for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq x nke), for dq += ds k
-              const float* ds = rows.ds_at(r, j0);
-              BF* dsr = ds_b.data() + r * nke;
-              for (int64_t c = 0; c < nk; ++c) dsr[c] = BF(ds[c]);
-              if (nke > nk) dsr[nk] = BF(0.f);
-            }
-            blas::brgemm(nq, D, nke, nke, D, D, true, ds_b.data(), kp.data() + t * kBKe * D, dq_acc.data(), true);
-            pack_rows_rounded(rows.ds_at(0, j0), nq, nk, rows.ld, ds_p.data());  // dk^T += q^T ds
-            blas::brgemm(D, nk, nqe, nqe, nk, g.Sk, true, qT.data(), ds_p.data(), dkT_acc.data() + j0, true);
-          }
-          for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = BF(dq_acc[n] * scale);
+          steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         }
-      }
-      for (int64_t j = 0; j < g.Sk; ++j) {
-        for (int64_t d = 0; d < D; ++d) {
-          dk[(kv0 + j) * D + d] = BF(dkT_acc[d * g.Sk + j] * scale);
-          dv[(kv0 + j) * D + d] = BF(dvT_acc[d * g.Sk + j]);
+        steps.probs(rows, nq, i0, k0, k1);
+        for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+          const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
+          // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
+          pack_rows_rounded(rows.p_at(0, j0), nq, nk, rows.ld, p_p.data());
+          blas::brgemm(D, nk, nqe, nqe, nk, ldc, true, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), true);
+          blas::brgemm(nq, nk, D, D, nk, rows.ld, false, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0), true);  // dp = do v^T
         }
+        steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
+        for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+          const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
+          for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq x nke), for dq += ds k
+            const float* ds = rows.ds_at(r, j0);
+            BF* dsr = ds_b.data() + r * nke;
+            for (int64_t j = 0; j < nk; ++j) dsr[j] = BF(ds[j]);
+            if (nke > nk) dsr[nk] = BF(0.f);
+          }
+          blas::brgemm(nq, D, nke, nke, D, D, true, ds_b.data(), kv.kp_tile(slot, t), dq_acc.data(), true);
+          pack_rows_rounded(rows.ds_at(0, j0), nq, nk, rows.ld, ds_p.data());  // dk^T += q^T ds
+          blas::brgemm(D, nk, nqe, nqe, nk, ldc, true, qT.data(), ds_p.data(), dkT_acc + (j0 - ck0), true);
+        }
+        for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = BF(dq_acc[n] * scale);
       }
+      partials.task_done(bh, own_parts, scale, dk, dv);
     }
     blas::brgemm_release(true);
   });
+  partials.write_all(scale, dk, dv);
 }
 
 bool head_dim_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
