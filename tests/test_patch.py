@@ -219,6 +219,18 @@ def test_minilm_gradients_and_bfloat16(minilm):
     assert_within_budget(got[keep], ref64[keep], eager[keep], "MiniLM bfloat16 last_hidden_state")
 
 
+def test_smollm2_training_row_of_the_model_benchmarks(smollm2):
+    """model_benchmarks' training row on a short step: its outputs check (the pooled gradients
+    within budget) passes and names the control, and the model it was given is left as it was."""
+    tok, model = smollm2
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    result = model_benchmarks.smollm2_train(tok, model, tokens=40, blocks=1, calls=1)
+    assert result.agrees, result.agreement
+    assert "control" in result.agreement and result.samples == 1 and result.patched > 0
+    assert model.config._attn_implementation == "sdpa" and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_smollm2_logits_and_gradients(smollm2):
     """SmolLM2 on a left-padded batch: float32 logits and every parameter's gradient within
     budget, patched against unpatched, both against float64."""
