@@ -203,6 +203,32 @@ def test_attention_memory_grows_linearly_with_sequence_length():
                                       f"{S * S * 4 // 1024} KiB)"
 
 
+@pytest.mark.parametrize("S,causal", [(8192, False), (16384, True)])
+def test_attention_backward_memory_is_bounded(S, causal):
+    """Peak memory of a CPU backward of one head (D = 64, float32, 2 threads), in a fresh
+    process: dq, dk, dv, the per-thread rows of p and dp (4 MiB each), the dk, dv partials of
+    the chunks a lone head is split into (32 MiB at most), and 40 MiB of workspace the first
+    large backward of a process allocates (43-59 MiB grew in all, before the split). With 128
+    MiB of partials allowed, S = 8k non-causal grew 175 MiB; now 77."""
+    code = RSS.replace("VmRSS", "VmHWM") + (
+        "import os, sys\n"
+        "sys.path = [p for p in sys.path if p not in ('', os.getcwd())]\n"
+        "import torch, lmfast\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(1, 1, 300, 64, requires_grad=True)\n"
+        "lmfast.ops.attention(x, x, x, causal=True, backend='cpu').sum().backward()  # load, warm up\n"
+        f"q, k, v = (torch.randn(1, 1, {S}, 64, requires_grad=True) for _ in range(3))\n"
+        f"o = lmfast.ops.attention(q, k, v, causal={causal}, backend='cpu')\n"
+        "do = torch.randn_like(o)\n"
+        "before = rss_kib()\n"
+        "grads = torch.autograd.grad(o, (q, k, v), do)\n"
+        "print(rss_kib() - before)\n")
+    grew_kib = int(_run_child(code))
+    grads_kib = 3 * S * 64 * 4 // 1024
+    bound_kib = grads_kib + 2 * 2 * 4 * 1024 + 32 * 1024 + 40 * 1024  # + rows, partials, workspace
+    assert grew_kib <= bound_kib, f"S={S} causal={causal}: peak grew {grew_kib} KiB, bound {bound_kib} KiB"
+
+
 def test_deterministic_algorithms_pin_the_triton_attention_tiles(monkeypatch):
     """On a GPU the Triton attention kernels autotune their tiles by timing, so two processes can
     pick different tiles and round differently. torch.use_deterministic_algorithms(True) (or

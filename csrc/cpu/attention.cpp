@@ -876,8 +876,9 @@ struct BackwardRowSteps {
 // window band its partial covers only the keys they see. Like the forward's split, the plan
 // follows the shape alone, so the bits do not change with torch.set_num_threads.
 constexpr int64_t kBackwardTasks = 32;
-// The partials' memory, at most (where one chunk's partial passes it: no split).
-constexpr int64_t kBackwardPartialBytes = int64_t(128) << 20;
+// The partials' memory, at most, counting each chunk's as all keys' (where one chunk's passes
+// it: no split). 32 MiB: one head of 8k keys at D = 64 splits in 8 chunks.
+constexpr int64_t kBackwardPartialBytes = int64_t(32) << 20;
 
 struct BackwardPlan {
   int64_t block_q = 0, q_blocks = 0, group = 0;
