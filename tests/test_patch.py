@@ -223,6 +223,7 @@ def test_smollm2_training_row_of_the_model_benchmarks(smollm2):
     """model_benchmarks' training row on a short step: its outputs check (the pooled gradients
     within budget) passes and names the control, and the model it was given is left as it was."""
     tok, model = smollm2
+    model.zero_grad(set_to_none=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     result = model_benchmarks.smollm2_train(tok, model, tokens=40, blocks=1, calls=1)
     assert result.agrees, result.agreement
