@@ -276,7 +276,7 @@ def smollm2_train(tok, model, tokens: int = 256, blocks: int = 6, calls: int = 2
     the same ratio for transformers' own eager attention in place of SDPA, a control that
     involves no lmfast code (measured at 256 tokens: 2.78x patched, 2.63x the control; median
     tensor 0.98x and 1.02x)."""
-    from .testing import BUDGET_FACTOR
+    from .testing import budget_from
 
     device = _device(model)
     ids = smollm2_prefill_ids(tok, tokens).to(device)
@@ -301,16 +301,15 @@ def smollm2_train(tok, model, tokens: int = 256, blocks: int = 6, calls: int = 2
     # Squared errors per tensor, and per tensor over its reference's mean square: pooled, every
     # tensor weighs the same (the error-budget rule of lmfast.testing, applied to the pooled
     # scaled errors without materializing them: the reference's pooled RMS is then 1).
+    ref_ms = {n: max(r.square().mean().item(), 1e-300) for n, r in ref64.items()}
+
     def squared_errors(g: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-        out = {}
-        for n, r in ref64.items():
-            sq = (g[n].double() - r).square().mean().item()
-            out[n] = (sq, sq / max(r.square().mean().item(), 1e-300))
-        return out
+        sq = {n: (g[n].double() - r).square().mean().item() for n, r in ref64.items()}
+        return {n: (s, s / ref_ms[n]) for n, s in sq.items()}
 
     errs = {name: squared_errors(g) for name, g in (("patched", got), ("eager", want), ("control", control))}
     pooled = {name: math.sqrt(sum(s for _, s in e.values()) / len(e)) for name, e in errs.items()}
-    budget = BUDGET_FACTOR * pooled["eager"] + torch.finfo(torch.float32).eps
+    budget = budget_from(pooled["eager"], 1.0, torch.float32)
     agrees = pooled["patched"] <= budget  # (NaN: False)
     agreement = (f"grads (pooled, each tensor / its RMS): RMS error vs float64 {pooled['patched']:.1e}, "
                  f"{'within' if agrees else 'OVER'} the budget {budget:.1e} (eager {pooled['eager']:.1e})")

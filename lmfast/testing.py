@@ -60,8 +60,14 @@ def error_budget(eager: Tensor, ref64: Tensor) -> tuple[float, float]:
     in_range = _in_range(eager.dtype, ref64)
     eager_ok = in_range & torch.isfinite(eager)
     eager_err = _rms(eager.double()[eager_ok] - ref64[eager_ok])
-    info = torch.finfo(eager.dtype)
-    return eager_err, BUDGET_FACTOR * eager_err + max(info.eps * _rms(ref64[in_range]), info.smallest_normal * info.eps)
+    return eager_err, budget_from(eager_err, _rms(ref64[in_range]), eager.dtype)
+
+
+def budget_from(eager_err: float, ref_rms: float, dtype: torch.dtype) -> float:
+    """The rule itself, from its statistics: eager's RMS error, the reference's RMS scale, and
+    the dtype (for callers that pool errors without materializing them)."""
+    info = torch.finfo(dtype)
+    return BUDGET_FACTOR * eager_err + max(info.eps * ref_rms, info.smallest_normal * info.eps)
 
 
 def _in_range(dtype: torch.dtype, ref64: Tensor) -> Tensor:
