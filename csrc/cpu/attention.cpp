@@ -13,6 +13,8 @@
 //   backward, per query block, recomputing s and p = softmax(s) over every key the block sees:
 //       dv += p^T do;  dp = do v^T;  delta = rowsum(p dp);  ds = p (dp - delta + dlse);
 //       dq += scale ds k;  dk += scale ds^T q          (why not p = exp(s - lse): see "backward")
+//   with few (batch, kv head) pairs, each pair's query blocks are split into chunks that sum
+//   dk, dv into partials of their own, added up afterwards (see BackwardPlan)
 //
 // The tile products are BLAS gemm calls (the sgemm_/dgemm_ that libtorch links: MKL on x86
 // wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
