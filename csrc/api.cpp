@@ -58,11 +58,12 @@ LMFAST_KERNEL_OP(rms_norm_bwd, std::tuple<Tensor, Tensor>(const Tensor&, const T
 LMFAST_KERNEL_OP(softmax_fwd, Tensor(const Tensor&, const OptTensor&, double, bool))
 LMFAST_KERNEL_OP(softmax_bwd, Tensor(const Tensor&, const Tensor&, double))
 LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                           const OptTensor&, double, bool, std::optional<int64_t>))
+                                                           const OptTensor&, double, bool, std::optional<int64_t>,
+                                                           double, const OptTensor&))
 LMFAST_KERNEL_OP(attention_bwd, std::tuple<Tensor, Tensor, Tensor, Tensor>(
                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     const Tensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    std::optional<int64_t>, bool))
+                                    std::optional<int64_t>, bool, double, const OptTensor&))
 #undef LMFAST_KERNEL_OP
 
 // ---- shaping helpers ----------------------------------------------------------------------
@@ -216,15 +217,17 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
 
 struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
-                               const OptTensor& mask, double scale, bool causal, std::optional<int64_t> window) {
+                               const OptTensor& mask, double scale, bool causal, std::optional<int64_t> window,
+                               double dropout_p, const OptTensor& dropout_seed) {
     ctx->set_materialize_grads(false);
     Given({true, true, true, mask.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [o, lse] = attention_fwd().call(q, k, v, mask, scale, causal, window);
+    auto [o, lse] = attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["window"] = window.has_value() ? c10::IValue(*window) : c10::IValue();
-    ctx->save_for_backward({q, k, v, o, lse, mask.value_or(Tensor())});
+    ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->save_for_backward({q, k, v, o, lse, mask.value_or(Tensor()), dropout_seed.value_or(Tensor())});
     return {o, lse};
   }
 
@@ -237,8 +240,9 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
         upstream_grad(grads[0], o), saved[0].contiguous(), saved[1].contiguous(), saved[2].contiguous(), o,
         saved[4], grads[1].defined() ? OptTensor(grads[1].contiguous()) : std::nullopt, defined_or_none(saved[5]),
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
-        window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()), mask_grad);
-    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor()};
+        window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()), mask_grad,
+        ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]));
+    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -277,12 +281,13 @@ Tensor softmax_fwd_autograd(const Tensor& x, const OptTensor& mask, double scale
 
 std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                   const OptTensor& mask, double scale, bool causal,
-                                                  std::optional<int64_t> window) {
+                                                  std::optional<int64_t> window, double dropout_p,
+                                                  const OptTensor& dropout_seed) {
   if (!grad_wanted({&mask}, {&q, &k, &v})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return attention_fwd().call(q, k, v, mask, scale, causal, window);
+    return attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed);
   }
-  auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window);
+  auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed);
   return {out[0], out[1]};
 }
 
@@ -343,7 +348,8 @@ Tensor softmax(const Tensor& x, int64_t dim, double scale, const OptTensor& mask
 }
 
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask,
-                                     bool causal, std::optional<double> scale, std::optional<int64_t> window) {
+                                     bool causal, std::optional<double> scale, std::optional<int64_t> window,
+                                     double dropout_p, const OptTensor& dropout_seed) {
   const char* names[3] = {"q", "k", "v"};
   const Tensor* qkv[3] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i) {
@@ -365,12 +371,20 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   TORCH_CHECK_VALUE(!window.has_value() || *window >= 1,
                     "window must be >= 1 (the number of keys each query sees), got ", window.value_or(0));
   if (scale.has_value()) checks::finite("scale", *scale);
+  checks::dropout(dropout_p, dropout_seed);
   const double s = scale.has_value() ? *scale : std::pow(double(qs[3].guard_int(__FILE__, __LINE__)), -0.5);
   // The forward takes any strides with a contiguous head dim: the (B, S, H, D) projections
   // models transpose to (B, H, S, D) pass without a copy.
   auto rows = [](const Tensor& t) { return t.sym_size(3) <= 1 || t.sym_stride(3) == 1 ? t : t.contiguous(); };
   const OptTensor mask4 = attn_mask.has_value() ? OptTensor(attn_mask->expand_symint(shape4)) : std::nullopt;
-  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window);
+  // The dropout mask's seed: drawn from the default CPU generator (torch.manual_seed) unless
+  // given (the CPU kernels read it; CUDA tensors come here only for backend="cuda", whose
+  // Python layer hands dropout to the Triton kernels).
+  const OptTensor seed = dropout_p > 0 && !dropout_seed.has_value()
+                             ? OptTensor(at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong)))
+                             : dropout_seed;
+  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p,
+                              dropout_p > 0 ? seed : std::nullopt);
 }
 
 }  // namespace lmfast::api

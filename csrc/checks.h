@@ -108,6 +108,18 @@ inline void eps(double v) {
   TORCH_CHECK_VALUE(v >= 0, "eps must be >= 0.0, got ", number_str(v));
 }
 
+// Attention dropout: a probability in [0, 1), and a seed (if given) of one int64 element.
+inline void dropout(double p, const std::optional<Tensor>& seed) {
+  finite("dropout_p", p);
+  TORCH_CHECK_VALUE(p >= 0 && p < 1, "dropout_p must be in [0, 1), got ", number_str(p));
+  if (!seed.has_value()) return;
+  TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, "dropout_seed must be an int64 tensor, got ",
+                   dtype_name(seed->scalar_type()));
+  TORCH_CHECK_VALUE(seed->numel() == 1 && seed->device().is_cpu(),
+                    "dropout_seed must be a CPU tensor of one element for CPU tensors, got shape ",
+                    shape_str(seed->sym_sizes()), " on ", seed->device());
+}
+
 // dim in [-ndim, ndim), returned as an index in [0, ndim).
 inline int64_t dim_index(int64_t dim, int64_t ndim) {
   TORCH_CHECK_VALUE(-ndim <= dim && dim < ndim, "dim=", dim, " is out of range for x with ", ndim,

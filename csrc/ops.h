@@ -48,15 +48,19 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // Attention: q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D); the forward takes any strides with a
 // contiguous head dim and returns o in (B, Sq, Hq, D) memory order (o.transpose(1, 2) is
 // contiguous), the backward takes contiguous tensors; mask expanded to (B, Hq, Sq, Sk);
-// window: none or >= 1. Returns (o, lse) with lse (B, Hq, Sq) in the accumulation dtype; the
-// backward returns (dq, dk, dv, dmask or an empty tensor).
+// window: none or >= 1; dropout_p in [0, 1), dropout_seed an int64 tensor of one element
+// (on the CPU for the CPU kernels) where dropout_p > 0 (the mask: lmfast/reference.py's
+// dropout_keep). Returns (o, lse) with lse (B, Hq, Sq) in the accumulation dtype, lse
+// without dropout; the backward returns (dq, dk, dv, dmask or an empty tensor).
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,
-                                         bool causal, std::optional<int64_t> window);
+                                         bool causal, std::optional<int64_t> window, double dropout_p,
+                                         const std::optional<Tensor>& dropout_seed);
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
-    double scale, bool causal, std::optional<int64_t> window, bool mask_grad);
+    double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
+    const std::optional<Tensor>& dropout_seed);
 // What multiplies bfloat16 attention tiles on this CPU: "amx", "avx512bf16" (oneDNN's brgemm)
 // or "sgemm" (tiles widened to float32). The first call runs a small brgemm self-check.
 const char* bf16_attention_unit();
@@ -92,7 +96,8 @@ Tensor softmax(const Tensor& x, int64_t dim, double scale, const std::optional<T
                bool causal);
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                      const std::optional<Tensor>& attn_mask, bool causal,
-                                     std::optional<double> scale, std::optional<int64_t> window);
+                                     std::optional<double> scale, std::optional<int64_t> window,
+                                     double dropout_p, const std::optional<Tensor>& dropout_seed);
 
 // Autograd-key kernels of the *_fwd kernel ops (their backward calls the *_bwd ops).
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(
@@ -107,6 +112,8 @@ Tensor softmax_fwd_autograd(const Tensor& x, const std::optional<Tensor>& mask, 
 std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k,
                                                   const Tensor& v,
                                                   const std::optional<Tensor>& mask, double scale,
-                                                  bool causal, std::optional<int64_t> window);
+                                                  bool causal, std::optional<int64_t> window,
+                                                  double dropout_p,
+                                                  const std::optional<Tensor>& dropout_seed);
 
 }  // namespace lmfast::api

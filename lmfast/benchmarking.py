@@ -43,12 +43,14 @@ class Case:
     dtype: torch.dtype
     causal: bool = False      # softmax: scale = D^-0.5 and a causal mask, as in attention
     kv_heads: int | None = None  # attention: k and v heads (grouped-query attention), else H
+    dropout: float = 0.0      # attention: dropout_p (training), in every provider
 
     @property
     def name(self) -> str:
         dims = "x".join(map(str, self.shape))
         gqa = f" gqa{self.shape[1] // self.kv_heads}" if self.kv_heads not in (None, self.shape[1]) else ""
         extra = " causal" if self.op == "attention" and self.causal else " scale+causal" if self.causal else ""
+        extra += f" dropout{self.dropout:g}" if self.dropout else ""
         return f"{self.op} {dims}{gqa} {str(self.dtype).removeprefix('torch.')}{extra}"
 
     @property
@@ -105,8 +107,9 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
     allocation, so there every op returning a tensor, clone included, is bound by page zeroing.
     Attention: (4, 12, 1024, 64) is BERT-base-like at 4k tokens; the full CPU set adds
     SmolLM2-135M's at batch 1 (9 query heads on 3 kv heads, 2k tokens, causal), where the few
-    (batch, kv head) pairs must be split to occupy the cores; at GPU full size, 16k tokens
-    (B * S) with head dims 128 (16 heads) and 64 (32 heads), S from 512 to 16k."""
+    (batch, kv head) pairs must be split to occupy the cores, and BERT-base training's attention
+    dropout (0.1); at GPU full size, 16k tokens (B * S) with head dims 128 (16 heads) and 64 (32
+    heads), S from 512 to 16k, and the first of them with dropout."""
     if size not in ("quick", "full"):
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     on_cpu = device == "cpu"
@@ -137,6 +140,8 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
                 out += [Case(op, attention[0], torch.bfloat16, causal) for causal in (False, True)]
             if on_cpu and size == "full":
                 out += [Case(op, (1, 9, 2048, 64), d, True, kv_heads=3) for d in (dt, torch.bfloat16)]
+            if size == "full":
+                out += [Case(op, attention[0], d, dropout=0.1) for d in dict.fromkeys((dt, torch.bfloat16))]
             continue
         out += [Case(op, shape, dt) for shape in rows]
         if op == "rms_norm" and extra_bf16:
@@ -190,7 +195,8 @@ def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
         s = (q @ k.transpose(-1, -2)) * D ** -0.5
         if additive is not None:
             s = s + additive
-        return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+        p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
+        return F.dropout(p, case.dropout) @ v if case.dropout else p @ v
     return eager_attention
 
 
@@ -199,11 +205,11 @@ def _sdpa_fn(case: Case, backend) -> Callable[..., Tensor]:
 
     def sdpa(q, k, v):
         if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, dropout_p=case.dropout, **gqa)
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, dropout_p=case.dropout, **gqa)
     return sdpa
 
 
@@ -258,7 +264,8 @@ def _eager_fn(case: Case, device: str) -> Callable[..., Tensor]:
 
 def _lmfast_fn(case: Case, backend: str) -> Callable[..., Tensor]:
     if case.op == "attention":
-        return lambda q, k, v: lmfast.ops.attention(q, k, v, causal=case.causal, backend=backend)
+        return lambda q, k, v: lmfast.ops.attention(q, k, v, causal=case.causal, dropout_p=case.dropout,
+                                                    backend=backend)
     if case.op == "layer_norm":
         return lambda x, weight, bias: lmfast.ops.layer_norm(x, weight, bias, 1e-5, backend=backend)
     if case.op == "rms_norm":
@@ -299,6 +306,8 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
     table = {}
     # CPU: the C++ kernels; CUDA: Triton's and the CUDA C++ ones (the interpreter is never timed)
     for ours in (["cpu"] if device == "cpu" else ["triton", "cuda"]):
+        if ours == "cuda" and case.dropout:
+            continue  # (backend "cuda" runs attention with dropout on the Triton kernels)
         if lmfast.backends()[ours].available:
             table[f"lmfast-{ours}"] = bind(lambda ours=ours: _lmfast_fn(case, ours))
     if case.op == "attention":

@@ -9,6 +9,8 @@ the error budget (see lmfast.testing). backend="torch" runs these functions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -104,8 +106,50 @@ def attention_keep(q_len: int, k_len: int, causal: bool, window: int | None, dev
     return keep
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32) and a constant c < 2^32, with no int64
+    overflow: c in two 16-bit halves."""
+    low = (x * (c & 0xFFFF)) & _M32
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (C. Wellons' lowbias32) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def dropout_threshold(p: float) -> int:
+    """Entries whose hash is below this (floor(p * 2^32)) are dropped."""
+    return min(math.floor(p * 4294967296.0), 4294967295)
+
+
+def dropout_keep(seed: int, rows: Tensor, keys: Tensor, p: float) -> Tensor:
+    """Attention dropout's mask, True = keep: the specification every kernel follows.
+
+    Entry (row, key j) of p = softmax(s), row = (b * Hq + h) * Sq + i, is kept where
+        mix32(row_key ^ (j * 0x9E3779B9 mod 2^32)) >= floor(p * 2^32),
+        row_key = mix32(mix32(row_lo ^ seed_lo) ^ row_hi ^ seed_hi)
+    (lo/hi: the low and high 32 bits of the 64-bit row index and seed). A hash, not a random
+    stream, so the backward regenerates the forward's mask and no tiling or thread count
+    changes it. rows and keys: int64 tensors that broadcast against each other.
+    """
+    seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+    row_key = _mix32(_mix32((rows & _M32) ^ (seed & _M32)) ^ (rows >> 32) ^ (seed >> 32))
+    bits = _mix32(row_key ^ _mul32(keys & _M32, 0x9E3779B9))
+    return bits >= dropout_threshold(p)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
-              causal: bool = False, scale: float | None = None, window: int | None = None):
+              causal: bool = False, scale: float | None = None, window: int | None = None,
+              dropout_p: float = 0.0, dropout_seed: int | None = None):
     """Scaled dot-product attention, materializing the (Sq, Sk) scores: the oracle.
 
         s = scale * q @ k^T + attn_mask          (boolean mask: s = -inf where False)
@@ -114,6 +158,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq a multiple of Hkv: query head h reads kv
     head h // (Hq // Hkv) (grouped-query attention). scale defaults to D**-0.5. causal and
     window as in attention_keep. Rows with every key masked give o = 0 and lse = -inf.
+    dropout_p > 0: p = softmax(s) is multiplied by dropout_keep(dropout_seed, ...) / (1 - dropout_p)
+    before p @ v (lse is that of s, without dropout).
     Returns (o in q's dtype, lse (B, Hq, Sq) in float32, or float64 for float64 inputs).
     """
     acc = acc_dtype(q.dtype)
@@ -130,4 +176,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     s = s.masked_fill(fully_masked, 0.0)  # finite, so gradients stay 0, not NaN
     lse = torch.logsumexp(s, -1, keepdim=True).masked_fill(fully_masked, float("-inf"))
     p = torch.softmax(s, -1).masked_fill(fully_masked, 0.0)
+    if dropout_p > 0:
+        B, Hq, Sq, Sk = p.shape
+        rows = torch.arange(B * Hq * Sq, device=q.device).view(B, Hq, Sq, 1)
+        keep = dropout_keep(dropout_seed, rows, torch.arange(Sk, device=q.device), dropout_p)
+        p = p * keep / (1 - dropout_p)
     return (p @ vf).to(q.dtype), lse.squeeze(-1)

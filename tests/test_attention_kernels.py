@@ -301,6 +301,9 @@ def test_opcheck(ab):
     ins = _inputs(ab, 2, 4, 2, 9, 13, 16, torch.float32)
     mask = torch.randn(1, 4, 9, 13, device=ab.device).expand(2, 4, 9, 13)
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5))
+    if ab.name != "cuda":  # (backend "cuda" runs dropout on the Triton kernels)
+        seed = torch.tensor([3], device="cpu" if ab.name == "cpu" else ab.device)
+        torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.3, seed))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU (the interpreter runs fixed tiles)")
@@ -367,3 +370,122 @@ def test_one_key_taking_all_the_weight_gives_the_unfused_gradient(Sk, ab):
         ins["q"], ins["k"], ins["v"] = ins["q"] * 1e15, ins["k"] * 1e15, ins["v"] * 1e4
         return ins
     _check(ab, f"one-hot rows, Sk={Sk}", inputs)
+
+
+# ---- attention dropout ---------------------------------------------------------------------------
+
+def _reference_with_seed(dropout_seed, **kw):
+    return reference.attention(**kw, dropout_seed=int(dropout_seed))
+
+
+DROPOUT_CASES = {  # (B, Hq, Hkv, Sq, Sk, D, mask kind, causal, window)
+    "gqa, key padding": (2, 4, 2, 37, 61, 64, "bool", False, None),
+    "causal, additive mask": (1, 2, 1, 70, 70, 32, "additive", True, None),
+    "window": (1, 2, 2, 40, 90, 16, None, True, 20),
+    "decoding, long cache": (1, 8, 2, 1, 700, 64, None, True, None),  # the split-keys forward paths
+}
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES)
+def test_dropout_matches_the_reference_with_the_same_mask(case, ab, dtype):
+    """With dropout, the kernels drop the entries of softmax(s) that lmfast.reference.dropout_keep
+    (the hash of seed, row and key) drops, scale the rest by 1 / (1 - p), and their backward
+    regenerates that mask: outputs, lse (no dropout in it) and gradients against the float64
+    reference with the same seed, under the error budget."""
+    B, Hq, Hkv, Sq, Sk, D, mask_kind, causal, window = DROPOUT_CASES[case]
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(B, 1, 1, Sk) > 0.3).to(ab.device)
+    elif mask_kind == "additive":
+        mask = torch.randn(1, Hq, Sq, Sk).to(ab.device, dtype)
+    ins = _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, mask=mask, causal=causal, window=window)
+    for p, seed in ((0.3, 12345), (0.85, 2**62 + 7)):  # (a seed past 32 bits)
+        ins.update(dropout_p=p, dropout_seed=torch.tensor([seed], device=ab.device))
+        check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
+                                _reference_with_seed, ins, name=f"attention {ab.name} dropout {p} {case}",
+                                grad=("q", "k", "v") + (("attn_mask",) if mask_kind == "additive" else ()))
+
+
+def test_dropout_mask_read_out_of_the_kernel(ab):
+    """q = 0 makes softmax uniform (1 / Sk) and v = I (D = Sk) copies p into o, so o * Sk * (1 - p)
+    is the kernel's keep mask: exactly reference.dropout_keep's, over batch, heads and rows."""
+    B, H, S, p = 2, 3, 64, 0.25
+    q = torch.zeros(B, H, 40, S, device=ab.device)
+    k = torch.randn(B, H, S, S, device=ab.device)
+    v = torch.eye(S, device=ab.device).expand(B, H, S, S)
+    seed = torch.tensor([987654321], device=ab.device)
+    o = lmfast.ops.attention(q, k, v, dropout_p=p, dropout_seed=seed, backend=ab.name)
+    keep = o * S * (1 - p)
+    assert torch.allclose(keep, keep.round(), atol=1e-5)
+    rows = torch.arange(B * H * 40).view(B, H, 40, 1)
+    want = reference.dropout_keep(987654321, rows, torch.arange(S), p)
+    assert torch.equal(keep.round().bool().cpu(), want)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_mask_specification_is_unbiased_and_uncorrelated(p):
+    """reference.dropout_keep (the mask every kernel follows): over a million entries the keep
+    rate is 1 - p, as are the rates of single rows and of single keys, neighbouring keys and
+    rows are uncorrelated, and another seed gives an independent mask (5-sigma bounds)."""
+    rows, cols = torch.arange(1024).view(-1, 1), torch.arange(1024)
+    keep = reference.dropout_keep(2024, rows, cols, p).double()
+    n, q = keep.numel(), 1 - p
+    sigma = (p * q / n) ** 0.5
+    assert abs(keep.mean().item() - q) < 5 * sigma
+    for rates in (keep.mean(1), keep.mean(0)):  # per row, per key: 1024 entries each
+        z = (rates - q) / (p * q / 1024) ** 0.5
+        assert z.abs().max() < 5.5 and abs(z.std().item() - 1) < 0.15
+    x = (keep - q) / (p * q) ** 0.5
+    for a, b in ((x[:, 1:], x[:, :-1]), (x[1:], x[:-1])):  # neighbouring keys, neighbouring rows
+        assert abs((a * b).mean().item()) < 5 / n ** 0.5
+    other = (reference.dropout_keep(2025, rows, cols, p).double() - q) / (p * q) ** 0.5
+    assert abs((x * other).mean().item()) < 5 / n ** 0.5
+
+
+def test_dropout_is_reproducible_and_fresh_per_call(ab):
+    """A given seed gives the same bits; torch.manual_seed fixes the drawn seeds; each call
+    draws a new mask; dropout_p=0 is the plain kernel, bit for bit."""
+    ins = _inputs(ab, 1, 4, 2, 33, 47, 32, torch.float32, causal=True)
+    q, k, v = ins["q"], ins["k"], ins["v"]
+
+    def run(**kw):
+        return lmfast.ops.attention(q, k, v, causal=True, backend=ab.name, **kw)
+    seed = torch.tensor([5], device=ab.device)
+    assert torch.equal(run(dropout_p=0.2, dropout_seed=seed), run(dropout_p=0.2, dropout_seed=seed))
+    torch.manual_seed(3)
+    a, b = run(dropout_p=0.2), run(dropout_p=0.2)
+    torch.manual_seed(3)
+    assert torch.equal(run(dropout_p=0.2), a) and not torch.equal(a, b)
+    assert torch.equal(run(dropout_p=0.0), run())
+
+
+def test_gradcheck_cpu_float64_with_dropout():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    bias = torch.randn(1, 1, 5, 9, dtype=torch.float64, generator=g, requires_grad=True)
+    seed = torch.tensor([77])
+
+    def f(q, k, v, bias):
+        return lmfast.ops.attention(q, k, v, bias, causal=True, return_lse=True, dropout_p=0.4, dropout_seed=seed,
+                                    backend="cpu")
+
+    assert torch.autograd.gradcheck(lambda *a: tuple(t.nan_to_num(0.0, 0.0, 0.0) for t in f(*a)), (q, k, v, bias))
+
+
+def test_compile_fullgraph_with_dropout(ab):
+    """The seed is drawn inside the compiled graph (torch.randint), so compiled training with
+    dropout traces without a graph break and draws the seeds eager would."""
+    torch._dynamo.reset()
+
+    def block(q, k, v):
+        return lmfast.ops.attention(q, k, v, causal=True, dropout_p=0.3, backend=ab.name).square().sum()
+
+    ins = _inputs(ab, 2, 4, 2, 16, 24, 32, torch.float32)
+    q, k, v = (ins[n].requires_grad_() for n in "qkv")
+    torch.manual_seed(11)
+    want = torch.autograd.grad(block(q, k, v), (q, k, v))
+    torch.manual_seed(11)
+    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    torch.testing.assert_close(got, want)

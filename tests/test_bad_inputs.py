@@ -82,6 +82,12 @@ CASES = [
     ("attn window float", lambda: ops.attention(q, kv, kv, window=2.5), TypeError, "window must be an int or None"),
     ("attn causal str", lambda: ops.attention(q, kv, kv, causal="yes"), TypeError, "causal must be a bool"),
     ("attn scale nan", lambda: ops.attention(q, kv, kv, scale=float("nan")), ValueError, "scale must be finite"),
+    ("attn dropout 1", lambda: ops.attention(q, kv, kv, dropout_p=1.0), ValueError, r"dropout_p must be in \[0, 1\), got 1"),
+    ("attn dropout negative", lambda: ops.attention(q, kv, kv, dropout_p=-0.1), ValueError, r"dropout_p must be in \[0, 1\)"),
+    ("attn dropout str", lambda: ops.attention(q, kv, kv, dropout_p="0.1"), TypeError, "dropout_p must be a real number"),
+    ("attn dropout seed float", lambda: ops.attention(q, kv, kv, dropout_p=0.1, dropout_seed=torch.zeros(1)), TypeError, "dropout_seed must be an int64 tensor"),
+    ("attn dropout seed shape", lambda: ops.attention(q, kv, kv, dropout_p=0.1, dropout_seed=torch.zeros(2, dtype=torch.long)), ValueError, "dropout_seed must .*one element"),
+    ("attn dropout seed int", lambda: ops.attention(q, kv, kv, dropout_p=0.1, dropout_seed=3), TypeError, "dropout_seed must be a torch.Tensor or None"),
     # ---- backends --------------------------------------------------------------------------
     ("backend unknown", lambda: ops.softmax(x, backend="gpu"), ValueError, "backend must be one of"),
     ("backend not a str", lambda: ops.layer_norm(x, backend=["cpu"]), TypeError, "backend must be a str"),

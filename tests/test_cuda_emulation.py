@@ -267,7 +267,7 @@ def test_attention(emu, dtype, shape, variant):
 
     def fn(q, k, v, attn_mask=None):
         mask = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)
-        return tuple(emu.attention_fwd(q, k, v, mask, scale, causal, window))
+        return tuple(emu.attention_fwd(q, k, v, mask, scale, causal, window, 0.0, None))
 
     def ref(q, k, v, attn_mask=None):
         return reference.attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window)
@@ -279,7 +279,7 @@ def test_attention_rows_that_see_no_key(emu):
     """Causal with Sq > Sk: the first Sq - Sk rows see no key (o = 0, lse = -inf), in both kernels."""
     for Sq in (3, 40):
         q, k, v = (_randn(1, 2, S, 64, dtype=torch.float16, seed=i) for i, S in enumerate((Sq, 2, 2)))
-        o, lse = emu.attention_fwd(q, k, v, None, 0.125, True, None)
+        o, lse = emu.attention_fwd(q, k, v, None, 0.125, True, None, 0.0, None)
         o_ref, lse_ref = reference.attention(q.double(), k.double(), v.double(), causal=True, scale=0.125)
         torch.testing.assert_close(o.double(), o_ref, atol=2e-3, rtol=2e-3)
         assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and torch.isinf(lse[..., :Sq - 2]).all()

@@ -21,12 +21,12 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _spy_attention(monkeypatch) -> list[dict]:
-    """Records each lmfast.ops.attention call: its mask shape, causal and window."""
+    """Records each lmfast.ops.attention call: its mask shape, causal, window and (if not 0) dropout_p."""
     calls, attention = [], lmfast.ops.attention
 
     def spy(q, k, v, attn_mask=None, causal=False, scale=None, window=None, **kwargs):
         calls.append({"mask": None if attn_mask is None else tuple(attn_mask.shape), "causal": causal,
-                      "window": window})
+                      "window": window, **({"dropout_p": kwargs["dropout_p"]} if kwargs.get("dropout_p") else {})})
         return attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window, **kwargs)
     monkeypatch.setattr(lmfast.ops, "attention", spy)
     return calls
@@ -317,9 +317,6 @@ def test_multihead_attention_falls_back_to_torch_where_lmfast_does_not_serve(mon
     assert weights.shape == (2, 5, 5) and not calls
     mha.eval(), lm.eval()
     assert torch.equal(lm(x, x, x, need_weights=True)[0], mha(x, x, x, need_weights=True)[0])
-    lm.train()
-    lm(x, x, x, need_weights=False)  # dropout in training: torch's forward
-    assert not calls
     lm.eval()
     assert lm(x, x, x, need_weights=False)[1] is None and len(calls) == 1
     with pytest.raises(ValueError, match="is_causal=True .* attn_mask is None"):
@@ -385,23 +382,53 @@ def test_multihead_attention_matches_torch(layout, kdim, masks):
         assert_within_budget(a, r, e, f"MultiheadAttention {name}")
 
 
-def test_hf_attention_dropout_in_training_runs_transformers_sdpa(monkeypatch):
-    """GPT-2's default attention dropout: in training the SDPA path runs (and dropout happens),
-    in eval lmfast attention does; the report says so."""
+def test_multihead_attention_dropout_in_training_runs_in_lmfast(monkeypatch):
+    """nn.Transformer*'s default attention dropout (0.1): in training lmfast's kernel drops
+    (a fresh mask per call; torch.manual_seed repeats it), in eval it does not; averaged over
+    many calls the training output is the eval output (dropout scales by 1 / (1 - p))."""
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(D_MODEL, HEADS, dropout=0.5, batch_first=True)
+    lm = lmfast.nn.MultiheadAttention.from_torch(mha)
+    x = torch.randn(2, 5, D_MODEL)
+    calls = _spy_attention(monkeypatch)
+    lm.train()
+    torch.manual_seed(1)
+    a = lm(x, x, x, need_weights=False)[0]
+    torch.manual_seed(1)
+    assert torch.equal(lm(x, x, x, need_weights=False)[0], a)
+    assert not torch.equal(lm(x, x, x, need_weights=False)[0], a)
+    assert [c.get("dropout_p") for c in calls] == [0.5] * 3
+    with torch.no_grad():
+        mean = torch.stack([lm(x, x, x, need_weights=False)[0] for _ in range(2000)]).mean(0)
+        lm.eval()
+        want = lm(x, x, x, need_weights=False)[0]
+    assert "dropout_p" not in calls[-1]
+    assert (mean - want).abs().max() < 0.1 * want.abs().max()  # (2000 draws: ~0.02 of noise)
+
+
+def test_hf_attention_dropout_runs_in_lmfast_attention_in_training(monkeypatch):
+    """GPT-2's attention dropout: in training lmfast attention runs with it (a new mask each
+    call, the same one after torch.manual_seed, gradients through it), in eval without it."""
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
                                      attn_pdrop=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
-    report = lmfast.patch(model)
-    assert "attention dropout 0.5: in training, transformers' SDPA path runs" in str(report)
+    lmfast.patch(model)
     calls = _spy_attention(monkeypatch)
     ids, mask = _batch()
     model.train()
     a, b = model(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-    assert not calls and not torch.equal(a, b)  # dropout, not lmfast
+    assert [c["dropout_p"] for c in calls] == [0.5] * 4 and not torch.equal(a, b)
+    torch.manual_seed(1)
+    c = model(ids, attention_mask=mask).logits
+    torch.manual_seed(1)
+    c.sum().backward()
+    assert torch.equal(model(ids, attention_mask=mask).logits, c)
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters() if p.requires_grad)
     model.eval()
+    calls.clear()
     model(ids, attention_mask=mask)
-    assert len(calls) == 2
+    assert len(calls) == 2 and not any("dropout_p" in c for c in calls)
 
 
 def test_hf_softcapping_model_keeps_its_attention():

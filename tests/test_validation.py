@@ -76,3 +76,18 @@ def test_backend_that_cannot_serve_the_tensor():
     _raises(TypeError, "backend 'triton' supports float16, bfloat16 and float32, got torch.float64",
             lmfast.ops.softmax, x.double(), backend="triton")
     _raises(RuntimeError, "backend 'cuda' is not available", lmfast.ops.softmax, x, backend="cuda")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_dropout_bad_inputs(backend):
+    q, kv = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 4, 8)
+    at = lmfast.ops.attention
+    kw = {"backend": backend}
+    _raises(ValueError, r"dropout_p must be in \[0, 1\), got 1", at, q, kv, kv, dropout_p=1.0, **kw)
+    _raises(ValueError, r"dropout_p must be in \[0, 1\), got -0.5", at, q, kv, kv, dropout_p=-0.5, **kw)
+    _raises(ValueError, "dropout_p must be finite", at, q, kv, kv, dropout_p=float("nan"), **kw)
+    _raises(TypeError, "dropout_p must be a real number", at, q, kv, kv, dropout_p=None, **kw)
+    _raises(TypeError, "dropout_seed must be an int64 tensor, got torch.int32", at, q, kv, kv, dropout_p=0.5,
+            dropout_seed=torch.ones(1, dtype=torch.int32), **kw)
+    _raises(ValueError, r"dropout_seed must .*one element", at, q, kv, kv, dropout_p=0.5,
+            dropout_seed=torch.ones(3, dtype=torch.long), **kw)

@@ -15,6 +15,8 @@
 //       dq += scale ds k;  dk += scale ds^T q          (why not p = exp(s - lse): see "backward")
 //   with few (batch, kv head) pairs, each pair's query blocks are split into chunks that sum
 //   dk, dv into partials of their own, added up afterwards (see BackwardPlan)
+//   dropout (see Dropout): p v and dv = p^T do take p with the dropped entries zeroed and the
+//   rest scaled by 1 / (1 - dropout_p), dp is dropped likewise; l, lse and ds = p (...) keep p
 //
 // The tile products are BLAS gemm calls (the sgemm_/dgemm_ that libtorch links: MKL on x86
 // wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
@@ -74,6 +76,67 @@ struct KeyBand {
     return j0 < hi(i1 - 1) && j1 > lo(i0);
   }
 };
+
+// Attention dropout: p = softmax(s) loses each entry with probability dropout_p and the rest are
+// scaled by 1 / (1 - dropout_p). Whether entry (row, key j) is kept is a hash of (seed, row,
+// j), row = (b * Hq + h) * Sq + i, so the backward regenerates the forward's mask, and the
+// mask depends on neither the tiling nor the thread count. The same hash is in
+// lmfast/reference.py (dropout_keep, the specification) and lmfast/kernels/attention.py.
+// The forward drops from the weights of p v but not from the row sums l (nor lse); the
+// backward uses the dropped p for dv and drops dp (dp = do v^T, then dp * keep / (1 - p)),
+// after which ds = p (dp - delta) holds as without dropout (delta = rowsum(p dp) = rowsum(do o)).
+inline uint32_t mix32(uint32_t x) {  // a 32-bit integer hash (C. Wellons' lowbias32)
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t threshold = 0;  // keep where hash >= threshold: floor(dropout_p * 2^32)
+  uint32_t seed_lo = 0, seed_hi = 0;
+  double keep_scale = 1;   // 1 / (1 - dropout_p)
+
+  uint32_t row_key(int64_t row) const {
+    const auto r = static_cast<uint64_t>(row);
+    return mix32(mix32(uint32_t(r) ^ seed_lo) ^ uint32_t(r >> 32) ^ seed_hi);
+  }
+  // dst[c] = src[c] * scale where entry (row key rk, key j0 + c) is kept, else 0, c < n.
+  // (A plain loop over uint32: the compiler vectorizes it.)
+  template <typename T>
+  void apply(T* dst, const T* src, int64_t n, uint32_t rk, int64_t j0, T scale) const {
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t bits = mix32(rk ^ (uint32_t(j0 + c) * 0x9e3779b9u));
+      dst[c] = bits >= threshold ? src[c] * scale : T(0);
+    }
+  }
+  // p[c] = 0 where dropped, for bfloat16 p (kept entries unscaled), c < n.
+  void zero_dropped(at::BFloat16* p, int64_t n, uint32_t rk, int64_t j0) const {
+    uint16_t* bits16 = reinterpret_cast<uint16_t*>(p);  // bfloat16 0 is all zero bits
+    for (int64_t c = 0; c < n; ++c) {
+      const uint32_t bits = mix32(rk ^ (uint32_t(j0 + c) * 0x9e3779b9u));
+      bits16[c] = bits >= threshold ? bits16[c] : uint16_t(0);
+    }
+  }
+};
+
+Dropout dropout_of(double p, const std::optional<Tensor>& seed) {
+  TORCH_CHECK(p >= 0 && p < 1, "lmfast_C: dropout_p must be in [0, 1), got ", p);
+  Dropout d;
+  if (p == 0) return d;
+  TORCH_CHECK(seed.has_value() && seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
+              "lmfast_C: dropout_p > 0 needs dropout_seed, a CPU int64 tensor of one element");
+  const auto s = static_cast<uint64_t>(seed->item<int64_t>());
+  d.on = true;
+  d.threshold = uint32_t(std::min(std::floor(p * 4294967296.0), 4294967295.0));
+  d.seed_lo = uint32_t(s);
+  d.seed_hi = uint32_t(s >> 32);
+  d.keep_scale = 1.0 / (1.0 - p);
+  return d;
+}
 
 // Where the mask values of query row (b, h, i) live; the mask is read through its strides
 // (0 along broadcast dims), as in softmax.cpp.
@@ -326,8 +389,8 @@ template <typename scalar_t, typename mask_t>
 void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
                  const scalar_t* v, const MaskView<mask_t>& mask, const Geometry& g, const Rows& qs,
                  const Rows& ks, const Rows& vs, at::opmath_type<scalar_t> scale, const KeyBand& band, int64_t b,
-                 int64_t hk, int64_t j_begin, int64_t j_end, int64_t block_k, TileState<at::opmath_type<scalar_t>>& st,
-                 TileBuffers<at::opmath_type<scalar_t>>& buf) {
+                 int64_t hk, int64_t j_begin, int64_t j_end, int64_t block_k, const Dropout& drop,
+                 TileState<at::opmath_type<scalar_t>>& st, TileBuffers<at::opmath_type<scalar_t>>& buf) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -372,6 +435,8 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
       const acc_t alpha = std::exp(st.m[r] - m_new);  // 0 when m was -inf
       st.l[r] = st.l[r] * alpha + exp_row(srow, nk, lo, hi, m_new);
       st.m[r] = m_new;
+      if (drop.on)  // (l sums the undropped p; write_rows scales by 1 / (1 - dropout_p))
+        drop.apply(srow + lo, srow + lo, hi - lo, drop.row_key((b * g.Hq + rows.head[r]) * g.Sq + i), j0 + lo, acc_t(1));
       if (alpha != acc_t(1)) {
         acc_t* orow = st.acc.data() + r * D;
         for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) {
@@ -551,7 +616,7 @@ float exp_row_to_bf16(const float* s, at::BFloat16* p, int64_t n, int64_t lo, in
 template <typename mask_t>
 void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskView<mask_t>& mask,
                         const Geometry& g, const Rows& qs, float scale, const KeyBand& band, int64_t b, int64_t hk,
-                        const PackedKV& kv, TileState<float>& st, std::vector<float>& s_buf,
+                        const PackedKV& kv, const Dropout& drop, TileState<float>& st, std::vector<float>& s_buf,
                         std::vector<at::BFloat16>& q_buf, std::vector<at::BFloat16>& p_buf) {
   using Vec = Vectorized<float>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
@@ -597,6 +662,7 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
       const float alpha = std::exp(st.m[r] - m_new);  // 0 when m was -inf
       st.l[r] = st.l[r] * alpha + exp_row_to_bf16(srow, prow, nke, lo, hi, mul, m_new);
       st.m[r] = m_new;
+      if (drop.on) drop.zero_dropped(prow + lo, hi - lo, drop.row_key((b * g.Hq + rows.head[r]) * g.Sq + i), j0 + lo);
       if (alpha != 1.f) {
         float* orow = st.acc.data() + r * D;
         for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) { (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n); });
@@ -607,14 +673,16 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
   }
 }
 
-// o = acc / l (0 for fully masked rows), lse = m + log(l).
+// o = acc / l (0 for fully masked rows), times 1 / (1 - dropout_p); lse = m + log(l).
 template <typename scalar_t>
 void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>& st,
-                const Geometry& g, int64_t b, const Rows& os, scalar_t* o, at::opmath_type<scalar_t>* lse) {
+                const Geometry& g, int64_t b, const Rows& os, scalar_t* o, at::opmath_type<scalar_t>* lse,
+                const Dropout& drop) {
   using acc_t = at::opmath_type<scalar_t>;
+  const acc_t keep_scale = static_cast<acc_t>(drop.keep_scale);
   for (int64_t r = 0; r < rows.size(); ++r) {
     const int64_t h = rows.head[r], i = rows.query[r];
-    const acc_t inv = st.l[r] == 0 ? acc_t(0) : acc_t(1) / st.l[r];  // (a NaN l stays NaN)
+    const acc_t inv = st.l[r] == 0 ? acc_t(0) : keep_scale / st.l[r];  // (a NaN l stays NaN)
     const acc_t* orow = st.acc.data() + r * g.D;
     scalar_t* out = o + os.at(b, h, i);
     for_each_chunk<Chunk<scalar_t>::kChunk>(g.D, [&](int64_t d, int64_t n) {
@@ -640,7 +708,7 @@ template <typename scalar_t, typename mask_t>
 void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
                           at::opmath_type<scalar_t>* lse, const MaskView<mask_t>& mask,
                           const Geometry& g, const Rows& qs, const Rows& ks, const Rows& vs, const Rows& os,
-                          double scale_d, const KeyBand& band) {
+                          double scale_d, const KeyBand& band, const Dropout& drop) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t group = g.group();
@@ -672,8 +740,8 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
             rows.clear();
             for (int64_t i = qb * kPackedBlockQ; i < std::min(g.Sq, (qb + 1) * kPackedBlockQ); ++i) rows.add(h, i);
             st.reset(rows.size(), g.D);
-            attend_keys_packed(rows, q, mask, g, qs, scale, band, b, h / group, kv, st, s_buf, q_buf, p_buf);
-            write_rows(rows, st, g, b, os, o, lse);
+            attend_keys_packed(rows, q, mask, g, qs, scale, band, b, h / group, kv, drop, st, s_buf, q_buf, p_buf);
+            write_rows(rows, st, g, b, os, o, lse, drop);
           }
           at::native::cpublas::brgemm_release(true);  // this thread's AMX tile state
         });
@@ -689,8 +757,8 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         rows.clear();
         for (int64_t i = qb * block_q; i < std::min(g.Sq, (qb + 1) * block_q); ++i) rows.add(h, i);
         st.reset(rows.size(), g.D);
-        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, st, buf);
-        write_rows(rows, st, g, b, os, o, lse);
+        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, drop, st, buf);
+        write_rows(rows, st, g, b, os, o, lse, drop);
       }
     });
     return;
@@ -720,8 +788,8 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       TileState<acc_t>& state = splits > 1 ? partial[task] : st;
       state.reset(R, g.D);
       attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, hk, g.Sk * split / splits,
-                  g.Sk * (split + 1) / splits, kBlockK, state, buf);
-      if (splits == 1) write_rows(rows, state, g, b, os, o, lse);
+                  g.Sk * (split + 1) / splits, kBlockK, drop, state, buf);
+      if (splits == 1) write_rows(rows, state, g, b, os, o, lse, drop);
     }
   });
   if (splits == 1) return;
@@ -743,7 +811,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           for (int64_t d = 0; d < g.D; ++d) merged.acc[r * g.D + d] += p.acc[r * g.D + d] * w;
         }
       }
-      write_rows(rows, merged, g, b, os, o, lse);
+      write_rows(rows, merged, g, b, os, o, lse, drop);
     }
   });
 }
@@ -846,6 +914,7 @@ struct BackwardRowSteps {
   const MaskView<mask_t>& mask;
   const acc_t* dlse;   // or nullptr
   scalar_t* dmask;     // (B, Hq, Sq, Sk) or nullptr
+  const Dropout& drop;
 
   // Masks scores tile [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
   void mask_tile(BackwardRows<acc_t>& rows, int64_t nq, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk) const {
@@ -855,9 +924,21 @@ struct BackwardRowSteps {
   void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
     for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
   }
+  // The p tile [j0, j0 + nk) of the block's rows (global rows row0 ..) as dv's product takes
+  // it: p itself, or with dropout p * keep / (1 - dropout_p) in `buf`. Returns (tile, leading dim).
+  std::pair<const acc_t*, int64_t> dv_probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t row0, int64_t j0,
+                                            int64_t nk, std::vector<acc_t>& buf) const {
+    if (!drop.on) return {rows.p_at(0, j0), rows.ld};
+    buf.resize(nq * nk);
+    for (int64_t r = 0; r < nq; ++r)
+      drop.apply(buf.data() + r * nk, rows.p_at(r, j0), nk, drop.row_key(row0 + r), j0, acc_t(drop.keep_scale));
+    return {buf.data(), nk};
+  }
   void grads(BackwardRows<acc_t>& rows, int64_t nq, int64_t row0, int64_t k0, int64_t k1) const {
     for (int64_t r = 0; r < nq; ++r) {
       acc_t* ds = rows.ds_at(r, k0);
+      if (drop.on)  // dp of the dropped p: dp * keep / (1 - dropout_p)
+        drop.apply(ds, ds, k1 - k0, drop.row_key(row0 + r), k0, acc_t(drop.keep_scale));
       backward_ds_row(rows.p_at(r, k0), ds, k1 - k0, dlse != nullptr ? dlse[row0 + r] : acc_t(0));
       if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds (0, as allocated, outside [k0, k1))
         scalar_t* dm = dmask + (row0 + r) * g.Sk;
@@ -1049,7 +1130,7 @@ class KeyGradPartials {
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
-                          const Geometry& g, float scale, const KeyBand& band,
+                          const Geometry& g, float scale, const KeyBand& band, const Dropout& drop,
                           at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask);
 
 // The backward (o and lse, which the forward returned, are not needed: see above).
@@ -1057,25 +1138,25 @@ template <typename scalar_t, typename mask_t>
 void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                           const at::opmath_type<scalar_t>* dlse /* or nullptr */,
                           const MaskView<mask_t>& mask, const Geometry& g, double scale_d,
-                          const KeyBand& band, scalar_t* dq, scalar_t* dk, scalar_t* dv,
+                          const KeyBand& band, const Dropout& drop, scalar_t* dq, scalar_t* dk, scalar_t* dv,
                           scalar_t* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
     if (use_bf16_brgemm(D)) {
-      return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, dq, dk, dv, dmask);
+      return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, drop, dq, dk, dv, dmask);
     }
   }
   const BackwardPlan plan = backward_plan<acc_t>(g, band);
   const KeyGradPartials<acc_t, /*kTransposed=*/false> partials(plan, g);
-  const BackwardRowSteps<acc_t, mask_t, scalar_t> steps{g, band, mask, dlse, dmask};
+  const BackwardRowSteps<acc_t, mask_t, scalar_t> steps{g, band, mask, dlse, dmask, drop};
 
   // One task per chunk of a (b, kv head) (see BackwardPlan): it writes the dq of its rows and
   // sums their dk, dv over the keys they see, [ck0, ck1).
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk);
-    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf;
+    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];
@@ -1100,7 +1181,8 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         });
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
-          gemm<acc_t>(true, false, nk, D, nq, 1, rows.p_at(0, j0), rows.ld, dot, D, 1, dv_acc + at, D);  // dv += p^T do
+          const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
+          gemm<acc_t>(true, false, nk, D, nq, 1, pt, ldp, dot, D, 1, dv_acc + at, D);                     // dv += p^T do
           gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vw + at, D, 0, rows.ds_at(0, j0), rows.ld);      // dp = do v^T
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
@@ -1150,7 +1232,7 @@ struct BackwardPackedKV {
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
-                          const Geometry& g, float scale, const KeyBand& band,
+                          const Geometry& g, float scale, const KeyBand& band, const Dropout& drop,
                           at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask) {
   using BF = at::BFloat16;
   using Vec = Vectorized<float>;
@@ -1160,7 +1242,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   const KeyGradPartials<float, /*kTransposed=*/true> partials(plan, g);
   const int64_t block_q = plan.block_q, block_qe = block_q + block_q % 2;  // even K dims
   constexpr int64_t kBKe = BackwardPackedKV::kTileKeys;
-  const BackwardRowSteps<float, mask_t, BF> steps{g, band, mask, dlse, dmask};
+  const BackwardRowSteps<float, mask_t, BF> steps{g, band, mask, dlse, dmask, drop};
 
   std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where they have several chunks
   if (plan.chunks > 1) {
@@ -1173,7 +1255,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<float> rows(block_q, g.Sk);
-    std::vector<float> dq_acc(block_q * D), own_parts;
+    std::vector<float> dq_acc(block_q * D), own_parts, pd_buf;
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
     std::vector<BF> qT(D * block_qe), doT(D * block_qe);                      // A operands of dk^T, dv^T
     std::vector<BF> p_p(block_qe * kBKe), ds_p(block_qe * kBKe), ds_b(block_q * kBKe);  // p, ds packed; ds plain
@@ -1212,7 +1294,8 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
           const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
           // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
-          pack_rows_rounded(rows.p_at(0, j0), nq, nk, rows.ld, p_p.data());
+          const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
+          pack_rows_rounded(pt, nq, nk, ldp, p_p.data());
           blas::brgemm(D, nk, nqe, nqe, nk, ldc, true, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), true);
           blas::brgemm(nq, nk, D, D, nk, rows.ld, false, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0), true);  // dp = do v^T
         }
@@ -1302,10 +1385,12 @@ const char* bf16_attention_unit() {
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,
-                                         bool causal, std::optional<int64_t> window) {
+                                         bool causal, std::optional<int64_t> window, double dropout_p,
+                                         const std::optional<Tensor>& dropout_seed) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/false);
   check_mask(mask, q, g);
   const KeyBand band = key_band(g, causal, window);
+  const Dropout drop = dropout_of(dropout_p, dropout_seed);
   // (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D): o.transpose(1, 2) is contiguous.
   Tensor o = at::empty({g.B, g.Sq, g.Hq, g.D}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
@@ -1315,7 +1400,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
       attention_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                      v.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
                                      lse.data_ptr<at::opmath_type<scalar_t>>(), mv, g, Rows(q), Rows(k),
-                                     Rows(v), Rows(o), scale, band);
+                                     Rows(v), Rows(o), scale, band, drop);
     });
   });
   return {o, lse};
@@ -1324,8 +1409,10 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
-    double scale, bool causal, std::optional<int64_t> window, bool mask_grad) {
+    double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
+    const std::optional<Tensor>& dropout_seed) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
+  const Dropout drop = dropout_of(dropout_p, dropout_seed);
   check_mask(mask, q, g);
   TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && dout.is_contiguous() &&
                   o.is_contiguous() && dout.scalar_type() == q.scalar_type(),
@@ -1345,7 +1432,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
           dout.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
           v.const_data_ptr<scalar_t>(),
           dlse.has_value() ? dlse->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr, mv, g,
-          scale, band, dq.data_ptr<scalar_t>(),
+          scale, band, drop, dq.data_ptr<scalar_t>(),
           dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
     });
   });

@@ -472,7 +472,10 @@ constexpr int kDecodeMaxRows = 4;
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool causal,
-                                         std::optional<int64_t> window) {
+                                         std::optional<int64_t> window, double dropout_p,
+                                         const std::optional<Tensor>& /*dropout_seed*/) {
+  TORCH_CHECK_VALUE(dropout_p == 0, "backend 'cuda' attention has no dropout (dropout_p=", dropout_p,
+                    "); lmfast.ops.attention runs such calls on the Triton kernels");
   check_cuda_contiguous("attention_fwd", {&q, &k, &v, mask ? &*mask : nullptr}, /*need_contiguous=*/false);
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lmfast_C::attention_fwd (cuda): 4-D q, k, v");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);

@@ -52,9 +52,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     dict lookups, then one lmfast op."""
     if kwargs.get("output_attentions") or _attentions_recorded():
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if (dropout and module.training) or kwargs.get("position_bias") is not None:
-        # what lmfast does not compute (attention dropout, T5-style position bias): transformers'
-        # own SDPA path, with the same mask (a full mask, or None exactly where SDPA's is None too)
+    if kwargs.get("position_bias") is not None:
+        # what lmfast does not compute (T5-style position bias): transformers' own SDPA path,
+        # with the same mask (a full mask, or None exactly where SDPA's is None too)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -74,8 +74,9 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)  # additive
     backend = module.__dict__.get(BACKEND_ATTR, "auto")  # set by lmfast.patch
+    # attention dropout as the model's eager attention applies it: in training only
     out = ops.attention(query, key, value, attention_mask, causal=causal and query.shape[2] > 1, scale=scaling,
-                        window=window, backend=backend)
+                        window=window, dropout_p=dropout if dropout and module.training else 0.0, backend=backend)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D) (no copy: the kernels write o so)
 
 

@@ -114,7 +114,7 @@ SWAPS: list[Swap] = [
     Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape)),
     Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0])),
     Swap("Softmax", "softmax", _is_softmax, _softmax, lambda m: (3, 5, 7)),
-    # torch's own forward serves what lmfast does not (need_weights=True, dropout in training):
+    # torch's own forward serves what lmfast does not (need_weights=True, add_bias_kv, add_zero_attn):
     # no formula to probe, the calls differ, so tests/test_patch.py proves it on nn.Transformer*.
     Swap("MultiheadAttention", "attention", _is_multihead_attention, _multihead_attention, None),
 ]
@@ -229,10 +229,6 @@ def _route_torch_transformers_to_lmfast(model: nn.Module, report: PatchReport) -
     if layers:
         report.notes.append(f"{layers} TransformerEncoderLayer(s): torch's fused inference path is turned off "
                             "so that lmfast's modules run (unpatch turns it back on)")
-    dropout = [m for m in model.modules() if isinstance(m, lmnn.MultiheadAttention) and m.dropout > 0]
-    if dropout:
-        report.notes.append(f"{len(dropout)} MultiheadAttention module(s) have attention dropout "
-                            f"{dropout[0].dropout:g}: in training they run torch's forward (lmfast has no dropout)")
 
 
 _PREVIOUS_ATTN = "_lmfast_previous_attn_implementation"  # on a patched transformers model
@@ -251,11 +247,6 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
     if unserved:
         report.skipped.append(("", f"attention: {unserved}, which lmfast attention does not compute"))
         return
-    dropout = [getattr(config, k) for k in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob")
-               if isinstance(getattr(config, k, None), float) and getattr(config, k) > 0]
-    if dropout:
-        report.notes.append(f"attention dropout {dropout[0]:g}: in training, transformers' SDPA path runs "
-                            "(lmfast has no dropout)")
     previous = config._attn_implementation
     if previous == hf.NAME:  # patched before, or loaded with attn_implementation="lmfast"
         report.already_patched += len(layers)

@@ -9,6 +9,8 @@ csrc/cpu/attention.cpp:
     key band of query i (bottom-right aligned, position p = i + Sk - Sq):
         causal keeps j <= p,  a window w keeps j > p - w
     o = softmax(s) v;  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
+    dropout (DROPOUT): softmax(s) entries dropped by lmfast.reference.dropout_keep's hash of
+        (seed, row, key), the rest times keep_scale = 1 / (1 - p), before v; lse without dropout
 
 Kernels (one program per tile, tiles never leave registers/shared memory):
   _attn_fwd_kernel      program (query block, b*Hq + h): online softmax over the key blocks
@@ -24,6 +26,7 @@ Kernels (one program per tile, tiles never leave registers/shared memory):
 
 backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
+    (with dropout: dv = p_dropped^T do and dp = (do v^T) dropped, both times keep_scale)
 When one key block holds every key a row can see, that row's p is renormalized to sum to 1
 and its delta is taken as rowsum(p * dp) from the block: then dp - delta is exactly 0 where
 one key takes all the weight, as in an unfused softmax backward. Rows spanning several key
@@ -43,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import reference
 from . import _common
 from ._common import round_to
 
@@ -58,6 +62,29 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
         a = a.to(tl.float32)
         b = b.to(tl.float32)
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _mix32(x):
+    """A 32-bit integer hash of uint32 x (C. Wellons' lowbias32), as lmfast.reference._mix32."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x846CA68B
+    x ^= x >> 16
+    return x
+
+
+@triton.jit
+def _dropout_keep(SEED, rows, cols, threshold):
+    """(rows x cols) True where dropout keeps the entry: lmfast.reference.dropout_keep, rows the
+    global rows (b * Hq + h) * Sq + i, cols the key indices, SEED an int64 pointer."""
+    seed = tl.load(SEED)
+    r = rows.to(tl.int64)
+    row_key = _mix32(_mix32((r & 0xFFFFFFFF).to(tl.uint32) ^ (seed & 0xFFFFFFFF).to(tl.uint32))
+                     ^ (r >> 32).to(tl.uint32) ^ (seed >> 32).to(tl.uint32))
+    bits = _mix32(row_key[:, None] ^ (cols.to(tl.uint32) * 0x9E3779B9)[None, :])
+    return bits.to(tl.int64) >= threshold
 
 
 @triton.jit
@@ -122,8 +149,10 @@ def _attn_fwd_kernel(
     smb, smh, smq, smk,  # mask strides, 0 along broadcast dims
     Hq, Hkv, Sq, Sk, D,
     scale, window,
+    SEED, threshold, keep_scale,  # dropout: int64 seed, floor(p * 2^32), 1 / (1 - p)   [DROPOUT]
     Q_BUCKET, K_BUCKET,  # powers of two of Sq, Sk: autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -160,6 +189,8 @@ def _attn_fwd_kernel(
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:  # (after l: the sums are of the undropped p)
+            p = tl.where(_dropout_keep(SEED, bh * Sq + rows, cols, threshold), p * keep_scale, 0.0)
         v = tl.load(V + cols[:, None] * D + dims[None, :], mask=(cols[:, None] < Sk) & dim_ok, other=0.0)  # (N, D)
         acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
         m_i = m_new
@@ -179,9 +210,10 @@ def _attn_fwd_split_kernel(
     M_PART, L_PART,  # (splits, B * Hq * Sq) float32: row max m and sum of exp(s - m)
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
-    scale, window, keys_per_split, rows_total,  # rows_total = B * Hq * Sq
+    scale, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    keys_per_split, rows_total,  # rows_total = B * Hq * Sq
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # Tile rows r = (head within the group) * Sq + query index: all G * Sq <= BLOCK_M query rows
@@ -223,6 +255,8 @@ def _attn_fwd_split_kernel(
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        if DROPOUT:
+            p = tl.where(_dropout_keep(SEED, qrow, cols, threshold), p * keep_scale, 0.0)
         v = tl.load(V + cols[:, None] * D + dims[None, :], mask=in_split[:, None] & dim_ok, other=0.0)
         acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
         m_i = m_new
@@ -278,11 +312,13 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
-                  MASK, smq, smk, Sq, Sk, window, scale,
+                  MASK, smq, smk, Sq, Sk, window, scale, SEED, threshold, keep_scale, row0,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-                  BOOL_MASK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile."""
+    """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile.
+    Returns (p as dv's product takes it: dropped and scaled under DROPOUT, ds). row0: the global
+    row of query 0 of the tile's head, (b * Hq + h) * Sq."""
     s = _dot(q, kT, UPCAST, PRECISION) * scale
     s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
     # lse is 0 on fully masked rows, whose s are all -inf. s - lse <= 0 in exact arithmetic,
@@ -291,6 +327,9 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
     d = s - lse[:, None]
     p = tl.exp(tl.where(d > 0.0, 0.0, d))  # (a NaN d stays NaN)
     dp = _dot(do, vT, UPCAST, PRECISION)
+    if DROPOUT:  # dp of the dropped p
+        keep = _dropout_keep(SEED, row0 + rows, cols, threshold)
+        dp = tl.where(keep, dp * keep_scale, 0.0)
     single = _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     if tl.max(single.to(tl.int32), axis=0) > 0:
         # p of such a row is renormalized to sum to 1, as an unfused softmax's is: s recomputed
@@ -306,6 +345,8 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
         p = tl.where(single[:, None] & (psum[:, None] > 0), p / psum[:, None], p)
         delta = tl.where(single, tl.sum(p * dp, axis=1), delta)
     ds = p * ((dp - delta[:, None]) + dlse[:, None])
+    if DROPOUT:
+        p = tl.where(keep, p * keep_scale, 0.0)
     return p, ds
 
 
@@ -330,10 +371,10 @@ def _attn_bwd_dq_kernel(
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
-    scale, window,
+    scale, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -368,8 +409,8 @@ def _attn_bwd_dq_kernel(
         kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
         vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
         p, ds = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
-                              Sq, Sk, window, scale, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, BLOCK_N,
-                              UPCAST, PRECISION)
+                              Sq, Sk, window, scale, SEED, threshold, keep_scale, bh * Sq,
+                              CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, BLOCK_N, UPCAST, PRECISION)
         if MASK_GRAD:  # d loss / d (additive mask) = ds
             tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :], round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
                      mask=(rows[:, None] < Sq) & (cols[None, :] < Sk))
@@ -383,10 +424,10 @@ def _attn_bwd_dkdv_kernel(
     DK, DV,         # (B, Hkv, Sk, D) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
-    scale, window,
+    scale, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    HAS_DLSE: tl.constexpr,
+    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -430,8 +471,8 @@ def _attn_bwd_dkdv_kernel(
             do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
             lse, delta, dlse = _load_row_stats(LSE + bh * Sq, DELTA + bh * Sq, DLSE + bh * Sq, rows, Sq, HAS_DLSE)
             p, ds = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H, smq, smk,
-                                  Sq, Sk, window, scale, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, BLOCK_N,
-                                  UPCAST, PRECISION)
+                                  Sq, Sk, window, scale, SEED, threshold, keep_scale, bh * Sq,
+                                  CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, BLOCK_N, UPCAST, PRECISION)
             dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
             dk += _dot(tl.trans(round_to(ds, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
     tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=kv_ok)
@@ -492,7 +533,7 @@ def _tuned(kernel, table):
         wanted = table[_bucket(named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"])]
         return [c for c in configs if any(c is w for w in wanted)]
 
-    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW", "HAS_MASK"],
+    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -502,11 +543,18 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common_flags(q: torch.Tensor, mask, causal: bool, window):
+def _common_flags(q: torch.Tensor, mask, causal: bool, window, dropout_p: float):
     return dict(CAUSAL=causal, WINDOW=window is not None, HAS_MASK=mask is not None,
-                BOOL_MASK=mask is not None and mask.dtype == torch.bool,
+                BOOL_MASK=mask is not None and mask.dtype == torch.bool, DROPOUT=dropout_p > 0,
                 BLOCK_D=head_dim_block(q.shape[-1]),
                 UPCAST=_common.interpreted() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
+
+
+def _dropout_args(dropout_p: float, seed, like):
+    """(SEED pointer, threshold, keep_scale) of the kernels (like: a stand-in pointer without dropout)."""
+    if dropout_p == 0:
+        return like, 0, 1.0
+    return seed, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
 def _mask_args(mask, like):
@@ -573,7 +621,7 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
 
 # ---- entry points (contracts as in csrc/ops.h) -------------------------------------------------
 
-def attention_fwd(q, k, v, mask, scale: float, causal: bool, window):
+def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: float = 0.0, dropout_seed=None):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -584,17 +632,18 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window):
     # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
     # run zero times / all head-dim lanes are masked.
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, mask, causal, window)
+    flags = _common_flags(q, mask, causal, window, dropout_p)
     w = 0 if window is None else window
+    drop = _dropout_args(dropout_p, dropout_seed, q)
     splits = _split_plan(B, Hq, Hkv, Sq, Sk, q.device)
     if splits:
-        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse)
-    args = (q, k, v, o, lse, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w)
+        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, drop, splits, o, lse)
+    args = (q, k, v, o, lse, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, *drop)
     _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
     return o, lse
 
 
-def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse):
+def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, drop, splits, o, lse):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     block_n = interpreted_blocks(Sq, Sk)["BLOCK_N"] if _common.interpreted() else 64
@@ -607,8 +656,9 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse)
     block_m = max(16, triton.next_power_of_2((Hq // Hkv) * Sq))
     interp = _common.interpreted()
     _attn_fwd_split_kernel[(splits, B * Hkv)](
-        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, keys_per_split, rows,
+        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, *drop, keys_per_split, rows,
         CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
+        DROPOUT=flags["DROPOUT"],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"],
         PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
     _attn_combine_kernel[(rows,)](
@@ -618,7 +668,8 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, splits, o, lse)
     return o, lse
 
 
-def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool):
+def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
+                  dropout_p: float = 0.0, dropout_seed=None):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -633,14 +684,15 @@ def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool,
     block_r = 16 if _common.interpreted() else max(1, 8192 // block_d)
     _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, D, BLOCK_R=block_r, BLOCK_D=block_d)
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, mask, causal, window)
+    flags = _common_flags(q, mask, causal, window, dropout_p)
     w = 0 if window is None else window
+    drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
     dq_args = (q, k, v, dout, lse, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
-               Hq, Hkv, Sq, Sk, D, scale, w)
+               Hq, Hkv, Sq, Sk, D, scale, w, *drop)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
             {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
-    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w)
+    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, *drop)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
             {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
     return dq, dk, dv, dmask

@@ -14,18 +14,18 @@ class Attention(nn.Module):
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq a multiple of Hkv. causal is bottom-right
     aligned (query i sees keys j <= i + Sk - Sq), window keeps each query's `window` most
-    recent keys; see lmfast.ops.attention. Dropout on the attention weights is not supported:
-    use it in eval mode, or where the model's attention dropout is 0.
+    recent keys; see lmfast.ops.attention. dropout: dropped from the attention weights in
+    training mode only (as nn.MultiheadAttention's).
     """
 
     def __init__(self, causal: bool = False, window: int | None = None, scale: float | None = None,
-                 backend: str = "auto"):
+                 dropout: float = 0.0, backend: str = "auto"):
         super().__init__()
-        self.causal, self.window, self.scale, self.backend = causal, window, scale, backend
+        self.causal, self.window, self.scale, self.dropout, self.backend = causal, window, scale, dropout, backend
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         return ops.attention(q, k, v, attn_mask, causal=self.causal, scale=self.scale, window=self.window,
-                             backend=self.backend)
+                             dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
 
     def extra_repr(self) -> str:
         parts = [f"causal={self.causal}"]
@@ -33,6 +33,8 @@ class Attention(nn.Module):
             parts.append(f"window={self.window}")
         if self.scale is not None:
             parts.append(f"scale={self.scale}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
         if self.backend != "auto":
             parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
@@ -44,8 +46,9 @@ class MultiheadAttention(nn.MultiheadAttention):
     Same constructor, parameters, state_dict and forward signature as torch's, so it drops into
     TransformerEncoderLayer / TransformerDecoderLayer / nn.Transformer (lmfast.patch swaps it in
     sharing the original's Parameters; `from_torch` does that). Calls lmfast serves: need_weights=False,
-    no attention dropout in training, no add_bias_kv / add_zero_attn. Any other call runs
-    torch's own forward unchanged, so the module always computes what torch's does.
+    no add_bias_kv / add_zero_attn. Any other call runs torch's own forward unchanged, so the
+    module always computes what torch's does. Attention dropout (training mode) is the kernel's:
+    the same distribution as torch's, another random mask (lmfast.ops.attention).
 
     Masks keep torch's meaning: a boolean attn_mask / key_padding_mask marks with True what must
     NOT be attended (lmfast's boolean masks mark what is kept); float masks are added to the
@@ -71,8 +74,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         return new
 
     def _served(self, need_weights: bool) -> bool:
-        return (not need_weights and self.bias_k is None and not self.add_zero_attn
-                and not (self.training and self.dropout > 0.0))
+        return not need_weights and self.bias_k is None and not self.add_zero_attn
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
@@ -99,7 +101,8 @@ class MultiheadAttention(nn.MultiheadAttention):
         v = v.view(B, S, heads, head_dim).transpose(1, 2)
         causal = bool(is_causal) and L == S
         mask = _lmfast_mask(None if causal else attn_mask, key_padding_mask, B, heads, L, S, q.dtype)
-        o = ops.attention(q, k, v, mask, causal=causal, backend=self.backend)  # (B, H, L, D)
+        o = ops.attention(q, k, v, mask, causal=causal, dropout_p=self.dropout if self.training else 0.0,
+                          backend=self.backend)  # (B, H, L, D)
         out = self.out_proj(o.transpose(1, 2).reshape(B, L, self.embed_dim))  # (B, L, E)
         if unbatched:
             out = out.squeeze(0)

@@ -58,6 +58,21 @@ def real_number(name: str, value: object, *, minimum: float | None = None) -> fl
     return float(value)
 
 
+def dropout(p: object, seed: object) -> float:
+    """Attention dropout: p a probability in [0, 1); seed None or an int64 tensor of one element."""
+    p = real_number("dropout_p", p)
+    if not 0 <= p < 1:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p}")
+    if seed is not None:
+        if not isinstance(seed, Tensor):
+            raise TypeError(f"dropout_seed must be a torch.Tensor or None, got {type(seed).__name__}")
+        if seed.dtype != torch.int64:
+            raise TypeError(f"dropout_seed must be an int64 tensor, got {seed.dtype}")
+        if seed.numel() != 1:
+            raise ValueError(f"dropout_seed must have one element, got shape {tuple(seed.shape)}")
+    return p
+
+
 def dim_index(dim: object, ndim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")

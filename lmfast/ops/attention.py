@@ -20,6 +20,7 @@ from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, trit
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None, *,
+              dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
               return_lse: bool = False, backend: str = "auto"):
     """softmax(scale * q @ k^T + attn_mask) @ v over keys, per head.
 
@@ -30,14 +31,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         needs; SDPA's is_causal is top-left aligned when Sq != Sk).
     window: w >= 1 keeps keys j > i + Sk - Sq - w; with causal, each query's w most recent keys.
     scale: defaults to D**-0.5.
+    dropout_p: attention dropout, as SDPA's: each entry of softmax(...) is zeroed with
+        probability dropout_p and the rest scaled by 1 / (1 - dropout_p), inside the kernel
+        (nothing (Sq, Sk) is stored; the backward regenerates the mask). Pass it only in
+        training, as SDPA's. The mask is a hash of (seed, row, key) (lmfast.reference.dropout_keep);
+        the seed is drawn from torch's generator of q's device (torch.manual_seed fixes it) unless
+        dropout_seed, an int64 tensor of one element, is given.
     Rows with every key masked give zeros (and lse = -inf), not NaN.
     Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
-    of each row's scaled, masked scores, in float32 (float64 for float64 inputs).
+    of each row's scaled, masked scores, in float32 (float64 for float64 inputs), without dropout.
     """
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
-            and isinstance(v, Tensor) and on_cpp_path(backend, q)):
-        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window)  # checks its arguments
+            and isinstance(v, Tensor) and type(dropout_p) in (float, int)
+            and (dropout_seed is None or isinstance(dropout_seed, Tensor)) and on_cpp_path(backend, q)):
+        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window,  # checks its arguments
+                                             dropout_p, dropout_seed)
         return (o, lse) if return_lse else o
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(name, t)
@@ -64,16 +73,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     if window is not None and window < 1:
         raise ValueError(f"window must be >= 1 (the number of keys each query sees), got {window}")
     scale = D ** -0.5 if scale is None else _checks.real_number("scale", scale)
+    dropout_p = _checks.dropout(dropout_p, dropout_seed)
 
     window = None if window is None else int(window)
     impl = resolve_backend(backend, "attention", q)
+    if impl == "cuda" and dropout_p > 0:
+        impl = "triton"  # the CUDA C++ forward has no dropout; its backward is Triton's anyway
+    seed = None
+    if dropout_p > 0:  # the mask's seed, on the device whose kernels read it
+        seed_device = "cpu" if impl in ("torch", "cpu") else q.device
+        seed = (torch.randint(1 << 62, (1,), device=seed_device) if dropout_seed is None
+                else dropout_seed.reshape(1).to(seed_device))
     if impl == "torch":
-        o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window)
+        o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window, dropout_p,
+                                     None if seed is None else int(seed.item()))
     elif impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
-        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window)
+        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window, dropout_p, seed)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
-        o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window)
+        o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
+                           dropout_p, seed)
     return (o, lse) if return_lse else o
 
 
@@ -87,35 +106,38 @@ def _rows(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("lmfast_triton::attention_fwd", mutates_args=())
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
-      window: int | None) -> tuple[Tensor, Tensor]:
-    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window)
+      window: int | None, dropout_p: float = 0.0, dropout_seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed)
 
 
 @torch.library.custom_op("lmfast_triton::attention_bwd", mutates_args=())
 def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
       mask: Tensor | None, scale: float, causal: bool, window: int | None,
-      mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return triton_kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad)
+      mask_grad: bool, dropout_p: float = 0.0,
+      dropout_seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return triton_kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
+                                          dropout_p, dropout_seed)
 
 
 # ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
-def _attention_fwd_fake(q, k, v, mask, scale, causal, window):
+def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None):
     B, Hq, Sq, D = q.shape  # o: (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D), as the kernels write it
     o = q.new_empty((B, Sq, Hq, D)).transpose(1, 2)
     return o, q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
 
 
-def _attention_bwd_fake(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad):
+def _attention_bwd_fake(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
+                        dropout_p=0.0, dropout_seed=None):
     dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, window = inputs
+    q, k, v, mask, scale, causal, window, dropout_p, dropout_seed = inputs
     o, lse = output
-    ctx.scale, ctx.causal, ctx.window = scale, causal, window
-    ctx.save_for_backward(q, k, v, o, lse, mask)
+    ctx.scale, ctx.causal, ctx.window, ctx.dropout_p = scale, causal, window, dropout_p
+    ctx.save_for_backward(q, k, v, o, lse, mask, dropout_seed)
 
 
 def register_fakes(ns: str) -> None:
@@ -129,13 +151,13 @@ def _register_triton_autograd() -> None:
     ops = torch.ops.lmfast_triton
 
     def attention_backward(ctx, do, dlse):
-        q, k, v, o, lse, mask = ctx.saved_tensors
+        q, k, v, o, lse, mask, dropout_seed = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()  # as the backward takes them
         dq, dk, dv, dmask = ops.attention_bwd(
             upstream_grad(do, o), q, k, v, o, lse, None if dlse is None else dlse.contiguous(), mask,
-            ctx.scale, ctx.causal, ctx.window, mask_grad)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+            ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
 
     torch.library.register_autograd("lmfast_triton::attention_fwd", attention_backward, setup_context=_attention_setup)
 
@@ -159,13 +181,15 @@ def register_cuda_backward() -> None:
         return
     library = torch.library.Library("lmfast_C", "IMPL")
 
-    def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad):
+    def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad, dropout_p=0.0,
+                      dropout_seed=None):
         try:
             kernels = triton_kernels()
         except ImportError as e:
             raise RuntimeError("backend 'cuda' computes the attention backward with lmfast's Triton kernel, "
                                f"and triton cannot be imported ({e}); pip install 'lmfast[triton]'") from None
-        return kernels.attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad)
+        return kernels.attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
+                                     dropout_p, dropout_seed)
 
     library.impl("attention_bwd", attention_bwd, "CUDA")
     _cuda_backward_library = library
