@@ -232,6 +232,12 @@ def _attention_case(kb, data):
     keep = data.draw(st.sampled_from([0.0, 0.3, 0.9]), "bool mask keep rate")
     bshd = data.draw(st.booleans(), "(B, S, H, D) views")
     values = data.draw(st.sampled_from(VALUES), "values")
+    # Dropout (the reference drops the same entries, by the same hash of the seed); not where the
+    # CPU kernel ops are the emulated CUDA ones, whose attention has no dropout (backend "cuda"
+    # sends such calls to the Triton kernels).
+    emulated_cuda = os.environ.get("LMFAST_TEST_CPU_KERNELS") == "cuda-emulation"
+    dropout_p = 0.0 if emulated_cuda else data.draw(st.sampled_from([0.0, 0.0, 0.2, 0.7]), "dropout_p")
+    dropout_seed = data.draw(st.integers(0, 2**63 - 1), "dropout seed")
     # NaN/inf in q only: a NaN or inf in k or v at a key some row cannot see (masked, or
     # outside its causal/window band) reaches that row in the reference, whose unfused
     # p @ v multiplies it by p = 0 (0 * inf = NaN), but not in the kernels, which skip the
@@ -258,10 +264,11 @@ def _attention_case(kb, data):
             m = torch.randn(*mask_shape, Sk)
             m[torch.rand(m.shape) < 0.2] = -math.inf
             mask = m.to(device=kb.device, dtype=dtype)
-        return {**ins, "attn_mask": mask, "causal": causal, "scale": scale, "window": window}
+        return {**ins, "attn_mask": mask, "causal": causal, "scale": scale, "window": window, "dropout_p": dropout_p,
+                "dropout_seed": torch.tensor([dropout_seed], device=kb.device)}
 
     note(f"attention {kb.name} B={B} Hq={Hq} Hkv={Hkv} Sq={Sq} Sk={Sk} D={D} {dtype} causal={causal} window={window} "
-         f"mask {mask_kind}{mask_shape} {values} in {where} bshd={bshd}")
+         f"mask {mask_kind}{mask_shape} {values} in {where} bshd={bshd} dropout {dropout_p}")
     # Gradients for finite inputs only: a NaN/inf row's NaN reaches every key in the reference
     # (an unfused softmax), but only the keys the row can see in the kernels, which skip
     # masked keys and key tiles outside the causal/window band (README: attention).
@@ -271,7 +278,18 @@ def _attention_case(kb, data):
     # tile by tile, which then misses an unfused softmax's exact zeros on rows spanning several
     # key blocks (README: attention, backward precision); the CPU backward keeps whole rows.
     fa2_one_hot = values == "extreme" and dtype == torch.float32 and kb.name != "cpu"
-    grad = (["q", "k", "v"] + (["attn_mask"] if mask_kind == "additive" else [])) if finite and not fa2_one_hot else []
+    # The same corner with dropout: rows that can see a single key (a window of 1 or 3, a sparse
+    # boolean mask, Sk <= 3) put all their weight on it, and the FA2-form noise on such rows that
+    # span key blocks grows by 1 / (1 - p), past twice an unfused float32 backward's error
+    # (exactly 0 there). Found by the fuzz at p = 0.7; the CPU backward passes it; test_attention_kernels'
+    # dropout tests check Triton's gradients with dropout.
+    fa2_one_key = (kb.name != "cpu" and dropout_p > 0 and dtype == torch.float32
+                   and (window in (1, 3) or (mask_kind == "bool" and keep < 0.9) or Sk <= 3))
+    grad = (["q", "k", "v"] + (["attn_mask"] if mask_kind == "additive" else [])) \
+        if finite and not fa2_one_hot and not fa2_one_key else []
+    def reference_attention(dropout_seed, **kw):
+        return reference.attention(**kw, dropout_seed=int(dropout_seed))
+
     check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=kb.name),
-                            reference.attention, inputs, grad=grad, name=f"fuzz attention {kb.name}",
+                            reference_attention, inputs, grad=grad, name=f"fuzz attention {kb.name}",
                             trials=_rows_trials(B * Hq * Sq))

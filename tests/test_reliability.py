@@ -94,7 +94,7 @@ def test_eight_python_threads_match_serial_calls():
 def _thread_count_cases():
     """Shapes that exercise every way the CPU kernels split their work: a norm backward over many
     row blocks, attention with long queries (128- and 256-row query blocks), short queries with
-    their keys split (decoding, GQA) and a bfloat16 prefill."""
+    their keys split (decoding, GQA) and a bfloat16 prefill, with and without dropout."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, dtype=torch.float32):
@@ -116,6 +116,10 @@ def _thread_count_cases():
         "attention 256-row blocks": (lambda: lmfast.ops.attention(q2, k2, v2, backend="cpu"), (q2, k2, v2)),
         "attention decode": (lambda: lmfast.ops.attention(qd, kd, vd, backend="cpu"), (qd, kd, vd)),
         "attention bf16": (lambda: lmfast.ops.attention(qb, kb_, vb, causal=True, backend="cpu"), (qb, kb_, vb)),
+        "attention bf16 dropout": (lambda: lmfast.ops.attention(qb, kb_, vb, causal=True, dropout_p=0.3, backend="cpu",
+                                                                dropout_seed=torch.tensor([9])), (qb, kb_, vb)),
+        "attention decode dropout": (lambda: lmfast.ops.attention(qd, kd, vd, dropout_p=0.3, backend="cpu",
+                                                                  dropout_seed=torch.tensor([9])), (qd, kd, vd)),
     }
 
 

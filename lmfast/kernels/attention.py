@@ -65,6 +65,18 @@ def _dot(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _maximum_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(x, axis: tl.constexpr):
+    """max over `axis`, NaN where any entry is NaN (tl.max skips NaN: a row whose scores hold
+    +inf and NaN then took lse = +inf where the reference's is NaN; found by the fuzz)."""
+    return tl.reduce(x, axis, _maximum_nan)
+
+
+@triton.jit
 def _mix32(x):
     """A 32-bit integer hash of uint32 x (C. Wellons' lowbias32), as lmfast.reference._mix32."""
     x ^= x >> 16
@@ -184,7 +196,7 @@ def _attn_fwd_kernel(
         kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
         s = _dot(q, kT, UPCAST, PRECISION) * scale
         s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = _maximum_nan(m_i, _max_nan(s, 1))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
@@ -250,7 +262,7 @@ def _attn_fwd_split_kernel(
         s = _dot(q, kT, UPCAST, PRECISION) * scale
         s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
         s = tl.where(in_split[None, :], s, NEG_INF)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = _maximum_nan(m_i, _max_nan(s, 1))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
@@ -280,7 +292,7 @@ def _attn_combine_kernel(
     sp_ok = sp < splits
     m = tl.load(M_PART + sp * rows_total + row, mask=sp_ok, other=NEG_INF)
     l = tl.load(L_PART + sp * rows_total + row, mask=sp_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
+    m_max = _max_nan(m, 0)
     m_ref = tl.where(m_max == NEG_INF, 0.0, m_max)
     w = tl.exp(m - m_ref)  # 0 for splits that saw nothing
     total = tl.sum(l * w, axis=0)
