@@ -377,14 +377,13 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   // models transpose to (B, H, S, D) pass without a copy.
   auto rows = [](const Tensor& t) { return t.sym_size(3) <= 1 || t.sym_stride(3) == 1 ? t : t.contiguous(); };
   const OptTensor mask4 = attn_mask.has_value() ? OptTensor(attn_mask->expand_symint(shape4)) : std::nullopt;
-  // The dropout mask's seed: drawn from the default CPU generator (torch.manual_seed) unless
-  // given (the CPU kernels read it; CUDA tensors come here only for backend="cuda", whose
-  // Python layer hands dropout to the Triton kernels).
-  const OptTensor seed = dropout_p > 0 && !dropout_seed.has_value()
-                             ? OptTensor(at::randint(int64_t(1) << 62, {1}, at::TensorOptions().dtype(at::kLong)))
-                             : dropout_seed;
-  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p,
-                              dropout_p > 0 ? seed : std::nullopt);
+  // The dropout mask's seed: drawn from the default generator of q's device (torch.manual_seed)
+  // unless given; on q's device, where the kernels read it.
+  const OptTensor seed = !(dropout_p > 0) ? std::nullopt
+                         : dropout_seed.has_value()
+                             ? OptTensor(dropout_seed->reshape({1}).to(q.device()))
+                             : OptTensor(at::randint(int64_t(1) << 62, {1}, q.options().dtype(at::kLong)));
+  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p, seed);
 }
 
 }  // namespace lmfast::api

@@ -115,9 +115,8 @@ inline void dropout(double p, const std::optional<Tensor>& seed) {
   if (!seed.has_value()) return;
   TORCH_CHECK_TYPE(seed->scalar_type() == at::kLong, "dropout_seed must be an int64 tensor, got ",
                    dtype_name(seed->scalar_type()));
-  TORCH_CHECK_VALUE(seed->numel() == 1 && seed->device().is_cpu(),
-                    "dropout_seed must be a CPU tensor of one element for CPU tensors, got shape ",
-                    shape_str(seed->sym_sizes()), " on ", seed->device());
+  TORCH_CHECK_VALUE(seed->sym_numel() == 1, "dropout_seed must have one element, got shape ",
+                    shape_str(seed->sym_sizes()));
 }
 
 // dim in [-ndim, ndim), returned as an index in [0, ndim).

@@ -110,7 +110,7 @@ def _cuda_status() -> BackendStatus:
 
     ext = _extension.cuda_status()
     if ext.loaded:
-        return BackendStatus("cuda", True, f"{ext.detail} (attention backward and dropout: the Triton kernel)")
+        return BackendStatus("cuda", True, f"{ext.detail} (attention backward: the Triton kernel)")
     return BackendStatus("cuda", False, ext.detail)
 
 

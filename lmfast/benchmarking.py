@@ -306,8 +306,6 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
     table = {}
     # CPU: the C++ kernels; CUDA: Triton's and the CUDA C++ ones (the interpreter is never timed)
     for ours in (["cpu"] if device == "cpu" else ["triton", "cuda"]):
-        if ours == "cuda" and case.dropout:
-            continue  # (backend "cuda" runs attention with dropout on the Triton kernels)
         if lmfast.backends()[ours].available:
             table[f"lmfast-{ours}"] = bind(lambda ours=ours: _lmfast_fn(case, ours))
     if case.op == "attention":

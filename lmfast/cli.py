@@ -100,7 +100,7 @@ def _info(args) -> int:
     print("  (no: the backend cannot run here, for the reason above; \"auto\" picks cpu for CPU tensors and "
           f"triton for CUDA tensors{', except ' + auto_cuda if auto_cuda else ''})")
     print(f"  cuda: the CUDA C++ kernels (lmfast._cuda), {_extension.CUDA_UNVERIFIED}: opt-in with "
-          "backend=\"cuda\"; their attention backward and attention with dropout run on the Triton kernels")
+          "backend=\"cuda\"; their attention backward is the Triton kernel")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for device in devices:
         gbs, nbytes = _copy_bandwidth(device)

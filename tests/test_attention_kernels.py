@@ -301,9 +301,8 @@ def test_opcheck(ab):
     ins = _inputs(ab, 2, 4, 2, 9, 13, 16, torch.float32)
     mask = torch.randn(1, 4, 9, 13, device=ab.device).expand(2, 4, 9, 13)
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5))
-    if ab.name != "cuda":  # (backend "cuda" runs dropout on the Triton kernels)
-        seed = torch.tensor([3], device="cpu" if ab.name == "cpu" else ab.device)
-        torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.3, seed))
+    seed = torch.tensor([3], device=ab.device)
+    torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.3, seed))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU (the interpreter runs fixed tiles)")

@@ -275,6 +275,25 @@ def test_attention(emu, dtype, shape, variant):
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {variant} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 2, 37, 90, 64), (2, 4, 2, 3, 300, 32)], ids=["prefill", "decode"])
+def test_attention_dropout(emu, dtype, shape):
+    """Dropout in both kernels: the entries reference.dropout_keep drops (seed past 32 bits) weigh
+    0, the rest 1 / (1 - p); lse undropped."""
+    B, Hq, Hkv, Sq, Sk, D = shape
+    inputs = _attention_inputs(*shape, dtype, "bool", strided=False)
+    p, seed = 0.4, 2**40 + 3
+
+    def fn(q, k, v, attn_mask):
+        return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), D ** -0.5, True, None, p,
+                                       torch.tensor([seed])))
+
+    def ref(q, k, v, attn_mask):
+        return reference.attention(q, k, v, attn_mask, causal=True, dropout_p=p, dropout_seed=seed)
+
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention dropout {shape} {dtype}")
+
+
 def test_attention_rows_that_see_no_key(emu):
     """Causal with Sq > Sk: the first Sq - Sk rows see no key (o = 0, lse = -inf), in both kernels."""
     for Sq in (3, 40):

@@ -232,11 +232,8 @@ def _attention_case(kb, data):
     keep = data.draw(st.sampled_from([0.0, 0.3, 0.9]), "bool mask keep rate")
     bshd = data.draw(st.booleans(), "(B, S, H, D) views")
     values = data.draw(st.sampled_from(VALUES), "values")
-    # Dropout (the reference drops the same entries, by the same hash of the seed); not where the
-    # CPU kernel ops are the emulated CUDA ones, whose attention has no dropout (backend "cuda"
-    # sends such calls to the Triton kernels).
-    emulated_cuda = os.environ.get("LMFAST_TEST_CPU_KERNELS") == "cuda-emulation"
-    dropout_p = 0.0 if emulated_cuda else data.draw(st.sampled_from([0.0, 0.0, 0.2, 0.7]), "dropout_p")
+    # Dropout (the reference drops the same entries, by the same hash of the seed).
+    dropout_p = data.draw(st.sampled_from([0.0, 0.0, 0.2, 0.7]), "dropout_p")
     dropout_seed = data.draw(st.integers(0, 2**63 - 1), "dropout seed")
     # NaN/inf in q only: a NaN or inf in k or v at a key some row cannot see (masked, or
     # outside its causal/window band) reaches that row in the reference, whose unfused

@@ -86,6 +86,20 @@ def test_attention_module(kb):
     assert "causal=True, window=5" in repr(attn)
 
 
+def test_attention_module_dropout_in_training_only(kb):
+    attn = lmfast.nn.Attention(causal=True, dropout=0.5, backend=kb.name)
+    q, k, v = (torch.randn(1, 2, 9, 16, device=kb.device) for _ in range(3))
+    torch.manual_seed(0)
+    dropped = attn(q, k, v)
+    torch.manual_seed(0)
+    seed = torch.randint(1 << 62, (1,), device="cpu" if kb.name == "cpu" else kb.device)  # the seed attn drew
+    want = lmfast.reference.attention(q, k, v, None, True, None, None, 0.5, int(seed))[0]
+    torch.testing.assert_close(dropped, want)
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), lmfast.reference.attention(q, k, v, None, True)[0])
+    assert "dropout=0.5" in repr(attn)
+
+
 def test_modules_train(kb):
     ln = lmfast.nn.LayerNorm(32, device=kb.device, backend=kb.name)
     rms = lmfast.nn.RMSNorm(32, device=kb.device, backend=kb.name)

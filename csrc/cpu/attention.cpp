@@ -40,6 +40,7 @@
 #include <optional>
 #include <vector>
 
+#include "../dropout_hash.h"
 #include "../ops.h"
 
 namespace lmfast::cpu {
@@ -78,48 +79,29 @@ struct KeyBand {
 };
 
 // Attention dropout: p = softmax(s) loses each entry with probability dropout_p and the rest are
-// scaled by 1 / (1 - dropout_p). Whether entry (row, key j) is kept is a hash of (seed, row,
-// j), row = (b * Hq + h) * Sq + i, so the backward regenerates the forward's mask, and the
-// mask depends on neither the tiling nor the thread count. The same hash is in
-// lmfast/reference.py (dropout_keep, the specification) and lmfast/kernels/attention.py.
-// The forward drops from the weights of p v but not from the row sums l (nor lse); the
-// backward uses the dropped p for dv and drops dp (dp = do v^T, then dp * keep / (1 - p)),
-// after which ds = p (dp - delta) holds as without dropout (delta = rowsum(p dp) = rowsum(do o)).
-inline uint32_t mix32(uint32_t x) {  // a 32-bit integer hash (C. Wellons' lowbias32)
-  x ^= x >> 16;
-  x *= 0x7feb352du;
-  x ^= x >> 15;
-  x *= 0x846ca68bu;
-  x ^= x >> 16;
-  return x;
-}
-
+// scaled by 1 / (1 - dropout_p); which entries, ../dropout_hash.h says (a hash of the seed, the
+// row and the key, so the backward regenerates the forward's mask, whatever the tiling or the
+// thread count). The forward drops from the weights of p v but not from the row sums l (nor
+// lse); the backward uses the dropped p for dv and drops dp (dp = do v^T, then dp * keep /
+// (1 - p)), after which ds = p (dp - delta) holds as without dropout (delta = rowsum(p dp) =
+// rowsum(do o)).
 struct Dropout {
   bool on = false;
   uint32_t threshold = 0;  // keep where hash >= threshold: floor(dropout_p * 2^32)
-  uint32_t seed_lo = 0, seed_hi = 0;
+  uint64_t seed = 0;
   double keep_scale = 1;   // 1 / (1 - dropout_p)
 
-  uint32_t row_key(int64_t row) const {
-    const auto r = static_cast<uint64_t>(row);
-    return mix32(mix32(uint32_t(r) ^ seed_lo) ^ uint32_t(r >> 32) ^ seed_hi);
-  }
+  uint32_t row_key(int64_t row) const { return dropout::row_key(seed, static_cast<uint64_t>(row)); }
   // dst[c] = src[c] * scale where entry (row key rk, key j0 + c) is kept, else 0, c < n.
   // (A plain loop over uint32: the compiler vectorizes it.)
   template <typename T>
   void apply(T* dst, const T* src, int64_t n, uint32_t rk, int64_t j0, T scale) const {
-    for (int64_t c = 0; c < n; ++c) {
-      const uint32_t bits = mix32(rk ^ (uint32_t(j0 + c) * 0x9e3779b9u));
-      dst[c] = bits >= threshold ? src[c] * scale : T(0);
-    }
+    for (int64_t c = 0; c < n; ++c) dst[c] = dropout::kept(rk, j0 + c, threshold) ? src[c] * scale : T(0);
   }
   // p[c] = 0 where dropped, for bfloat16 p (kept entries unscaled), c < n.
   void zero_dropped(at::BFloat16* p, int64_t n, uint32_t rk, int64_t j0) const {
     uint16_t* bits16 = reinterpret_cast<uint16_t*>(p);  // bfloat16 0 is all zero bits
-    for (int64_t c = 0; c < n; ++c) {
-      const uint32_t bits = mix32(rk ^ (uint32_t(j0 + c) * 0x9e3779b9u));
-      bits16[c] = bits >= threshold ? bits16[c] : uint16_t(0);
-    }
+    for (int64_t c = 0; c < n; ++c) bits16[c] = dropout::kept(rk, j0 + c, threshold) ? bits16[c] : uint16_t(0);
   }
 };
 
@@ -129,11 +111,9 @@ Dropout dropout_of(double p, const std::optional<Tensor>& seed) {
   if (p == 0) return d;
   TORCH_CHECK(seed.has_value() && seed->device().is_cpu() && seed->scalar_type() == at::kLong && seed->numel() == 1,
               "lmfast_C: dropout_p > 0 needs dropout_seed, a CPU int64 tensor of one element");
-  const auto s = static_cast<uint64_t>(seed->item<int64_t>());
   d.on = true;
-  d.threshold = uint32_t(std::min(std::floor(p * 4294967296.0), 4294967295.0));
-  d.seed_lo = uint32_t(s);
-  d.seed_hi = uint32_t(s >> 32);
+  d.threshold = dropout::keep_threshold(p);
+  d.seed = static_cast<uint64_t>(seed->item<int64_t>());
   d.keep_scale = 1.0 / (1.0 - p);
   return d;
 }

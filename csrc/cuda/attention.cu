@@ -3,6 +3,8 @@
 //   s = scale * q k^T + mask   (boolean mask: -inf where False; -inf outside the key band:
 //                               causal keeps keys j <= i + Sk - Sq, a window w keeps j > i + Sk - Sq - w)
 //   o = softmax(s) v,  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
+//   dropout: the entries of softmax(s) that ../dropout_hash.h drops weigh 0 in o, the rest are
+//   scaled by 1 / (1 - dropout_p); l and lse are the undropped ones
 //
 // q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D) with any strides and a contiguous head dim; query
 // head h reads kv head h / (Hq / Hkv) (grouped-query attention, nothing repeated); o is
@@ -28,6 +30,7 @@
 
 #include <atomic>
 
+#include "../dropout_hash.h"
 #include "device.cuh"
 #include "launch.h"
 
@@ -52,7 +55,23 @@ struct AttnParams {
   float scale;
   bool causal;
   int window;  // 0: none
+  // dropout (dropout_seed == nullptr: none): an int64 seed in device memory, the threshold
+  // below which an entry's hash drops it, and 1 / (1 - dropout_p)
+  const int64_t* dropout_seed;
+  uint32_t drop_threshold;
+  float keep_scale;
 };
+
+// The dropout hash of (b, h, i)'s row, computed once per row (0 without dropout: unused).
+__device__ __forceinline__ uint32_t dropout_row_key(const AttnParams& p, int b, int h, int i) {
+  if (p.dropout_seed == nullptr) return 0;
+  return dropout::row_key(static_cast<uint64_t>(*p.dropout_seed), (uint64_t(b) * p.Hq + h) * p.Sq + i);
+}
+
+// Whether key j of the row with hash rk weighs in o.
+__device__ __forceinline__ bool kept(const AttnParams& p, uint32_t rk, int j) {
+  return p.dropout_seed == nullptr || dropout::kept(rk, j, p.drop_threshold);
+}
 
 // The keys query row i may see, [lo, hi) (causal/window band, as KeyBand in the CPU kernels).
 __device__ __forceinline__ int band_lo(const AttnParams& p, int i) {
@@ -156,6 +175,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   const int my_row = warp * 16 + lane / 2, half = lane & 1;
   const int qi = m0 + my_row;  // query index (may be >= Sq: computed, never written)
   float m_run = -INFINITY, l_run = 0.f;
+  const uint32_t drop_key = dropout_row_key(p, b, h, qi);
 
   const int m_last = min(m0 + BLOCK_M, p.Sq) - 1;
   const int key_lo = band_lo(p, m0), key_hi = m_last >= m0 ? band_hi(p, m_last) : 0;
@@ -211,8 +231,8 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
     T* prow = Ps + my_row * L::ldp;
     for (int c = half * (BLOCK_N / 2); c < (half + 1) * (BLOCK_N / 2); ++c) {
       const float pc = exp_below(srow[c], m_new);
-      psum += pc;
-      prow[c] = from_float<T>(pc);
+      psum += pc;  // (l sums the undropped p)
+      prow[c] = from_float<T>(kept(p, drop_key, j0 + c) ? pc : 0.f);
     }
     psum += __shfl_xor_sync(0xffffffffu, psum, 1);
     l_run = l_run * alpha + psum;
@@ -256,7 +276,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
 
   // o = O / l (0 on a fully masked row), lse = m + log(l) (-inf there)
   __syncwarp();
-  if (half == 0) row_alpha[my_row] = l_run == 0.f ? 0.f : 1.f / l_run;  // (NaN stays NaN)
+  if (half == 0) row_alpha[my_row] = l_run == 0.f ? 0.f : p.keep_scale / l_run;  // (NaN stays NaN)
   if (half == 0 && qi < p.Sq)
     p.lse[(int64_t(b) * p.Hq + h) * p.Sq + qi] = m_run == INFINITY ? INFINITY : l_run == 0.f ? -INFINITY : m_run + logf(l_run);
   __syncwarp();
@@ -308,6 +328,7 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
     }
   }
   float m_run = -INFINITY, l_run = 0.f;
+  const uint32_t drop_key = dropout_row_key(p, b, h, i);
   const int j_begin = max(split * keys_per_split, band_lo(p, i));
   const int j_end = min((split + 1) * keys_per_split, band_hi(p, i));
   // A warp's groups step together (their shuffles need every lane): group `sub` of the warp
@@ -335,12 +356,13 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
     const MergeFactors f = merge_factors(m_run, masked_score<T>(p, dot, b, h, i, j));
     l_run = l_run * f.fa + f.fb;
     m_run = f.max;
+    const float weight = kept(p, drop_key, j) ? f.fb : 0.f;  // (l: the undropped weight)
 #pragma unroll
     for (int e = 0; e < EPL; e += VEC) {
       float t[VEC] = {};
       if (d0 + e < p.D) load_floats<T, VEC>(vr + d0 + e, t);
 #pragma unroll
-      for (int u = 0; u < VEC; ++u) ov[e + u] = ov[e + u] * f.fa + f.fb * t[u];
+      for (int u = 0; u < VEC; ++u) ov[e + u] = ov[e + u] * f.fa + weight * t[u];
     }
   }
   // merge the groups: every group's state into shared memory, then one pass per element
@@ -381,7 +403,7 @@ __global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const floa
   for (int s = 0; s < splits; ++s) m = max_nan(m, ml[2 * s]);
   float l = 0.f;
   for (int s = 0; s < splits; ++s) l += exp_below(ml[2 * s], m) * ml[2 * s + 1];
-  const float inv = l == 0.f ? 0.f : 1.f / l;
+  const float inv = l == 0.f ? 0.f : p.keep_scale / l;
   T* o = static_cast<T*>(p.o) + ((int64_t(b) * p.Sq + i) * p.Hq + h) * p.D;
   for (int d = lane; d < p.D; d += 32) {
     float acc = 0.f;
@@ -473,10 +495,13 @@ constexpr int kDecodeMaxRows = 4;
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool causal,
                                          std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& /*dropout_seed*/) {
-  TORCH_CHECK_VALUE(dropout_p == 0, "backend 'cuda' attention has no dropout (dropout_p=", dropout_p,
-                    "); lmfast.ops.attention runs such calls on the Triton kernels");
+                                         const std::optional<Tensor>& dropout_seed) {
   check_cuda_contiguous("attention_fwd", {&q, &k, &v, mask ? &*mask : nullptr}, /*need_contiguous=*/false);
+  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "lmfast_C::attention_fwd (cuda): dropout_p must be in [0, 1)");
+  TORCH_CHECK(dropout_p == 0 || (dropout_seed && dropout_seed->device() == q.device() &&
+                                 dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1),
+              "lmfast_C::attention_fwd (cuda): dropout_p > 0 needs dropout_seed, an int64 tensor of one element "
+              "on q's device");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lmfast_C::attention_fwd (cuda): 4-D q, k, v");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
   TORCH_CHECK_VALUE(D <= 256, "backend 'cuda' attention supports head dims up to 256, got ", D,
@@ -520,6 +545,9 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   p.scale = float(scale);
   p.causal = causal;
   p.window = window.has_value() ? int(std::min<int64_t>(*window, Sk + 1)) : 0;  // (>= Sk + 1: no limit)
+  p.dropout_seed = dropout_p > 0 ? dropout_seed->const_data_ptr<int64_t>() : nullptr;
+  p.drop_threshold = dropout::keep_threshold(dropout_p);
+  p.keep_scale = float(1.0 / (1.0 - dropout_p));
 
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t elem = q.element_size();

@@ -30,8 +30,7 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const
 Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // Forward only: the backward on CUDA tensors is the Triton kernel's (lmfast/ops/attention.py
-// registers it for lmfast_C::attention_bwd's CUDA key). No dropout: dropout_p must be 0
-// (lmfast/ops/attention.py runs calls with dropout on the Triton kernels).
+// registers it for lmfast_C::attention_bwd's CUDA key). dropout_seed: on q's device.
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool causal,
                                          std::optional<int64_t> window, double dropout_p,

@@ -77,8 +77,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
 
     window = None if window is None else int(window)
     impl = resolve_backend(backend, "attention", q)
-    if impl == "cuda" and dropout_p > 0:
-        impl = "triton"  # the CUDA C++ forward has no dropout; its backward is Triton's anyway
     seed = None
     if dropout_p > 0:  # the mask's seed, on the device whose kernels read it
         seed_device = "cpu" if impl in ("torch", "cpu") else q.device
