@@ -9,8 +9,9 @@
 # SANITIZE_DIR/site, and runs the tests against that install with libasan and libubsan
 # preloaded into an uninstrumented Python and torch. Leak checking is off: CPython and torch
 # keep allocations for the life of the process by design. Any sanitizer report fails the run.
-# The memory-growth test is left out: ASan's quarantine holds freed memory on purpose (RSS
-# grew 174 MiB over its 50,000 calls under it). On 2 cores: about 6 minutes to build (one
+# The memory-growth and backward peak-memory tests are left out: ASan's quarantine holds freed
+# memory on purpose (RSS grew 174 MiB over the first's 50,000 calls under it; the second's peak,
+# 77 MiB plain, passed 190 MiB). On 2 cores: about 6 minutes to build (one
 # job), about 3.5 minutes of tests.
 #
 # With no arguments it then runs tests/test_cuda_emulation.py with the emulated CUDA kernels
@@ -40,7 +41,7 @@ EMULATION=0
 if [ "$#" -eq 0 ]; then
   EMULATION=1
   set -- "$ROOT/tests/test_norm.py" "$ROOT/tests/test_softmax.py" "$ROOT/tests/test_attention_kernels.py" \
-    "$ROOT/tests/test_fuzz.py" "$ROOT/tests/test_reliability.py" -k "not triton and not widening_path and not memory_growth"
+    "$ROOT/tests/test_fuzz.py" "$ROOT/tests/test_reliability.py" -k "not triton and not widening_path and not memory_growth and not memory_is_bounded"
 fi
 cd "$WORK"  # (not the checkout: its source lmfast would shadow the install)
 rm -f "$WORK"/sanitizer.*

@@ -12,5 +12,9 @@ TORCH_LIBRARY(lmfast_cuda_emulation, m) {
   m.def("rms_norm_bwd", &c::rms_norm_bwd);
   m.def("softmax_fwd", &c::softmax_fwd);
   m.def("softmax_bwd", &c::softmax_bwd);
-  m.def("attention_fwd", &c::attention_fwd);
+  // (with lmfast_C's defaults: a Python kernel registered for lmfast_C::attention_fwd is called
+  // without the trailing arguments that equal their defaults)
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int? window,"
+        " float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor)",
+        &c::attention_fwd);
 }
