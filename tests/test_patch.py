@@ -232,6 +232,27 @@ def test_smollm2_training_row_of_the_model_benchmarks(smollm2):
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+def test_minilm_training_row_of_the_model_benchmarks(minilm, monkeypatch):
+    """model_benchmarks' MiniLM fine-tuning row on a short step: attention dropout runs in
+    lmfast's kernel in the timed (training-mode) steps, the outputs check (gradients without
+    dropout) passes, and the model it was given is left as it was."""
+    tok, model = minilm
+    model.zero_grad(set_to_none=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    calls, attention = [], lmfast.ops.attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("dropout_p", 0.0))
+        return attention(*args, **kwargs)
+    monkeypatch.setattr(lmfast.ops, "attention", spy)
+    result = model_benchmarks.minilm_train(tok, model, sentences=2, tokens=40, blocks=1, calls=1)
+    assert result.agrees, result.agreement
+    assert result.samples == 1 and result.patched > 0
+    assert 0.0 in calls and model.config.attention_probs_dropout_prob in calls  # eval check, then training
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
 def test_smollm2_logits_and_gradients(smollm2):
     """SmolLM2 on a left-padded batch: float32 logits and every parameter's gradient within
     budget, patched against unpatched, both against float64."""
