@@ -379,7 +379,7 @@ def minilm_train(tok, model, sentences: int = 8, tokens: int = 256, blocks: int 
     def step(m) -> dict[str, torch.Tensor]:
         m.zero_grad(set_to_none=False)
         hidden = m(**batch).last_hidden_state
-        pooled = (hidden * keep.to(hidden.dtype)).sum(1) / keep.sum(1).to(hidden.dtype)
+        pooled = (hidden * keep).sum(1) / keep.sum(1)
         pooled.square().sum().backward()
         return {n: p.grad for n, p in m.named_parameters() if p.grad is not None}
 

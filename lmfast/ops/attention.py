@@ -77,16 +77,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
 
     window = None if window is None else int(window)
     impl = resolve_backend(backend, "attention", q)
+    if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device), which draws the seed itself
+        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window, dropout_p, dropout_seed)
+        return (o, lse) if return_lse else o
     seed = None
-    if dropout_p > 0:  # the mask's seed, on the device whose kernels read it
-        seed_device = "cpu" if impl in ("torch", "cpu") else q.device
-        seed = (torch.randint(1 << 62, (1,), device=seed_device) if dropout_seed is None
-                else dropout_seed.reshape(1).to(seed_device))
+    if dropout_p > 0:  # the mask's seed, on q's device, as the C++ op draws it
+        seed = (torch.randint(1 << 62, (1,), device=q.device) if dropout_seed is None
+                else dropout_seed.reshape(1).to(q.device))
     if impl == "torch":
         o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window, dropout_p,
                                      None if seed is None else int(seed.item()))
-    elif impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
-        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window, dropout_p, seed)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
         o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
