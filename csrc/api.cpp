@@ -52,9 +52,9 @@ LMFAST_KERNEL_OP(layer_norm_bwd, std::tuple<Tensor, Tensor, Tensor>(const Tensor
                                                                     const Tensor&, const Tensor&, const OptTensor&,
                                                                     bool, bool, double))
 LMFAST_KERNEL_OP(rms_norm_fwd, std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&,
-                                                                  double))
+                                                                  double, double))
 LMFAST_KERNEL_OP(rms_norm_bwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&,
-                                                          const Tensor&, const OptTensor&, bool, double))
+                                                          const Tensor&, const OptTensor&, bool, double, double))
 LMFAST_KERNEL_OP(softmax_fwd, Tensor(const Tensor&, const OptTensor&, double, bool))
 LMFAST_KERNEL_OP(softmax_bwd, Tensor(const Tensor&, const Tensor&, double))
 LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
@@ -135,12 +135,13 @@ struct LayerNormFwd : torch::autograd::Function<LayerNormFwd> {
 
 struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight,
-                               const OptTensor& residual, double eps) {
+                               const OptTensor& residual, double eps, double weight_offset) {
     ctx->set_materialize_grads(false);
     Given({true, weight.has_value(), residual.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
     ctx->saved_data["eps"] = eps;
-    auto [y, s, rstd] = rms_norm_fwd().call(x, weight, residual, eps);
+    ctx->saved_data["weight_offset"] = weight_offset;
+    auto [y, s, rstd] = rms_norm_fwd().call(x, weight, residual, eps, weight_offset);
     const bool has_residual = residual.has_value();
     ctx->save_for_backward({has_residual ? s : x, weight.value_or(Tensor()), rstd});
     ctx->mark_non_differentiable(has_residual ? variable_list{rstd} : variable_list{s, rstd});
@@ -154,8 +155,9 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
     const bool need_x = given.needed(ctx, 0), need_w = given.needed(ctx, 1), need_r = given.needed(ctx, 2);
     const OptTensor ds = given.has(2) ? OptTensor(upstream_grad(grads[1], normed)) : std::nullopt;
     auto [dx, dw] = rms_norm_bwd().call(upstream_grad(grads[0], normed), normed, defined_or_none(weight), rstd, ds,
-                                        need_w, ctx->saved_data["eps"].toDouble());
-    return {need_x ? dx : Tensor(), need_w ? dw : Tensor(), need_r ? dx : Tensor(), Tensor()};
+                                        need_w, ctx->saved_data["eps"].toDouble(),
+                                        ctx->saved_data["weight_offset"].toDouble());
+    return {need_x ? dx : Tensor(), need_w ? dw : Tensor(), need_r ? dx : Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -262,12 +264,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(const Tensor&
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x, const OptTensor& weight,
-                                                         const OptTensor& residual, double eps) {
+                                                         const OptTensor& residual, double eps,
+                                                         double weight_offset) {
   if (!grad_wanted({&weight, &residual}, {&x})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return rms_norm_fwd().call(x, weight, residual, eps);
+    return rms_norm_fwd().call(x, weight, residual, eps, weight_offset);
   }
-  auto out = RmsNormFwd::apply(x, weight, residual, eps);
+  auto out = RmsNormFwd::apply(x, weight, residual, eps, weight_offset);
   return {out[0], out[1], out[2]};
 }
 
@@ -307,12 +310,14 @@ std::tuple<Tensor, Tensor> layer_norm(const Tensor& x, const OptTensor& weight, 
 }
 
 std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const OptTensor& weight, const OptTensor& residual,
-                                    double eps) {
+                                    double eps, double weight_offset) {
   checks::floating_tensor("x", x);
   checks::norm_param("weight", weight, x);
   checks::residual_like(residual, x);
   checks::eps(eps);
-  auto [y, s, rstd] = rms_norm_fwd().call(x.contiguous(), contiguous(weight), contiguous(residual), eps);
+  checks::weight_offset(weight_offset, weight);
+  auto [y, s, rstd] = rms_norm_fwd().call(x.contiguous(), contiguous(weight), contiguous(residual), eps,
+                                          weight_offset);
   return {y, s};
 }
 

@@ -108,6 +108,13 @@ inline void eps(double v) {
   TORCH_CHECK_VALUE(v >= 0, "eps must be >= 0.0, got ", number_str(v));
 }
 
+// RMSNorm's weight_offset (the scale is weight_offset + weight): finite, and 0 without a weight.
+inline void weight_offset(double v, const std::optional<Tensor>& weight) {
+  finite("weight_offset", v);
+  TORCH_CHECK_VALUE(v == 0 || weight.has_value(), "weight_offset=", number_str(v),
+                    " needs a weight (without one the scale is 1)");
+}
+
 // Attention dropout: a probability in [0, 1), and a seed (if given) of one int64 element.
 inline void dropout(double p, const std::optional<Tensor>& seed) {
   finite("dropout_p", p);

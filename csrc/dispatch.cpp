@@ -45,12 +45,13 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   return kernels().layer_norm_bwd(dy, x, w, mean, rstd, dres, wg, bg, eps);
 }
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const OptTensor& w,
-                                                const OptTensor& r, double eps) {
-  return kernels().rms_norm_fwd(x, w, r, eps);
+                                                const OptTensor& r, double eps, double w_offset) {
+  return kernels().rms_norm_fwd(x, w, r, eps, w_offset);
 }
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const OptTensor& w,
-                                        const Tensor& rstd, const OptTensor& dres, bool wg, double eps) {
-  return kernels().rms_norm_bwd(dy, x, w, rstd, dres, wg, eps);
+                                        const Tensor& rstd, const OptTensor& dres, bool wg, double eps,
+                                        double w_offset) {
+  return kernels().rms_norm_bwd(dy, x, w, rstd, dres, wg, eps, w_offset);
 }
 Tensor softmax_fwd(const Tensor& x, const OptTensor& mask, double scale, bool causal) {
   return kernels().softmax_fwd(x, mask, scale, causal);

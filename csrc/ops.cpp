@@ -49,7 +49,8 @@ TORCH_LIBRARY(lmfast_C, m) {
   // public ops
   m.def("layer_norm(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
         " -> (Tensor, Tensor)");
-  m.def("rms_norm(Tensor x, Tensor? weight, Tensor? residual, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm(Tensor x, Tensor? weight, Tensor? residual, float eps, float weight_offset=0.)"
+        " -> (Tensor, Tensor)");
   m.def("softmax(Tensor x, int dim, float scale, Tensor? mask, bool causal) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float? scale,"
         " int? window, float dropout_p=0., Tensor? dropout_seed=None) -> (Tensor, Tensor)");
@@ -58,10 +59,10 @@ TORCH_LIBRARY(lmfast_C, m) {
         " -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor mean, Tensor rstd,"
         " Tensor? dresidual_out, bool weight_grad, bool bias_grad, float eps) -> (Tensor, Tensor, Tensor)");
-  m.def("rms_norm_fwd(Tensor x, Tensor? weight, Tensor? residual, float eps)"
+  m.def("rms_norm_fwd(Tensor x, Tensor? weight, Tensor? residual, float eps, float weight_offset=0.)"
         " -> (Tensor, Tensor, Tensor)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor? weight, Tensor rstd, Tensor? dresidual_out,"
-        " bool weight_grad, float eps) -> (Tensor, Tensor)");
+        " bool weight_grad, float eps, float weight_offset=0.) -> (Tensor, Tensor)");
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"

@@ -33,14 +33,16 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
                                                   const Tensor& mean, const Tensor& rstd,
                                                   const std::optional<Tensor>& dresidual_out,
                                                   bool weight_grad, bool bias_grad, double eps);
+// RMSNorm's scale is weight_offset + weight (1 + weight: Gemma's), added in the accumulation
+// type; weight_offset is 0 without a weight.
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
                                                 const std::optional<Tensor>& weight,
                                                 const std::optional<Tensor>& residual,
-                                                double eps);
+                                                double eps, double weight_offset);
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
                                         const std::optional<Tensor>& weight, const Tensor& rstd,
                                         const std::optional<Tensor>& dresidual_out,
-                                        bool weight_grad, double eps);
+                                        bool weight_grad, double eps, double weight_offset);
 Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale,
                    bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
@@ -91,7 +93,8 @@ std::tuple<Tensor, Tensor> layer_norm(const Tensor& x, const std::optional<Tenso
                                       const std::optional<Tensor>& bias,
                                       const std::optional<Tensor>& residual, double eps);
 std::tuple<Tensor, Tensor> rms_norm(const Tensor& x, const std::optional<Tensor>& weight,
-                                    const std::optional<Tensor>& residual, double eps);
+                                    const std::optional<Tensor>& residual, double eps,
+                                    double weight_offset);
 Tensor softmax(const Tensor& x, int64_t dim, double scale, const std::optional<Tensor>& mask,
                bool causal);
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -106,7 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x,
                                                          const std::optional<Tensor>& weight,
                                                          const std::optional<Tensor>& residual,
-                                                         double eps);
+                                                         double eps, double weight_offset);
 Tensor softmax_fwd_autograd(const Tensor& x, const std::optional<Tensor>& mask, double scale,
                             bool causal);
 std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k,

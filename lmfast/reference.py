@@ -42,18 +42,21 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6,
-             residual: Tensor | None = None):
+             residual: Tensor | None = None, weight_offset: float = 0.0):
     """RMSNorm over the last dim of s = x + residual (as in Llama, T5, Qwen, Mistral):
 
-        y = s / sqrt(mean(s^2) + eps) * weight
+        y = s / sqrt(mean(s^2) + eps) * (weight_offset + weight)
 
+    weight_offset = 1 is the zero-centered weight of Gemma, Qwen3-Next and Qwen3.5, whose
+    RMSNorm scales by 1 + weight (added in the accumulation dtype, as they add it in float32).
+    Without a weight the scale is 1 and weight_offset must be 0.
     Returns y, or (y, s) when `residual` is given.
     """
     s = x if residual is None else x + residual
     sf = s.to(acc_dtype(x.dtype))
     y = sf * torch.rsqrt(sf.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.to(sf.dtype)
+        y = y * (weight.to(sf.dtype) + weight_offset)
     y = y.to(x.dtype)
     return y if residual is None else (y, s)
 

@@ -49,6 +49,8 @@ CASES = [
     ("rms weight dtype", lambda: ops.rms_norm(x, torch.ones(8, dtype=torch.float64)), TypeError, "weight has dtype torch.float64 but x has dtype torch.float32"),
     ("rms residual shape", lambda: ops.rms_norm(x, residual=torch.ones(2, 8)), ValueError, r"residual must have x's shape \(4, 8\)"),
     ("rms eps inf", lambda: ops.rms_norm(x, eps=float("inf")), ValueError, "eps must be finite"),
+    ("rms weight_offset inf", lambda: ops.rms_norm(x, torch.ones(8), weight_offset=float("inf")), ValueError, "weight_offset must be finite"),
+    ("rms weight_offset without a weight", lambda: ops.rms_norm(x, weight_offset=1.0), ValueError, "weight_offset=1(\\.0)? needs a weight"),
     # ---- softmax ---------------------------------------------------------------------------
     ("sm x integer", lambda: ops.softmax(torch.ones(3, dtype=torch.int32)), TypeError, "x must be a float16"),
     ("sm x not a tensor", lambda: ops.softmax([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),

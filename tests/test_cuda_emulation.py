@@ -74,12 +74,13 @@ class _Norm(torch.autograd.Function):
     """The emulated {layer,rms}_norm_{fwd,bwd} with the autograd of lmfast/ops/norm.py's Triton path."""
 
     @staticmethod
-    def forward(ctx, ops, centered, x, weight, bias, residual, eps):
+    def forward(ctx, ops, centered, x, weight, bias, residual, eps, weight_offset=0.0):
         if centered:
             y, s, mean, rstd = ops.layer_norm_fwd(x, weight, bias, residual, eps)
         else:
-            (y, s, rstd), mean = ops.rms_norm_fwd(x, weight, residual, eps), None
+            (y, s, rstd), mean = ops.rms_norm_fwd(x, weight, residual, eps, weight_offset), None
         ctx.ops, ctx.centered, ctx.eps, ctx.has_residual = ops, centered, eps, residual is not None
+        ctx.weight_offset = weight_offset
         ctx.save_for_backward(s if residual is not None else x, weight, mean, rstd)
         if residual is None:
             ctx.mark_non_differentiable(s)
@@ -94,9 +95,10 @@ class _Norm(torch.autograd.Function):
             dx, dw, db = ctx.ops.layer_norm_bwd(dy.contiguous(), normed, weight, mean, rstd, ds, need_w, need_b,
                                                 ctx.eps)
         else:
-            (dx, dw), db = ctx.ops.rms_norm_bwd(dy.contiguous(), normed, weight, rstd, ds, need_w, ctx.eps), None
+            (dx, dw), db = ctx.ops.rms_norm_bwd(dy.contiguous(), normed, weight, rstd, ds, need_w, ctx.eps,
+                                                ctx.weight_offset), None
         return (None, None, dx if need_x else None, dw if need_w else None, db if need_b else None,
-                dx if need_r else None, None)
+                dx if need_r else None, None, None)
 
 
 # (rows, N): exact-row backward (N <= 8); a warp per row with scalar and 128-bit accesses; the
@@ -104,25 +106,27 @@ class _Norm(torch.autograd.Function):
 NORM_SHAPES = [(40, 1), (40, 5), (40, 33), (200, 64), (24, 520), (8, 1000), (6, 1500), (3, 4100), (2, 40000)]
 
 
-@pytest.mark.parametrize("centered", [True, False], ids=["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("centered,weight_offset", [(True, 0.0), (False, 0.0), (False, 1.0)],
+                         ids=["layer_norm", "rms_norm", "rms_norm-weight_offset1"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows,N", NORM_SHAPES, ids=lambda v: str(v))
-def test_norms(emu, centered, dtype, rows, N):
-    affine = N % 2 == 1 or N >= 1000  # some shapes without weight and bias
+def test_norms(emu, centered, weight_offset, dtype, rows, N):
+    # some shapes without weight and bias (weight_offset needs a weight: Gemma's weights, around 0)
+    affine = N % 2 == 1 or N >= 1000 or weight_offset != 0
     residual = N in (5, 64, 1500, 40000)
 
     def fn(x, weight=None, bias=None, residual=None):
-        y, s = _Norm.apply(emu, centered, x, weight, bias, residual, 1e-5)
+        y, s = _Norm.apply(emu, centered, x, weight, bias, residual, 1e-5, weight_offset)
         return y if residual is None else (y, s)
 
     def ref(x, weight=None, bias=None, residual=None):
         if centered:
             return reference.layer_norm(x, weight, bias, 1e-5, residual)
-        return reference.rms_norm(x, weight, 1e-5, residual)
+        return reference.rms_norm(x, weight, 1e-5, residual, weight_offset)
 
     inputs = {"x": _randn(rows, N, dtype=dtype) * 2 + 0.5}
     if affine:
-        inputs["weight"] = _randn(N, dtype=dtype, seed=1)
+        inputs["weight"] = _randn(N, dtype=dtype, seed=1) * (0.1 if weight_offset else 1.0)
         if centered:
             inputs["bias"] = _randn(N, dtype=dtype, seed=2)
     if residual:

@@ -129,6 +129,8 @@ def _norm_case(op, kb, data):
     values = data.draw(st.sampled_from(VALUES), "values")
     has_weight, has_bias, has_residual = (data.draw(st.booleans(), name) for name in ("weight", "bias", "residual"))
     eps = data.draw(st.sampled_from([1e-5, 1e-6, 0.1]), "eps")
+    # RMSNorm's scale weight_offset + weight: Llama's (0) or Gemma's (1)
+    weight_offset = data.draw(st.sampled_from([0.0, 1.0]), "weight_offset") if op == "rms_norm" and has_weight else 0.0
     shape = (*lead, n)
     rows = math.prod(lead)
 
@@ -137,6 +139,8 @@ def _norm_case(op, kb, data):
         ins["weight"] = torch.randn(n, device=kb.device).to(dtype) if has_weight else None
         if op == "layer_norm":
             ins["bias"] = torch.randn(n, device=kb.device).to(dtype) if has_bias else None
+        if weight_offset:
+            ins["weight_offset"] = weight_offset
         # (the residual stays in range: x + residual must not overflow the dtype)
         ins["residual"] = _fill(shape, dtype, kb.device, "normal") if has_residual else None
         if has_residual and n <= EXACT_ROW_MAX:
@@ -148,7 +152,8 @@ def _norm_case(op, kb, data):
         return ins
 
     example = inputs()
-    note(f"{op} {kb.name} x{tuple(example['x'].shape)} stride {example['x'].stride()} {dtype} {values}")
+    note(f"{op} {kb.name} x{tuple(example['x'].shape)} stride {example['x'].stride()} {dtype} {values}"
+         f" weight_offset {weight_offset}")
     grad = [k for k, v in example.items() if isinstance(v, torch.Tensor)]
     fn, ref = getattr(lmfast.ops, op), getattr(reference, op)
     check_against_reference(lambda **kw: fn(**kw, backend=kb.name), ref, inputs, grad=grad,

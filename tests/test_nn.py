@@ -67,6 +67,45 @@ def test_rms_norm_mixed_dtypes_follow_hugging_face_promotion():
     torch.testing.assert_close(got, want)
 
 
+def _gemma_rms_norm():
+    return pytest.importorskip("transformers.models.gemma.modeling_gemma",
+                               reason="transformers is not installed").GemmaRMSNorm
+
+
+def test_weight_offset_rms_norm_is_gemmas(kb):
+    """weight_offset=1: GemmaRMSNorm's state_dict, zero initial weight and 1 + weight scale; a
+    -0.5 weight halves the output, so the offset is neither dropped nor doubled."""
+    ref = _gemma_rms_norm()(64, eps=1e-6).to(kb.device)
+    ours = lmfast.nn.RMSNorm(64, eps=1e-6, weight_offset=1.0, device=kb.device, backend=kb.name)
+    assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight"}
+    assert torch.equal(ours.weight, ref.weight) and not ours.weight.any()  # zeros: the scale starts at 1
+    assert "weight_offset=1.0" in repr(ours)
+    torch.nn.init.normal_(ref.weight, std=0.2)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 16, 64, device=kb.device)
+    torch.testing.assert_close(ours(x), ref(x))
+    with torch.no_grad():
+        ours.weight.fill_(-0.5)
+    torch.testing.assert_close(ours(x), 0.5 * lmfast.nn.RMSNorm(64, eps=1e-6).to(kb.device)(x))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16)], ids=["x-bf16", "w-bf16", "both-bf16"])
+def test_weight_offset_rms_norm_dtypes_follow_gemma(x_dtype, w_dtype):
+    """Gemma's output has x's dtype whatever the weight's, computed in float32 and rounded once."""
+    ref = _gemma_rms_norm()(32).to(w_dtype)
+    torch.nn.init.normal_(ref.weight, std=0.2)
+    ours = lmfast.nn.RMSNorm(32, weight_offset=1.0, dtype=w_dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(16, 32, dtype=x_dtype)
+    want, got = ref(x), ours(x)
+    assert got.dtype == want.dtype == x_dtype
+    torch.testing.assert_close(got, want, atol=0, rtol=2 ** -7 if x_dtype == torch.bfloat16 else 1e-6)
+    y, s = ours(x, x)  # with a residual: the sum in x's dtype, as eager's add
+    assert torch.equal(s, x + x) and y.dtype == x_dtype
+    torch.testing.assert_close(y, ref(x + x), atol=0, rtol=2 ** -7 if x_dtype == torch.bfloat16 else 1e-6)
+
+
 def test_softmax_module():
     sm = lmfast.nn.Softmax(dim=-1, scale=0.5, causal=True)
     x = torch.randn(2, 3, 16, 16)

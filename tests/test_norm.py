@@ -72,6 +72,43 @@ def test_wide_rows_loop_over_blocks(op, kb, dtype, small_triton_blocks):
     _check(op, kb.name, inputs, f"{op} {kb.name} looping")
 
 
+@pytest.mark.parametrize("width,residual", [(1, True), (7, False), (129, True), (1000, True)],
+                         ids=["w1-exact-rows", "w7-exact-rows", "w129", "w1000-looping"])
+def test_rms_norm_weight_offset(width, residual, kb, dtype, small_triton_blocks):
+    """weight_offset=1: Gemma's scale 1 + weight, on every path of every kernel (the float64
+    short rows, one block, Triton's loop over 256-wide blocks), forward and gradients of x,
+    weight and residual, against the float64 reference. The weight is drawn around 0, as
+    Gemma's are: without the offset the output would be off by a whole x * rstd."""
+    def inputs():
+        out = _inputs("rms_norm", (kb.rows(33), width), dtype, kb.device, residual=residual)
+        out["weight"] = out["weight"] * 0.1
+        return out | {"weight_offset": 1.0}
+    _check("rms_norm", kb.name, inputs, f"rms_norm {kb.name} w={width} weight_offset=1", trials=-(-16 // width))
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.5, -2.0])
+def test_rms_norm_weight_offset_gradcheck_cpu_float64(offset):
+    x, r = (torch.randn(4, 9, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    w = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    f = lambda x, w, r: lmfast.ops.rms_norm(x, w, residual=r, weight_offset=offset, backend="cpu")  # noqa: E731
+    assert torch.autograd.gradcheck(f, (x, w, r))
+    # and the 2-element rows of the float64 short-row backward
+    assert torch.autograd.gradcheck(f, (x[:, :2].detach().requires_grad_(), w[:2].detach().requires_grad_(),
+                                        r[:, :2].detach().requires_grad_()))
+
+
+def test_rms_norm_weight_offset_zero_keeps_the_bits(kb):
+    """weight_offset=0 must not be added: w + 0 would turn a -0 weight into +0 (and the sign of
+    a zero output with it)."""
+    x = torch.randn(5, 40, device=kb.device)
+    w = torch.randn(40, device=kb.device)
+    w[::3] = -0.0
+    a = lmfast.ops.rms_norm(x, w, backend=kb.name)
+    b = lmfast.ops.rms_norm(x, w, weight_offset=0.0, backend=kb.name)
+    assert torch.equal(a, b) and torch.equal(a.signbit(), b.signbit())
+    assert torch.equal(a.signbit(), (x * w).signbit())
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_non_contiguous_inputs(op, kb):
     base = torch.randn(40, kb.rows(30), device=kb.device)

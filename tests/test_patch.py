@@ -12,16 +12,27 @@ from lmfast import model_benchmarks
 from lmfast.testing import assert_within_budget
 
 
+class DoubledRMSNorm(torch.nn.Module):
+    """A look-alike with another formula (2 x the RMSNorm): neither of lmfast's RMSNorm forms."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return 2 * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 def _toy():
-    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # scales by 1 + weight: left alone
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm  # scales by 1 + weight
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
     gemma = GemmaRMSNorm(16)
-    torch.nn.init.normal_(gemma.weight)
+    torch.nn.init.normal_(gemma.weight, std=0.1)
     return torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.LayerNorm(16), LlamaRMSNorm(16), gemma,
                                torch.nn.LayerNorm(16, elementwise_affine=False),
-                               torch.nn.LayerNorm(16, bias=False))
+                               torch.nn.LayerNorm(16, bias=False), DoubledRMSNorm(16))
 
 
 def test_patch_swaps_norms_and_reports_the_rest():
@@ -30,10 +41,12 @@ def test_patch_swaps_norms_and_reports_the_rest():
     want = model(x)
     params_before = {n: p for n, p in model.named_parameters()}
     report = lmfast.patch(model)
-    assert report.swapped == {"LayerNorm (LayerNorm)": 3, "RMSNorm (LlamaRMSNorm)": 1}
-    assert [p for p, _ in report.skipped] == ["3"] and "GemmaRMSNorm computes something other" in str(report)
+    assert report.swapped == {"LayerNorm (LayerNorm)": 3, "RMSNorm (LlamaRMSNorm)": 1,
+                              "RMSNorm, 1 + weight (GemmaRMSNorm)": 1}
+    assert [p for p, _ in report.skipped] == ["6"] and "DoubledRMSNorm computes something other" in str(report)
     assert isinstance(model[1], lmfast.nn.LayerNorm) and isinstance(model[2], lmfast.nn.RMSNorm)
-    assert type(model[3]).__name__ == "GemmaRMSNorm"
+    assert isinstance(model[3], lmfast.nn.RMSNorm) and model[3].weight_offset == 1.0
+    assert model[2].weight_offset == 0.0 and type(model[6]) is DoubledRMSNorm
     # the same Parameter objects under the same names: optimizers and state_dict see no change
     assert {n: p for n, p in model.named_parameters()} == params_before
     assert all(a is b for a, b in zip(model.parameters(), params_before.values()))
@@ -45,8 +58,8 @@ def test_patch_twice_is_a_no_op_and_unpatch_restores():
     classes = [type(m) for m in model]
     lmfast.patch(model)
     second = lmfast.patch(model)
-    assert not second.swapped and second.already_patched == 4
-    assert lmfast.unpatch(model) == 4
+    assert not second.swapped and second.already_patched == 5
+    assert lmfast.unpatch(model) == 5
     assert [type(m) for m in model] == classes
     assert lmfast.unpatch(model) == 0
 

@@ -1,5 +1,5 @@
-"""lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2 and Mistral (sliding window)
-from small random configs, and torch.nn.Transformer / TransformerEncoder. For each: outputs
+"""lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2, Mistral (sliding window) and
+Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and a global layer) from small random configs, and torch.nn.Transformer / TransformerEncoder. For each: outputs
 within the error budget of the unpatched model (float32, bfloat16, float16), one training
 step's gradients within budget, KV-cache generation unchanged, unpatch restores everything.
 The error budget is DESIGN.md's: against the float64 model, at most twice the unpatched
@@ -46,6 +46,8 @@ def _hf_model(arch: str):
                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
         "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **small),  # grouped-query, biased q/k/v
         "mistral": lambda: t.MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **small),
+        "gemma3": lambda: t.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+                                             layer_types=["sliding_attention", "full_attention"], **small),
     }[arch]()
     config.pad_token_id = 0
     torch.manual_seed(0)
@@ -69,7 +71,12 @@ def _generation_inputs(max_new_tokens: int):
     return ids, dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
 
 
-ARCHS = ["gpt2", "qwen2", "mistral"]
+ARCHS = ["gpt2", "qwen2", "mistral", "gemma3"]
+
+
+def _windows(arch: str) -> list:
+    """The attention window of each of the model's two layers."""
+    return {"mistral": [WINDOW, WINDOW], "gemma3": [WINDOW, None]}.get(arch, [None, None])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -87,10 +94,11 @@ def test_hf_decoder_logits(arch, dtype, monkeypatch):
         calls = _spy_attention(monkeypatch)
         got = model(ids, attention_mask=mask).logits
     assert report.swapped[f"attention (attn_implementation 'sdpa' -> 'lmfast')"] == 2
+    if arch == "gemma3":  # 4 around attention and MLP and the q/k norms per layer, and the final one
+        assert report.swapped["RMSNorm, 1 + weight (Gemma3RMSNorm)"] == 2 * 6 + 1 and not report.skipped
     assert_within_budget(got[keep], ref64[keep], eager[keep], f"{arch} logits")
     # the mask arrives as causal (+ window) and a (B, 1, 1, Sk) padding mask, not (Sq x Sk)
-    window = WINDOW if arch == "mistral" else None
-    assert calls == [{"mask": (3, 1, 1, 16), "causal": True, "window": window}] * 2
+    assert calls == [{"mask": (3, 1, 1, 16), "causal": True, "window": w} for w in _windows(arch)]
     lmfast.unpatch(model)
     assert [type(m) for m in model.modules()] == classes
 
@@ -136,7 +144,7 @@ def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
     # or none once Mistral's sliding cache holds no padded key
     assert all(c["causal"] for c in calls[:2])
     assert all(c["mask"] is None or c["mask"][:3] == (3, 1, 1) for c in calls)
-    assert all(c["window"] == (WINDOW if arch == "mistral" else None) for c in calls)
+    assert [c["window"] for c in calls] == _windows(arch) * 12
 
 
 def test_save_pretrained_then_from_pretrained_with_attn_implementation_lmfast(tmp_path):
@@ -433,14 +441,19 @@ def test_hf_attention_dropout_runs_in_lmfast_attention_in_training(monkeypatch):
 
 def test_hf_softcapping_model_keeps_its_attention():
     """Gemma 2 caps attention logits (attn_logit_softcapping): lmfast leaves its attention
-    alone and says why; its norms (1 + weight formula) are left alone by the probe."""
+    alone and says why; its norms (1 + weight) are swapped."""
     config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")  # (no SDPA)
-    report = lmfast.patch(model)
-    assert not report.swapped
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        report = lmfast.patch(model)
+        got = model(ids, attention_mask=mask).logits
+    assert report.swapped == {"RMSNorm, 1 + weight (Gemma2RMSNorm)": 2 * 4 + 1}
     assert "attention: logit softcapping (attn_logit_softcapping)" in str(report)
     assert model.config._attn_implementation == "eager"
+    torch.testing.assert_close(got, want)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

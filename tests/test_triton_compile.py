@@ -25,15 +25,17 @@ def _variants():
     for dt, one_block, centered in itertools.product(DTYPES, (True, False), (True, False)):
         p = f"*{dt}"
         block = {"BLOCK_N": 1024 if one_block else 8192, "ONE_BLOCK": one_block, "INTERPRETED": False}
-        for full in (True, False):  # every optional input present / absent
+        for full in (True, False):  # every optional input present / absent (RMSNorm: weight_offset too)
+            shift_w = full and not centered
             out.append(("norm._norm_fwd_kernel",
                         {"X": p, "RES": p, "W": p, "B": p, "Y": p, "RES_OUT": p, "MEAN": "*fp32",
-                         "RSTD": "*fp32", "N": "i32", "eps": "fp32"},
-                        {"CENTERED": centered, "HAS_RES": full, "HAS_W": full, "HAS_B": full and centered, **block}))
+                         "RSTD": "*fp32", "N": "i32", "eps": "fp32", "w_offset": "fp32"},
+                        {"CENTERED": centered, "HAS_RES": full, "HAS_W": full, "SHIFT_W": shift_w,
+                         "HAS_B": full and centered, **block}))
             bwd_signature = {"DY": p, "X": p, "W": p, "MEAN": "*fp32", "RSTD": "*fp32", "DRES": p, "DX": p,
                              "DW_PARTIAL": "*fp32", "DB_PARTIAL": "*fp32", "rows": "i32", "N": "i32",
-                             "rows_per_program": "i32", "eps": "fp32"}
-            bwd_flags = {"CENTERED": centered, "HAS_W": full, "HAS_DRES": full, "W_GRAD": full,
+                             "rows_per_program": "i32", "eps": "fp32", "w_offset": "fp32"}
+            bwd_flags = {"CENTERED": centered, "HAS_W": full, "SHIFT_W": shift_w, "HAS_DRES": full, "W_GRAD": full,
                          "B_GRAD": full and centered}
             out.append(("norm._norm_bwd_kernel", bwd_signature, {**bwd_flags, **block, "EXACT": False}))
             if one_block:  # rows of <= 8 elements: the float64 path

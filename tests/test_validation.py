@@ -35,6 +35,14 @@ def test_norm_bad_inputs(op, backend):
     _raises(TypeError, "eps must be a real number, got str", op, x, None, eps="1e-5", **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rms_norm_bad_weight_offset(backend):
+    rms, w = lmfast.ops.rms_norm, torch.ones(8)
+    _raises(ValueError, "weight_offset must be finite, got nan", rms, x, w, weight_offset=float("nan"), backend=backend)
+    _raises(TypeError, "weight_offset must be a real number, got str", rms, x, w, weight_offset="1", backend=backend)
+    _raises(ValueError, r"weight_offset=1(\.0)? needs a weight", rms, x, weight_offset=1.0, backend=backend)
+
+
 def test_layer_norm_bias_checked_too():
     _raises(ValueError, r"bias must have shape \(8,\)", lmfast.ops.layer_norm, x, None, torch.ones(3))
 

@@ -5,7 +5,7 @@
 //
 //   forward:   mu   = mean(s)              (0 for RMSNorm)
 //              rstd = 1 / sqrt(mean((s - mu)^2) + eps)
-//              y    = (s - mu) * rstd * w + b
+//              y    = (s - mu) * rstd * w + b,   w = weight_offset + weight  (offset: RMSNorm only)
 //   backward:  xhat = (s - mu) * rstd,  g = dy * w
 //              ds   = rstd * (g - mean(g) - xhat * mean(g * xhat))   (mean(g) term: LN only)
 //              dw   = sum_rows(dy * xhat),  db = sum_rows(dy)
@@ -87,15 +87,37 @@ void for_each_row_block(int64_t rows, int64_t blocks, const F& fn) {
   });
 }
 
+// The scale of a weighted norm is weight_offset + weight, added in the accumulation type
+// (weight_offset = 1: the zero-centered weight of Gemma's RMSNorm, which adds it in float32).
+// nullopt for offset 0: the weight is used as it is, so that w + 0 cannot turn a -0 weight
+// into +0 and the kernels give the bits they gave before the offset existed.
+template <typename scalar_t>
+std::optional<Vectorized<at::opmath_type<scalar_t>>> weight_offset_vec(double weight_offset) {
+  if (weight_offset == 0) return std::nullopt;
+  return Vectorized<at::opmath_type<scalar_t>>(static_cast<at::opmath_type<scalar_t>>(weight_offset));
+}
+
+template <typename scalar_t>
+inline Chunk<scalar_t> load_weight(const scalar_t* w, int64_t n,
+                                   const std::optional<Vectorized<at::opmath_type<scalar_t>>>& offset) {
+  auto c = Chunk<scalar_t>::load(w, n);
+  if (offset) {
+    c.lo += *offset;
+    c.hi += *offset;
+  }
+  return c;
+}
+
 template <typename scalar_t, bool kCentered>
 void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* weight,
                      const scalar_t* bias, scalar_t* y, scalar_t* residual_out,
                      at::opmath_type<scalar_t>* mean_out, at::opmath_type<scalar_t>* rstd_out,
-                     int64_t rows, int64_t N, double eps) {
+                     int64_t rows, int64_t N, double eps, double weight_offset) {
   using C = Chunk<scalar_t>;
   using Vec = typename C::Vec;
   using acc_t = typename C::acc_t;
   constexpr int64_t K = C::kChunk;
+  const std::optional<Vec> offset_v = weight_offset_vec<scalar_t>(weight_offset);
 
   at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
@@ -172,11 +194,11 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
         c.lo = (c.lo - mu_v) * rstd_v;
         c.hi = (c.hi - mu_v) * rstd_v;
         if (weight != nullptr && bias != nullptr) {
-          const auto w = C::load(weight + j, n), b = C::load(bias + j, n);
+          const auto w = load_weight<scalar_t>(weight + j, n, offset_v), b = C::load(bias + j, n);
           c.lo = at::vec::fmadd(c.lo, w.lo, b.lo);
           c.hi = at::vec::fmadd(c.hi, w.hi, b.hi);
         } else if (weight != nullptr) {
-          const auto w = C::load(weight + j, n);
+          const auto w = load_weight<scalar_t>(weight + j, n, offset_v);
           c.lo *= w.lo;
           c.hi *= w.hi;
         } else if (bias != nullptr) {
@@ -201,11 +223,12 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
                      const at::opmath_type<scalar_t>* mean, const at::opmath_type<scalar_t>* rstd,
                      const scalar_t* dresidual_out, scalar_t* dx,
                      double* dweight_total, double* dbias_total, int64_t rows, int64_t N,
-                     int64_t blocks) {
+                     int64_t blocks, double weight_offset) {
   using C = Chunk<scalar_t>;
   using Vec = typename C::Vec;
   using acc_t = typename C::acc_t;
   constexpr int64_t K = C::kChunk, R = kBwdBlockRows;
+  const std::optional<Vec> offset_v = weight_offset_vec<scalar_t>(weight_offset);
 
   for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
     std::vector<acc_t> dw_run(dweight_total ? N : 0), db_run(dbias_total ? N : 0);  // (see RowSum)
@@ -234,7 +257,7 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
           xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
           xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
           if (weight != nullptr) {
-            const auto w = C::load(weight + j, n);
+            const auto w = load_weight<scalar_t>(weight + j, n, offset_v);
             g.lo *= w.lo;
             g.hi *= w.hi;
           }
@@ -253,7 +276,7 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
       // rstd (+ dresidual), and the block's dw / db of the chunk, added to the RowSums once.
       // The next block's dx rows are prefetched for writing.
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-        const C w = weight != nullptr ? C::load(weight + j, n) : C{Vec(1), Vec(1)};
+        const C w = weight != nullptr ? load_weight<scalar_t>(weight + j, n, offset_v) : C{Vec(1), Vec(1)};
         C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = i0 + r;
@@ -315,7 +338,8 @@ constexpr int64_t kExactRowMax = 8;
 template <typename scalar_t, bool kCentered>
 void norm_bwd_exact_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
                          const scalar_t* dresidual_out, scalar_t* dx, double* dweight_total,
-                         double* dbias_total, int64_t rows, int64_t N, int64_t blocks, double eps) {
+                         double* dbias_total, int64_t rows, int64_t N, int64_t blocks, double eps,
+                         double weight_offset) {
   for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
     double dw[kExactRowMax] = {}, db[kExactRowMax] = {};  // this block's sums
     for (int64_t i = begin; i < end; ++i) {
@@ -327,7 +351,9 @@ void norm_bwd_exact_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* 
       mu /= double(N);
       for (int64_t j = 0; j < N; ++j) {
         d[j] = double(xi[j]) - mu;
-        g[j] = double(dyi[j]) * (weight != nullptr ? double(weight[j]) : 1.0);
+        const double w = weight == nullptr ? 1.0 : weight_offset != 0 ? double(weight[j]) + weight_offset
+                                                                       : double(weight[j]);
+        g[j] = double(dyi[j]) * w;
         dd += d[j] * d[j];
         dg += d[j] * g[j];
         g_mean += g[j];
@@ -383,7 +409,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x,
                                                     const std::optional<Tensor>& weight,
                                                     const std::optional<Tensor>& bias,
                                                     const std::optional<Tensor>& residual,
-                                                    double eps) {
+                                                    double eps, double weight_offset) {
   const int64_t rows = check_rows_of(x), N = x.size(-1);
   if (residual.has_value()) check_like_x(*residual, "residual", x);
   check_param(weight, "weight", x);
@@ -403,7 +429,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x,
         x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(residual),
         ptr_or_null<scalar_t>(weight), ptr_or_null<scalar_t>(bias), y.data_ptr<scalar_t>(),
         residual.has_value() ? residual_out.data_ptr<scalar_t>() : nullptr,
-        kCentered ? mean.data_ptr<acc_t>() : nullptr, rstd.data_ptr<acc_t>(), rows, N, eps);
+        kCentered ? mean.data_ptr<acc_t>() : nullptr, rstd.data_ptr<acc_t>(), rows, N, eps, weight_offset);
   });
   return {y, residual_out, mean, rstd};
 }
@@ -445,7 +471,8 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
                                             const std::optional<Tensor>& weight,
                                             const Tensor& mean, const Tensor& rstd,
                                             const std::optional<Tensor>& dresidual_out,
-                                            bool weight_grad, bool bias_grad, double eps) {
+                                            bool weight_grad, bool bias_grad, double eps,
+                                            double weight_offset) {
   const int64_t rows = check_rows_of(x), N = x.size(-1);
   check_like_x(dy, "dy", x);
   if (dresidual_out.has_value()) check_like_x(*dresidual_out, "dresidual_out", x);
@@ -475,13 +502,14 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
     if (rows > 0 && N <= kExactRowMax) {
       norm_bwd_exact_rows<scalar_t, kCentered>(
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(weight),
-          ptr_or_null<scalar_t>(dresidual_out), dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks, eps);
+          ptr_or_null<scalar_t>(dresidual_out), dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks, eps,
+          weight_offset);
     } else if (rows > 0) {
       norm_bwd_kernel<scalar_t, kCentered>(
           dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
           ptr_or_null<scalar_t>(weight), kCentered ? mean.const_data_ptr<acc_t>() : nullptr,
           rstd.const_data_ptr<acc_t>(), ptr_or_null<scalar_t>(dresidual_out),
-          dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks);
+          dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks, weight_offset);
     }
     if (weight_grad) sum_blocks(dw_total, blocks, N, dw.data_ptr<scalar_t>());
     if (bias_grad) sum_blocks(db_total, blocks, N, db.data_ptr<scalar_t>());
@@ -496,7 +524,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x,
                                                           const std::optional<Tensor>& bias,
                                                           const std::optional<Tensor>& residual,
                                                           double eps) {
-  return norm_fwd<true>(x, weight, bias, residual, eps);
+  return norm_fwd<true>(x, weight, bias, residual, eps, 0.0);
 }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
@@ -504,23 +532,23 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
                                                   const Tensor& mean, const Tensor& rstd,
                                                   const std::optional<Tensor>& dresidual_out,
                                                   bool weight_grad, bool bias_grad, double eps) {
-  return norm_bwd<true>(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps);
+  return norm_bwd<true>(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps, 0.0);
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x,
                                                 const std::optional<Tensor>& weight,
                                                 const std::optional<Tensor>& residual,
-                                                double eps) {
-  auto [y, residual_out, mean, rstd] = norm_fwd<false>(x, weight, std::nullopt, residual, eps);
+                                                double eps, double weight_offset) {
+  auto [y, residual_out, mean, rstd] = norm_fwd<false>(x, weight, std::nullopt, residual, eps, weight_offset);
   return {y, residual_out, rstd};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x,
                                         const std::optional<Tensor>& weight, const Tensor& rstd,
                                         const std::optional<Tensor>& dresidual_out,
-                                        bool weight_grad, double eps) {
+                                        bool weight_grad, double eps, double weight_offset) {
   auto [dx, dw, db] =
-      norm_bwd<false>(dy, x, weight, Tensor(), rstd, dresidual_out, weight_grad, false, eps);
+      norm_bwd<false>(dy, x, weight, Tensor(), rstd, dresidual_out, weight_grad, false, eps, weight_offset);
   return {dx, dw};
 }
 

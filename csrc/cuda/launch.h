@@ -23,10 +23,11 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
                                                   const Tensor& rstd, const std::optional<Tensor>& dresidual_out,
                                                   bool weight_grad, bool bias_grad, double eps);
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
-                                                const std::optional<Tensor>& residual, double eps);
+                                                const std::optional<Tensor>& residual, double eps,
+                                                double weight_offset);
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
                                         const Tensor& rstd, const std::optional<Tensor>& dresidual_out,
-                                        bool weight_grad, double eps);
+                                        bool weight_grad, double eps, double weight_offset);
 Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // Forward only: the backward on CUDA tensors is the Triton kernel's (lmfast/ops/attention.py

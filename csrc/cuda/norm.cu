@@ -42,13 +42,23 @@ __device__ __forceinline__ float row_mean(Compensated sum, int group, Compensate
   return compensated_mean(group_reduce(sum, group, scratch, warp_compensated, compensated_merge), float(N));
 }
 
+// A chunk of the weight as floats, plus w_offset (RMSNorm's scale is w_offset + weight: 1 +
+// weight in Gemma's). Offset 0 is not added, so that a -0 weight stays -0.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_weight(const T* w, float (&out)[VEC], float w_offset) {
+  load_floats<T, VEC>(w, out);
+  if (w_offset != 0.f)
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) out[e] += w_offset;
+}
+
 // Forward, one row per group. `cached`: the row fits kCachedPerThread elements per thread.
 template <typename T, int VEC, bool kCentered>
 __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ residual,
                                 const T* __restrict__ weight, const T* __restrict__ bias,
                                 T* __restrict__ y, T* __restrict__ s_out, float* __restrict__ mean_out,
                                 float* __restrict__ rstd_out, int64_t rows, int64_t N, float eps,
-                                int group, bool cached) {
+                                float w_offset, int group, bool cached) {
   constexpr int kSlots = kCachedPerThread / VEC;
   __shared__ Compensated compensated_scratch[32];
   __shared__ float sum_scratch[32];
@@ -74,7 +84,7 @@ __global__ void norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ r
     };
     auto write_y = [&](int64_t vi, const float (&v)[VEC], float mu, float rstd) {
       float w[VEC], b[VEC], out[VEC];
-      if (weight) load_floats<T, VEC>(weight + vi * VEC, w);
+      if (weight) load_weight<T, VEC>(weight + vi * VEC, w, w_offset);
       if (bias) load_floats<T, VEC>(bias + vi * VEC, b);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
@@ -169,8 +179,8 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
                                 const T* __restrict__ weight, const float* __restrict__ mean,
                                 const float* __restrict__ rstd, const T* __restrict__ dres,
                                 T* __restrict__ dx, float* __restrict__ dw_part,
-                                float* __restrict__ db_part, int64_t rows, int64_t N, int group,
-                                bool in_regs) {
+                                float* __restrict__ db_part, int64_t rows, int64_t N, float w_offset,
+                                int group, bool in_regs) {
   constexpr int kSlots = kBwdRegCols / VEC;
   __shared__ float sum_scratch[32];
   const auto [tid, g, ngroups] = row_group(group);  // (g: this group's index and first row)
@@ -198,7 +208,7 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
       float d[VEC], v[VEC], w[VEC];
       load_floats<T, VEC>(dyr + vi * VEC, d);
       load_floats<T, VEC>(xr + vi * VEC, v);
-      if (weight) load_floats<T, VEC>(weight + vi * VEC, w);
+      if (weight) load_weight<T, VEC>(weight + vi * VEC, w, w_offset);
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         const float gv = weight ? d[e] * w[e] : d[e];
@@ -214,7 +224,7 @@ __global__ void norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ 
       float d[VEC], v[VEC], w[VEC], out[VEC];
       load_floats<T, VEC>(dyr + vi * VEC, d);
       load_floats<T, VEC>(xr + vi * VEC, v);
-      if (weight) load_floats<T, VEC>(weight + vi * VEC, w);
+      if (weight) load_weight<T, VEC>(weight + vi * VEC, w, w_offset);
       float r[VEC];
       if (dres) load_floats<T, VEC>(dres + row * N + vi * VEC, r);
 #pragma unroll
@@ -263,7 +273,8 @@ template <typename T, bool kCentered>
 __global__ void norm_bwd_exact_rows_kernel(const T* __restrict__ dy, const T* __restrict__ x,
                                            const T* __restrict__ weight, const T* __restrict__ dres,
                                            T* __restrict__ dx, double* __restrict__ dw_part,
-                                           double* __restrict__ db_part, int64_t rows, int N, double eps) {
+                                           double* __restrict__ db_part, int64_t rows, int N, double eps,
+                                           double w_offset) {
   const int64_t t = blockIdx.x * int64_t(blockDim.x) + threadIdx.x, stride = gridDim.x * int64_t(blockDim.x);
   double dw[kExactRowMax] = {}, db[kExactRowMax] = {};
   for (int64_t row = t; row < rows; row += stride) {
@@ -278,7 +289,9 @@ __global__ void norm_bwd_exact_rows_kernel(const T* __restrict__ dy, const T* __
 #pragma unroll
     for (int j = 0; j < kExactRowMax; ++j) {
       d[j] = j < N ? double(to_float(xr[j])) - mu : 0.0;
-      g[j] = j < N ? double(to_float(dyr[j])) * (weight ? double(to_float(weight[j])) : 1.0) : 0.0;
+      const double w = !weight ? 1.0 : w_offset != 0 ? double(to_float(weight[j])) + w_offset
+                                                      : double(to_float(weight[j]));
+      g[j] = j < N ? double(to_float(dyr[j])) * w : 0.0;
       dd += d[j] * d[j];
       dg += d[j] * g[j];
       g_mean += g[j];
@@ -331,7 +344,7 @@ Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(
 
 template <typename T, bool kCentered>
 void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r, Tensor& y,
-                     Tensor& s, Tensor& mean, Tensor& rstd, double eps) {
+                     Tensor& s, Tensor& mean, Tensor& rstd, double eps, double w_offset) {
   const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
   if (rows == 0) return;
   const int vec = vector_width<T>(N, {&x, &w, &b, &r, &y, &s});
@@ -340,8 +353,8 @@ void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Te
   auto run = [&](auto kernel) {
     launch(kernel, geo.blocks, geo.threads, 0, stream,
         ptr<T>(x), ptr<T>(r), ptr<T>(w), ptr<T>(b), mut_ptr<T>(y), mut_ptr<T>(s),
-        kCentered ? mut_ptr<float>(mean) : nullptr, mut_ptr<float>(rstd), rows, N, float(eps), geo.group,
-        geo.cached);
+        kCentered ? mut_ptr<float>(mean) : nullptr, mut_ptr<float>(rstd), rows, N, float(eps), float(w_offset),
+        geo.group, geo.cached);
   };
   if (vec == 1) run(norm_fwd_kernel<T, 1, kCentered>);
   else run(norm_fwd_kernel<T, 16 / sizeof(T), kCentered>);
@@ -350,7 +363,7 @@ void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Te
 
 template <typename T, bool kCentered>
 void launch_norm_bwd_exact_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& dres, Tensor& dx,
-                                Tensor& dw, Tensor& db, int64_t rows, double eps) {
+                                Tensor& dw, Tensor& db, int64_t rows, double eps, double w_offset) {
   const int N = int(x.size(-1));
   // a fixed number of threads for a given row count (never from the GPU): results repeat on any GPU
   const int blocks = int(std::min<int64_t>(kExactBlocksMax, ceil_div(rows, kExactThreads)));
@@ -362,7 +375,7 @@ void launch_norm_bwd_exact_rows(const Tensor& dy, const Tensor& x, const Tensor&
   auto stream = c10::cuda::getCurrentCUDAStream();
   launch(norm_bwd_exact_rows_kernel<T, kCentered>, blocks, kExactThreads, 0, stream,
       ptr<T>(dy), ptr<T>(x), ptr<T>(w), ptr<T>(dres), mut_ptr<T>(dx), mut_ptr<double>(dw_part),
-      mut_ptr<double>(db_part), rows, N, eps);
+      mut_ptr<double>(db_part), rows, N, eps, w_offset);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (want_w)
     launch(column_sum_kernel<T, double>, 1, 256, 0, stream, ptr<double>(dw_part), partial_rows, N, mut_ptr<T>(dw));
@@ -373,14 +386,16 @@ void launch_norm_bwd_exact_rows(const Tensor& dy, const Tensor& x, const Tensor&
 
 template <typename T, bool kCentered>
 void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                     const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db, double eps) {
+                     const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db, double eps,
+                     double w_offset) {
   const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
   if (rows == 0) {  // no rows: zero weight gradients (else column_sum_kernel writes every column)
     if (dw.defined() && dw.numel()) dw.zero_();
     if (db.defined() && db.numel()) db.zero_();
     return;
   }
-  if (N <= kExactRowMax) return launch_norm_bwd_exact_rows<T, kCentered>(dy, x, w, dres, dx, dw, db, rows, eps);
+  if (N <= kExactRowMax)
+    return launch_norm_bwd_exact_rows<T, kCentered>(dy, x, w, dres, dx, dw, db, rows, eps, w_offset);
   const int vec = vector_width<T>(N, {&dy, &x, &w, &dres, &dx});
   RowGeometry geo = row_geometry(rows, N, kWarpRowMax / 2, kBwdRegCols, vec, rows);
   // About half the threads the SMs hold, no more: each row group adds a row of partials.
@@ -395,7 +410,8 @@ void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const T
   auto run = [&](auto kernel) {
     launch(kernel, geo.blocks, geo.threads, 0, stream,
         ptr<T>(dy), ptr<T>(x), ptr<T>(w), kCentered ? ptr<float>(mean) : nullptr, ptr<float>(rstd), ptr<T>(dres),
-        mut_ptr<T>(dx), mut_ptr<float>(dw_part), mut_ptr<float>(db_part), rows, N, geo.group, geo.cached);
+        mut_ptr<T>(dx), mut_ptr<float>(dw_part), mut_ptr<float>(db_part), rows, N, float(w_offset), geo.group,
+        geo.cached);
   };
   if (vec == 1) run(norm_bwd_kernel<T, 1, kCentered>);
   else run(norm_bwd_kernel<T, 16 / sizeof(T), kCentered>);
@@ -421,7 +437,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const
   auto lead = x.sizes().slice(0, x.dim() - 1);
   Tensor mean = at::zeros(lead, stats), rstd = at::zeros(lead, stats);
   for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_fwd<T, true>(x, opt(weight), opt(bias), opt(residual), y, s, mean, rstd, eps);
+    launch_norm_fwd<T, true>(x, opt(weight), opt(bias), opt(residual), y, s, mean, rstd, eps, 0.0);
   });
   return {y, s, mean, rstd};
 }
@@ -438,34 +454,35 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor
   Tensor dw = weight_grad ? at::empty({N}, x.options()) : x.new_empty({0});
   Tensor db = bias_grad ? at::empty({N}, x.options()) : x.new_empty({0});
   for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_bwd<T, true>(dy, x, opt(weight), mean, rstd, opt(dres), dx, dw, db, eps);
+    launch_norm_bwd<T, true>(dy, x, opt(weight), mean, rstd, opt(dres), dx, dw, db, eps, 0.0);
   });
   return {dx, dw, db};
 }
 
 std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
-                                                const std::optional<Tensor>& residual, double eps) {
+                                                const std::optional<Tensor>& residual, double eps,
+                                                double weight_offset) {
   check_cuda_contiguous("rms_norm_fwd", {&x, weight ? &*weight : nullptr, residual ? &*residual : nullptr});
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : x.new_empty({0});
   Tensor rstd = at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   Tensor no_mean;
   for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_fwd<T, false>(x, opt(weight), Tensor(), opt(residual), y, s, no_mean, rstd, eps);
+    launch_norm_fwd<T, false>(x, opt(weight), Tensor(), opt(residual), y, s, no_mean, rstd, eps, weight_offset);
   });
   return {y, s, rstd};
 }
 
 std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
                                         const Tensor& rstd, const std::optional<Tensor>& dres, bool weight_grad,
-                                        double eps) {
+                                        double eps, double weight_offset) {
   check_cuda_contiguous("rms_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &rstd, dres ? &*dres : nullptr});
   const c10::cuda::CUDAGuard guard(x.device());
   Tensor dx = at::empty_like(x);
   Tensor dw = weight_grad ? at::empty({x.size(-1)}, x.options()) : x.new_empty({0});
   Tensor no_db;
   for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_bwd<T, false>(dy, x, opt(weight), Tensor(), rstd, opt(dres), dx, dw, no_db, eps);
+    launch_norm_bwd<T, false>(dy, x, opt(weight), Tensor(), rstd, opt(dres), dx, dw, no_db, eps, weight_offset);
   });
   return {dx, dw};
 }

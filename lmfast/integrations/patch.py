@@ -3,8 +3,10 @@
 One table (SWAPS) says which modules are candidates and how to build the replacement. A
 norm or softmax candidate is swapped only if a probe shows it computes what the replacement
 computes: the probe runs a copy of the module, with random parameters, against the
-replacement sharing those parameters. So a look-alike with another formula (Gemma's RMSNorm scales by
-1 + weight) is left alone and reported, never silently changed.
+replacement sharing those parameters. A candidate may compute one of several forms (an
+RMSNorm scales by weight, as Llama's, or by 1 + weight, as Gemma's): the first form the probe
+confirms is the one built. So a look-alike with another formula is left alone and reported,
+never silently changed.
 
 Replacements share the original's Parameter objects (optimizers, state_dict() and
 save_pretrained() see the same tensors under the same keys) and keep the original module, so
@@ -56,9 +58,10 @@ def _layer_norm(module: nn.LayerNorm, backend: str) -> nn.Module:
     return new
 
 
-def _rms_norm(module: nn.Module, backend: str) -> nn.Module:
+def _rms_norm(module: nn.Module, backend: str, weight_offset: float = 0.0) -> nn.Module:
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    new = lmnn.RMSNorm(module.weight.shape[0], eps=float(eps), backend=backend, device="meta")
+    new = lmnn.RMSNorm(module.weight.shape[0], eps=float(eps), weight_offset=weight_offset, backend=backend,
+                       device="meta")
     new.weight = module.weight
     return new
 
@@ -102,17 +105,27 @@ NOT_A_CANDIDATE = "not a candidate"
 
 
 @dataclass(frozen=True)
+class Form:
+    """One formula a candidate may compute: extra arguments of Swap.build, and what the report adds."""
+    build_kwargs: dict = field(default_factory=dict)
+    label: str = ""
+
+
+@dataclass(frozen=True)
 class Swap:
     kind: str                                         # as reported
     flag: str                                         # the patch() argument that enables it
     check: Callable[[nn.Module], str | None]          # None: a candidate; else why not (NOT_A_CANDIDATE: silent)
-    build: Callable[[nn.Module, str], nn.Module]      # (original, backend) -> replacement sharing its Parameters
+    build: Callable[..., nn.Module]                   # (original, backend, **form) -> replacement sharing its Parameters
     probe_shape: Callable[[nn.Module], tuple] | None  # input shape for the formula probe; None: no probe
+    forms: tuple[Form, ...] = (Form(),)               # tried in order by the probe
 
 
 SWAPS: list[Swap] = [
     Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape)),
-    Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0])),
+    # Llama's scale (weight), then Gemma's (1 + weight: also Qwen3-Next, Qwen3.5, VaultGemma...)
+    Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0]),
+         forms=(Form(), Form({"weight_offset": 1.0}, "1 + weight"))),
     Swap("Softmax", "softmax", _is_softmax, _softmax, lambda m: (3, 5, 7)),
     # torch's own forward serves what lmfast does not (need_weights=True, add_bias_kv, add_zero_attn):
     # no formula to probe, the calls differ, so tests/test_patch.py proves it on nn.Transformer*.
@@ -120,12 +133,23 @@ SWAPS: list[Swap] = [
 ]
 
 
-def _probe(original: nn.Module, swap: Swap) -> str | None:
-    """None if `swap.build(original)` computes what `original` does; else why not.
+def _probe(original: nn.Module, swap: Swap) -> tuple[str | None, Form]:
+    """(None, the form) for the first of swap.forms whose replacement computes what `original`
+    does; else (why not, for the first form, which is the one reported).
 
     Runs on a deep copy whose floating parameters are redrawn at random (so that identity
     weights cannot hide a different formula), in float32 on the CPU, against the replacement
     built from that copy with the reference backend."""
+    first_why = None
+    for form in swap.forms:
+        why = _probe_form(original, swap, form)
+        if why is None:
+            return None, form
+        first_why = first_why or why
+    return first_why, swap.forms[0]
+
+
+def _probe_form(original: nn.Module, swap: Swap, form: Form) -> str | None:
     try:
         twin = copy.deepcopy(original).to(device="cpu", dtype=torch.float32)
         g = torch.Generator().manual_seed(0)
@@ -134,7 +158,7 @@ def _probe(original: nn.Module, swap: Swap) -> str | None:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             x = torch.randn(*swap.probe_shape(twin), generator=g) * 3 + 1
             want = twin(x)
-            replacement = swap.build(twin, "torch")
+            replacement = swap.build(twin, "torch", **form.build_kwargs)
             got = replacement(x)
     except Exception as e:  # a module we cannot probe is not one we can vouch for
         return f"could not be probed ({type(e).__name__}: {e})"
@@ -181,20 +205,21 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
             report.already_patched += 1
             continue
         for swap in swaps:
-            why = swap.check(child)
+            why, form = swap.check(child), swap.forms[0]
             if why == NOT_A_CANDIDATE:
                 continue
             if why is None and swap.probe_shape is not None:
-                why = _probe(child, swap)
+                why, form = _probe(child, swap)
             if why is not None:
                 report.skipped.append((path, f"{type(child).__name__} {why}"))
                 break
-            new = swap.build(child, backend)
+            new = swap.build(child, backend, **form.build_kwargs)
             _carry_attributes(child, new)
             new.train(child.training)
             object.__setattr__(new, _ORIGINAL, child)  # not registered as a submodule
             setattr(parent, name, new)
-            report.swapped[f"{swap.kind} ({type(child).__name__})"] += 1
+            kind = f"{swap.kind}, {form.label}" if form.label else swap.kind
+            report.swapped[f"{kind} ({type(child).__name__})"] += 1
             break
     if attention:
         _patch_hf_attention(model, backend, report)

@@ -4,7 +4,7 @@ One program per row in the forward. RMSNorm is LayerNorm without centering (CENT
 mean fixed at 0, no bias). Per row, with s = x (+ residual):
 
     forward:   mu = mean(s) (0 for RMSNorm),  rstd = 1 / sqrt(mean((s - mu)^2) + eps)
-               y  = (s - mu) * rstd * w + b
+               y  = (s - mu) * rstd * w + b,   w = w_offset + weight   (w_offset: RMSNorm only)
     backward:  xhat = (s - mu) * rstd,  g = dy * w
                ds = rstd * (g - mean(g) - xhat * mean(g * xhat))      (mean(g): LayerNorm only)
                dw = sum_rows(dy * xhat),  db = sum_rows(dy)
@@ -49,12 +49,22 @@ def _rstd(sum_d2, mean_d, N, eps):
 
 
 @triton.jit
-def _store_normalized(d, rstd, W, B, Y, cols, in_row, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                      INTERPRETED: tl.constexpr):
+def _load_weight(W, cols, in_row, w_offset, SHIFT_W: tl.constexpr):
+    """One block of the scale w_offset + weight as float32 (1 + weight: Gemma's RMSNorm). The
+    offset is added only where SHIFT_W (w_offset != 0), so that a -0 weight stays -0."""
+    w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+    if SHIFT_W:
+        w += w_offset
+    return w
+
+
+@triton.jit
+def _store_normalized(d, rstd, W, B, Y, cols, in_row, w_offset, HAS_W: tl.constexpr, SHIFT_W: tl.constexpr,
+                      HAS_B: tl.constexpr, INTERPRETED: tl.constexpr):
     """Y = d * rstd * w + b for one block, where d = s - mean."""
     y = d * rstd
     if HAS_W:
-        y = y * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        y = y * _load_weight(W, cols, in_row, w_offset, SHIFT_W)
     if HAS_B:
         y = y + tl.load(B + cols, mask=in_row, other=0.0).to(tl.float32)
     tl.store(Y + cols, round_to(y, Y.dtype.element_ty, INTERPRETED), mask=in_row)
@@ -72,8 +82,9 @@ def _norm_fwd_kernel(
     RSTD,     # (rows,) float32 1 / sqrt(var + eps)
     N,        # row length
     eps,      # variance epsilon
-    CENTERED: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-    BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+    w_offset,  # added to the weight                            [SHIFT_W]
+    CENTERED: tl.constexpr, HAS_RES: tl.constexpr, HAS_W: tl.constexpr, SHIFT_W: tl.constexpr,
+    HAS_B: tl.constexpr, BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     X += row * N
@@ -98,8 +109,8 @@ def _norm_fwd_kernel(
             mean_d = 0.0
         mean = m0 + mean_d
         rstd = _rstd(tl.sum(d * d, axis=0), mean_d, N, eps)
-        _store_normalized(tl.where(in_row, s - mean, 0.0), rstd, W, B, Y, cols, in_row, HAS_W, HAS_B,
-                          INTERPRETED)
+        _store_normalized(tl.where(in_row, s - mean, 0.0), rstd, W, B, Y, cols, in_row, w_offset, HAS_W, SHIFT_W,
+                          HAS_B, INTERPRETED)
     else:
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
@@ -128,7 +139,7 @@ def _norm_fwd_kernel(
         for start in range(0, N, BLOCK_N):
             in_row = start + cols < N
             d = tl.load(S + start + cols, mask=in_row, other=0.0).to(tl.float32) - mean
-            _store_normalized(d, rstd, W, B, Y, start + cols, in_row, HAS_W, HAS_B, INTERPRETED)
+            _store_normalized(d, rstd, W, B, Y, start + cols, in_row, w_offset, HAS_W, SHIFT_W, HAS_B, INTERPRETED)
     if CENTERED:
         tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -145,14 +156,14 @@ def _row_stats(MEAN, RSTD, row, CENTERED: tl.constexpr):
 
 
 @triton.jit
-def _grad_terms(DY, X, W, cols, in_row, mean, rstd, HAS_W: tl.constexpr):
+def _grad_terms(DY, X, W, cols, in_row, mean, rstd, w_offset, HAS_W: tl.constexpr, SHIFT_W: tl.constexpr):
     """(dy, xhat, g = dy * w) for one block as float32; all zero outside the row."""
     dy = tl.load(DY + cols, mask=in_row, other=0.0).to(tl.float32)
     x = tl.load(X + cols, mask=in_row, other=0.0).to(tl.float32)
     xhat = tl.where(in_row, (x - mean) * rstd, 0.0)
     g = dy
     if HAS_W:
-        g = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float32)
+        g = dy * _load_weight(W, cols, in_row, w_offset, SHIFT_W)
     return dy, xhat, g
 
 
@@ -179,7 +190,8 @@ def _norm_bwd_kernel(
     rows, N,
     rows_per_program,
     eps,         # the forward's eps (as float32: ~3e-8 relative)          [EXACT]
-    CENTERED: tl.constexpr, HAS_W: tl.constexpr, HAS_DRES: tl.constexpr,
+    w_offset,    # added to the weight                                     [SHIFT_W]
+    CENTERED: tl.constexpr, HAS_W: tl.constexpr, SHIFT_W: tl.constexpr, HAS_DRES: tl.constexpr,
     W_GRAD: tl.constexpr, B_GRAD: tl.constexpr,
     BLOCK_N: tl.constexpr, ONE_BLOCK: tl.constexpr, EXACT: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -201,7 +213,10 @@ def _norm_bwd_kernel(
             dy = tl.load(DY + off + cols, mask=in_row, other=0.0).to(tl.float64)
             g = dy
             if HAS_W:
-                g = dy * tl.load(W + cols, mask=in_row, other=0.0).to(tl.float64)
+                w = tl.load(W + cols, mask=in_row, other=0.0).to(tl.float64)
+                if SHIFT_W:
+                    w += w_offset
+                g = dy * w
             if CENTERED:
                 d = tl.where(in_row, x - tl.sum(x, axis=0) / N, 0.0)
                 g_mean = tl.sum(g, axis=0) / N
@@ -235,7 +250,7 @@ def _norm_bwd_kernel(
         for row in range(row_start, row_end):
             off = row * N
             mean, rstd = _row_stats(MEAN, RSTD, row, CENTERED)
-            dy, xhat, g = _grad_terms(DY + off, X + off, W, cols, in_row, mean, rstd, HAS_W)
+            dy, xhat, g = _grad_terms(DY + off, X + off, W, cols, in_row, mean, rstd, w_offset, HAS_W, SHIFT_W)
             c1 = tl.sum(g * xhat, axis=0) / N
             if CENTERED:
                 c2 = tl.sum(g, axis=0) / N
@@ -255,7 +270,8 @@ def _norm_bwd_kernel(
             gx_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             g_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
             for start in range(0, N, BLOCK_N):
-                dy, xhat, g = _grad_terms(DY + off, X + off, W, start + cols, start + cols < N, mean, rstd, HAS_W)
+                dy, xhat, g = _grad_terms(DY + off, X + off, W, start + cols, start + cols < N, mean, rstd, w_offset,
+                                          HAS_W, SHIFT_W)
                 gx_acc += g * xhat
                 g_acc += g
             c1 = tl.sum(gx_acc, axis=0) / N
@@ -266,7 +282,7 @@ def _norm_bwd_kernel(
             for start in range(0, N, BLOCK_N):
                 c = start + cols
                 in_row = c < N
-                dy, xhat, g = _grad_terms(DY + off, X + off, W, c, in_row, mean, rstd, HAS_W)
+                dy, xhat, g = _grad_terms(DY + off, X + off, W, c, in_row, mean, rstd, w_offset, HAS_W, SHIFT_W)
                 _store_dx(g, xhat, c1, c2, rstd, DRES + off, DX + off, c, in_row, HAS_DRES, INTERPRETED)
                 if W_GRAD:  # this program's own partial row: no other program touches it
                     tl.store(DW_PARTIAL + c, tl.load(DW_PARTIAL + c, mask=in_row) + dy * xhat, mask=in_row)
@@ -278,7 +294,7 @@ def _stat(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.empty(rows, device=x.device, dtype=torch.float32)
 
 
-def _norm_fwd(x, weight, bias, residual, eps, centered):
+def _norm_fwd(x, weight, bias, residual, eps, centered, weight_offset=0.0):
     rows, n = x.shape
     y = torch.empty_like(x)
     residual_out = torch.empty_like(x) if residual is not None else x.new_empty(0)
@@ -290,8 +306,8 @@ def _norm_fwd(x, weight, bias, residual, eps, centered):
     _norm_fwd_kernel[(rows,)](
         x, residual if residual is not None else x, weight if weight is not None else x,
         bias if bias is not None else x, y, residual_out if residual is not None else y,
-        mean if centered else rstd, rstd, n, eps,
-        CENTERED=centered, HAS_RES=residual is not None, HAS_W=weight is not None,
+        mean if centered else rstd, rstd, n, eps, weight_offset,
+        CENTERED=centered, HAS_RES=residual is not None, HAS_W=weight is not None, SHIFT_W=weight_offset != 0,
         HAS_B=bias is not None, BLOCK_N=block, ONE_BLOCK=one_block, INTERPRETED=_common.interpreted(), num_warps=warps)
     return y, residual_out, mean, rstd
 
@@ -306,7 +322,7 @@ def _norm_fwd(x, weight, bias, residual, eps, centered):
 EXACT_ROW_MAX = 8
 
 
-def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps, centered):
+def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps, centered, weight_offset=0.0):
     rows, n = x.shape
     dx = torch.empty_like(x)
     programs = _common.reduction_programs(rows, n, x.device)
@@ -318,8 +334,8 @@ def _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, 
             dy, x, weight if weight is not None else x, mean if centered else rstd, rstd,
             dresidual_out if dresidual_out is not None else dy, dx,
             dw_partial if weight_grad else dx, db_partial if bias_grad else dx,
-            rows, n, -(-rows // programs), eps,
-            CENTERED=centered, HAS_W=weight is not None, HAS_DRES=dresidual_out is not None,
+            rows, n, -(-rows // programs), eps, weight_offset,
+            CENTERED=centered, HAS_W=weight is not None, SHIFT_W=weight_offset != 0, HAS_DRES=dresidual_out is not None,
             W_GRAD=weight_grad, B_GRAD=bias_grad, BLOCK_N=block, ONE_BLOCK=one_block,
             EXACT=n <= EXACT_ROW_MAX, INTERPRETED=_common.interpreted(), num_warps=warps)
     # (programs, N) partials -> (N,), summed in float32, rounded once
@@ -336,11 +352,12 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_g
     return _norm_bwd(dy, x, weight, mean, rstd, dresidual_out, weight_grad, bias_grad, eps, centered=True)
 
 
-def rms_norm_fwd(x, weight, residual, eps):
-    y, residual_out, _, rstd = _norm_fwd(x, weight, None, residual, eps, centered=False)
+def rms_norm_fwd(x, weight, residual, eps, weight_offset=0.0):
+    y, residual_out, _, rstd = _norm_fwd(x, weight, None, residual, eps, centered=False, weight_offset=weight_offset)
     return y, residual_out, rstd
 
 
-def rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad, eps):
-    dx, dw, _ = _norm_bwd(dy, x, weight, None, rstd, dresidual_out, weight_grad, False, eps, centered=False)
+def rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad, eps, weight_offset=0.0):
+    dx, dw, _ = _norm_bwd(dy, x, weight, None, rstd, dresidual_out, weight_grad, False, eps, centered=False,
+                          weight_offset=weight_offset)
     return dx, dw

@@ -70,13 +70,19 @@ class RMSNorm(torch.nn.Module):
     Like those modules, it normalizes in float32 and returns `weight * normed` in the promoted
     dtype when the input's dtype differs from the weight's; when they match, the weight
     multiply is fused into the kernel.
+
+    weight_offset=1.0 makes it the zero-centered RMSNorm of Gemma, Qwen3-Next and Qwen3.5
+    (GemmaRMSNorm...): the scale is 1 + weight, added in float32, the weight starts at zeros,
+    and the output has the input's dtype whatever the weight's, rounded once, as there.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, *, backend: str = "auto",
-                 device=None, dtype=None):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, *, weight_offset: float = 0.0,
+                 backend: str = "auto", device=None, dtype=None):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        # initialized so that the scale weight_offset + weight is 1
+        self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset, device=device, dtype=dtype))
         self.variance_epsilon = eps
+        self.weight_offset = float(weight_offset)
         self.backend = backend
 
     @property
@@ -90,15 +96,24 @@ class RMSNorm(torch.nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None):
         params = self._parameters  # (as in LayerNorm.forward)
         w = params["weight"] if "weight" in params else self.weight
+        offset = self.weight_offset
         if on_cpp_path(self.backend, x) and x.dtype == w.dtype:
-            y, s = _C.rms_norm.default(x, w, residual, float(self.variance_epsilon))  # one C++ call
+            y, s = _C.rms_norm.default(x, w, residual, float(self.variance_epsilon), float(offset))  # one C++ call
             return y if residual is None else (y, s)
         if x.dtype == w.dtype:
-            return ops.rms_norm(x, w, self.variance_epsilon, residual=residual, backend=self.backend)
+            return ops.rms_norm(x, w, self.variance_epsilon, residual=residual, weight_offset=offset,
+                                backend=self.backend)
+        if offset != 0:
+            # Gemma's mixed dtypes: normalized and scaled in float32, rounded once to x's dtype
+            s = x if residual is None else x + residual
+            y = ops.rms_norm(s.float(), w.float(), self.variance_epsilon, weight_offset=offset,
+                             backend=self.backend).to(x.dtype)
+            return y if residual is None else (y, s)
         out = ops.rms_norm(x, None, self.variance_epsilon, residual=residual, backend=self.backend)
         if residual is None:
             return w * out
         return w * out[0], out[1]
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+        offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{offset}"

@@ -58,6 +58,14 @@ def real_number(name: str, value: object, *, minimum: float | None = None) -> fl
     return float(value)
 
 
+def weight_offset(value: object, weight: Tensor | None) -> float:
+    """RMSNorm's weight_offset (the scale is weight_offset + weight): finite, and 0 without a weight."""
+    value = real_number("weight_offset", value)
+    if value != 0 and weight is None:
+        raise ValueError(f"weight_offset={value} needs a weight (without one the scale is 1)")
+    return value
+
+
 def dropout(p: object, seed: object) -> float:
     """Attention dropout: p a probability in [0, 1); seed None or an int64 tensor of one element."""
     p = real_number("dropout_p", p)

@@ -48,25 +48,30 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
 
 
 def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
-             residual: Tensor | None = None, backend: str = "auto"):
-    """RMSNorm over the last dim: s / sqrt(mean(s^2) + eps) * weight.
+             residual: Tensor | None = None, weight_offset: float = 0.0, backend: str = "auto"):
+    """RMSNorm over the last dim: s / sqrt(mean(s^2) + eps) * (weight_offset + weight).
 
-    `residual` as in layer_norm: returns (y, x + residual) when given.
+    `residual` as in layer_norm: returns (y, x + residual) when given. weight_offset=1.0 is
+    the zero-centered weight of Gemma, Qwen3-Next and Qwen3.5 (their RMSNorm scales by
+    1 + weight), added in float32; it needs a weight.
     """
-    if type(eps) is float and on_cpp_path(backend, x) and tensors_or_none(weight, residual):
-        y, s = cpp_ops().rms_norm.default(x, weight, residual, eps)  # checks its arguments
+    if (type(eps) is float and type(weight_offset) is float and on_cpp_path(backend, x)
+            and tensors_or_none(weight, residual)):
+        y, s = cpp_ops().rms_norm.default(x, weight, residual, eps, weight_offset)  # checks its arguments
         return y if residual is None else (y, s)
     _checks.floating_tensor("x", x)
     _checks.norm_param("weight", weight, x)
     _checks.residual_like(residual, x)
     eps = _checks.real_number("eps", eps, minimum=0.0)
+    weight_offset = _checks.weight_offset(weight_offset, weight)
     impl = resolve_backend(backend, "rms_norm", x)
     if impl == "torch":
-        return reference.rms_norm(x, weight, eps, residual)
+        return reference.rms_norm(x, weight, eps, residual, weight_offset)
     if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
-        y, s = cpp_ops().rms_norm.default(x, weight, residual, eps)
+        y, s = cpp_ops().rms_norm.default(x, weight, residual, eps, weight_offset)
         return y if residual is None else (y, s)
-    y, s, _ = triton_op("rms_norm_fwd", as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps)
+    y, s, _ = triton_op("rms_norm_fwd", as_rows(x), _vec(weight), None if residual is None else as_rows(residual), eps,
+                        weight_offset)
     return y.view_as(x) if residual is None else (y.view_as(x), s.view_as(x))
 
 
@@ -89,14 +94,15 @@ def _(dy: Tensor, x: Tensor, weight: Tensor | None, mean: Tensor, rstd: Tensor,
 
 
 @torch.library.custom_op("lmfast_triton::rms_norm_fwd", mutates_args=())
-def _(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    return triton_kernels().rms_norm_fwd(x, weight, residual, eps)
+def _(x: Tensor, weight: Tensor | None, residual: Tensor | None, eps: float,
+      weight_offset: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
+    return triton_kernels().rms_norm_fwd(x, weight, residual, eps, weight_offset)
 
 
 @torch.library.custom_op("lmfast_triton::rms_norm_bwd", mutates_args=())
 def _(dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, dresidual_out: Tensor | None,
-      weight_grad: bool, eps: float) -> tuple[Tensor, Tensor]:
-    return triton_kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad, eps)
+      weight_grad: bool, eps: float, weight_offset: float = 0.0) -> tuple[Tensor, Tensor]:
+    return triton_kernels().rms_norm_bwd(dy, x, weight, rstd, dresidual_out, weight_grad, eps, weight_offset)
 
 
 # ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
@@ -122,11 +128,11 @@ def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, dresidual_out, weight_grad, 
     return torch.empty_like(x), _param_grad(weight_grad, x), _param_grad(bias_grad, x)
 
 
-def _rms_norm_fwd_fake(x, weight, residual, eps):
+def _rms_norm_fwd_fake(x, weight, residual, eps, weight_offset=0.0):
     return torch.empty_like(x), _residual_out(residual, x), _stats(x)
 
 
-def _rms_norm_bwd_fake(dy, x, weight, rstd, dresidual_out, weight_grad, eps):
+def _rms_norm_bwd_fake(dy, x, weight, rstd, dresidual_out, weight_grad, eps, weight_offset=0.0):
     return torch.empty_like(x), _param_grad(weight_grad, x)
 
 
@@ -138,9 +144,9 @@ def _layer_norm_setup(ctx, inputs, output):
 
 
 def _rms_norm_setup(ctx, inputs, output):
-    x, weight, residual, eps = inputs
+    x, weight, residual, eps, weight_offset = inputs
     _, s, rstd = output
-    ctx.has_residual, ctx.eps = residual is not None, eps
+    ctx.has_residual, ctx.eps, ctx.weight_offset = residual is not None, eps, weight_offset
     ctx.save_for_backward(s if ctx.has_residual else x, weight, rstd)
 
 
@@ -168,8 +174,9 @@ def _register_triton_autograd() -> None:
         normed, weight, rstd = ctx.saved_tensors
         need_x, need_w, need_r = ctx.needs_input_grad[:3]
         ds = upstream_grad(ds, normed) if ctx.has_residual else None
-        dx, dw = ops.rms_norm_bwd(upstream_grad(dy, normed), normed, weight, rstd, ds, need_w, ctx.eps)
-        return dx if need_x else None, dw if need_w else None, dx if need_r else None, None
+        dx, dw = ops.rms_norm_bwd(upstream_grad(dy, normed), normed, weight, rstd, ds, need_w, ctx.eps,
+                                  ctx.weight_offset)
+        return dx if need_x else None, dw if need_w else None, dx if need_r else None, None, None
 
     torch.library.register_autograd("lmfast_triton::layer_norm_fwd", layer_norm_backward,
                                     setup_context=_layer_norm_setup)
