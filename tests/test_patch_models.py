@@ -439,6 +439,22 @@ def test_hf_attention_dropout_runs_in_lmfast_attention_in_training(monkeypatch):
     assert len(calls) == 2 and not any("dropout_p" in c for c in calls)
 
 
+def test_gemma3_row_of_the_model_benchmarks(monkeypatch):
+    """model_benchmarks' Gemma 3 row at a small shape: its outputs check (the error budget
+    against the float64 model) passes, and the timed calls run lmfast's 1 + weight RMSNorm and
+    attention (a sliding and a global layer)."""
+    from lmfast import model_benchmarks as mb
+
+    model = mb.gemma3_random(torch.float32, num_hidden_layers=2, vocab_size=VOCAB, hidden_size=64,
+                             intermediate_size=128, head_dim=16, sliding_window=WINDOW,
+                             layer_types=["sliding_attention", "full_attention"])
+    reference = mb.gemma3_last_logits(copy.deepcopy(model).double(), 24)
+    calls = _spy_attention(monkeypatch)
+    result = mb.gemma3_prefill(model, tokens=24, blocks=1, calls=1, reference=reference)
+    assert result.agrees and "within the budget" in result.agreement, result.agreement
+    assert {c["window"] for c in calls} == {WINDOW, None}
+
+
 def test_hf_softcapping_model_keeps_its_attention():
     """Gemma 2 caps attention logits (attn_logit_softcapping): lmfast leaves its attention
     alone and says why; its norms (1 + weight) are swapped."""
