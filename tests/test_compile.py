@@ -14,13 +14,14 @@ class Block(torch.nn.Module):
         super().__init__()
         self.ln = lmfast.nn.LayerNorm(dim, backend=backend)
         self.rms = lmfast.nn.RMSNorm(dim, backend=backend)
+        self.gemma_rms = lmfast.nn.RMSNorm(dim, weight_offset=1.0, backend=backend)  # scale 1 + weight
         self.sm = lmfast.nn.Softmax(dim=-1, scale=dim ** -0.5, causal=True, backend=backend)
         self.attn = lmfast.nn.Attention(causal=True, backend=backend)
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x, residual, pad_mask):
         y, s = self.ln(x, residual)                 # (B, S, D)
-        h = self.rms(self.proj(y))
+        h = self.gemma_rms(self.rms(self.proj(y)))
         p = self.sm(h @ h.transpose(-1, -2), pad_mask)  # (B, S, S)
         heads = h.view(h.shape[0], h.shape[1], 2, -1).transpose(1, 2)  # (B, 2, S, D/2)
         a = self.attn(heads, heads[:, :1], heads[:, 1:], pad_mask[:, None])  # 2 query heads, 1 kv head
@@ -110,6 +111,7 @@ def test_opcheck_custom_ops(kb):
     w, b = torch.randn(33, device=dev), torch.randn(33, device=dev)
     torch.library.opcheck(ns.layer_norm_fwd, (x, w, b, r, 1e-5))
     torch.library.opcheck(ns.rms_norm_fwd, (x, w, None, 1e-6))
+    torch.library.opcheck(ns.rms_norm_fwd, (x, w, r, 1e-6, 1.0))  # Gemma's scale, 1 + weight
     x4 = torch.randn(2, 3, 5, 7, device=dev)
     mask = torch.randn(1, 3, 1, 7, device=dev).expand(2, 3, 5, 7)
     torch.library.opcheck(ns.softmax_fwd, (x4, mask, 0.5, True))
