@@ -74,9 +74,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
 }  // namespace
 
 // The ISA levels this CPU (and its OS) can run, best first, comma-separated. The levels
-// match lmfast/_build_flags.py: avx512 = x86-64-v4 (AVX-512 F/BW/CD/DQ/VL), avx2 = x86-64-v3
-// (AVX2, FMA, F16C, BMI1/2, MOVBE); default runs anywhere. libgcc's checks include the OS's
-// support for the vector registers (XCR0).
+// match lmfast/_build_flags.py: avx512 = x86-64-v4 (AVX-512 F/BW/CD/DQ/VL), avx512bf16 = that
+// and AVX512-BF16, avx2 = x86-64-v3 (AVX2, FMA, F16C, BMI1/2, MOVBE); default runs anywhere.
+// libgcc's checks include the OS's support for the vector registers (XCR0).
 std::string cpu_levels() {
   std::string levels;
 #if defined(__x86_64__) || defined(__i386__)
@@ -87,6 +87,7 @@ std::string cpu_levels() {
   const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                   __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
                   __builtin_cpu_supports("avx512vl");
+  if (v4 && __builtin_cpu_supports("avx512bf16")) levels += "avx512bf16,";
   if (v4) levels += "avx512,";
   if (v3) levels += "avx2,";
 #endif

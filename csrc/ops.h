@@ -73,7 +73,7 @@ const char* bf16_attention_unit();
 // loaded at run time (csrc/dispatch.cpp; csrc/cpu/kernel_table.h).
 namespace lmfast::dispatch {
 
-std::string cpu_levels();                               // "avx512,avx2,default": what this CPU runs
+std::string cpu_levels();                               // "avx512bf16,avx512,avx2,default": what this CPU runs
 std::string load_cpu_kernels(const std::string& path);  // -> "level;capability"
 std::string loaded_cpu_kernels();                       // "level;capability" or "none;none"
 std::string bf16_attention_unit();                      // the loaded library's cpu::bf16_attention_unit()

@@ -30,9 +30,12 @@ CORE_SOURCES = ("ops.cpp", "api.cpp", "dispatch.cpp")
 KERNEL_SOURCES = ("cpu/norm.cpp", "cpu/softmax.cpp", "cpu/attention.cpp", "cpu/kernel_table.cpp")
 
 # ISA level -> its -march flags, best first. x86-64-v4 is AVX-512 F/BW/CD/DQ/VL (ATen's AVX512
-# vectors), x86-64-v3 is AVX2 + FMA + F16C (ATen's AVX2 vectors); "default" is the compiler's
-# baseline (SSE2 on x86-64), scalar ATen vectors.
-X86_LEVELS = {"avx512": ["-march=x86-64-v4"], "avx2": ["-march=x86-64-v3"], "default": []}
+# vectors); avx512bf16 adds AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake and Sapphire Rapids+),
+# whose one-instruction float -> bfloat16 conversion the kernels use (csrc/cpu/vec.h,
+# from_float); x86-64-v3 is AVX2 + FMA + F16C (ATen's AVX2 vectors); "default" is the
+# compiler's baseline (SSE2 on x86-64), scalar ATen vectors.
+X86_LEVELS = {"avx512bf16": ["-march=x86-64-v4", "-mavx512bf16"], "avx512": ["-march=x86-64-v4"],
+              "avx2": ["-march=x86-64-v3"], "default": []}
 
 
 def kernel_levels() -> dict[str, list[str]]:

@@ -2,7 +2,7 @@
 
 Two libraries make them: lmfast._C (the ops, their checks and autograd) and one kernel
 library, lmfast._cpu_<level>, of the ISA level this CPU runs best (lmfast/_build_flags.py:
-avx512, avx2, default), which _C forwards the kernel ops to. LMFAST_CPU_ISA=<level> forces a
+avx512bf16, avx512, avx2, default), which _C forwards the kernel ops to. LMFAST_CPU_ISA=<level> forces a
 level (an error if the CPU cannot run it, or it was not built).
 
 Two ways in, tried in order:
@@ -39,7 +39,7 @@ class ExtensionStatus:
     detail: str  # how it was loaded (and its build info), or why it could not be
     location: str | None = None  # lmfast._C's path, when loaded
     kernels: str | None = None  # the loaded kernel library's path
-    isa: str | None = None  # its ISA level (avx512, avx2, default, custom)
+    isa: str | None = None  # its ISA level (avx512bf16, avx512, avx2, default, custom)
 
 
 class KernelChoiceError(RuntimeError):

@@ -110,6 +110,24 @@ def test_rms_norm_weight_offset_zero_keeps_the_bits(kb):
 
 
 @pytest.mark.parametrize("op", OPS)
+def test_bfloat16_denormal_outputs_are_rounded_not_flushed(op):
+    """A weight of ~1e-39 makes the outputs bfloat16 denormals. The C++ kernels' AVX512-BF16
+    conversion (csrc/cpu/vec.h, from_float) flushes those to zero, so their chunks must take the
+    rounding conversion: every output within one denormal ulp of the float64 reference's, and
+    zero only where that is. (Under every ISA level: tests/test_isa_levels.py.)"""
+    fn, ref, _ = OPS[op]
+    x = torch.randn(4, 100).to(torch.bfloat16)
+    w = torch.full((100,), 1e-39).to(torch.bfloat16)
+    w[::7] = 1.0  # normal outputs in the same chunks
+    got = fn(x, w, eps=1e-5, backend="cpu")
+    want = ref(x.double(), w.double(), eps=1e-5).to(torch.bfloat16)
+    assert (want[:, 1:7] != 0).all() and (want[:, 1:7].float().abs() < torch.finfo(torch.float32).tiny).all()
+    assert torch.equal(got != 0, want != 0)
+    # (one ulp: the float32 arithmetic before the rounding differs from the reference's)
+    torch.testing.assert_close(got.double(), want.double(), rtol=2 ** -7, atol=2.0 ** -133)  # a denormal ulp
+
+
+@pytest.mark.parametrize("op", OPS)
 def test_non_contiguous_inputs(op, kb):
     base = torch.randn(40, kb.rows(30), device=kb.device)
     x = base.t()  # (rows, 40), stride (1, rows)

@@ -209,6 +209,22 @@ def test_16bit_peaked_rows_gradient(width, kb, dtype16):
     _check(kb, f"peaked w={width}", x.to(kb.device, dtype16), scale=0.125)
 
 
+def test_bfloat16_denormal_probabilities_are_rounded_not_flushed():
+    """Four equal maxima and the rest at -87: those entries' probabilities, exp(-87) / 4 ~ 4e-39,
+    are bfloat16 denormals. The C++ kernels' AVX512-BF16 conversion (csrc/cpu/vec.h, from_float)
+    flushes a denormal to zero, so a chunk holding one must take the rounding conversion: the
+    output is the reference's, rounded once, and nothing is flushed. (Under every ISA level:
+    tests/test_isa_levels.py.)"""
+    x = torch.full((3, 100), -87.0)
+    x[:, :4] = 0.0
+    x[1, 50:] = -86.0  # (and denormals of another size in a second row)
+    x = x.to(torch.bfloat16)
+    got = lmfast.ops.softmax(x, dim=-1, backend="cpu")
+    want = torch.softmax(x.double(), dim=-1).to(torch.bfloat16)
+    assert (want[:, 4:] != 0).all() and (want[:, 4:].float().abs() < torch.finfo(torch.float32).tiny).all()
+    assert torch.equal(got, want)
+
+
 def test_empty_x_with_a_mask_over_another_dim(kb):
     """Found by the long fuzz profile: softmax over dim 2 of a (0, 0, 2, 2) x with a (2, 2)
     boolean mask raised "mask's last stride must be 0 or 1" (the C++ op checked the strides of

@@ -1,7 +1,7 @@
 // The table of CPU kernels one kernel library exports.
 //
 // The kernels (csrc/cpu/*.cpp) are compiled once per ISA level, each level into its own
-// shared library (lmfast/_cpu_<level>.so: avx512, avx2, default; see lmfast/_build_flags.py),
+// shared library (lmfast/_cpu_<level>.so: avx512bf16, avx512, avx2, default; see lmfast/_build_flags.py),
 // with that level's -march and hidden visibility, so that no inline function compiled for
 // AVX-512 can stand in for another library's copy. lmfast._C, compiled for the baseline ISA,
 // holds the op registrations and loads the one library this CPU runs best
@@ -18,7 +18,7 @@ constexpr int kKernelTableVersion = 5;
 
 struct KernelTable {
   int version;
-  const char* level;       // the ISA level it was built for: "avx512", "avx2", "default", "custom"
+  const char* level;       // the ISA level it was built for: "avx512bf16", "avx512", "avx2", "default", "custom"
   const char* capability;  // the ATen vector ISA the kernels use: "AVX512", "AVX2", "DEFAULT"
   decltype(&cpu::layer_norm_fwd) layer_norm_fwd;
   decltype(&cpu::layer_norm_bwd) layer_norm_bwd;

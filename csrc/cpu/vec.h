@@ -30,6 +30,24 @@ namespace lmfast::cpu {
 
 using at::vec::Vectorized;
 
+// float -> 16-bit float for two vectors of floats (a chunk). Where the kernel library's level
+// has AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later),
+// bfloat16 takes one vcvtne2ps2bf16 for 32 values in place of ATen's integer rounding (~14
+// instructions). Both round to nearest even; the instruction flushes denormal inputs to zero,
+// so a chunk holding one takes ATen's conversion, and the bits stay ATen's.
+template <typename scalar_t>
+inline Vectorized<scalar_t> from_float(const Vectorized<float>& lo, const Vectorized<float>& hi) {
+#if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    const __mmask16 denormal = _mm512_fpclass_ps_mask(__m512(lo), 0x20) | _mm512_fpclass_ps_mask(__m512(hi), 0x20);
+    if (__builtin_expect(denormal == 0, 1)) {
+      return Vectorized<scalar_t>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(__m512(hi), __m512(lo))));
+    }
+  }
+#endif
+  return at::vec::convert_from_float<scalar_t>(lo, hi);
+}
+
 // Rows are walked in chunks of kChunk = 2 * Vec::size() elements, held as two vectors of the
 // accumulation type acc_t (float for float/half/bfloat16, double for double): a chunk of
 // 16-bit floats converts to exactly two float vectors. The last chunk of a row may be partial
@@ -61,7 +79,7 @@ struct Chunk {
 
   inline void store(scalar_t* p, int64_t n) const {
     if constexpr (kReduced) {
-      auto v = at::vec::convert_from_float<scalar_t>(lo, hi);
+      auto v = from_float<scalar_t>(lo, hi);
       if (n == kChunk) v.store(p); else v.store(p, n);
     } else if (n == kChunk) {
       lo.store(p);
