@@ -312,8 +312,8 @@ def test_attention_rows_that_see_no_key(emu):
 
 def test_both_thread_orders(emu, thread_order):
     """One case per kernel that shares data through shared memory or shuffles, in both orders."""
-    test_norms(emu, True, torch.float32, 3, 4100)
-    test_norms(emu, False, torch.bfloat16, 200, 64)
+    test_norms(emu, True, 0.0, torch.float32, 3, 4100)
+    test_norms(emu, False, 1.0, torch.bfloat16, 200, 64)
     test_softmax(emu, torch.float16, (1, 1, 3, 1500), "bool-keys", False)
     test_attention(emu, torch.bfloat16, (1, 2, 2, 37, 45, 64), "causal")
     test_attention(emu, torch.float32, (2, 2, 1, 70, 70, 32), "plain")
