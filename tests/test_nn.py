@@ -106,6 +106,23 @@ def test_weight_offset_rms_norm_dtypes_follow_gemma(x_dtype, w_dtype):
     torch.testing.assert_close(y, ref(x + x), atol=0, rtol=2 ** -7 if x_dtype == torch.bfloat16 else 1e-6)
 
 
+def test_rms_norm_casting_for_mixed_dtypes():
+    """casting: "llama" returns weight * (the normalized x in x's dtype), the promoted dtype;
+    "float32" computes in float32 and returns x's dtype, rounded once (OLMo 2's, Gemma's)."""
+    x, w = torch.randn(8, 32, dtype=torch.bfloat16), torch.rand(32) + 0.5  # a float32 weight
+    normed = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6)
+    for casting, want in (("llama", w * normed.to(torch.bfloat16)), ("float32", (w * normed).to(torch.bfloat16))):
+        norm = lmfast.nn.RMSNorm(32, casting=casting)
+        with torch.no_grad():
+            norm.weight.copy_(w)
+        got = norm(x)
+        assert got.dtype == want.dtype and f"casting={casting!r}" in repr(norm)
+        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)
+    assert lmfast.nn.RMSNorm(32).casting == "llama" and lmfast.nn.RMSNorm(32, weight_offset=1.0).casting == "float32"
+    with pytest.raises(ValueError, match="casting must be one of"):
+        lmfast.nn.RMSNorm(32, casting="gemma")
+
+
 def test_softmax_module():
     sm = lmfast.nn.Softmax(dim=-1, scale=0.5, causal=True)
     x = torch.randn(2, 3, 16, 16)

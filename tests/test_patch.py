@@ -78,6 +78,53 @@ def test_patched_model_trains_the_original_parameters():
     assert model[2].weight is trained  # the original module holds the update
 
 
+def _norm_classes():
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.idefics.modeling_idefics import IdeficsRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+
+    return LlamaRMSNorm, Olmo2RMSNorm, GemmaRMSNorm, IdeficsRMSNorm
+
+
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                                 (torch.bfloat16, torch.bfloat16)], ids=["x-bf16", "w-bf16", "bf16"])
+def test_norms_return_what_the_original_returns_for_mixed_dtypes(x_dtype, param_dtype):
+    """RMSNorms that compute the same in float32 differ with mixed dtypes: Llama's returns
+    weight * (normed in x's dtype) in the promoted dtype, OLMo 2's and Gemma's compute in float32
+    and return x's dtype, Idefics's (T5's) rounds to a 16-bit weight's dtype. The probe runs
+    mixed dtypes too, so each replacement returns the original's dtype and values (within a
+    bfloat16 ulp: the rounding may differ), and a module none of lmfast's forms matches (Idefics's)
+    is left alone, with the reason. torch.nn.LayerNorm with float32 parameters on a bfloat16 x
+    computes with the parameters as they are: so does lmfast's (it rounded them to bfloat16 once)."""
+    llama, olmo2, gemma, idefics = _norm_classes()
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"llama": llama(64), "olmo2": olmo2(64), "gemma": gemma(64), "idefics": idefics(64),
+                                 "ln": torch.nn.LayerNorm(64)})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.uniform_(-0.5, 1.5)
+    model.to(param_dtype)
+    original = copy.deepcopy(model)
+    report = lmfast.patch(model)
+    assert report.swapped == {"RMSNorm (LlamaRMSNorm)": 1, "RMSNorm, in float32 (Olmo2RMSNorm)": 1,
+                              "RMSNorm, 1 + weight (GemmaRMSNorm)": 1, "LayerNorm (LayerNorm)": 1}
+    assert [p for p, _ in report.skipped] == ["idefics"]
+    assert "IdeficsRMSNorm returns torch.bfloat16 for torch.float32 input with torch.bfloat16 parameters" in str(report)
+    x = torch.randn(3, 64).to(x_dtype)
+    for name in ("llama", "olmo2", "gemma", "ln"):
+        try:
+            want = original[name](x)
+        except RuntimeError:  # torch's LayerNorm refuses a float32 x with bfloat16 parameters
+            assert name == "ln" and x_dtype == torch.float32
+            continue
+        got = model[name](x)
+        assert got.dtype == want.dtype, name
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7, msg=name)
+        if name == "ln" and x_dtype != param_dtype:  # one rounding, as torch's
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_patch_rejects_a_non_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         lmfast.patch(torch.randn(3))

@@ -288,10 +288,14 @@ __global__ void norm_bwd_exact_rows_kernel(const T* __restrict__ dy, const T* __
     mu /= double(N);
 #pragma unroll
     for (int j = 0; j < kExactRowMax; ++j) {
-      d[j] = j < N ? double(to_float(xr[j])) - mu : 0.0;
+      if (j >= N) {  // (unrolled over kExactRowMax: nothing past the row is read)
+        d[j] = g[j] = 0.0;
+        continue;
+      }
+      d[j] = double(to_float(xr[j])) - mu;
       const double w = !weight ? 1.0 : w_offset != 0 ? double(to_float(weight[j])) + w_offset
                                                       : double(to_float(weight[j]));
-      g[j] = j < N ? double(to_float(dyr[j])) * w : 0.0;
+      g[j] = double(to_float(dyr[j])) * w;
       dd += d[j] * d[j];
       dg += d[j] * g[j];
       g_mean += g[j];

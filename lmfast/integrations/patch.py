@@ -58,10 +58,10 @@ def _layer_norm(module: nn.LayerNorm, backend: str) -> nn.Module:
     return new
 
 
-def _rms_norm(module: nn.Module, backend: str, weight_offset: float = 0.0) -> nn.Module:
+def _rms_norm(module: nn.Module, backend: str, weight_offset: float = 0.0, casting: str | None = None) -> nn.Module:
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    new = lmnn.RMSNorm(module.weight.shape[0], eps=float(eps), weight_offset=weight_offset, backend=backend,
-                       device="meta")
+    new = lmnn.RMSNorm(module.weight.shape[0], eps=float(eps), weight_offset=weight_offset, casting=casting,
+                       backend=backend, device="meta")
     new.weight = module.weight
     return new
 
@@ -123,9 +123,11 @@ class Swap:
 
 SWAPS: list[Swap] = [
     Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape)),
-    # Llama's scale (weight), then Gemma's (1 + weight: also Qwen3-Next, Qwen3.5, VaultGemma...)
+    # Llama's (weight * normed, the promoted dtype), then OLMo 2's and gpt-oss's (computed in
+    # float32, returned in x's dtype), then Gemma's (1 + weight, in float32: also Qwen3-Next,
+    # Qwen3.5, VaultGemma...). (They differ in what comes out of mixed dtypes: see _probe.)
     Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0]),
-         forms=(Form(), Form({"weight_offset": 1.0}, "1 + weight"))),
+         forms=(Form(), Form({"casting": "float32"}, "in float32"), Form({"weight_offset": 1.0}, "1 + weight"))),
     Swap("Softmax", "softmax", _is_softmax, _softmax, lambda m: (3, 5, 7)),
     # torch's own forward serves what lmfast does not (need_weights=True, add_bias_kv, add_zero_attn):
     # no formula to probe, the calls differ, so tests/test_patch.py proves it on nn.Transformer*.
@@ -133,13 +135,21 @@ SWAPS: list[Swap] = [
 ]
 
 
+# Mixed dtypes the probe also runs a module with parameters in: (input dtype, parameter dtype).
+# Norms that compute the same in float32 differ here (Llama's RMSNorm returns the promoted
+# dtype, OLMo 2's the input's), and a replacement must return what the original does.
+PROBE_MIXED_DTYPES = ((torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16))
+
+
 def _probe(original: nn.Module, swap: Swap) -> tuple[str | None, Form]:
     """(None, the form) for the first of swap.forms whose replacement computes what `original`
     does; else (why not, for the first form, which is the one reported).
 
     Runs on a deep copy whose floating parameters are redrawn at random (so that identity
-    weights cannot hide a different formula), in float32 on the CPU, against the replacement
-    built from that copy with the reference backend."""
+    weights cannot hide a different formula), on the CPU, against the replacement built from
+    that copy with the reference backend: in float32, then, for a module with parameters, in
+    each of PROBE_MIXED_DTYPES that the original accepts (same output dtype, and values within
+    2 bfloat16 ulps: the two may round differently)."""
     first_why = None
     for form in swap.forms:
         why = _probe_form(original, swap, form)
@@ -167,6 +177,25 @@ def _probe_form(original: nn.Module, swap: Swap, form: Form) -> str | None:
     if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
         return (f"computes something other than lmfast.nn.{type(replacement).__name__} "
                 f"(max difference {(got - want).abs().max():.3g} on a probe)")
+    if any(p.is_floating_point() for p in twin.parameters()):
+        for x_dtype, param_dtype in PROBE_MIXED_DTYPES:
+            mixed = copy.deepcopy(twin).to(param_dtype)
+            xm = x.to(x_dtype)
+            with torch.no_grad():
+                try:
+                    want = mixed(xm)
+                except Exception:  # the original refuses these dtypes: nothing to match
+                    continue
+                try:
+                    got = swap.build(mixed, "torch", **form.build_kwargs)(xm)
+                except Exception as e:
+                    return f"could not be probed in {x_dtype} with {param_dtype} parameters ({type(e).__name__}: {e})"
+            if not isinstance(want, torch.Tensor) or got.dtype != want.dtype:
+                return (f"returns {getattr(want, 'dtype', type(want).__name__)} for {x_dtype} input with "
+                        f"{param_dtype} parameters, where lmfast.nn.{type(replacement).__name__} returns {got.dtype}")
+            if not torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7):
+                return (f"computes something other than lmfast.nn.{type(replacement).__name__} for {x_dtype} input "
+                        f"with {param_dtype} parameters (max difference {(got.float() - want.float()).abs().max():.3g})")
     return None
 
 

@@ -52,10 +52,18 @@ class LayerNorm(torch.nn.LayerNorm):
             raise ValueError(f"x's trailing dims {tuple(x.shape[x.dim() - k:])} do not match "
                              f"normalized_shape {tuple(self.normalized_shape)}")
         flat = x.shape[:x.dim() - k] + (math.prod(self.normalized_shape),)
-        w = None if self.weight is None else self.weight.reshape(-1).to(x.dtype)  # torch allows
-        b = None if self.bias is None else self.bias.reshape(-1).to(x.dtype)      # mixed dtypes
-        r = None if residual is None else residual.reshape(flat)
-        out = ops.layer_norm(x.reshape(flat), w, b, self.eps, residual=r, backend=self.backend)
+        w = None if self.weight is None else self.weight.reshape(-1)
+        b = None if self.bias is None else self.bias.reshape(-1)
+        xs, r = x.reshape(flat), None if residual is None else residual.reshape(flat)
+        if (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
+            # mixed dtypes, as torch computes them (a 16-bit x with float32 parameters): with the
+            # parameters as they are, in float32, returned in x's dtype, rounded once
+            s = xs if r is None else xs + r
+            y = ops.layer_norm(s.float(), None if w is None else w.float(), None if b is None else b.float(),
+                               self.eps, backend=self.backend).to(x.dtype)
+            out = y if r is None else (y, s)
+        else:
+            out = ops.layer_norm(xs, w, b, self.eps, residual=r, backend=self.backend)
         if residual is None:
             return out.view(x.shape)
         return out[0].view(x.shape), out[1].view(x.shape)
@@ -67,22 +75,32 @@ class RMSNorm(torch.nn.Module):
     The epsilon is `variance_epsilon`, as there, and also `eps`, as in torch.nn.RMSNorm and
     other Hugging Face norms: two names for one value, both readable and writable.
 
-    Like those modules, it normalizes in float32 and returns `weight * normed` in the promoted
-    dtype when the input's dtype differs from the weight's; when they match, the weight
-    multiply is fused into the kernel.
+    When the input's dtype and the weight's match, the normalization and the weight multiply
+    are one kernel, rounded once. When they differ, `casting` says what comes out, as the
+    module being replaced does:
+      "llama"    normalized in float32, rounded to the input's dtype, times the weight: the
+                 promoted dtype (LlamaRMSNorm, Qwen2, Mistral...);
+      "float32"  normalized and scaled in float32, returned in the input's dtype, rounded once
+                 (GemmaRMSNorm, Olmo2RMSNorm, GptOssRMSNorm...).
 
     weight_offset=1.0 makes it the zero-centered RMSNorm of Gemma, Qwen3-Next and Qwen3.5
-    (GemmaRMSNorm...): the scale is 1 + weight, added in float32, the weight starts at zeros,
-    and the output has the input's dtype whatever the weight's, rounded once, as there.
+    (GemmaRMSNorm...): the scale is 1 + weight, added in float32, and the weight starts at
+    zeros. `casting` defaults to "float32" with an offset, as there, else "llama".
     """
 
+    CASTINGS = ("llama", "float32")
+
     def __init__(self, hidden_size: int, eps: float = 1e-6, *, weight_offset: float = 0.0,
-                 backend: str = "auto", device=None, dtype=None):
+                 casting: str | None = None, backend: str = "auto", device=None, dtype=None):
         super().__init__()
+        casting = casting if casting is not None else ("float32" if weight_offset else "llama")
+        if casting not in self.CASTINGS:
+            raise ValueError(f"casting must be one of {self.CASTINGS}, got {casting!r}")
         # initialized so that the scale weight_offset + weight is 1
         self.weight = torch.nn.Parameter(torch.full((hidden_size,), 1.0 - weight_offset, device=device, dtype=dtype))
         self.variance_epsilon = eps
         self.weight_offset = float(weight_offset)
+        self.casting = casting
         self.backend = backend
 
     @property
@@ -103,17 +121,18 @@ class RMSNorm(torch.nn.Module):
         if x.dtype == w.dtype:
             return ops.rms_norm(x, w, self.variance_epsilon, residual=residual, weight_offset=offset,
                                 backend=self.backend)
-        if offset != 0:
-            # Gemma's mixed dtypes: normalized and scaled in float32, rounded once to x's dtype
+        if self.casting == "float32":  # normalized and scaled in float32, rounded once to x's dtype
             s = x if residual is None else x + residual
             y = ops.rms_norm(s.float(), w.float(), self.variance_epsilon, weight_offset=offset,
                              backend=self.backend).to(x.dtype)
             return y if residual is None else (y, s)
+        # "llama": weight * (the normalized x, in x's dtype), in the promoted dtype
         out = ops.rms_norm(x, None, self.variance_epsilon, residual=residual, backend=self.backend)
+        scale = w + offset if offset else w
         if residual is None:
-            return w * out
-        return w * out[0], out[1]
+            return scale * out
+        return scale * out[0], out[1]
 
     def extra_repr(self) -> str:
         offset = f", weight_offset={self.weight_offset}" if self.weight_offset else ""
-        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{offset}"
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}{offset}, casting={self.casting!r}"
