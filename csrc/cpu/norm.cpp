@@ -48,35 +48,23 @@ int64_t num_row_blocks(int64_t rows, int64_t N, int64_t sums) {
   return std::max<int64_t>(1, std::min({by_rows, kMaxBlocks, std::max<int64_t>(by_memory, 4)}));
 }
 
-// A per-block sum over rows of (N,) gradient rows: the kernel adds each row into `run` (acc_t,
-// cache-resident, one per block), which is flushed into the block's float64 `total` every
-// kFlushRows rows (the first flush assigns: totals start uninitialized). Summing any number of
-// rows then rounds no more than an 8-row sum does, like torch's cascade sum (a plain running
-// float sum over a 22-row block had 35x eager's error on a width-1 weight gradient), while most
-// of the work stays in the cheap float adds.
-template <typename acc_t>
-struct RowSum {
-  static constexpr int kFlushRows = 8;
-  acc_t* run = nullptr;     // (N,) sum of the rows since the last flush
-  double* total = nullptr;  // (N,) sum of the flushed runs
-  int pending = 0;
-  bool started = false;     // whether `total` holds a value yet
-
-  explicit operator bool() const { return run != nullptr; }
-
-  void end_rows(int64_t N, int rows) {
-    pending += rows;
-    if (pending >= kFlushRows) flush(N);
+// A block's dweight / dbias is summed per group of kBwdBlockRows rows in acc_t registers (see
+// norm_bwd_kernel), each group's sum then added into the block's float64 total (the first
+// group assigns: totals start uninitialized). Summing any number of rows then rounds no more
+// than an 8-row sum does, like torch's cascade sum (a plain running float sum over a 22-row
+// block had 35x eager's error on a width-1 weight gradient), while most of the work stays in
+// the cheap float adds.
+template <typename scalar_t>
+inline void add_to_total(double* total, int64_t n, const Chunk<scalar_t>& sum, bool first) {
+  using acc_t = at::opmath_type<scalar_t>;
+  alignas(64) acc_t lanes[Chunk<scalar_t>::kChunk];
+  sum.store_acc(lanes, Chunk<scalar_t>::kChunk);
+  if (first) {  // (two loops, each vectorized: n is the constant chunk size but at a row's end)
+    for (int64_t t = 0; t < n; ++t) total[t] = double(lanes[t]);
+  } else {
+    for (int64_t t = 0; t < n; ++t) total[t] += double(lanes[t]);
   }
-  void flush(int64_t N) {
-    for (int64_t j = 0; j < N; ++j) {  // vectorized by the compiler
-      total[j] = started ? total[j] + double(run[j]) : double(run[j]);
-      run[j] = acc_t(0);
-    }
-    pending = 0;
-    started = true;
-  }
-};
+}
 
 // Runs fn(block, begin, end) for each of `blocks` contiguous row ranges, in parallel. Results
 // do not depend on how the thread pool schedules the blocks.
@@ -212,11 +200,14 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
   });
 }
 
-// Rows per block of the backward's second pass, which walks a block's rows chunk by chunk:
-// each chunk's dweight / dbias contribution of the block is summed in registers and added to
-// the RowSum once, instead of once per row (those loads and stores were a third of the pass's
-// memory operations). A block's rows (4 x 2 x 16 KB at N = 4096 float32) stay in L2.
-constexpr int64_t kBwdBlockRows = 4;
+// Rows per group of the backward's second pass, which walks a group's rows chunk by chunk:
+// each chunk's dweight / dbias contribution of the group is summed in registers and added to
+// the float64 totals once (add_to_total). A group's rows stay in L2: 8 rows of 16-bit values,
+// 4 of wider ones (2 x 8 x 8 KB, 2 x 4 x 16 KB at N = 4096; 8 float32 rows ran 1.2x slower).
+// (Groups of 4 rows summed into a float row buffer, flushed to float64 every 8 rows, spent
+// 0.07 of the bfloat16 LayerNorm backward's 0.59 ms at 1024 x 4096 on that buffer.)
+template <typename scalar_t>
+constexpr int64_t kBwdBlockRows = sizeof(scalar_t) == 2 ? 8 : 4;
 
 template <typename scalar_t, bool kCentered>
 void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weight,
@@ -227,14 +218,12 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
   using C = Chunk<scalar_t>;
   using Vec = typename C::Vec;
   using acc_t = typename C::acc_t;
-  constexpr int64_t K = C::kChunk, R = kBwdBlockRows;
+  constexpr int64_t K = C::kChunk, R = kBwdBlockRows<scalar_t>;
   const std::optional<Vec> offset_v = weight_offset_vec<scalar_t>(weight_offset);
 
   for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
-    std::vector<acc_t> dw_run(dweight_total ? N : 0), db_run(dbias_total ? N : 0);  // (see RowSum)
-    RowSum<acc_t> dw_sum, db_sum;  // this block's dweight / dbias
-    if (dweight_total) dw_sum = {dw_run.data(), dweight_total + block * N};
-    if (dbias_total) db_sum = {db_run.data(), dbias_total + block * N};
+    double* dw_total = dweight_total ? dweight_total + block * N : nullptr;  // this block's dweight / dbias
+    double* db_total = dbias_total ? dbias_total + block * N : nullptr;
     const scalar_t* x_end = x + end * N;  // prefetches stay inside the task's rows
     const scalar_t* dy_end = dy + end * N;
     for (int64_t i0 = begin; i0 < end; i0 += R) {
@@ -272,9 +261,10 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
         c2[r] = Vec(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
       }
 
-      // Pass 2, chunk by chunk over the block's rows (in cache): dx = (g - xhat * c1 - c2) *
-      // rstd (+ dresidual), and the block's dw / db of the chunk, added to the RowSums once.
-      // The next block's dx rows are prefetched for writing.
+      // Pass 2, chunk by chunk over the group's rows (in cache): dx = (g - xhat * c1 - c2) *
+      // rstd (+ dresidual), and the group's dw / db of the chunk, added to the block's float64
+      // totals once. The next group's dx rows are prefetched for writing.
+      const bool first = i0 == begin;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         const C w = weight != nullptr ? load_weight<scalar_t>(weight + j, n, offset_v) : C{Vec(1), Vec(1)};
         C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
@@ -299,24 +289,10 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
           db_acc.lo += d.lo;
           db_acc.hi += d.hi;
         }
-        if (dw_sum) {
-          C acc = C::load_acc(dw_sum.run + j, n);
-          acc.lo += dw_acc.lo;
-          acc.hi += dw_acc.hi;
-          acc.store_acc(dw_sum.run + j, n);
-        }
-        if (db_sum) {
-          C acc = C::load_acc(db_sum.run + j, n);
-          acc.lo += db_acc.lo;
-          acc.hi += db_acc.hi;
-          acc.store_acc(db_sum.run + j, n);
-        }
+        if (dw_total) add_to_total(dw_total + j, n, dw_acc, first);
+        if (db_total) add_to_total(db_total + j, n, db_acc, first);
       });
-      if (dw_sum) dw_sum.end_rows(N, nr);
-      if (db_sum) db_sum.end_rows(N, nr);
     }
-    if (dw_sum) dw_sum.flush(N);
-    if (db_sum) db_sum.flush(N);
   });
 }
 
@@ -491,7 +467,7 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
   const int64_t blocks = num_row_blocks(rows, N, int64_t(weight_grad) + int64_t(bias_grad));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmfast_norm_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    // Per-block float64 totals of the weight/bias gradients (see RowSum), summed over blocks in
+    // Per-block float64 totals of the weight/bias gradients (see add_to_total), summed over blocks in
     // block order at the end and rounded once. Every block has rows (blocks <= rows), so the
     // kernel writes every total before it is read.
     const int64_t per_sum = rows > 0 ? blocks * N : 0;
