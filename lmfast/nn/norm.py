@@ -55,9 +55,10 @@ class LayerNorm(torch.nn.LayerNorm):
         w = None if self.weight is None else self.weight.reshape(-1)
         b = None if self.bias is None else self.bias.reshape(-1)
         xs, r = x.reshape(flat), None if residual is None else residual.reshape(flat)
-        if (w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype):
+        if x.is_floating_point() and ((w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype)):
             # mixed dtypes, as torch computes them (a 16-bit x with float32 parameters): with the
-            # parameters as they are, in float32, returned in x's dtype, rounded once
+            # parameters as they are, in float32, returned in x's dtype, rounded once. (Any
+            # other x goes to ops.layer_norm, whose check names it.)
             s = xs if r is None else xs + r
             y = ops.layer_norm(s.float(), None if w is None else w.float(), None if b is None else b.float(),
                                self.eps, backend=self.backend).to(x.dtype)
@@ -121,7 +122,8 @@ class RMSNorm(torch.nn.Module):
         if x.dtype == w.dtype:
             return ops.rms_norm(x, w, self.variance_epsilon, residual=residual, weight_offset=offset,
                                 backend=self.backend)
-        if self.casting == "float32":  # normalized and scaled in float32, rounded once to x's dtype
+        if self.casting == "float32" and x.is_floating_point():  # in float32, rounded once to x's dtype
+            # (any other x goes to ops.rms_norm below, whose check names it)
             s = x if residual is None else x + residual
             y = ops.rms_norm(s.float(), w.float(), self.variance_epsilon, weight_offset=offset,
                              backend=self.backend).to(x.dtype)
