@@ -102,6 +102,10 @@ CASES = [
     ("LayerNorm integer input", lambda: nn.LayerNorm(8)(torch.ones(2, 8, dtype=torch.long)), TypeError, "x must be a float16"),
     ("RMSNorm float32-casting integer input", lambda: nn.RMSNorm(8, casting="float32")(torch.ones(2, 8, dtype=torch.long)), TypeError, "x must be a float16"),
     ("Gemma RMSNorm integer input", lambda: nn.RMSNorm(8, weight_offset=1.0)(torch.ones(2, 8, dtype=torch.int32)), TypeError, "x must be a float16"),
+    # (mixed dtypes, x bfloat16 with float32 parameters: the residual is still checked against x)
+    ("Gemma RMSNorm mixed residual dtype", lambda: nn.RMSNorm(8, weight_offset=1.0)(x.bfloat16(), x), TypeError, "residual has dtype torch.float32"),
+    ("LayerNorm mixed residual dtype", lambda: nn.LayerNorm(8)(x.bfloat16(), x), TypeError, "residual has dtype torch.float32"),
+    ("LayerNorm mixed residual shape", lambda: nn.LayerNorm(8)(x.bfloat16(), x[:2].bfloat16()), ValueError, "residual must have x's shape"),
     ("RMSNorm wrong width", lambda: nn.RMSNorm(8)(torch.randn(2, 7)), ValueError, r"weight must have shape \(7,\)|\(8,\)"),
     ("RMSNorm backend unknown", lambda: nn.RMSNorm(8, backend="tpu")(torch.randn(2, 8)), ValueError, "backend must be one of"),
     ("Attention 3-D q", lambda: nn.Attention()(q[0], kv, kv), ValueError, r"q must have 4 dims"),

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..ops import _checks
 from ..ops._common import on_cpp_path
 
 _C = torch.ops.lmfast_C  # the C++ ops (resolved on first use, once the extension has loaded)
@@ -54,6 +55,7 @@ class LayerNorm(torch.nn.LayerNorm):
         flat = x.shape[:x.dim() - k] + (math.prod(self.normalized_shape),)
         w = None if self.weight is None else self.weight.reshape(-1)
         b = None if self.bias is None else self.bias.reshape(-1)
+        _checks.residual_like(residual, x)  # (before reshaping it: x's dtype and shape, as the ops check)
         xs, r = x.reshape(flat), None if residual is None else residual.reshape(flat)
         if x.is_floating_point() and ((w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype)):
             # mixed dtypes, as torch computes them (a 16-bit x with float32 parameters): with the
@@ -124,6 +126,7 @@ class RMSNorm(torch.nn.Module):
                                 backend=self.backend)
         if self.casting == "float32" and x.is_floating_point():  # in float32, rounded once to x's dtype
             # (any other x goes to ops.rms_norm below, whose check names it)
+            _checks.residual_like(residual, x)  # (x's dtype and shape, as the fused path checks)
             s = x if residual is None else x + residual
             y = ops.rms_norm(s.float(), w.float(), self.variance_epsilon, weight_offset=offset,
                              backend=self.backend).to(x.dtype)
