@@ -114,7 +114,8 @@ def test_bfloat16_denormal_outputs_are_rounded_not_flushed(op):
     """A weight of ~1e-39 makes the outputs bfloat16 denormals. The C++ kernels' AVX512-BF16
     conversion (csrc/cpu/vec.h, from_float) flushes those to zero, so their chunks must take the
     rounding conversion: every output within one denormal ulp of the float64 reference's, and
-    zero only where that is. (Under every ISA level: tests/test_isa_levels.py.)"""
+    zero only where that is. (That path runs where the avx512bf16 kernels load, on CPUs with
+    AVX512-BF16; elsewhere this checks the plain rounding.)"""
     fn, ref, _ = OPS[op]
     x = torch.randn(4, 100).to(torch.bfloat16)
     w = torch.full((100,), 1e-39).to(torch.bfloat16)

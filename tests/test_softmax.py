@@ -213,8 +213,8 @@ def test_bfloat16_denormal_probabilities_are_rounded_not_flushed():
     """Four equal maxima and the rest at -87: those entries' probabilities, exp(-87) / 4 ~ 4e-39,
     are bfloat16 denormals. The C++ kernels' AVX512-BF16 conversion (csrc/cpu/vec.h, from_float)
     flushes a denormal to zero, so a chunk holding one must take the rounding conversion: the
-    output is the reference's, rounded once, and nothing is flushed. (Under every ISA level:
-    tests/test_isa_levels.py.)"""
+    output is the reference's, rounded once, and nothing is flushed. (That path runs where the
+    avx512bf16 kernels load, on CPUs with AVX512-BF16; elsewhere this checks the plain rounding.)"""
     x = torch.full((3, 100), -87.0)
     x[:, :4] = 0.0
     x[1, 50:] = -86.0  # (and denormals of another size in a second row)
