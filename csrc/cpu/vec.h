@@ -34,7 +34,8 @@ using at::vec::Vectorized;
 // has AVX512-BF16 (AMD Zen 4 and later, Intel Cooper Lake, Sapphire Rapids and later),
 // bfloat16 takes one vcvtne2ps2bf16 for 32 values in place of ATen's integer rounding (~14
 // instructions). Both round to nearest even; the instruction flushes denormal inputs to zero,
-// so a chunk holding one takes ATen's conversion, and the bits stay ATen's.
+// so a chunk holding one takes ATen's conversion, and every value but NaN keeps ATen's bits (a
+// NaN stays a NaN, its payload may differ).
 template <typename scalar_t>
 inline Vectorized<scalar_t> from_float(const Vectorized<float>& lo, const Vectorized<float>& hi) {
 #if defined(__AVX512BF16__) && defined(CPU_CAPABILITY_AVX512)
