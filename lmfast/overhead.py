@@ -7,8 +7,8 @@ sizes. So `lmfast bench` (its `overhead` row) times, per call, with no grad and 
 backward:
 
   LayerNorm  (1, 1, 768)   torch.nn.LayerNorm                 vs what lmfast.patch puts there
-  RMSNorm    (1, 1, 576)   transformers' LlamaRMSNorm         vs what lmfast.patch puts there
-                           (torch.nn.RMSNorm without transformers)
+  RMSNorm    (1, 1, 576)   transformers' LlamaRMSNorm (with transformers only)
+  RMSNorm    (1, 1, 576)   torch.nn.RMSNorm
   RMSNorm    (1, 1, 640)   transformers' Gemma3RMSNorm (1 + weight; with transformers only)
   attention  q (1, 9, 1, 64) over k, v (1, 3, 300, 64): transformers' SDPA attention function
                            vs lmfast's ("lmfast" attn_implementation), as SmolLM2 decodes
@@ -107,27 +107,29 @@ def _attention_pair(device: str, grad: bool, backend: str = "auto"):
 def pairs(device: str = "cpu") -> list[_Pair]:
     """The pairs timed on `device`: on a GPU with the CUDA C++ kernels, also the same modules
     on backend="cuda" (what "auto" runs there is Triton's)."""
-    gemma_rms = None
+    llama_rms = gemma_rms = None
     try:
         from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-        rms, rms_name = LlamaRMSNorm(576, eps=1e-6), "LlamaRMSNorm"
+        llama_rms = LlamaRMSNorm(576, eps=1e-6)
         gemma_rms = Gemma3RMSNorm(640, eps=1e-6)
         attention_names = ("transformers sdpa_attention_forward", "lmfast attn_implementation")
     except ImportError:
-        rms, rms_name = torch.nn.RMSNorm(576, eps=1e-6), "torch.nn.RMSNorm"
         attention_names = ("F.scaled_dot_product_attention", "lmfast.nn.Attention")
+    torch_rms = torch.nn.RMSNorm(576, eps=1e-6)
     with torch.no_grad():  # not the identity: a probe or a kernel must not get it easy
-        for p in rms.parameters():
-            p.uniform_(0.5, 1.5)
-        if gemma_rms is not None:
+        torch_rms.weight.uniform_(0.5, 1.5)
+        if llama_rms is not None:
+            llama_rms.weight.uniform_(0.5, 1.5)
             gemma_rms.weight.uniform_(-0.5, 0.5)  # (its scale is 1 + weight)
-    found = [
-        _Pair("LayerNorm (1, 1, 768)", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm",
-              _module_pair(torch.nn.LayerNorm(768), (1, 1, 768))),
-        _Pair("RMSNorm (1, 1, 576)", rms_name, "lmfast.nn.RMSNorm", _module_pair(rms, (1, 1, 576))),
-    ]
+    found = [_Pair("LayerNorm (1, 1, 768)", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm",
+                   _module_pair(torch.nn.LayerNorm(768), (1, 1, 768)))]
+    if llama_rms is not None:
+        found.append(_Pair("RMSNorm (1, 1, 576)", "LlamaRMSNorm", "lmfast.nn.RMSNorm",
+                           _module_pair(llama_rms, (1, 1, 576))))
+    found.append(_Pair("RMSNorm torch (1, 1, 576)", "torch.nn.RMSNorm", "lmfast.nn.TorchRMSNorm",
+                       _module_pair(torch_rms, (1, 1, 576))))
     if gemma_rms is not None:
         found.append(_Pair("RMSNorm 1 + weight (1, 1, 640)", "Gemma3RMSNorm", "lmfast.nn.RMSNorm",
                            _module_pair(gemma_rms, (1, 1, 640))))
@@ -136,8 +138,8 @@ def pairs(device: str = "cpu") -> list[_Pair]:
         found += [
             _Pair("LayerNorm (1, 1, 768) [cuda]", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm cuda",
                   _module_pair(torch.nn.LayerNorm(768), (1, 1, 768), backend="cuda")),
-            _Pair("RMSNorm (1, 1, 576) [cuda]", rms_name, "lmfast.nn.RMSNorm cuda",
-                  _module_pair(rms, (1, 1, 576), backend="cuda")),
+            _Pair("RMSNorm torch (1, 1, 576) [cuda]", "torch.nn.RMSNorm", "lmfast.nn.TorchRMSNorm cuda",
+                  _module_pair(torch_rms, (1, 1, 576), backend="cuda")),
             _Pair("attention 9x1/3x300 [cuda]", "F.scaled_dot_product_attention", "lmfast.nn.Attention cuda",
                   lambda device, grad: _attention_pair(device, grad, backend="cuda")),
         ]

@@ -54,6 +54,19 @@ def test_fullgraph_compile_matches_eager(kb, compiler):
     torch.testing.assert_close(got, want)
 
 
+def test_fullgraph_compile_under_autocast_matches_eager(kb):
+    """Under torch.autocast the ops apply torch's autocast rules in Python (lmfast/ops/_autocast.py):
+    traced without graph breaks, forward and backward, with the eager results."""
+    torch._dynamo.reset()
+    model = Block(backend=kb.name).to(kb.device)
+    x, r, pad = _inputs(kb.device)
+    with torch.autocast(kb.device, dtype=torch.bfloat16):
+        want = _fwd_bwd(model, x, r, pad)
+        got = _fwd_bwd(torch.compile(model, backend="aot_eager", fullgraph=True), x, r, pad)
+    assert want[0].dtype == got[0].dtype
+    torch.testing.assert_close(got, want)
+
+
 def test_custom_ops_appear_in_the_graph(kb):
     """Dynamo records one node per lmfast call (for the C++ backend, its public op); the graph
     that AOTAutograd hands the compiler holds the kernel ops, whose fake impls traced it."""

@@ -19,6 +19,11 @@ def test_layer_norm_is_a_drop_in(kwargs, kb):
     ours.load_state_dict(ref.state_dict())
     x = torch.randn(3, 16, 48, device=kb.device)
     torch.testing.assert_close(ours(x), ref(x))
+    # x whose last dim is not normalized_shape: an error, as torch's (without a weight too)
+    with pytest.raises((ValueError, RuntimeError), match="normalized_shape|weight must have shape"):
+        ref(x[..., :40])
+    with pytest.raises(ValueError, match="do not match normalized_shape|weight must have shape"):
+        ours(x[..., :40])
 
 
 def test_layer_norm_multi_dim_normalized_shape(kb):
@@ -38,6 +43,61 @@ def test_layer_norm_residual_forward():
     y, s = ln(x, r)
     torch.testing.assert_close(s, x + r)
     torch.testing.assert_close(y, torch.nn.functional.layer_norm(x + r, (32,), ln.weight, ln.bias))
+
+
+def _rms_eps64(module, dtype):
+    """The eps torch.nn.RMSNorm uses: its own, else (None) float32's for 16/32-bit x, float64's for float64."""
+    return module.eps if module.eps is not None else torch.finfo(torch.promote_types(dtype, torch.float32)).eps
+
+
+@pytest.mark.parametrize("shape", [(48,), (4, 12)], ids=["1-dim", "2-dim"])
+@pytest.mark.parametrize("kwargs", [{}, {"eps": 1e-5}, {"elementwise_affine": False}],
+                         ids=["eps-None", "eps", "no-weight"])
+def test_torch_rms_norm_is_a_drop_in(kwargs, shape, kb, dtype):
+    """lmfast.nn.TorchRMSNorm is a torch.nn.RMSNorm (a subclass): same constructor, state_dict
+    and attributes, and torch's outputs within budget. Inputs of RMS ~1e-3, so that eps=None
+    (float32's machine epsilon, ~1e-7, for 16-bit inputs too) is not lost in the mean square."""
+    from lmfast.testing import assert_within_budget
+
+    torch.manual_seed(0)
+    ref = torch.nn.RMSNorm(shape, **kwargs, device=kb.device, dtype=dtype)
+    if ref.weight is not None:
+        torch.nn.init.normal_(ref.weight)
+    ours = lmfast.nn.TorchRMSNorm(shape, **kwargs, device=kb.device, dtype=dtype, backend=kb.name)
+    assert isinstance(ours, torch.nn.RMSNorm)
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ours.load_state_dict(ref.state_dict())
+    assert (ours.normalized_shape, ours.eps, ours.elementwise_affine) == (ref.normalized_shape, ref.eps,
+                                                                          ref.elementwise_affine)
+    x = (torch.randn(3, 16, *shape, device=kb.device) * 1e-3).to(dtype)
+    w64 = None if ref.weight is None else ref.weight.double()
+    ref64 = torch.nn.functional.rms_norm(x.double(), shape, w64, _rms_eps64(ref, dtype))
+    assert_within_budget(ours(x), ref64, ref(x), "TorchRMSNorm")
+    # attributes are read on every call, as torch's are
+    ours.eps = ref.eps = 1e-2
+    ref64 = torch.nn.functional.rms_norm(x.double(), shape, w64, 1e-2)
+    assert_within_budget(ours(x), ref64, ref(x), "TorchRMSNorm after eps = 1e-2")
+    with pytest.raises(ValueError, match="do not match normalized_shape|weight must have shape"):
+        ours(torch.randn(3, *shape[::-1], 5, device=kb.device, dtype=dtype))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)],
+                         ids=["x-bf16", "w-bf16"])
+def test_torch_rms_norm_mixed_dtypes_and_residual(x_dtype, w_dtype):
+    """Mixed dtypes as torch's (computed in float32, returned in x's dtype, rounded once); the
+    fused residual returns (norm(x + r), x + r)."""
+    torch.manual_seed(0)
+    ref = torch.nn.RMSNorm(32, dtype=w_dtype)
+    torch.nn.init.normal_(ref.weight)
+    ours = lmfast.nn.TorchRMSNorm(32, dtype=w_dtype)
+    ours.load_state_dict(ref.state_dict())
+    x, r = torch.randn(16, 32, dtype=x_dtype), torch.randn(16, 32, dtype=x_dtype)
+    want, got = ref(x), ours(x)
+    assert got.dtype == want.dtype == x_dtype
+    torch.testing.assert_close(got, want, rtol=2 ** -8, atol=2 ** -8)
+    y, s = ours(x, r)
+    assert torch.equal(s, x + r)
+    torch.testing.assert_close(y, ref(x + r), rtol=2 ** -8, atol=2 ** -8)
 
 
 def _llama_rms_norm():

@@ -100,7 +100,7 @@ def test_norms_return_what_the_original_returns_for_mixed_dtypes(x_dtype, param_
     llama, olmo2, gemma, idefics = _norm_classes()
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"llama": llama(64), "olmo2": olmo2(64), "gemma": gemma(64), "idefics": idefics(64),
-                                 "ln": torch.nn.LayerNorm(64)})
+                                 "ln": torch.nn.LayerNorm(64), "torch_rms": torch.nn.RMSNorm(64)})
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.5, 1.5)
@@ -108,11 +108,12 @@ def test_norms_return_what_the_original_returns_for_mixed_dtypes(x_dtype, param_
     original = copy.deepcopy(model)
     report = lmfast.patch(model)
     assert report.swapped == {"RMSNorm (LlamaRMSNorm)": 1, "RMSNorm, in float32 (Olmo2RMSNorm)": 1,
-                              "RMSNorm, 1 + weight (GemmaRMSNorm)": 1, "LayerNorm (LayerNorm)": 1}
+                              "RMSNorm, 1 + weight (GemmaRMSNorm)": 1, "LayerNorm (LayerNorm)": 1,
+                              "RMSNorm (RMSNorm)": 1}
     assert [p for p, _ in report.skipped] == ["idefics"]
     assert "IdeficsRMSNorm returns torch.bfloat16 for torch.float32 input with torch.bfloat16 parameters" in str(report)
     x = torch.randn(3, 64).to(x_dtype)
-    for name in ("llama", "olmo2", "gemma", "ln"):
+    for name in ("llama", "olmo2", "gemma", "ln", "torch_rms"):
         try:
             want = original[name](x)
         except RuntimeError:  # torch's LayerNorm refuses a float32 x with bfloat16 parameters
@@ -123,6 +124,34 @@ def test_norms_return_what_the_original_returns_for_mixed_dtypes(x_dtype, param_
         torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7, msg=name)
         if name == "ln" and x_dtype != param_dtype:  # one rounding, as torch's
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_patch_swaps_torch_rms_norms_keeping_their_attributes():
+    """torch.nn.RMSNorm, whatever its eps (None too), normalized_shape or affinity, becomes
+    lmfast.nn.TorchRMSNorm, a torch.nn.RMSNorm with the same attributes and Parameter;
+    unpatch puts the originals back."""
+    torch.manual_seed(0)
+    norms = [torch.nn.RMSNorm(16), torch.nn.RMSNorm(16, eps=1e-5), torch.nn.RMSNorm((4, 16)),
+             torch.nn.RMSNorm(16, elementwise_affine=False)]
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), *norms)
+    for norm in norms:
+        if norm.weight is not None:
+            torch.nn.init.normal_(norm.weight)
+    x = torch.randn(3, 4, 16) * 1e-3  # (RMS ~1e-3: the eps matters)
+    want = model(x)
+    report = lmfast.patch(model)
+    assert report.swapped == {"RMSNorm (RMSNorm)": 4} and not report.skipped
+    for original, new in zip(norms, model[1:]):
+        assert type(new) is lmfast.nn.TorchRMSNorm and isinstance(new, torch.nn.RMSNorm)
+        assert (new.normalized_shape, new.eps, new.elementwise_affine) == (original.normalized_shape, original.eps,
+                                                                          original.elementwise_affine)
+        assert new.weight is original.weight
+    ref64 = copy.deepcopy(torch.nn.Sequential(torch.nn.Linear(16, 16), *norms)).double()
+    for norm in ref64[1:]:
+        norm.eps = norm.eps or torch.finfo(torch.float32).eps  # what eps=None means for float32 x
+    assert_within_budget(model(x), ref64(x.double()), want, "patched torch RMSNorms")
+    assert lmfast.unpatch(model) == 4
+    assert all(a is b for a, b in zip(model[1:], norms))
 
 
 def test_patch_rejects_a_non_module():

@@ -128,6 +128,37 @@ def test_hf_decoder_training_step(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_hf_decoder_under_autocast(arch):
+    """A float32 model run under torch.autocast(bfloat16), as mixed-precision training runs it:
+    the patched model's logits and one training step's gradients within budget of the unpatched
+    model's under the same autocast (both against the float64 model). The rotary models hand
+    attention a float32 q and k beside a bfloat16 v, which SDPA's autocast rule casts, and
+    lmfast's now does too (before, it refused them)."""
+    ids, mask = _batch()
+    keep = mask.bool()
+    weights = torch.randn(3, 16, VOCAB, generator=torch.Generator().manual_seed(2))
+
+    def run(model, autocast=True):
+        model.train()
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids, attention_mask=mask).logits
+        (logits.to(weights.dtype) * weights)[keep].sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref64, grads64 = run(_hf_model(arch).double(), autocast=False)
+    model = _hf_model(arch)
+    eager, eager_grads = run(model)
+    lmfast.patch(model)
+    got, grads = run(model)
+    assert got.dtype == eager.dtype == torch.bfloat16
+    assert_within_budget(got[keep], ref64[keep], eager[keep], f"{arch} logits under autocast")
+    assert grads.keys() == eager_grads.keys()
+    for name in grads:
+        assert_within_budget(grads[name], grads64[name], eager_grads[name], f"{arch} grad of {name} under autocast")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
     """Greedy generate() on a left-padded batch: the same tokens patched and not. For Mistral
     the 16 + 12 tokens run past the 6-token window, so the sliding cache drops keys."""

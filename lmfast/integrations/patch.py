@@ -66,6 +66,13 @@ def _rms_norm(module: nn.Module, backend: str, weight_offset: float = 0.0, casti
     return new
 
 
+def _torch_rms_norm(module: nn.RMSNorm, backend: str) -> nn.Module:
+    new = lmnn.TorchRMSNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+                            backend=backend, device="meta")
+    new.weight = module.weight  # the same Parameter (or None)
+    return new
+
+
 def _softmax(module: nn.Softmax, backend: str) -> nn.Module:
     return lmnn.Softmax(module.dim, backend=backend)
 
@@ -78,10 +85,15 @@ def _is_layer_norm(module: nn.Module) -> str | None:
     return None if isinstance(module, nn.LayerNorm) and not isinstance(module, lmnn.LayerNorm) else NOT_A_CANDIDATE
 
 
+def _is_torch_rms_norm(module: nn.Module) -> str | None:
+    return None if isinstance(module, nn.RMSNorm) and not isinstance(module, lmnn.TorchRMSNorm) else NOT_A_CANDIDATE
+
+
 def _is_hf_rms_norm(module: nn.Module) -> str | None:
-    """Hugging Face style RMSNorm: a class named *RMSNorm with a 1-D `weight` and an epsilon."""
+    """Hugging Face style RMSNorm: a class named *RMSNorm with a 1-D `weight` and an epsilon
+    (torch.nn.RMSNorm and its subclasses have their own swap)."""
     weight = getattr(module, "weight", None)
-    looks_like = (type(module).__name__.endswith("RMSNorm") and not isinstance(module, lmnn.RMSNorm)
+    looks_like = (type(module).__name__.endswith("RMSNorm") and not isinstance(module, (lmnn.RMSNorm, nn.RMSNorm))
                   and isinstance(weight, nn.Parameter) and weight.dim() == 1
                   and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float))
     return None if looks_like else NOT_A_CANDIDATE
@@ -123,6 +135,7 @@ class Swap:
 
 SWAPS: list[Swap] = [
     Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape)),
+    Swap("RMSNorm", "norms", _is_torch_rms_norm, _torch_rms_norm, lambda m: (3, *m.normalized_shape)),
     # Llama's (weight * normed, the promoted dtype), then OLMo 2's and gpt-oss's (computed in
     # float32, returned in x's dtype), then Gemma's (1 + weight, in float32: also Qwen3-Next,
     # Qwen3.5, VaultGemma...). (They differ in what comes out of mixed dtypes: see _probe.)
@@ -212,7 +225,8 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
           backend: str = "auto") -> PatchReport:
     """Swaps model's modules for lmfast's in place; returns a PatchReport (print it).
 
-    norms: torch.nn.LayerNorm and Hugging Face *RMSNorm modules whose formula a probe confirms.
+    norms: torch.nn.LayerNorm, torch.nn.RMSNorm and Hugging Face *RMSNorm modules whose formula a
+    probe confirms.
     attention: a transformers model's attn_implementation becomes "lmfast"
     (lmfast.integrations.hf); torch.nn.MultiheadAttention (inside nn.Transformer* or anywhere)
     becomes lmfast.nn.MultiheadAttention. softmax: torch.nn.Softmax modules. Patching twice is

@@ -14,8 +14,9 @@ import torch
 from torch import Tensor
 
 from .. import ops
-from ..ops import _checks
+from ..ops import _autocast, _checks
 from ..ops._common import on_cpp_path
+from ..ops.norm import rms_norm_as_given
 
 _C = torch.ops.lmfast_C  # the C++ ops (resolved on first use, once the extension has loaded)
 
@@ -41,10 +42,14 @@ class LayerNorm(torch.nn.LayerNorm):
         w = params["weight"] if "weight" in params else self.weight
         b = params["bias"] if "bias" in params else self.bias
         if (len(self.normalized_shape) == 1 and on_cpp_path(self.backend, x) and (w is None or w.dtype == x.dtype)
-                and (b is None or b.dtype == x.dtype)):
+                and (b is None or b.dtype == x.dtype) and (w is not None or _last_dim_is(x, self.normalized_shape))):
             # the common case, one C++ call: per-call overhead is what decoding pays per token
             y, s = _C.layer_norm.default(x, w, b, residual, float(self.eps))
             return y if residual is None else (y, s)
+        out_dtype = x.dtype  # of a mixed-dtype call
+        if _autocast.any_enabled() and _autocast.runs_in_float32("layer_norm", x):
+            # CUDA autocast runs torch's layer_norm in float32 and returns float32: so does this
+            w, b, out_dtype = _autocast.float32(w), _autocast.float32(b), torch.float32
         if (len(self.normalized_shape) == 1 and x.dim() > 0 and x.shape[-1] == self.normalized_shape[0]
                 and (w is None or w.dtype == x.dtype) and (b is None or b.dtype == x.dtype)):
             return ops.layer_norm(x, w, b, self.eps, residual=residual, backend=self.backend)
@@ -53,23 +58,86 @@ class LayerNorm(torch.nn.LayerNorm):
             raise ValueError(f"x's trailing dims {tuple(x.shape[x.dim() - k:])} do not match "
                              f"normalized_shape {tuple(self.normalized_shape)}")
         flat = x.shape[:x.dim() - k] + (math.prod(self.normalized_shape),)
-        w = None if self.weight is None else self.weight.reshape(-1)
-        b = None if self.bias is None else self.bias.reshape(-1)
+        w = None if w is None else w.reshape(-1)
+        b = None if b is None else b.reshape(-1)
         _checks.residual_like(residual, x)  # (before reshaping it: x's dtype and shape, as the ops check)
         xs, r = x.reshape(flat), None if residual is None else residual.reshape(flat)
         if x.is_floating_point() and ((w is not None and w.dtype != x.dtype) or (b is not None and b.dtype != x.dtype)):
             # mixed dtypes, as torch computes them (a 16-bit x with float32 parameters): with the
-            # parameters as they are, in float32, returned in x's dtype, rounded once. (Any
-            # other x goes to ops.layer_norm, whose check names it.)
+            # parameters as they are, in float32, returned in x's dtype (float32 under CUDA
+            # autocast), rounded once. (Any other x goes to ops.layer_norm, whose check names it.)
             s = xs if r is None else xs + r
             y = ops.layer_norm(s.float(), None if w is None else w.float(), None if b is None else b.float(),
-                               self.eps, backend=self.backend).to(x.dtype)
+                               self.eps, backend=self.backend).to(out_dtype)
             out = y if r is None else (y, s)
         else:
             out = ops.layer_norm(xs, w, b, self.eps, residual=r, backend=self.backend)
         if residual is None:
             return out.view(x.shape)
         return out[0].view(x.shape), out[1].view(x.shape)
+
+
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """torch.nn.RMSNorm running lmfast.ops.rms_norm: a subclass with the same constructor,
+    parameters, state_dict keys and attributes (normalized_shape, eps, elementwise_affine,
+    weight), read on every call as torch's are. It computes what torch's does: eps=None is
+    float32's machine epsilon (float64's for a float64 x: what F.rms_norm uses; its docstring
+    says x's dtype's), a multi-dim `normalized_shape` normalizes the flattened trailing dims, a
+    weight in another dtype than x is applied in float32 and the result has x's dtype, and
+    under CUDA autocast it runs in float32 and returns float32. `backend` selects the lmfast
+    backend ("auto" by default). (lmfast.nn.RMSNorm is the Hugging Face-style one.)
+
+    forward(x, residual=None): with a residual returns (norm(x + residual), x + residual).
+    """
+
+    def __init__(self, *args, backend: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        params = self._parameters  # (as in LayerNorm.forward)
+        w = params["weight"] if "weight" in params else self.weight
+        eps = self.eps if self.eps is not None else _default_rms_eps(x)
+        if (len(self.normalized_shape) == 1 and type(eps) is float and on_cpp_path(self.backend, x)
+                and (w is None or w.dtype == x.dtype) and (w is not None or _last_dim_is(x, self.normalized_shape))):
+            y, s = _C.rms_norm.default(x, w, residual, eps, 0.0)  # one C++ call (it checks its arguments)
+            return y if residual is None else (y, s)
+        _checks.floating_tensor("x", x)
+        out_dtype = x.dtype  # of a mixed-dtype call
+        if _autocast.any_enabled() and _autocast.runs_in_float32("rms_norm", x):
+            # CUDA autocast runs torch's rms_norm in float32 and returns float32: so does this
+            w, out_dtype = _autocast.float32(w), torch.float32
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+            raise ValueError(f"x's trailing dims {tuple(x.shape[x.dim() - k:])} do not match "
+                             f"normalized_shape {tuple(self.normalized_shape)}")
+        _checks.residual_like(residual, x)  # (before reshaping it: x's dtype and shape, as the ops check)
+        flat = x.shape[:x.dim() - k] + (math.prod(self.normalized_shape),)
+        xs, r = x.reshape(flat), None if residual is None else residual.reshape(flat)
+        w = None if w is None else w.reshape(-1)
+        if w is not None and w.dtype != x.dtype:  # mixed dtypes: in float32, rounded once to out_dtype
+            s = xs if r is None else xs + r
+            y = ops.rms_norm(s.float(), w.float(), eps, backend=self.backend).to(out_dtype)
+            out = y if r is None else (y, s)
+        else:
+            out = ops.rms_norm(xs, w, eps, residual=r, backend=self.backend)
+        if residual is None:
+            return out.view(x.shape)
+        return out[0].view(x.shape), out[1].view(x.shape)
+
+
+def _last_dim_is(x: Tensor, normalized_shape: tuple[int]) -> bool:
+    """Whether x's last dim is the one normalized (with a weight, the op checks it against the
+    weight's length; without one, nothing else would)."""
+    return x.dim() > 0 and x.shape[-1] == normalized_shape[0]
+
+
+def _default_rms_eps(x: object) -> float:
+    """F.rms_norm's eps=None: the machine epsilon of the dtype it computes in (float32 for 16-bit
+    x). (For anything but a floating tensor, 0.0: the op's checks then name x.)"""
+    if isinstance(x, Tensor) and x.is_floating_point():
+        return torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    return 0.0
 
 
 class RMSNorm(torch.nn.Module):
@@ -121,18 +189,19 @@ class RMSNorm(torch.nn.Module):
         if on_cpp_path(self.backend, x) and x.dtype == w.dtype:
             y, s = _C.rms_norm.default(x, w, residual, float(self.variance_epsilon), float(offset))  # one C++ call
             return y if residual is None else (y, s)
+        # (rms_norm_as_given, not ops.rms_norm: under CUDA autocast torch's rms_norm runs in
+        # float32, but the Hugging Face RMSNorms this module stands in for are Python code that
+        # autocast does not change)
         if x.dtype == w.dtype:
-            return ops.rms_norm(x, w, self.variance_epsilon, residual=residual, weight_offset=offset,
-                                backend=self.backend)
+            return rms_norm_as_given(x, w, self.variance_epsilon, residual, offset, self.backend)
         if self.casting == "float32" and x.is_floating_point():  # in float32, rounded once to x's dtype
-            # (any other x goes to ops.rms_norm below, whose check names it)
+            # (any other x goes to rms_norm_as_given below, whose check names it)
             _checks.residual_like(residual, x)  # (x's dtype and shape, as the fused path checks)
             s = x if residual is None else x + residual
-            y = ops.rms_norm(s.float(), w.float(), self.variance_epsilon, weight_offset=offset,
-                             backend=self.backend).to(x.dtype)
+            y = rms_norm_as_given(s.float(), w.float(), self.variance_epsilon, None, offset, self.backend).to(x.dtype)
             return y if residual is None else (y, s)
         # "llama": weight * (the normalized x, in x's dtype), in the promoted dtype
-        out = ops.rms_norm(x, None, self.variance_epsilon, residual=residual, backend=self.backend)
+        out = rms_norm_as_given(x, None, self.variance_epsilon, residual, 0.0, self.backend)
         scale = w + offset if offset else w
         if residual is None:
             return scale * out

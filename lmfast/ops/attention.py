@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks
+from . import _autocast, _checks
 from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op, upstream_grad
 
 
@@ -40,7 +40,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     Rows with every key masked give zeros (and lse = -inf), not NaN.
     Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
     of each row's scaled, masked scores, in float32 (float64 for float64 inputs), without dropout.
+    Under torch.autocast, q, k, v and an additive mask are cast to the autocast dtype, as SDPA's are.
     """
+    if _autocast.any_enabled():
+        dtype = _autocast.lower_precision_dtype("attention", q)
+        if dtype is not None:
+            q, k, v, attn_mask = _autocast.cast(dtype, q, k, v, attn_mask)
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
             and isinstance(v, Tensor) and type(dropout_p) in (float, int)
@@ -85,8 +90,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         seed = (torch.randint(1 << 62, (1,), device=q.device) if dropout_seed is None
                 else dropout_seed.reshape(1).to(q.device))
     if impl == "torch":
-        o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window, dropout_p,
-                                     None if seed is None else int(seed.item()))
+        with _autocast.off(q):
+            o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window, dropout_p,
+                                         None if seed is None else int(seed.item()))
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
         o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,

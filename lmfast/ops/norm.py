@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks
+from . import _autocast, _checks
 from ._common import (as_rows, cpp_ops, on_cpp_path, resolve_backend, tensors_or_none, triton_kernels, triton_op,
                       upstream_grad)
 
@@ -31,6 +31,19 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     if type(eps) is float and on_cpp_path(backend, x) and tensors_or_none(weight, bias, residual):
         y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)  # checks its arguments
         return y if residual is None else (y, s)
+    if _autocast.any_enabled() and _autocast.runs_in_float32("layer_norm", x):  # as torch's layer_norm (CUDA)
+        _checks.residual_like(residual, x)
+        w, b = _autocast.float32(weight), _autocast.float32(bias)
+        if x.dtype == torch.float32:
+            return _layer_norm(x, w, b, eps, residual, backend)
+        s = x if residual is None else x + residual  # (the add, as autocast leaves it: in x's dtype)
+        y = _layer_norm(s.float(), w, b, eps, None, backend)
+        return y if residual is None else (y, s)
+    return _layer_norm(x, weight, bias, eps, residual, backend)
+
+
+def _layer_norm(x, weight, bias, eps, residual, backend):
+    """layer_norm past the C++ fast path and autocast: checks, then the backend's kernel."""
     _checks.floating_tensor("x", x)
     _checks.norm_param("weight", weight, x)
     _checks.norm_param("bias", bias, x)
@@ -38,7 +51,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
     eps = _checks.real_number("eps", eps, minimum=0.0)
     impl = resolve_backend(backend, "layer_norm", x)
     if impl == "torch":
-        return reference.layer_norm(x, weight, bias, eps, residual)
+        with _autocast.off(x):
+            return reference.layer_norm(x, weight, bias, eps, residual)
     if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)
         return y if residual is None else (y, s)
@@ -59,6 +73,21 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
             and tensors_or_none(weight, residual)):
         y, s = cpp_ops().rms_norm.default(x, weight, residual, eps, weight_offset)  # checks its arguments
         return y if residual is None else (y, s)
+    if _autocast.any_enabled() and _autocast.runs_in_float32("rms_norm", x):  # as torch's rms_norm (CUDA)
+        _checks.residual_like(residual, x)
+        w = _autocast.float32(weight)
+        if x.dtype == torch.float32:
+            return rms_norm_as_given(x, w, eps, residual, weight_offset, backend)
+        s = x if residual is None else x + residual  # (the add, as autocast leaves it: in x's dtype)
+        y = rms_norm_as_given(s.float(), w, eps, None, weight_offset, backend)
+        return y if residual is None else (y, s)
+    return rms_norm_as_given(x, weight, eps, residual, weight_offset, backend)
+
+
+def rms_norm_as_given(x, weight, eps, residual, weight_offset, backend):
+    """rms_norm on the dtypes given, whatever autocast says (lmfast.nn.RMSNorm stands in for
+    Hugging Face RMSNorms, Python code that autocast does not change): checks, then the
+    backend's kernel."""
     _checks.floating_tensor("x", x)
     _checks.norm_param("weight", weight, x)
     _checks.residual_like(residual, x)
@@ -66,7 +95,8 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
     weight_offset = _checks.weight_offset(weight_offset, weight)
     impl = resolve_backend(backend, "rms_norm", x)
     if impl == "torch":
-        return reference.rms_norm(x, weight, eps, residual, weight_offset)
+        with _autocast.off(x):
+            return reference.rms_norm(x, weight, eps, residual, weight_offset)
     if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         y, s = cpp_ops().rms_norm.default(x, weight, residual, eps, weight_offset)
         return y if residual is None else (y, s)

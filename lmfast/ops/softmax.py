@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from . import _checks
+from . import _autocast, _checks
 from ._common import as_rows, cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op, upstream_grad
 
 
@@ -31,6 +31,8 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
     if (type(dim) is int and type(scale) is float and type(causal) is bool and (mask is None or isinstance(mask, Tensor))
             and on_cpp_path(backend, x)):
         return cpp_ops().softmax.default(x, dim, scale, mask, causal)  # checks its arguments
+    if _autocast.any_enabled() and _autocast.runs_in_float32("softmax", x):  # as torch's softmax (CUDA)
+        x, mask = _autocast.cast(torch.float32, x, mask)
     _checks.floating_tensor("x", x)
     d = _checks.dim_index(dim, x.dim())
     scale = _checks.real_number("scale", scale)
@@ -42,7 +44,8 @@ def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = 
                          f">= 2 dims; got dim={dim} for x of shape {tuple(x.shape)}")
     impl = resolve_backend(backend, "softmax", x)
     if impl == "torch":
-        return reference.softmax(x, dim, scale, mask, causal)
+        with _autocast.off(x):
+            return reference.softmax(x, dim, scale, mask, causal)
     if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device)
         return cpp_ops().softmax.default(x, d, scale, mask, causal)
 
