@@ -26,18 +26,26 @@ any_enabled = torch._C._is_any_autocast_enabled  # False: nothing here applies (
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA", "xpu": "AutocastXPU", "mps": "AutocastMPS"}
 
 
-def _autocast_devices(aten_op: str) -> frozenset[str]:
-    """The device types whose autocast has a kernel for aten_op."""
-    return frozenset(device for device, key in _AUTOCAST_KEYS.items()
-                     if torch._C._dispatch_has_kernel_for_dispatch_key(aten_op, key))
+def _autocast_devices(aten_op: str, known: tuple[str, ...]) -> frozenset[str]:
+    """The device types whose autocast has a kernel for aten_op; `known`, torch 2.13's answer,
+    where the dispatcher cannot be asked (a private API: importing lmfast must not fail on it)."""
+    found = set()
+    for device, key in _AUTOCAST_KEYS.items():
+        try:
+            if torch._C._dispatch_has_kernel_for_dispatch_key(aten_op, key):
+                found.add(device)
+        except (AttributeError, RuntimeError):  # no such function, or no such key in this torch
+            if device in known:
+                found.add(device)
+    return frozenset(found)
 
 
 # lmfast op -> device types where torch autocasts its torch counterpart
-LOWER_PRECISION = {"attention": _autocast_devices("aten::scaled_dot_product_attention")}
+LOWER_PRECISION = {"attention": _autocast_devices("aten::scaled_dot_product_attention", ("cpu", "cuda", "xpu"))}
 FLOAT32 = {
-    "layer_norm": _autocast_devices("aten::layer_norm"),
-    "rms_norm": _autocast_devices("aten::rms_norm"),
-    "softmax": _autocast_devices("aten::softmax.int"),
+    "layer_norm": _autocast_devices("aten::layer_norm", ("cuda", "xpu")),
+    "rms_norm": _autocast_devices("aten::rms_norm", ("cuda", "xpu")),
+    "softmax": _autocast_devices("aten::softmax.int", ("cuda", "xpu")),
 }
 
 
