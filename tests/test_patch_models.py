@@ -302,6 +302,35 @@ def test_torch_transformer_encoder_decoder(batch_first, dtype, monkeypatch):
     assert not any(isinstance(m, (lmfast.nn.MultiheadAttention, lmfast.nn.LayerNorm)) for m in model.modules())
 
 
+def test_torch_transformer_under_autocast():
+    """nn.Transformer (float32) under torch.autocast(bfloat16): the patched output, its dtype,
+    and one training step's gradients, within budget of the unpatched model's under the same
+    autocast (both against the float64 model)."""
+    model = _torch_transformer(batch_first=True)
+    inputs = _seq2seq_inputs(True)
+    keep = ~inputs["tgt_key_padding_mask"]
+    weights = torch.randn(3, 7, D_MODEL, generator=torch.Generator().manual_seed(4))
+
+    def run(m, autocast=True):
+        m.train()  # (dropout 0: the same function as in eval, through the modules, with gradients)
+        m.zero_grad()
+        x = {k: v.double() if not autocast and torch.is_tensor(v) and v.is_floating_point() else v
+             for k, v in inputs.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = m(**x)
+        (out.to(weights.dtype) * weights)[keep].sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+    ref64, grads64 = run(copy.deepcopy(model).double(), autocast=False)
+    eager, eager_grads = run(model)
+    lmfast.patch(model)
+    got, grads = run(model)
+    assert got.dtype == eager.dtype
+    assert_within_budget(got[keep], ref64[keep], eager[keep], "nn.Transformer output under autocast")
+    for name in grads:
+        assert_within_budget(grads[name], grads64[name], eager_grads[name], f"nn.Transformer grad of {name} under autocast")
+
+
 def test_torch_transformer_training_step():
     model = _torch_transformer(batch_first=True)
     inputs = _seq2seq_inputs(True)
