@@ -168,16 +168,28 @@ def test_weight_offset_rms_norm_dtypes_follow_gemma(x_dtype, w_dtype):
 
 def test_rms_norm_casting_for_mixed_dtypes():
     """casting: "llama" returns weight * (the normalized x in x's dtype), the promoted dtype;
-    "float32" computes in float32 and returns x's dtype, rounded once (OLMo 2's, Gemma's)."""
+    "float32" computes in float32 and returns x's dtype, rounded once (OLMo 2's, Gemma's); "t5"
+    multiplies the float32 normalized x, rounded to a 16-bit weight's dtype, by the weight (T5's).
+    With a residual, the same of x + residual, and x + residual in x's dtype."""
     x, w = torch.randn(8, 32, dtype=torch.bfloat16), torch.rand(32) + 0.5  # a float32 weight
-    normed = x.float() * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6)
-    for casting, want in (("llama", w * normed.to(torch.bfloat16)), ("float32", (w * normed).to(torch.bfloat16))):
-        norm = lmfast.nn.RMSNorm(32, casting=casting)
-        with torch.no_grad():
-            norm.weight.copy_(w)
-        got = norm(x)
-        assert got.dtype == want.dtype and f"casting={casting!r}" in repr(norm)
-        torch.testing.assert_close(got, want, rtol=2 ** -8, atol=0)
+    r = torch.randn(8, 32, dtype=torch.bfloat16)
+
+    def normed(t):
+        return t.float() * torch.rsqrt(t.float().square().mean(-1, keepdim=True) + 1e-6)
+
+    for casting, want in (("llama", lambda t, w: w * normed(t).to(t.dtype)),
+                          ("float32", lambda t, w: (w * normed(t)).to(t.dtype)),
+                          ("t5", lambda t, w: w * (normed(t).to(w.dtype) if w.dtype == torch.bfloat16 else normed(t)))):
+        for x_, w_ in ((x, w), (x.float(), w.bfloat16())):
+            norm = lmfast.nn.RMSNorm(32, casting=casting, dtype=w_.dtype)
+            with torch.no_grad():
+                norm.weight.copy_(w_)
+            got, expected = norm(x_), want(x_, w_)
+            assert got.dtype == expected.dtype and f"casting={casting!r}" in repr(norm), casting
+            torch.testing.assert_close(got, expected, rtol=2 ** -8, atol=0)
+            y, s = norm(x_, r.to(x_.dtype))
+            assert torch.equal(s, x_ + r.to(x_.dtype)) and y.dtype == expected.dtype
+            torch.testing.assert_close(y, want(s, w_), rtol=2 ** -8, atol=0)
     assert lmfast.nn.RMSNorm(32).casting == "llama" and lmfast.nn.RMSNorm(32, weight_offset=1.0).casting == "float32"
     with pytest.raises(ValueError, match="casting must be one of"):
         lmfast.nn.RMSNorm(32, casting="gemma")

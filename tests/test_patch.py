@@ -83,8 +83,9 @@ def _norm_classes():
     from transformers.models.idefics.modeling_idefics import IdeficsRMSNorm
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
+    from transformers.models.t5.modeling_t5 import T5LayerNorm
 
-    return LlamaRMSNorm, Olmo2RMSNorm, GemmaRMSNorm, IdeficsRMSNorm
+    return LlamaRMSNorm, Olmo2RMSNorm, GemmaRMSNorm, IdeficsRMSNorm, T5LayerNorm
 
 
 @pytest.mark.parametrize("x_dtype,param_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
@@ -92,15 +93,16 @@ def _norm_classes():
 def test_norms_return_what_the_original_returns_for_mixed_dtypes(x_dtype, param_dtype):
     """RMSNorms that compute the same in float32 differ with mixed dtypes: Llama's returns
     weight * (normed in x's dtype) in the promoted dtype, OLMo 2's and Gemma's compute in float32
-    and return x's dtype, Idefics's (T5's) rounds to a 16-bit weight's dtype. The probe runs
-    mixed dtypes too, so each replacement returns the original's dtype and values (within a
-    bfloat16 ulp: the rounding may differ), and a module none of lmfast's forms matches (Idefics's)
-    is left alone, with the reason. torch.nn.LayerNorm with float32 parameters on a bfloat16 x
-    computes with the parameters as they are: so does lmfast's (it rounded them to bfloat16 once)."""
-    llama, olmo2, gemma, idefics = _norm_classes()
+    and return x's dtype, T5's (and Idefics's copy) rounds the float32 normed x to a 16-bit
+    weight's dtype. The probe runs mixed dtypes too, so each replacement returns the original's
+    dtype and values (within a bfloat16 ulp: the rounding may differ). torch.nn.LayerNorm with
+    float32 parameters on a bfloat16 x computes with the parameters as they are: so does
+    lmfast's (it rounded them to bfloat16 once). (A look-alike none of the forms matches is
+    left alone: test_patch_swaps_norms_and_reports_the_rest.)"""
+    llama, olmo2, gemma, idefics, t5 = _norm_classes()
     torch.manual_seed(0)
     model = torch.nn.ModuleDict({"llama": llama(64), "olmo2": olmo2(64), "gemma": gemma(64), "idefics": idefics(64),
-                                 "ln": torch.nn.LayerNorm(64), "torch_rms": torch.nn.RMSNorm(64)})
+                                 "t5": t5(64), "ln": torch.nn.LayerNorm(64), "torch_rms": torch.nn.RMSNorm(64)})
     with torch.no_grad():
         for p in model.parameters():
             p.uniform_(-0.5, 1.5)
@@ -109,11 +111,11 @@ def test_norms_return_what_the_original_returns_for_mixed_dtypes(x_dtype, param_
     report = lmfast.patch(model)
     assert report.swapped == {"RMSNorm (LlamaRMSNorm)": 1, "RMSNorm, in float32 (Olmo2RMSNorm)": 1,
                               "RMSNorm, 1 + weight (GemmaRMSNorm)": 1, "LayerNorm (LayerNorm)": 1,
-                              "RMSNorm (RMSNorm)": 1}
-    assert [p for p, _ in report.skipped] == ["idefics"]
-    assert "IdeficsRMSNorm returns torch.bfloat16 for torch.float32 input with torch.bfloat16 parameters" in str(report)
+                              "RMSNorm (RMSNorm)": 1, "RMSNorm, T5's casting (IdeficsRMSNorm)": 1,
+                              "RMSNorm, T5's casting (T5LayerNorm)": 1}
+    assert not report.skipped
     x = torch.randn(3, 64).to(x_dtype)
-    for name in ("llama", "olmo2", "gemma", "ln", "torch_rms"):
+    for name in ("llama", "olmo2", "gemma", "idefics", "t5", "ln", "torch_rms"):
         try:
             want = original[name](x)
         except RuntimeError:  # torch's LayerNorm refuses a float32 x with bfloat16 parameters
@@ -152,6 +154,16 @@ def test_patch_swaps_torch_rms_norms_keeping_their_attributes():
     assert_within_budget(model(x), ref64(x.double()), want, "patched torch RMSNorms")
     assert lmfast.unpatch(model) == 4
     assert all(a is b for a, b in zip(model[1:], norms))
+
+
+def test_patch_reports_a_bias_free_layer_norm_that_subtracts_the_mean():
+    """*LayerNorm classes without a bias are candidates (T5's is an RMSNorm by that name); one
+    that subtracts the mean, as Cohere's does, fails the probe and is reported, not swapped."""
+    cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere", reason="transformers is not installed")
+    model = torch.nn.Sequential(cohere.CohereLayerNorm(64))
+    report = lmfast.patch(model)
+    assert not report.swapped and type(model[0]) is cohere.CohereLayerNorm
+    assert "CohereLayerNorm computes something other than lmfast.nn.RMSNorm" in str(report)
 
 
 def test_patch_rejects_a_non_module():

@@ -178,6 +178,27 @@ def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
     assert [c["window"] for c in calls] == _windows(arch) * 12
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_t5_norms(dtype):
+    """T5 (encoder-decoder, relative position bias): its T5LayerNorms, RMSNorms by another name
+    that round to a 16-bit weight's dtype, are swapped (T5's casting); its attention, which
+    takes a position bias, keeps transformers' SDPA path. Logits within budget on a padded batch."""
+    config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                                   num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    ids, mask = _batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7].flip(0))
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(**inputs).logits
+        model.to(dtype)
+        eager = model(**inputs).logits
+        report = lmfast.patch(model)
+        got = model(**inputs).logits
+    assert report.swapped["RMSNorm, T5's casting (T5LayerNorm)"] == 2 * 2 + 3 * 2 + 2 and not report.skipped
+    assert_within_budget(got, ref64, eager, "T5 logits")
+
+
 def test_save_pretrained_then_from_pretrained_with_attn_implementation_lmfast(tmp_path):
     """save_pretrained of a patched model writes the original checkpoint; loading it with
     attn_implementation="lmfast" needs no lmfast.patch call (`import lmfast` registered it)."""

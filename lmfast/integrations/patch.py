@@ -90,10 +90,14 @@ def _is_torch_rms_norm(module: nn.Module) -> str | None:
 
 
 def _is_hf_rms_norm(module: nn.Module) -> str | None:
-    """Hugging Face style RMSNorm: a class named *RMSNorm with a 1-D `weight` and an epsilon
-    (torch.nn.RMSNorm and its subclasses have their own swap)."""
+    """Hugging Face style RMSNorm: a class named *RMSNorm, or *LayerNorm without a bias (T5's is
+    an RMSNorm by that name), with a 1-D `weight` and an epsilon (torch.nn.RMSNorm and
+    torch.nn.LayerNorm, and their subclasses, have their own swaps). The probe decides the rest:
+    a bias-free LayerNorm that subtracts the mean (Cohere's) is reported and left alone."""
     weight = getattr(module, "weight", None)
-    looks_like = (type(module).__name__.endswith("RMSNorm") and not isinstance(module, (lmnn.RMSNorm, nn.RMSNorm))
+    name = type(module).__name__
+    looks_like = ((name.endswith("RMSNorm") or (name.endswith("LayerNorm") and getattr(module, "bias", None) is None))
+                  and not isinstance(module, (lmnn.RMSNorm, nn.RMSNorm, nn.LayerNorm))
                   and isinstance(weight, nn.Parameter) and weight.dim() == 1
                   and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float))
     return None if looks_like else NOT_A_CANDIDATE
@@ -138,9 +142,11 @@ SWAPS: list[Swap] = [
     Swap("RMSNorm", "norms", _is_torch_rms_norm, _torch_rms_norm, lambda m: (3, *m.normalized_shape)),
     # Llama's (weight * normed, the promoted dtype), then OLMo 2's and gpt-oss's (computed in
     # float32, returned in x's dtype), then Gemma's (1 + weight, in float32: also Qwen3-Next,
-    # Qwen3.5, VaultGemma...). (They differ in what comes out of mixed dtypes: see _probe.)
+    # Qwen3.5, VaultGemma...), then T5's (normed in float32, rounded to a 16-bit weight's dtype,
+    # the promoted dtype). (They differ in what comes out of mixed dtypes: see _probe.)
     Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0]),
-         forms=(Form(), Form({"casting": "float32"}, "in float32"), Form({"weight_offset": 1.0}, "1 + weight"))),
+         forms=(Form(), Form({"casting": "float32"}, "in float32"), Form({"weight_offset": 1.0}, "1 + weight"),
+                Form({"casting": "t5"}, "T5's casting"))),
     Swap("Softmax", "softmax", _is_softmax, _softmax, lambda m: (3, 5, 7)),
     # torch's own forward serves what lmfast does not (need_weights=True, add_bias_kv, add_zero_attn):
     # no formula to probe, the calls differ, so tests/test_patch.py proves it on nn.Transformer*.
@@ -225,8 +231,8 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
           backend: str = "auto") -> PatchReport:
     """Swaps model's modules for lmfast's in place; returns a PatchReport (print it).
 
-    norms: torch.nn.LayerNorm, torch.nn.RMSNorm and Hugging Face *RMSNorm modules whose formula a
-    probe confirms.
+    norms: torch.nn.LayerNorm, torch.nn.RMSNorm and Hugging Face *RMSNorm (and bias-free
+    *LayerNorm, such as T5's) modules whose formula a probe confirms.
     attention: a transformers model's attn_implementation becomes "lmfast"
     (lmfast.integrations.hf); torch.nn.MultiheadAttention (inside nn.Transformer* or anywhere)
     becomes lmfast.nn.MultiheadAttention. softmax: torch.nn.Softmax modules. Patching twice is

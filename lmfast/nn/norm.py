@@ -152,14 +152,17 @@ class RMSNorm(torch.nn.Module):
       "llama"    normalized in float32, rounded to the input's dtype, times the weight: the
                  promoted dtype (LlamaRMSNorm, Qwen2, Mistral...);
       "float32"  normalized and scaled in float32, returned in the input's dtype, rounded once
-                 (GemmaRMSNorm, Olmo2RMSNorm, GptOssRMSNorm...).
+                 (GemmaRMSNorm, Olmo2RMSNorm, GptOssRMSNorm...);
+      "t5"       normalized in float32, rounded to the weight's dtype if that is 16-bit, times
+                 the weight: the promoted dtype (T5LayerNorm and its copies in MT5, LongT5,
+                 UMT5, Switch Transformers, Pix2Struct, Pop2Piano, UDOP; IdeficsRMSNorm).
 
     weight_offset=1.0 makes it the zero-centered RMSNorm of Gemma, Qwen3-Next and Qwen3.5
     (GemmaRMSNorm...): the scale is 1 + weight, added in float32, and the weight starts at
     zeros. `casting` defaults to "float32" with an offset, as there, else "llama".
     """
 
-    CASTINGS = ("llama", "float32")
+    CASTINGS = ("llama", "float32", "t5")
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, *, weight_offset: float = 0.0,
                  casting: str | None = None, backend: str = "auto", device=None, dtype=None):
@@ -200,9 +203,17 @@ class RMSNorm(torch.nn.Module):
             s = x if residual is None else x + residual
             y = rms_norm_as_given(s.float(), w.float(), self.variance_epsilon, None, offset, self.backend).to(x.dtype)
             return y if residual is None else (y, s)
+        scale = w + offset if offset else w
+        if self.casting == "t5" and x.is_floating_point():
+            _checks.residual_like(residual, x)
+            s = x if residual is None else x + residual
+            normed = rms_norm_as_given(s if s.dtype == torch.float64 else s.float(), None, self.variance_epsilon, None,
+                                       0.0, self.backend)  # (float32, float64 for a float64 x)
+            if w.dtype in (torch.float16, torch.bfloat16):
+                normed = normed.to(w.dtype)
+            return scale * normed if residual is None else (scale * normed, s)
         # "llama": weight * (the normalized x, in x's dtype), in the promoted dtype
         out = rms_norm_as_given(x, None, self.variance_epsilon, residual, 0.0, self.backend)
-        scale = w + offset if offset else w
         if residual is None:
             return scale * out
         return scale * out[0], out[1]
