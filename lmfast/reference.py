@@ -152,7 +152,7 @@ def dropout_keep(seed: int, rows: Tensor, keys: Tensor, p: float) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None,
-              dropout_p: float = 0.0, dropout_seed: int | None = None):
+              dropout_p: float = 0.0, dropout_seed: int | None = None, sinks: Tensor | None = None):
     """Scaled dot-product attention, materializing the (Sq, Sk) scores: the oracle.
 
         s = scale * q @ k^T + attn_mask          (boolean mask: s = -inf where False)
@@ -163,6 +163,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     window as in attention_keep. Rows with every key masked give o = 0 and lse = -inf.
     dropout_p > 0: p = softmax(s) is multiplied by dropout_keep(dropout_seed, ...) / (1 - dropout_p)
     before p @ v (lse is that of s, without dropout).
+    sinks (Hq,): attention sinks (gpt-oss), one more score per row, sinks[h], with no value: it
+    joins the softmax (and lse) and is dropped before p @ v.
     Returns (o in q's dtype, lse (B, Hq, Sq) in float32, or float64 for float64 inputs).
     """
     acc = acc_dtype(q.dtype)
@@ -175,10 +177,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    if sinks is not None:  # (B, Hq, Sq, Sk + 1)
+        s = torch.cat([s, sinks.to(acc).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
     fully_masked = (s == float("-inf")).all(-1, keepdim=True)  # (B, Hq, Sq, 1); also Sk = 0
     s = s.masked_fill(fully_masked, 0.0)  # finite, so gradients stay 0, not NaN
     lse = torch.logsumexp(s, -1, keepdim=True).masked_fill(fully_masked, float("-inf"))
     p = torch.softmax(s, -1).masked_fill(fully_masked, 0.0)
+    if sinks is not None:
+        p = p[..., :-1]
     if dropout_p > 0:
         B, Hq, Sq, Sk = p.shape
         rows = torch.arange(B * Hq * Sq, device=q.device).view(B, Hq, Sq, 1)

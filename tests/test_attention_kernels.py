@@ -189,6 +189,53 @@ def test_fully_masked_rows_give_zeros_not_nan(ab, dtype):
     _check(ab, "causal Sq > Sk", _inputs(ab, 2, 4, 2, 30, 12, 32, dtype, causal=True))
 
 
+SINK_CASES = {  # (B, Hq, Hkv, Sq, Sk, D, mask kind, causal, window, dropout_p); 16 heads: the sinks'
+    # gradient has one value per head, and the error budget's RMS needs >= 16 of them
+    "gqa, causal, key padding with a row that sees nothing": (1, 16, 2, 9, 33, 32, "bool", True, None, 0.0),
+    "window, additive mask": (1, 16, 1, 24, 24, 16, "additive", True, 7, 0.0),
+    "decoding, long cache": (1, 16, 4, 1, 700, 64, None, True, None, 0.0),
+    "dropout": (1, 16, 2, 13, 45, 32, None, False, None, 0.3),
+}
+
+
+@pytest.mark.parametrize("case", SINK_CASES)
+def test_attention_sinks(case, ab, dtype):
+    """Attention sinks (gpt-oss): one more score per row, sinks[h], with no value. Outputs,
+    lse (which counts the sink) and the gradients of q, k, v and the sinks against the float64
+    reference, which appends the sink as a key column (lmfast.reference.attention); the op
+    composes them from the kernel's (o, lse). A row that sees no key gives o = 0 and lse = its
+    sink, with finite gradients; a sink of -inf is no sink."""
+    B, Hq, Hkv, Sq, Sk, D, mask_kind, causal, window, dropout_p = SINK_CASES[case]
+    if ab.slow:  # the Triton interpreter: shorter rows (the sinks are composed outside the kernels)
+        Sq, Sk = (Sq + 1) // 2, (Sk + 1) // 2 if Sq > 1 else 300
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(B, 1, 1, Sk) > 0.3).to(ab.device).expand(B, 1, Sq, Sk).clone()
+        mask[0, :, 3] = False  # query 3 of batch 0 sees no key
+    elif mask_kind == "additive":
+        mask = torch.randn(1, Hq, Sq, Sk).to(ab.device, dtype)
+    ins = _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, mask=mask, causal=causal, window=window)
+    ins["sinks"] = (torch.randn(Hq) * 2).to(ab.device, dtype)
+    grad = ("q", "k", "v", "sinks")
+    reference_fn = reference.attention
+    if dropout_p:
+        ins.update(dropout_p=dropout_p, dropout_seed=torch.tensor([2024], device=ab.device))
+        reference_fn = _reference_with_seed
+    check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
+                            reference_fn, ins, grad=grad, name=f"attention {ab.name} sinks {case}")
+    if mask_kind == "bool":
+        q, sinks = ins["q"].clone().requires_grad_(), ins["sinks"].clone().requires_grad_()
+        o, lse = lmfast.ops.attention(q, ins["k"], ins["v"], mask, causal=causal, sinks=sinks, return_lse=True,
+                                      backend=ab.name)
+        assert torch.count_nonzero(o[0, :, 3]) == 0 and torch.equal(lse[0, :, 3], sinks.float())
+        assert all(torch.isfinite(g).all() for g in torch.autograd.grad((o.float().sum(), lse.sum()), (q, sinks)))
+        no_sink = torch.full_like(sinks, float("-inf"))
+        o2, lse2 = lmfast.ops.attention(q, ins["k"], ins["v"], mask, causal=causal, sinks=no_sink, return_lse=True,
+                                        backend=ab.name)
+        o1, lse1 = lmfast.ops.attention(q, ins["k"], ins["v"], mask, causal=causal, return_lse=True, backend=ab.name)
+        assert torch.equal(o2, o1) and torch.equal(lse2, lse1)
+
+
 def test_query_blocks_that_see_no_key_past_the_first_key_tile(ab):
     """Causal with Sq - Sk = 150: the first 150 queries see no key, so (CPU) a whole backward
     query block saw no key tile, and with Sk past one key tile the empty range of tiles was

@@ -178,6 +178,64 @@ def test_hf_decoder_generation_with_kv_cache(arch, monkeypatch):
     assert [c["window"] for c in calls] == _windows(arch) * 12
 
 
+def _gpt_oss():
+    """A small gpt-oss (attention sinks, a sliding and a global layer, experts) with sinks drawn
+    at random (they start at zero), its experts computed by transformers' eager loop (its
+    grouped_mm has no float64, which the reference needs)."""
+    config = transformers.GptOssConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW,
+        layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128, pad_token_id=0,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, experts_implementation="eager").eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if hasattr(m, "sinks"):
+                m.sinks.normal_(std=2.0)
+    return model
+
+
+def test_gpt_oss_attention_sinks(monkeypatch):
+    """gpt-oss's attention sinks (s_aux) are served: float32 and bfloat16 logits and a training
+    step's gradients (the sinks' included) within budget of the unpatched model's (its eager
+    attention, which appends the sink as a key) against float64, and greedy generation with a
+    KV cache on a left-padded batch unchanged."""
+    ids, mask = _batch()
+    keep = mask.bool()
+    model = _gpt_oss()
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
+        for dtype in (torch.float32, torch.bfloat16):
+            twin = copy.deepcopy(model).to(dtype)
+            eager = twin(ids, attention_mask=mask).logits
+            report = lmfast.patch(twin)
+            got = twin(ids, attention_mask=mask).logits
+            assert report.swapped["attention (attn_implementation 'eager' -> 'lmfast')"] == 2 and not report.skipped
+            assert_within_budget(got[keep], ref64[keep], eager[keep], f"gpt-oss {dtype} logits")
+    weights = torch.randn(3, 16, VOCAB, generator=torch.Generator().manual_seed(2))
+
+    def grads(m):
+        m.zero_grad()
+        (m(ids, attention_mask=mask).logits * weights.to(m.dtype))[keep].sum().backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    grads64 = grads(copy.deepcopy(model).double())
+    eager = grads(model)
+    gen_ids, gen_kwargs = _generation_inputs(max_new_tokens=10)
+    with torch.no_grad():
+        want = model.generate(gen_ids, **gen_kwargs)
+    lmfast.patch(model)
+    calls = _spy_attention(monkeypatch)
+    got = grads(model)
+    assert any(name.endswith("sinks") for name in got) and got.keys() == eager.keys()
+    for name in got:
+        assert_within_budget(got[name], grads64[name], eager[name], f"gpt-oss grad of {name}")
+    with torch.no_grad():
+        assert torch.equal(model.generate(gen_ids, **gen_kwargs), want)
+    assert [c["window"] for c in calls[:2]] == [WINDOW, None]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_t5_norms(dtype):
     """T5 (encoder-decoder, relative position bias): its T5LayerNorms, RMSNorms by another name

@@ -317,7 +317,7 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
         report.skipped.append(("", "attention: transformers is not importable"))
         return
     layers = [m for m in model.modules() if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention")]
-    unserved = _unserved_hf_attention(config, layers)
+    unserved = _unserved_hf_attention(config)
     if unserved:
         report.skipped.append(("", f"attention: {unserved}, which lmfast attention does not compute"))
         return
@@ -336,13 +336,11 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
         object.__setattr__(layer, hf.BACKEND_ATTR, backend)
 
 
-def _unserved_hf_attention(config, layers) -> str | None:
+def _unserved_hf_attention(config) -> str | None:
     """Why lmfast cannot compute this transformers model's attention, or None."""
     for sub in [config, *(getattr(config, k) for k in ("text_config",) if hasattr(config, k))]:
         if getattr(sub, "attn_logit_softcapping", None) is not None:
             return "logit softcapping (attn_logit_softcapping)"
-    if any(hasattr(layer, "sinks") for layer in layers):
-        return "attention sinks"
     return None
 
 

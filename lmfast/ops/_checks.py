@@ -81,6 +81,18 @@ def dropout(p: object, seed: object) -> float:
     return p
 
 
+def sinks(t: object, q: Tensor) -> None:
+    """Attention sinks: one floating logit per query head, on q's device."""
+    if not isinstance(t, Tensor):
+        raise TypeError(f"sinks must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"sinks must be a floating tensor, got {t.dtype}")
+    if t.device != q.device:
+        raise ValueError(f"sinks is on {t.device} but q is on {q.device}")
+    if tuple(t.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must have shape (Hq,) = ({q.shape[1]},), one per query head, got {tuple(t.shape)}")
+
+
 def dim_index(dim: object, ndim: int) -> int:
     if isinstance(dim, bool) or not isinstance(dim, numbers.Integral):
         raise TypeError(f"dim must be an int, got {type(dim).__name__}")

@@ -20,7 +20,7 @@ from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, trit
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None, *,
-              dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
+              dropout_p: float = 0.0, dropout_seed: Tensor | None = None, sinks: Tensor | None = None,
               return_lse: bool = False, backend: str = "auto"):
     """softmax(scale * q @ k^T + attn_mask) @ v over keys, per head.
 
@@ -37,7 +37,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         training, as SDPA's. The mask is a hash of (seed, row, key) (lmfast.reference.dropout_keep);
         the seed is drawn from torch's generator of q's device (torch.manual_seed fixes it) unless
         dropout_seed, an int64 tensor of one element, is given.
-    Rows with every key masked give zeros (and lse = -inf), not NaN.
+    sinks: attention sinks (gpt-oss), a (Hq,) floating tensor: each row's softmax also counts
+        one more score, sinks[h], that has no value (so the row's weights sum to less than 1).
+        Composed on every backend from the kernel's (o, lse) (_with_sinks); differentiable.
+    Rows with every key masked give zeros (and lse = -inf, or the sink's logit), not NaN.
     Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
     of each row's scaled, masked scores, in float32 (float64 for float64 inputs), without dropout.
     Under torch.autocast, q, k, v and an additive mask are cast to the autocast dtype, as SDPA's are.
@@ -46,6 +49,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         dtype = _autocast.lower_precision_dtype("attention", q)
         if dtype is not None:
             q, k, v, attn_mask = _autocast.cast(dtype, q, k, v, attn_mask)
+    if sinks is not None:
+        _checks.floating_tensor("q", q)
+        _checks.sinks(sinks, q)
+        o, lse = attention(q, k, v, attn_mask, causal, scale, window, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                           return_lse=True, backend=backend)
+        o, lse = _with_sinks(o, lse, sinks)
+        return (o, lse) if return_lse else o
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
             and isinstance(v, Tensor) and type(dropout_p) in (float, int)
@@ -98,6 +108,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
                            dropout_p, seed)
     return (o, lse) if return_lse else o
+
+
+def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """(o, lse) of attention without sinks -> with them. A sink is one more score per row with
+    a zero value: the softmax's sum grows from exp(lse) to exp(lse) + exp(sink), so each row of o
+    scales by exp(lse - lse'), lse' = logaddexp(lse, sink). (Dropout, applied to the weights,
+    commutes with that per-row scale.) In lse's dtype (float32), o rounded once more."""
+    sink = sinks.to(lse.dtype).view(1, -1, 1)  # (1, Hq, 1)
+    # -inf (no sink) taken as the lowest finite value: a row with every key masked then gets
+    # exp(-inf - lowest) = 0, not exp(-inf + inf) = NaN (nor NaN gradients)
+    total = torch.logaddexp(lse, sink.clamp(min=torch.finfo(lse.dtype).min))  # (B, Hq, Sq)
+    o = (o.to(lse.dtype) * torch.exp(lse - total).unsqueeze(-1)).to(o.dtype)
+    return o, torch.where(torch.isneginf(sink), lse, total)  # (no sink: lse as it was, -inf included)
 
 
 def _rows(t: Tensor) -> Tensor:
