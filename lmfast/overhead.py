@@ -14,6 +14,8 @@ backward:
                            vs lmfast's ("lmfast" attn_implementation), as SmolLM2 decodes
                            (lmfast.nn.Attention vs F.scaled_dot_product_attention without
                            transformers)
+  attention with sinks, the same shapes: gpt-oss's eager attention function (it has no SDPA
+                           path) vs lmfast's (with transformers only)
 
 Each pair is timed in interleaved rounds (torch.utils.benchmark medians, the best of the
 rounds kept), so a slow spell of a shared machine does not land on one side only. The issue's
@@ -76,13 +78,37 @@ def _calls(module: torch.nn.Module, x: torch.Tensor, grad: bool) -> Callable[[],
     return lambda: torch.autograd.grad(module(x), leaves, dy)
 
 
-def _attention_pair(device: str, grad: bool, backend: str = "auto"):
-    """transformers' SDPA attention function against lmfast's (without transformers, or for a
-    named backend: F.scaled_dot_product_attention against lmfast.nn.Attention)."""
+def _decode_qkv(device: str, grad: bool):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 9, 1, 64, generator=g).to(device).requires_grad_(grad)   # (B, Hq, Sq, D)
     k = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)  # (B, Hkv, Sk, D)
     v = torch.randn(1, 3, 300, 64, generator=g).to(device).requires_grad_(grad)
+    return q, k, v
+
+
+def _sinks_attention_pair(device: str, grad: bool):
+    """gpt-oss's eager attention function (attention sinks) against lmfast's."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    from .integrations import hf
+
+    q, k, v = _decode_qkv(device, grad)
+    layer = torch.nn.Module()  # what the attention functions read off a layer
+    layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
+    layer.sinks = torch.nn.Parameter(torch.randn(9, generator=torch.Generator().manual_seed(1)).to(device),
+                                     requires_grad=grad)
+    theirs = lambda: eager_attention_forward(layer, q, k, v, None, scaling=0.125)[0]  # noqa: E731
+    ours = lambda: hf.attention_forward(layer, q, k, v, None, scaling=0.125, s_aux=layer.sinks)[0]  # noqa: E731
+    if not grad:
+        return torch.no_grad()(theirs), torch.no_grad()(ours)
+    leaves, dy = (q, k, v, layer.sinks), torch.ones_like(theirs())
+    return (lambda: torch.autograd.grad(theirs(), leaves, dy)), (lambda: torch.autograd.grad(ours(), leaves, dy))
+
+
+def _attention_pair(device: str, grad: bool, backend: str = "auto"):
+    """transformers' SDPA attention function against lmfast's (without transformers, or for a
+    named backend: F.scaled_dot_product_attention against lmfast.nn.Attention)."""
+    q, k, v = _decode_qkv(device, grad)
     try:
         if backend != "auto":
             raise ImportError  # (the plain pair below)
@@ -134,6 +160,9 @@ def pairs(device: str = "cpu") -> list[_Pair]:
         found.append(_Pair("RMSNorm 1 + weight (1, 1, 640)", "Gemma3RMSNorm", "lmfast.nn.RMSNorm",
                            _module_pair(gemma_rms, (1, 1, 640))))
     found.append(_Pair("attention 9x1 over 3x300, D=64", *attention_names, _attention_pair))
+    if llama_rms is not None:
+        found.append(_Pair("attention + sinks 9x1 over 3x300", "gpt-oss eager_attention_forward",
+                           "lmfast attn_implementation", _sinks_attention_pair))
     if device == "cuda" and lmfast.backends()["cuda"].available:
         found += [
             _Pair("LayerNorm (1, 1, 768) [cuda]", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm cuda",

@@ -54,7 +54,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         _checks.sinks(sinks, q)
         o, lse = attention(q, k, v, attn_mask, causal, scale, window, dropout_p=dropout_p, dropout_seed=dropout_seed,
                            return_lse=True, backend=backend)
-        o, lse = _with_sinks(o, lse, sinks)
+        o, lse = _with_sinks(o, lse, sinks, return_lse)
         return (o, lse) if return_lse else o
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
@@ -110,17 +110,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     return (o, lse) if return_lse else o
 
 
-def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
-    """(o, lse) of attention without sinks -> with them. A sink is one more score per row with
-    a zero value: the softmax's sum grows from exp(lse) to exp(lse) + exp(sink), so each row of o
-    scales by exp(lse - lse'), lse' = logaddexp(lse, sink). (Dropout, applied to the weights,
-    commutes with that per-row scale.) In lse's dtype (float32), o rounded once more."""
-    sink = sinks.to(lse.dtype).view(1, -1, 1)  # (1, Hq, 1)
+def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor, return_lse: bool) -> tuple[Tensor, Tensor | None]:
+    """(o, lse) of attention without sinks -> with them (lse only if return_lse). A sink is one
+    more score per row with a zero value: the softmax's sum grows from exp(lse) to
+    exp(lse) + exp(sink), so each row of o scales by exp(lse - lse'), lse' = logaddexp(lse, sink).
+    (Dropout, applied to the weights, commutes with that per-row scale.) o is rounded once more.
+    Computed in float32 for 16-bit o, in float64 for float32 o: the sinks' gradient,
+    p_sink (dlse' - rowsum(do' o')), cancels, and float32 steps here would double float32's
+    error there. (Not sigmoid(lse - sink), one op fewer: its backward, y (1 - y), cancels too.)"""
+    acc = torch.float64 if o.dtype in (torch.float32, torch.float64) else lse.dtype
     # -inf (no sink) taken as the lowest finite value: a row with every key masked then gets
     # exp(-inf - lowest) = 0, not exp(-inf + inf) = NaN (nor NaN gradients)
-    total = torch.logaddexp(lse, sink.clamp(min=torch.finfo(lse.dtype).min))  # (B, Hq, Sq)
-    o = (o.to(lse.dtype) * torch.exp(lse - total).unsqueeze(-1)).to(o.dtype)
-    return o, torch.where(torch.isneginf(sink), lse, total)  # (no sink: lse as it was, -inf included)
+    sink = sinks.to(acc).clamp(min=torch.finfo(acc).min).view(1, -1, 1)  # (1, Hq, 1)
+    lse_acc = lse.to(acc)
+    total = torch.logaddexp(lse_acc, sink)                                # (B, Hq, Sq)
+    o = (o.to(acc) * torch.exp(lse_acc - total).unsqueeze(-1)).to(o.dtype)
+    if not return_lse:
+        return o, None
+    # (no sink: lse as it was, -inf included)
+    return o, torch.where(torch.isneginf(sinks.view(1, -1, 1)), lse, total.to(lse.dtype))
 
 
 def _rows(t: Tensor) -> Tensor:
