@@ -114,21 +114,19 @@ def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor, return_lse: bool) -> tupl
     """(o, lse) of attention without sinks -> with them (lse only if return_lse). A sink is one
     more score per row with a zero value: the softmax's sum grows from exp(lse) to
     exp(lse) + exp(sink), so each row of o scales by exp(lse - lse'), lse' = logaddexp(lse, sink).
-    (Dropout, applied to the weights, commutes with that per-row scale.) o is rounded once more.
-    Computed in float32 for 16-bit o, in float64 for float32 o: the sinks' gradient,
-    p_sink (dlse' - rowsum(do' o')), cancels, and float32 steps here would double float32's
-    error there. (Not sigmoid(lse - sink), one op fewer: its backward, y (1 - y), cancels too.)"""
-    acc = torch.float64 if o.dtype in (torch.float32, torch.float64) else lse.dtype
+    (Dropout, applied to the weights, commutes with that per-row scale.) In lse's dtype
+    (float32; in float64 the sinks' gradient came out no more accurate: its error is lse's
+    rounding), o rounded once more. (Not sigmoid(lse - sink), one op fewer: its backward,
+    y (1 - y), cancels where y is near 1 and lost the sinks' gradient.) Few ops: decoding
+    pays each one."""
     # -inf (no sink) taken as the lowest finite value: a row with every key masked then gets
     # exp(-inf - lowest) = 0, not exp(-inf + inf) = NaN (nor NaN gradients)
-    sink = sinks.to(acc).clamp(min=torch.finfo(acc).min).view(1, -1, 1)  # (1, Hq, 1)
-    lse_acc = lse.to(acc)
-    total = torch.logaddexp(lse_acc, sink)                                # (B, Hq, Sq)
-    o = (o.to(acc) * torch.exp(lse_acc - total).unsqueeze(-1)).to(o.dtype)
+    sink = sinks.to(lse.dtype).clamp(min=torch.finfo(lse.dtype).min).view(1, -1, 1)  # (1, Hq, 1)
+    total = torch.logaddexp(lse, sink)                                                # (B, Hq, Sq)
+    o = (o.to(lse.dtype) * torch.exp(lse - total).unsqueeze(-1)).to(o.dtype)
     if not return_lse:
         return o, None
-    # (no sink: lse as it was, -inf included)
-    return o, torch.where(torch.isneginf(sinks.view(1, -1, 1)), lse, total.to(lse.dtype))
+    return o, torch.where(torch.isneginf(sinks.view(1, -1, 1)), lse, total)  # (no sink: lse as it was, -inf too)
 
 
 def _rows(t: Tensor) -> Tensor:
