@@ -47,6 +47,8 @@ def test_head_dims(D, ab, dtype):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_lengths(Sq, Sk, causal, ab):
     B, Hq = (2, 8) if Sq == 1 else (1, 2)  # >= 16 query rows for the lse statistic
+    if ab.slow and Sq == Sk == 1000:  # the Triton interpreter: 600 still takes its 128-wide tiles
+        Sq = Sk = 600                   # (lmfast.kernels.attention.interpreted_blocks), at a third of the time
     _check(ab, f"Sq={Sq} Sk={Sk} causal={causal}", _inputs(ab, B, Hq, 2, Sq, Sk, 64, torch.float32, causal=causal))
 
 
