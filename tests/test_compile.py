@@ -67,6 +67,22 @@ def test_fullgraph_compile_under_autocast_matches_eager(kb):
     torch.testing.assert_close(got, want)
 
 
+def test_attention_sinks_compile_fullgraph(kb):
+    """Attention sinks are composed from the kernel's (o, lse) with torch ops: traced with them,
+    forward and the sinks' gradient as eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 5, 16, generator=g).to(kb.device).requires_grad_()
+    k, v = torch.randn(2, 1, 2, 7, 16, generator=g).to(kb.device).unbind(0)
+    sinks = torch.randn(4, generator=g).to(kb.device).requires_grad_()
+
+    def f(q, k, v, sinks):
+        return lmfast.ops.attention(q, k, v, causal=True, sinks=sinks, backend=kb.name)
+    want, got = f(q, k, v, sinks), torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, sinks)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), (q, sinks)), torch.autograd.grad(want.sum(), (q, sinks)))
+
+
 def test_custom_ops_appear_in_the_graph(kb):
     """Dynamo records one node per lmfast call (for the C++ backend, its public op); the graph
     that AOTAutograd hands the compiler holds the kernel ops, whose fake impls traced it."""
