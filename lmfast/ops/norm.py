@@ -32,14 +32,21 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         y, s = cpp_ops().layer_norm.default(x, weight, bias, residual, eps)  # checks its arguments
         return y if residual is None else (y, s)
     if _autocast.any_enabled() and _autocast.runs_in_float32("layer_norm", x):  # as torch's layer_norm (CUDA)
-        _checks.residual_like(residual, x)
         w, b = _autocast.float32(weight), _autocast.float32(bias)
-        if x.dtype == torch.float32:
-            return _layer_norm(x, w, b, eps, residual, backend)
-        s = x if residual is None else x + residual  # (the add, as autocast leaves it: in x's dtype)
-        y = _layer_norm(s.float(), w, b, eps, None, backend)
-        return y if residual is None else (y, s)
+        return _in_float32(x, residual, lambda x, r: _layer_norm(x, w, b, eps, r, backend))
     return _layer_norm(x, weight, bias, eps, residual, backend)
+
+
+def _in_float32(x, residual, norm):
+    """A norm as torch's runs under CUDA autocast: in float32, returning float32, and with a
+    residual, s = x + residual as the add computes it (autocast leaves adds alone: x's dtype).
+    norm(x, residual) runs the norm with float32 parameters."""
+    _checks.residual_like(residual, x)
+    if x.dtype == torch.float32:
+        return norm(x, residual)
+    s = x if residual is None else x + residual
+    y = norm(s.float(), None)
+    return y if residual is None else (y, s)
 
 
 def _layer_norm(x, weight, bias, eps, residual, backend):
@@ -74,13 +81,8 @@ def rms_norm(x: Tensor, weight: Tensor | None = None, eps: float = 1e-6, *,
         y, s = cpp_ops().rms_norm.default(x, weight, residual, eps, weight_offset)  # checks its arguments
         return y if residual is None else (y, s)
     if _autocast.any_enabled() and _autocast.runs_in_float32("rms_norm", x):  # as torch's rms_norm (CUDA)
-        _checks.residual_like(residual, x)
         w = _autocast.float32(weight)
-        if x.dtype == torch.float32:
-            return rms_norm_as_given(x, w, eps, residual, weight_offset, backend)
-        s = x if residual is None else x + residual  # (the add, as autocast leaves it: in x's dtype)
-        y = rms_norm_as_given(s.float(), w, eps, None, weight_offset, backend)
-        return y if residual is None else (y, s)
+        return _in_float32(x, residual, lambda x, r: rms_norm_as_given(x, w, eps, r, weight_offset, backend))
     return rms_norm_as_given(x, weight, eps, residual, weight_offset, backend)
 
 
