@@ -70,10 +70,16 @@ def _maximum_nan(a, b):
 
 
 @triton.jit
-def _max_nan(x, axis: tl.constexpr):
+def _max_nan(x, axis: tl.constexpr, INTERPRETED: tl.constexpr):
     """max over `axis`, NaN where any entry is NaN (tl.max skips NaN: a row whose scores hold
-    +inf and NaN then took lse = +inf where the reference's is NaN; found by the fuzz)."""
-    return tl.reduce(x, axis, _maximum_nan)
+    +inf and NaN then took lse = +inf where the reference's is NaN; found by the fuzz).
+    The interpreter runs a reduction with a combine function of ours in Python, one element
+    at a time (about a second per 128 x 128 tile: most of the attention tests' time), so there
+    the same value comes from its vectorized max and sum: a NaN entry makes the sum NaN."""
+    if INTERPRETED:
+        return tl.max(x, axis) + tl.sum(tl.where(x != x, x, 0.0), axis)
+    else:
+        return tl.reduce(x, axis, _maximum_nan)
 
 
 @triton.jit
@@ -196,7 +202,7 @@ def _attn_fwd_kernel(
         kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
         s = _dot(q, kT, UPCAST, PRECISION) * scale
         s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-        m_new = _maximum_nan(m_i, _max_nan(s, 1))
+        m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
@@ -262,7 +268,7 @@ def _attn_fwd_split_kernel(
         s = _dot(q, kT, UPCAST, PRECISION) * scale
         s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
         s = tl.where(in_split[None, :], s, NEG_INF)
-        m_new = _maximum_nan(m_i, _max_nan(s, 1))
+        m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
         p = tl.exp(s - m_ref[:, None])
         alpha = tl.exp(m_i - m_ref)
@@ -292,7 +298,7 @@ def _attn_combine_kernel(
     sp_ok = sp < splits
     m = tl.load(M_PART + sp * rows_total + row, mask=sp_ok, other=NEG_INF)
     l = tl.load(L_PART + sp * rows_total + row, mask=sp_ok, other=0.0)
-    m_max = _max_nan(m, 0)
+    m_max = _max_nan(m, 0, INTERPRETED)
     m_ref = tl.where(m_max == NEG_INF, 0.0, m_max)
     w = tl.exp(m - m_ref)  # 0 for splits that saw nothing
     total = tl.sum(l * w, axis=0)
