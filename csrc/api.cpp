@@ -59,11 +59,11 @@ LMFAST_KERNEL_OP(softmax_fwd, Tensor(const Tensor&, const OptTensor&, double, bo
 LMFAST_KERNEL_OP(softmax_bwd, Tensor(const Tensor&, const Tensor&, double))
 LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                            const OptTensor&, double, bool, std::optional<int64_t>,
-                                                           double, const OptTensor&))
+                                                           double, const OptTensor&, double))
 LMFAST_KERNEL_OP(attention_bwd, std::tuple<Tensor, Tensor, Tensor, Tensor>(
                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     const Tensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    std::optional<int64_t>, bool, double, const OptTensor&))
+                                    std::optional<int64_t>, bool, double, const OptTensor&, double))
 #undef LMFAST_KERNEL_OP
 
 // ---- shaping helpers ----------------------------------------------------------------------
@@ -220,15 +220,16 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
 struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const OptTensor& mask, double scale, bool causal, std::optional<int64_t> window,
-                               double dropout_p, const OptTensor& dropout_seed) {
+                               double dropout_p, const OptTensor& dropout_seed, double softcap) {
     ctx->set_materialize_grads(false);
     Given({true, true, true, mask.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [o, lse] = attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed);
+    auto [o, lse] = attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["window"] = window.has_value() ? c10::IValue(*window) : c10::IValue();
     ctx->saved_data["dropout_p"] = dropout_p;
+    ctx->saved_data["softcap"] = softcap;
     ctx->save_for_backward({q, k, v, o, lse, mask.value_or(Tensor()), dropout_seed.value_or(Tensor())});
     return {o, lse};
   }
@@ -243,8 +244,8 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
         saved[4], grads[1].defined() ? OptTensor(grads[1].contiguous()) : std::nullopt, defined_or_none(saved[5]),
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
         window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()), mask_grad,
-        ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]));
-    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]), ctx->saved_data["softcap"].toDouble());
+    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -285,12 +286,12 @@ Tensor softmax_fwd_autograd(const Tensor& x, const OptTensor& mask, double scale
 std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                   const OptTensor& mask, double scale, bool causal,
                                                   std::optional<int64_t> window, double dropout_p,
-                                                  const OptTensor& dropout_seed) {
+                                                  const OptTensor& dropout_seed, double softcap) {
   if (!grad_wanted({&mask}, {&q, &k, &v})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed);
+    return attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
   }
-  auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed);
+  auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
   return {out[0], out[1]};
 }
 
@@ -354,7 +355,8 @@ Tensor softmax(const Tensor& x, int64_t dim, double scale, const OptTensor& mask
 
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask,
                                      bool causal, std::optional<double> scale, std::optional<int64_t> window,
-                                     double dropout_p, const OptTensor& dropout_seed) {
+                                     double dropout_p, const OptTensor& dropout_seed,
+                                     std::optional<double> softcap) {
   const char* names[3] = {"q", "k", "v"};
   const Tensor* qkv[3] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i) {
@@ -377,6 +379,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                     "window must be >= 1 (the number of keys each query sees), got ", window.value_or(0));
   if (scale.has_value()) checks::finite("scale", *scale);
   checks::dropout(dropout_p, dropout_seed);
+  if (softcap.has_value()) checks::softcap(*softcap);
   const double s = scale.has_value() ? *scale : std::pow(double(qs[3].guard_int(__FILE__, __LINE__)), -0.5);
   // The forward takes any strides with a contiguous head dim: the (B, S, H, D) projections
   // models transpose to (B, H, S, D) pass without a copy.
@@ -388,7 +391,8 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                          : dropout_seed.has_value()
                              ? OptTensor(dropout_seed->reshape({1}).to(q.device()))
                              : OptTensor(at::randint(int64_t(1) << 62, {1}, q.options().dtype(at::kLong)));
-  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p, seed);
+  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p, seed,
+                              softcap.value_or(0.0));
 }
 
 }  // namespace lmfast::api

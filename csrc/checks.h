@@ -126,6 +126,13 @@ inline void dropout(double p, const std::optional<Tensor>& seed) {
                     shape_str(seed->sym_sizes()));
 }
 
+// Attention's logit cap: a positive finite number (None, in Python, for no cap).
+inline void softcap(double c) {
+  finite("softcap", c);
+  TORCH_CHECK_VALUE(c > 0, "softcap must be positive (scores become softcap * tanh(s / softcap)), got ",
+                    number_str(c));
+}
+
 // dim in [-ndim, ndim), returned as an index in [0, ndim).
 inline int64_t dim_index(int64_t dim, int64_t ndim) {
   TORCH_CHECK_VALUE(-ndim <= dim && dim < ndim, "dim=", dim, " is out of range for x with ", ndim,

@@ -52,17 +52,19 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // contiguous), the backward takes contiguous tensors; mask expanded to (B, Hq, Sq, Sk);
 // window: none or >= 1; dropout_p in [0, 1), dropout_seed an int64 tensor of one element
 // (on the CPU for the CPU kernels) where dropout_p > 0 (the mask: lmfast/reference.py's
-// dropout_keep). Returns (o, lse) with lse (B, Hq, Sq) in the accumulation dtype, lse
-// without dropout; the backward returns (dq, dk, dv, dmask or an empty tensor).
+// dropout_keep); softcap > 0 caps the scaled scores to softcap * tanh(s / softcap) before
+// the mask is added (Gemma 2's logit softcapping), 0: none. Returns (o, lse) with lse
+// (B, Hq, Sq) in the accumulation dtype, lse without dropout; the backward returns
+// (dq, dk, dv, dmask or an empty tensor).
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,
                                          bool causal, std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed);
+                                         const std::optional<Tensor>& dropout_seed, double softcap);
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
-    const std::optional<Tensor>& dropout_seed);
+    const std::optional<Tensor>& dropout_seed, double softcap);
 // What multiplies bfloat16 attention tiles on this CPU: "amx", "avx512bf16" (oneDNN's brgemm)
 // or "sgemm" (tiles widened to float32). The first call runs a small brgemm self-check.
 const char* bf16_attention_unit();
@@ -100,7 +102,8 @@ Tensor softmax(const Tensor& x, int64_t dim, double scale, const std::optional<T
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v,
                                      const std::optional<Tensor>& attn_mask, bool causal,
                                      std::optional<double> scale, std::optional<int64_t> window,
-                                     double dropout_p, const std::optional<Tensor>& dropout_seed);
+                                     double dropout_p, const std::optional<Tensor>& dropout_seed,
+                                     std::optional<double> softcap);
 
 // Autograd-key kernels of the *_fwd kernel ops (their backward calls the *_bwd ops).
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(
@@ -117,6 +120,7 @@ std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor&
                                                   const std::optional<Tensor>& mask, double scale,
                                                   bool causal, std::optional<int64_t> window,
                                                   double dropout_p,
-                                                  const std::optional<Tensor>& dropout_seed);
+                                                  const std::optional<Tensor>& dropout_seed,
+                                                  double softcap);
 
 }  // namespace lmfast::api

@@ -152,10 +152,12 @@ def dropout_keep(seed: int, rows: Tensor, keys: Tensor, p: float) -> Tensor:
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None,
-              dropout_p: float = 0.0, dropout_seed: int | None = None, sinks: Tensor | None = None):
+              dropout_p: float = 0.0, dropout_seed: int | None = None, sinks: Tensor | None = None,
+              softcap: float | None = None):
     """Scaled dot-product attention, materializing the (Sq, Sk) scores: the oracle.
 
         s = scale * q @ k^T + attn_mask          (boolean mask: s = -inf where False)
+        with softcap c: s = c * tanh(scale * q @ k^T / c) + attn_mask   (Gemma 2's logit softcapping)
         o = softmax(s) @ v,   lse = logsumexp(s)  over keys
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq a multiple of Hkv: query head h reads kv
@@ -172,6 +174,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     kf = k.to(acc).repeat_interleave(group, dim=1)  # (B, Hq, Sk, D)
     vf = v.to(acc).repeat_interleave(group, dim=1)
     s = (q.to(acc) @ kf.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
     keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)

@@ -250,6 +250,58 @@ def test_attention_sinks(case, ab, dtype):
         assert torch.equal(o2, o1) and torch.equal(lse2, lse1)
 
 
+SOFTCAP_CASES = {  # (B, Hq, Hkv, Sq, Sk, D, mask kind, causal, window, dropout_p)
+    "gqa, causal, key padding": (1, 4, 2, 40, 300, 32, "bool", True, None, 0.0),
+    "window, additive mask": (2, 2, 1, 24, 24, 16, "additive", True, 7, 0.0),
+    "decoding, long cache": (1, 8, 2, 1, 700, 64, None, True, None, 0.0),  # Triton's split path, the CPU's splits
+    "long queries": (1, 2, 1, 300, 300, 64, None, False, None, 0.0),     # several tiles each way (CPU bf16: brgemm)
+    "dropout": (1, 4, 2, 13, 45, 32, None, False, None, 0.3),
+}
+
+
+def _softcap_reference(dropout_seed=None, **kw):
+    if dropout_seed is not None:
+        kw["dropout_seed"] = int(dropout_seed)
+    return reference.attention(**kw)
+
+
+@pytest.mark.parametrize("case", SOFTCAP_CASES)
+def test_logit_softcapping(case, ab, dtype):
+    """Gemma 2's logit softcapping: scores s = c tanh(scale q k^T / c) before the mask, forward
+    (o, lse) and the gradients of q, k, v and an additive mask, against the float64 reference.
+    q and k are scaled up so that scores reach a few times the cap (tanh far from linear: the
+    test fails without the cap, or with its derivative left out of the backward)."""
+    B, Hq, Hkv, Sq, Sk, D, mask_kind, causal, window, dropout_p = SOFTCAP_CASES[case]
+    if ab.slow and Sq * Sk > 30_000:  # the Triton interpreter: shorter rows, still several key tiles
+        Sq, Sk = (Sq + 1) // 2 if Sq > 1 else 1, 600 if Sq == 1 else 260
+    mask = None
+    if mask_kind == "bool":
+        mask = (torch.rand(B, 1, 1, Sk) > 0.3).to(ab.device).expand(B, 1, Sq, Sk)
+    elif mask_kind == "additive":
+        mask = torch.randn(1, Hq, Sq, Sk).to(ab.device, dtype)
+    ins = _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, mask=mask, causal=causal, window=window)
+    ins["q"] = ins["q"] * 3  # scores ~ N(0, 9): out to ~3 caps of 3.0
+    ins["softcap"] = 3.0
+    if dropout_p:
+        ins.update(dropout_p=dropout_p, dropout_seed=torch.tensor([7], device=ab.device))
+    grad = ("q", "k", "v", "attn_mask") if mask_kind == "additive" else ("q", "k", "v")
+    check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
+                            _softcap_reference, ins, grad=grad, name=f"attention {ab.name} softcap {case}")
+
+
+def test_softcap_gradcheck_cpu_float64():
+    """The C++ backward through the cap, against finite differences (float64, the CPU path)."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 2, 5, 8, generator=g, dtype=torch.float64) * 2
+    k, v = (torch.randn(1, 1, 7, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    bias = torch.randn(1, 2, 5, 7, generator=g, dtype=torch.float64)
+    for t in (q, k, v, bias):
+        t.requires_grad_()
+    f = lambda q, k, v, bias: lmfast.ops.attention(q, k, v, bias, causal=True, softcap=1.5, return_lse=True,  # noqa: E731
+                                                    backend="cpu")
+    assert torch.autograd.gradcheck(f, (q, k, v, bias))
+
+
 def test_query_blocks_that_see_no_key_past_the_first_key_tile(ab):
     """Causal with Sq - Sk = 150: the first 150 queries see no key, so (CPU) a whole backward
     query block saw no key tile, and with Sk past one key tile the empty range of tiles was

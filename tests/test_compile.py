@@ -83,6 +83,21 @@ def test_attention_sinks_compile_fullgraph(kb):
     torch.testing.assert_close(torch.autograd.grad(got.sum(), (q, sinks)), torch.autograd.grad(want.sum(), (q, sinks)))
 
 
+def test_attention_softcap_compile_fullgraph(kb):
+    """A softcap (Gemma 2) is a float argument of the kernel ops: traced without a graph break,
+    forward and gradients as eager."""
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randn(1, 4, 5, 16, generator=g) * 3).to(kb.device).requires_grad_()
+    k, v = torch.randn(2, 1, 2, 7, 16, generator=g).to(kb.device).unbind(0)
+
+    def f(q, k, v):
+        return lmfast.ops.attention(q, k, v, causal=True, softcap=2.0, backend=kb.name)
+    want, got = f(q, k, v), torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got.sum(), q), torch.autograd.grad(want.sum(), q))
+
+
 def test_custom_ops_appear_in_the_graph(kb):
     """Dynamo records one node per lmfast call (for the C++ backend, its public op); the graph
     that AOTAutograd hands the compiler holds the kernel ops, whose fake impls traced it."""

@@ -298,6 +298,25 @@ def test_attention_dropout(emu, dtype, shape):
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention dropout {shape} {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(1, 4, 2, 37, 90, 64), (2, 4, 2, 3, 300, 32)], ids=["prefill", "decode"])
+def test_attention_softcap(emu, dtype, shape):
+    """Logit softcapping (Gemma 2) in both kernels: c tanh(s / c) before an additive mask; q scaled
+    up so that scores reach a few caps."""
+    B, Hq, Hkv, Sq, Sk, D = shape
+    inputs = _attention_inputs(*shape, dtype, "additive", strided=False)
+    inputs["q"] = inputs["q"] * 2
+
+    def fn(q, k, v, attn_mask):
+        return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), D ** -0.5, True, None, 0.0, None,
+                                       2.5))
+
+    def ref(q, k, v, attn_mask):
+        return reference.attention(q, k, v, attn_mask, causal=True, softcap=2.5)
+
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention softcap {shape} {dtype}")
+
+
 def test_attention_rows_that_see_no_key(emu):
     """Causal with Sq > Sk: the first Sq - Sk rows see no key (o = 0, lse = -inf), in both kernels."""
     for Sq in (3, 40):

@@ -240,6 +240,7 @@ def _attention_case(kb, data):
     # Dropout (the reference drops the same entries, by the same hash of the seed).
     dropout_p = data.draw(st.sampled_from([0.0, 0.0, 0.2, 0.7]), "dropout_p")
     dropout_seed = data.draw(st.integers(0, 2**63 - 1), "dropout seed")
+    softcap = data.draw(st.sampled_from([None, None, None, 0.5, 30.0]), "softcap")  # (Gemma 2's logit cap)
     # NaN/inf in q only: a NaN or inf in k or v at a key some row cannot see (masked, or
     # outside its causal/window band) reaches that row in the reference, whose unfused
     # p @ v multiplies it by p = 0 (0 * inf = NaN), but not in the kernels, which skip the
@@ -267,10 +268,10 @@ def _attention_case(kb, data):
             m[torch.rand(m.shape) < 0.2] = -math.inf
             mask = m.to(device=kb.device, dtype=dtype)
         return {**ins, "attn_mask": mask, "causal": causal, "scale": scale, "window": window, "dropout_p": dropout_p,
-                "dropout_seed": torch.tensor([dropout_seed], device=kb.device)}
+                "dropout_seed": torch.tensor([dropout_seed], device=kb.device), "softcap": softcap}
 
     note(f"attention {kb.name} B={B} Hq={Hq} Hkv={Hkv} Sq={Sq} Sk={Sk} D={D} {dtype} causal={causal} window={window} "
-         f"mask {mask_kind}{mask_shape} {values} in {where} bshd={bshd} dropout {dropout_p}")
+         f"mask {mask_kind}{mask_shape} {values} in {where} bshd={bshd} dropout {dropout_p} softcap {softcap}")
     # Gradients for finite inputs only: a NaN/inf row's NaN reaches every key in the reference
     # (an unfused softmax), but only the keys the row can see in the kernels, which skip
     # masked keys and key tiles outside the causal/window band (README: attention).

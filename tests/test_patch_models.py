@@ -1,5 +1,6 @@
-"""lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2, Mistral (sliding window) and
-Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and a global layer) from small random configs, and torch.nn.Transformer / TransformerEncoder. For each: outputs
+"""lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2, Mistral (sliding window),
+Gemma 2 (attention logit softcapping) and Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and
+a global layer) from small random configs, and torch.nn.Transformer / TransformerEncoder. For each: outputs
 within the error budget of the unpatched model (float32, bfloat16, float16), one training
 step's gradients within budget, KV-cache generation unchanged, unpatch restores everything.
 The error budget is DESIGN.md's: against the float64 model, at most twice the unpatched
@@ -21,12 +22,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _spy_attention(monkeypatch) -> list[dict]:
-    """Records each lmfast.ops.attention call: its mask shape, causal, window and (if not 0) dropout_p."""
+    """Records each lmfast.ops.attention call: its mask shape, causal, window and (if given) dropout_p
+    and softcap."""
     calls, attention = [], lmfast.ops.attention
 
     def spy(q, k, v, attn_mask=None, causal=False, scale=None, window=None, **kwargs):
         calls.append({"mask": None if attn_mask is None else tuple(attn_mask.shape), "causal": causal,
-                      "window": window, **({"dropout_p": kwargs["dropout_p"]} if kwargs.get("dropout_p") else {})})
+                      "window": window, **({"dropout_p": kwargs["dropout_p"]} if kwargs.get("dropout_p") else {}),
+                      **({"softcap": kwargs["softcap"]} if kwargs.get("softcap") is not None else {})})
         return attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window, **kwargs)
     monkeypatch.setattr(lmfast.ops, "attention", spy)
     return calls
@@ -35,6 +38,9 @@ def _spy_attention(monkeypatch) -> list[dict]:
 # ---- Hugging Face decoders from random configs --------------------------------------------------
 
 VOCAB, WINDOW = 97, 6
+# Gemma 2's attention logit cap in these tests: at this model's scores (~0.02 with
+# query_pre_attn_scalar 16) a cap of 0.02 is far from linear (its default, 50, would be).
+SOFTCAP = 0.02
 
 
 def _hf_model(arch: str):
@@ -46,20 +52,31 @@ def _hf_model(arch: str):
                                      attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0),
         "qwen2": lambda: t.Qwen2Config(num_key_value_heads=2, **small),  # grouped-query, biased q/k/v
         "mistral": lambda: t.MistralConfig(num_key_value_heads=2, sliding_window=WINDOW, **small),
+        "gemma2": lambda: t.Gemma2Config(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
+                                         layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=16,
+                                         attn_logit_softcapping=SOFTCAP, **small),
         "gemma3": lambda: t.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
                                              layer_types=["sliding_attention", "full_attention"], **small),
     }[arch]()
     config.pad_token_id = 0
     torch.manual_seed(0)
-    return t.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    return t.AutoModelForCausalLM.from_config(config, attn_implementation=_ATTN_IMPLEMENTATION.get(arch, "sdpa")).eval()
 
 
-def _batch():
-    """Three rows of 16 tokens: left padding, right padding, none (any padding pattern is legal)."""
+# Gemma 2 runs its eager attention: transformers' SDPA path has no softcap (it refuses one).
+_ATTN_IMPLEMENTATION = {"gemma2": "eager"}
+
+
+def _batch(arch: str | None = None):
+    """Three rows of 16 tokens: left padding, right padding, none (any padding pattern is legal).
+    Gemma 2's rows have no left padding: its eager attention takes the softmax in float32, where
+    a float64 model's mask (float64's lowest value) becomes -inf, so the float64 reference's
+    left-padded query rows, which see no key, came out NaN and spread to every row."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(1, VOCAB, (3, 16), generator=g)
     mask = torch.ones(3, 16, dtype=torch.long)
-    mask[0, :5] = 0
+    if arch != "gemma2":
+        mask[0, :5] = 0
     mask[1, -3:] = 0
     return ids, mask
 
@@ -71,19 +88,25 @@ def _generation_inputs(max_new_tokens: int):
     return ids, dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
 
 
-ARCHS = ["gpt2", "qwen2", "mistral", "gemma3"]
+ARCHS = ["gpt2", "qwen2", "mistral", "gemma2", "gemma3"]
 
 
 def _windows(arch: str) -> list:
     """The attention window of each of the model's two layers."""
-    return {"mistral": [WINDOW, WINDOW], "gemma3": [WINDOW, None]}.get(arch, [None, None])
+    return {"mistral": [WINDOW, WINDOW], "gemma2": [WINDOW, None], "gemma3": [WINDOW, None]}.get(arch, [None, None])
+
+
+def _calls(arch: str, mask) -> list[dict]:
+    """What _spy_attention records for one forward of the model: a call per layer."""
+    cap = {"softcap": SOFTCAP} if arch == "gemma2" else {}
+    return [{"mask": mask, "causal": True, "window": w, **cap} for w in _windows(arch)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_decoder_logits(arch, dtype, monkeypatch):
     model = _hf_model(arch)
-    ids, mask = _batch()
+    ids, mask = _batch(arch)
     keep = mask.bool()  # logits at padded positions are not defined outputs
     with torch.no_grad():
         ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
@@ -93,12 +116,15 @@ def test_hf_decoder_logits(arch, dtype, monkeypatch):
         report = lmfast.patch(model)
         calls = _spy_attention(monkeypatch)
         got = model(ids, attention_mask=mask).logits
-    assert report.swapped[f"attention (attn_implementation 'sdpa' -> 'lmfast')"] == 2
+    previous = _ATTN_IMPLEMENTATION.get(arch, "sdpa")
+    assert report.swapped[f"attention (attn_implementation {previous!r} -> 'lmfast')"] == 2
     if arch == "gemma3":  # 4 around attention and MLP and the q/k norms per layer, and the final one
         assert report.swapped["RMSNorm, 1 + weight (Gemma3RMSNorm)"] == 2 * 6 + 1 and not report.skipped
+    if arch == "gemma2":  # 4 per layer and the final one
+        assert report.swapped["RMSNorm, 1 + weight (Gemma2RMSNorm)"] == 2 * 4 + 1 and not report.skipped
     assert_within_budget(got[keep], ref64[keep], eager[keep], f"{arch} logits")
     # the mask arrives as causal (+ window) and a (B, 1, 1, Sk) padding mask, not (Sq x Sk)
-    assert calls == [{"mask": (3, 1, 1, 16), "causal": True, "window": w} for w in _windows(arch)]
+    assert calls == _calls(arch, (3, 1, 1, 16) if (mask == 0).any() else None)
     lmfast.unpatch(model)
     assert [type(m) for m in model.modules()] == classes
 
@@ -106,7 +132,7 @@ def test_hf_decoder_logits(arch, dtype, monkeypatch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_hf_decoder_training_step(arch):
     """One training step's gradients, patched, within budget of the unpatched float32 model's."""
-    ids, mask = _batch()
+    ids, mask = _batch(arch)
     keep = mask.bool()
     weights = torch.randn(3, 16, VOCAB, generator=torch.Generator().manual_seed(2))
 
@@ -134,7 +160,7 @@ def test_hf_decoder_under_autocast(arch):
     model's under the same autocast (both against the float64 model). The rotary models hand
     attention a float32 q and k beside a bfloat16 v, which SDPA's autocast rule casts, and
     lmfast's now does too (before, it refused them)."""
-    ids, mask = _batch()
+    ids, mask = _batch(arch)
     keep = mask.bool()
     weights = torch.randn(3, 16, VOCAB, generator=torch.Generator().manual_seed(2))
 
@@ -594,21 +620,29 @@ def test_gemma3_row_of_the_model_benchmarks(monkeypatch):
     assert {c["window"] for c in calls} == {WINDOW, None}
 
 
-def test_hf_softcapping_model_keeps_its_attention():
-    """Gemma 2 caps attention logits (attn_logit_softcapping): lmfast leaves its attention
-    alone and says why; its norms (1 + weight) are swapped."""
-    config = transformers.Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")  # (no SDPA)
+def test_gemma2_logit_softcapping_changes_the_logits_and_is_served():
+    """Gemma 2 caps its attention logits (attn_logit_softcapping), which lmfast computes in its
+    kernels (ops.attention(softcap=)). The cap of these tests changes the model's logits far past
+    the error budget, so the decoder tests above fail if it is dropped; and a model loaded with
+    attn_implementation="lmfast" runs it too (it raised NotImplementedError before)."""
+    model = _hf_model("gemma2")
     ids, mask = _batch()
+    keep = mask.bool()
+    uncapped = copy.deepcopy(model)
+    for m in uncapped.modules():
+        if hasattr(m, "attn_logit_softcapping"):
+            m.attn_logit_softcapping = None
+    direct = transformers.AutoModelForCausalLM.from_config(model.config, attn_implementation="lmfast").eval()
+    direct.load_state_dict(model.state_dict())
+    lmfast.patch(direct)  # (its norms: the attention is lmfast's already)
     with torch.no_grad():
         want = model(ids, attention_mask=mask).logits
-        report = lmfast.patch(model)
+        without_cap = uncapped(ids, attention_mask=mask).logits
+        lmfast.patch(model)
         got = model(ids, attention_mask=mask).logits
-    assert report.swapped == {"RMSNorm, 1 + weight (Gemma2RMSNorm)": 2 * 4 + 1}
-    assert "attention: logit softcapping (attn_logit_softcapping)" in str(report)
-    assert model.config._attn_implementation == "eager"
-    torch.testing.assert_close(got, want)
+        loaded = direct(ids, attention_mask=mask).logits
+    assert (without_cap - want)[keep].abs().max() > 1000 * (got - want)[keep].abs().max()
+    torch.testing.assert_close(loaded, got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("batch_first", [True, False])

@@ -66,8 +66,9 @@ def _attention_variants():
         p = f"*{dt}"
         mask = "*u8" if dt == "fp16" else p  # fp16 runs the bool mask
         flags = {"CAUSAL": flags_on, "WINDOW": flags_on, "HAS_MASK": flags_on, "BOOL_MASK": dt == "fp16", "DROPOUT": flags_on,
-                 "BLOCK_D": block_d, "UPCAST": False, "PRECISION": "ieee", "INTERPRETED": False}
-        dims = {"Hq": "i32", "Hkv": "i32", "Sq": "i32", "Sk": "i32", "D": "i32", "scale": "fp32", "window": "i32",
+                 "SOFTCAP": flags_on, "BLOCK_D": block_d, "UPCAST": False, "PRECISION": "ieee", "INTERPRETED": False}
+        dims = {"Hq": "i32", "Hkv": "i32", "Sq": "i32", "Sk": "i32", "D": "i32", "scale": "fp32", "softcap": "fp32",
+                "window": "i32",
                 # dropout: the threshold is i32 or i64 as its value falls (Triton types int arguments so)
                 "SEED": "*i64", "threshold": "i64" if dt == "bf16" else "i32", "keep_scale": "fp32"}
         mask_sig = {"MASK": mask, "smb": "i64", "smh": "i64", "smq": "i64", "smk": "i64"}

@@ -5,9 +5,11 @@
 // (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, D)
 // memory order, the layout models want back (as SDPA's CPU flash kernel does). The backward
 // takes contiguous tensors. Scores are computed one (Bq x Bk) tile at a time and never materialized
-// whole (the backward keeps a block of query rows of them, at most 4 MiB):
+// whole (the backward keeps a block of query rows of them, at most 4 MiB; 6 with a softcap):
 //
 //   forward, per query block, over key blocks:   s = scale * q k^T + mask (masked: -inf)
+//       (with a softcap c: s = c tanh(scale * q k^T / c) + mask, Gemma 2's logit softcapping;
+//       the backward then takes ds through the cap's derivative 1 - tanh^2, for dq and dk)
 //       m' = max(m, rowmax s);  p = exp(s - m');  l = l e^(m - m') + rowsum p;
 //       o = o e^(m - m') + p v;     finally o /= l,  lse = m + log l
 //   backward, per query block, recomputing s and p = softmax(s) over every key the block sees:
@@ -63,12 +65,14 @@ struct Rows {
   int64_t at(int64_t bi, int64_t hi, int64_t si) const { return bi * b + hi * h + si * s; }
 };
 
-// The contiguous range [lo, hi) of keys that causal/window masking lets query i see.
+// The contiguous range [lo, hi) of keys that causal/window masking lets query i see, and the
+// cap on the scores inside it (prepare_row applies both).
 struct KeyBand {
   bool causal;
   int64_t window;  // 0: none
   int64_t offset;  // Sk - Sq: key position of query 0
   int64_t Sk;
+  double softcap;  // > 0: scores become softcap * tanh(s / softcap) before the mask; 0: none
 
   int64_t lo(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i + offset - window + 1) : 0; }
   int64_t hi(int64_t i) const { return causal ? std::clamp<int64_t>(i + offset + 1, 0, Sk) : Sk; }
@@ -196,16 +200,39 @@ std::pair<const at::opmath_type<scalar_t>*, int64_t> load_tile(
   }
 }
 
-// One row of a score tile (keys j0 .. j0 + nk of query i, already scaled): adds the mask and
-// sets -inf outside the query's key band or where a boolean mask is False. Returns the
+// row[0, n) := c tanh(row / c) (Gemma 2's logit softcapping, as its eager attention computes
+// it: divide, tanh, multiply); where cap_grad is given, cap_grad[0, n) := the derivative
+// 1 - tanh^2, taken as (1 - t)(1 + t), which keeps its digits where t is near 1.
+template <typename acc_t>
+void softcap_row(acc_t* row, int64_t n, acc_t c, acc_t* cap_grad) {
+  using Vec = Vectorized<acc_t>;
+  const Vec c_v(c), one(acc_t(1));
+  for_each_chunk<Vec::size()>(n, [&](int64_t j, int64_t m) {
+    const Vec t = (Vec::loadu(row + j, m) / c_v).tanh();
+    (t * c_v).store(row + j, m);
+    if (cap_grad != nullptr) ((one - t) * (one + t)).store(cap_grad + j, m);
+  });
+}
+
+// One row of a score tile (keys j0 .. j0 + nk of query i, already scaled): caps the scores in
+// the query's key band (band.softcap; cap_grad as in softcap_row, 0 outside the band), adds
+// the mask and sets -inf outside the band or where a boolean mask is False. Returns the
 // visible column range [lo, hi) of the row (empty: lo == hi).
 template <typename acc_t, typename mask_t>
 std::pair<int64_t, int64_t> prepare_row(acc_t* row, int64_t i, int64_t j0, int64_t nk,
-                                        const KeyBand& band, const mask_t* m, int64_t m_stride) {
+                                        const KeyBand& band, const mask_t* m, int64_t m_stride,
+                                        acc_t* cap_grad = nullptr) {
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t lo = std::clamp<int64_t>(band.lo(i) - j0, 0, nk);
   const int64_t hi = std::max(lo, std::clamp<int64_t>(band.hi(i) - j0, 0, nk));
+  if (band.softcap > 0) {
+    if (cap_grad != nullptr) {
+      std::fill(cap_grad, cap_grad + lo, acc_t(0));
+      std::fill(cap_grad + hi, cap_grad + nk, acc_t(0));
+    }
+    softcap_row(row + lo, hi - lo, static_cast<acc_t>(band.softcap), cap_grad == nullptr ? nullptr : cap_grad + lo);
+  }
   std::fill(row, row + lo, kNegInf);
   std::fill(row + hi, row + nk, kNegInf);
   if (m == nullptr) return {lo, hi};
@@ -620,12 +647,12 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
       const int64_t i = rows.query[r];
       const mask_t* mrow = mask.row(b, rows.head[r], i);
       // The row's max over the visible keys, and p = exp(mul * s - m'): without a mask (and
-      // scale > 0) the raw s is only read, max(scale s) = scale max(s); with one, s is
-      // scaled and masked in place first.
+      // scale > 0, no softcap) the raw s is only read, max(scale s) = scale max(s); else s is
+      // scaled, capped and masked in place first.
       int64_t lo = std::clamp<int64_t>(band.lo(i) - j0, 0, nk);
       int64_t hi = std::max(lo, std::clamp<int64_t>(band.hi(i) - j0, 0, nk));
       float mul = scale, row_max;
-      if (mrow == nullptr && scale > 0.f) {
+      if (mrow == nullptr && scale > 0.f && band.softcap == 0) {
         row_max = lo < hi ? max_row(srow, lo, hi) * scale : kNegInf;
       } else {
         for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
@@ -874,14 +901,17 @@ void backward_ds_row(const acc_t* p, acc_t* ds, int64_t n, acc_t dlse) {
 }
 
 // A block's rows of p and dp (then ds), each over every key (column j = key j, leading dim
-// `ld` = Sk rounded up to whole tiles), of which the block's visible tiles are filled.
+// `ld` = Sk rounded up to whole tiles), of which the block's visible tiles are filled; with a
+// softcap, also the cap's derivative at each score (cap, else empty).
 template <typename acc_t>
 struct BackwardRows {
   int64_t ld = 0;
-  std::vector<acc_t> p, ds;
-  BackwardRows(int64_t rows, int64_t Sk) : ld((Sk + kBlockK - 1) / kBlockK * kBlockK), p(rows * ld), ds(rows * ld) {}
+  std::vector<acc_t> p, ds, cap;
+  BackwardRows(int64_t rows, int64_t Sk, bool softcap)
+      : ld((Sk + kBlockK - 1) / kBlockK * kBlockK), p(rows * ld), ds(rows * ld), cap(softcap ? rows * ld : 0) {}
   acc_t* p_at(int64_t r, int64_t j) { return p.data() + r * ld + j; }
   acc_t* ds_at(int64_t r, int64_t j) { return ds.data() + r * ld + j; }
+  acc_t* cap_at(int64_t r, int64_t j) { return cap.empty() ? nullptr : cap.data() + r * ld + j; }
 };
 
 // The per-row steps between a block's tile products, shared by both backward kernels: after
@@ -896,10 +926,10 @@ struct BackwardRowSteps {
   scalar_t* dmask;     // (B, Hq, Sq, Sk) or nullptr
   const Dropout& drop;
 
-  // Masks scores tile [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
+  // Caps and masks scores tile [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
   void mask_tile(BackwardRows<acc_t>& rows, int64_t nq, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk) const {
     for (int64_t r = 0; r < nq; ++r)
-      prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk);
+      prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, rows.cap_at(r, j0));
   }
   void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
     for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
@@ -923,6 +953,12 @@ struct BackwardRowSteps {
       if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds (0, as allocated, outside [k0, k1))
         scalar_t* dm = dmask + (row0 + r) * g.Sk;
         for (int64_t j = k0; j < k1; ++j) dm[j] = scalar_t(ds[j - k0]);
+      }
+      if (const acc_t* cap = rows.cap_at(r, k0)) {  // the scores before the cap: ds (1 - tanh^2)
+        using Vec = Vectorized<acc_t>;
+        for_each_chunk<Vec::size()>(k1 - k0, [&](int64_t j, int64_t n) {
+          (Vec::loadu(ds + j, n) * Vec::loadu(cap + j, n)).store(ds + j, n);
+        });
       }
     }
   }
@@ -1135,7 +1171,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   // One task per chunk of a (b, kv head) (see BackwardPlan): it writes the dq of its rows and
   // sums their dk, dv over the keys they see, [ck0, ck1).
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    BackwardRows<acc_t> rows(plan.block_q, g.Sk);
+    BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
     std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
@@ -1234,7 +1270,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   }
 
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    BackwardRows<float> rows(block_q, g.Sk);
+    BackwardRows<float> rows(block_q, g.Sk, band.softcap > 0);
     std::vector<float> dq_acc(block_q * D), own_parts, pd_buf;
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
     std::vector<BF> qT(D * block_qe), doT(D * block_qe);                      // A operands of dk^T, dv^T
@@ -1328,9 +1364,10 @@ void check_mask(const std::optional<Tensor>& mask, const Tensor& q, const Geomet
               "lmfast_C: mask must be bool or have q's dtype");
 }
 
-KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window) {
+KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window, double softcap) {
   TORCH_CHECK(!window.has_value() || *window >= 1, "lmfast_C: window must be >= 1");
-  return KeyBand{causal, window.value_or(0), g.Sk - g.Sq, g.Sk};
+  TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "lmfast_C: softcap must be finite and >= 0 (0: none)");
+  return KeyBand{causal, window.value_or(0), g.Sk - g.Sq, g.Sk, softcap};
 }
 
 // Runs fn<mask_t>() with mask_t = bool or scalar_t as the mask's dtype says.
@@ -1366,10 +1403,10 @@ const char* bf16_attention_unit() {
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale,
                                          bool causal, std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed) {
+                                         const std::optional<Tensor>& dropout_seed, double softcap) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/false);
   check_mask(mask, q, g);
-  const KeyBand band = key_band(g, causal, window);
+  const KeyBand band = key_band(g, causal, window, softcap);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   // (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D): o.transpose(1, 2) is contiguous.
   Tensor o = at::empty({g.B, g.Sq, g.Hq, g.D}, q.options()).transpose(1, 2);
@@ -1390,7 +1427,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
-    const std::optional<Tensor>& dropout_seed) {
+    const std::optional<Tensor>& dropout_seed, double softcap) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   check_mask(mask, q, g);
@@ -1403,7 +1440,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   TORCH_CHECK(!dlse.has_value() || (dlse->sizes() == lse.sizes() && dlse->is_contiguous() &&
                                     dlse->scalar_type() == lse.scalar_type()),
               "lmfast_C: dlse must be shaped and typed like lse");
-  const KeyBand band = key_band(g, causal, window);
+  const KeyBand band = key_band(g, causal, window, softcap);
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor dmask = mask_grad ? at::zeros({g.B, g.Hq, g.Sq, g.Sk}, q.options()) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_bwd", [&] {

@@ -1,7 +1,8 @@
 // Attention forward on CUDA: same math and contract as csrc/cpu/attention.cpp (csrc/ops.h):
 //
 //   s = scale * q k^T + mask   (boolean mask: -inf where False; -inf outside the key band:
-//                               causal keeps keys j <= i + Sk - Sq, a window w keeps j > i + Sk - Sq - w)
+//                               causal keeps keys j <= i + Sk - Sq, a window w keeps j > i + Sk - Sq - w;
+//                               a softcap c > 0 takes c tanh(scale * q k^T / c) before the mask)
 //   o = softmax(s) v,  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
 //   dropout: the entries of softmax(s) that ../dropout_hash.h drops weigh 0 in o, the rest are
 //   scaled by 1 / (1 - dropout_p); l and lse are the undropped ones
@@ -53,6 +54,7 @@ struct AttnParams {
   int mask_kind;
   int B, Hq, Hkv, Sq, Sk, D;
   float scale;
+  float softcap;  // > 0: s = softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
   bool causal;
   int window;  // 0: none
   // dropout (dropout_seed == nullptr: none): an int64 seed in device memory, the threshold
@@ -81,11 +83,12 @@ __device__ __forceinline__ int band_hi(const AttnParams& p, int i) {
   return p.causal ? min(max(i + p.Sk - p.Sq + 1, 0), p.Sk) : p.Sk;
 }
 
-// scale * dot + mask for query (b, h, i) and key j, -inf outside the band or masked off.
+// scale * dot (capped) + mask for query (b, h, i) and key j, -inf outside the band or masked off.
 template <typename T>
 __device__ __forceinline__ float masked_score(const AttnParams& p, float dot, int b, int h, int i, int j) {
   if (j < band_lo(p, i) || j >= band_hi(p, i)) return -INFINITY;
   float s = dot * p.scale;
+  if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
   if (p.mask_kind != kNoMask) {
     const int64_t off = b * p.mask_strides[0] + h * p.mask_strides[1] + int64_t(i) * p.mask_strides[2] +
                         int64_t(j) * p.mask_strides[3];
@@ -495,7 +498,7 @@ constexpr int kDecodeMaxRows = 4;
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool causal,
                                          std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed) {
+                                         const std::optional<Tensor>& dropout_seed, double softcap) {
   check_cuda_contiguous("attention_fwd", {&q, &k, &v, mask ? &*mask : nullptr}, /*need_contiguous=*/false);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "lmfast_C::attention_fwd (cuda): dropout_p must be in [0, 1)");
   TORCH_CHECK(dropout_p == 0 || (dropout_seed && dropout_seed->device() == q.device() &&
@@ -543,6 +546,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   }
   p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.Sq = int(Sq), p.Sk = int(Sk), p.D = int(D);
   p.scale = float(scale);
+  p.softcap = float(softcap);
   p.causal = causal;
   p.window = window.has_value() ? int(std::min<int64_t>(*window, Sk + 1)) : 0;  // (>= Sk + 1: no limit)
   p.dropout_seed = dropout_p > 0 ? dropout_seed->const_data_ptr<int64_t>() : nullptr;

@@ -35,7 +35,7 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                          const std::optional<Tensor>& mask, double scale, bool causal,
                                          std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed);
+                                         const std::optional<Tensor>& dropout_seed, double softcap);
 
 // The launch-level contract (the public ops checked the user's input): CUDA tensors on one
 // device, contiguous unless the op says otherwise. null entries are absent optionals.

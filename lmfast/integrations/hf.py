@@ -59,8 +59,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if kwargs.get("softcap") is not None:  # (lmfast.patch leaves models with it alone)
-        raise NotImplementedError("lmfast attention does not support softcap")
     causal, window = False, None
     if attention_mask is None:  # from _mask: exactly bottom-right causal, or no mask
         causal = _is_causal(module, is_causal)
@@ -76,7 +74,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     # attention dropout as the model's eager attention applies it: in training only
     out = ops.attention(query, key, value, attention_mask, causal=causal and query.shape[2] > 1, scale=scaling,
                         window=window, dropout_p=dropout if dropout and module.training else 0.0,
-                        sinks=kwargs.get("s_aux"), backend=backend)  # s_aux: gpt-oss's attention sinks
+                        sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),  # gpt-oss's sinks, Gemma 2's cap
+                        backend=backend)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D) (no copy: the kernels write o so)
 
 

@@ -317,10 +317,6 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
         report.skipped.append(("", "attention: transformers is not importable"))
         return
     layers = [m for m in model.modules() if hasattr(m, "is_causal") and type(m).__name__.endswith("Attention")]
-    unserved = _unserved_hf_attention(config)
-    if unserved:
-        report.skipped.append(("", f"attention: {unserved}, which lmfast attention does not compute"))
-        return
     previous = config._attn_implementation
     if previous == hf.NAME:  # patched before, or loaded with attn_implementation="lmfast"
         report.already_patched += len(layers)
@@ -334,14 +330,6 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
         report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += len(layers)
     for layer in layers:  # read by hf.attention_forward; a plain attribute, not in state_dict or config
         object.__setattr__(layer, hf.BACKEND_ATTR, backend)
-
-
-def _unserved_hf_attention(config) -> str | None:
-    """Why lmfast cannot compute this transformers model's attention, or None."""
-    for sub in [config, *(getattr(config, k) for k in ("text_config",) if hasattr(config, k))]:
-        if getattr(sub, "attn_logit_softcapping", None) is not None:
-            return "logit softcapping (attn_logit_softcapping)"
-    return None
 
 
 def _plain_attributes(module: nn.Module) -> list[str]:

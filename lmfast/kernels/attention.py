@@ -6,6 +6,7 @@ h // (Hq // Hkv) (grouped-query attention by index, nothing repeated). Same sema
 csrc/cpu/attention.cpp:
 
     s = scale * q k^T + mask     (boolean mask: -inf where False; -inf outside the key band)
+        with a softcap c (SOFTCAP): s = c tanh(scale * q k^T / c) + mask (Gemma 2)
     key band of query i (bottom-right aligned, position p = i + Sk - Sq):
         causal keeps j <= p,  a window w keeps j > p - w
     o = softmax(s) v;  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
@@ -26,6 +27,7 @@ Kernels (one program per tile, tiles never leave registers/shared memory):
 
 backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
+    (with a softcap, ds is taken through the cap for dq and dk: ds (1 - tanh^2))
     (with dropout: dv = p_dropped^T do and dp = (do v^T) dropped, both times keep_scale)
 When one key block holds every key a row can see, that row's p is renormalized to sum to 1
 and its delta is taken as rowsum(p * dp) from the block: then dp - delta is exactly 0 where
@@ -80,6 +82,28 @@ def _max_nan(x, axis: tl.constexpr, INTERPRETED: tl.constexpr):
         return tl.max(x, axis) + tl.sum(tl.where(x != x, x, 0.0), axis)
     else:
         return tl.reduce(x, axis, _maximum_nan)
+
+
+@triton.jit
+def _tanh(x):
+    """tanh in float32 from exp alone, so the interpreter runs the same code as a GPU (it has no
+    libdevice): Cephes' tanhf, a polynomial below |x| = 0.625 (where 1 - 2 / (e^2x + 1)
+    cancels), that formula above; within ~2 ulps of the true value."""
+    z = x * x
+    small = ((((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z
+              + 1.33314422036e-1) * z - 3.33332819422e-1) * z * x + x
+    big = 1.0 - 2.0 / (tl.exp(2.0 * tl.abs(x)) + 1.0)  # (|x| past ~44: e^2x = inf, so 1)
+    return tl.where(tl.abs(x) < 0.625, small, tl.where(x < 0.0, -big, big))
+
+
+@triton.jit
+def _scores(q, kT, scale, softcap, SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """The tile's scores before the mask: scale q k^T, capped to softcap tanh(. / softcap) under
+    SOFTCAP (as Gemma 2's eager attention: divide, tanh, multiply)."""
+    s = _dot(q, kT, UPCAST, PRECISION) * scale
+    if SOFTCAP:
+        s = _tanh(s / softcap) * softcap
+    return s
 
 
 @triton.jit
@@ -166,11 +190,11 @@ def _attn_fwd_kernel(
     MASK,           # mask values (additive, or uint8 with 1 = keep)          [HAS_MASK]
     smb, smh, smq, smk,  # mask strides, 0 along broadcast dims
     Hq, Hkv, Sq, Sk, D,
-    scale, window,
+    scale, softcap, window,  # softcap: the logit cap c                                  [SOFTCAP]
     SEED, threshold, keep_scale,  # dropout: int64 seed, floor(p * 2^32), 1 / (1 - p)   [DROPOUT]
     Q_BUCKET, K_BUCKET,  # powers of two of Sq, Sk: autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -200,7 +224,7 @@ def _attn_fwd_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         key_ok = cols[None, :] < Sk
         kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
-        s = _dot(q, kT, UPCAST, PRECISION) * scale
+        s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
         s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
         m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
         m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
@@ -228,10 +252,10 @@ def _attn_fwd_split_kernel(
     M_PART, L_PART,  # (splits, B * Hq * Sq) float32: row max m and sum of exp(s - m)
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
-    scale, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     keys_per_split, rows_total,  # rows_total = B * Hq * Sq
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # Tile rows r = (head within the group) * Sq + query index: all G * Sq <= BLOCK_M query rows
@@ -265,7 +289,7 @@ def _attn_fwd_split_kernel(
         cols = start_n + tl.arange(0, BLOCK_N)
         in_split = cols < hi
         kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=in_split[None, :] & (dims[:, None] < D), other=0.0)
-        s = _dot(q, kT, UPCAST, PRECISION) * scale
+        s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
         s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
         s = tl.where(in_split[None, :], s, NEG_INF)
         m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
@@ -330,14 +354,19 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
-                  MASK, smq, smk, Sq, Sk, window, scale, SEED, threshold, keep_scale, row0,
+                  MASK, smq, smk, Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, row0,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
-                  BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile.
-    Returns (p as dv's product takes it: dropped and scaled under DROPOUT, ds). row0: the global
-    row of query 0 of the tile's head, (b * Hq + h) * Sq."""
-    s = _dot(q, kT, UPCAST, PRECISION) * scale
+    Returns (p as dv's product takes it: dropped and scaled under DROPOUT, ds, ds_raw): ds the
+    gradient of the scores as the mask sees them (the mask's gradient), ds_raw that of the scaled
+    q k^T (dq's and dk's): ds through the cap under SOFTCAP, else ds. row0: the global row of
+    query 0 of the tile's head, (b * Hq + h) * Sq."""
+    s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
+    if SOFTCAP:
+        t = s / softcap  # tanh(scale q k^T / c)
+        cap_grad = (1.0 - t) * (1.0 + t)
     s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
     # lse is 0 on fully masked rows, whose s are all -inf. s - lse <= 0 in exact arithmetic,
     # but this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
@@ -363,9 +392,12 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
         p = tl.where(single[:, None] & (psum[:, None] > 0), p / psum[:, None], p)
         delta = tl.where(single, tl.sum(p * dp, axis=1), delta)
     ds = p * ((dp - delta[:, None]) + dlse[:, None])
+    ds_raw = ds
+    if SOFTCAP:
+        ds_raw = ds * cap_grad
     if DROPOUT:
         p = tl.where(keep, p * keep_scale, 0.0)
-    return p, ds
+    return p, ds, ds_raw
 
 
 @triton.jit
@@ -389,10 +421,10 @@ def _attn_bwd_dq_kernel(
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
-    scale, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -426,13 +458,13 @@ def _attn_bwd_dq_kernel(
         kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
         kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
         vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
-        p, ds = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
-                              Sq, Sk, window, scale, SEED, threshold, keep_scale, bh * Sq,
-                              CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, BLOCK_N, UPCAST, PRECISION)
+        p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
+                                      Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
+                                      CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST, PRECISION)
         if MASK_GRAD:  # d loss / d (additive mask) = ds
             tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :], round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
                      mask=(rows[:, None] < Sq) & (cols[None, :] < Sk))
-        dq += _dot(round_to(ds, kT.dtype, INTERPRETED), tl.trans(kT), UPCAST, PRECISION)
+        dq += _dot(round_to(ds_raw, kT.dtype, INTERPRETED), tl.trans(kT), UPCAST, PRECISION)
     tl.store(DQ + rows[:, None] * D + dims[None, :], round_to(dq * scale, DQ.dtype.element_ty, INTERPRETED), mask=ok)
 
 
@@ -442,10 +474,10 @@ def _attn_bwd_dkdv_kernel(
     DK, DV,         # (B, Hkv, Sk, D) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
-    scale, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, HAS_DLSE: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -488,11 +520,12 @@ def _attn_bwd_dkdv_kernel(
             q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
             do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
             lse, delta, dlse = _load_row_stats(LSE + bh * Sq, DELTA + bh * Sq, DLSE + bh * Sq, rows, Sq, HAS_DLSE)
-            p, ds = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H, smq, smk,
-                                  Sq, Sk, window, scale, SEED, threshold, keep_scale, bh * Sq,
-                                  CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, BLOCK_N, UPCAST, PRECISION)
+            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H, smq, smk,
+                                          Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
+                                          CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
+                                          PRECISION)
             dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
-            dk += _dot(tl.trans(round_to(ds, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
+            dk += _dot(tl.trans(round_to(ds_raw, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
     tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=kv_ok)
     tl.store(DV + cols[:, None] * D + dims[None, :], round_to(dv, DV.dtype.element_ty, INTERPRETED), mask=kv_ok)
 
@@ -561,9 +594,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common_flags(q: torch.Tensor, mask, causal: bool, window, dropout_p: float):
+def _common_flags(q: torch.Tensor, mask, causal: bool, window, dropout_p: float, softcap: float):
     return dict(CAUSAL=causal, WINDOW=window is not None, HAS_MASK=mask is not None,
-                BOOL_MASK=mask is not None and mask.dtype == torch.bool, DROPOUT=dropout_p > 0,
+                BOOL_MASK=mask is not None and mask.dtype == torch.bool, DROPOUT=dropout_p > 0, SOFTCAP=softcap > 0,
                 BLOCK_D=head_dim_block(q.shape[-1]),
                 UPCAST=_common.interpreted() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
 
@@ -639,7 +672,8 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
 
 # ---- entry points (contracts as in csrc/ops.h) -------------------------------------------------
 
-def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: float = 0.0, dropout_seed=None):
+def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: float = 0.0, dropout_seed=None,
+                  softcap: float = 0.0):
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -650,18 +684,18 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
     # run zero times / all head-dim lanes are masked.
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, mask, causal, window, dropout_p)
+    flags = _common_flags(q, mask, causal, window, dropout_p, softcap)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     splits = _split_plan(B, Hq, Hkv, Sq, Sk, q.device)
     if splits:
-        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, drop, splits, o, lse)
-    args = (q, k, v, o, lse, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, *drop)
+        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse)
+    args = (q, k, v, o, lse, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
     _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
     return o, lse
 
 
-def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, drop, splits, o, lse):
+def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     block_n = interpreted_blocks(Sq, Sk)["BLOCK_N"] if _common.interpreted() else 64
@@ -674,9 +708,9 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, drop, splits, o
     block_m = max(16, triton.next_power_of_2((Hq // Hkv) * Sq))
     interp = _common.interpreted()
     _attn_fwd_split_kernel[(splits, B * Hkv)](
-        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, *drop, keys_per_split, rows,
-        CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
-        DROPOUT=flags["DROPOUT"],
+        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop, keys_per_split,
+        rows, CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
+        DROPOUT=flags["DROPOUT"], SOFTCAP=flags["SOFTCAP"],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"],
         PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
     _attn_combine_kernel[(rows,)](
@@ -687,7 +721,7 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, w, drop, splits, o
 
 
 def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
-                  dropout_p: float = 0.0, dropout_seed=None):
+                  dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -702,15 +736,16 @@ def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool,
     block_r = 16 if _common.interpreted() else max(1, 8192 // block_d)
     _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, D, BLOCK_R=block_r, BLOCK_D=block_d)
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, mask, causal, window, dropout_p)
+    flags = _common_flags(q, mask, causal, window, dropout_p, softcap)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
     dq_args = (q, k, v, dout, lse, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
-               Hq, Hkv, Sq, Sk, D, scale, w, *drop)
+               Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
             {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
-    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, w, *drop)
+    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w,
+                 *drop)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
             {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
     return dq, dk, dv, dmask

@@ -81,6 +81,14 @@ def dropout(p: object, seed: object) -> float:
     return p
 
 
+def softcap(value: object) -> float:
+    """Attention's logit cap: a positive finite number (scores become softcap * tanh(s / softcap))."""
+    value = real_number("softcap", value)
+    if not value > 0:
+        raise ValueError(f"softcap must be positive (scores become softcap * tanh(s / softcap)), got {value}")
+    return value
+
+
 def sinks(t: object, q: Tensor) -> None:
     """Attention sinks: one floating logit per query head, on q's device."""
     if not isinstance(t, Tensor):

@@ -21,7 +21,7 @@ from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, trit
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None, *,
               dropout_p: float = 0.0, dropout_seed: Tensor | None = None, sinks: Tensor | None = None,
-              return_lse: bool = False, backend: str = "auto"):
+              softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
     """softmax(scale * q @ k^T + attn_mask) @ v over keys, per head.
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq a multiple of Hkv (grouped-query attention:
@@ -40,6 +40,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     sinks: attention sinks (gpt-oss), a (Hq,) floating tensor: each row's softmax also counts
         one more score, sinks[h], that has no value (so the row's weights sum to less than 1).
         Composed on every backend from the kernel's (o, lse) (_with_sinks); differentiable.
+    softcap: logit softcapping (Gemma 2's attn_logit_softcapping), a positive number c: the
+        scaled scores become c * tanh(scale * q @ k^T / c) before the mask is added; inside the
+        kernels, forward and backward.
     Rows with every key masked give zeros (and lse = -inf, or the sink's logit), not NaN.
     Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
     of each row's scaled, masked scores, in float32 (float64 for float64 inputs), without dropout.
@@ -53,15 +56,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         _checks.floating_tensor("q", q)
         _checks.sinks(sinks, q)
         o, lse = attention(q, k, v, attn_mask, causal, scale, window, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                           return_lse=True, backend=backend)
+                           softcap=softcap, return_lse=True, backend=backend)
         o, lse = _with_sinks(o, lse, sinks, return_lse)
         return (o, lse) if return_lse else o
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
             and isinstance(v, Tensor) and type(dropout_p) in (float, int)
-            and (dropout_seed is None or isinstance(dropout_seed, Tensor)) and on_cpp_path(backend, q)):
+            and (dropout_seed is None or isinstance(dropout_seed, Tensor)) and (softcap is None or type(softcap) is float)
+            and on_cpp_path(backend, q)):
         o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window,  # checks its arguments
-                                             dropout_p, dropout_seed)
+                                             dropout_p, dropout_seed, softcap)
         return (o, lse) if return_lse else o
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(name, t)
@@ -89,11 +93,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         raise ValueError(f"window must be >= 1 (the number of keys each query sees), got {window}")
     scale = D ** -0.5 if scale is None else _checks.real_number("scale", scale)
     dropout_p = _checks.dropout(dropout_p, dropout_seed)
+    softcap = None if softcap is None else _checks.softcap(softcap)
 
     window = None if window is None else int(window)
     impl = resolve_backend(backend, "attention", q)
     if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device), which draws the seed itself
-        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window, dropout_p, dropout_seed)
+        o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window, dropout_p, dropout_seed,
+                                             softcap)
         return (o, lse) if return_lse else o
     seed = None
     if dropout_p > 0:  # the mask's seed, on q's device, as the C++ op draws it
@@ -102,11 +108,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     if impl == "torch":
         with _autocast.off(q):
             o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window, dropout_p,
-                                         None if seed is None else int(seed.item()))
+                                         None if seed is None else int(seed.item()), softcap=softcap)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
         o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
-                           dropout_p, seed)
+                           dropout_p, seed, softcap or 0.0)
     return (o, lse) if return_lse else o
 
 
@@ -139,37 +145,38 @@ def _rows(t: Tensor) -> Tensor:
 
 @torch.library.custom_op("lmfast_triton::attention_fwd", mutates_args=())
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
-      window: int | None, dropout_p: float = 0.0, dropout_seed: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed)
+      window: int | None, dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
+      softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap)
 
 
 @torch.library.custom_op("lmfast_triton::attention_bwd", mutates_args=())
 def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
       mask: Tensor | None, scale: float, causal: bool, window: int | None,
       mask_grad: bool, dropout_p: float = 0.0,
-      dropout_seed: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+      dropout_seed: Tensor | None = None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return triton_kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
-                                          dropout_p, dropout_seed)
+                                          dropout_p, dropout_seed, softcap)
 
 
 # ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
-def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None):
+def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0):
     B, Hq, Sq, D = q.shape  # o: (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D), as the kernels write it
     o = q.new_empty((B, Sq, Hq, D)).transpose(1, 2)
     return o, q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
 
 
 def _attention_bwd_fake(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
-                        dropout_p=0.0, dropout_seed=None):
+                        dropout_p=0.0, dropout_seed=None, softcap=0.0):
     dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, window, dropout_p, dropout_seed = inputs
+    q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap = inputs
     o, lse = output
-    ctx.scale, ctx.causal, ctx.window, ctx.dropout_p = scale, causal, window, dropout_p
+    ctx.scale, ctx.causal, ctx.window, ctx.dropout_p, ctx.softcap = scale, causal, window, dropout_p, softcap
     ctx.save_for_backward(q, k, v, o, lse, mask, dropout_seed)
 
 
@@ -189,8 +196,8 @@ def _register_triton_autograd() -> None:
         q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()  # as the backward takes them
         dq, dk, dv, dmask = ops.attention_bwd(
             upstream_grad(do, o), q, k, v, o, lse, None if dlse is None else dlse.contiguous(), mask,
-            ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None
+            ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed, ctx.softcap)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
     torch.library.register_autograd("lmfast_triton::attention_fwd", attention_backward, setup_context=_attention_setup)
 
@@ -215,14 +222,14 @@ def register_cuda_backward() -> None:
     library = torch.library.Library("lmfast_C", "IMPL")
 
     def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad, dropout_p=0.0,
-                      dropout_seed=None):
+                      dropout_seed=None, softcap=0.0):
         try:
             kernels = triton_kernels()
         except ImportError as e:
             raise RuntimeError("backend 'cuda' computes the attention backward with lmfast's Triton kernel, "
                                f"and triton cannot be imported ({e}); pip install 'lmfast[triton]'") from None
         return kernels.attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
-                                     dropout_p, dropout_seed)
+                                     dropout_p, dropout_seed, softcap)
 
     library.impl("attention_bwd", attention_bwd, "CUDA")
     _cuda_backward_library = library
