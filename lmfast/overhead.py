@@ -16,6 +16,8 @@ backward:
                            transformers)
   attention with sinks, the same shapes: gpt-oss's eager attention function (it has no SDPA
                            path) vs lmfast's (with transformers only)
+  attention with a logit softcap (50), the same shapes: Gemma 2's eager attention function (it
+                           has no SDPA path either) vs lmfast's (with transformers only)
 
 Each pair is timed in interleaved rounds (torch.utils.benchmark medians, the best of the
 rounds kept), so a slow spell of a shared machine does not land on one side only. The issue's
@@ -105,6 +107,23 @@ def _sinks_attention_pair(device: str, grad: bool):
     return (lambda: torch.autograd.grad(theirs(), leaves, dy)), (lambda: torch.autograd.grad(ours(), leaves, dy))
 
 
+def _softcap_attention_pair(device: str, grad: bool):
+    """Gemma 2's eager attention function (logit softcapping) against lmfast's."""
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from .integrations import hf
+
+    q, k, v = _decode_qkv(device, grad)
+    layer = torch.nn.Module()  # what the attention functions read off a layer
+    layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
+    theirs = lambda: eager_attention_forward(layer, q, k, v, None, scaling=0.125, softcap=50.0)[0]  # noqa: E731
+    ours = lambda: hf.attention_forward(layer, q, k, v, None, scaling=0.125, softcap=50.0)[0]  # noqa: E731
+    if not grad:
+        return torch.no_grad()(theirs), torch.no_grad()(ours)
+    dy = torch.ones_like(theirs())
+    return (lambda: torch.autograd.grad(theirs(), (q, k, v), dy)), (lambda: torch.autograd.grad(ours(), (q, k, v), dy))
+
+
 def _attention_pair(device: str, grad: bool, backend: str = "auto"):
     """transformers' SDPA attention function against lmfast's (without transformers, or for a
     named backend: F.scaled_dot_product_attention against lmfast.nn.Attention)."""
@@ -163,6 +182,8 @@ def pairs(device: str = "cpu") -> list[_Pair]:
     if llama_rms is not None:
         found.append(_Pair("attention + sinks 9x1 over 3x300", "gpt-oss eager_attention_forward",
                            "lmfast attn_implementation", _sinks_attention_pair))
+        found.append(_Pair("attention + softcap 9x1 over 3x300", "Gemma 2 eager_attention_forward",
+                           "lmfast attn_implementation", _softcap_attention_pair))
     if device == "cuda" and lmfast.backends()["cuda"].available:
         found += [
             _Pair("LayerNorm (1, 1, 768) [cuda]", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm cuda",

@@ -419,6 +419,7 @@ def test_opcheck(ab):
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5))
     seed = torch.tensor([3], device=ab.device)
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.3, seed))
+    torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.0, None, 2.0))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU (the interpreter runs fixed tiles)")
