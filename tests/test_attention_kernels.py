@@ -259,12 +259,6 @@ SOFTCAP_CASES = {  # (B, Hq, Hkv, Sq, Sk, D, mask kind, causal, window, dropout_
 }
 
 
-def _softcap_reference(dropout_seed=None, **kw):
-    if dropout_seed is not None:
-        kw["dropout_seed"] = int(dropout_seed)
-    return reference.attention(**kw)
-
-
 @pytest.mark.parametrize("case", SOFTCAP_CASES)
 def test_logit_softcapping(case, ab, dtype):
     """Gemma 2's logit softcapping: scores s = c tanh(scale q k^T / c) before the mask, forward
@@ -286,7 +280,7 @@ def test_logit_softcapping(case, ab, dtype):
         ins.update(dropout_p=dropout_p, dropout_seed=torch.tensor([7], device=ab.device))
     grad = ("q", "k", "v", "attn_mask") if mask_kind == "additive" else ("q", "k", "v")
     check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
-                            _softcap_reference, ins, grad=grad, name=f"attention {ab.name} softcap {case}")
+                            _reference_with_seed, ins, grad=grad, name=f"attention {ab.name} softcap {case}")
 
 
 def test_softcap_gradcheck_cpu_float64():
@@ -499,8 +493,9 @@ def test_one_key_taking_all_the_weight_gives_the_unfused_gradient(Sk, ab):
 
 # ---- attention dropout ---------------------------------------------------------------------------
 
-def _reference_with_seed(dropout_seed, **kw):
-    return reference.attention(**kw, dropout_seed=int(dropout_seed))
+def _reference_with_seed(dropout_seed=None, **kw):
+    """The reference, given the seed the ops take (an int64 tensor) or none."""
+    return reference.attention(**kw, dropout_seed=None if dropout_seed is None else int(dropout_seed))
 
 
 DROPOUT_CASES = {  # (B, Hq, Hkv, Sq, Sk, D, mask kind, causal, window)
