@@ -88,6 +88,21 @@ def _decode_qkv(device: str, grad: bool):
     return q, k, v
 
 
+def _decode_layer() -> torch.nn.Module:
+    """What transformers' attention functions read off a layer (3 query heads per kv head)."""
+    layer = torch.nn.Module()
+    layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
+    return layer
+
+
+def _timed_calls(theirs: Callable[[], torch.Tensor], ours: Callable[[], torch.Tensor], leaves, grad: bool):
+    """(their call, our call) as timed: under no_grad, or forward + the gradients of `leaves`."""
+    if not grad:
+        return torch.no_grad()(theirs), torch.no_grad()(ours)
+    dy = torch.ones_like(theirs())
+    return (lambda: torch.autograd.grad(theirs(), leaves, dy)), (lambda: torch.autograd.grad(ours(), leaves, dy))
+
+
 def _sinks_attention_pair(device: str, grad: bool):
     """gpt-oss's eager attention function (attention sinks) against lmfast's."""
     from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
@@ -95,16 +110,12 @@ def _sinks_attention_pair(device: str, grad: bool):
     from .integrations import hf
 
     q, k, v = _decode_qkv(device, grad)
-    layer = torch.nn.Module()  # what the attention functions read off a layer
-    layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
+    layer = _decode_layer()
     layer.sinks = torch.nn.Parameter(torch.randn(9, generator=torch.Generator().manual_seed(1)).to(device),
                                      requires_grad=grad)
     theirs = lambda: eager_attention_forward(layer, q, k, v, None, scaling=0.125)[0]  # noqa: E731
     ours = lambda: hf.attention_forward(layer, q, k, v, None, scaling=0.125, s_aux=layer.sinks)[0]  # noqa: E731
-    if not grad:
-        return torch.no_grad()(theirs), torch.no_grad()(ours)
-    leaves, dy = (q, k, v, layer.sinks), torch.ones_like(theirs())
-    return (lambda: torch.autograd.grad(theirs(), leaves, dy)), (lambda: torch.autograd.grad(ours(), leaves, dy))
+    return _timed_calls(theirs, ours, (q, k, v, layer.sinks), grad)
 
 
 def _softcap_attention_pair(device: str, grad: bool):
@@ -114,14 +125,10 @@ def _softcap_attention_pair(device: str, grad: bool):
     from .integrations import hf
 
     q, k, v = _decode_qkv(device, grad)
-    layer = torch.nn.Module()  # what the attention functions read off a layer
-    layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
+    layer = _decode_layer()
     theirs = lambda: eager_attention_forward(layer, q, k, v, None, scaling=0.125, softcap=50.0)[0]  # noqa: E731
     ours = lambda: hf.attention_forward(layer, q, k, v, None, scaling=0.125, softcap=50.0)[0]  # noqa: E731
-    if not grad:
-        return torch.no_grad()(theirs), torch.no_grad()(ours)
-    dy = torch.ones_like(theirs())
-    return (lambda: torch.autograd.grad(theirs(), (q, k, v), dy)), (lambda: torch.autograd.grad(ours(), (q, k, v), dy))
+    return _timed_calls(theirs, ours, (q, k, v), grad)
 
 
 def _attention_pair(device: str, grad: bool, backend: str = "auto"):
@@ -139,14 +146,10 @@ def _attention_pair(device: str, grad: bool, backend: str = "auto"):
         theirs = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
         ours = lambda: attention(q, k, v)  # noqa: E731
     else:
-        layer = torch.nn.Module()  # what transformers' attention functions read off a layer
-        layer.is_causal, layer.num_key_value_groups, layer.training = True, 3, False
+        layer = _decode_layer()
         theirs = lambda: sdpa_attention_forward(layer, q, k, v, None, scaling=0.125)[0]  # noqa: E731
         ours = lambda: hf.attention_forward(layer, q, k, v, None, scaling=0.125)[0]  # noqa: E731
-    if not grad:
-        return torch.no_grad()(theirs), torch.no_grad()(ours)
-    dy = torch.ones_like(theirs())
-    return (lambda: torch.autograd.grad(theirs(), (q, k, v), dy)), (lambda: torch.autograd.grad(ours(), (q, k, v), dy))
+    return _timed_calls(theirs, ours, (q, k, v), grad)
 
 
 def pairs(device: str = "cpu") -> list[_Pair]:
