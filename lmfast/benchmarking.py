@@ -44,6 +44,7 @@ class Case:
     causal: bool = False      # softmax: scale = D^-0.5 and a causal mask, as in attention
     kv_heads: int | None = None  # attention: k and v heads (grouped-query attention), else H
     dropout: float = 0.0      # attention: dropout_p (training), in every provider
+    softcap: float = 0.0      # attention: Gemma 2's logit softcap c (scores c tanh(s / c)); SDPA has none
 
     @property
     def name(self) -> str:
@@ -51,6 +52,7 @@ class Case:
         gqa = f" gqa{self.shape[1] // self.kv_heads}" if self.kv_heads not in (None, self.shape[1]) else ""
         extra = " causal" if self.op == "attention" and self.causal else " scale+causal" if self.causal else ""
         extra += f" dropout{self.dropout:g}" if self.dropout else ""
+        extra += f" softcap{self.softcap:g}" if self.softcap else ""
         return f"{self.op} {dims}{gqa} {str(self.dtype).removeprefix('torch.')}{extra}"
 
     @property
@@ -109,7 +111,10 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
     SmolLM2-135M's at batch 1 (9 query heads on 3 kv heads, 2k tokens, causal), where the few
     (batch, kv head) pairs must be split to occupy the cores, and BERT-base training's attention
     dropout (0.1); at GPU full size, 16k tokens (B * S) with head dims 128 (16 heads) and 64 (32
-    heads), S from 512 to 16k, and the first of them with dropout."""
+    heads), S from 512 to 16k, and the first of them with dropout. Both full sets end with Gemma
+    2 2B's attention (8 query heads on 4 kv heads, head dim 256, causal, logit softcap 50;
+    against its eager attention and torch.compile of it: SDPA has no softcap) at 2k tokens (CPU)
+    or 16k (GPU)."""
     if size not in ("quick", "full"):
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     on_cpu = device == "cpu"
@@ -142,6 +147,8 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
                 out += [Case(op, (1, 9, 2048, 64), d, True, kv_heads=3) for d in (dt, torch.bfloat16)]
             if size == "full":
                 out += [Case(op, attention[0], d, dropout=0.1) for d in dict.fromkeys((dt, torch.bfloat16))]
+                gemma2 = (1, 8, 2048, 256) if on_cpu else (4, 8, 4096, 256)
+                out += [Case(op, gemma2, d, True, kv_heads=4, softcap=50.0) for d in dict.fromkeys((dt, torch.bfloat16))]
             continue
         out += [Case(op, shape, dt) for shape in rows]
         if op == "rms_norm" and extra_bf16:
@@ -193,6 +200,8 @@ def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
         if group > 1:  # Hugging Face's repeat_kv
             k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
         s = (q @ k.transpose(-1, -2)) * D ** -0.5
+        if case.softcap:  # as Gemma 2's eager attention caps the scores
+            s = torch.tanh(s / case.softcap) * case.softcap
         if additive is not None:
             s = s + additive
         p = torch.softmax(s, -1, dtype=torch.float32).to(q.dtype)
@@ -265,7 +274,7 @@ def _eager_fn(case: Case, device: str) -> Callable[..., Tensor]:
 def _lmfast_fn(case: Case, backend: str) -> Callable[..., Tensor]:
     if case.op == "attention":
         return lambda q, k, v: lmfast.ops.attention(q, k, v, causal=case.causal, dropout_p=case.dropout,
-                                                    backend=backend)
+                                                    softcap=case.softcap or None, backend=backend)
     if case.op == "layer_norm":
         return lambda x, weight, bias: lmfast.ops.layer_norm(x, weight, bias, 1e-5, backend=backend)
     if case.op == "rms_norm":
@@ -308,7 +317,7 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
     for ours in (["cpu"] if device == "cpu" else ["triton", "cuda"]):
         if lmfast.backends()[ours].available:
             table[f"lmfast-{ours}"] = bind(lambda ours=ours: _lmfast_fn(case, ours))
-    if case.op == "attention":
+    if case.op == "attention" and not case.softcap:
         for name, b in _sdpa_backends(case, device).items():
             table[name] = bind(lambda b=b: _sdpa_fn(case, b))
     if case.op != "attention" or _float32_scores_bytes(case) <= EAGER_SCORES_LIMIT:

@@ -3,6 +3,7 @@ reference under the error budget: outputs, lse, and the gradients of q, k, v, an
 mask and lse; head dims 16-256, odd lengths, grouped-query ratios, every mask kind, bottom-right
 causal, windows, fully masked rows; plus peak memory (no (Sq, Sk) buffer) and torch.compile."""
 
+import math
 import os
 import subprocess
 import sys
@@ -281,6 +282,38 @@ def test_logit_softcapping(case, ab, dtype):
     grad = ("q", "k", "v", "attn_mask") if mask_kind == "additive" else ("q", "k", "v")
     check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
                             _reference_with_seed, ins, grad=grad, name=f"attention {ab.name} softcap {case}")
+
+
+def test_softcap_tanh_is_within_ulps_of_the_exact_one(ab, dtype):
+    """The kernels' own tanh, value by value: with one key k = e_0 and scale 1, a query's
+    score is its first element x and its lse is the capped score c tanh(x / c) (exp(0) = 1),
+    float32 for every input dtype; the gradient of lse is the cap's derivative (1 - t^2) e_0.
+    Against float64 over x / c from 1e-4 to 20 (both sides of the tanh's switch at 0.625) and
+    the special values: a relative error within 4 float32 epsilons (the tanh's 2 ulps, the
+    divide's and the multiply's rounding), where a coarser tanh (tanh(y) = y below 0.01, say,
+    or one in float16) is off by 30 and more."""
+    c = 3.0
+    n = 512 if ab.slow else 8192
+    ratio = torch.logspace(-4, math.log10(20), n // 2, dtype=torch.float64)
+    x = torch.cat([ratio, -ratio]) * c
+    x[:3] = torch.tensor([0.0, 0.625 * c, -0.625 * c])
+    q = torch.zeros(1, 1, n, 16, dtype=dtype)
+    q[0, 0, :, 0] = x.to(dtype)
+    k = torch.zeros(1, 1, 1, 16, dtype=dtype)
+    k[0, 0, 0, 0] = 1
+    q, k = q.to(ab.device).requires_grad_(), k.to(ab.device)
+    o, lse = lmfast.ops.attention(q, k, torch.ones_like(k), scale=1.0, softcap=c, return_lse=True, backend=ab.name)
+    x = q.detach()[0, 0, :, 0].double().cpu()  # what the kernels saw, rounded to dtype
+    exact_t = torch.tanh(x / c)
+    eps32 = torch.finfo(torch.float32).eps
+    got = lse[0, 0].double().cpu()
+    rel = (got - c * exact_t).abs() / (c * exact_t.abs()).clamp_min(torch.finfo(torch.float32).tiny)
+    assert rel.max() <= 4 * eps32, f"{ab.name}: capped score {rel.max() / eps32:.1f} eps off at x = {x[rel.argmax()]}"
+    (dq,) = torch.autograd.grad(lse.sum(), q)
+    exact_d = (1 - exact_t) * (1 + exact_t)
+    err = (dq[0, 0, :, 0].double().cpu() - exact_d).abs()
+    budget = 4 * eps32 + exact_d * torch.finfo(dtype).eps  # the derivative, then dq's rounding to dtype
+    assert (err <= budget).all(), f"{ab.name}: cap derivative off by {err.max():.2e} at x = {x[(err / budget).argmax()]}"
 
 
 def test_softcap_gradcheck_cpu_float64():

@@ -125,6 +125,31 @@ def test_bench_times_every_call_on_torchs_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("device_set", ["cpu", "cuda"])
+def test_bench_providers_compute_the_same_attention(device_set):
+    """Every attention case of the full sets (the GPU's included, at a CPU-sized sequence),
+    timed against eager, torch.compile and SDPA: all providers compute the same output, so a
+    speedup compares like with like (a softcap case's eager provider caps, SDPA is left out).
+    Dropout cases draw different masks in each provider, so those are run without it."""
+    import dataclasses
+
+    import torch
+
+    from lmfast import benchmarking
+
+    for case in benchmarking.cases("full", device_set, ops=["attention"]):
+        B, H, S, D = case.shape
+        small = dataclasses.replace(case, shape=(1, H, 48, D), dropout=0.0, dtype=torch.float32)
+        table = benchmarking.providers(small, "cpu")
+        assert "lmfast-cpu" in table and "eager" in table, (case.name, list(table))
+        assert ("sdpa" in table) == (not case.softcap), (case.name, list(table))
+        want = table["lmfast-cpu"]().forward()
+        for name in ("eager", "sdpa"):
+            if name in table:
+                got = table[name]().forward()
+                torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5, msg=f"{case.name}: {name}")
+
+
 def test_bench_compare_prints_the_change(softmax_run, tmp_path):
     before, _, _ = softmax_run
     rc, out, err = run("bench", "--ops", "softmax", "--device", "cpu", "--out", str(tmp_path), "--compare",

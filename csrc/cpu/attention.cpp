@@ -200,28 +200,32 @@ std::pair<const at::opmath_type<scalar_t>*, int64_t> load_tile(
   }
 }
 
-// row[0, n) := c tanh(row / c) (Gemma 2's logit softcapping, as its eager attention computes
-// it: divide, tanh, multiply); where cap_grad is given, cap_grad[0, n) := the derivative
-// 1 - tanh^2, taken as (1 - t)(1 + t), which keeps its digits where t is near 1.
+// row[0, n) := c tanh(pre_scale row / c) (Gemma 2's logit softcapping, as its eager attention
+// computes it: divide, tanh, multiply; pre_scale is the attention scale where the tile still
+// lacks it, else 1); where cap_grad is given, cap_grad[0, n) := the derivative 1 - tanh^2,
+// taken as (1 - t)(1 + t), which keeps its digits where t is near 1. The tanh is vec.h's
+// softcap_tanh (within 2 ulp of the exact one in float32).
 template <typename acc_t>
-void softcap_row(acc_t* row, int64_t n, acc_t c, acc_t* cap_grad) {
+void softcap_row(acc_t* row, int64_t n, acc_t c, acc_t* cap_grad, acc_t pre_scale) {
   using Vec = Vectorized<acc_t>;
-  const Vec c_v(c), one(acc_t(1));
+  const Vec c_v(c), one(acc_t(1)), pre_scale_v(pre_scale);
   for_each_chunk<Vec::size()>(n, [&](int64_t j, int64_t m) {
-    const Vec t = (Vec::loadu(row + j, m) / c_v).tanh();
+    const Vec t = softcap_tanh(Vec::loadu(row + j, m) * pre_scale_v / c_v);
     (t * c_v).store(row + j, m);
     if (cap_grad != nullptr) ((one - t) * (one + t)).store(cap_grad + j, m);
   });
 }
 
-// One row of a score tile (keys j0 .. j0 + nk of query i, already scaled): caps the scores in
-// the query's key band (band.softcap; cap_grad as in softcap_row, 0 outside the band), adds
-// the mask and sets -inf outside the band or where a boolean mask is False. Returns the
-// visible column range [lo, hi) of the row (empty: lo == hi).
+// One row of a score tile (keys j0 .. j0 + nk of query i; pre_scale times it are the scaled
+// scores: the bfloat16 paths' tiles come unscaled from brgemm, and scaling only the visible
+// keys, in the same pass as the cap, saves them a pass): scales and caps the scores in the
+// query's key band (band.softcap; cap_grad as in softcap_row, 0 outside the band), adds the
+// mask and sets -inf outside the band or where a boolean mask is False. Returns the visible
+// column range [lo, hi) of the row (empty: lo == hi).
 template <typename acc_t, typename mask_t>
 std::pair<int64_t, int64_t> prepare_row(acc_t* row, int64_t i, int64_t j0, int64_t nk,
                                         const KeyBand& band, const mask_t* m, int64_t m_stride,
-                                        acc_t* cap_grad = nullptr) {
+                                        acc_t* cap_grad = nullptr, acc_t pre_scale = acc_t(1)) {
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   const int64_t lo = std::clamp<int64_t>(band.lo(i) - j0, 0, nk);
@@ -231,7 +235,12 @@ std::pair<int64_t, int64_t> prepare_row(acc_t* row, int64_t i, int64_t j0, int64
       std::fill(cap_grad, cap_grad + lo, acc_t(0));
       std::fill(cap_grad + hi, cap_grad + nk, acc_t(0));
     }
-    softcap_row(row + lo, hi - lo, static_cast<acc_t>(band.softcap), cap_grad == nullptr ? nullptr : cap_grad + lo);
+    softcap_row(row + lo, hi - lo, static_cast<acc_t>(band.softcap), cap_grad == nullptr ? nullptr : cap_grad + lo,
+                pre_scale);
+  } else if (pre_scale != acc_t(1)) {
+    for_each_chunk<Vec::size()>(hi - lo, [&](int64_t j, int64_t n) {
+      (Vec::loadu(row + lo + j, n) * Vec(pre_scale)).store(row + lo + j, n);
+    });
   }
   std::fill(row, row + lo, kNegInf);
   std::fill(row + hi, row + nk, kNegInf);
@@ -655,8 +664,7 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
       if (mrow == nullptr && scale > 0.f && band.softcap == 0) {
         row_max = lo < hi ? max_row(srow, lo, hi) * scale : kNegInf;
       } else {
-        for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
-        std::tie(lo, hi) = prepare_row(srow, i, j0, nk, band, mrow, mask.sk);
+        std::tie(lo, hi) = prepare_row(srow, i, j0, nk, band, mrow, mask.sk, static_cast<float*>(nullptr), scale);
         row_max = max_row(srow, lo, hi);
         mul = 1.f;
       }
@@ -926,10 +934,13 @@ struct BackwardRowSteps {
   scalar_t* dmask;     // (B, Hq, Sq, Sk) or nullptr
   const Dropout& drop;
 
-  // Caps and masks scores tile [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
-  void mask_tile(BackwardRows<acc_t>& rows, int64_t nq, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk) const {
+  // Scales (by pre_scale, where the tile lacks the scale), caps and masks scores tile
+  // [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
+  void mask_tile(BackwardRows<acc_t>& rows, int64_t nq, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk,
+                 acc_t pre_scale = acc_t(1)) const {
     for (int64_t r = 0; r < nq; ++r)
-      prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, rows.cap_at(r, j0));
+      prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, rows.cap_at(r, j0),
+                  pre_scale);
   }
   void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
     for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
@@ -1300,11 +1311,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
           const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
           blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kv.kT_tile(slot, t), rows.p_at(0, j0), true);
-          for (int64_t r = 0; r < nq; ++r) {
-            float* srow = rows.p_at(r, j0);
-            for_each_chunk<Vec::size()>(nk, [&](int64_t j, int64_t n) { (Vec::loadu(srow + j, n) * Vec(scale)).store(srow + j, n); });
-          }
-          steps.mask_tile(rows, nq, b, h, i0, j0, nk);
+          steps.mask_tile(rows, nq, b, h, i0, j0, nk, scale);
         }
         steps.probs(rows, nq, i0, k0, k1);
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {

@@ -189,6 +189,32 @@ inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
 }
 #endif
 
+// tanh for attention's logit softcap, which takes one per score: Cephes' tanhf, inline
+// (ATen's is Sleef's out-of-line one: 2.8x the time on AVX-512, 2.3x on AVX2, timed alone). |x| < 0.625: x + x^3 P(x^2);
+// above: (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.29 from softmax_exp (no cancellation),
+// the sign of x put back. Max error 2 ulp (measured over 16M arguments against the double
+// tanh, every level; ±inf give ±1, NaN stays NaN). double keeps ATen's.
+template <typename Vec>
+inline Vec softcap_tanh(const Vec& x) {
+  return x.tanh();
+}
+
+template <>
+inline Vectorized<float> softcap_tanh(const Vectorized<float>& x) {
+  using Vec = Vectorized<float>;
+  const Vec sign_bit(-0.f);
+  const Vec a = x.abs();
+  const Vec e = softmax_exp(a * Vec(-2.f));
+  const Vec large = ((Vec(1.f) - e) / (Vec(1.f) + e)) ^ (x & sign_bit);
+  const Vec z = x * x;
+  Vec p = at::vec::fmadd(Vec(-5.70498872745e-3f), z, Vec(2.06390887954e-2f));
+  p = at::vec::fmadd(p, z, Vec(-5.37397155531e-2f));
+  p = at::vec::fmadd(p, z, Vec(1.33314422036e-1f));
+  p = at::vec::fmadd(p, z, Vec(-3.33332819422e-1f));
+  const Vec small = at::vec::fmadd(p * z, x, x);
+  return Vec::blendv(large, small, a < Vec(0.625f));
+}
+
 // Row kernels read a row from memory once and then work on it in cache; without help the
 // next row's memory fetch only starts after that work, and memory time and compute time add
 // up. So the cache-resident passes of row i prefetch row i + 1 into L2, the 64-byte lines of
