@@ -166,6 +166,46 @@ def test_patch_reports_a_bias_free_layer_norm_that_subtracts_the_mean():
     assert "CohereLayerNorm computes something other than lmfast.nn.RMSNorm" in str(report)
 
 
+class HardCodedEpsRMSNorm(torch.nn.Module):
+    """Llama's formula with an eps attribute its forward does not use (1e-5 in the code)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.weight, self.eps = torch.nn.Parameter(torch.ones(n)), 1e-6
+
+    def forward(self, x):
+        return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+
+class ParameterFreeLayerNorm(torch.nn.Module):
+    """OLMo's kind of norm (no parameters, float32, eps in the code), with eps 1e-6."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.normalized_shape = (n,)
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x.float(), self.normalized_shape, eps=1e-6).to(x.dtype)
+
+
+def test_probe_tells_the_eps_a_norm_computes_with():
+    """The probe's small input (scale 1e-3, a variance near eps) tells eps 1e-5 from 1e-6: a norm
+    whose forward uses another eps than its attribute is reported, not swapped (at a typical
+    activation scale the two differ by 1e-7); a parameter-free *LayerNorm is swapped with the eps
+    it computes with, returning what it returns for a bfloat16 input."""
+    model = torch.nn.Sequential(HardCodedEpsRMSNorm(16), ParameterFreeLayerNorm(16))
+    x = torch.randn(3, 16) * 1e-3
+    want = model(x)
+    report = lmfast.patch(model)
+    assert report.swapped == {"LayerNorm, no parameters (ParameterFreeLayerNorm)": 1}, report
+    assert [p for p, _ in report.skipped] == ["0"] and "HardCodedEpsRMSNorm computes something other" in str(report)
+    assert isinstance(model[1], lmfast.nn.LayerNorm) and model[1].eps == 1e-6 and model[1].normalized_shape == (16,)
+    torch.testing.assert_close(model(x), want)
+    xb = torch.randn(3, 16, dtype=torch.bfloat16)
+    assert model[1](xb).dtype == torch.bfloat16
+    torch.testing.assert_close(model[1](xb), model[1]._lmfast_original(xb), atol=0, rtol=0)
+
+
 def test_patch_rejects_a_non_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         lmfast.patch(torch.randn(3))

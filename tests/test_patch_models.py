@@ -1,6 +1,8 @@
 """lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2, Mistral (sliding window),
-Gemma 2 (attention logit softcapping) and Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and
-a global layer) from small random configs, and torch.nn.Transformer / TransformerEncoder. For each: outputs
+Gemma 2 (attention logit softcapping), Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and
+a global layer) and OLMo (LayerNorms without parameters) from small random configs, Bloom (whose
+attention bypasses transformers' attention interface), and torch.nn.Transformer /
+TransformerEncoder. For each: outputs
 within the error budget of the unpatched model (float32, bfloat16, float16), one training
 step's gradients within budget, KV-cache generation unchanged, unpatch restores everything.
 The error budget is DESIGN.md's: against the float64 model, at most twice the unpatched
@@ -57,6 +59,7 @@ def _hf_model(arch: str):
                                          attn_logit_softcapping=SOFTCAP, **small),
         "gemma3": lambda: t.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
                                              layer_types=["sliding_attention", "full_attention"], **small),
+        "olmo": lambda: t.OlmoConfig(num_key_value_heads=2, **small),  # LayerNorms without parameters
     }[arch]()
     config.pad_token_id = 0
     torch.manual_seed(0)
@@ -88,7 +91,7 @@ def _generation_inputs(max_new_tokens: int):
     return ids, dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
 
 
-ARCHS = ["gpt2", "qwen2", "mistral", "gemma2", "gemma3"]
+ARCHS = ["gpt2", "qwen2", "mistral", "gemma2", "gemma3", "olmo"]
 
 
 def _windows(arch: str) -> list:
@@ -122,6 +125,8 @@ def test_hf_decoder_logits(arch, dtype, monkeypatch):
         assert report.swapped["RMSNorm, 1 + weight (Gemma3RMSNorm)"] == 2 * 6 + 1 and not report.skipped
     if arch == "gemma2":  # 4 per layer and the final one
         assert report.swapped["RMSNorm, 1 + weight (Gemma2RMSNorm)"] == 2 * 4 + 1 and not report.skipped
+    if arch == "olmo":  # 2 per layer and the final one
+        assert report.swapped["LayerNorm, no parameters (OlmoLayerNorm)"] == 2 * 2 + 1 and not report.skipped
     assert_within_budget(got[keep], ref64[keep], eager[keep], f"{arch} logits")
     # the mask arrives as causal (+ window) and a (B, 1, 1, Sk) padding mask, not (Sq x Sk)
     assert calls == _calls(arch, (3, 1, 1, 16) if (mask == 0).any() else None)
@@ -507,6 +512,26 @@ def test_patch_leaves_unserved_multihead_attention_and_softmax_alone():
     assert "add_bias_kv" in str(report) and "dim=None" in str(report)
     x = torch.randn(4, 9) * 3
     assert_within_budget(model["softmax"](x), torch.softmax(x.double(), -1), torch.softmax(x, -1), "softmax")
+
+
+def test_model_whose_attention_bypasses_the_attention_interface_is_reported_not_counted():
+    """Bloom computes attention in its own code: transformers only warns when asked for another
+    attn_implementation, so patch reports the attention as left alone (it counted it swapped,
+    x0, before), swaps the LayerNorms, and the model computes what it did."""
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=64, n_layer=2, n_head=4, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = model(ids, attention_mask=mask).logits
+        report = lmfast.patch(model)
+        got = model(ids, attention_mask=mask).logits
+    assert report.swapped == {"LayerNorm (LayerNorm)": 2 * 2 + 2}, report
+    assert [p for p, _ in report.skipped] == [""] and "BloomForCausalLM computes attention in its own code" in str(report)
+    assert model.config._attn_implementation != "lmfast"
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    assert lmfast.unpatch(model) == 6
 
 
 MASKS = ["none", "bool", "float", "bool+padding", "float+padding", "per-head"]

@@ -58,6 +58,14 @@ def _layer_norm(module: nn.LayerNorm, backend: str) -> nn.Module:
     return new
 
 
+def _plain_layer_norm(module: nn.Module, backend: str, eps: float = 1e-5) -> nn.Module:
+    """A Hugging Face LayerNorm without parameters (OLMo's: F.layer_norm in float32, returned in
+    x's dtype, eps 1e-5 in its code): eps is the module's own attribute where it has one, else the
+    form's, which the probe confirms (its small input tells 1e-5 from 1e-6)."""
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", eps))
+    return lmnn.LayerNorm(module.normalized_shape, eps=float(eps), elementwise_affine=False, backend=backend)
+
+
 def _rms_norm(module: nn.Module, backend: str, weight_offset: float = 0.0, casting: str | None = None) -> nn.Module:
     eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
     new = lmnn.RMSNorm(module.weight.shape[0], eps=float(eps), weight_offset=weight_offset, casting=casting,
@@ -100,6 +108,16 @@ def _is_hf_rms_norm(module: nn.Module) -> str | None:
                   and not isinstance(module, (lmnn.RMSNorm, nn.RMSNorm, nn.LayerNorm))
                   and isinstance(weight, nn.Parameter) and weight.dim() == 1
                   and isinstance(getattr(module, "variance_epsilon", getattr(module, "eps", None)), float))
+    return None if looks_like else NOT_A_CANDIDATE
+
+
+def _is_plain_hf_layer_norm(module: nn.Module) -> str | None:
+    """A class named *LayerNorm with a `normalized_shape` and no parameters or submodules at all
+    (OLMo's): torch.nn.LayerNorm and its subclasses have their own swap."""
+    shape = getattr(module, "normalized_shape", None)
+    looks_like = (type(module).__name__.endswith("LayerNorm") and not isinstance(module, nn.LayerNorm)
+                  and isinstance(shape, (tuple, list, int)) and next(module.parameters(), None) is None
+                  and next(module.children(), None) is None)
     return None if looks_like else NOT_A_CANDIDATE
 
 
@@ -147,6 +165,9 @@ SWAPS: list[Swap] = [
     Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0]),
          forms=(Form(), Form({"casting": "float32"}, "in float32"), Form({"weight_offset": 1.0}, "1 + weight"),
                 Form({"casting": "t5"}, "T5's casting"))),
+    Swap("LayerNorm, no parameters", "norms", _is_plain_hf_layer_norm, _plain_layer_norm,
+         lambda m: (3, *((m.normalized_shape,) if isinstance(m.normalized_shape, int) else m.normalized_shape)),
+         forms=(Form({"eps": 1e-5}), Form({"eps": 1e-6}))),
     Swap("Softmax", "softmax", _is_softmax, _softmax, lambda m: (3, 5, 7)),
     # torch's own forward serves what lmfast does not (need_weights=True, add_bias_kv, add_zero_attn):
     # no formula to probe, the calls differ, so tests/test_patch.py proves it on nn.Transformer*.
@@ -166,9 +187,10 @@ def _probe(original: nn.Module, swap: Swap) -> tuple[str | None, Form]:
 
     Runs on a deep copy whose floating parameters are redrawn at random (so that identity
     weights cannot hide a different formula), on the CPU, against the replacement built from
-    that copy with the reference backend: in float32, then, for a module with parameters, in
-    each of PROBE_MIXED_DTYPES that the original accepts (same output dtype, and values within
-    2 bfloat16 ulps: the two may round differently)."""
+    that copy with the reference backend: in float32 (on an input of scale 3 and one of scale
+    1e-3, where a norm's eps is as large as the variance, so an eps other than the module's
+    fails), then in each of PROBE_MIXED_DTYPES that the original accepts (same output dtype,
+    and values within 2 bfloat16 ulps: the two may round differently)."""
     first_why = None
     for form in swap.forms:
         why = _probe_form(original, swap, form)
@@ -186,35 +208,36 @@ def _probe_form(original: nn.Module, swap: Swap, form: Form) -> str | None:
             for p in twin.parameters():
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
             x = torch.randn(*swap.probe_shape(twin), generator=g) * 3 + 1
-            want = twin(x)
+            x_small = torch.randn(*swap.probe_shape(twin), generator=g) * 1e-3
             replacement = swap.build(twin, "torch", **form.build_kwargs)
-            got = replacement(x)
+            pairs = [(twin(x), replacement(x)), (twin(x_small), replacement(x_small))]
     except Exception as e:  # a module we cannot probe is not one we can vouch for
         return f"could not be probed ({type(e).__name__}: {e})"
-    if not isinstance(want, torch.Tensor) or want.shape != got.shape:
-        return "returns something other than one tensor of the input's shape"
-    if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
-        return (f"computes something other than lmfast.nn.{type(replacement).__name__} "
-                f"(max difference {(got - want).abs().max():.3g} on a probe)")
-    if any(p.is_floating_point() for p in twin.parameters()):
-        for x_dtype, param_dtype in PROBE_MIXED_DTYPES:
-            mixed = copy.deepcopy(twin).to(param_dtype)
-            xm = x.to(x_dtype)
-            with torch.no_grad():
-                try:
-                    want = mixed(xm)
-                except Exception:  # the original refuses these dtypes: nothing to match
-                    continue
-                try:
-                    got = swap.build(mixed, "torch", **form.build_kwargs)(xm)
-                except Exception as e:
-                    return f"could not be probed in {x_dtype} with {param_dtype} parameters ({type(e).__name__}: {e})"
-            if not isinstance(want, torch.Tensor) or got.dtype != want.dtype:
-                return (f"returns {getattr(want, 'dtype', type(want).__name__)} for {x_dtype} input with "
-                        f"{param_dtype} parameters, where lmfast.nn.{type(replacement).__name__} returns {got.dtype}")
-            if not torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7):
-                return (f"computes something other than lmfast.nn.{type(replacement).__name__} for {x_dtype} input "
-                        f"with {param_dtype} parameters (max difference {(got.float() - want.float()).abs().max():.3g})")
+    for want, got in pairs:
+        if not isinstance(want, torch.Tensor) or want.shape != got.shape:
+            return "returns something other than one tensor of the input's shape"
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-5):
+            return (f"computes something other than lmfast.nn.{type(replacement).__name__} "
+                    f"(max difference {(got - want).abs().max():.3g} on a probe)")
+    # (a module without parameters too: what it returns for a bfloat16 input)
+    for x_dtype, param_dtype in PROBE_MIXED_DTYPES:
+        mixed = copy.deepcopy(twin).to(param_dtype)
+        xm = x.to(x_dtype)
+        with torch.no_grad():
+            try:
+                want = mixed(xm)
+            except Exception:  # the original refuses these dtypes: nothing to match
+                continue
+            try:
+                got = swap.build(mixed, "torch", **form.build_kwargs)(xm)
+            except Exception as e:
+                return f"could not be probed in {x_dtype} with {param_dtype} parameters ({type(e).__name__}: {e})"
+        if not isinstance(want, torch.Tensor) or got.dtype != want.dtype:
+            return (f"returns {getattr(want, 'dtype', type(want).__name__)} for {x_dtype} input with "
+                    f"{param_dtype} parameters, where lmfast.nn.{type(replacement).__name__} returns {got.dtype}")
+        if not torch.allclose(got.float(), want.float(), rtol=2 ** -7, atol=2 ** -7):
+            return (f"computes something other than lmfast.nn.{type(replacement).__name__} for {x_dtype} input "
+                    f"with {param_dtype} parameters (max difference {(got.float() - want.float()).abs().max():.3g})")
     return None
 
 
@@ -325,6 +348,12 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
             model.set_attn_implementation(hf.NAME)
         except (ValueError, ImportError) as e:  # a model whose attention is not pluggable
             report.skipped.append(("", f"attention: transformers refused attn_implementation 'lmfast' ({e})"))
+            return
+        if config._attn_implementation != hf.NAME:
+            # transformers only warns for a model whose attention code does not go through its
+            # attention interface (Bloom, say): that code runs as before, so nothing was swapped
+            report.skipped.append(("", f"attention: {type(model).__name__} computes attention in its own code, "
+                                       "not through transformers' attention interface, so it stays as it is"))
             return
         object.__setattr__(model, _PREVIOUS_ATTN, previous)
         report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += len(layers)
