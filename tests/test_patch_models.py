@@ -718,6 +718,37 @@ def test_output_attentions_returns_the_eager_attention_weights(arch, caplog, mon
     assert len(calls) == 2
 
 
+def test_value_head_dim_other_than_the_querys_runs_transformers_sdpa(caplog, monkeypatch):
+    """DeepSeek V3's multi-head latent attention: q and k heads of 24 (16 + 8 rotary), v heads of
+    16. lmfast's kernels take one head dim, so such calls run transformers' SDPA path (it raised
+    ValueError before, breaking the patched model), once logged; outputs within budget (float32,
+    two dense layers: the float64 reference cannot run the MoE's grouped matmul)."""
+    from lmfast.integrations import hf
+
+    config = transformers.DeepseekV3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, first_k_dense_replace=2, n_routed_experts=4,
+        num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, pad_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _batch()
+    keep = mask.bool()
+    hf._say_sdpa_once.cache_clear()
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
+        want = model(ids, attention_mask=mask).logits
+        lmfast.patch(model)
+        calls = _spy_attention(monkeypatch)
+        with caplog.at_level("WARNING", logger="lmfast"):
+            got = model(ids, attention_mask=mask).logits
+            model(ids, attention_mask=mask)
+    assert calls == []
+    assert_within_budget(got[keep], ref64[keep], want[keep], "DeepSeek V3 logits")
+    said = [r for r in caplog.records if "value head dim (16) other than the query's (24)" in r.getMessage()]
+    assert len(said) == 1  # once per process
+
+
 def test_output_attentions_of_a_layer_without_an_eager_function_of_its_own():
     """A layer whose module defines no eager_attention_forward gets lmfast's plain eager one:
     the weights softmax(scale q k^T + mask), grouped-query heads repeated, the causal mask made

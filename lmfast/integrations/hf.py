@@ -52,11 +52,14 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     dict lookups, then one lmfast op."""
     if kwargs.get("output_attentions") or _attentions_recorded():
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if kwargs.get("position_bias") is not None:
-        # what lmfast does not compute (T5-style position bias): transformers' own SDPA path,
+    if kwargs.get("position_bias") is not None or value.shape[-1] != query.shape[-1]:
+        # what lmfast does not compute (T5-style position bias; a value head dim other than the
+        # query's, as DeepSeek's multi-head latent attention has): transformers' own SDPA path,
         # with the same mask (a full mask, or None exactly where SDPA's is None too)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if value.shape[-1] != query.shape[-1]:
+            _say_sdpa_once(query.shape[-1], value.shape[-1])
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal, window = False, None
@@ -115,6 +118,12 @@ _log = logging.getLogger("lmfast")
 def _say_eager_once() -> None:
     _log.warning("lmfast: a call asked for attention weights (output_attentions); the model's eager attention "
                  "computes such calls, lmfast attention the others")
+
+
+@functools.cache
+def _say_sdpa_once(qk_dim: int, v_dim: int) -> None:
+    _log.warning(f"lmfast: attention with a value head dim ({v_dim}) other than the query's ({qk_dim}) runs "
+                 "transformers' SDPA path (lmfast's kernels take one head dim)")
 
 
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
