@@ -104,11 +104,13 @@ def test_modules_return_what_the_modules_they_replace_return_under_autocast(kb, 
     module returns the dtype of the module it stands in for, values within budget; a float32
     parameter gets its gradient in float32."""
     LlamaRMSNorm = _transformers_module("llama").LlamaRMSNorm
+    CohereLayerNorm = _transformers_module("cohere").CohereLayerNorm
     N = 48
     torch.manual_seed(0)
     pairs = {
         "LayerNorm": (torch.nn.LayerNorm(N), lmfast.nn.LayerNorm(N, backend=kb.name)),
         "LlamaRMSNorm": (LlamaRMSNorm(N), lmfast.nn.RMSNorm(N, backend=kb.name)),
+        "CohereLayerNorm": (CohereLayerNorm(N), lmfast.nn.HFLayerNorm(N, backend=kb.name)),
         "torch RMSNorm": (torch.nn.RMSNorm(N), lmfast.nn.TorchRMSNorm(N, backend=kb.name)),
         "Softmax": (torch.nn.Softmax(-1), lmfast.nn.Softmax(-1, backend=kb.name)),
     }
@@ -160,12 +162,13 @@ def _with_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["params-fp32", "params-bf16"])
 def test_cuda_autocast_dtypes_without_a_gpu(x_dtype, param_dtype):
     """Under CUDA autocast torch.nn.LayerNorm, torch.nn.RMSNorm and torch.nn.Softmax return
-    float32 (their ops are on CUDA's float32 list), while Hugging Face RMSNorms, Python code,
+    float32 (their ops are on CUDA's float32 list), while Hugging Face RMSNorms and LayerNorms, Python code,
     return what they return without autocast; SDPA returns the autocast dtype. lmfast's modules
     and ops (reference backend: the rule is applied before any backend is chosen) return the same."""
     GemmaRMSNorm = _transformers_module("gemma").GemmaRMSNorm
     LlamaRMSNorm = _transformers_module("llama").LlamaRMSNorm
     Olmo2RMSNorm = _transformers_module("olmo2").Olmo2RMSNorm
+    CohereLayerNorm = _transformers_module("cohere").CohereLayerNorm
     N = 32
     with fake_cuda_autocast(torch.bfloat16):
         x = torch.empty(3, N, dtype=x_dtype)
@@ -181,6 +184,8 @@ def test_cuda_autocast_dtypes_without_a_gpu(x_dtype, param_dtype):
                              lmfast.nn.RMSNorm(N, casting="float32", dtype=param_dtype, backend="torch")),
             "GemmaRMSNorm": (_with_weight(GemmaRMSNorm(N), param_dtype),
                              lmfast.nn.RMSNorm(N, weight_offset=1.0, dtype=param_dtype, backend="torch")),
+            "CohereLayerNorm": (_with_weight(CohereLayerNorm(N), param_dtype),
+                                lmfast.nn.HFLayerNorm(N, dtype=param_dtype, backend="torch")),
             "Softmax": (torch.nn.Softmax(-1), lmfast.nn.Softmax(-1, backend="torch")),
         }
         dtypes = {name: (original(x).dtype, replacement(x).dtype) for name, (original, replacement) in pairs.items()}

@@ -195,6 +195,38 @@ def test_rms_norm_casting_for_mixed_dtypes():
         lmfast.nn.RMSNorm(32, casting="gemma")
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16)], ids=["x-bf16", "w-bf16", "both-bf16"])
+def test_hf_layer_norm_is_coheres(x_dtype, w_dtype, kb):
+    """HFLayerNorm against Cohere's LayerNorm: state_dict, eps under both names, output in x's
+    dtype computed in float32 and rounded once, for every mix of dtypes on every backend; with a
+    residual, the sum in x's dtype; bias=True adds a bias, applied the same way."""
+    cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere", reason="transformers is not installed")
+    ref = cohere.CohereLayerNorm(32, eps=1e-5).to(kb.device, w_dtype)
+    torch.nn.init.normal_(ref.weight)
+    ours = lmfast.nn.HFLayerNorm(32, eps=1e-5, device=kb.device, dtype=w_dtype, backend=kb.name)
+    assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight"}
+    ours.load_state_dict(ref.state_dict())
+    ours.eps = 1e-4
+    assert ours.variance_epsilon == 1e-4 and "eps=0.0001" in repr(ours)
+    ref.variance_epsilon = 1e-4
+    x = (torch.randn(16, 32) * 3 + 1).to(kb.device, x_dtype)
+    # bfloat16: within an ulp (both round the float32 result once); float32: the rounding of
+    # another summation order, relative to the output's scale (1) where x - mean cancels
+    tol = {"atol": 0, "rtol": 2 ** -7} if x_dtype == torch.bfloat16 else {"atol": 2e-6, "rtol": 2e-6}
+    want, got = ref(x), ours(x)
+    assert got.dtype == want.dtype == x_dtype
+    torch.testing.assert_close(got, want, **tol)
+    y, s = ours(x, x)
+    assert torch.equal(s, x + x) and y.dtype == x_dtype
+    torch.testing.assert_close(y, ref(x + x), **tol)
+    biased = lmfast.nn.HFLayerNorm(32, bias=True, device=kb.device, backend=kb.name)
+    with torch.no_grad():
+        biased.bias.fill_(0.5)
+    assert biased.state_dict().keys() == {"weight", "bias"}
+    torch.testing.assert_close(biased(x.float()), lmfast.nn.HFLayerNorm(32, device=kb.device)(x.float()) + 0.5)
+
+
 def test_softmax_module():
     sm = lmfast.nn.Softmax(dim=-1, scale=0.5, causal=True)
     x = torch.randn(2, 3, 16, 16)

@@ -156,14 +156,34 @@ def test_patch_swaps_torch_rms_norms_keeping_their_attributes():
     assert all(a is b for a, b in zip(model[1:], norms))
 
 
-def test_patch_reports_a_bias_free_layer_norm_that_subtracts_the_mean():
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                  (torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_patch_serves_a_bias_free_layer_norm_in_float32(x_dtype, param_dtype):
     """*LayerNorm classes without a bias are candidates (T5's is an RMSNorm by that name); one
-    that subtracts the mean, as Cohere's does, fails the probe and is reported, not swapped."""
+    that subtracts the mean in float32 and returns x's dtype, as Cohere's does, is no RMSNorm
+    form: the probe finds it a lmfast.nn.HFLayerNorm, which returns what it returns for every
+    mix of dtypes, keeps its attributes (variance_epsilon, written through), and unpatches."""
     cohere = pytest.importorskip("transformers.models.cohere.modeling_cohere", reason="transformers is not installed")
-    model = torch.nn.Sequential(cohere.CohereLayerNorm(64))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(cohere.CohereLayerNorm(64, eps=1e-5))
+    torch.nn.init.normal_(model[0].weight)
+    model.to(param_dtype)
+    x = (torch.randn(5, 64) * 3 + 1).to(x_dtype)
+    want = model(x)
     report = lmfast.patch(model)
-    assert not report.swapped and type(model[0]) is cohere.CohereLayerNorm
-    assert "CohereLayerNorm computes something other than lmfast.nn.RMSNorm" in str(report)
+    assert report.swapped == {"LayerNorm, in float32 (CohereLayerNorm)": 1} and not report.skipped, report
+    assert isinstance(model[0], lmfast.nn.HFLayerNorm) and model[0].variance_epsilon == model[0].eps == 1e-5
+    got = model(x)
+    assert got.dtype == want.dtype == x_dtype
+    ref64 = model[0]._lmfast_original.double()(x.double())
+    model[0]._lmfast_original.to(param_dtype)
+    assert_within_budget(got, ref64, want, f"CohereLayerNorm {x_dtype} x, {param_dtype} weight")
+    model[0].variance_epsilon = 10.0  # written through: the next call uses it, unpatch keeps it
+    changed = model(x)
+    assert not torch.allclose(changed.float(), got.float())
+    lmfast.unpatch(model)
+    assert type(model[0]) is cohere.CohereLayerNorm and model[0].variance_epsilon == 10.0
+    torch.testing.assert_close(model(x), changed, atol=2 ** -7, rtol=2 ** -7)
 
 
 class HardCodedEpsRMSNorm(torch.nn.Module):

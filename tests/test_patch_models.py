@@ -1,6 +1,7 @@
 """lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2, Mistral (sliding window),
 Gemma 2 (attention logit softcapping), Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and
-a global layer) and OLMo (LayerNorms without parameters) from small random configs, Bloom (whose
+a global layer), OLMo (LayerNorms without parameters) and Cohere (bias-free LayerNorms in float32)
+from small random configs, Bloom (whose
 attention bypasses transformers' attention interface), and torch.nn.Transformer /
 TransformerEncoder. For each: outputs
 within the error budget of the unpatched model (float32, bfloat16, float16), one training
@@ -60,6 +61,7 @@ def _hf_model(arch: str):
         "gemma3": lambda: t.Gemma3TextConfig(num_key_value_heads=2, head_dim=16, sliding_window=WINDOW,
                                              layer_types=["sliding_attention", "full_attention"], **small),
         "olmo": lambda: t.OlmoConfig(num_key_value_heads=2, **small),  # LayerNorms without parameters
+        "cohere": lambda: t.CohereConfig(num_key_value_heads=2, **small),  # bias-free LayerNorms in float32
     }[arch]()
     config.pad_token_id = 0
     torch.manual_seed(0)
@@ -91,7 +93,7 @@ def _generation_inputs(max_new_tokens: int):
     return ids, dict(attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
 
 
-ARCHS = ["gpt2", "qwen2", "mistral", "gemma2", "gemma3", "olmo"]
+ARCHS = ["gpt2", "qwen2", "mistral", "gemma2", "gemma3", "olmo", "cohere"]
 
 
 def _windows(arch: str) -> list:
@@ -127,6 +129,8 @@ def test_hf_decoder_logits(arch, dtype, monkeypatch):
         assert report.swapped["RMSNorm, 1 + weight (Gemma2RMSNorm)"] == 2 * 4 + 1 and not report.skipped
     if arch == "olmo":  # 2 per layer and the final one
         assert report.swapped["LayerNorm, no parameters (OlmoLayerNorm)"] == 2 * 2 + 1 and not report.skipped
+    if arch == "cohere":  # 1 per layer (attention and MLP in parallel) and the final one
+        assert report.swapped["LayerNorm, in float32 (CohereLayerNorm)"] == 2 + 1 and not report.skipped
     assert_within_budget(got[keep], ref64[keep], eager[keep], f"{arch} logits")
     # the mask arrives as causal (+ window) and a (B, 1, 1, Sk) padding mask, not (Sq x Sk)
     assert calls == _calls(arch, (3, 1, 1, 16) if (mask == 0).any() else None)

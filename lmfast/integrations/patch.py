@@ -66,10 +66,16 @@ def _plain_layer_norm(module: nn.Module, backend: str, eps: float = 1e-5) -> nn.
     return lmnn.LayerNorm(module.normalized_shape, eps=float(eps), elementwise_affine=False, backend=backend)
 
 
-def _rms_norm(module: nn.Module, backend: str, weight_offset: float = 0.0, casting: str | None = None) -> nn.Module:
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    new = lmnn.RMSNorm(module.weight.shape[0], eps=float(eps), weight_offset=weight_offset, casting=casting,
-                       backend=backend, device="meta")
+def _hf_norm(module: nn.Module, backend: str, weight_offset: float = 0.0, casting: str | None = None,
+             subtract_mean: bool = False) -> nn.Module:
+    """A Hugging Face-style norm with a weight: an RMSNorm, or with subtract_mean a LayerNorm in
+    float32 (Cohere's)."""
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", None)))
+    if subtract_mean:
+        new = lmnn.HFLayerNorm(module.weight.shape[0], eps=eps, backend=backend, device="meta")
+    else:
+        new = lmnn.RMSNorm(module.weight.shape[0], eps=eps, weight_offset=weight_offset, casting=casting,
+                           backend=backend, device="meta")
     new.weight = module.weight
     return new
 
@@ -99,9 +105,9 @@ def _is_torch_rms_norm(module: nn.Module) -> str | None:
 
 def _is_hf_rms_norm(module: nn.Module) -> str | None:
     """Hugging Face style RMSNorm: a class named *RMSNorm, or *LayerNorm without a bias (T5's is
-    an RMSNorm by that name), with a 1-D `weight` and an epsilon (torch.nn.RMSNorm and
-    torch.nn.LayerNorm, and their subclasses, have their own swaps). The probe decides the rest:
-    a bias-free LayerNorm that subtracts the mean (Cohere's) is reported and left alone."""
+    an RMSNorm by that name, Cohere's a LayerNorm), with a 1-D `weight` and an epsilon
+    (torch.nn.RMSNorm and torch.nn.LayerNorm, and their subclasses, have their own swaps). The
+    probe decides which, if any, of the forms it computes."""
     weight = getattr(module, "weight", None)
     name = type(module).__name__
     looks_like = ((name.endswith("RMSNorm") or (name.endswith("LayerNorm") and getattr(module, "bias", None) is None))
@@ -140,9 +146,11 @@ NOT_A_CANDIDATE = "not a candidate"
 
 @dataclass(frozen=True)
 class Form:
-    """One formula a candidate may compute: extra arguments of Swap.build, and what the report adds."""
+    """One formula a candidate may compute: extra arguments of Swap.build, and what the report adds
+    (kind: in place of the Swap's kind)."""
     build_kwargs: dict = field(default_factory=dict)
     label: str = ""
+    kind: str = ""
 
 
 @dataclass(frozen=True)
@@ -161,10 +169,11 @@ SWAPS: list[Swap] = [
     # Llama's (weight * normed, the promoted dtype), then OLMo 2's and gpt-oss's (computed in
     # float32, returned in x's dtype), then Gemma's (1 + weight, in float32: also Qwen3-Next,
     # Qwen3.5, VaultGemma...), then T5's (normed in float32, rounded to a 16-bit weight's dtype,
-    # the promoted dtype). (They differ in what comes out of mixed dtypes: see _probe.)
-    Swap("RMSNorm", "norms", _is_hf_rms_norm, _rms_norm, lambda m: (3, m.weight.shape[0]),
+    # the promoted dtype); last a LayerNorm computed in float32 and returned in x's dtype
+    # (Cohere's). (They differ in what comes out of mixed dtypes: see _probe.)
+    Swap("RMSNorm", "norms", _is_hf_rms_norm, _hf_norm, lambda m: (3, m.weight.shape[0]),
          forms=(Form(), Form({"casting": "float32"}, "in float32"), Form({"weight_offset": 1.0}, "1 + weight"),
-                Form({"casting": "t5"}, "T5's casting"))),
+                Form({"casting": "t5"}, "T5's casting"), Form({"subtract_mean": True}, "in float32", "LayerNorm"))),
     Swap("LayerNorm, no parameters", "norms", _is_plain_hf_layer_norm, _plain_layer_norm,
          lambda m: (3, *((m.normalized_shape,) if isinstance(m.normalized_shape, int) else m.normalized_shape)),
          forms=(Form({"eps": 1e-5}), Form({"eps": 1e-6}))),
@@ -290,7 +299,8 @@ def patch(model: nn.Module, *, norms: bool = True, attention: bool = True, softm
             new.train(child.training)
             object.__setattr__(new, _ORIGINAL, child)  # not registered as a submodule
             setattr(parent, name, new)
-            kind = f"{swap.kind}, {form.label}" if form.label else swap.kind
+            kind = form.kind or swap.kind
+            kind = f"{kind}, {form.label}" if form.label else kind
             report.swapped[f"{kind} ({type(child).__name__})"] += 1
             break
     if attention:

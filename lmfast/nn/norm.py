@@ -16,7 +16,7 @@ from torch import Tensor
 from .. import ops
 from ..ops import _autocast, _checks
 from ..ops._common import on_cpp_path
-from ..ops.norm import rms_norm_as_given
+from ..ops.norm import layer_norm_as_given, rms_norm_as_given
 
 _C = torch.ops.lmfast_C  # the C++ ops (resolved on first use, once the extension has loaded)
 
@@ -75,6 +75,57 @@ class LayerNorm(torch.nn.LayerNorm):
         if residual is None:
             return out.view(x.shape)
         return out[0].view(x.shape), out[1].view(x.shape)
+
+
+class HFLayerNorm(torch.nn.Module):
+    """A LayerNorm as Hugging Face's Python LayerNorms compute it (Cohere's and Cohere 2's:
+    HFLayerNorm(hidden_size, eps=1e-5), one parameter `weight`, no bias): mean subtracted,
+    normalized and scaled in float32, returned in x's dtype, rounded once, whatever the
+    parameters' dtype; and, being Python code that autocast does not change, it returns that
+    under autocast too (torch.nn.LayerNorm returns float32 under CUDA autocast: lmfast.nn.LayerNorm
+    stands in for that one). The epsilon is `variance_epsilon`, as there, and also `eps`.
+    bias=True adds a `bias` parameter, applied in float32 the same way.
+
+    forward(x, residual=None): with a residual returns (norm(x + residual), x + residual).
+    """
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, bias: bool = False, *, backend: str = "auto",
+                 device=None, dtype=None):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, device=device, dtype=dtype))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.zeros(hidden_size, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.variance_epsilon = eps
+        self.backend = backend
+
+    @property
+    def eps(self) -> float:
+        return self.variance_epsilon
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.variance_epsilon = value
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        params = self._parameters  # (as in LayerNorm.forward)
+        w, b = params["weight"], params["bias"]
+        same_dtype = x.dtype == w.dtype and (b is None or b.dtype == x.dtype)
+        if same_dtype and on_cpp_path(self.backend, x):
+            y, s = _C.layer_norm.default(x, w, b, residual, float(self.variance_epsilon))  # one C++ call
+            return y if residual is None else (y, s)
+        if same_dtype or not x.is_floating_point():  # (a non-float x: the op's check names it)
+            return layer_norm_as_given(x, w, b, self.variance_epsilon, residual, self.backend)
+        # mixed dtypes: in float32, rounded once to x's dtype
+        _checks.residual_like(residual, x)  # (x's dtype and shape, as the fused path checks)
+        s = x if residual is None else x + residual
+        y = layer_norm_as_given(s.float(), w.float(), None if b is None else b.float(), self.variance_epsilon,
+                                None, self.backend).to(x.dtype)
+        return y if residual is None else (y, s)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, bias={self.bias is not None}"
 
 
 class TorchRMSNorm(torch.nn.RMSNorm):

@@ -33,8 +33,8 @@ def layer_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = No
         return y if residual is None else (y, s)
     if _autocast.any_enabled() and _autocast.runs_in_float32("layer_norm", x):  # as torch's layer_norm (CUDA)
         w, b = _autocast.float32(weight), _autocast.float32(bias)
-        return _in_float32(x, residual, lambda x, r: _layer_norm(x, w, b, eps, r, backend))
-    return _layer_norm(x, weight, bias, eps, residual, backend)
+        return _in_float32(x, residual, lambda x, r: layer_norm_as_given(x, w, b, eps, r, backend))
+    return layer_norm_as_given(x, weight, bias, eps, residual, backend)
 
 
 def _in_float32(x, residual, norm):
@@ -49,8 +49,10 @@ def _in_float32(x, residual, norm):
     return y if residual is None else (y, s)
 
 
-def _layer_norm(x, weight, bias, eps, residual, backend):
-    """layer_norm past the C++ fast path and autocast: checks, then the backend's kernel."""
+def layer_norm_as_given(x, weight, bias, eps, residual, backend):
+    """layer_norm on the dtypes given, whatever autocast says (past the C++ fast path; also
+    lmfast.nn.HFLayerNorm's, which stands in for Hugging Face LayerNorms, Python code that
+    autocast does not change): checks, then the backend's kernel."""
     _checks.floating_tensor("x", x)
     _checks.norm_param("weight", weight, x)
     _checks.norm_param("bias", bias, x)
