@@ -15,13 +15,14 @@ class Block(torch.nn.Module):
         self.ln = lmfast.nn.LayerNorm(dim, backend=backend)
         self.rms = lmfast.nn.RMSNorm(dim, backend=backend)
         self.gemma_rms = lmfast.nn.RMSNorm(dim, weight_offset=1.0, backend=backend)  # scale 1 + weight
+        self.cohere_ln = lmfast.nn.HFLayerNorm(dim, backend=backend)  # no bias, in float32
         self.sm = lmfast.nn.Softmax(dim=-1, scale=dim ** -0.5, causal=True, backend=backend)
         self.attn = lmfast.nn.Attention(causal=True, backend=backend)
         self.proj = torch.nn.Linear(dim, dim)
 
     def forward(self, x, residual, pad_mask):
         y, s = self.ln(x, residual)                 # (B, S, D)
-        h = self.gemma_rms(self.rms(self.proj(y)))
+        h = self.gemma_rms(self.rms(self.cohere_ln(self.proj(y))))
         p = self.sm(h @ h.transpose(-1, -2), pad_mask)  # (B, S, S)
         heads = h.view(h.shape[0], h.shape[1], 2, -1).transpose(1, 2)  # (B, 2, S, D/2)
         a = self.attn(heads, heads[:, :1], heads[:, 1:], pad_mask[:, None])  # 2 query heads, 1 kv head
