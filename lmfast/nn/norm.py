@@ -111,11 +111,12 @@ class HFLayerNorm(torch.nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None):
         params = self._parameters  # (as in LayerNorm.forward)
         w, b = params["weight"], params["bias"]
-        same_dtype = x.dtype == w.dtype and (b is None or b.dtype == x.dtype)
+        floating = isinstance(x, Tensor) and x.is_floating_point()
+        same_dtype = floating and x.dtype == w.dtype and (b is None or b.dtype == x.dtype)
         if same_dtype and on_cpp_path(self.backend, x):
             y, s = _C.layer_norm.default(x, w, b, residual, float(self.variance_epsilon))  # one C++ call
             return y if residual is None else (y, s)
-        if same_dtype or not x.is_floating_point():  # (a non-float x: the op's check names it)
+        if same_dtype or not floating:  # (anything but a floating tensor: the op's check names x)
             return layer_norm_as_given(x, w, b, self.variance_epsilon, residual, self.backend)
         # mixed dtypes: in float32, rounded once to x's dtype
         _checks.residual_like(residual, x)  # (x's dtype and shape, as the fused path checks)
