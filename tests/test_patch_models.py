@@ -271,15 +271,21 @@ def test_gpt_oss_attention_sinks(monkeypatch):
     assert [c["window"] for c in calls[:2]] == [WINDOW, None]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_t5_norms(dtype):
-    """T5 (encoder-decoder, relative position bias): its T5LayerNorms, RMSNorms by another name
-    that round to a 16-bit weight's dtype, are swapped (T5's casting); its attention, which
-    takes a position bias, keeps transformers' SDPA path. Logits within budget on a padded batch."""
+def _t5():
     config = transformers.T5Config(vocab_size=VOCAB, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
                                    num_heads=4, dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0)
     torch.manual_seed(0)
-    model = transformers.T5ForConditionalGeneration(config).eval()
+    return transformers.T5ForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_t5_norms_and_position_bias_attention(dtype, monkeypatch):
+    """T5 (encoder-decoder, relative position bias): its T5LayerNorms, RMSNorms by another name
+    that round to a 16-bit weight's dtype, are swapped (T5's casting); its attention runs lmfast's
+    kernel with the position bias as the additive mask, the padding folded in (-inf), the
+    decoder's causal band as `causal` (it ran transformers' SDPA path before). Logits within
+    budget on a padded batch."""
+    model = _t5()
     ids, mask = _batch()
     inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7].flip(0))
     with torch.no_grad():
@@ -287,9 +293,40 @@ def test_t5_norms(dtype):
         model.to(dtype)
         eager = model(**inputs).logits
         report = lmfast.patch(model)
+        calls = _spy_attention(monkeypatch)
         got = model(**inputs).logits
     assert report.swapped["RMSNorm, T5's casting (T5LayerNorm)"] == 2 * 2 + 3 * 2 + 2 and not report.skipped
     assert_within_budget(got, ref64, eager, "T5 logits")
+    # encoder self-attention: bias + padding; decoder self-attention: the bias (one for the
+    # batch) and causal; cross-attention: the (zero) bias + the encoder's padding
+    encoder, decoder_self, cross = ((3, 4, 16, 16), False), ((1, 4, 7, 7), True), ((3, 4, 7, 16), False)
+    assert [(c["mask"], c["causal"]) for c in calls] == [encoder] * 2 + [decoder_self, cross] * 2
+
+
+def test_t5_training_step_and_generation():
+    """The gradient of T5's learned position bias goes through the kernels' mask gradient: each
+    layer's relative_attention_bias and the other parameters within budget of the float64
+    model's; greedy generation (a KV cache, one query row a step) unchanged."""
+    ids, mask = _batch()
+    inputs = dict(input_ids=ids, attention_mask=mask, decoder_input_ids=ids[:, :7].flip(0))
+    weights = torch.randn(3, 7, VOCAB, generator=torch.Generator().manual_seed(2))
+
+    def grads(model):
+        model.train()
+        model.zero_grad()
+        (model(**inputs).logits * weights.to(model.dtype)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref64, eager = grads(_t5().double()), grads(_t5())
+    model = _t5()
+    lmfast.patch(model)
+    got = grads(model)
+    assert got.keys() == eager.keys() and any("relative_attention_bias" in n for n in got)
+    for name in got:
+        assert_within_budget(got[name], ref64[name], eager[name], f"T5 gradient of {name}")
+    model.eval()
+    want = _t5().generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False), want)
 
 
 def test_save_pretrained_then_from_pretrained_with_attn_implementation_lmfast(tmp_path):

@@ -52,14 +52,13 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     dict lookups, then one lmfast op."""
     if kwargs.get("output_attentions") or _attentions_recorded():
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
-    if kwargs.get("position_bias") is not None or value.shape[-1] != query.shape[-1]:
-        # what lmfast does not compute (T5-style position bias; a value head dim other than the
-        # query's, as DeepSeek's multi-head latent attention has): transformers' own SDPA path,
-        # with the same mask (a full mask, or None exactly where SDPA's is None too)
+    if value.shape[-1] != query.shape[-1]:
+        # what lmfast does not compute (a value head dim other than the query's, as DeepSeek's
+        # multi-head latent attention has): transformers' own SDPA path, with the same mask (a
+        # full mask, or None exactly where SDPA's is None too)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        if value.shape[-1] != query.shape[-1]:
-            _say_sdpa_once(query.shape[-1], value.shape[-1])
+        _say_sdpa_once(query.shape[-1], value.shape[-1])
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     causal, window = False, None
@@ -71,6 +70,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         structure = attention_mask.__dict__.get(_STRUCTURE_ATTR)
         if structure is not None and structure.version == attention_mask._version:
             causal, window, attention_mask = structure.causal, structure.window, structure.padding
+    if kwargs.get("position_bias") is not None:  # T5's relative position bias, (1 or B, Hq, Sq, Sk)
+        attention_mask = _with_position_bias(kwargs["position_bias"], attention_mask)
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
         attention_mask = attention_mask.to(query.dtype)  # additive
     backend = module.__dict__.get(BACKEND_ATTR, "auto")  # set by lmfast.patch
@@ -80,6 +81,18 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                         sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),  # gpt-oss's sinks, Gemma 2's cap
                         backend=backend)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D) (no copy: the kernels write o so)
+
+
+def _with_position_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """T5-style relative position bias as one additive mask with the call's mask folded in, as
+    transformers' SDPA path folds them (a False entry -inf, an additive mask added); a causal
+    band stays the kernel's `causal` (its blocks skipped). Differentiable in the bias (T5 learns
+    it), through the kernels' mask gradient."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        return torch.where(mask, bias, float("-inf"))
+    return bias + mask
 
 
 def _is_causal(module: torch.nn.Module, is_causal: bool | None) -> bool:
