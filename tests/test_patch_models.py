@@ -790,6 +790,50 @@ def test_value_head_dim_other_than_the_querys_runs_transformers_sdpa(caplog, mon
     assert len(said) == 1  # once per process
 
 
+def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sinks=None,
+                            **kwargs):
+    """(The eager attention of _LayerWithSinks, found here as a model's is found in its module.)
+    With Inkling 2's per-token `sinks` (B, H, Sq, 1): one more logit per query row, no value."""
+    scores = query @ key.transpose(-1, -2) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    if sinks is not None:
+        weights = torch.softmax(torch.cat([scores, sinks], -1), -1)[..., :-1]
+    else:
+        weights = torch.softmax(scores, -1)
+    return (weights @ value).transpose(1, 2).contiguous(), weights
+
+
+class _LayerWithSinks(torch.nn.Module):
+    is_causal = False
+
+
+def test_an_attention_argument_lmfast_does_not_know_runs_the_models_eager_attention(caplog, monkeypatch):
+    """A keyword argument lmfast does not compute with (Inkling 2's per-token `sinks`; before,
+    ignored: a silently wrong output) sends the call to the model's own eager attention, logged
+    once; arguments that change nothing (position_ids, varlen bookkeeping) keep lmfast's kernel."""
+    from lmfast.integrations import hf
+
+    layer = _LayerWithSinks()
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(3))
+    sinks = torch.randn(2, 4, 5, 1, generator=g)
+    hf._say_unknown_once.cache_clear()
+    calls = _spy_attention(monkeypatch)
+    with caplog.at_level("WARNING", logger="lmfast"):
+        out, weights = hf.attention_forward(layer, q, k, v, None, scaling=0.5, sinks=sinks)
+        hf.attention_forward(layer, q, k, v, None, scaling=0.5, sinks=sinks)
+    want, want_weights = eager_attention_forward(layer, q, k, v, None, scaling=0.5, sinks=sinks)
+    assert calls == [] and torch.equal(out, want) and torch.equal(weights, want_weights)
+    said = [r.getMessage() for r in caplog.records if "passes the attention function `sinks`" in r.getMessage()]
+    assert len(said) == 1 and "_LayerWithSinks" in said[0]
+    out, weights = hf.attention_forward(layer, q, k, v, None, scaling=0.5, position_ids=torch.arange(5)[None],
+                                        cu_seq_lens_q=None, sinks=None)
+    assert len(calls) == 1 and weights is None
+    assert_within_budget(out, eager_attention_forward(layer, q.double(), k.double(), v.double(), None, scaling=0.5)[0],
+                         eager_attention_forward(layer, q, k, v, None, scaling=0.5)[0], "attention, neutral arguments")
+
+
 def test_output_attentions_of_a_layer_without_an_eager_function_of_its_own():
     """A layer whose module defines no eager_attention_forward gets lmfast's plain eager one:
     the weights softmax(scale q k^T + mask), grouped-query heads repeated, the causal mask made

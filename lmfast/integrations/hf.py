@@ -51,7 +51,15 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     attention computes the call). Per call it does no more than transformers' SDPA path: a few
     dict lookups, then one lmfast op."""
     if kwargs.get("output_attentions") or _attentions_recorded():
+        _say_eager_once()
         return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    for name, arg in kwargs.items():
+        if arg is not None and name not in _SERVED_KWARGS and name not in _NEUTRAL_KWARGS:
+            # a request lmfast does not know (Inkling 2's per-token `sinks`, a new model's): the
+            # model's own eager attention computes it, never lmfast's kernel without it
+            _say_unknown_once(type(module).__name__, name)
+            return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                    **kwargs)
     if value.shape[-1] != query.shape[-1]:
         # what lmfast does not compute (a value head dim other than the query's, as DeepSeek's
         # multi-head latent attention has): transformers' own SDPA path, with the same mask (a
@@ -81,6 +89,27 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                         sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),  # gpt-oss's sinks, Gemma 2's cap
                         backend=backend)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D) (no copy: the kernels write o so)
+
+
+# The attention-function keyword arguments lmfast computes with (output_attentions: the eager
+# path above) ...
+_SERVED_KWARGS = frozenset({"position_bias", "s_aux", "softcap", "output_attentions"})
+# ... and those that do not change what attention computes, as transformers' SDPA path ignores
+# them: the model-wide keyword arguments transformers passes down to every layer (its
+# TransformersKwargs; varlen and packing bookkeeping for flash kernels), a window the mask
+# function has applied already, and arguments that the models' own eager attention ignores
+# (DeepSeek V3.2's sparse `indices`, MiniMax M3's `block_indices`, ModernBERT's flash-only
+# `deterministic`). Anything else not None goes to the model's eager attention.
+_NEUTRAL_KWARGS = frozenset({
+    "num_items_in_batch", "output_hidden_states", "output_router_logits", "cu_seq_lens_q", "cu_seq_lens_k",
+    "max_length_q", "max_length_k", "position_ids", "seq_idx", "sliding_window", "use_cache", "cache_position",
+    "indices", "block_indices", "deterministic"})
+
+
+@functools.cache
+def _say_unknown_once(layer: str, name: str) -> None:
+    _log.warning(f"lmfast: {layer} passes the attention function `{name}`, which lmfast does not compute with; "
+                 "the model's eager attention computes such calls")
 
 
 def _with_position_bias(bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -142,7 +171,6 @@ def _say_sdpa_once(qk_dim: int, v_dim: int) -> None:
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
     """The call as the model's eager attention computes it (its module's eager_attention_forward,
     else a plain one), with the mask it expects: additive, and explicit where _mask left it out."""
-    _say_eager_once()
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None) or _plain_eager
     q_len, k_len = query.shape[2], key.shape[2]
     if attention_mask is None and _is_causal(module, is_causal) and q_len > 1:
