@@ -2,8 +2,10 @@
 Gemma 2 (attention logit softcapping), Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and
 a global layer), OLMo (LayerNorms without parameters) and Cohere (bias-free LayerNorms in float32)
 from small random configs, Bloom (whose
-attention bypasses transformers' attention interface), and torch.nn.Transformer /
-TransformerEncoder. For each: outputs
+attention bypasses transformers' attention interface), torch.nn.Transformer /
+TransformerEncoder, and, for breadth, twenty more decoder families (Llama, Qwen3, Phi-3, OLMo 2,
+Granite, StarCoder2, GPT-NeoX, Falcon, Phi, StableLM, Gemma, GLM-4, EXAONE 4, SmolLM3, OPT, GPT-J,
+BioGPT, Persimmon, Cohere 2, Nemotron) patched once with their logits checked. For each: outputs
 within the error budget of the unpatched model (float32, bfloat16, float16), one training
 step's gradients within budget, KV-cache generation unchanged, unpatch restores everything.
 The error budget is DESIGN.md's: against the float64 model, at most twice the unpatched
@@ -136,6 +138,68 @@ def test_hf_decoder_logits(arch, dtype, monkeypatch):
     assert calls == _calls(arch, (3, 1, 1, 16) if (mask == 0).any() else None)
     lmfast.unpatch(model)
     assert [type(m) for m in model.modules()] == classes
+
+
+# Breadth: more decoder families from tiny configs (the ARCHS above get the full battery). Each
+# config class with its own arguments; the rest are SMALL's where the class takes them.
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128)
+BREADTH = {
+    "LlamaConfig": dict(num_key_value_heads=2),
+    "Qwen3Config": dict(num_key_value_heads=2, head_dim=16),        # q/k RMSNorms
+    "Phi3Config": dict(num_key_value_heads=2),
+    "Olmo2Config": dict(num_key_value_heads=2),                     # RMSNorms in float32, q/k norms
+    "GraniteConfig": dict(num_key_value_heads=2),
+    "Starcoder2Config": dict(num_key_value_heads=2),               # LayerNorms with biases
+    "GPTNeoXConfig": dict(),
+    "FalconConfig": dict(new_decoder_architecture=True, num_kv_heads=2),
+    "PhiConfig": dict(),
+    "StableLmConfig": dict(num_key_value_heads=2),
+    "GemmaConfig": dict(num_key_value_heads=2, head_dim=16),        # 1 + weight RMSNorms
+    "Glm4Config": dict(num_key_value_heads=2, head_dim=16),
+    "Exaone4Config": dict(num_key_value_heads=2),
+    "SmolLM3Config": dict(num_key_value_heads=2),
+    "OPTConfig": dict(ffn_dim=128, word_embed_proj_dim=64),
+    "GPTJConfig": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
+    "BioGptConfig": dict(),
+    "PersimmonConfig": dict(),
+    "Cohere2Config": dict(num_key_value_heads=2, layer_types=["sliding_attention", "full_attention"],
+                          sliding_window=WINDOW),
+    "NemotronConfig": dict(num_key_value_heads=2),                  # its 1 + weight LayerNorm: reported
+}
+
+
+@pytest.mark.parametrize("config_name", BREADTH)
+def test_patch_serves_decoder_families(config_name):
+    """patch on each family: attention in every layer served, every norm swapped or (only
+    Nemotron's `1 + weight` LayerNorm) reported, float32 logits of a padded batch within budget."""
+    import inspect
+
+    config_class = getattr(transformers, config_name, None)
+    if config_class is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
+    takes = inspect.signature(config_class).parameters
+    kwargs = {k: v for k, v in SMALL.items() if k in takes or "kwargs" in takes} | BREADTH[config_name]
+    if config_name == "GPTJConfig":
+        kwargs = {"vocab_size": VOCAB} | BREADTH[config_name]
+    config = config_class(**kwargs)
+    config.pad_token_id = 0
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    ids, mask = _batch()
+    keep = mask.bool()
+    with torch.no_grad():
+        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
+        eager = model(ids, attention_mask=mask).logits
+        report = lmfast.patch(model)
+        got = model(ids, attention_mask=mask).logits
+    attention = [n for kind, n in report.swapped.items() if kind.startswith("attention")]
+    assert attention == [2], report
+    if config_name == "NemotronConfig":
+        assert report.skipped and all("NemotronLayerNorm1P computes something other" in why for _, why in report.skipped)
+    else:
+        assert not report.skipped and len(report.swapped) >= 2, report
+    assert_within_budget(got[keep], ref64[keep], eager[keep], f"{config_name} logits")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
