@@ -1,15 +1,15 @@
-"""lmfast.patch on models built in code: Hugging Face GPT-2, Qwen2, Mistral (sliding window),
-Gemma 2 (attention logit softcapping), Gemma 3 (1 + weight RMSNorms, q/k norms, a sliding and
-a global layer), OLMo (LayerNorms without parameters) and Cohere (bias-free LayerNorms in float32)
-from small random configs, Bloom (whose
-attention bypasses transformers' attention interface), torch.nn.Transformer /
-TransformerEncoder, and, for breadth, twenty more decoder families (Llama, Qwen3, Phi-3, OLMo 2,
-Granite, StarCoder2, GPT-NeoX, Falcon, Phi, StableLM, Gemma, GLM-4, EXAONE 4, SmolLM3, OPT, GPT-J,
-BioGPT, Persimmon, Cohere 2, Nemotron) patched once with their logits checked. For each: outputs
-within the error budget of the unpatched model (float32, bfloat16, float16), one training
-step's gradients within budget, KV-cache generation unchanged, unpatch restores everything.
-The error budget is DESIGN.md's: against the float64 model, at most twice the unpatched
-model's own error (lmfast.testing.assert_within_budget)."""
+"""lmfast.patch on models built in code from small random configs: Hugging Face GPT-2, Qwen2,
+Mistral (sliding window), Gemma 2 (attention logit softcapping), Gemma 3 (1 + weight RMSNorms,
+q/k norms, a sliding and a global layer), OLMo (LayerNorms without parameters) and Cohere
+(bias-free LayerNorms in float32) with the full battery; T5 (relative position bias), DeepSeek V3
+(a value head dim other than the query's), Bloom (attention outside transformers' attention
+interface); torch.nn.Transformer / TransformerEncoder; and, for breadth, twenty more decoder
+families (Llama, Qwen3, Phi-3, OLMo 2, Granite, StarCoder2, GPT-NeoX, Falcon, Phi, StableLM, Gemma,
+GLM-4, EXAONE 4, SmolLM3, OPT, GPT-J, BioGPT, Persimmon, Cohere 2, Nemotron) patched once with
+their logits checked. The battery: outputs within the error budget of the unpatched model
+(float32, bfloat16, float16), one training step's gradients within budget, KV-cache generation
+unchanged, unpatch restores everything. The error budget is DESIGN.md's: against the float64
+model, at most twice the unpatched model's own error (lmfast.testing.assert_within_budget)."""
 
 import copy
 import subprocess
