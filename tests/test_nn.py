@@ -234,6 +234,25 @@ def test_hf_layer_norm_is_coheres(x_dtype, w_dtype, kb):
                          F.layer_norm(xf, (32,), None, biased.bias, 1e-5), "HFLayerNorm with a bias")
 
 
+def test_norm_modules_read_a_parametrized_weight():
+    """The modules read their parameters from _parameters for speed; a parametrized weight
+    (torch.nn.utils.parametrize: weight norm, spectral norm...) is not there but a property,
+    and is read as one: each module computes with the parametrization's weight."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    x = torch.randn(3, 8)
+    for module in (lmfast.nn.LayerNorm(8), lmfast.nn.HFLayerNorm(8), lmfast.nn.RMSNorm(8),
+                   lmfast.nn.TorchRMSNorm(8)):
+        want = 2 * module(x)
+        parametrize.register_parametrization(module, "weight", Doubled())
+        assert "weight" not in module._parameters
+        torch.testing.assert_close(module(x), want, msg=type(module).__name__)
+
+
 def test_softmax_module():
     sm = lmfast.nn.Softmax(dim=-1, scale=0.5, causal=True)
     x = torch.randn(2, 3, 16, 16)

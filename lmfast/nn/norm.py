@@ -77,7 +77,20 @@ class LayerNorm(torch.nn.LayerNorm):
         return out[0].view(x.shape), out[1].view(x.shape)
 
 
-class HFLayerNorm(torch.nn.Module):
+class _EpsAlias:
+    """Hugging Face norms keep their epsilon as `variance_epsilon`, torch's and many others as
+    `eps`: two names for one value, both readable and writable."""
+
+    @property
+    def eps(self) -> float:
+        return self.variance_epsilon
+
+    @eps.setter
+    def eps(self, value: float) -> None:
+        self.variance_epsilon = value
+
+
+class HFLayerNorm(_EpsAlias, torch.nn.Module):
     """A LayerNorm as Hugging Face's Python LayerNorms compute it (Cohere's and Cohere 2's:
     HFLayerNorm(hidden_size, eps=1e-5), one parameter `weight`, no bias): mean subtracted,
     normalized and scaled in float32, returned in x's dtype, rounded once, whatever the
@@ -100,17 +113,10 @@ class HFLayerNorm(torch.nn.Module):
         self.variance_epsilon = eps
         self.backend = backend
 
-    @property
-    def eps(self) -> float:
-        return self.variance_epsilon
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.variance_epsilon = value
-
     def forward(self, x: Tensor, residual: Tensor | None = None):
         params = self._parameters  # (as in LayerNorm.forward)
-        w, b = params["weight"], params["bias"]
+        w = params["weight"] if "weight" in params else self.weight
+        b = params["bias"] if "bias" in params else self.bias
         floating = isinstance(x, Tensor) and x.is_floating_point()
         same_dtype = floating and x.dtype == w.dtype and (b is None or b.dtype == x.dtype)
         if same_dtype and on_cpp_path(self.backend, x):
@@ -192,7 +198,7 @@ def _default_rms_eps(x: object) -> float:
     return 0.0
 
 
-class RMSNorm(torch.nn.Module):
+class RMSNorm(_EpsAlias, torch.nn.Module):
     """RMSNorm with the constructor and state_dict of Hugging Face's LlamaRMSNorm (and the
     Qwen2/Mistral/... copies of it): RMSNorm(hidden_size, eps=1e-6), one parameter `weight`.
     The epsilon is `variance_epsilon`, as there, and also `eps`, as in torch.nn.RMSNorm and
@@ -228,14 +234,6 @@ class RMSNorm(torch.nn.Module):
         self.weight_offset = float(weight_offset)
         self.casting = casting
         self.backend = backend
-
-    @property
-    def eps(self) -> float:
-        return self.variance_epsilon
-
-    @eps.setter
-    def eps(self, value: float) -> None:
-        self.variance_epsilon = value
 
     def forward(self, x: Tensor, residual: Tensor | None = None):
         params = self._parameters  # (as in LayerNorm.forward)
