@@ -160,7 +160,6 @@ def _load_first_use() -> ExtensionStatus:
 
     def build(name: str, sources, cflags) -> Path:
         # One cached library: compiled unless present, loaded with torch.ops.load_library.
-        nonlocal announced
         build_dir = cache_root() / f"{name}_{key}"
 
         def announce():
