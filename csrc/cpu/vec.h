@@ -190,9 +190,9 @@ inline Vectorized<float> softmax_exp(const Vectorized<float>& x) {
 #endif
 
 // tanh for attention's logit softcap, which takes one per score: Cephes' tanhf, inline
-// (ATen's is Sleef's out-of-line one: 2.8x the time on AVX-512, 2.3x on AVX2, timed alone). |x| < 0.625: x + x^3 P(x^2);
-// above: (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.29 from softmax_exp (no cancellation),
-// the sign of x put back. Max error 2 ulp (measured over 16M arguments against the double
+// (ATen's is Sleef's out-of-line one: 2.8x the time on AVX-512, 2.3x on AVX2, timed alone).
+// |x| < 0.625: x + x^3 P(x^2); above: (1 - e) / (1 + e) with e = exp(-2|x|) <= 0.29 from
+// softmax_exp (no cancellation), the sign of x put back. Max error 2 ulp (measured over 16M arguments against the double
 // tanh, every level; ±inf give ±1, NaN stays NaN). double keeps ATen's.
 template <typename Vec>
 inline Vec softcap_tanh(const Vec& x) {
