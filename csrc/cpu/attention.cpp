@@ -26,8 +26,9 @@
 // AVX512-BF16, whose long-query forward and backward run their products in bfloat16 on
 // oneDNN's brgemm (see "bfloat16 on brgemm" below). Position masking is
 // bottom-right aligned: query i sits at key position p = i + Sk - Sq; causal keeps keys
-// j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped. A row with
-// every key masked gives o = 0 and lse = -inf.
+// j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped, and so are
+// tiles a boolean mask drops whole (mask_drops_tile). A row with every key masked gives o = 0
+// and lse = -inf.
 #include "vec.h"  // first: selects the vector ISA
 
 #include <ATen/ATen.h>
@@ -37,6 +38,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <optional>
@@ -141,6 +143,43 @@ MaskView<mask_t> mask_view(const std::optional<Tensor>& mask) {
   int64_t* s[4] = {&m.sb, &m.sh, &m.sq, &m.sk};
   for (int d = 0; d < 4; ++d) *s[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
   return m;
+}
+
+// Whether any of n mask values, `stride` apart, is True.
+inline bool any_kept(const bool* m, int64_t n, int64_t stride) {
+  int64_t c = 0;
+  if (stride == 1) {  // eight at a time (a bool is one byte, 0 or 1)
+    for (; c + 8 <= n; c += 8) {
+      uint64_t word;
+      std::memcpy(&word, m + c, 8);
+      if (word != 0) return true;
+    }
+  }
+  for (; c < n; ++c)
+    if (m[c * stride]) return true;
+  return false;
+}
+
+// Whether a boolean mask keeps none of keys [j0, j0 + nk) for any of n query rows, each
+// within its band; row_of(r) = (head, query) of row r. Such a tile (another document's keys in
+// packed sequences, a padded stretch, a block-sparse pattern) is skipped whole: its scores
+// would all be -inf, whatever q and k hold, so skipping changes no bit. Dense masks return at
+// the first kept value. (Additive masks never skip: -inf + NaN must stay NaN, as the
+// reference's does.)
+template <typename mask_t, typename RowOf>
+bool mask_drops_tile(const MaskView<mask_t>& mask, const KeyBand& band, int64_t b, int64_t n, const RowOf& row_of,
+                     int64_t j0, int64_t nk) {
+  if constexpr (!std::is_same_v<mask_t, bool>) {
+    return false;
+  } else {
+    if (mask.data == nullptr) return false;
+    for (int64_t r = 0; r < n; ++r) {
+      const auto [h, i] = row_of(r);
+      const int64_t lo = std::max(band.lo(i), j0), hi = std::min(band.hi(i), j0 + nk);
+      if (lo < hi && any_kept(mask.row(b, h, i) + lo * mask.sk, hi - lo, mask.sk)) return false;
+    }
+    return true;
+  }
 }
 
 // BLAS, as linked into libtorch (weak: a build whose torch exports no Fortran BLAS symbols
@@ -424,6 +463,7 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
       c.store_acc(buf.q.data() + r * D + d, n);
     });
   }
+  auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{rows.head[r], rows.query[r]}; };
   const int64_t ld_s = std::min(block_k, j_end - j_begin);
   if (int64_t(buf.s.size()) < R * ld_s) buf.s.resize(R * ld_s);
   const scalar_t* kh = k + ks.at(b, hk, 0);
@@ -431,6 +471,7 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
   for (int64_t j0 = j_begin; j0 < j_end; j0 += block_k) {
     const int64_t nk = std::min(block_k, j_end - j0);
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
+    if (mask_drops_tile(mask, band, b, R, row_of, j0, nk)) continue;
     // s = (scale q) k^T
     const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, buf.k);
     if (R <= kSmallRows) {
@@ -643,12 +684,14 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
     const at::BFloat16* src = q + qs.at(b, rows.head[r], rows.query[r]);
     std::copy(src, src + D, q_buf.data() + r * D);
   }
+  auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{rows.head[r], rows.query[r]}; };
   const int64_t ld_s = kv.block_k + kv.block_k % 2;
   s_buf.resize(R * ld_s);
   p_buf.resize(R * ld_s);
   for (int64_t t = 0; t < kv.tiles; ++t) {
     const int64_t j0 = t * kv.block_k, nk = std::min(kv.block_k, g.Sk - j0), nke = nk + nk % 2;
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
+    if (mask_drops_tile(mask, band, b, R, row_of, j0, nk)) continue;
     // s = q k^T (R x nk, float32)
     at::native::cpublas::brgemm(R, nk, D, D, nk, ld_s, false, q_buf.data(), kv.k_tile(bh, t), s_buf.data(), true);
     for (int64_t r = 0; r < R; ++r) {
@@ -920,6 +963,15 @@ struct BackwardRows {
   acc_t* p_at(int64_t r, int64_t j) { return p.data() + r * ld + j; }
   acc_t* ds_at(int64_t r, int64_t j) { return ds.data() + r * ld + j; }
   acc_t* cap_at(int64_t r, int64_t j) { return cap.empty() ? nullptr : cap.data() + r * ld + j; }
+  // Tile [j0, j0 + nk) of the first nq rows as a tile the mask drops whole leaves them, without
+  // its products: scores -inf (so p = 0), dp 0 (so ds = 0), no cap.
+  void drop_tile(int64_t nq, int64_t j0, int64_t nk) {
+    for (int64_t r = 0; r < nq; ++r) {
+      std::fill(p_at(r, j0), p_at(r, j0) + nk, -std::numeric_limits<acc_t>::infinity());
+      std::fill(ds_at(r, j0), ds_at(r, j0) + nk, acc_t(0));
+      if (acc_t* c = cap_at(r, j0)) std::fill(c, c + nk, acc_t(0));
+    }
+  }
 };
 
 // The per-row steps between a block's tile products, shared by both backward kernels: after
@@ -941,6 +993,21 @@ struct BackwardRowSteps {
     for (int64_t r = 0; r < nq; ++r)
       prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, rows.cap_at(r, j0),
                   pre_scale);
+  }
+  // dropped[t]: whether the mask drops key tile t of [k0, k1) for the block's rows (queries
+  // i0 .. i0 + nq of head (b, h)) whole (mask_drops_tile): such tiles skip their products.
+  void find_dropped_tiles(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t k0, int64_t k1,
+                          std::vector<char>& dropped) const {
+    auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{h, i0 + r}; };
+    dropped.assign((k1 - k0 + kBlockK - 1) / kBlockK, 0);
+    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
+      dropped[(j0 - k0) / kBlockK] = mask_drops_tile(mask, band, b, nq, row_of, j0, std::min(kBlockK, g.Sk - j0));
+  }
+  // The dropped tiles' entries of rows, as masking would have left them (drop_tile).
+  void clear_dropped_tiles(BackwardRows<acc_t>& rows, int64_t nq, int64_t k0, int64_t k1,
+                           const std::vector<char>& dropped) const {
+    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
+      if (dropped[(j0 - k0) / kBlockK]) rows.drop_tile(nq, j0, std::min(kBlockK, g.Sk - j0));
   }
   void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
     for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
@@ -1184,6 +1251,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
     std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;
+    std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];
@@ -1199,13 +1267,16 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
         std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
         const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-        auto each_tile = [&](auto&& f) {  // f(j0, nk, offset of key j0 in kw, vw, dk_acc, dv_acc)
-          for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) f(j0, std::min(kBlockK, g.Sk - j0), (j0 - ck0) * D);
+        steps.find_dropped_tiles(b, h, i0, nq, k0, k1, dropped);
+        auto each_tile = [&](auto&& f) {  // f(j0, nk, offset of key j0 in kw, vw, dk_acc, dv_acc), tiles not dropped
+          for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
+            if (!dropped[(j0 - k0) / kBlockK]) f(j0, std::min(kBlockK, g.Sk - j0), (j0 - ck0) * D);
         };
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
           gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at, D, 0, rows.p_at(0, j0), rows.ld);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
+        steps.clear_dropped_tiles(rows, nq, k0, k1, dropped);
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
@@ -1283,6 +1354,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<float> rows(block_q, g.Sk, band.softcap > 0);
     std::vector<float> dq_acc(block_q * D), own_parts, pd_buf;
+    std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
     std::vector<BF> qT(D * block_qe), doT(D * block_qe);                      // A operands of dk^T, dv^T
     std::vector<BF> p_p(block_qe * kBKe), ds_p(block_qe * kBKe), ds_b(block_q * kBKe);  // p, ds packed; ds plain
@@ -1308,13 +1380,18 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         transpose_rows(dot, nq, D, doT.data());
         std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
         const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
+        steps.find_dropped_tiles(b, h, i0, nq, k0, k1, dropped);
+        auto live = [&](int64_t t) { return !dropped[t - k0 / kBlockK]; };
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
+          if (!live(t)) continue;
           const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
           blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kv.kT_tile(slot, t), rows.p_at(0, j0), true);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk, scale);
         }
+        steps.clear_dropped_tiles(rows, nq, k0, k1, dropped);
         steps.probs(rows, nq, i0, k0, k1);
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+          if (!live(t)) continue;
           const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
           // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
@@ -1324,6 +1401,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         }
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+          if (!live(t)) continue;
           const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
           for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq x nke), for dq += ds k
             const float* ds = rows.ds_at(r, j0);

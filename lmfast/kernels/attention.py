@@ -15,17 +15,20 @@ csrc/cpu/attention.cpp:
 
 Kernels (one program per tile, tiles never leave registers/shared memory):
   _attn_fwd_kernel      program (query block, b*Hq + h): online softmax over the key blocks
-                        in the query block's band (blocks outside it are skipped).
+                        in the query block's band (blocks outside it are skipped, and so are
+                        blocks a boolean mask drops whole: _tile_kept).
   _attn_fwd_split_kernel / _attn_combine_kernel   decoding (few query rows per kv head, long
                         cache): the rows of all query heads sharing a kv head form one tile,
                         so K/V are read once per group, and the keys are split over programs
                         whose partial (max, sum, o) are combined afterwards.
   _attn_bwd_delta_kernel  delta = rowsum(do * o)
+  _attn_bwd_lse_corr_kernel  float32 only: corr = log(sum of exp(s - lse)) per row, so that p =
+                        exp(s - lse - corr) sums to 1 (lse's float32 rounding taken out)
   _attn_bwd_dq_kernel     program (query block, b*Hq + h): dq (and the mask gradient)
   _attn_bwd_dkdv_kernel   program (key block, b*Hkv + hk): dk, dv, looping over the query heads
                         of its group and the query blocks that can see the key block
 
-backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
+backward, recomputing p = exp(s - lse) (float32: exp(s - lse - corr)):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
     (with a softcap, ds is taken through the cap for dq and dk: ds (1 - tanh^2))
     (with dropout: dv = p_dropped^T do and dp = (do v^T) dropped, both times keep_scale)
@@ -153,6 +156,22 @@ def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window,
 
 
 @triton.jit
+def _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Whether a boolean mask keeps any key of the tile for any of its rows, within their band.
+    A tile it drops whole (another document's keys in packed sequences, a padded stretch) is
+    skipped: its scores would all be -inf, whatever q and k hold, so skipping changes no bit.
+    (Additive masks never skip: -inf + NaN must stay NaN.)"""
+    keep = (rows[:, None] < Sq) & (cols[None, :] < Sk)
+    pos = rows[:, None] + (Sk - Sq)
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= pos)
+    if WINDOW:
+        keep = keep & (cols[None, :] > pos - window)
+    m = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk, mask=keep, other=0)
+    return tl.max(tl.max((keep & (m != 0)).to(tl.int32), axis=1), axis=0) > 0
+
+
+@triton.jit
 def _key_range(row_lo, row_hi, Sq, Sk, window, BLOCK_N: tl.constexpr,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """[lo, hi): the keys some query in rows [row_lo, row_hi) may see, lo a multiple of BLOCK_N."""
@@ -222,20 +241,24 @@ def _attn_fwd_kernel(
     lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        key_ok = cols[None, :] < Sk
-        kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
-        s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
-        s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-        m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
-        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
-        p = tl.exp(s - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DROPOUT:  # (after l: the sums are of the undropped p)
-            p = tl.where(_dropout_keep(SEED, bh * Sq + rows, cols, threshold), p * keep_scale, 0.0)
-        v = tl.load(V + cols[:, None] * D + dims[None, :], mask=(cols[:, None] < Sk) & dim_ok, other=0.0)  # (N, D)
-        acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
-        m_i = m_new
+        kept = True
+        if HAS_MASK and BOOL_MASK:
+            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+        if kept:  # (a tile the mask drops whole changes nothing: skipped)
+            key_ok = cols[None, :] < Sk
+            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
+            s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
+            s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+            m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
+            m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
+            p = tl.exp(s - m_ref[:, None])
+            alpha = tl.exp(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:  # (after l: the sums are of the undropped p)
+                p = tl.where(_dropout_keep(SEED, bh * Sq + rows, cols, threshold), p * keep_scale, 0.0)
+            v = tl.load(V + cols[:, None] * D + dims[None, :], mask=(cols[:, None] < Sk) & dim_ok, other=0.0)  # (N, D)
+            acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
+            m_i = m_new
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: acc = 0, o = 0
     tl.store(O + rows[:, None] * (Hq * D) + dims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED),
@@ -287,21 +310,25 @@ def _attn_fwd_split_kernel(
     hi = tl.minimum(hi, (split + 1) * keys_per_split)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        in_split = cols < hi
-        kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=in_split[None, :] & (dims[:, None] < D), other=0.0)
-        s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
-        s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-        s = tl.where(in_split[None, :], s, NEG_INF)
-        m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
-        m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
-        p = tl.exp(s - m_ref[:, None])
-        alpha = tl.exp(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DROPOUT:
-            p = tl.where(_dropout_keep(SEED, qrow, cols, threshold), p * keep_scale, 0.0)
-        v = tl.load(V + cols[:, None] * D + dims[None, :], mask=in_split[:, None] & dim_ok, other=0.0)
-        acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
-        m_i = m_new
+        kept = True
+        if HAS_MASK and BOOL_MASK:  # (keys past the split's end read as its last one)
+            kept = _tile_kept(i, tl.minimum(cols, hi - 1), MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+        if kept:  # (a tile the mask drops whole changes nothing: skipped)
+            in_split = cols < hi
+            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=in_split[None, :] & (dims[:, None] < D), other=0.0)
+            s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
+            s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+            s = tl.where(in_split[None, :], s, NEG_INF)
+            m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
+            m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
+            p = tl.exp(s - m_ref[:, None])
+            alpha = tl.exp(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DROPOUT:
+                p = tl.where(_dropout_keep(SEED, qrow, cols, threshold), p * keep_scale, 0.0)
+            v = tl.load(V + cols[:, None] * D + dims[None, :], mask=in_split[:, None] & dim_ok, other=0.0)
+            acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
+            m_i = m_new
 
     part = split * rows_total + qrow
     tl.store(O_PART + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok)
@@ -353,14 +380,15 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
+def _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n,
                   MASK, smq, smk, Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, row0,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                   BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile.
-    Returns (p as dv's product takes it: dropped and scaled under DROPOUT, ds, ds_raw): ds the
-    gradient of the scores as the mask sees them (the mask's gradient), ds_raw that of the scaled
+    """p = exp(s - lse - corr) and ds = p ((dp - delta) + dlse) of one (query block, key block)
+    tile (corr: _attn_bwd_lse_corr_kernel's, or 0). Returns (p as dv's product takes it: dropped
+    and scaled under DROPOUT, ds, ds_raw): ds the gradient of the scores as the mask sees them
+    (the mask's gradient), ds_raw that of the scaled
     q k^T (dq's and dk's): ds through the cap under SOFTCAP, else ds. row0: the global row of
     query 0 of the tile's head, (b * Hq + h) * Sq."""
     s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
@@ -372,7 +400,7 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
     # but this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
     # ~1e22 and exp(+1e22) = inf made the row's gradients NaN (csrc/cpu/attention.cpp: exp_row)
     d = s - lse[:, None]
-    p = tl.exp(tl.where(d > 0.0, 0.0, d))  # (a NaN d stays NaN)
+    p = tl.exp(tl.where(d > 0.0, 0.0, d) - corr[:, None])  # (a NaN d stays NaN)
     dp = _dot(do, vT, UPCAST, PRECISION)
     if DROPOUT:  # dp of the dropped p
         keep = _dropout_keep(SEED, row0 + rows, cols, threshold)
@@ -401,7 +429,7 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
+def _load_row_stats(LSE, CORR, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr, LSE_CORR: tl.constexpr):
     row_ok = rows < Sq
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     lse = tl.where(lse == NEG_INF, 0.0, lse)
@@ -410,13 +438,66 @@ def _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
         dlse = tl.load(DLSE + rows, mask=row_ok, other=0.0)
     else:
         dlse = tl.zeros_like(delta)
-    return lse, delta, dlse
+    if LSE_CORR:
+        corr = tl.load(CORR + rows, mask=row_ok, other=0.0)
+    else:
+        corr = tl.zeros_like(delta)
+    return lse, corr, delta, dlse
+
+
+@triton.jit
+def _attn_bwd_lse_corr_kernel(
+    Q, K,           # (B, Hq, Sq, D), (B, Hkv, Sk, D)
+    LSE, CORR,      # (B, Hq, Sq) float32: the forward's lse; output: corr
+    MASK, smb, smh, smq, smk,
+    Hq, Hkv, Sq, Sk, D,
+    scale, softcap, window,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """corr = log(sum over the row's keys of exp(s - lse)), per query row (float32 inputs): the
+    backward's p = exp(s - lse - corr) then sums to 1 as an unfused softmax's does. lse rounded
+    to float32 is |lse| ulps off (at lse ~ 5: 3e-7), and exp(s - lse) carries that into every p of
+    the row, where an unfused softmax's p is one or two ulps off: past twice its error in dk and
+    dv on decoding shapes. (16-bit inputs round p to 16 bits for its products: no need.)"""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % Hq
+    b = bh // Hq
+    kv = b * Hkv + h // (Hq // Hkv)
+    Q += bh * Sq * D
+    K += kv * Sk * D
+    MASK += b * smb + h * smh
+    rows = start_m + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < Sq) & (dims[None, :] < D), other=0.0)
+    lse = tl.load(LSE + bh * Sq + rows, mask=rows < Sq, other=0.0)
+    lse = tl.where(lse == NEG_INF, 0.0, lse)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + tl.arange(0, BLOCK_N)
+        kept = True
+        if HAS_MASK and BOOL_MASK:
+            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+        if kept:
+            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=(cols[None, :] < Sk) & (dims[:, None] < D),
+                         other=0.0)
+            s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
+            s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+            d = s - lse[:, None]
+            total += tl.sum(tl.exp(tl.where(d > 0.0, 0.0, d)), axis=1)  # (as _probs_and_ds takes p)
+    # rows with nothing visible (0), a NaN (NaN): no correction (their p is 0, or NaN anyway)
+    corr = tl.where(total > 0.0, tl.log(tl.where(total > 0.0, total, 1.0)), 0.0)
+    tl.store(CORR + bh * Sq + rows, corr, mask=rows < Sq)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,    # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, (B, Hq, Sq, D)
     LSE, DELTA, DLSE,  # (B, Hq, Sq) float32 each; DLSE only if HAS_DLSE
+    CORR,           # (B, Hq, Sq) float32: _attn_bwd_lse_corr_kernel's, if LSE_CORR
     DQ,             # (B, Hq, Sq, D) output
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
@@ -425,7 +506,7 @@ def _attn_bwd_dq_kernel(
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    LSE_CORR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -449,35 +530,41 @@ def _attn_bwd_dq_kernel(
     ok = (rows[:, None] < Sq) & (dims[None, :] < D)
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
     do = tl.load(DO + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
-    lse, delta, dlse = _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE)
+    lse, corr, delta, dlse = _load_row_stats(LSE, CORR + bh * Sq, DELTA, DLSE, rows, Sq, HAS_DLSE, LSE_CORR)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
-        kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
-        vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
-        p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
-                                      Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
-                                      CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST, PRECISION)
-        if MASK_GRAD:  # d loss / d (additive mask) = ds
-            tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :], round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
-                     mask=(rows[:, None] < Sq) & (cols[None, :] < Sk))
-        dq += _dot(round_to(ds_raw, kT.dtype, INTERPRETED), tl.trans(kT), UPCAST, PRECISION)
+        kept = True
+        if HAS_MASK and BOOL_MASK:
+            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+        if kept:  # (a tile the mask drops whole adds nothing: skipped; no mask gradient with a boolean mask)
+            kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
+            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
+            vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
+            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n, MASK, smq, smk,
+                                          Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
+                                          CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
+                                          PRECISION)
+            if MASK_GRAD:  # d loss / d (additive mask) = ds
+                tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :],
+                         round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
+                         mask=(rows[:, None] < Sq) & (cols[None, :] < Sk))
+            dq += _dot(round_to(ds_raw, kT.dtype, INTERPRETED), tl.trans(kT), UPCAST, PRECISION)
     tl.store(DQ + rows[:, None] * D + dims[None, :], round_to(dq * scale, DQ.dtype.element_ty, INTERPRETED), mask=ok)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DLSE,  # as _attn_bwd_dq_kernel
+    Q, K, V, DO, LSE, DELTA, DLSE, CORR,  # as _attn_bwd_dq_kernel
     DK, DV,         # (B, Hkv, Sk, D) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
     scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, LSE_CORR: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -516,16 +603,22 @@ def _attn_bwd_dkdv_kernel(
         MASK_H = MASK + b * smb + h * smh
         for start_m in range(q_lo, q_hi, BLOCK_M):
             rows = start_m + tl.arange(0, BLOCK_M)
-            ok = (rows[:, None] < Sq) & (dims[None, :] < D)
-            q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
-            do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
-            lse, delta, dlse = _load_row_stats(LSE + bh * Sq, DELTA + bh * Sq, DLSE + bh * Sq, rows, Sq, HAS_DLSE)
-            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H, smq, smk,
-                                          Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
-                                          CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
-                                          PRECISION)
-            dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
-            dk += _dot(tl.trans(round_to(ds_raw, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
+            kept = True
+            if HAS_MASK and BOOL_MASK:
+                kept = _tile_kept(rows, cols, MASK_H, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+            if kept:  # (a tile the mask drops whole adds nothing: skipped)
+                ok = (rows[:, None] < Sq) & (dims[None, :] < D)
+                q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
+                do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
+                lse, corr, delta, dlse = _load_row_stats(LSE + bh * Sq, CORR + bh * Sq, DELTA + bh * Sq,
+                                                         DLSE + bh * Sq, rows, Sq, HAS_DLSE, LSE_CORR)
+                p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n, MASK_H,
+                                              smq, smk,
+                                              Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
+                                              CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
+                                              PRECISION)
+                dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
+                dk += _dot(tl.trans(round_to(ds_raw, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
     tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=kv_ok)
     tl.store(DV + cols[:, None] * D + dims[None, :], round_to(dv, DV.dtype.element_ty, INTERPRETED), mask=kv_ok)
 
@@ -720,6 +813,26 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, 
     return o, lse
 
 
+def _lse_correction(q, k, lse, mask_arg, ms, flags, scale, softcap, w):
+    """(B, Hq, Sq) float32: _attn_bwd_lse_corr_kernel's corr, in the tiles of the dq kernel's first
+    config of the head-dim bucket (it holds less than the dq kernel: q alone)."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    corr = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    interp = _common.interpreted()
+    if interp:
+        meta = interpreted_blocks(Sq, Sk)
+    else:
+        cfg = BWD_DQ_CONFIGS[_bucket(flags["BLOCK_D"])][0]
+        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    _attn_bwd_lse_corr_kernel[(triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
+        q, k, lse, corr, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w,
+        CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
+        SOFTCAP=flags["SOFTCAP"], BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"], PRECISION=flags["PRECISION"],
+        **meta)
+    return corr
+
+
 def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
                   dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
     B, Hq, Sq, D = q.shape
@@ -740,12 +853,14 @@ def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool,
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
-    dq_args = (q, k, v, dout, lse, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
+    lse_corr = q.dtype == torch.float32
+    corr = _lse_correction(q, k, lse, mask_arg, ms, flags, scale, softcap, w) if lse_corr else delta
+    dq_args = (q, k, v, dout, lse, delta, dlse_arg, corr, dq, dmask if mask_grad else q, mask_arg, *ms,
                Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
-            {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
-    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w,
-                 *drop)
+            {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad, "LSE_CORR": lse_corr}, Sq, Sk)
+    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, corr, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap,
+                 w, *drop)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
-            {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
+            {**flags, "HAS_DLSE": dlse is not None, "LSE_CORR": lse_corr}, Sq, Sk)
     return dq, dk, dv, dmask

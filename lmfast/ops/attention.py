@@ -27,6 +27,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq a multiple of Hkv (grouped-query attention:
     query head h reads kv head h // (Hq // Hkv), nothing is repeated in memory).
     attn_mask: additive (q's dtype) or boolean (True = keep), broadcastable to (B, Hq, Sq, Sk).
+        The kernels skip the key tiles a boolean mask drops whole for a block of queries (packed
+        sequences' other documents, padded stretches); pass causal=True too where the mask is
+        causal, and the tiles above the diagonal are skipped without reading the mask.
     causal: query i sees keys j <= i + Sk - Sq (bottom-right aligned, as KV-cache decoding
         needs; SDPA's is_causal is top-left aligned when Sq != Sk).
     window: w >= 1 keeps keys j > i + Sk - Sq - w; with causal, each query's w most recent keys.
