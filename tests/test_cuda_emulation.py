@@ -64,6 +64,12 @@ def test_the_emulator_exposes_a_missing_barrier(emu, thread_order):
     assert emu.selftest("missing_barrier").isnan().any()
 
 
+def test_the_emulator_ors_block_votes(emu, thread_order):
+    """__syncthreads_or in nine rounds, one thread or none voting true: every thread sees each
+    round's answer (6 true of 9), in either thread order."""
+    assert torch.equal(emu.selftest("vote"), torch.full((64,), 6.0))
+
+
 def _randn(*shape, dtype, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
@@ -277,6 +283,28 @@ def test_attention(emu, dtype, shape, variant):
         return reference.attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {variant} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+def test_attention_packed_documents(emu, dtype, causal, thread_order):
+    """The prefill kernel skips the key tiles a boolean mask drops whole (a block-wide vote):
+    documents of 40, 70 and 40 tokens side by side leave some query blocks' tiles dropped, some
+    kept, some partly kept."""
+    B, Hq, Hkv, S, D = 1, 2, 1, 150, 64
+    doc = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 70, 40]))
+    keep = (doc[:, None] == doc[None, :])[None, None]
+    if causal:
+        keep = keep & torch.ones(S, S, dtype=torch.bool).tril()
+    inputs = {**_attention_inputs(B, Hq, Hkv, S, S, D, dtype, None, strided=False), "attn_mask": keep}
+
+    def fn(q, k, v, attn_mask):
+        return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, S, S), D ** -0.5, causal, None, 0.0, None))
+
+    def ref(q, k, v, attn_mask):
+        return reference.attention(q, k, v, attn_mask, causal=causal)
+
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention, packed documents {causal=} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -83,6 +83,23 @@ __device__ __forceinline__ int band_hi(const AttnParams& p, int i) {
   return p.causal ? min(max(i + p.Sk - p.Sq + 1, 0), p.Sk) : p.Sk;
 }
 
+// Whether a boolean mask keeps any key of [j0, j0 + n) for a query of [i0, i0 + m), each within
+// its band. A tile it drops whole (other documents' keys in packed sequences, a padded stretch)
+// changes nothing and is skipped; the answer is a block-wide vote, the same in every thread, so
+// the whole block skips together.
+__device__ bool bool_mask_keeps_tile(const AttnParams& p, int b, int h, int i0, int m, int j0, int n) {
+  bool keeps = false;
+  for (int c = threadIdx.x; c < m * n && !keeps; c += blockDim.x) {
+    const int i = i0 + c / n, j = j0 + c % n;  // (consecutive threads: consecutive keys of a row)
+    if (i < p.Sq && j >= band_lo(p, i) && j < band_hi(p, i)) {
+      const int64_t off = b * p.mask_strides[0] + h * p.mask_strides[1] + int64_t(i) * p.mask_strides[2] +
+                          int64_t(j) * p.mask_strides[3];
+      keeps = static_cast<const bool*>(p.mask)[off];
+    }
+  }
+  return __syncthreads_or(keeps) != 0;
+}
+
 // scale * dot (capped) + mask for query (b, h, i) and key j, -inf outside the band or masked off.
 template <typename T>
 __device__ __forceinline__ float masked_score(const AttnParams& p, float dot, int b, int h, int i, int j) {
@@ -183,6 +200,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   const int m_last = min(m0 + BLOCK_M, p.Sq) - 1;
   const int key_lo = band_lo(p, m0), key_hi = m_last >= m0 ? band_hi(p, m_last) : 0;
   for (int j0 = (key_lo / BLOCK_N) * BLOCK_N; j0 < key_hi; j0 += BLOCK_N) {
+    if (p.mask_kind == kBoolMask && !bool_mask_keeps_tile(p, b, h, m0, BLOCK_M, j0, BLOCK_N)) continue;
     __syncthreads();  // every warp is done with the previous K/V tile
     load_tile<T, Dp>(Ks, L::ldt, k, p.k_strides[2], j0, BLOCK_N, p.Sk, p.D, vec16);
     load_tile<T, Dp>(Vs, L::ldt, v, p.v_strides[2], j0, BLOCK_N, p.Sk, p.D, vec16);

@@ -53,6 +53,12 @@ unsigned char* shared_memory = nullptr;
 size_t shared_capacity = 0;
 std::string fault;
 std::map<const void*, int> shared_opt_in;  // kernel -> bytes allowed by cudaFuncSetAttribute
+// __syncthreads_or of the running block: each thread's count of its calls so far, and two
+// slots, call n's in slot n % 2, holding the last call whose vote was true. A thread that runs
+// ahead into call n + 1 writes the other slot; call n + 2 waits at its barrier for every thread
+// to have read call n's. (No slot is ever cleared: a clear could race with a vote.)
+std::vector<long> vote_calls;
+long vote_slots[2];
 
 bool reverse_order() {
   const char* order = std::getenv("LMFAST_CUDA_EMULATION_ORDER");
@@ -144,6 +150,8 @@ void run_block(int n, bool reverse, size_t smem_bytes) {
     makecontext(&f.context, fiber_main, 0);
     f.state = State::kReady;
   }
+  vote_calls.assign(size_t(n), 0);
+  vote_slots[0] = vote_slots[1] = -1;
   // uninitialized shared memory reads as NaN (0xff bytes: a NaN in float32, float16, bfloat16)
   if (smem_bytes) std::memset(shared_memory, 0xff, smem_bytes);
   for (;;) {
@@ -164,6 +172,13 @@ void run_block(int n, bool reverse, size_t smem_bytes) {
 }  // namespace
 
 void block_barrier() { wait_at(State::kAtBlockBarrier); }
+bool block_vote_any(bool vote) {
+  const long call = vote_calls[current]++;
+  long& slot = vote_slots[call % 2];
+  if (vote) slot = call;
+  wait_at(State::kAtBlockBarrier);
+  return slot == call;
+}
 void warp_barrier() { wait_at(State::kAtWarpBarrier); }
 uint64_t* warp_exchange() { return exchange[current / 32].data(); }
 void* dynamic_shared() { return shared_memory; }

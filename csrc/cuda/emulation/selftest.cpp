@@ -50,6 +50,15 @@ __global__ void misaligned_load_kernel(float* out, const float* in) {
   out[threadIdx.x] = v[0];
 }
 
+// Rounds of __syncthreads_or: in round r only thread (r * 7) % blockDim.x votes true, except
+// in every third round, where no thread does; out[t] counts the rounds thread t saw true
+// (every thread: 2 of 3 rounds). A lost or stale vote changes some thread's count.
+__global__ void vote_kernel(float* out) {
+  int seen = 0;
+  for (int r = 0; r < 9; ++r) seen += __syncthreads_or(r % 3 != 2 && int(threadIdx.x) == (r * 7) % int(blockDim.x));
+  out[threadIdx.x] = float(seen);
+}
+
 __global__ void big_shared_kernel(float* out) {
   LMFAST_DYNAMIC_SHARED(float, buf);
   buf[threadIdx.x] = 1.f;
@@ -64,6 +73,7 @@ at::Tensor selftest(const std::string& name) {
   cudaStream_t stream = nullptr;
   if (name == "missing_barrier") launch(neighbour_kernel, 1, threads, threads * sizeof(float), stream, o, false);
   else if (name == "barrier") launch(neighbour_kernel, 1, threads, threads * sizeof(float), stream, o, true);
+  else if (name == "vote") launch(vote_kernel, 1, threads, 0, stream, o);
   else if (name == "divergent_barriers") launch(divergent_barriers_kernel, 1, threads, 0, stream, o);
   else if (name == "exit_before_syncthreads") launch(exit_before_syncthreads_kernel, 1, threads, 0, stream, o);
   else if (name == "shuffle_with_exited_lanes") launch(shuffle_with_exited_lanes_kernel, 1, threads, 0, stream, o);

@@ -67,12 +67,14 @@ using std::min;
 
 namespace lmfast_emulation {
 void block_barrier();  // __syncthreads
+bool block_vote_any(bool vote);  // __syncthreads_or
 void warp_barrier();   // __syncwarp, and each half of a shuffle
 void require_full_warp_mask(unsigned mask, const char* what);
 uint64_t* warp_exchange();  // 32 slots of the calling thread's warp
 }  // namespace lmfast_emulation
 
 inline void __syncthreads() { lmfast_emulation::block_barrier(); }
+inline int __syncthreads_or(int predicate) { return lmfast_emulation::block_vote_any(predicate != 0); }
 inline void __syncwarp(unsigned mask = 0xffffffffu) {
   lmfast_emulation::require_full_warp_mask(mask, "__syncwarp");
   lmfast_emulation::warp_barrier();
