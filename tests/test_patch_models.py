@@ -427,7 +427,8 @@ def test_import_lmfast_registers_with_transformers_when_it_loads():
 
 def test_mask_structure_is_exact_or_absent():
     """The mask function notes a structure only where the mask equals it: top-left causal
-    (a prefill into a static cache, Sq < Sk) keeps the full mask."""
+    (a prefill into a static cache, Sq < Sk) keeps the full mask, with causal=True (it keeps
+    nothing above the bottom-right diagonal); a prefix-LM mask keeps the full mask alone."""
     from transformers.masking_utils import causal_mask_function
 
     from lmfast.integrations import hf
@@ -437,13 +438,57 @@ def test_mask_structure_is_exact_or_absent():
     bottom_right = hf._mask(2, 5, 8, q_offset=3, kv_offset=0, mask_function=causal_mask_function,
                             attention_mask=padding)
     assert getattr(bottom_right, "_lmfast_structure").causal
+    assert bottom_right._lmfast_structure.rest.shape == (2, 1, 1, 8)
     static = hf._mask(2, 5, 8, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                       attention_mask=padding[:, :5])  # top-left: keys 5.. are empty cache slots
-    assert getattr(static, "_lmfast_structure", None) is None
+    assert static._lmfast_structure.causal and static._lmfast_structure.rest is static
+
+    def prefix_lm(batch_idx, head_idx, q_idx, kv_idx):  # the first 3 tokens see each other
+        return (kv_idx <= q_idx) | (kv_idx < 3)
+    prefix = hf._mask(1, 6, 6, mask_function=prefix_lm)
+    assert getattr(prefix, "_lmfast_structure", None) is None
     # an in-place edit voids the noted structure
     bottom_right[0, 0, 0, 0] = True
     s = bottom_right._lmfast_structure
     assert s.version != bottom_right._version
+
+
+def test_packed_sequences(monkeypatch):
+    """Padding-free batches (transformers' DataCollatorWithFlattening: documents side by side in
+    one row, position_ids restarting at each; no cache, as in training): transformers builds a
+    block-diagonal causal mask;
+    lmfast gets it with causal=True (blocks above the diagonal skipped unread, other documents'
+    blocks skipped after reading) and computes what the unpatched model does, logits and
+    gradients. (The documents here are shorter than a kernel tile; test_attention_kernels'
+    test_block_sparse_boolean_masks runs documents that span tiles.)"""
+    model = _hf_model("qwen2").train()
+    lengths = [5, 9, 2]
+    ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    ref64 = copy.deepcopy(model).double()
+    eager = model(ids, position_ids=position_ids, use_cache=False).logits
+    patched = copy.deepcopy(model)
+    lmfast.patch(patched)
+    calls = _spy_attention(monkeypatch)
+    got = patched(ids, position_ids=position_ids, use_cache=False).logits
+    assert calls and all(c["mask"] == (1, 1, 16, 16) and c["causal"] for c in calls), calls
+    want = ref64(ids, position_ids=position_ids, use_cache=False).logits
+    assert_within_budget(got, want, eager, "packed sequences' logits")
+    # each document alone gives the same logits as in the pack
+    start = 0
+    for n in lengths:
+        alone = patched(ids[:, start:start + n]).logits
+        assert_within_budget(alone, want[:, start:start + n], eager[:, start:start + n], f"document of {n} alone")
+        start += n
+    # and the gradients of every parameter
+    grads = {}
+    for name, m in (("got", patched), ("want", ref64), ("eager", model)):
+        m.zero_grad()
+        m(ids, position_ids=position_ids, use_cache=False).logits.float().pow(2).mean().backward()
+        grads[name] = {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+    assert grads["got"].keys() == grads["want"].keys()
+    for k in grads["want"]:
+        assert_within_budget(grads["got"][k], grads["want"][k], grads["eager"][k], f"packed sequences: grad {k}")
 
 
 def test_patched_hf_model_under_torch_compile(monkeypatch):

@@ -12,7 +12,10 @@ a sliding `window`, and a per-key padding mask. If so it notes that structure on
 the attention function calls the kernel with causal=/window= and a (B, 1, 1, Sk) padding mask,
 so the kernel skips blocks outside the band instead of reading (Sq x Sk) mask values. The
 check is exact, not a guess from arguments: a prefill into a static cache (top-left causal),
-chunked attention or a prefix-LM mask fails it and the full mask is used. Where the mask is
+chunked attention or a prefix-LM mask fails it and the full mask is used. A full mask that
+keeps nothing above the causal diagonal (packed sequences: documents side by side, each
+causal) goes with causal=True, so the kernel skips the blocks above the diagonal unread, and
+the blocks below it that the mask drops whole (other documents' keys) after reading them. Where the mask is
 no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all (None, as for SDPA).
 """
 
@@ -35,11 +38,12 @@ _STRUCTURE_ATTR = "_lmfast_structure"  # on masks built by _mask: a MaskStructur
 
 
 class MaskStructure(NamedTuple):
-    """A boolean mask that equals `padding & (causal / window band)`, in lmfast's terms."""
+    """A boolean mask that equals `rest & (causal / window band)`, in lmfast's terms."""
     version: int                   # the mask tensor's _version when checked (an in-place edit voids it)
     causal: bool
     window: int | None
-    padding: torch.Tensor | None   # (B, 1, 1, Sk) bool, or None if no key is padding
+    rest: torch.Tensor | None      # the mask the kernel still reads: (B, 1, 1, Sk) bool padding, the
+    #                                full mask (one within the causal band), or None (no key is padding)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -77,7 +81,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # takes the mask as it is: the note and the tensor's _version are host-side state)
         structure = attention_mask.__dict__.get(_STRUCTURE_ATTR)
         if structure is not None and structure.version == attention_mask._version:
-            causal, window, attention_mask = structure.causal, structure.window, structure.padding
+            causal, window, attention_mask = structure.causal, structure.window, structure.rest
     if kwargs.get("position_bias") is not None:  # T5's relative position bias, (1 or B, Hq, Sq, Sk)
         attention_mask = _with_position_bias(kwargs["position_bias"], attention_mask)
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
@@ -241,6 +245,9 @@ def _structure(mask: torch.Tensor, attention_mask: torch.Tensor | None, kv_lengt
             if padding is not None and bool(padding.all()):
                 padding = None
             return MaskStructure(mask._version, causal, win, padding)
+    causal_band = reference.attention_keep(q_length, kv_length, True, None, mask.device)  # (Sq, Sk)
+    if window is None and q_length > 1 and not bool((mask & ~causal_band).any()):
+        return MaskStructure(mask._version, True, None, mask)  # e.g. packed sequences
     return None
 
 
