@@ -45,6 +45,8 @@ class Case:
     kv_heads: int | None = None  # attention: k and v heads (grouped-query attention), else H
     dropout: float = 0.0      # attention: dropout_p (training), in every provider
     softcap: float = 0.0      # attention: Gemma 2's logit softcap c (scores c tanh(s / c)); SDPA has none
+    documents: tuple[int, ...] = ()  # attention: lengths of documents packed in each row (summing to S),
+    #                                  each attending to itself alone (causal: causally), as a boolean mask
 
     @property
     def name(self) -> str:
@@ -53,6 +55,7 @@ class Case:
         extra = " causal" if self.op == "attention" and self.causal else " scale+causal" if self.causal else ""
         extra += f" dropout{self.dropout:g}" if self.dropout else ""
         extra += f" softcap{self.softcap:g}" if self.softcap else ""
+        extra += f" packed{len(self.documents)}" if self.documents else ""
         return f"{self.op} {dims}{gqa} {str(self.dtype).removeprefix('torch.')}{extra}"
 
     @property
@@ -91,13 +94,29 @@ class Case:
         if not self.compute_bound:
             return self.nbytes * (2 if direction == "fwd" else 3)
         B, H, S, D = self.shape
-        pairs = S * (S + 1) // 2 if self.causal else S * S
+        pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in self.documents or (S,))  # that count
         fwd = 4 * B * H * pairs * D / 1e12
         return fwd if direction == "fwd" else 3.5 * fwd
 
 
+    def document_mask(self, device: str) -> Tensor | None:
+        """attention with documents: the (1, 1, S, S) boolean mask (True = keep), else None."""
+        if not self.documents:
+            return None
+        doc = torch.repeat_interleave(torch.arange(len(self.documents)), torch.tensor(self.documents))
+        keep = doc[:, None] == doc[None, :]
+        if self.causal:
+            keep &= lmfast.reference.causal_keep(len(doc), len(doc))
+        return keep[None, None].to(device)
+
+
 # Ceiling of compute-bound cases: an (n x n) @ (n x n) matmul.
 MATMUL_N = {"cpu": 2048, "cuda": 8192}
+
+
+# Lengths of the documents packed in a row of S tokens (padding-free training), by S.
+PACKED_DOCUMENTS = {2048: (300, 700, 512, 536),
+                    16384: (1000, 3000, 500, 2500, 4000, 1384, 2000, 2000)}
 
 
 def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = None,
@@ -114,7 +133,9 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
     heads), S from 512 to 16k, and the first of them with dropout. Both full sets end with Gemma
     2 2B's attention (8 query heads on 4 kv heads, head dim 256, causal, logit softcap 50;
     against its eager attention and torch.compile of it: SDPA has no softcap) at 2k tokens (CPU)
-    or 16k (GPU)."""
+    or 16k (GPU), then packed documents (PACKED_DOCUMENTS: a row of 2k tokens holding 4, CPU,
+    or of 16k holding 8, GPU; each document causal and alone, a boolean mask that every
+    provider takes, lmfast with causal=True beside it; TFLOP/s count the pairs it keeps)."""
     if size not in ("quick", "full"):
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     on_cpu = device == "cpu"
@@ -149,6 +170,9 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
                 out += [Case(op, attention[0], d, dropout=0.1) for d in dict.fromkeys((dt, torch.bfloat16))]
                 gemma2 = (1, 8, 2048, 256) if on_cpu else (4, 8, 4096, 256)
                 out += [Case(op, gemma2, d, True, kv_heads=4, softcap=50.0) for d in dict.fromkeys((dt, torch.bfloat16))]
+                packed = (1, 12, 2048, 64) if on_cpu else (1, 16, 16384, 128)
+                out += [Case(op, packed, d, True, documents=PACKED_DOCUMENTS[packed[2]])
+                        for d in dict.fromkeys((dt, torch.bfloat16))]
             continue
         out += [Case(op, shape, dt) for shape in rows]
         if op == "rms_norm" and extra_bf16:
@@ -190,9 +214,9 @@ def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
     """Attention as Hugging Face's eager path computes it: matmul, mask, float32 softmax, matmul."""
     S, D = case.shape[2], case.shape[3]
     additive = None
-    if case.causal:
-        additive = torch.zeros(S, S, device=device, dtype=case.dtype).masked_fill(
-            ~lmfast.reference.causal_keep(S, S, device), float("-inf"))
+    if case.causal or case.documents:
+        keep = case.document_mask(device) if case.documents else lmfast.reference.causal_keep(S, S, device)
+        additive = torch.zeros(keep.shape, device=device, dtype=case.dtype).masked_fill(~keep, float("-inf"))
 
     group = case.shape[1] // case.kv_shape[1]
 
@@ -209,16 +233,20 @@ def _eager_attention(case: Case, device: str) -> Callable[..., Tensor]:
     return eager_attention
 
 
-def _sdpa_fn(case: Case, backend) -> Callable[..., Tensor]:
+def _sdpa_fn(case: Case, backend, device: str) -> Callable[..., Tensor]:
     gqa = {"enable_gqa": True} if case.kv_shape[1] != case.shape[1] else {}
+    mask = case.document_mask(device)  # (packed documents: the mask, causal in it; else is_causal)
+    plain = {"is_causal": case.causal, "dropout_p": case.dropout, **gqa}
 
     def sdpa(q, k, v):
+        kw = plain if mask is None else {  # (a probe's shorter q, k: the mask's top-left corner)
+            **plain, "is_causal": False, "attn_mask": mask[..., :q.shape[2], :k.shape[2]]}
         if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, dropout_p=case.dropout, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, **kw)
         from torch.nn.attention import sdpa_kernel
 
         with sdpa_kernel(backend):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=case.causal, dropout_p=case.dropout, **gqa)
+            return F.scaled_dot_product_attention(q, k, v, **kw)
     return sdpa
 
 
@@ -234,7 +262,7 @@ def _sdpa_backends(case: Case, device: str) -> dict[str, object]:
         try:
             q = torch.randn(1, case.shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
             kv = torch.randn(1, case.kv_shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
-            _sdpa_fn(case, b)(q, kv, kv)
+            _sdpa_fn(case, b, device)(q, kv, kv)
             out[name] = b
         except RuntimeError:  # not built, or not for this dtype / head dim / GPU
             pass
@@ -271,9 +299,10 @@ def _eager_fn(case: Case, device: str) -> Callable[..., Tensor]:
     return lambda x: torch.softmax(x * scale + additive, -1)  # eager attention's scores
 
 
-def _lmfast_fn(case: Case, backend: str) -> Callable[..., Tensor]:
+def _lmfast_fn(case: Case, backend: str, device: str) -> Callable[..., Tensor]:
     if case.op == "attention":
-        return lambda q, k, v: lmfast.ops.attention(q, k, v, causal=case.causal, dropout_p=case.dropout,
+        mask = case.document_mask(device)
+        return lambda q, k, v: lmfast.ops.attention(q, k, v, mask, causal=case.causal, dropout_p=case.dropout,
                                                     softcap=case.softcap or None, backend=backend)
     if case.op == "layer_norm":
         return lambda x, weight, bias: lmfast.ops.layer_norm(x, weight, bias, 1e-5, backend=backend)
@@ -316,10 +345,10 @@ def providers(case: Case, device: str) -> dict[str, Callable[[], Bound]]:
     # CPU: the C++ kernels; CUDA: Triton's and the CUDA C++ ones (the interpreter is never timed)
     for ours in (["cpu"] if device == "cpu" else ["triton", "cuda"]):
         if lmfast.backends()[ours].available:
-            table[f"lmfast-{ours}"] = bind(lambda ours=ours: _lmfast_fn(case, ours))
+            table[f"lmfast-{ours}"] = bind(lambda ours=ours: _lmfast_fn(case, ours, device))
     if case.op == "attention" and not case.softcap:
         for name, b in _sdpa_backends(case, device).items():
-            table[name] = bind(lambda b=b: _sdpa_fn(case, b))
+            table[name] = bind(lambda b=b: _sdpa_fn(case, b, device))
     if case.op != "attention" or _float32_scores_bytes(case) <= EAGER_SCORES_LIMIT:
         table["eager"] = bind(lambda: _eager_fn(case, device))
         table["compile"] = bind(lambda: _compiled(case, device))
