@@ -82,22 +82,14 @@ def _attention_variants():
 
         name = "_attn_fwd_kernel"
         tuned(A.FWD_CONFIGS, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", **mask_sig, **dims, **buckets}, flags)
-        lse_corr = dt == "fp32"  # (the backward corrects lse for float32 inputs only)
         name = "_attn_bwd_dq_kernel"
         tuned(A.BWD_DQ_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
-                                 "CORR": "*fp32", "DQ": p, "DMASK": p, **mask_sig, **dims, **buckets},
-              {**flags, "HAS_DLSE": flags_on, "MASK_GRAD": flags_on and dt == "bf16", "LSE_CORR": lse_corr})
+                                 "DQ": p, "DMASK": p, **mask_sig, **dims, **buckets},
+              {**flags, "HAS_DLSE": flags_on, "MASK_GRAD": flags_on and dt == "bf16"})
         name = "_attn_bwd_dkdv_kernel"
         tuned(A.BWD_DKDV_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
-                                   "CORR": "*fp32", "DK": p, "DV": p, **mask_sig, **dims, **buckets},
-              {**flags, "HAS_DLSE": flags_on, "LSE_CORR": lse_corr})
-        if lse_corr:
-            for corr_flags in (flags, {**flags, "CAUSAL": True, "WINDOW": True, "HAS_MASK": True, "BOOL_MASK": True,
-                                       "SOFTCAP": True}):
-                name = "_attn_bwd_lse_corr_kernel"
-                tuned(A.BWD_DQ_CONFIGS, {"Q": p, "K": p, "LSE": "*fp32", "CORR": "*fp32", **mask_sig,
-                                         **{n: t for n, t in dims.items() if n not in ("SEED", "threshold", "keep_scale")}},
-                      {n: f for n, f in corr_flags.items() if n != "DROPOUT" and n != "INTERPRETED"})
+                                   "DK": p, "DV": p, **mask_sig, **dims, **buckets},
+              {**flags, "HAS_DLSE": flags_on})
         out.append(("attention._attn_fwd_split_kernel",
                     {"Q": p, "K": p, "V": p, "O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", **mask_sig,
                      **dims, "keys_per_split": "i32", "rows_total": "i32"},

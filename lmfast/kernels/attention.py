@@ -22,13 +22,11 @@ Kernels (one program per tile, tiles never leave registers/shared memory):
                         so K/V are read once per group, and the keys are split over programs
                         whose partial (max, sum, o) are combined afterwards.
   _attn_bwd_delta_kernel  delta = rowsum(do * o)
-  _attn_bwd_lse_corr_kernel  float32 only: corr = log(sum of exp(s - lse)) per row, so that p =
-                        exp(s - lse - corr) sums to 1 (lse's float32 rounding taken out)
   _attn_bwd_dq_kernel     program (query block, b*Hq + h): dq (and the mask gradient)
   _attn_bwd_dkdv_kernel   program (key block, b*Hkv + hk): dk, dv, looping over the query heads
                         of its group and the query blocks that can see the key block
 
-backward, recomputing p = exp(s - lse) (float32: exp(s - lse - corr)):   dv = p^T do;  dp = do v^T;
+backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
     (with a softcap, ds is taken through the cap for dq and dk: ds (1 - tanh^2))
     (with dropout: dv = p_dropped^T do and dp = (do v^T) dropped, both times keep_scale)
@@ -380,15 +378,14 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n,
+def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
                   MASK, smq, smk, Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, row0,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                   BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """p = exp(s - lse - corr) and ds = p ((dp - delta) + dlse) of one (query block, key block)
-    tile (corr: _attn_bwd_lse_corr_kernel's, or 0). Returns (p as dv's product takes it: dropped
-    and scaled under DROPOUT, ds, ds_raw): ds the gradient of the scores as the mask sees them
-    (the mask's gradient), ds_raw that of the scaled
+    """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile.
+    Returns (p as dv's product takes it: dropped and scaled under DROPOUT, ds, ds_raw): ds the
+    gradient of the scores as the mask sees them (the mask's gradient), ds_raw that of the scaled
     q k^T (dq's and dk's): ds through the cap under SOFTCAP, else ds. row0: the global row of
     query 0 of the tile's head, (b * Hq + h) * Sq."""
     s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
@@ -400,7 +397,7 @@ def _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n,
     # but this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
     # ~1e22 and exp(+1e22) = inf made the row's gradients NaN (csrc/cpu/attention.cpp: exp_row)
     d = s - lse[:, None]
-    p = tl.exp(tl.where(d > 0.0, 0.0, d) - corr[:, None])  # (a NaN d stays NaN)
+    p = tl.exp(tl.where(d > 0.0, 0.0, d))  # (a NaN d stays NaN)
     dp = _dot(do, vT, UPCAST, PRECISION)
     if DROPOUT:  # dp of the dropped p
         keep = _dropout_keep(SEED, row0 + rows, cols, threshold)
@@ -429,7 +426,7 @@ def _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n,
 
 
 @triton.jit
-def _load_row_stats(LSE, CORR, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr, LSE_CORR: tl.constexpr):
+def _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
     row_ok = rows < Sq
     lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
     lse = tl.where(lse == NEG_INF, 0.0, lse)
@@ -438,66 +435,13 @@ def _load_row_stats(LSE, CORR, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr, LS
         dlse = tl.load(DLSE + rows, mask=row_ok, other=0.0)
     else:
         dlse = tl.zeros_like(delta)
-    if LSE_CORR:
-        corr = tl.load(CORR + rows, mask=row_ok, other=0.0)
-    else:
-        corr = tl.zeros_like(delta)
-    return lse, corr, delta, dlse
-
-
-@triton.jit
-def _attn_bwd_lse_corr_kernel(
-    Q, K,           # (B, Hq, Sq, D), (B, Hkv, Sk, D)
-    LSE, CORR,      # (B, Hq, Sq) float32: the forward's lse; output: corr
-    MASK, smb, smh, smq, smk,
-    Hq, Hkv, Sq, Sk, D,
-    scale, softcap, window,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """corr = log(sum over the row's keys of exp(s - lse)), per query row (float32 inputs): the
-    backward's p = exp(s - lse - corr) then sums to 1 as an unfused softmax's does. lse rounded
-    to float32 is |lse| ulps off (at lse ~ 5: 3e-7), and exp(s - lse) carries that into every p of
-    the row, where an unfused softmax's p is one or two ulps off: past twice its error in dk and
-    dv on decoding shapes. (16-bit inputs round p to 16 bits for its products: no need.)"""
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
-    h = bh % Hq
-    b = bh // Hq
-    kv = b * Hkv + h // (Hq // Hkv)
-    Q += bh * Sq * D
-    K += kv * Sk * D
-    MASK += b * smb + h * smh
-    rows = start_m + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=(rows[:, None] < Sq) & (dims[None, :] < D), other=0.0)
-    lse = tl.load(LSE + bh * Sq + rows, mask=rows < Sq, other=0.0)
-    lse = tl.where(lse == NEG_INF, 0.0, lse)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + tl.arange(0, BLOCK_N)
-        kept = True
-        if HAS_MASK and BOOL_MASK:
-            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
-        if kept:
-            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=(cols[None, :] < Sk) & (dims[:, None] < D),
-                         other=0.0)
-            s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
-            s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-            d = s - lse[:, None]
-            total += tl.sum(tl.exp(tl.where(d > 0.0, 0.0, d)), axis=1)  # (as _probs_and_ds takes p)
-    # rows with nothing visible (0), a NaN (NaN): no correction (their p is 0, or NaN anyway)
-    corr = tl.where(total > 0.0, tl.log(tl.where(total > 0.0, total, 1.0)), 0.0)
-    tl.store(CORR + bh * Sq + rows, corr, mask=rows < Sq)
+    return lse, delta, dlse
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,    # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, (B, Hq, Sq, D)
     LSE, DELTA, DLSE,  # (B, Hq, Sq) float32 each; DLSE only if HAS_DLSE
-    CORR,           # (B, Hq, Sq) float32: _attn_bwd_lse_corr_kernel's, if LSE_CORR
     DQ,             # (B, Hq, Sq, D) output
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
@@ -506,7 +450,7 @@ def _attn_bwd_dq_kernel(
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
-    LSE_CORR: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -530,7 +474,7 @@ def _attn_bwd_dq_kernel(
     ok = (rows[:, None] < Sq) & (dims[None, :] < D)
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
     do = tl.load(DO + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
-    lse, corr, delta, dlse = _load_row_stats(LSE, CORR + bh * Sq, DELTA, DLSE, rows, Sq, HAS_DLSE, LSE_CORR)
+    lse, delta, dlse = _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
@@ -543,7 +487,7 @@ def _attn_bwd_dq_kernel(
             kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
             kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
             vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
-            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n, MASK, smq, smk,
+            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
                                           Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
                                           CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
                                           PRECISION)
@@ -557,14 +501,14 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DLSE, CORR,  # as _attn_bwd_dq_kernel
+    Q, K, V, DO, LSE, DELTA, DLSE,  # as _attn_bwd_dq_kernel
     DK, DV,         # (B, Hkv, Sk, D) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
     scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
-    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, LSE_CORR: tl.constexpr,
+    DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -610,9 +554,9 @@ def _attn_bwd_dkdv_kernel(
                 ok = (rows[:, None] < Sq) & (dims[None, :] < D)
                 q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
                 do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
-                lse, corr, delta, dlse = _load_row_stats(LSE + bh * Sq, CORR + bh * Sq, DELTA + bh * Sq,
-                                                         DLSE + bh * Sq, rows, Sq, HAS_DLSE, LSE_CORR)
-                p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, corr, delta, dlse, rows, cols, start_n, MASK_H,
+                lse, delta, dlse = _load_row_stats(LSE + bh * Sq, DELTA + bh * Sq, DLSE + bh * Sq, rows, Sq,
+                                                   HAS_DLSE)
+                p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H,
                                               smq, smk,
                                               Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
                                               CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
@@ -813,26 +757,6 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, 
     return o, lse
 
 
-def _lse_correction(q, k, lse, mask_arg, ms, flags, scale, softcap, w):
-    """(B, Hq, Sq) float32: _attn_bwd_lse_corr_kernel's corr, in the tiles of the dq kernel's first
-    config of the head-dim bucket (it holds less than the dq kernel: q alone)."""
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    corr = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    interp = _common.interpreted()
-    if interp:
-        meta = interpreted_blocks(Sq, Sk)
-    else:
-        cfg = BWD_DQ_CONFIGS[_bucket(flags["BLOCK_D"])][0]
-        meta = {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    _attn_bwd_lse_corr_kernel[(triton.cdiv(Sq, meta["BLOCK_M"]), B * Hq)](
-        q, k, lse, corr, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w,
-        CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
-        SOFTCAP=flags["SOFTCAP"], BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"], PRECISION=flags["PRECISION"],
-        **meta)
-    return corr
-
-
 def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
                   dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
     B, Hq, Sq, D = q.shape
@@ -853,14 +777,12 @@ def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool,
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
-    lse_corr = q.dtype == torch.float32
-    corr = _lse_correction(q, k, lse, mask_arg, ms, flags, scale, softcap, w) if lse_corr else delta
-    dq_args = (q, k, v, dout, lse, delta, dlse_arg, corr, dq, dmask if mask_grad else q, mask_arg, *ms,
+    dq_args = (q, k, v, dout, lse, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
                Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
-            {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad, "LSE_CORR": lse_corr}, Sq, Sk)
-    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, corr, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap,
-                 w, *drop)
+            {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
+    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w,
+                 *drop)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
-            {**flags, "HAS_DLSE": dlse is not None, "LSE_CORR": lse_corr}, Sq, Sk)
+            {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
     return dq, dk, dv, dmask
