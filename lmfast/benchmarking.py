@@ -94,10 +94,10 @@ class Case:
         if not self.compute_bound:
             return self.nbytes * (2 if direction == "fwd" else 3)
         B, H, S, D = self.shape
-        pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in self.documents or (S,))  # that count
+        # the (query, key) pairs computed: with packed documents, those the mask keeps
+        pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in self.documents or (S,))
         fwd = 4 * B * H * pairs * D / 1e12
         return fwd if direction == "fwd" else 3.5 * fwd
-
 
     def document_mask(self, device: str) -> Tensor | None:
         """attention with documents: the (1, 1, S, S) boolean mask (True = keep), else None."""

@@ -438,10 +438,10 @@ def test_mask_structure_is_exact_or_absent():
     bottom_right = hf._mask(2, 5, 8, q_offset=3, kv_offset=0, mask_function=causal_mask_function,
                             attention_mask=padding)
     assert getattr(bottom_right, "_lmfast_structure").causal
-    assert bottom_right._lmfast_structure.rest.shape == (2, 1, 1, 8)
+    assert bottom_right._lmfast_structure.padding.shape == (2, 1, 1, 8)
     static = hf._mask(2, 5, 8, q_offset=0, kv_offset=0, mask_function=causal_mask_function,
                       attention_mask=padding[:, :5])  # top-left: keys 5.. are empty cache slots
-    assert static._lmfast_structure.causal and static._lmfast_structure.rest is static
+    assert static._lmfast_structure.causal and static._lmfast_structure.full_mask
 
     def prefix_lm(batch_idx, head_idx, q_idx, kv_idx):  # the first 3 tokens see each other
         return (kv_idx <= q_idx) | (kv_idx < 3)

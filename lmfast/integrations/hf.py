@@ -15,8 +15,9 @@ check is exact, not a guess from arguments: a prefill into a static cache (top-l
 chunked attention or a prefix-LM mask fails it and the full mask is used. A full mask that
 keeps nothing above the causal diagonal (packed sequences: documents side by side, each
 causal) goes with causal=True, so the kernel skips the blocks above the diagonal unread, and
-the blocks below it that the mask drops whole (other documents' keys) after reading them. Where the mask is
-no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all (None, as for SDPA).
+the blocks below it that the mask drops whole (other documents' keys) after reading them.
+Where the mask is no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all
+(None, as for SDPA).
 """
 
 from __future__ import annotations
@@ -38,12 +39,14 @@ _STRUCTURE_ATTR = "_lmfast_structure"  # on masks built by _mask: a MaskStructur
 
 
 class MaskStructure(NamedTuple):
-    """A boolean mask that equals `rest & (causal / window band)`, in lmfast's terms."""
+    """A boolean mask that equals `padding & (causal / window band)`, or (full_mask) that lies
+    within the causal band, in lmfast's terms."""
     version: int                   # the mask tensor's _version when checked (an in-place edit voids it)
     causal: bool
     window: int | None
-    rest: torch.Tensor | None      # the mask the kernel still reads: (B, 1, 1, Sk) bool padding, the
-    #                                full mask (one within the causal band), or None (no key is padding)
+    padding: torch.Tensor | None   # (B, 1, 1, Sk) bool, or None if no key is padding
+    full_mask: bool = False        # the kernel reads the mask itself, with causal=True (no padding:
+    #                                not a reference to the mask, which holds this note)
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -81,7 +84,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # takes the mask as it is: the note and the tensor's _version are host-side state)
         structure = attention_mask.__dict__.get(_STRUCTURE_ATTR)
         if structure is not None and structure.version == attention_mask._version:
-            causal, window, attention_mask = structure.causal, structure.window, structure.rest
+            causal, window = structure.causal, structure.window
+            attention_mask = attention_mask if structure.full_mask else structure.padding
     if kwargs.get("position_bias") is not None:  # T5's relative position bias, (1 or B, Hq, Sq, Sk)
         attention_mask = _with_position_bias(kwargs["position_bias"], attention_mask)
     if attention_mask is not None and attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
@@ -247,7 +251,7 @@ def _structure(mask: torch.Tensor, attention_mask: torch.Tensor | None, kv_lengt
             return MaskStructure(mask._version, causal, win, padding)
     causal_band = reference.attention_keep(q_length, kv_length, True, None, mask.device)  # (Sq, Sk)
     if window is None and q_length > 1 and not bool((mask & ~causal_band).any()):
-        return MaskStructure(mask._version, True, None, mask)  # e.g. packed sequences
+        return MaskStructure(mask._version, True, None, None, full_mask=True)  # e.g. packed sequences
     return None
 
 
