@@ -184,8 +184,8 @@ def _block_sparse_cases(interpreted: bool):
     S, Sk = sum(docs), 600 if interpreted else 1000
     padded = (torch.arange(Sk) < 100) | (torch.arange(Sk) >= Sk - 100)
     return {
-        "packed documents, causal": (1, 4, 2, S, S, lambda: _packed_documents(docs, True), False),
-        "packed documents, causal flag too": (1, 4, 2, S, S, lambda: _packed_documents(docs, True), True),
+        "packed documents, causal": (1, 2, 1, S, S, lambda: _packed_documents(docs, True), False),
+        "packed documents, causal flag too": (1, 2, 1, S, S, lambda: _packed_documents(docs, True), True),
         "packed documents, bidirectional": (1, 2, 1, S, S, lambda: _packed_documents(docs, False), False),
         "decoding, padded stretch": (2, 4, 2, 2, Sk, lambda: padded.expand(2, 1, 1, Sk), True),
     }
@@ -196,13 +196,14 @@ def test_block_sparse_boolean_masks(case, ab, dtype, request):
     interpreted = ab.name == "triton" and ab.device == "cpu"
     if interpreted and dtype == torch.float32 and case.startswith("decoding"):
         # Found by this case, not from the mask: without it, 2 x 1000 keys fails alike for some
-        # seeds. dv's RMS error 4.9e-9 against the budget's 4.7e-9 (eager's 1.7e-9). (Measured in
-        # the interpreter; a GPU runs this case as any other.)
+        # seeds. dv's RMS error 4.9e-9 against the budget's 4.7e-9 (eager's 1.7e-9); with head
+        # dim 32 the same case passes. (Measured in the interpreter; a GPU runs it as any other.)
         request.applymarker(pytest.mark.xfail(
             strict=True, reason="Triton's float32 backward: dk, dv on decoding shapes at ~2.8x eager's error "
                                 "(README: attention, backward precision)"))
     B, Hq, Hkv, Sq, Sk, make_mask, causal = _block_sparse_cases(interpreted)[case]
-    _check(ab, case, _inputs(ab, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=make_mask().to(ab.device), causal=causal))
+    D = 64 if case.startswith("decoding") else 32  # (32: a short test; 64: the data of the finding above)
+    _check(ab, case, _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, mask=make_mask().to(ab.device), causal=causal))
 
 
 def test_additive_mask_and_lse_gradients(ab, dtype):

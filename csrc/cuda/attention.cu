@@ -83,6 +83,12 @@ __device__ __forceinline__ int band_hi(const AttnParams& p, int i) {
   return p.causal ? min(max(i + p.Sk - p.Sq + 1, 0), p.Sk) : p.Sk;
 }
 
+// Where the mask value of query (b, h, i) and key j lives, in elements (0 strides along broadcast dims).
+__device__ __forceinline__ int64_t mask_offset(const AttnParams& p, int b, int h, int i, int j) {
+  return b * p.mask_strides[0] + h * p.mask_strides[1] + int64_t(i) * p.mask_strides[2] +
+         int64_t(j) * p.mask_strides[3];
+}
+
 // Whether a boolean mask keeps any key of [j0, j0 + n) for a query of [i0, i0 + m), each within
 // its band. A tile it drops whole (other documents' keys in packed sequences, a padded stretch)
 // changes nothing and is skipped; the answer is a block-wide vote, the same in every thread, so
@@ -91,11 +97,8 @@ __device__ bool bool_mask_keeps_tile(const AttnParams& p, int b, int h, int i0, 
   bool keeps = false;
   for (int c = threadIdx.x; c < m * n && !keeps; c += blockDim.x) {
     const int i = i0 + c / n, j = j0 + c % n;  // (consecutive threads: consecutive keys of a row)
-    if (i < p.Sq && j >= band_lo(p, i) && j < band_hi(p, i)) {
-      const int64_t off = b * p.mask_strides[0] + h * p.mask_strides[1] + int64_t(i) * p.mask_strides[2] +
-                          int64_t(j) * p.mask_strides[3];
-      keeps = static_cast<const bool*>(p.mask)[off];
-    }
+    if (i < p.Sq && j >= band_lo(p, i) && j < band_hi(p, i))
+      keeps = static_cast<const bool*>(p.mask)[mask_offset(p, b, h, i, j)];
   }
   return __syncthreads_or(keeps) != 0;
 }
@@ -107,8 +110,7 @@ __device__ __forceinline__ float masked_score(const AttnParams& p, float dot, in
   float s = dot * p.scale;
   if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
   if (p.mask_kind != kNoMask) {
-    const int64_t off = b * p.mask_strides[0] + h * p.mask_strides[1] + int64_t(i) * p.mask_strides[2] +
-                        int64_t(j) * p.mask_strides[3];
+    const int64_t off = mask_offset(p, b, h, i, j);
     if (p.mask_kind == kBoolMask) s = static_cast<const bool*>(p.mask)[off] ? s : -INFINITY;
     else s += to_float(static_cast<const T*>(p.mask)[off]);
   }

@@ -131,6 +131,19 @@ def _dropout_keep(SEED, rows, cols, threshold):
 
 
 @triton.jit
+def _band_keep(rows, cols, Sq, Sk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """(rows x cols) True where query `rows` may see key `cols`: both in range, and in the
+    query's causal/window band (bottom-right aligned: query i sits at key position i + Sk - Sq)."""
+    keep = (rows[:, None] < Sq) & (cols[None, :] < Sk)
+    pos = rows[:, None] + (Sk - Sq)  # key position of each query
+    if CAUSAL:
+        keep = keep & (cols[None, :] <= pos)
+    if WINDOW:
+        keep = keep & (cols[None, :] > pos - window)
+    return keep
+
+
+@triton.jit
 def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                    BOOL_MASK: tl.constexpr):
@@ -138,12 +151,7 @@ def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window,
 
     rows, cols: query and key indices of the tile; MASK points at the mask of the tile's
     (b, h) (or per row, when it is a 2-D pointer block of row bases)."""
-    keep = (rows[:, None] < Sq) & (cols[None, :] < Sk)
-    pos = rows[:, None] + (Sk - Sq)  # key position of each query
-    if CAUSAL:
-        keep = keep & (cols[None, :] <= pos)
-    if WINDOW:
-        keep = keep & (cols[None, :] > pos - window)
+    keep = _band_keep(rows, cols, Sq, Sk, window, CAUSAL, WINDOW)
     if HAS_MASK:
         m = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk, mask=keep, other=0)
         if BOOL_MASK:
@@ -159,12 +167,7 @@ def _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL: tl.constexpr,
     A tile it drops whole (another document's keys in packed sequences, a padded stretch) is
     skipped: its scores would all be -inf, whatever q and k hold, so skipping changes no bit.
     (Additive masks never skip: -inf + NaN must stay NaN.)"""
-    keep = (rows[:, None] < Sq) & (cols[None, :] < Sk)
-    pos = rows[:, None] + (Sk - Sq)
-    if CAUSAL:
-        keep = keep & (cols[None, :] <= pos)
-    if WINDOW:
-        keep = keep & (cols[None, :] > pos - window)
+    keep = _band_keep(rows, cols, Sq, Sk, window, CAUSAL, WINDOW)
     m = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk, mask=keep, other=0)
     return tl.max(tl.max((keep & (m != 0)).to(tl.int32), axis=1), axis=0) > 0
 
