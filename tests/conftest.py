@@ -196,8 +196,11 @@ def _seed():
 # The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
 # worker, handed out in collection order. The longest files go first, so that no worker is
 # still starting one of them when the others run out of work. (Serial runs just see a new order.)
-LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_cuda_build.py", "test_cuda_emulation.py", "test_cli.py",
-                       "test_patch.py", "test_backends.py", "test_patch_models.py")
+# (test_isa_levels.py: the CPU parity tests again under each other ISA level, ~3 min;
+# test_triton_compile.py: ~1 min of compiling where Triton's cache is cold, as on a new machine.)
+LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_isa_levels.py", "test_cuda_build.py",
+                       "test_cuda_emulation.py", "test_cli.py", "test_patch.py", "test_backends.py",
+                       "test_patch_models.py", "test_triton_compile.py")
 
 
 def pytest_collection_modifyitems(items):

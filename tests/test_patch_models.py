@@ -456,11 +456,10 @@ def test_mask_structure_is_exact_or_absent():
 def test_packed_sequences(monkeypatch):
     """Padding-free batches (transformers' DataCollatorWithFlattening: documents side by side in
     one row, position_ids restarting at each; no cache, as in training): transformers builds a
-    block-diagonal causal mask;
-    lmfast gets it with causal=True (blocks above the diagonal skipped unread, other documents'
-    blocks skipped after reading) and computes what the unpatched model does, logits and
-    gradients. (The documents here are shorter than a kernel tile; test_attention_kernels'
-    test_block_sparse_boolean_masks runs documents that span tiles.)"""
+    block-diagonal causal mask; lmfast gets it with causal=True (blocks above the diagonal
+    skipped unread, other documents' blocks skipped after reading) and computes what the
+    unpatched model does, logits and gradients. (The documents here are shorter than a kernel
+    tile; test_attention_kernels' test_block_sparse_boolean_masks runs documents that span tiles.)"""
     model = _hf_model("qwen2").train()
     lengths = [5, 9, 2]
     ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
