@@ -995,19 +995,17 @@ struct BackwardRowSteps {
                   pre_scale);
   }
   // dropped[t]: whether the mask drops key tile t of [k0, k1) for the block's rows (queries
-  // i0 .. i0 + nq of head (b, h)) whole (mask_drops_tile): such tiles skip their products.
-  void find_dropped_tiles(int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t k0, int64_t k1,
-                          std::vector<char>& dropped) const {
+  // i0 .. i0 + nq of head (b, h)) whole (mask_drops_tile). Such tiles skip their products;
+  // their entries of rows are set here as masking would have left them (drop_tile).
+  void drop_masked_tiles(BackwardRows<acc_t>& rows, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t k0,
+                         int64_t k1, std::vector<char>& dropped) const {
     auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{h, i0 + r}; };
     dropped.assign((k1 - k0 + kBlockK - 1) / kBlockK, 0);
-    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
-      dropped[(j0 - k0) / kBlockK] = mask_drops_tile(mask, band, b, nq, row_of, j0, std::min(kBlockK, g.Sk - j0));
-  }
-  // The dropped tiles' entries of rows, as masking would have left them (drop_tile).
-  void clear_dropped_tiles(BackwardRows<acc_t>& rows, int64_t nq, int64_t k0, int64_t k1,
-                           const std::vector<char>& dropped) const {
-    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
-      if (dropped[(j0 - k0) / kBlockK]) rows.drop_tile(nq, j0, std::min(kBlockK, g.Sk - j0));
+    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
+      const int64_t nk = std::min(kBlockK, g.Sk - j0);
+      dropped[(j0 - k0) / kBlockK] = mask_drops_tile(mask, band, b, nq, row_of, j0, nk);
+      if (dropped[(j0 - k0) / kBlockK]) rows.drop_tile(nq, j0, nk);
+    }
   }
   void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
     for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
@@ -1267,7 +1265,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
         std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
         const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-        steps.find_dropped_tiles(b, h, i0, nq, k0, k1, dropped);
+        steps.drop_masked_tiles(rows, b, h, i0, nq, k0, k1, dropped);
         auto each_tile = [&](auto&& f) {  // f(j0, nk, offset of key j0 in kw, vw, dk_acc, dv_acc), tiles not dropped
           for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
             if (!dropped[(j0 - k0) / kBlockK]) f(j0, std::min(kBlockK, g.Sk - j0), (j0 - ck0) * D);
@@ -1276,7 +1274,6 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
           gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at, D, 0, rows.p_at(0, j0), rows.ld);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
-        steps.clear_dropped_tiles(rows, nq, k0, k1, dropped);
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
@@ -1380,7 +1377,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         transpose_rows(dot, nq, D, doT.data());
         std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
         const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-        steps.find_dropped_tiles(b, h, i0, nq, k0, k1, dropped);
+        steps.drop_masked_tiles(rows, b, h, i0, nq, k0, k1, dropped);
         auto live = [&](int64_t t) { return !dropped[t - k0 / kBlockK]; };
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
           if (!live(t)) continue;
@@ -1388,7 +1385,6 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kv.kT_tile(slot, t), rows.p_at(0, j0), true);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk, scale);
         }
-        steps.clear_dropped_tiles(rows, nq, k0, k1, dropped);
         steps.probs(rows, nq, i0, k0, k1);
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
           if (!live(t)) continue;
