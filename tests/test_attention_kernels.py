@@ -192,18 +192,25 @@ def _block_sparse_cases(interpreted: bool):
 
 
 @pytest.mark.parametrize("case", _block_sparse_cases(False))
-def test_block_sparse_boolean_masks(case, ab, dtype, request):
+def test_block_sparse_boolean_masks(case, ab, dtype):
     interpreted = ab.name == "triton" and ab.device == "cpu"
-    if interpreted and dtype == torch.float32 and case.startswith("decoding"):
-        # Found by this case, not from the mask: without it, 2 x 1000 keys fails alike for some
-        # seeds. dv's RMS error 4.9e-9 against the budget's 4.7e-9 (eager's 1.7e-9); with head
-        # dim 32 the same case passes. (Measured in the interpreter; a GPU runs it as any other.)
-        request.applymarker(pytest.mark.xfail(
-            strict=True, reason="Triton's float32 backward: dk, dv on decoding shapes at ~2.8x eager's error "
-                                "(README: attention, backward precision)"))
     B, Hq, Hkv, Sq, Sk, make_mask, causal = _block_sparse_cases(interpreted)[case]
-    D = 64 if case.startswith("decoding") else 32  # (32: a short test; 64: the data of the finding above)
+    D = 64 if case.startswith("decoding") else 32  # (32: a short test; 64: the data that found the next test's case)
     _check(ab, case, _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, mask=make_mask().to(ab.device), causal=causal))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_float32_backward_on_decoding_shapes(seed, ab):
+    """Found by the decoding case above: 2 query rows per kv head over 600-1000 keys put the
+    Triton backward's dv and dk at up to 2.8x eager's RMS error in float32, past the budget for
+    some seeds, from FlashAttention-2's p = exp(s - lse) (its rounding of s - lse, ~log(keys)
+    from 0, is every p's relative error). It takes p = exp(s - m) / l now (README: attention,
+    backward precision). Each seed is held to the budget alone."""
+    if ab.name == "cuda":
+        pytest.skip("the CUDA C++ forward returns lse only, so its backward takes exp(s - lse) (README: "
+                    "attention, backward precision)")
+    torch.manual_seed(seed)
+    _check(ab, f"2 x 1000 keys, seed {seed}", _inputs(ab, 2, 4, 2, 2, 1000, 64, torch.float32, causal=True))
 
 
 def test_additive_mask_and_lse_gradients(ab, dtype):

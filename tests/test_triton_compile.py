@@ -81,14 +81,14 @@ def _attention_variants():
                         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, archs))
 
         name = "_attn_fwd_kernel"
-        tuned(A.FWD_CONFIGS, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", **mask_sig, **dims, **buckets}, flags)
+        tuned(A.FWD_CONFIGS, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", **mask_sig, **dims, **buckets}, flags)
         name = "_attn_bwd_dq_kernel"
-        tuned(A.BWD_DQ_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
-                                 "DQ": p, "DMASK": p, **mask_sig, **dims, **buckets},
+        tuned(A.BWD_DQ_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32",
+                                 "DELTA": "*fp32", "DLSE": "*fp32", "DQ": p, "DMASK": p, **mask_sig, **dims, **buckets},
               {**flags, "HAS_DLSE": flags_on, "MASK_GRAD": flags_on and dt == "bf16"})
         name = "_attn_bwd_dkdv_kernel"
-        tuned(A.BWD_DKDV_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "LSE": "*fp32", "DELTA": "*fp32", "DLSE": "*fp32",
-                                   "DK": p, "DV": p, **mask_sig, **dims, **buckets},
+        tuned(A.BWD_DKDV_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32",
+                                   "DELTA": "*fp32", "DLSE": "*fp32", "DK": p, "DV": p, **mask_sig, **dims, **buckets},
               {**flags, "HAS_DLSE": flags_on})
         out.append(("attention._attn_fwd_split_kernel",
                     {"Q": p, "K": p, "V": p, "O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", **mask_sig,
@@ -96,7 +96,7 @@ def _attention_variants():
                     {**flags, "BLOCK_M": 16, "BLOCK_N": 64}, {"num_warps": 4, "num_stages": 2}, (90,)))
         out.append(("attention._attn_combine_kernel",
                     {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "O": p, "LSE": "*fp32",
-                     "rows_total": "i32", "splits": "i32", "Hq": "i32", "Sq": "i32", "D": "i32"},
+                     "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", "rows_total": "i32", "splits": "i32", "Hq": "i32", "Sq": "i32", "D": "i32"},
                     {"BLOCK_S": 16, "BLOCK_D": block_d, "INTERPRETED": False}, {"num_warps": 4}, (90,)))
         out.append(("attention._attn_bwd_delta_kernel",
                     {"DO": p, "O": p, "DELTA": "*fp32", "rows": "i32", "D": "i32"},

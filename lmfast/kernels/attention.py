@@ -26,7 +26,8 @@ Kernels (one program per tile, tiles never leave registers/shared memory):
   _attn_bwd_dkdv_kernel   program (key block, b*Hkv + hk): dk, dv, looping over the query heads
                         of its group and the query blocks that can see the key block
 
-backward, recomputing p = exp(s - lse):   dv = p^T do;  dp = do v^T;
+backward, recomputing p = exp(s - m) / l (each row's max m and sum l, kept by the forward:
+_store_row_stats):   dv = p^T do;  dp = do v^T;
     ds = p ((dp - delta) + dlse);  dq = scale ds k;  dk = scale ds^T q
     (with a softcap, ds is taken through the cap for dq and dk: ds (1 - tanh^2))
     (with dropout: dv = p_dropped^T do and dp = (do v^T) dropped, both times keep_scale)
@@ -207,6 +208,7 @@ def _attn_fwd_kernel(
     Q, K, V,        # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, contiguous
     O,              # (B, Hq, Sq, D) output in (B, Sq, Hq, D) memory order (rows Hq * D apart)
     LSE,            # (B, Hq, Sq) float32 output
+    ROW_MAX, ROW_INV_SUM,  # (B, Hq, Sq) float32 outputs: m and 1 / l, the backward's p = exp(s - m) / l
     MASK,           # mask values (additive, or uint8 with 1 = keep)          [HAS_MASK]
     smb, smh, smq, smk,  # mask strides, 0 along broadcast dims
     Hq, Hkv, Sq, Sk, D,
@@ -226,6 +228,8 @@ def _attn_fwd_kernel(
     Q += bh * Sq * D
     O += (b * Sq * Hq + h) * D
     LSE += bh * Sq
+    ROW_MAX += bh * Sq
+    ROW_INV_SUM += bh * Sq
     K += kv * Sk * D
     V += kv * Sk * D
     MASK += b * smb + h * smh
@@ -267,6 +271,18 @@ def _attn_fwd_kernel(
     lse = tl.where(l_i == 0.0, NEG_INF, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
     lse = tl.where(m_i == float("inf"), m_i, lse)  # a +inf score: logsumexp is +inf (l is NaN)
     tl.store(LSE + rows, lse, mask=rows < Sq)
+    _store_row_stats(ROW_MAX + rows, ROW_INV_SUM + rows, m_i, l_i, rows < Sq)
+
+
+@triton.jit
+def _store_row_stats(ROW_MAX, ROW_INV_SUM, m, l, ok):
+    """The softmax's row max m and 1 / l (l = sum of exp(s - m)), from which the backward
+    recomputes p = exp(s - m) / l as an unfused softmax does. (Not exp(s - lse): s - lse is
+    about log(keys) further from 0 than s - m, so its float32 rounding, which p carries as a
+    relative error, is that much larger: dv came out at 1.2x an unfused float32 backward's
+    error over 1000 query rows, up to 2.5x over 2.) Rows that see nothing: m = 0, 1 / l = 0."""
+    tl.store(ROW_MAX, tl.where(m == NEG_INF, 0.0, m), mask=ok)
+    tl.store(ROW_INV_SUM, tl.where(l == 0.0, 0.0, 1.0 / tl.where(l == 0.0, 1.0, l)), mask=ok)
 
 
 @triton.jit
@@ -341,6 +357,7 @@ def _attn_fwd_split_kernel(
 def _attn_combine_kernel(
     O_PART, M_PART, L_PART,  # from _attn_fwd_split_kernel
     O, LSE,                  # (B, Hq, Sq, D) in (B, Sq, Hq, D) memory order, (B * Hq * Sq) outputs
+    ROW_MAX, ROW_INV_SUM,    # (B * Hq * Sq) outputs, as _attn_fwd_kernel's
     rows_total, splits, Hq, Sq, D,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -361,6 +378,7 @@ def _attn_combine_kernel(
     tl.store(O + ((b * Sq + i) * Hq + h) * D + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < D)
     lse = tl.where(total == 0.0, NEG_INF, m_ref + tl.log(tl.where(total == 0.0, 1.0, total)))
     tl.store(LSE + row, tl.where(m_max == float("inf"), m_max, lse))  # (a +inf score: +inf)
+    _store_row_stats(ROW_MAX + row, ROW_INV_SUM + row, m_max, total, True)
 
 
 # ---- backward --------------------------------------------------------------------------------
@@ -381,12 +399,13 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
+def _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n,
                   MASK, smq, smk, Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, row0,
                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
                   BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """p = exp(s - lse) and ds = p ((dp - delta) + dlse) of one (query block, key block) tile.
+    """p = exp(s - m) / l and ds = p ((dp - delta) + dlse) of one (query block, key block) tile
+    (m, inv_l: the rows' max and 1 / l, _store_row_stats).
     Returns (p as dv's product takes it: dropped and scaled under DROPOUT, ds, ds_raw): ds the
     gradient of the scores as the mask sees them (the mask's gradient), ds_raw that of the scaled
     q k^T (dq's and dk's): ds through the cap under SOFTCAP, else ds. row0: the global row of
@@ -396,11 +415,11 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
         t = s / softcap  # tanh(scale q k^T / c)
         cap_grad = (1.0 - t) * (1.0 + t)
     s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
-    # lse is 0 on fully masked rows, whose s are all -inf. s - lse <= 0 in exact arithmetic,
-    # but this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
+    # m is 0 on fully masked rows, whose s are all -inf. s - m <= 0 in exact arithmetic, but
+    # this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
     # ~1e22 and exp(+1e22) = inf made the row's gradients NaN (csrc/cpu/attention.cpp: exp_row)
-    d = s - lse[:, None]
-    p = tl.exp(tl.where(d > 0.0, 0.0, d))  # (a NaN d stays NaN)
+    d = s - m[:, None]
+    p = tl.exp(tl.where(d > 0.0, 0.0, d)) * inv_l[:, None]  # (a NaN d stays NaN)
     dp = _dot(do, vT, UPCAST, PRECISION)
     if DROPOUT:  # dp of the dropped p
         keep = _dropout_keep(SEED, row0 + rows, cols, threshold)
@@ -410,8 +429,8 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
         # p of such a row is renormalized to sum to 1, as an unfused softmax's is: s recomputed
         # here may differ from the forward's by an ulp (another product shape, another
         # summation order), and exp(s - lse) is then 1 +- 1e-7 where one key takes all the weight.
-        # Such rows take p from their own recomputed max, not from lse: at |s| ~ 1e29 the
-        # recomputed s differ from the forward's by ~1e22 (exp(s - lse): 0 or inf).
+        # Such rows take p from their own recomputed max, not the forward's: at |s| ~ 1e29 the
+        # recomputed s differ from the forward's by ~1e22 (exp(s - m): 0 or inf).
         m_row = tl.max(s, axis=1)
         m_row = tl.where(m_row == NEG_INF, 0.0, m_row)
         p_own = tl.exp(s - m_row[:, None])
@@ -429,22 +448,23 @@ def _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n,
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
+def _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
     row_ok = rows < Sq
-    lse = tl.load(LSE + rows, mask=row_ok, other=0.0)
-    lse = tl.where(lse == NEG_INF, 0.0, lse)
+    m = tl.load(ROW_MAX + rows, mask=row_ok, other=0.0)
+    m = tl.where(m == NEG_INF, 0.0, m)  # (an lse given as m, by attention_bwd_from_lse)
+    inv_l = tl.load(ROW_INV_SUM + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     if HAS_DLSE:
         dlse = tl.load(DLSE + rows, mask=row_ok, other=0.0)
     else:
         dlse = tl.zeros_like(delta)
-    return lse, delta, dlse
+    return m, inv_l, delta, dlse
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, DO,    # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, (B, Hq, Sq, D)
-    LSE, DELTA, DLSE,  # (B, Hq, Sq) float32 each; DLSE only if HAS_DLSE
+    ROW_MAX, ROW_INV_SUM, DELTA, DLSE,  # (B, Hq, Sq) float32 each (_store_row_stats); DLSE only if HAS_DLSE
     DQ,             # (B, Hq, Sq, D) output
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
@@ -464,7 +484,8 @@ def _attn_bwd_dq_kernel(
     Q += bh * Sq * D
     DO += bh * Sq * D
     DQ += bh * Sq * D
-    LSE += bh * Sq
+    ROW_MAX += bh * Sq
+    ROW_INV_SUM += bh * Sq
     DELTA += bh * Sq
     DLSE += bh * Sq
     DMASK += bh * Sq * Sk
@@ -477,7 +498,7 @@ def _attn_bwd_dq_kernel(
     ok = (rows[:, None] < Sq) & (dims[None, :] < D)
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
     do = tl.load(DO + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
-    lse, delta, dlse = _load_row_stats(LSE, DELTA, DLSE, rows, Sq, HAS_DLSE)
+    m, inv_l, delta, dlse = _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
@@ -490,7 +511,7 @@ def _attn_bwd_dq_kernel(
             kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
             kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
             vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
-            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK, smq, smk,
+            p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK, smq, smk,
                                           Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
                                           CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
                                           PRECISION)
@@ -504,7 +525,7 @@ def _attn_bwd_dq_kernel(
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DLSE,  # as _attn_bwd_dq_kernel
+    Q, K, V, DO, ROW_MAX, ROW_INV_SUM, DELTA, DLSE,  # as _attn_bwd_dq_kernel
     DK, DV,         # (B, Hkv, Sk, D) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D,
@@ -557,9 +578,9 @@ def _attn_bwd_dkdv_kernel(
                 ok = (rows[:, None] < Sq) & (dims[None, :] < D)
                 q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
                 do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
-                lse, delta, dlse = _load_row_stats(LSE + bh * Sq, DELTA + bh * Sq, DLSE + bh * Sq, rows, Sq,
-                                                   HAS_DLSE)
-                p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, lse, delta, dlse, rows, cols, start_n, MASK_H,
+                m, inv_l, delta, dlse = _load_row_stats(ROW_MAX + bh * Sq, ROW_INV_SUM + bh * Sq, DELTA + bh * Sq,
+                                                        DLSE + bh * Sq, rows, Sq, HAS_DLSE)
+                p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK_H,
                                               smq, smk,
                                               Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
                                               CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
@@ -714,13 +735,16 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
 
 def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: float = 0.0, dropout_seed=None,
                   softcap: float = 0.0):
+    """(o, lse, row_stats) as csrc/ops.h's attention_fwd, plus row_stats (2, B, Hq, Sq) float32:
+    each row's softmax max m and 1 / l, which attention_bwd takes (_store_row_stats)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     o = torch.empty((B, Sq, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # as csrc/ops.h
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
+    stats = torch.empty((2, B, Hq, Sq), device=q.device, dtype=torch.float32)  # (row max, 1 / row sum)
     if lse.numel() == 0:
-        return o, lse
+        return o, lse, stats
     # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
     # run zero times / all head-dim lanes are masked.
     mask_arg, ms = _mask_args(mask, q)
@@ -729,13 +753,13 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     drop = _dropout_args(dropout_p, dropout_seed, q)
     splits = _split_plan(B, Hq, Hkv, Sq, Sk, q.device)
     if splits:
-        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse)
-    args = (q, k, v, o, lse, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
+        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse, stats)
+    args = (q, k, v, o, lse, stats[0], stats[1], mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
     _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
-    return o, lse
+    return o, lse, stats
 
 
-def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse):
+def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse, stats):
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     block_n = interpreted_blocks(Sq, Sk)["BLOCK_N"] if _common.interpreted() else 64
@@ -754,14 +778,25 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, 
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"],
         PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
     _attn_combine_kernel[(rows,)](
-        o_part, m_part, l_part, o, lse, rows, splits, Hq, Sq, D,
+        o_part, m_part, l_part, o, lse, stats[0], stats[1], rows, splits, Hq, Sq, D,
         BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=flags["BLOCK_D"], INTERPRETED=interp,
         **({} if interp else {"num_warps": 4}))
-    return o, lse
+    return o, lse, stats
 
 
-def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
+def attention_bwd_from_lse(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
+                           dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
+    """attention_bwd for a forward that gives lse only (the CUDA C++ kernels): p = exp(s - lse),
+    FlashAttention-2's form (m = lse, 1 / l = 1), with its larger float32 rounding."""
+    stats = torch.stack((lse.float(), torch.ones_like(lse, dtype=torch.float32)))
+    return attention_bwd(dout, q, k, v, o, stats, dlse, mask, scale, causal, window, mask_grad, dropout_p,
+                         dropout_seed, softcap)
+
+
+def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
                   dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
+    """(dq, dk, dv, dmask) as csrc/ops.h's attention_bwd, from attention_fwd's row_stats
+    (2, B, Hq, Sq) in place of lse."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)
@@ -780,12 +815,13 @@ def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool,
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
-    dq_args = (q, k, v, dout, lse, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
+    row_max, row_inv_sum = row_stats[0], row_stats[1]
+    dq_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
                Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
             {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
-    dkdv_args = (q, k, v, dout, lse, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w,
-                 *drop)
+    dkdv_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D,
+                 scale, softcap, w, *drop)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
             {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
     return dq, dk, dv, dmask

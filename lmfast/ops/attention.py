@@ -114,7 +114,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                          None if seed is None else int(seed.item()), softcap=softcap)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
-        o, lse = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
+        o, lse, _ = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
                            dropout_p, seed, softcap or 0.0)
     return (o, lse) if return_lse else o
 
@@ -144,21 +144,24 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-# ---- Triton ops (contracts as in csrc/ops.h) ---------------------------------------------
+# ---- Triton ops (contracts as in csrc/ops.h, but for row_stats) ---------------------------
+# The Triton forward also returns row_stats (2, B, Hq, Sq) float32, each row's softmax max and
+# 1 / sum, which its backward takes in place of lse: p = exp(s - m) / l, as precise as an
+# unfused softmax's (lmfast/kernels/attention.py: _store_row_stats).
 
 @torch.library.custom_op("lmfast_triton::attention_fwd", mutates_args=())
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
       window: int | None, dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
-      softcap: float = 0.0) -> tuple[Tensor, Tensor]:
+      softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap)
 
 
 @torch.library.custom_op("lmfast_triton::attention_bwd", mutates_args=())
-def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, dlse: Tensor | None,
+def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, row_stats: Tensor, dlse: Tensor | None,
       mask: Tensor | None, scale: float, causal: bool, window: int | None,
       mask_grad: bool, dropout_p: float = 0.0,
       dropout_seed: Tensor | None = None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return triton_kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
+    return triton_kernels().attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
                                           dropout_p, dropout_seed, softcap)
 
 
@@ -170,22 +173,29 @@ def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dro
     return o, q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
 
 
-def _attention_bwd_fake(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
+def _attention_bwd_fake(dout, q, k, v, o, lse_or_row_stats, dlse, mask, scale, causal, window, mask_grad,
                         dropout_p=0.0, dropout_seed=None, softcap=0.0):
     dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
+def _triton_attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0):
+    o, lse = _attention_fwd_fake(q, k, v, mask, scale, causal, window)
+    return o, lse, q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
+
+
 def _attention_setup(ctx, inputs, output):
     q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap = inputs
-    o, lse = output
+    o, lse, row_stats = output
+    ctx.mark_non_differentiable(row_stats)
     ctx.scale, ctx.causal, ctx.window, ctx.dropout_p, ctx.softcap = scale, causal, window, dropout_p, softcap
-    ctx.save_for_backward(q, k, v, o, lse, mask, dropout_seed)
+    ctx.save_for_backward(q, k, v, o, row_stats, mask, dropout_seed)
 
 
 def register_fakes(ns: str) -> None:
     """Fake impls of ns::attention_{fwd,bwd} (lmfast_C or lmfast_triton)."""
-    torch.library.register_fake(f"{ns}::attention_fwd", _attention_fwd_fake)
+    fwd_fake = _triton_attention_fwd_fake if ns == "lmfast_triton" else _attention_fwd_fake
+    torch.library.register_fake(f"{ns}::attention_fwd", fwd_fake)
     torch.library.register_fake(f"{ns}::attention_bwd", _attention_bwd_fake)
 
 
@@ -193,12 +203,12 @@ def _register_triton_autograd() -> None:
     """Autograd of lmfast_triton::attention_fwd (the C++ op's is in csrc/api.cpp)."""
     ops = torch.ops.lmfast_triton
 
-    def attention_backward(ctx, do, dlse):
-        q, k, v, o, lse, mask, dropout_seed = ctx.saved_tensors
+    def attention_backward(ctx, do, dlse, _):
+        q, k, v, o, row_stats, mask, dropout_seed = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()  # as the backward takes them
         dq, dk, dv, dmask = ops.attention_bwd(
-            upstream_grad(do, o), q, k, v, o, lse, None if dlse is None else dlse.contiguous(), mask,
+            upstream_grad(do, o), q, k, v, o, row_stats, None if dlse is None else dlse.contiguous(), mask,
             ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed, ctx.softcap)
         return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
 
@@ -218,7 +228,8 @@ def register_cuda_backward() -> None:
     """Registers the Triton backward as lmfast_C::attention_bwd's CUDA kernel (called once, by
     lmfast._extension, when lmfast._cuda loads). The CUDA C++ kernels cover the attention
     forward only; the C++ autograd (csrc/api.cpp) calls attention_bwd through the dispatcher,
-    which lands here for CUDA tensors. Same contract (csrc/ops.h) as the Triton op's."""
+    which lands here for CUDA tensors, with lse (csrc/ops.h): the Triton backward then takes
+    p = exp(s - lse) (attention_bwd_from_lse), not the Triton forward's row max and sum."""
     global _cuda_backward_library
     if _cuda_backward_library is not None:
         return
@@ -231,8 +242,8 @@ def register_cuda_backward() -> None:
         except ImportError as e:
             raise RuntimeError("backend 'cuda' computes the attention backward with lmfast's Triton kernel, "
                                f"and triton cannot be imported ({e}); pip install 'lmfast[triton]'") from None
-        return kernels.attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
-                                     dropout_p, dropout_seed, softcap)
+        return kernels.attention_bwd_from_lse(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
+                                              dropout_p, dropout_seed, softcap)
 
     library.impl("attention_bwd", attention_bwd, "CUDA")
     _cuda_backward_library = library
