@@ -59,7 +59,10 @@ def _common_args(torch_version: str) -> list[str]:
     # blocks some loop optimizations), so both builds compile the same code. The version is
     # unquoted (ops.cpp stringifies it): quotes would not survive the first-use ninja build.
     # No -std: torch's build helpers pass the standard its headers need (C++20 for 2.13).
-    return ["-O3", "-fno-wrapv", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}", *SANITIZE_ARGS]
+    # -g0 undoes CFLAGS' -g too (the first-use build has none): debug info of the kernels'
+    # templates cost 40% of the install's compile time and made the objects 17x larger
+    # (LMFAST_SANITIZE=1 adds it back).
+    return ["-O3", "-fno-wrapv", "-g0", "-fopenmp", f"-DLMFAST_TORCH_VERSION={torch_version}", *SANITIZE_ARGS]
 
 
 def core_compile_args(torch_version: str) -> list[str]:
@@ -103,7 +106,7 @@ def cuda_compile_args(torch_version: str, archs: list[str]) -> dict[str, list[st
     """extra_compile_args of lmfast._cuda: host compiler ("cxx") and nvcc flags. The arch flags
     also stop torch's build helpers from adding their own (TORCH_CUDA_ARCH_LIST)."""
     defines = [f"-DLMFAST_TORCH_VERSION={torch_version}", f"-DLMFAST_CUDA_ARCHS={'_'.join(archs)}"]
-    return {"cxx": ["-O3", "-fno-wrapv"] + defines,
+    return {"cxx": ["-O3", "-fno-wrapv", "-g0"] + defines,  # (as _common_args)
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines + nvcc_arch_flags(archs)}
 
 
