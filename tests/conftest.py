@@ -215,14 +215,16 @@ def _seed():
 # The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
 # worker, handed out in collection order. The longest files go first, so that no worker is
 # still starting one of them when the others run out of work. (Serial runs just see a new order.)
-# (test_isa_levels.py: the CPU parity tests again under each other ISA level, ~3 min;
-# test_triton_compile.py: ~1 min of compiling where Triton's cache is cold, as on a new machine;
-# test_norm.py and test_softmax.py, ~1 min each, came last in name order. Every file after
-# these took under 30 s on 2026-12-06.)
+# Ordered by each file's time in a run of the README's test command on 2 cores (2026-12-06),
+# with the compile caches a new machine has cold added (the CUDA emulator's ~40 s of CPU,
+# Triton's ~60 s): test_attention_kernels.py 190 s, test_isa_levels.py 145 (the CPU parity
+# tests again under each other ISA level), test_cuda_build.py 115 (nvcc), test_cuda_emulation.py
+# 105, test_cli.py 95, test_backends.py 80 (a first-use build), ... test_fuzz.py 15; the
+# files after it took under 10 s each.
 LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_isa_levels.py", "test_cuda_build.py",
-                       "test_cuda_emulation.py", "test_cli.py", "test_patch.py", "test_backends.py",
-                       "test_patch_models.py", "test_triton_compile.py", "test_norm.py", "test_softmax.py",
-                       "test_reliability.py")
+                       "test_cuda_emulation.py", "test_cli.py", "test_backends.py", "test_triton_compile.py",
+                       "test_patch.py", "test_reliability.py", "test_norm.py", "test_distributed.py",
+                       "test_softmax.py", "test_patch_models.py", "test_compile.py", "test_fuzz.py")
 
 
 def pytest_collection_modifyitems(items):
