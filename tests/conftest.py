@@ -213,7 +213,7 @@ def _seed():
 
 
 # The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
-# worker, handed out in collection order. The longest files go first, so that no worker is
+# worker, handed out in collection order (pytest_configure). The longest files go first, so that no worker is
 # still starting one of them when the others run out of work. (Serial runs just see a new order.)
 # Ordered by each file's time in a run of the README's test command on 2 cores (2026-12-06),
 # with the compile caches a new machine has cold added (the CUDA emulator's ~40 s of CPU,
@@ -225,6 +225,14 @@ LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_isa_levels.py", "test_
                        "test_cuda_emulation.py", "test_cli.py", "test_backends.py", "test_triton_compile.py",
                        "test_patch.py", "test_reliability.py", "test_norm.py", "test_distributed.py",
                        "test_softmax.py", "test_patch_models.py", "test_compile.py", "test_fuzz.py")
+
+
+def pytest_configure(config):
+    # pytest-xdist 3.x hands out loadfile's files by their number of tests, most first, unless
+    # told not to: the slowest files (test_triton_compile.py, 1 test; test_isa_levels.py, 9)
+    # then went last, and one worker ran them for minutes after the other had finished.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
