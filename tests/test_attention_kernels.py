@@ -6,6 +6,7 @@ causal, windows, fully masked rows; plus peak memory (no (Sq, Sk) buffer) and to
 import math
 import os
 import subprocess
+import tempfile
 import sys
 import types
 
@@ -468,7 +469,7 @@ def test_cpu_forward_holds_no_score_matrix():
         "print((peak() - before) // 1024)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "OMP_NUM_THREADS": "2"})
+                         cwd=tempfile.gettempdir(), env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert out.returncode == 0, out.stderr
     grew_mib = int(out.stdout.strip())
     assert grew_mib < 32, f"peak memory grew by {grew_mib} MiB; a score matrix would be 256 MiB"

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -25,7 +26,8 @@ def run(*args, cwd=None, timeout=600, python_prelude=None):
         code = python_prelude + f"\nfrom lmfast.cli import main\nsys.exit(main({list(args)!r}))\n"
         cmd = [sys.executable, "-c", code]
     env = os.environ | {"TRITON_INTERPRET": "0", "COLUMNS": "200"}
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=timeout, env=env)
+    # (by default outside the checkout: `python -c` would import the source folder's lmfast)
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or tempfile.gettempdir(), timeout=timeout, env=env)
     return p.returncode, p.stdout, p.stderr
 
 

@@ -175,13 +175,15 @@ def test_import_lmfast_leaves_dynamo_unloaded_and_marks_backend_choice_when_it_l
     still a trace-time constant once dynamo loads."""
     import subprocess
     import sys
+    import tempfile
 
     code = ("import sys, lmfast\n"
             "from lmfast.ops import _common\n"
             "assert 'torch._dynamo' not in sys.modules\n"
             "import torch._dynamo\n"
             "assert _common._resolve._dynamo_marked_constant\n")
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=tempfile.gettempdir())  # (not the checkout's lmfast, which `python -c` would import)
     assert p.returncode == 0, p.stderr
 
 

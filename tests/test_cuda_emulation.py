@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -380,6 +381,7 @@ def test_fuzz_through_the_public_ops(cuda_emulation):
     env = {**os.environ, "LMFAST_TEST_CPU_KERNELS": "cuda-emulation", "LMFAST_CUDA_EMULATION_SMS": "132"}
     fuzz = Path(__file__).with_name("test_fuzz.py")
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                          str(fuzz), "-k", "cpu-cpu"], env=env, capture_output=True, text=True, timeout=1200)
+                          str(fuzz), "-k", "cpu-cpu"], env=env, capture_output=True, text=True, timeout=1200,
+                         cwd=tempfile.gettempdir())  # (not the checkout's lmfast, which `python -m` would import)
     assert run.returncode == 0, f"fuzz with the emulated CUDA kernels failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
     assert "4 passed" in run.stdout, run.stdout[-2000:]

@@ -13,6 +13,7 @@ model, at most twice the unpatched model's own error (lmfast.testing.assert_with
 
 import copy
 import subprocess
+import tempfile
 import sys
 
 import pytest
@@ -422,7 +423,8 @@ def test_import_lmfast_registers_with_transformers_when_it_loads():
             "from transformers.masking_utils import AttentionMaskInterface; "
             "assert 'lmfast' in AttentionInterface._global_mapping, 'attention'; "
             "assert 'lmfast' in AttentionMaskInterface._global_mapping, 'mask'")
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300,
+                   cwd=tempfile.gettempdir())  # (not the checkout's lmfast, which `python -c` would import)
 
 
 def test_mask_structure_is_exact_or_absent():
