@@ -566,7 +566,7 @@ def test_one_key_taking_all_the_weight_gives_the_unfused_gradient(Sk, ab):
     p dp). The CPU backward now keeps whole rows of p and dp; Triton's is FlashAttention-2's
     (README: attention, backward precision)."""
     if ab.name != "cpu":
-        pytest.skip("Triton's backward takes p = exp(s - lse) and delta = rowsum(do o) tile by tile "
+        pytest.skip("Triton's backward takes delta = rowsum(do o), not rowsum(p dp), tile by tile "
                     "(README: attention, backward precision)")
     def inputs():
         ins = _inputs(ab, 1, 2, 1, 17, Sk, 64, torch.float32)

@@ -115,7 +115,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
         o, lse, _ = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
-                           dropout_p, seed, softcap or 0.0)
+                              dropout_p, seed, softcap or 0.0)
     return (o, lse) if return_lse else o
 
 
