@@ -213,8 +213,9 @@ def _seed():
 
 
 # The README's test command runs pytest-xdist with --dist loadfile: each file goes whole to one
-# worker, handed out in collection order (pytest_configure). The longest files go first, so that no worker is
-# still starting one of them when the others run out of work. (Serial runs just see a new order.)
+# worker, handed out in collection order (pytest_configure). The longest files go first, so that
+# no worker is still starting one of them when the others run out of work. (Serial runs just see
+# a new order.)
 # Ordered by each file's time in a run of the README's test command on 2 cores (2026-12-06),
 # with the compile caches a new machine has cold added (the CUDA emulator's ~40 s of CPU,
 # Triton's ~60 s): test_attention_kernels.py 190 s, test_isa_levels.py 145 (the CPU parity
