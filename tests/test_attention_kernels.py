@@ -6,8 +6,8 @@ causal, windows, fully masked rows; plus peak memory (no (Sq, Sk) buffer) and to
 import math
 import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 import types
 
 import pytest
