@@ -57,9 +57,10 @@ LMFAST_KERNEL_OP(rms_norm_bwd, std::tuple<Tensor, Tensor>(const Tensor&, const T
                                                           const Tensor&, const OptTensor&, bool, double, double))
 LMFAST_KERNEL_OP(softmax_fwd, Tensor(const Tensor&, const OptTensor&, double, bool))
 LMFAST_KERNEL_OP(softmax_bwd, Tensor(const Tensor&, const Tensor&, double))
-LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                           const OptTensor&, double, bool, std::optional<int64_t>,
-                                                           double, const OptTensor&, double))
+LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                   const OptTensor&, double, bool,
+                                                                   std::optional<int64_t>, double, const OptTensor&,
+                                                                   double))
 LMFAST_KERNEL_OP(attention_bwd, std::tuple<Tensor, Tensor, Tensor, Tensor>(
                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     const Tensor&, const OptTensor&, const OptTensor&, double, bool,
@@ -224,14 +225,16 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
     ctx->set_materialize_grads(false);
     Given({true, true, true, mask.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [o, lse] = attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
+    auto [o, lse, row_stats] =
+        attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
+    ctx->mark_non_differentiable({row_stats});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["window"] = window.has_value() ? c10::IValue(*window) : c10::IValue();
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["softcap"] = softcap;
-    ctx->save_for_backward({q, k, v, o, lse, mask.value_or(Tensor()), dropout_seed.value_or(Tensor())});
-    return {o, lse};
+    ctx->save_for_backward({q, k, v, o, row_stats, mask.value_or(Tensor()), dropout_seed.value_or(Tensor())});
+    return {o, lse, row_stats};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -283,16 +286,16 @@ Tensor softmax_fwd_autograd(const Tensor& x, const OptTensor& mask, double scale
   return SoftmaxFwd::apply(x, mask, scale, causal);
 }
 
-std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                  const OptTensor& mask, double scale, bool causal,
-                                                  std::optional<int64_t> window, double dropout_p,
-                                                  const OptTensor& dropout_seed, double softcap) {
+std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                          const OptTensor& mask, double scale, bool causal,
+                                                          std::optional<int64_t> window, double dropout_p,
+                                                          const OptTensor& dropout_seed, double softcap) {
   if (!grad_wanted({&mask}, {&q, &k, &v})) {
     at::AutoDispatchBelowADInplaceOrView below;
     return attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
   }
   auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
-  return {out[0], out[1]};
+  return {out[0], out[1], out[2]};
 }
 
 // ---- public ops -----------------------------------------------------------------------------
@@ -391,8 +394,9 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                          : dropout_seed.has_value()
                              ? OptTensor(dropout_seed->reshape({1}).to(q.device()))
                              : OptTensor(at::randint(int64_t(1) << 62, {1}, q.options().dtype(at::kLong)));
-  return attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p, seed,
-                              softcap.value_or(0.0));
+  auto [o, lse, row_stats] = attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p,
+                                                  seed, softcap.value_or(0.0));
+  return {o, lse};  // (row_stats: for the backward only)
 }
 
 }  // namespace lmfast::api

@@ -59,18 +59,18 @@ Tensor softmax_fwd(const Tensor& x, const OptTensor& mask, double scale, bool ca
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
   return kernels().softmax_bwd(dy, y, scale);
 }
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const OptTensor& mask, double scale, bool causal,
-                                         std::optional<int64_t> window, double dropout_p, const OptTensor& seed,
-                                         double softcap) {
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const OptTensor& mask, double scale, bool causal,
+                                                 std::optional<int64_t> window, double dropout_p,
+                                                 const OptTensor& seed, double softcap) {
   return kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, seed, softcap);
 }
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
-    const Tensor& lse, const OptTensor& dlse, const OptTensor& mask, double scale, bool causal,
+    const Tensor& row_stats, const OptTensor& dlse, const OptTensor& mask, double scale, bool causal,
     std::optional<int64_t> window, bool mask_grad, double dropout_p, const OptTensor& seed, double softcap) {
-  return kernels().attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad, dropout_p, seed,
-                                 softcap);
+  return kernels().attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
+                                 dropout_p, seed, softcap);
 }
 
 }  // namespace

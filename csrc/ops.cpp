@@ -66,8 +66,8 @@ TORCH_LIBRARY(lmfast_C, m) {
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-        " int? window, float dropout_p=0., Tensor? dropout_seed=None, float softcap=0.) -> (Tensor, Tensor)");
-  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse,"
+        " int? window, float dropout_p=0., Tensor? dropout_seed=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor row_stats,"
         " Tensor? dlse, Tensor? mask, float scale, bool causal, int? window, bool mask_grad,"
         " float dropout_p=0., Tensor? dropout_seed=None, float softcap=0.) -> (Tensor, Tensor, Tensor, Tensor)");
 }

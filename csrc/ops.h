@@ -53,16 +53,22 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // window: none or >= 1; dropout_p in [0, 1), dropout_seed an int64 tensor of one element
 // (on the CPU for the CPU kernels) where dropout_p > 0 (the mask: lmfast/reference.py's
 // dropout_keep); softcap > 0 caps the scaled scores to softcap * tanh(s / softcap) before
-// the mask is added (Gemma 2's logit softcapping), 0: none. Returns (o, lse) with lse
-// (B, Hq, Sq) in the accumulation dtype, lse without dropout; the backward returns
-// (dq, dk, dv, dmask or an empty tensor).
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const std::optional<Tensor>& mask, double scale,
-                                         bool causal, std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed, double softcap);
+// the mask is added (Gemma 2's logit softcapping), 0: none. Returns (o, lse, row_stats):
+// lse (B, Hq, Sq) in the accumulation dtype, without dropout; row_stats (2, B, Hq, Sq) in
+// the accumulation dtype, each row's softmax max m ([0]; 0 on a row that sees no key) and
+// 1 / l, l = sum of exp(s - m) ([1]; 0 there). The backward takes row_stats in place of lse:
+// p = exp(s - m) / l is the unfused softmax's own form, where exp(s - lse) rounds s - lse,
+// ~log(keys) further from 0 (the Triton backward, which also serves the CUDA forward, reads
+// them; the CPU backward recomputes each row's max and sum from its scores). The backward
+// returns (dq, dk, dv, dmask or an empty tensor).
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const std::optional<Tensor>& mask, double scale,
+                                                 bool causal, std::optional<int64_t> window,
+                                                 double dropout_p,
+                                                 const std::optional<Tensor>& dropout_seed, double softcap);
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
-    const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
+    const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
     const std::optional<Tensor>& dropout_seed, double softcap);
 // What multiplies bfloat16 attention tiles on this CPU: "amx", "avx512bf16" (oneDNN's brgemm)
@@ -115,12 +121,13 @@ std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd_autograd(const Tensor& x,
                                                          double eps, double weight_offset);
 Tensor softmax_fwd_autograd(const Tensor& x, const std::optional<Tensor>& mask, double scale,
                             bool causal);
-std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k,
-                                                  const Tensor& v,
-                                                  const std::optional<Tensor>& mask, double scale,
-                                                  bool causal, std::optional<int64_t> window,
-                                                  double dropout_p,
-                                                  const std::optional<Tensor>& dropout_seed,
-                                                  double softcap);
+std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k,
+                                                          const Tensor& v,
+                                                          const std::optional<Tensor>& mask,
+                                                          double scale, bool causal,
+                                                          std::optional<int64_t> window,
+                                                          double dropout_p,
+                                                          const std::optional<Tensor>& dropout_seed,
+                                                          double softcap);
 
 }  // namespace lmfast::api

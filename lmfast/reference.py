@@ -170,17 +170,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     Returns (o in q's dtype, lse (B, Hq, Sq) in float32, or float64 for float64 inputs).
     """
     acc = acc_dtype(q.dtype)
-    group = q.shape[1] // k.shape[1]
-    kf = k.to(acc).repeat_interleave(group, dim=1)  # (B, Hq, Sk, D)
-    vf = v.to(acc).repeat_interleave(group, dim=1)
-    s = (q.to(acc) @ kf.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-    if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap
-    if attn_mask is not None:
-        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
-    keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)
-    if keep is not None:
-        s = s.masked_fill(~keep, float("-inf"))
+    vf = v.to(acc).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Sk, D)
+    s = _attention_scores(q, k, attn_mask, causal, scale, window, softcap)
     if sinks is not None:  # (B, Hq, Sq, Sk + 1)
         s = torch.cat([s, sinks.to(acc).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
     fully_masked = (s == float("-inf")).all(-1, keepdim=True)  # (B, Hq, Sq, 1); also Sk = 0
@@ -195,3 +186,33 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         keep = dropout_keep(dropout_seed, rows, torch.arange(Sk, device=q.device), dropout_p)
         p = p * keep / (1 - dropout_p)
     return (p @ vf).to(q.dtype), lse.squeeze(-1)
+
+
+def _attention_scores(q, k, attn_mask, causal, scale, window, softcap) -> Tensor:
+    """attention's s (B, Hq, Sq, Sk) in the accumulation dtype, -inf where masked."""
+    acc = acc_dtype(q.dtype)
+    kf = k.to(acc).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Sk, D)
+    s = (q.to(acc) @ kf.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
+    keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    return s
+
+
+def attention_row_stats(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+                        causal: bool = False, scale: float | None = None, window: int | None = None,
+                        softcap: float | None = None) -> Tensor:
+    """The row stats the attention kernels' forward returns for the backward (csrc/ops.h):
+    (2, B, Hq, Sq) in the accumulation dtype, [0] each row's max score m, [1] 1 / l with
+    l = sum of exp(s - m); both 0 on a row that sees no key. Arguments as attention's (v unused:
+    the signature matches so the error-budget checks can call both alike)."""
+    s = _attention_scores(q, k, attn_mask, causal, scale, window, softcap)
+    m = s.amax(-1) if s.shape[-1] > 0 else s.new_full(s.shape[:-1], float("-inf"))  # (B, Hq, Sq)
+    seen = m != float("-inf")
+    m = torch.where(seen, m, 0.0)
+    l = torch.exp(s - m.unsqueeze(-1)).sum(-1)
+    return torch.stack((m, torch.where(seen, 1.0 / l, 0.0)))

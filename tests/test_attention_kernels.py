@@ -205,13 +205,49 @@ def test_float32_backward_on_decoding_shapes(seed, ab):
     """Found by the decoding case above: 2 query rows per kv head over 600-1000 keys put the
     Triton backward's dv and dk at up to 2.8x eager's RMS error in float32, past the budget for
     some seeds, from FlashAttention-2's p = exp(s - lse) (its rounding of s - lse, ~log(keys)
-    from 0, is every p's relative error). It takes p = exp(s - m) / l now (README: attention,
-    backward precision). Each seed is held to the budget alone."""
-    if ab.name == "cuda":
-        pytest.skip("the CUDA C++ forward returns lse only, so its backward takes exp(s - lse) (README: "
-                    "attention, backward precision)")
+    from 0, is every p's relative error). It takes p = exp(s - m) / l now, from the forward's
+    row stats (README: attention, backward precision; on backend "cuda", the CUDA C++ forward's
+    stats). Each seed is held to the budget alone."""
     torch.manual_seed(seed)
     _check(ab, f"2 x 1000 keys, seed {seed}", _inputs(ab, 2, 4, 2, 2, 1000, 64, torch.float32, causal=True))
+
+
+ROW_STATS_CASES = {  # (B, Hq, Hkv, Sq, Sk, mask, causal, window, softcap)
+    # a padding row that sees no key (m = 0, 1 / l = 0), and the rows above the diagonal's start
+    "prefill": (2, 4, 2, 37, 90, "bool", True, None, None),
+    "decoding": (2, 8, 2, 1, 700, None, True, None, None),  # the split kernels and their combine
+    "additive, window, softcap": (1, 4, 1, 20, 45, "additive", False, 9, 3.0),
+}
+
+
+@pytest.mark.parametrize("case", ROW_STATS_CASES)
+def test_forward_returns_the_row_stats_the_backward_reads(case, ab, dtype):
+    """The kernel forward's third output (csrc/ops.h): each row's max score m and 1 / l, l = sum
+    of exp(s - m), which the Triton backward reads for p = exp(s - m) / l (on backend "cuda"
+    from the CUDA C++ forward), against the float64 reference's, under the error budget."""
+    B, Hq, Hkv, Sq, Sk, mask_kind, causal, window, softcap = ROW_STATS_CASES[case]
+    mask = None
+    if mask_kind == "bool":
+        mask = torch.rand(B, 1, Sq, Sk, device=ab.device) > 0.3
+        mask[0, :, 5] = False
+    elif mask_kind == "additive":
+        mask = torch.randn(1, Hq, Sq, Sk, device=ab.device).to(dtype)
+    lmfast.backends()  # (loads the C++ library)
+    ns = torch.ops.lmfast_triton if ab.name == "triton" else torch.ops.lmfast_C
+    inputs = {**_inputs(ab, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask, causal=causal, window=window, scale=0.125),
+              "softcap": softcap}
+
+    def kernel(q, k, v, attn_mask, causal, scale, window, softcap):
+        mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)
+        return tuple(ns.attention_fwd(q, k, v, mask4, scale, causal, window, 0.0, None, softcap or 0.0))
+
+    def ref(**kw):
+        return (*reference.attention(**kw), reference.attention_row_stats(**kw))
+
+    check_against_reference(kernel, ref, inputs, grad=(), name=f"attention {ab.name} row stats {case}")
+    stats = kernel(**inputs)[2]
+    if mask_kind == "bool":
+        assert torch.equal(stats[:, 0, :, 5].cpu(), torch.zeros(2, Hq))  # the row that sees no key
 
 
 def test_additive_mask_and_lse_gradients(ab, dtype):

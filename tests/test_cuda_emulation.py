@@ -280,8 +280,9 @@ def test_attention(emu, dtype, shape, variant):
         mask = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)
         return tuple(emu.attention_fwd(q, k, v, mask, scale, causal, window, 0.0, None))
 
-    def ref(q, k, v, attn_mask=None):
-        return reference.attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window)
+    def ref(q, k, v, attn_mask=None):  # (o, lse, row stats: csrc/ops.h)
+        kw = dict(causal=causal, scale=scale, window=window)
+        return *reference.attention(q, k, v, attn_mask, **kw), reference.attention_row_stats(q, k, v, attn_mask, **kw)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {variant} {dtype}")
 
@@ -303,7 +304,8 @@ def test_attention_packed_documents(emu, dtype, causal, thread_order):
         return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, S, S), D ** -0.5, causal, None, 0.0, None))
 
     def ref(q, k, v, attn_mask):
-        return reference.attention(q, k, v, attn_mask, causal=causal)
+        return *reference.attention(q, k, v, attn_mask, causal=causal), reference.attention_row_stats(
+            q, k, v, attn_mask, causal=causal)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention, packed documents {causal=} {dtype}")
 
@@ -321,8 +323,9 @@ def test_attention_dropout(emu, dtype, shape):
         return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), D ** -0.5, True, None, p,
                                        torch.tensor([seed])))
 
-    def ref(q, k, v, attn_mask):
-        return reference.attention(q, k, v, attn_mask, causal=True, dropout_p=p, dropout_seed=seed)
+    def ref(q, k, v, attn_mask):  # (the row stats, as lse, undropped)
+        return *reference.attention(q, k, v, attn_mask, causal=True, dropout_p=p, dropout_seed=seed), \
+            reference.attention_row_stats(q, k, v, attn_mask, causal=True)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention dropout {shape} {dtype}")
 
@@ -341,19 +344,58 @@ def test_attention_softcap(emu, dtype, shape):
                                        2.5))
 
     def ref(q, k, v, attn_mask):
-        return reference.attention(q, k, v, attn_mask, causal=True, softcap=2.5)
+        return *reference.attention(q, k, v, attn_mask, causal=True, softcap=2.5), reference.attention_row_stats(
+            q, k, v, attn_mask, causal=True, softcap=2.5)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention softcap {shape} {dtype}")
 
 
 def test_attention_rows_that_see_no_key(emu):
-    """Causal with Sq > Sk: the first Sq - Sk rows see no key (o = 0, lse = -inf), in both kernels."""
+    """Causal with Sq > Sk: the first Sq - Sk rows see no key (o = 0, lse = -inf, row stats 0), in
+    both kernels."""
     for Sq in (3, 40):
         q, k, v = (_randn(1, 2, S, 64, dtype=torch.float16, seed=i) for i, S in enumerate((Sq, 2, 2)))
-        o, lse = emu.attention_fwd(q, k, v, None, 0.125, True, None, 0.0, None)
+        o, lse, stats = emu.attention_fwd(q, k, v, None, 0.125, True, None, 0.0, None)
         o_ref, lse_ref = reference.attention(q.double(), k.double(), v.double(), causal=True, scale=0.125)
         torch.testing.assert_close(o.double(), o_ref, atol=2e-3, rtol=2e-3)
         assert torch.equal(torch.isinf(lse), torch.isinf(lse_ref)) and torch.isinf(lse[..., :Sq - 2]).all()
+        assert torch.equal(stats[..., :Sq - 2], torch.zeros(2, 1, 2, Sq - 2)) and (stats[1, ..., Sq - 2:] > 0).all()
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="with a GPU, test_attention_kernels runs this composition on it (backend 'cuda')")
+@pytest.mark.parametrize("shape", [(2, 4, 2, 2, 1000), (1, 4, 2, 37, 90)], ids=["decode", "prefill"])
+def test_backward_from_the_cuda_forwards_row_stats(emu, shape):
+    """Backend "cuda"'s gradients as a GPU computes them: the emulated CUDA forward's row stats
+    feed the Triton backward (through its interpreter), p = exp(s - m) / l. The decoding shape in
+    float32 is the one where FlashAttention-2's exp(s - lse) put dv past the budget
+    (test_attention_kernels.test_float32_backward_on_decoding_shapes)."""
+    from lmfast import kernels
+
+    B, Hq, Hkv, Sq, Sk = shape
+    scale = 0.125
+
+    class CudaForwardTritonBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            o, lse, row_stats = emu.attention_fwd(q, k, v, None, scale, True, None, 0.0, None)
+            ctx.save_for_backward(q, k, v, o, row_stats)
+            return o, lse
+
+        @staticmethod
+        def backward(ctx, do, dlse):
+            q, k, v, o, row_stats = ctx.saved_tensors
+            dq, dk, dv, _ = kernels.attention_bwd(do.contiguous(), q, k, v, o.contiguous(), row_stats,
+                                                  None if dlse is None else dlse.contiguous(), None, scale, True,
+                                                  None, False)
+            return dq, dk, dv
+
+    for seed in range(2):
+        inputs = {name: _randn(*dims, 64, dtype=torch.float32, seed=10 * seed + i)
+                  for i, (name, dims) in enumerate((("q", (B, Hq, Sq)), ("k", (B, Hkv, Sk)), ("v", (B, Hkv, Sk))))}
+        check_against_reference(lambda q, k, v: CudaForwardTritonBackward.apply(q, k, v),
+                                lambda q, k, v: reference.attention(q, k, v, causal=True, scale=scale), inputs,
+                                grad=("q", "k", "v"), name=f"cuda forward + triton backward {shape} seed {seed}")
 
 
 # ---- the thread order: both orders on a path with shared memory per kernel -------------------

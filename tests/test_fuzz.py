@@ -277,9 +277,9 @@ def _attention_case(kb, data):
     # masked keys and key tiles outside the causal/window band (README: attention).
     finite = values not in ("nan", "+inf", "-inf")
     # Scores ~1e30 (extreme float32 q, k) put every row's weight on one key. Triton's backward
-    # (the cuda backend's too) is FlashAttention-2's, p = exp(s - lse) and delta = rowsum(do o)
-    # tile by tile, which then misses an unfused softmax's exact zeros on rows spanning several
-    # key blocks (README: attention, backward precision); the CPU backward keeps whole rows.
+    # (the cuda backend's too) works tile by tile as FlashAttention-2's, delta = rowsum(do o),
+    # which then misses an unfused softmax's exact zeros on rows spanning several key blocks
+    # (README: attention, backward precision); the CPU backward keeps whole rows.
     fa2_one_hot = values == "extreme" and dtype == torch.float32 and kb.name != "cpu"
     # The same corner with dropout: rows that can see a single key (a window of 1 or 3, a sparse
     # boolean mask, Sk <= 3) put all their weight on it, and the FA2-form noise on such rows that

@@ -731,11 +731,12 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
   }
 }
 
-// o = acc / l (0 for fully masked rows), times 1 / (1 - dropout_p); lse = m + log(l).
+// o = acc / l (0 for fully masked rows), times 1 / (1 - dropout_p); lse = m + log(l);
+// row_stats (2 x B * Hq * Sq, csrc/ops.h): m (0 on a fully masked row) and 1 / l (0 there).
 template <typename scalar_t>
 void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>& st,
                 const Geometry& g, int64_t b, const Rows& os, scalar_t* o, at::opmath_type<scalar_t>* lse,
-                const Dropout& drop) {
+                at::opmath_type<scalar_t>* row_stats, const Dropout& drop) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t keep_scale = static_cast<acc_t>(drop.keep_scale);
   for (int64_t r = 0; r < rows.size(); ++r) {
@@ -751,7 +752,10 @@ void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>
     });
     // logsumexp: -inf on a fully masked row, +inf where a score is +inf (l is NaN there)
     constexpr acc_t kInf = std::numeric_limits<acc_t>::infinity();
-    lse[(b * g.Hq + h) * g.Sq + i] = st.m[r] == kInf ? kInf : st.l[r] == 0 ? -kInf : st.m[r] + std::log(st.l[r]);
+    const int64_t row = (b * g.Hq + h) * g.Sq + i;
+    lse[row] = st.m[r] == kInf ? kInf : st.l[r] == 0 ? -kInf : st.m[r] + std::log(st.l[r]);
+    row_stats[row] = st.m[r] == -kInf ? acc_t(0) : st.m[r];
+    row_stats[g.B * g.Hq * g.Sq + row] = st.l[r] == 0 ? acc_t(0) : acc_t(1) / st.l[r];
   }
 }
 
@@ -764,7 +768,8 @@ constexpr int64_t kMinSplitKeys = 128;  // short queries: keys per split, at lea
 
 template <typename scalar_t, typename mask_t>
 void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* o,
-                          at::opmath_type<scalar_t>* lse, const MaskView<mask_t>& mask,
+                          at::opmath_type<scalar_t>* lse, at::opmath_type<scalar_t>* row_stats,
+                          const MaskView<mask_t>& mask,
                           const Geometry& g, const Rows& qs, const Rows& ks, const Rows& vs, const Rows& os,
                           double scale_d, const KeyBand& band, const Dropout& drop) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -799,7 +804,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
             for (int64_t i = qb * kPackedBlockQ; i < std::min(g.Sq, (qb + 1) * kPackedBlockQ); ++i) rows.add(h, i);
             st.reset(rows.size(), g.D);
             attend_keys_packed(rows, q, mask, g, qs, scale, band, b, h / group, kv, drop, st, s_buf, q_buf, p_buf);
-            write_rows(rows, st, g, b, os, o, lse, drop);
+            write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
           }
           at::native::cpublas::brgemm_release(true);  // this thread's AMX tile state
         });
@@ -816,7 +821,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         for (int64_t i = qb * block_q; i < std::min(g.Sq, (qb + 1) * block_q); ++i) rows.add(h, i);
         st.reset(rows.size(), g.D);
         attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, drop, st, buf);
-        write_rows(rows, st, g, b, os, o, lse, drop);
+        write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
       }
     });
     return;
@@ -847,7 +852,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       state.reset(R, g.D);
       attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, hk, g.Sk * split / splits,
                   g.Sk * (split + 1) / splits, kBlockK, drop, state, buf);
-      if (splits == 1) write_rows(rows, state, g, b, os, o, lse, drop);
+      if (splits == 1) write_rows(rows, state, g, b, os, o, lse, row_stats, drop);
     }
   });
   if (splits == 1) return;
@@ -869,7 +874,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           for (int64_t d = 0; d < g.D; ++d) merged.acc[r * g.D + d] += p.acc[r * g.D + d] * w;
         }
       }
-      write_rows(rows, merged, g, b, os, o, lse, drop);
+      write_rows(rows, merged, g, b, os, o, lse, row_stats, drop);
     }
   });
 }
@@ -890,7 +895,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 //    and exp(s - lse) was 0 or inf;
 //  - lse's rounding leaves sum(p) - 1 ~ 1e-7, and rowsum(ds) = delta (1 - sum p) lands in
 //    gradients that are exactly 0 (a key bias's: softmax ignores it).
-// lse is used no more. The tile products are the same five; the cost is 2 x rows x Sk
+// Nor are the forward's row stats (csrc/ops.h), which the Triton backward takes. The tile products are the same five; the cost is 2 x rows x Sk
 // accumulators per thread, held under kBackwardRowsBytes by the number of rows per block.
 constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
 
@@ -1225,7 +1230,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
                           const Geometry& g, float scale, const KeyBand& band, const Dropout& drop,
                           at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask);
 
-// The backward (o and lse, which the forward returned, are not needed: see above).
+// The backward (o and row_stats, which the forward returned, are not needed: see above).
 template <typename scalar_t, typename mask_t>
 void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                           const at::opmath_type<scalar_t>* dlse /* or nullptr */,
@@ -1481,32 +1486,36 @@ const char* bf16_attention_unit() {
   return unit;
 }
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const std::optional<Tensor>& mask, double scale,
-                                         bool causal, std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed, double softcap) {
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const std::optional<Tensor>& mask, double scale,
+                                                 bool causal, std::optional<int64_t> window,
+                                                 double dropout_p,
+                                                 const std::optional<Tensor>& dropout_seed, double softcap) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/false);
   check_mask(mask, q, g);
   const KeyBand band = key_band(g, causal, window, softcap);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   // (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D): o.transpose(1, 2) is contiguous.
   Tensor o = at::empty({g.B, g.Sq, g.Hq, g.D}, q.options()).transpose(1, 2);
-  Tensor lse = at::empty({g.B, g.Hq, g.Sq}, q.options().dtype(at::toOpMathType(q.scalar_type())));
-  if (q.numel() == 0 && lse.numel() == 0) return {o, lse};
+  const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
+  Tensor lse = at::empty({g.B, g.Hq, g.Sq}, acc_options);
+  Tensor row_stats = at::empty({2, g.B, g.Hq, g.Sq}, acc_options);
+  if (q.numel() == 0 && lse.numel() == 0) return {o, lse, row_stats};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_fwd", [&] {
     with_mask_type<scalar_t>(mask, [&](auto mv) {
       attention_fwd_kernel<scalar_t>(q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
                                      v.const_data_ptr<scalar_t>(), o.data_ptr<scalar_t>(),
-                                     lse.data_ptr<at::opmath_type<scalar_t>>(), mv, g, Rows(q), Rows(k),
+                                     lse.data_ptr<at::opmath_type<scalar_t>>(),
+                                     row_stats.data_ptr<at::opmath_type<scalar_t>>(), mv, g, Rows(q), Rows(k),
                                      Rows(v), Rows(o), scale, band, drop);
     });
   });
-  return {o, lse};
+  return {o, lse, row_stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
-    const Tensor& lse, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
+    const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
     const std::optional<Tensor>& dropout_seed, double softcap) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
@@ -1515,12 +1524,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && dout.is_contiguous() &&
                   o.is_contiguous() && dout.scalar_type() == q.scalar_type(),
               "lmfast_C: dout and o must be contiguous and shaped like q");
-  TORCH_CHECK(lse.is_contiguous() && lse.numel() == g.B * g.Hq * g.Sq &&
-                  lse.scalar_type() == at::toOpMathType(q.scalar_type()),
-              "lmfast_C: lse must be a contiguous (B, Hq, Sq) tensor in the accumulation dtype");
-  TORCH_CHECK(!dlse.has_value() || (dlse->sizes() == lse.sizes() && dlse->is_contiguous() &&
-                                    dlse->scalar_type() == lse.scalar_type()),
-              "lmfast_C: dlse must be shaped and typed like lse");
+  // row_stats is checked, not read: this backward recomputes each row's max and sum (above)
+  const auto acc_type = at::toOpMathType(q.scalar_type());
+  TORCH_CHECK(row_stats.numel() == 2 * g.B * g.Hq * g.Sq && row_stats.scalar_type() == acc_type,
+              "lmfast_C: row_stats must be a (2, B, Hq, Sq) tensor in the accumulation dtype, got ",
+              row_stats.sizes(), " ", row_stats.scalar_type());
+  TORCH_CHECK(!dlse.has_value() || (dlse->numel() == g.B * g.Hq * g.Sq && dlse->is_contiguous() &&
+                                    dlse->scalar_type() == acc_type),
+              "lmfast_C: dlse must be a contiguous (B, Hq, Sq) tensor in the accumulation dtype");
   const KeyBand band = key_band(g, causal, window, softcap);
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor dmask = mask_grad ? at::zeros({g.B, g.Hq, g.Sq, g.Sk}, q.options()) : at::empty({0}, q.options());

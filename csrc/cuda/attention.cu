@@ -9,7 +9,8 @@
 //
 // q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D) with any strides and a contiguous head dim; query
 // head h reads kv head h / (Hq / Hkv) (grouped-query attention, nothing repeated); o is
-// written in (B, Sq, Hq, D) memory order, lse (B, Hq, Sq) in float32.
+// written in (B, Sq, Hq, D) memory order, lse (B, Hq, Sq) and the row stats (2, B, Hq, Sq)
+// that the backward (Triton's) takes, each row's max m and 1 / l (csrc/ops.h), in float32.
 //
 // Two kernels:
 //   prefill   a block of 16 * WARPS query rows of one head walks the key tiles its rows may
@@ -49,6 +50,7 @@ struct AttnParams {
   const void* mask;  // bool (uint8) or q's dtype, read through its strides
   void* o;           // (B, Sq, Hq, D) contiguous
   float* lse;        // (B, Hq, Sq)
+  float* row_stats;  // (2, B, Hq, Sq): m, 1 / l (store_row_softmax)
   int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, row (the head dim is contiguous)
   int64_t mask_strides[4];                            // 0 along broadcast dims
   int mask_kind;
@@ -115,6 +117,15 @@ __device__ __forceinline__ float masked_score(const AttnParams& p, float dot, in
     else s += to_float(static_cast<const T*>(p.mask)[off]);
   }
   return s;
+}
+
+// A row's lse = m + log(l) (-inf on a fully masked row, +inf where a score is +inf: l is NaN
+// there), and its row stats for the backward (csrc/ops.h): m (0 on a fully masked row) and
+// 1 / l (0 there). row = (b * Hq + h) * Sq + i.
+__device__ inline void store_row_softmax(const AttnParams& p, int64_t row, float m, float l) {
+  p.lse[row] = m == INFINITY ? INFINITY : l == 0.f ? -INFINITY : m + logf(l);
+  p.row_stats[row] = m == -INFINITY ? 0.f : m;
+  p.row_stats[int64_t(p.B) * p.Hq * p.Sq + row] = l == 0.f ? 0.f : 1.f / l;
 }
 
 // ---- prefill --------------------------------------------------------------------------------
@@ -297,11 +308,10 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
     __syncwarp();
   }
 
-  // o = O / l (0 on a fully masked row), lse = m + log(l) (-inf there)
+  // o = O / l (0 on a fully masked row); lse and the row stats
   __syncwarp();
   if (half == 0) row_alpha[my_row] = l_run == 0.f ? 0.f : p.keep_scale / l_run;  // (NaN stays NaN)
-  if (half == 0 && qi < p.Sq)
-    p.lse[(int64_t(b) * p.Hq + h) * p.Sq + qi] = m_run == INFINITY ? INFINITY : l_run == 0.f ? -INFINITY : m_run + logf(l_run);
+  if (half == 0 && qi < p.Sq) store_row_softmax(p, (int64_t(b) * p.Hq + h) * p.Sq + qi, m_run, l_run);
   __syncwarp();
   T* o = static_cast<T*>(p.o);
   for (int c = lane; c < 16 * p.D; c += 32) {
@@ -413,7 +423,7 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
   }
 }
 
-// One warp per (b, h, i) row: merges the row's splits into o (B, Sq, Hq, D) and lse.
+// One warp per (b, h, i) row: merges the row's splits into o (B, Sq, Hq, D), lse and row stats.
 template <typename T>
 __global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const float* __restrict__ part_o,
                                     const float* __restrict__ part_ml) {
@@ -433,7 +443,7 @@ __global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const floa
     for (int s = 0; s < splits; ++s) acc += exp_below(ml[2 * s], m) * part_o[(row * splits + s) * Dp + d];
     o[d] = from_float<T>(acc * inv);
   }
-  if (lane == 0) p.lse[row] = m == INFINITY ? INFINITY : l == 0.f ? -INFINITY : m + logf(l);  // (+inf score: +inf)
+  if (lane == 0) store_row_softmax(p, row, m, l);
 }
 
 // ---- launchers ---------------------------------------------------------------------------
@@ -515,10 +525,10 @@ constexpr int kDecodeMaxRows = 4;
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const std::optional<Tensor>& mask, double scale, bool causal,
-                                         std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed, double softcap) {
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const std::optional<Tensor>& mask, double scale, bool causal,
+                                                 std::optional<int64_t> window, double dropout_p,
+                                                 const std::optional<Tensor>& dropout_seed, double softcap) {
   check_cuda_contiguous("attention_fwd", {&q, &k, &v, mask ? &*mask : nullptr}, /*need_contiguous=*/false);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "lmfast_C::attention_fwd (cuda): dropout_p must be in [0, 1)");
   TORCH_CHECK(dropout_p == 0 || (dropout_seed && dropout_seed->device() == q.device() &&
@@ -537,11 +547,13 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   // o in (B, Sq, Hq, D) memory, seen as (B, Hq, Sq, D)
   Tensor o = at::empty({B, Sq, Hq, D}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  if (B * Hq * Sq == 0) return {o, lse};
+  Tensor row_stats = at::empty({2, B, Hq, Sq}, q.options().dtype(at::kFloat));
+  if (B * Hq * Sq == 0) return {o, lse, row_stats};
   if (Sk == 0) {  // no keys: every row is fully masked
     o.zero_();
     lse.fill_(-INFINITY);
-    return {o, lse};
+    row_stats.zero_();  // (m = 0, 1 / l = 0)
+    return {o, lse, row_stats};
   }
 
   AttnParams p{};
@@ -550,6 +562,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
   p.v = v.const_data_ptr();
   p.o = o.data_ptr();
   p.lse = lse.data_ptr<float>();
+  p.row_stats = row_stats.data_ptr<float>();
   for (int d = 0; d < 3; ++d) {
     p.q_strides[d] = q.stride(d);
     p.k_strides[d] = k.stride(d);
@@ -587,7 +600,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const
     else run_prefill<T>(p, vec16, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {o, lse};
+  return {o, lse, row_stats};
 }
 
 }  // namespace lmfast::cuda

@@ -31,11 +31,12 @@ std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const
 Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // Forward only: the backward on CUDA tensors is the Triton kernel's (lmfast/ops/attention.py
-// registers it for lmfast_C::attention_bwd's CUDA key). dropout_seed: on q's device.
-std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                         const std::optional<Tensor>& mask, double scale, bool causal,
-                                         std::optional<int64_t> window, double dropout_p,
-                                         const std::optional<Tensor>& dropout_seed, double softcap);
+// registers it for lmfast_C::attention_bwd's CUDA key), which takes the row stats returned
+// here. dropout_seed: on q's device.
+std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                                 const std::optional<Tensor>& mask, double scale, bool causal,
+                                                 std::optional<int64_t> window, double dropout_p,
+                                                 const std::optional<Tensor>& dropout_seed, double softcap);
 
 // The launch-level contract (the public ops checked the user's input): CUDA tensors on one
 // device, contiguous unless the op says otherwise. null entries are absent optionals.

@@ -452,7 +452,6 @@ def _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n,
 def _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.constexpr):
     row_ok = rows < Sq
     m = tl.load(ROW_MAX + rows, mask=row_ok, other=0.0)
-    m = tl.where(m == NEG_INF, 0.0, m)  # (an lse given as m, by attention_bwd_from_lse)
     inv_l = tl.load(ROW_INV_SUM + rows, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + rows, mask=row_ok, other=0.0)
     if HAS_DLSE:
@@ -736,8 +735,8 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
 
 def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: float = 0.0, dropout_seed=None,
                   softcap: float = 0.0):
-    """(o, lse, row_stats) as csrc/ops.h's attention_fwd, plus row_stats (2, B, Hq, Sq) float32:
-    each row's softmax max m and 1 / l, which attention_bwd takes (_store_row_stats)."""
+    """(o, lse, row_stats) as csrc/ops.h's attention_fwd: row_stats (2, B, Hq, Sq) float32, each
+    row's softmax max m and 1 / l, which attention_bwd takes (_store_row_stats)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -785,19 +784,10 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, 
     return o, lse, stats
 
 
-def attention_bwd_from_lse(dout, q, k, v, o, lse, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
-                           dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
-    """attention_bwd for a forward that gives lse only (the CUDA C++ kernels): p = exp(s - lse),
-    FlashAttention-2's form (m = lse, 1 / l = 1), with its larger float32 rounding."""
-    stats = torch.stack((lse.float(), torch.ones_like(lse, dtype=torch.float32)))
-    return attention_bwd(dout, q, k, v, o, stats, dlse, mask, scale, causal, window, mask_grad, dropout_p,
-                         dropout_seed, softcap)
-
-
 def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
                   dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
-    """(dq, dk, dv, dmask) as csrc/ops.h's attention_bwd, from attention_fwd's row_stats
-    (2, B, Hq, Sq) in place of lse."""
+    """(dq, dk, dv, dmask) as csrc/ops.h's attention_bwd, from the row_stats (2, B, Hq, Sq) of
+    attention_fwd (this module's or the CUDA C++ kernels')."""
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     dq = torch.empty_like(q)

@@ -144,10 +144,10 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
-# ---- Triton ops (contracts as in csrc/ops.h, but for row_stats) ---------------------------
-# The Triton forward also returns row_stats (2, B, Hq, Sq) float32, each row's softmax max and
-# 1 / sum, which its backward takes in place of lse: p = exp(s - m) / l, as precise as an
-# unfused softmax's (lmfast/kernels/attention.py: _store_row_stats).
+# ---- Triton ops (contracts as csrc/ops.h's) -------------------------------------------------
+# The forward also returns row_stats (2, B, Hq, Sq) float32, each row's softmax max and 1 / sum,
+# which the backward takes in place of lse: p = exp(s - m) / l, as precise as an unfused
+# softmax's (lmfast/kernels/attention.py: _store_row_stats).
 
 @torch.library.custom_op("lmfast_triton::attention_fwd", mutates_args=())
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
@@ -170,18 +170,14 @@ def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, row_stats: Tenso
 def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0):
     B, Hq, Sq, D = q.shape  # o: (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D), as the kernels write it
     o = q.new_empty((B, Sq, Hq, D)).transpose(1, 2)
-    return o, q.new_empty(q.shape[:3], dtype=reference.acc_dtype(q.dtype))
+    acc = reference.acc_dtype(q.dtype)
+    return o, q.new_empty((B, Hq, Sq), dtype=acc), q.new_empty((2, B, Hq, Sq), dtype=acc)  # o, lse, row_stats
 
 
-def _attention_bwd_fake(dout, q, k, v, o, lse_or_row_stats, dlse, mask, scale, causal, window, mask_grad,
+def _attention_bwd_fake(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
                         dropout_p=0.0, dropout_seed=None, softcap=0.0):
     dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
-
-
-def _triton_attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0):
-    o, lse = _attention_fwd_fake(q, k, v, mask, scale, causal, window)
-    return o, lse, q.new_empty((2, *q.shape[:3]), dtype=torch.float32)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -194,8 +190,7 @@ def _attention_setup(ctx, inputs, output):
 
 def register_fakes(ns: str) -> None:
     """Fake impls of ns::attention_{fwd,bwd} (lmfast_C or lmfast_triton)."""
-    fwd_fake = _triton_attention_fwd_fake if ns == "lmfast_triton" else _attention_fwd_fake
-    torch.library.register_fake(f"{ns}::attention_fwd", fwd_fake)
+    torch.library.register_fake(f"{ns}::attention_fwd", _attention_fwd_fake)
     torch.library.register_fake(f"{ns}::attention_bwd", _attention_bwd_fake)
 
 
@@ -228,22 +223,21 @@ def register_cuda_backward() -> None:
     """Registers the Triton backward as lmfast_C::attention_bwd's CUDA kernel (called once, by
     lmfast._extension, when lmfast._cuda loads). The CUDA C++ kernels cover the attention
     forward only; the C++ autograd (csrc/api.cpp) calls attention_bwd through the dispatcher,
-    which lands here for CUDA tensors, with lse (csrc/ops.h): the Triton backward then takes
-    p = exp(s - lse) (attention_bwd_from_lse), not the Triton forward's row max and sum."""
+    which lands here for CUDA tensors, with the CUDA forward's row stats (csrc/ops.h)."""
     global _cuda_backward_library
     if _cuda_backward_library is not None:
         return
     library = torch.library.Library("lmfast_C", "IMPL")
 
-    def attention_bwd(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad, dropout_p=0.0,
+    def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad, dropout_p=0.0,
                       dropout_seed=None, softcap=0.0):
         try:
             kernels = triton_kernels()
         except ImportError as e:
             raise RuntimeError("backend 'cuda' computes the attention backward with lmfast's Triton kernel, "
                                f"and triton cannot be imported ({e}); pip install 'lmfast[triton]'") from None
-        return kernels.attention_bwd_from_lse(dout, q, k, v, o, lse, dlse, mask, scale, causal, window, mask_grad,
-                                              dropout_p, dropout_seed, softcap)
+        return kernels.attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
+                                     dropout_p, dropout_seed, softcap)
 
     library.impl("attention_bwd", attention_bwd, "CUDA")
     _cuda_backward_library = library
