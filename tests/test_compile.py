@@ -1,6 +1,9 @@
 """torch.compile traces the ops without graph breaks (fake impls and autograd registered on
 the custom ops), forward and backward, and gives the eager results."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -143,16 +146,8 @@ def test_cpp_and_triton_ops_share_one_schema(name):
     lmfast.backends()  # loads the C++ library
     cpp = getattr(torch.ops.lmfast_C, name).default._schema
     tri = getattr(torch.ops.lmfast_triton, name).default._schema
-    cpp_args = [(a.name, str(a.type)) for a in cpp.arguments]
-    cpp_returns = [str(r.type) for r in cpp.returns]
-    # One difference, on purpose: the Triton attention forward also returns each row's softmax
-    # max and sum (row_stats), which its backward takes in place of lse (kernels/attention.py)
-    if name == "attention_fwd":
-        cpp_returns.append("Tensor")
-    if name == "attention_bwd":
-        cpp_args = [("row_stats", t) if n == "lse" else (n, t) for n, t in cpp_args]
-    assert cpp_args == [(a.name, str(a.type)) for a in tri.arguments]
-    assert cpp_returns == [str(r.type) for r in tri.returns]
+    assert [(a.name, str(a.type)) for a in cpp.arguments] == [(a.name, str(a.type)) for a in tri.arguments]
+    assert [str(r.type) for r in cpp.returns] == [str(r.type) for r in tri.returns]
 
 
 def test_opcheck_custom_ops(kb):
@@ -187,18 +182,34 @@ def test_import_lmfast_leaves_dynamo_unloaded_and_marks_backend_choice_when_it_l
     assert p.returncode == 0, p.stderr
 
 
-def test_compile_caches_are_keyed_by_the_kernel_op_schemas():
-    """A graph cached on disk by torch.compile under an lmfast whose kernel ops had other schemas
-    would call them with the old arguments (seen when the norm backward ops gained eps): lmfast
-    adds its op-schema version to torch.compile's cache key, keeping any tag the user set."""
+def test_compile_caches_are_keyed_by_the_ops_definitions(tmp_path):
+    """A graph cached on disk by torch.compile under an lmfast whose ops had other schemas or
+    decompositions calls them as they were (seen when the norm backward ops gained eps, and when
+    attention_bwd took row stats for lse): lmfast adds a digest of the files defining them to
+    torch.compile's cache key, keeping any tag the user set; a change to any of them changes it."""
     import torch.compiler.config as compiler_config
 
-    assert f"lmfast-ops-v{lmfast.OPS_SCHEMA_VERSION}" in compiler_config.cache_key_tag.split("+")
+    tag = lmfast.compile_cache_tag()
+    assert tag in compiler_config.cache_key_tag.split("+")
     saved = compiler_config.cache_key_tag
     try:
         compiler_config.cache_key_tag = "mine"
         lmfast._tag_compile_caches()
         lmfast._tag_compile_caches()
-        assert compiler_config.cache_key_tag == f"mine+lmfast-ops-v{lmfast.OPS_SCHEMA_VERSION}"
+        assert compiler_config.cache_key_tag == f"mine+{tag}"
     finally:
         compiler_config.cache_key_tag = saved
+    # a copy of the package's defining files: each edit gives another tag
+    package = Path(lmfast.__file__).parent
+    csrc = package / "_csrc" if (package / "_csrc").is_dir() else package.parent / "csrc"
+    copy = tmp_path / "lmfast"
+    (copy / "_csrc").mkdir(parents=True)
+    shutil.copytree(package / "ops", copy / "ops")
+    for name in ("ops.cpp", "api.cpp"):
+        shutil.copy(csrc / name, copy / "_csrc" / name)
+    assert lmfast.compile_cache_tag(copy) == tag
+    seen = {tag}
+    for edited in (copy / "_csrc" / "ops.cpp", copy / "_csrc" / "api.cpp", copy / "ops" / "attention.py"):
+        edited.write_text(edited.read_text() + "\n")
+        seen.add(lmfast.compile_cache_tag(copy))
+    assert len(seen) == 4
