@@ -234,6 +234,59 @@ def test_hf_layer_norm_is_coheres(x_dtype, w_dtype, kb):
                          F.layer_norm(xf, (32,), None, biased.bias, 1e-5), "HFLayerNorm with a bias")
 
 
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)], ids=["fp32", "bf16", "x-bf16"])
+def test_layer_norm_1p_is_nemotrons(x_dtype, w_dtype, kb):
+    """LayerNorm1P against Nemotron's NemotronLayerNorm1P (scale 1 + weight, added in the
+    weight's dtype): state_dict, output dtype, values within the error budget of Nemotron's module
+    against its float64 self, and the gradients of x, weight and bias; with a residual, the sum;
+    under CPU autocast, left alone as Nemotron's is (it asks about CUDA autocast only)."""
+    import copy
+
+    from lmfast.testing import assert_within_budget
+
+    nemotron = pytest.importorskip("transformers.models.nemotron.modeling_nemotron",
+                                   reason="transformers is not installed")
+    ref = nemotron.NemotronLayerNorm1P(48, eps=1e-5).to(kb.device, w_dtype)
+    with torch.no_grad():
+        ref.weight.normal_(0, 0.3)  # zero-centered, as trained
+        ref.bias.normal_()
+    ours = lmfast.nn.LayerNorm1P(48, eps=1e-5, device=kb.device, dtype=w_dtype, backend=kb.name)
+    assert ours.state_dict().keys() == ref.state_dict().keys() == {"weight", "bias"}
+    ours.load_state_dict(ref.state_dict())
+    ref64 = copy.deepcopy(ref).double()
+    x = (torch.randn(20, 48) * 3 + 1).to(kb.device, x_dtype).requires_grad_()
+    want, got = ref(x), ours(x)
+    assert got.dtype == want.dtype
+    assert_within_budget(got, ref64(x.double()), want, f"LayerNorm1P {x_dtype} x, {w_dtype} weight")
+    dy = torch.randn_like(want)
+    x64 = x.detach().double().requires_grad_()
+    grads64 = torch.autograd.grad(ref64(x64), (x64, ref64.weight, ref64.bias), dy.double())
+    grads = torch.autograd.grad(got, (x, ours.weight, ours.bias), dy)
+    grads_eager = torch.autograd.grad(want, (x, ref.weight, ref.bias), dy)
+    for name, g, g64, g_eager in zip(("x", "weight", "bias"), grads, grads64, grads_eager):
+        assert_within_budget(g, g64, g_eager, f"LayerNorm1P d{name}")
+    y, s = ours(x, x)
+    assert torch.equal(s, x + x)
+    assert_within_budget(y, ref64((x + x).double()), ref(x + x), "LayerNorm1P with a residual")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = ref(x), ours(x)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_patch_serves_nemotrons_layer_norm_1p():
+    """lmfast.patch swaps NemotronLayerNorm1P for LayerNorm1P (its probe finds the 1 + weight
+    form), sharing its Parameters."""
+    nemotron = pytest.importorskip("transformers.models.nemotron.modeling_nemotron",
+                                   reason="transformers is not installed")
+    model = torch.nn.Sequential(nemotron.NemotronLayerNorm1P(16))
+    weight = model[0].weight
+    report = lmfast.patch(model)
+    assert type(model[0]) is lmfast.nn.LayerNorm1P and model[0].weight is weight, report
+    assert report.swapped == {"LayerNorm, 1 + weight (NemotronLayerNorm1P)": 1}, report
+
+
 def test_norm_modules_read_a_parametrized_weight():
     """The modules read their parameters from _parameters for speed; a parametrized weight
     (torch.nn.utils.parametrize: weight norm, spectral norm...) is not there but a property,

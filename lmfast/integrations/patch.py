@@ -51,9 +51,11 @@ class PatchReport:
 
 # ---- the swap table --------------------------------------------------------------------------
 
-def _layer_norm(module: nn.LayerNorm, backend: str) -> nn.Module:
-    new = lmnn.LayerNorm(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
-                         bias=module.bias is not None, backend=backend, device="meta")
+def _layer_norm(module: nn.LayerNorm, backend: str, one_plus_weight: bool = False) -> nn.Module:
+    """torch's LayerNorm, or with one_plus_weight Nemotron's (scale 1 + weight: lmfast.nn.LayerNorm1P)."""
+    cls = lmnn.LayerNorm1P if one_plus_weight else lmnn.LayerNorm
+    new = cls(module.normalized_shape, eps=module.eps, elementwise_affine=module.elementwise_affine,
+              bias=module.bias is not None, backend=backend, device="meta")
     new.weight, new.bias = module.weight, module.bias  # the same Parameters (or None)
     return new
 
@@ -164,7 +166,9 @@ class Swap:
 
 
 SWAPS: list[Swap] = [
-    Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape)),
+    # torch's, then Nemotron's subclass (scale 1 + weight)
+    Swap("LayerNorm", "norms", _is_layer_norm, _layer_norm, lambda m: (3, *m.normalized_shape),
+         forms=(Form(), Form({"one_plus_weight": True}, "1 + weight"))),
     Swap("RMSNorm", "norms", _is_torch_rms_norm, _torch_rms_norm, lambda m: (3, *m.normalized_shape)),
     # Llama's (weight * normed, the promoted dtype), then OLMo 2's and gpt-oss's (computed in
     # float32, returned in x's dtype), then Gemma's (1 + weight, in float32: also Qwen3-Next,

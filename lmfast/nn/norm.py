@@ -41,6 +41,10 @@ class LayerNorm(torch.nn.LayerNorm):
         params = self._parameters
         w = params["weight"] if "weight" in params else self.weight
         b = params["bias"] if "bias" in params else self.bias
+        return self._norm(x, residual, w, b)
+
+    def _norm(self, x: Tensor, residual: Tensor | None, w: Tensor | None, b: Tensor | None):
+        """The forward with these scale and shift tensors."""
         if (len(self.normalized_shape) == 1 and on_cpp_path(self.backend, x) and (w is None or w.dtype == x.dtype)
                 and (b is None or b.dtype == x.dtype) and (w is not None or _last_dim_is(x, self.normalized_shape))):
             # the common case, one C++ call: per-call overhead is what decoding pays per token
@@ -75,6 +79,27 @@ class LayerNorm(torch.nn.LayerNorm):
         if residual is None:
             return out.view(x.shape)
         return out[0].view(x.shape), out[1].view(x.shape)
+
+
+class LayerNorm1P(LayerNorm):
+    """A LayerNorm that scales by 1 + weight: Nemotron's NemotronLayerNorm1P (Hugging Face
+    transformers), whose `weight` is stored zero-centered. As it computes: weight + 1 in the
+    weight's dtype (rounded there, as it rounds), then LayerNorm; under CUDA autocast (the only
+    state it asks about) x, 1 + weight and bias are cast to the autocast dtype and normalized in
+    it, with autocast off. Same constructor, parameters, state_dict and attributes as LayerNorm;
+    forward(x, residual=None) as LayerNorm's."""
+
+    def forward(self, x: Tensor, residual: Tensor | None = None):
+        params = self._parameters
+        w = params["weight"] if "weight" in params else self.weight
+        b = params["bias"] if "bias" in params else self.bias
+        w = None if w is None else w + 1.0
+        if _autocast.any_enabled() and torch.is_autocast_enabled("cuda"):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, w, b, residual = _autocast.cast(dtype, x, w, b, residual)
+            with torch.autocast(x.device.type, enabled=False):
+                return self._norm(x, residual, w, b)
+        return self._norm(x, residual, w, b)
 
 
 class _EpsAlias:
