@@ -10,6 +10,7 @@ backward:
   RMSNorm    (1, 1, 576)   transformers' LlamaRMSNorm (with transformers only)
   RMSNorm    (1, 1, 576)   torch.nn.RMSNorm
   RMSNorm    (1, 1, 640)   transformers' Gemma3RMSNorm (1 + weight; with transformers only)
+  LayerNorm  (1, 1, 768)   transformers' NemotronLayerNorm1P (1 + weight; with transformers only)
   attention  q (1, 9, 1, 64) over k, v (1, 3, 300, 64): transformers' SDPA attention function
                            vs lmfast's ("lmfast" attn_implementation), as SmolLM2 decodes
                            (lmfast.nn.Attention vs F.scaled_dot_product_attention without
@@ -155,13 +156,15 @@ def _attention_pair(device: str, grad: bool, backend: str = "auto"):
 def pairs(device: str = "cpu") -> list[_Pair]:
     """The pairs timed on `device`: on a GPU with the CUDA C++ kernels, also the same modules
     on backend="cuda" (what "auto" runs there is Triton's)."""
-    llama_rms = gemma_rms = None
+    llama_rms = gemma_rms = nemotron_ln = None
     try:
         from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
         from transformers.models.llama.modeling_llama import LlamaRMSNorm
+        from transformers.models.nemotron.modeling_nemotron import NemotronLayerNorm1P
 
         llama_rms = LlamaRMSNorm(576, eps=1e-6)
         gemma_rms = Gemma3RMSNorm(640, eps=1e-6)
+        nemotron_ln = NemotronLayerNorm1P(768, eps=1e-5)
         attention_names = ("transformers sdpa_attention_forward", "lmfast attn_implementation")
     except ImportError:
         attention_names = ("F.scaled_dot_product_attention", "lmfast.nn.Attention")
@@ -171,6 +174,7 @@ def pairs(device: str = "cpu") -> list[_Pair]:
         if llama_rms is not None:
             llama_rms.weight.uniform_(0.5, 1.5)
             gemma_rms.weight.uniform_(-0.5, 0.5)  # (its scale is 1 + weight)
+            nemotron_ln.weight.uniform_(-0.5, 0.5)  # (so is its)
     found = [_Pair("LayerNorm (1, 1, 768)", "torch.nn.LayerNorm", "lmfast.nn.LayerNorm",
                    _module_pair(torch.nn.LayerNorm(768), (1, 1, 768)))]
     if llama_rms is not None:
@@ -181,6 +185,8 @@ def pairs(device: str = "cpu") -> list[_Pair]:
     if gemma_rms is not None:
         found.append(_Pair("RMSNorm 1 + weight (1, 1, 640)", "Gemma3RMSNorm", "lmfast.nn.RMSNorm",
                            _module_pair(gemma_rms, (1, 1, 640))))
+        found.append(_Pair("LayerNorm 1 + weight (1, 1, 768)", "NemotronLayerNorm1P", "lmfast.nn.LayerNorm1P",
+                           _module_pair(nemotron_ln, (1, 1, 768))))
     found.append(_Pair("attention 9x1 over 3x300, D=64", *attention_names, _attention_pair))
     if llama_rms is not None:
         found.append(_Pair("attention + sinks 9x1 over 3x300", "gpt-oss eager_attention_forward",
