@@ -577,6 +577,30 @@ def test_nan_inputs_give_nan_rows_not_zeros(ab):
     _check(ab, "one nan score", tiny, grad=("q", "k", "v"), trials=1)
 
 
+@pytest.mark.parametrize("Sq", [1, 40])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_nan_or_inf_in_k_at_a_key_a_row_cannot_see_stays_out_of_that_row(Sq, value, ab):
+    """A NaN or inf in k at a key that a boolean mask hides (in a key tile other rows see) or that
+    lies above the causal diagonal gives that key the score -inf, as the reference's masked_fill
+    does: o and lse are those of the same inputs with the key's k zeroed. (Not so for v: there
+    p = 0 times NaN is NaN, in every kernel's p @ v as in the reference's; README: attention.)"""
+    ins = _inputs(ab, 1, 2, 1, Sq, 200, 64, torch.float32)
+    mask = torch.ones(1, 1, Sq, 200, dtype=torch.bool, device=ab.device)
+    mask[..., 3] = False  # hidden from every row, in the first key tile
+    cases = {"bool-masked": (3, dict(attn_mask=mask)), "above the diagonal": (199, dict(causal=True))}
+    for name, (key, kw) in cases.items():
+        if name == "above the diagonal" and Sq == 1:
+            continue  # (the one row sees every key)
+        bad, zeroed = ins["k"].clone(), ins["k"].clone()
+        rows = slice(0, Sq - 1) if name == "above the diagonal" else slice(None)  # the rows that cannot see it
+        bad[0, 0, key, 5], zeroed[0, 0, key] = value, 0.0
+        got = lmfast.ops.attention(ins["q"], bad, ins["v"], **kw, return_lse=True, backend=ab.name)
+        want = lmfast.ops.attention(ins["q"], zeroed, ins["v"], **kw, return_lse=True, backend=ab.name)
+        for t, w in zip(got, want):
+            assert torch.isfinite(t[:, :, rows]).all(), f"{value} in k at key {key} ({name}) reached a row"
+            torch.testing.assert_close(t[:, :, rows], w[:, :, rows], msg=name)
+
+
 @pytest.mark.parametrize("Sk", [1, 5])
 def test_huge_scores_keep_finite_gradients(Sk, ab):
     """Found by the long fuzz profile: with q ~ 1e30 (float32) a score is ~1e29, and the

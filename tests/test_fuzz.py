@@ -241,10 +241,11 @@ def _attention_case(kb, data):
     dropout_p = data.draw(st.sampled_from([0.0, 0.0, 0.2, 0.7]), "dropout_p")
     dropout_seed = data.draw(st.integers(0, 2**63 - 1), "dropout seed")
     softcap = data.draw(st.sampled_from([None, None, None, 0.5, 30.0]), "softcap")  # (Gemma 2's logit cap)
-    # NaN/inf in q only: a NaN or inf in k or v at a key some row cannot see (masked, or
-    # outside its causal/window band) reaches that row in the reference, whose unfused
-    # p @ v multiplies it by p = 0 (0 * inf = NaN), but not in the kernels, which skip the
-    # key (README: attention); a row's own NaN/inf propagates as in the reference.
+    # NaN/inf in q only: one in v at a key some row cannot see (masked, or outside its
+    # causal/window band) reaches that row in the reference, whose unfused p @ v multiplies it
+    # by p = 0 (0 * inf = NaN), and in the kernels only where their tiling puts the key beside
+    # the row's (README: attention); one in k there reaches gradients the same way (its o and
+    # lse not: test_attention_kernels). A row's own NaN/inf propagates as in the reference.
     where = "q"
 
     def tensor(h, s):
