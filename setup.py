@@ -61,8 +61,33 @@ def cpu_extensions():
             self.build_temp = os.path.join(shared, ext.name)
             try:
                 super().build_extension(ext)
+            except Exception as e:
+                if ext.name != "lmfast._cuda":
+                    raise
+                self._cuda_failed(ext, e)
+            else:
+                if ext.name == "lmfast._cuda":
+                    self._cuda_failed(ext, None)
             finally:
                 self.build_temp = shared
+
+        def _cuda_failed(self, ext, error):
+            """The CUDA backend is opt-in (Triton serves CUDA tensors by default): a compile
+            error there must not cost the user the CPU kernels. lmfast installs without
+            lmfast._cuda and keeps the reason beside it, which `lmfast info` reports (and which
+            stops the first-use build from retrying it in every process). error None: built,
+            so an earlier build's note goes."""
+            note = os.path.join(os.path.dirname(self.get_ext_fullpath(ext.name)), flags["CUDA_BUILD_ERROR_FILE"])
+            if error is None:
+                if os.path.exists(note):
+                    os.remove(note)
+                return
+            why = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+            os.makedirs(os.path.dirname(note), exist_ok=True)
+            with open(note, "w") as f:
+                f.write(f"{why} (the compiler's errors are in the install log)\n")
+            print(f"lmfast: the CUDA kernels did not compile ({why}); installing without them: the CPU and "
+                  "Triton backends are unaffected, `lmfast info` says why backend 'cuda' is missing", flush=True)
 
     return exts, BuildEachInItsOwnFolder.with_options(use_ninja=True)
 
@@ -73,12 +98,16 @@ def cuda_extension(torch):
         return None, "no CUDA (LMFAST_SKIP_CUDA_BUILD=1)"
     if torch.version.cuda is None:
         return None, f"no CUDA (torch {torch.__version__} is not a CUDA build)"
-    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import CUDAExtension
 
-    if CUDA_HOME is None:
+    # torch's guess of the toolkit, corrected where it holds no CUDA headers (a wrapper nvcc on
+    # PATH: _build_flags.cuda_home); set on the module, whose build helpers read it as they compile
+    cuda_home = cpp_extension.CUDA_HOME = flags["cuda_home"](cpp_extension.CUDA_HOME)
+    if cuda_home is None:
         return None, (f"no CUDA (no nvcc found: install the CUDA {torch.version.cuda} toolkit, or set "
                       "CUDA_HOME, to build the CUDA kernels)")
-    nvcc_version = _nvcc_version(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    nvcc_version = _nvcc_version(os.path.join(cuda_home, "bin", "nvcc"))
     if nvcc_version and nvcc_version.split(".")[0] != torch.version.cuda.split(".")[0]:
         return None, (f"no CUDA (nvcc {nvcc_version} does not match torch's CUDA {torch.version.cuda}: "
                       f"install the CUDA {torch.version.cuda.split('.')[0]}.x toolkit, or a torch built for "

@@ -83,6 +83,8 @@ def kernel_module(level: str) -> str:
 
 
 CUDA_SOURCES = ("cuda/register.cpp", "cuda/norm.cu", "cuda/softmax.cu", "cuda/attention.cu")
+# Left beside the package by an install whose CUDA compile failed (setup.py), with the reason
+CUDA_BUILD_ERROR_FILE = "_cuda_build_error.txt"
 DEFAULT_CUDA_ARCHS = "80;90"
 
 
@@ -108,6 +110,33 @@ def cuda_compile_args(torch_version: str, archs: list[str]) -> dict[str, list[st
     defines = [f"-DLMFAST_TORCH_VERSION={torch_version}", f"-DLMFAST_CUDA_ARCHS={'_'.join(archs)}"]
     return {"cxx": ["-O3", "-fno-wrapv", "-g0"] + defines,  # (as _common_args)
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"] + defines + nvcc_arch_flags(archs)}
+
+
+def cuda_home(found: str | None) -> str | None:
+    """The CUDA toolkit to compile lmfast._cuda with, given torch's guess (its cpp_extension's
+    CUDA_HOME). torch takes CUDA_HOME from the environment, else the folder above the `nvcc` on
+    PATH: where that nvcc is a wrapper script (/usr/local/bin/nvcc running
+    /usr/local/cuda-13.0/bin/nvcc, as on this project's build machines) that folder is
+    /usr/local, without CUDA's headers, and the host files that include cuda_runtime.h did not
+    compile. So where the guess has no include/cuda_runtime.h, nvcc is asked where it runs from
+    (`nvcc --dryrun` prints TOP=<toolkit>/bin/..); the guess stands if that finds nothing better."""
+    import re
+    import subprocess
+
+    def has_headers(root: str) -> bool:
+        return os.path.isfile(os.path.join(root, "include", "cuda_runtime.h"))
+
+    if found is None or has_headers(found):
+        return found
+    try:
+        out = subprocess.run([os.path.join(found, "bin", "nvcc"), "--dryrun", "-c", "-x", "cu", os.devnull,
+                              "-o", os.devnull], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return found
+    top = re.search(r"^#\$ TOP=(.+)$", out.stdout + out.stderr, re.MULTILINE)
+    if top is not None and has_headers(os.path.realpath(top.group(1).strip())):
+        return os.path.realpath(top.group(1).strip())
+    return found
 
 
 def default_max_jobs() -> int:

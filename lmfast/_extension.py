@@ -261,6 +261,11 @@ def _cuda_build_info() -> str:
     return str(torch.ops.lmfast_C.cuda_build_info())
 
 
+def _cuda_build_error_file() -> Path:
+    """Where setup.py leaves the reason its CUDA compile failed (_build_flags.CUDA_BUILD_ERROR_FILE)."""
+    return Path(__file__).resolve().parent / _build_flags.CUDA_BUILD_ERROR_FILE
+
+
 def _load_cuda_first_use() -> ExtensionStatus:
     """Compiles lmfast._cuda into the cache (as the CPU kernels' first-use build) and loads it."""
     from torch.utils import cpp_extension
@@ -268,6 +273,7 @@ def _load_cuda_first_use() -> ExtensionStatus:
     src = _source_dir()
     if src is None:
         return ExtensionStatus(False, "lmfast._cuda is not installed and its sources (lmfast/_csrc) are missing")
+    cpp_extension.CUDA_HOME = _build_flags.cuda_home(cpp_extension.CUDA_HOME)  # (as setup.py)
     if cpp_extension.CUDA_HOME is None:
         return ExtensionStatus(False, f"lmfast._cuda was not built at install time and no nvcc is found to "
                                       f"build it now (install the CUDA {torch.version.cuda} toolkit or set "
@@ -306,6 +312,10 @@ def cuda_status() -> ExtensionStatus:
     try:
         module = importlib.import_module("lmfast._cuda")
     except ModuleNotFoundError:
+        failed = _cuda_build_error_file()
+        if failed.is_file():  # (not retried on first use: it would fail again, minutes a process)
+            return ExtensionStatus(False, f"the CUDA kernels did not compile when lmfast was installed "
+                                          f"({failed.read_text().strip()}); fix that and reinstall lmfast")
         loaded = _load_cuda_first_use()
     except ImportError as e:  # built against another torch or CUDA: undefined symbols
         return ExtensionStatus(False, f"lmfast._cuda does not load under torch {torch.__version__} (CUDA "

@@ -11,6 +11,7 @@ torch generates it.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
 import os
 import re
 import runpy
@@ -146,3 +147,42 @@ def test_setup_says_what_it_builds(tmp_path):
     assert line is not None, out.stdout + out.stderr
     if torch.version.cuda is None:
         assert "no CUDA (torch" in line and "is not a CUDA build" in line
+
+
+def test_cuda_home_is_the_toolkit_a_wrapper_nvcc_runs(tmp_path):
+    """torch guesses CUDA_HOME as the folder above the nvcc on PATH; a wrapper script there
+    (/usr/local/bin/nvcc running /usr/local/cuda-13.0/bin/nvcc, as on this project's build
+    machines) made it /usr/local, without CUDA's headers, and lmfast._cuda's host file failed to
+    compile. _build_flags.cuda_home asks nvcc where it runs from (`nvcc --dryrun`: TOP=...)."""
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "include").mkdir(parents=True)
+    (toolkit / "include" / "cuda_runtime.h").write_text("")
+    wrapper = tmp_path / "usr" / "bin" / "nvcc"
+    wrapper.parent.mkdir(parents=True)
+    wrapper.write_text(f"#!/bin/sh\necho '#$ _HERE_={toolkit}/bin' >&2\necho '#$ TOP={toolkit}/bin/..' >&2\n")
+    wrapper.chmod(0o755)
+    cuda_home = FLAGS["cuda_home"]
+    assert cuda_home(str(tmp_path / "usr")) == str(toolkit)
+    assert cuda_home(str(toolkit)) == str(toolkit)  # a guess with the headers stands
+    assert cuda_home(None) is None
+    assert cuda_home(str(tmp_path / "nowhere")) == str(tmp_path / "nowhere")  # no nvcc to ask: the guess stands
+
+
+def test_a_cuda_compile_that_failed_at_install_is_reported_not_retried(monkeypatch, tmp_path):
+    """setup.py installs without lmfast._cuda when its compile fails (the CPU and Triton
+    backends must not be lost to the opt-in CUDA backend) and leaves the reason beside the
+    package: lmfast info reports it, and no process retries the build on first use."""
+    from lmfast import _extension
+
+    note = tmp_path / FLAGS["CUDA_BUILD_ERROR_FILE"]
+    note.write_text("RuntimeError: Error compiling objects for extension (the compiler's errors are in the log)\n")
+    monkeypatch.setattr(_extension, "_cuda_build_error_file", lambda: note)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_extension, "_load_cuda_first_use", lambda: pytest.fail("the failed build was retried"))
+    if importlib.util.find_spec("lmfast._cuda") is not None:
+        pytest.skip("lmfast._cuda is installed here")
+    st = _extension.cuda_status.__wrapped__()
+    assert not st.loaded
+    assert "did not compile when lmfast was installed" in st.detail and "Error compiling objects" in st.detail
+    assert "reinstall" in st.detail
