@@ -162,9 +162,13 @@ def _with_weight(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16], ids=["params-fp32", "params-bf16"])
 def test_cuda_autocast_dtypes_without_a_gpu(x_dtype, param_dtype):
     """Under CUDA autocast torch.nn.LayerNorm, torch.nn.RMSNorm and torch.nn.Softmax return
-    float32 (their ops are on CUDA's float32 list), while Hugging Face RMSNorms and LayerNorms, Python code,
+    float32 (their ops are on CUDA's float32 list; rms_norm not before torch 2.13: 2.11 leaves it
+    alone), while Hugging Face RMSNorms and LayerNorms, Python code,
     return what they return without autocast; SDPA returns the autocast dtype. lmfast's modules
     and ops (reference backend: the rule is applied before any backend is chosen) return the same."""
+    from lmfast.ops import _autocast
+
+    rms_norm_autocast = "cuda" in _autocast.FLOAT32["rms_norm"]  # (read from torch's dispatcher)
     GemmaRMSNorm = _transformers_module("gemma").GemmaRMSNorm
     LlamaRMSNorm = _transformers_module("llama").LlamaRMSNorm
     Olmo2RMSNorm = _transformers_module("olmo2").Olmo2RMSNorm
@@ -194,14 +198,19 @@ def test_cuda_autocast_dtypes_without_a_gpu(x_dtype, param_dtype):
         y, s = lmfast.ops.layer_norm(x, w, residual=x, backend="torch")
         dtypes["ops.layer_norm with a residual"] = (F.layer_norm(x + x, (N,), w).dtype, y.dtype)
         dtypes["ops.layer_norm's s"] = (x.dtype, s.dtype)
-        y, s = lmfast.ops.rms_norm(x, w, residual=x, backend="torch")
-        dtypes["ops.rms_norm with a residual"] = (F.rms_norm(x + x, (N,), w).dtype, y.dtype)
-        dtypes["ops.rms_norm's s"] = (x.dtype, s.dtype)
+        if rms_norm_autocast or x_dtype == param_dtype:
+            y, s = lmfast.ops.rms_norm(x, w, residual=x, backend="torch")
+            dtypes["ops.rms_norm with a residual"] = (F.rms_norm(x + x, (N,), w).dtype, y.dtype)
+            dtypes["ops.rms_norm's s"] = (x.dtype, s.dtype)
+        else:  # not cast: the op takes one dtype, as it does without autocast (the modules take two)
+            with pytest.raises(TypeError, match="weight has dtype"):
+                lmfast.ops.rms_norm(x, w, residual=x, backend="torch")
         q = torch.empty(1, 4, 5, 8, dtype=x_dtype)
         kv = torch.empty(1, 2, 6, 8, dtype=param_dtype)
         dtypes["ops.attention"] = (torch.bfloat16, lmfast.ops.attention(q, kv, kv, backend="torch").dtype)
     assert all(want == got for want, got in dtypes.values()), dtypes
-    assert dtypes["LayerNorm"][0] == dtypes["torch RMSNorm"][0] == dtypes["Softmax"][0] == torch.float32
+    assert dtypes["LayerNorm"][0] == dtypes["Softmax"][0] == torch.float32
+    assert dtypes["torch RMSNorm"][0] == torch.float32 or not rms_norm_autocast
 
 
 def test_reference_backend_is_not_autocast_inside():
