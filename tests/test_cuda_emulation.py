@@ -362,6 +362,29 @@ def test_attention_rows_that_see_no_key(emu):
         assert torch.equal(stats[..., :Sq - 2], torch.zeros(2, 1, 2, Sq - 2)) and (stats[1, ..., Sq - 2:] > 0).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decode_reads_no_key_a_boolean_mask_hides(emu, dtype):
+    """The decode kernel skips the loads of every key a boolean mask hides (a batch's left
+    padding: 100 of 300 keys here, and scattered keys): NaN planted in k and v there stays out
+    of o and lse, which are those of the same inputs with the hidden keys zeroed."""
+    B, Hq, Hkv, Sq, Sk, D = 2, 4, 2, 1, 300, 64
+    inputs = _attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, None, strided=False)
+    keep = torch.ones(B, 1, Sq, Sk, dtype=torch.bool)
+    keep[0, ..., :100] = False  # left padding of batch row 0
+    keep[1, ..., 7::13] = False
+    hidden = ~keep[:, 0, 0]  # (B, Sk)
+    q, k, v = inputs["q"], inputs["k"].clone(), inputs["v"].clone()
+    zeroed_k, zeroed_v = k.clone(), v.clone()
+    for t, z in ((k, zeroed_k), (v, zeroed_v)):
+        t.masked_fill_(hidden[:, None, :, None], float("nan"))
+        z.masked_fill_(hidden[:, None, :, None], 0.0)
+    mask4 = keep.expand(B, Hq, Sq, Sk)
+    o, lse, stats = emu.attention_fwd(q, k, v, mask4, D ** -0.5, False, None, 0.0, None)
+    o_want, lse_want, stats_want = emu.attention_fwd(q, zeroed_k, zeroed_v, mask4, D ** -0.5, False, None, 0.0, None)
+    assert torch.isfinite(o).all() and torch.isfinite(lse).all()
+    assert torch.equal(o, o_want) and torch.equal(lse, lse_want) and torch.equal(stats, stats_want)
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                     reason="with a GPU, test_attention_kernels runs this composition on it (backend 'cuda')")
 @pytest.mark.parametrize("shape", [(2, 4, 2, 2, 1000), (1, 4, 2, 37, 90)], ids=["decode", "prefill"])

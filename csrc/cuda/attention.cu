@@ -105,18 +105,30 @@ __device__ bool bool_mask_keeps_tile(const AttnParams& p, int b, int h, int i0, 
   return __syncthreads_or(keeps) != 0;
 }
 
+// scale * dot, capped by the softcap if any (before the mask is added).
+__device__ __forceinline__ float scaled_score(const AttnParams& p, float dot) {
+  const float s = dot * p.scale;
+  return p.softcap > 0.f ? p.softcap * tanhf(s / p.softcap) : s;
+}
+
+// Whether a boolean mask hides key j from query (b, h, i).
+__device__ __forceinline__ bool bool_masked(const AttnParams& p, int b, int h, int i, int j) {
+  return p.mask_kind == kBoolMask && !static_cast<const bool*>(p.mask)[mask_offset(p, b, h, i, j)];
+}
+
+// The score of query (b, h, i) at key j of its band, as scaled_score; plus an additive mask's
+// value. (Boolean masks select, the caller's part: a hidden key weighs nothing, whatever its score.)
+template <typename T>
+__device__ __forceinline__ float band_score(const AttnParams& p, float dot, int b, int h, int i, int j) {
+  const float s = scaled_score(p, dot);
+  return p.mask_kind == kAdditiveMask ? s + to_float(static_cast<const T*>(p.mask)[mask_offset(p, b, h, i, j)]) : s;
+}
+
 // scale * dot (capped) + mask for query (b, h, i) and key j, -inf outside the band or masked off.
 template <typename T>
 __device__ __forceinline__ float masked_score(const AttnParams& p, float dot, int b, int h, int i, int j) {
-  if (j < band_lo(p, i) || j >= band_hi(p, i)) return -INFINITY;
-  float s = dot * p.scale;
-  if (p.softcap > 0.f) s = p.softcap * tanhf(s / p.softcap);
-  if (p.mask_kind != kNoMask) {
-    const int64_t off = mask_offset(p, b, h, i, j);
-    if (p.mask_kind == kBoolMask) s = static_cast<const bool*>(p.mask)[off] ? s : -INFINITY;
-    else s += to_float(static_cast<const T*>(p.mask)[off]);
-  }
-  return s;
+  if (j < band_lo(p, i) || j >= band_hi(p, i) || bool_masked(p, b, h, i, j)) return -INFINITY;
+  return band_score<T>(p, dot, b, h, i, j);
 }
 
 // A row's lse = m + log(l) (-inf on a fully masked row, +inf where a score is +inf: l is NaN
@@ -369,13 +381,15 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
   const int sub = grp % kGroupsPerWarp;
   for (int jw = j_begin + (threadIdx.x / 32) * kGroupsPerWarp; jw < j_end; jw += GROUPS) {
     const int j = jw + sub;
-    const bool valid = j < j_end;
+    // A key a boolean mask hides (left padding of a batch, other documents) is not read at all:
+    // its score would be -inf, its weight 0. (Its group still takes part in the shuffles.)
+    const bool visible = j < j_end && !bool_masked(p, b, h, i, j);
     const T* kr = k + int64_t(j) * p.k_strides[2];
     const T* vr = v + int64_t(j) * p.v_strides[2];
     float dot = 0.f;
 #pragma unroll
     for (int e = 0; e < EPL; e += VEC) {
-      if (valid && d0 + e < p.D) {
+      if (visible && d0 + e < p.D) {
         float t[VEC];
         load_floats<T, VEC>(kr + d0 + e, t);
 #pragma unroll
@@ -384,9 +398,9 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
     }
 #pragma unroll
     for (int o = LANES / 2; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
-    if (!valid) continue;
+    if (!visible) continue;
     // the key joins the running state: (old state, weight 1 at max s) merged (row_math.h)
-    const MergeFactors f = merge_factors(m_run, masked_score<T>(p, dot, b, h, i, j));
+    const MergeFactors f = merge_factors(m_run, band_score<T>(p, dot, b, h, i, j));
     l_run = l_run * f.fa + f.fb;
     m_run = f.max;
     const float weight = kept(p, drop_key, j) ? f.fb : 0.f;  // (l: the undropped weight)
