@@ -213,7 +213,7 @@ def test_float32_backward_on_decoding_shapes(seed, ab):
 
 
 ROW_STATS_CASES = {  # (B, Hq, Hkv, Sq, Sk, mask, causal, window, softcap)
-    # a padding row that sees no key (m = 0, 1 / l = 0), and the rows above the diagonal's start
+    # bottom-right causal, a random boolean mask and a row that sees no key (m = 0, 1 / l = 0)
     "prefill": (2, 4, 2, 37, 90, "bool", True, None, None),
     "decoding": (2, 8, 2, 1, 700, None, True, None, None),  # the split kernels and their combine
     "additive, window, softcap": (1, 4, 1, 20, 45, "additive", False, 9, 3.0),
