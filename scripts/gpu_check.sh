@@ -84,10 +84,11 @@ grep -E "^  cuda " "$OUT/env.txt" || true
 # The compile-for-sm_80/sm_90 checks (Triton's and nvcc's) and the host emulation of the CUDA
 # kernels are for machines without a GPU; here the kernels compile and run for real. The CPU
 # ISA-level builds are the CPU CI's (.ci/run) too: minutes of compiling, nothing about the GPU.
+# (test_cuda_build.py's other tests stay: one fails where the CUDA C++ kernels do not load.)
 # The real-model tests need transformers and the model packages, which this offline machine
 # may lack (pip cannot fetch them here): they run only where those are installed.
-ignore=(--ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulation.py --ignore=tests/test_cuda_build.py
-        --ignore=tests/test_isa_levels.py)
+ignore=(--ignore=tests/test_triton_compile.py --ignore=tests/test_cuda_emulation.py --ignore=tests/test_isa_levels.py
+        --deselect=tests/test_cuda_build.py::test_cuda_sources_compile_for_sm80_and_sm90_without_spills)
 have_models=1
 python3 -c "import transformers" 2>/dev/null \
   || { ignore+=(--ignore=tests/test_patch_models.py); echo "model tests skipped: transformers missing" | tee -a "$OUT/tests.log"; }
