@@ -370,9 +370,26 @@ def _patch_hf_attention(model: nn.Module, backend: str, report: PatchReport) -> 
                                        "not through transformers' attention interface, so it stays as it is"))
             return
         object.__setattr__(model, _PREVIOUS_ATTN, previous)
-        report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += len(layers)
+        # A layer reads its own config's attn_implementation: older transformers (5.17) set only
+        # the model's, not the copies its sub-models hold (T5's encoder and decoder stacks), whose
+        # layers then ran on as before; counted as swapped, they were not.
+        kept = [layer for layer in layers
+                if getattr(getattr(layer, "config", None), "_attn_implementation", hf.NAME) != hf.NAME]
+        if kept:
+            report.skipped.append(("", f"attention: {len(kept)} of {type(model).__name__}'s attention layers read a "
+                                       "config of their own, which this transformers did not switch to 'lmfast' "
+                                       f"(transformers {_transformers_version()}): they run as before"))
+        served = len(layers) - len(kept)
+        if served:
+            report.swapped[f"attention (attn_implementation {previous!r} -> {hf.NAME!r})"] += served
     for layer in layers:  # read by hf.attention_forward; a plain attribute, not in state_dict or config
         object.__setattr__(layer, hf.BACKEND_ATTR, backend)
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
 
 
 def _plain_attributes(module: nn.Module) -> list[str]:
