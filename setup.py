@@ -64,14 +64,14 @@ def cpu_extensions():
             except Exception as e:
                 if ext.name != "lmfast._cuda":
                     raise
-                self._cuda_failed(ext, e)
+                self._note_cuda_build(ext, e)
             else:
                 if ext.name == "lmfast._cuda":
-                    self._cuda_failed(ext, None)
+                    self._note_cuda_build(ext, None)
             finally:
                 self.build_temp = shared
 
-        def _cuda_failed(self, ext, error):
+        def _note_cuda_build(self, ext, error):
             """The CUDA backend is opt-in (Triton serves CUDA tensors by default): a compile
             error there must not cost the user the CPU kernels. lmfast installs without
             lmfast._cuda and keeps the reason beside it, which `lmfast info` reports (and which
