@@ -245,6 +245,13 @@ ATTENTION_SHAPES = [
 ]
 
 
+def _reference_forward(q, k, v, attn_mask=None, dropout_p=0.0, dropout_seed=None, **kw):
+    """The kernel forward's three outputs from the reference: (o, lse, row stats), the row stats
+    undropped as lse is (csrc/ops.h)."""
+    o, lse = reference.attention(q, k, v, attn_mask, dropout_p=dropout_p, dropout_seed=dropout_seed, **kw)
+    return o, lse, reference.attention_row_stats(q, k, v, attn_mask, **kw)
+
+
 def _attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, mask_kind, strided):
     if strided:  # (B, S, H, D) memory, as a model's projections leave it
         q = _randn(B, Sq, Hq, D, dtype=dtype).transpose(1, 2)
@@ -280,9 +287,8 @@ def test_attention(emu, dtype, shape, variant):
         mask = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)
         return tuple(emu.attention_fwd(q, k, v, mask, scale, causal, window, 0.0, None))
 
-    def ref(q, k, v, attn_mask=None):  # (o, lse, row stats: csrc/ops.h)
-        kw = dict(causal=causal, scale=scale, window=window)
-        return *reference.attention(q, k, v, attn_mask, **kw), reference.attention_row_stats(q, k, v, attn_mask, **kw)
+    def ref(q, k, v, attn_mask=None):
+        return _reference_forward(q, k, v, attn_mask, causal=causal, scale=scale, window=window)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {variant} {dtype}")
 
@@ -304,8 +310,7 @@ def test_attention_packed_documents(emu, dtype, causal, thread_order):
         return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, S, S), D ** -0.5, causal, None, 0.0, None))
 
     def ref(q, k, v, attn_mask):
-        return *reference.attention(q, k, v, attn_mask, causal=causal), reference.attention_row_stats(
-            q, k, v, attn_mask, causal=causal)
+        return _reference_forward(q, k, v, attn_mask, causal=causal)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention, packed documents {causal=} {dtype}")
 
@@ -323,9 +328,8 @@ def test_attention_dropout(emu, dtype, shape):
         return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), D ** -0.5, True, None, p,
                                        torch.tensor([seed])))
 
-    def ref(q, k, v, attn_mask):  # (the row stats, as lse, undropped)
-        return *reference.attention(q, k, v, attn_mask, causal=True, dropout_p=p, dropout_seed=seed), \
-            reference.attention_row_stats(q, k, v, attn_mask, causal=True)
+    def ref(q, k, v, attn_mask):
+        return _reference_forward(q, k, v, attn_mask, causal=True, dropout_p=p, dropout_seed=seed)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention dropout {shape} {dtype}")
 
@@ -344,8 +348,7 @@ def test_attention_softcap(emu, dtype, shape):
                                        2.5))
 
     def ref(q, k, v, attn_mask):
-        return *reference.attention(q, k, v, attn_mask, causal=True, softcap=2.5), reference.attention_row_stats(
-            q, k, v, attn_mask, causal=True, softcap=2.5)
+        return _reference_forward(q, k, v, attn_mask, causal=True, softcap=2.5)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention softcap {shape} {dtype}")
 
