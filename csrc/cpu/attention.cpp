@@ -895,8 +895,9 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 //    and exp(s - lse) was 0 or inf;
 //  - lse's rounding leaves sum(p) - 1 ~ 1e-7, and rowsum(ds) = delta (1 - sum p) lands in
 //    gradients that are exactly 0 (a key bias's: softmax ignores it).
-// Nor are the forward's row stats (csrc/ops.h), which the Triton backward takes. The tile products are the same five; the cost is 2 x rows x Sk
-// accumulators per thread, held under kBackwardRowsBytes by the number of rows per block.
+// lse is used no more, nor are the forward's row stats (csrc/ops.h), which the Triton backward
+// takes. The tile products are the same five; the cost is 2 x rows x Sk accumulators per
+// thread, held under kBackwardRowsBytes by the number of rows per block.
 constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
 
 // Query rows per backward block: kBlockQ, fewer (a multiple of 16, at least 16) where their p
