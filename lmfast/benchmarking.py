@@ -47,6 +47,7 @@ class Case:
     softcap: float = 0.0      # attention: Gemma 2's logit softcap c (scores c tanh(s / c)); SDPA has none
     documents: tuple[int, ...] = ()  # attention: lengths of documents packed in each row (summing to S),
     #                                  each attending to itself alone (causal: causally), as a boolean mask
+    v_head_dim: int | None = None  # attention: v's head dim where it differs from q's and k's (DeepSeek's MLA)
 
     @property
     def name(self) -> str:
@@ -56,6 +57,7 @@ class Case:
         extra += f" dropout{self.dropout:g}" if self.dropout else ""
         extra += f" softcap{self.softcap:g}" if self.softcap else ""
         extra += f" packed{len(self.documents)}" if self.documents else ""
+        extra += f" dv{self.v_head_dim}" if self.v_head_dim else ""
         return f"{self.op} {dims}{gqa} {str(self.dtype).removeprefix('torch.')}{extra}"
 
     @property
@@ -63,6 +65,11 @@ class Case:
         """attention: the shape of k and v."""
         B, H, S, D = self.shape
         return (B, self.kv_heads or H, S, D)
+
+    @property
+    def v_shape(self) -> tuple[int, ...]:
+        """attention: the shape of v."""
+        return (*self.kv_shape[:3], self.v_head_dim or self.shape[3])
 
     @property
     def compute_bound(self) -> bool:
@@ -96,7 +103,7 @@ class Case:
         B, H, S, D = self.shape
         # the (query, key) pairs computed: with packed documents, those the mask keeps
         pairs = sum(n * (n + 1) // 2 if self.causal else n * n for n in self.documents or (S,))
-        fwd = 4 * B * H * pairs * D / 1e12
+        fwd = 2 * B * H * pairs * (D + (self.v_head_dim or D)) / 1e12  # q k^T, then p v
         return fwd if direction == "fwd" else 3.5 * fwd
 
     def document_mask(self, device: str) -> Tensor | None:
@@ -135,7 +142,9 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
     against its eager attention and torch.compile of it: SDPA has no softcap) at 2k tokens (CPU)
     or 16k (GPU), then packed documents (PACKED_DOCUMENTS: a row of 2k tokens holding 4, CPU,
     or of 16k holding 8, GPU; each document causal and alone, a boolean mask that every
-    provider takes, lmfast with causal=True beside it; TFLOP/s count the pairs it keeps)."""
+    provider takes, lmfast with causal=True beside it; TFLOP/s count the pairs it keeps), then
+    DeepSeek V3's multi-head latent attention (q and k heads of 192, v heads of 128; causal;
+    16 heads at 1k tokens on a CPU, 8k tokens on a GPU)."""
     if size not in ("quick", "full"):
         raise ValueError(f"size must be 'quick' or 'full', got {size!r}")
     on_cpu = device == "cpu"
@@ -173,6 +182,8 @@ def cases(size: str = "quick", device: str = "cpu", dtype: torch.dtype | None = 
                 packed = (1, 12, 2048, 64) if on_cpu else (1, 16, 16384, 128)
                 out += [Case(op, packed, d, True, documents=PACKED_DOCUMENTS[packed[2]])
                         for d in dict.fromkeys((dt, torch.bfloat16))]
+                mla = (1, 16, 1024, 192) if on_cpu else (2, 16, 4096, 192)
+                out += [Case(op, mla, d, True, v_head_dim=128) for d in dict.fromkeys((dt, torch.bfloat16))]
             continue
         out += [Case(op, shape, dt) for shape in rows]
         if op == "rms_norm" and extra_bf16:
@@ -194,8 +205,9 @@ class Bound:
 def _inputs(case: Case, device: str, grad: bool) -> dict[str, Tensor]:
     g = torch.Generator(device="cpu").manual_seed(0)
     if case.op == "attention":
-        return {n: torch.randn(case.shape if n == "q" else case.kv_shape, generator=g)
-                .to(device=device, dtype=case.dtype).requires_grad_(grad) for n in "qkv"}
+        shapes = {"q": case.shape, "k": case.kv_shape, "v": case.v_shape}
+        return {n: torch.randn(shapes[n], generator=g).to(device=device, dtype=case.dtype).requires_grad_(grad)
+                for n in "qkv"}
     x = torch.randn(case.shape, generator=g).to(device=device, dtype=case.dtype)
     n = case.shape[-1]
     ins = {"x": x.requires_grad_(grad)}
@@ -261,8 +273,9 @@ def _sdpa_backends(case: Case, device: str) -> dict[str, object]:
                     ("sdpa-cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
             q = torch.randn(1, case.shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
-            kv = torch.randn(1, case.kv_shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
-            _sdpa_fn(case, b, device)(q, kv, kv)
+            k = torch.randn(1, case.kv_shape[1], 128, case.shape[3], device=device, dtype=case.dtype)
+            v = torch.randn(1, case.kv_shape[1], 128, case.v_shape[3], device=device, dtype=case.dtype)
+            _sdpa_fn(case, b, device)(q, k, v)
             out[name] = b
         except RuntimeError:  # not built, or not for this dtype / head dim / GPU
             pass

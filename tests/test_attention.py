@@ -124,8 +124,8 @@ def test_bad_inputs_name_the_argument(backend):
     _raises(TypeError, "k must be a float16", q, k.long(), v)
     _raises(TypeError, "v has dtype torch.float16 but q has dtype torch.float32", q, k, v.half())
     _raises(ValueError, "k is on meta but q is on cpu", q, k.to("meta"), v)
-    _raises(ValueError, "k and v have head dim 8 but q has 16", q, k[..., :8], v[..., :8])
-    _raises(ValueError, "k and v must have the same shape", q, k, v[:, :, :3])
+    _raises(ValueError, "k has head dim 8 but q has 16", q, k[..., :8], v[..., :8])
+    _raises(ValueError, r"k and v must have the same \(B, Hkv, Sk\)", q, k, v[:, :, :3])
     _raises(ValueError, "q's 4 heads must be a multiple of k's and v's 3 heads", q,
             torch.randn(2, 3, 7, 16), torch.randn(2, 3, 7, 16))
     _raises(ValueError, "k and v have batch size 1 but q has 2", q, k[:1], v[:1])

@@ -27,10 +27,10 @@ def ab(kb):
     return kb
 
 
-def _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, *, mask=None, causal=False, window=None, scale=None):
+def _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, *, mask=None, causal=False, window=None, scale=None, Dv=None):
     def rand(*shape):
         return torch.randn(shape, device=ab.device).to(dtype)
-    return {"q": rand(B, Hq, Sq, D), "k": rand(B, Hkv, Sk, D), "v": rand(B, Hkv, Sk, D),
+    return {"q": rand(B, Hq, Sq, D), "k": rand(B, Hkv, Sk, D), "v": rand(B, Hkv, Sk, D if Dv is None else Dv),
             "attn_mask": mask, "causal": causal, "scale": scale, "window": window}
 
 
@@ -43,6 +43,23 @@ def _check(ab, name, inputs, grad=("q", "k", "v"), trials=1):
 @pytest.mark.parametrize("D", [16, 64, 80, 96, 128, 256])
 def test_head_dims(D, ab, dtype):
     _check(ab, f"D={D}", _inputs(ab, 2, 4, 2, 17, 33, D, dtype, causal=True))
+
+
+# (D, Dv): DeepSeek's multi-head latent attention (q and k heads of 192 = 128 + 64 rotary, v heads
+# of 128), a smaller one, and a value head wider than the query's
+@pytest.mark.parametrize("D,Dv", [(192, 128), (24, 16), (16, 40)], ids=lambda d: str(d))
+@pytest.mark.parametrize("Sq,Sk,mask", [(37, 90, "bool"), (3, 300, None), (40, 40, "additive")],
+                         ids=["prefill-bool", "decode", "square-additive"])
+def test_value_head_dim_other_than_the_querys(D, Dv, Sq, Sk, mask, ab, dtype):
+    """o is (B, Hq, Sq, Dv); values, lse and every gradient within budget, GQA and causal."""
+    B, Hq, Hkv = 2, 4, 2
+    attn_mask = (None if mask is None else torch.rand(B, 1, Sq, Sk, device=ab.device) > 0.2 if mask == "bool"
+                 else torch.randn(1, Hq, Sq, Sk, device=ab.device).to(dtype))
+    ins = _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, mask=attn_mask, causal=True, Dv=Dv)
+    o = lmfast.ops.attention(**ins, backend=ab.name)
+    assert o.shape == (B, Hq, Sq, Dv)
+    _check(ab, f"D={D} Dv={Dv} Sq={Sq} Sk={Sk} mask={mask}", ins,
+           grad=("q", "k", "v") if mask != "additive" else ("q", "k", "v", "attn_mask"))
 
 
 @pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 1000), (17, 17), (127, 127), (17, 1000), (1000, 1000)])
@@ -476,11 +493,12 @@ def test_empty(ab):
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
-def test_gradcheck_cpu_float64(dropout_p):
+@pytest.mark.parametrize("Dv", [8, 5, 11], ids=["Dv=D", "Dv<D", "Dv>D"])
+def test_gradcheck_cpu_float64(dropout_p, Dv):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 5, 8, dtype=torch.float64, generator=g, requires_grad=True)
     k = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
-    v = torch.randn(1, 2, 9, 8, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, 9, Dv, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(1, 1, 5, 9, dtype=torch.float64, generator=g, requires_grad=True)
     seed = torch.tensor([77])  # (dropout: the same mask in every call gradcheck makes)
 
@@ -517,12 +535,13 @@ def test_compile_fullgraph(ab):
     def block(q, k, v, pad):
         return lmfast.ops.attention(q, k, v, pad, causal=True, backend=ab.name).square().sum()
 
-    ins = _inputs(ab, 2, 4, 2, 16, 24, 32, torch.float32)
-    q, k, v = (ins[n].requires_grad_() for n in "qkv")
-    pad = torch.rand(2, 1, 1, 24, device=ab.device) > 0.2
-    want = torch.autograd.grad(block(q, k, v, pad), (q, k, v))
-    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v, pad), (q, k, v))
-    torch.testing.assert_close(got, want)
+    for Dv in (32, 24):  # (and a value head dim other than the query's: its pads are traced too)
+        ins = _inputs(ab, 2, 4, 2, 16, 24, 32, torch.float32, Dv=Dv)
+        q, k, v = (ins[n].requires_grad_() for n in "qkv")
+        pad = torch.rand(2, 1, 1, 24, device=ab.device) > 0.2
+        want = torch.autograd.grad(block(q, k, v, pad), (q, k, v))
+        got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v, pad), (q, k, v))
+        torch.testing.assert_close(got, want)
 
 
 def test_opcheck(ab):

@@ -2,7 +2,7 @@
 Mistral (sliding window), Gemma 2 (attention logit softcapping), Gemma 3 (1 + weight RMSNorms,
 q/k norms, a sliding and a global layer), OLMo (LayerNorms without parameters) and Cohere
 (bias-free LayerNorms in float32) with the full battery; T5 (relative position bias), DeepSeek V3
-(a value head dim other than the query's), Bloom (attention outside transformers' attention
+(a value head dim other than the query's: logits, gradients, generation), Bloom (attention outside transformers' attention
 interface); torch.nn.Transformer / TransformerEncoder; and, for breadth, twenty more decoder
 families (Llama, Qwen3, Phi-3, OLMo 2, Granite, StarCoder2, GPT-NeoX, Falcon, Phi, StableLM, Gemma,
 GLM-4, EXAONE 4, SmolLM3, OPT, GPT-J, BioGPT, Persimmon, Cohere 2, Nemotron) patched once with
@@ -907,35 +907,51 @@ def test_output_attentions_returns_the_eager_attention_weights(arch, caplog, mon
     assert len(calls) == 2
 
 
-def test_value_head_dim_other_than_the_querys_runs_transformers_sdpa(caplog, monkeypatch):
-    """DeepSeek V3's multi-head latent attention: q and k heads of 24 (16 + 8 rotary), v heads of
-    16. lmfast's kernels take one head dim, so such calls run transformers' SDPA path (it raised
-    ValueError before, breaking the patched model), once logged; outputs within budget (float32,
-    two dense layers: the float64 reference cannot run the MoE's grouped matmul)."""
-    from lmfast.integrations import hf
-
+def _deepseek_v3():
+    """DeepSeek V3 with multi-head latent attention: q and k heads of 24 (16 + 8 rotary), v heads
+    of 16; two dense layers (the float64 reference cannot run the MoE's grouped matmul)."""
     config = transformers.DeepseekV3Config(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=4, max_position_embeddings=128, first_k_dense_replace=2, n_routed_experts=4,
         num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, kv_lora_rank=16, q_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, pad_token_id=0)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def test_value_head_dim_other_than_the_querys_runs_lmfast_attention(monkeypatch):
+    """DeepSeek V3's multi-head latent attention (value heads narrower than the query's) runs
+    lmfast's attention: logits and one training step's gradients within budget of the unpatched
+    float32 model's, and greedy generation with a KV cache unchanged. (Such calls ran
+    transformers' SDPA path before, whose CPU kernel falls back to the unfused math there.)"""
     ids, mask = _batch()
     keep = mask.bool()
-    hf._say_sdpa_once.cache_clear()
-    with torch.no_grad():
-        ref64 = copy.deepcopy(model).double()(ids, attention_mask=mask).logits
-        want = model(ids, attention_mask=mask).logits
-        lmfast.patch(model)
-        calls = _spy_attention(monkeypatch)
-        with caplog.at_level("WARNING", logger="lmfast"):
-            got = model(ids, attention_mask=mask).logits
-            model(ids, attention_mask=mask)
-    assert calls == []
+    weights = torch.randn(3, 16, VOCAB, generator=torch.Generator().manual_seed(2))
+
+    def run(model):
+        model.train()  # (no dropout in this config: train mode changes nothing but the grads kept)
+        model.zero_grad()
+        logits = model(ids, attention_mask=mask).logits
+        (logits * weights.to(logits.dtype))[keep].sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref64, grads64 = run(_deepseek_v3().double())
+    model = _deepseek_v3()
+    want, eager_grads = run(model)
+    lmfast.patch(model)
+    calls = _spy_attention(monkeypatch)
+    got, grads = run(model)
+    assert len(calls) == 2  # one per layer: none went to another path
     assert_within_budget(got[keep], ref64[keep], want[keep], "DeepSeek V3 logits")
-    said = [r for r in caplog.records if "value head dim (16) other than the query's (24)" in r.getMessage()]
-    assert len(said) == 1  # once per process
+    for name in grads:
+        assert_within_budget(grads[name], grads64[name], eager_grads[name], f"DeepSeek V3 grad of {name}")
+
+    model = _deepseek_v3()
+    gen_ids, kwargs = _generation_inputs(max_new_tokens=6)
+    with torch.no_grad():
+        want_tokens = model.generate(gen_ids, **kwargs)
+        lmfast.patch(model)
+        assert torch.equal(model.generate(gen_ids, **kwargs), want_tokens)
 
 
 def eager_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sinks=None,

@@ -1,8 +1,10 @@
 // Flash attention (FlashAttention-2 algorithm) on the CPU, forward and backward.
 //
-// q: (B, Hq, Sq, D), k, v: (B, Hkv, Sk, D); query head h reads kv head h / (Hq / Hkv). The
-// forward reads q, k, v through their strides (the head dim contiguous), so the transposed
-// (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, D)
+// q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv); query head h reads kv head
+// h / (Hq / Hkv). Dv may differ from D (DeepSeek's multi-head latent attention): the forward
+// takes it as it is, the backward zero-pads the narrower side (attention_bwd). The forward
+// reads q, k, v through their strides (the head dim contiguous), so the transposed
+// (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, Dv)
 // memory order, the layout models want back (as SDPA's CPU flash kernel does). The backward
 // takes contiguous tensors. Scores are computed one (Bq x Bk) tile at a time and never materialized
 // whole (the backward keeps a block of query rows of them, at most 4 MiB; 6 with a softcap):
@@ -57,6 +59,7 @@ constexpr int64_t kBlockK = 256;   // keys per tile
 
 struct Geometry {
   int64_t B, Hq, Hkv, Sq, Sk, D;
+  int64_t Dv;  // v's and o's head dim: the forward takes any (DeepSeek's MLA: D = 192, Dv = 128)
   int64_t group() const { return Hq / Hkv; }
 };
 
@@ -382,7 +385,7 @@ struct TileRows {
 };
 
 // Online-softmax state of a tile: per row the running max m, the running sum l, and the
-// unnormalized output acc (rows x D), over the keys seen so far.
+// unnormalized output acc (rows x Dv), over the keys seen so far.
 template <typename acc_t>
 struct TileState {
   std::vector<acc_t> m, l, acc;
@@ -423,6 +426,7 @@ void small_scores(const acc_t* qt, int64_t R, const acc_t* kt, int64_t ldk, int6
 }
 
 // acc (R x D, contiguous) += p (R x nk, leading dim ld_s) vt, with vt nk rows of D, ldv apart.
+// (D here is v's head dim, Dv.)
 template <typename acc_t>
 void small_pv(const acc_t* p, int64_t ld_s, int64_t R, const acc_t* vt, int64_t ldv, int64_t nk, int64_t D,
               acc_t* acc) {
@@ -449,7 +453,7 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const int64_t R = rows.size(), D = g.D;
+  const int64_t R = rows.size(), D = g.D, Dv = g.Dv;
   const int64_t i_lo = *std::min_element(rows.query.begin(), rows.query.end());
   const int64_t i_hi = *std::max_element(rows.query.begin(), rows.query.end()) + 1;
   // (scale q) as contiguous acc_t rows: the scale folded into q
@@ -495,18 +499,18 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
       if (drop.on)  // (l sums the undropped p; write_rows scales by 1 / (1 - dropout_p))
         drop.apply(srow + lo, srow + lo, hi - lo, drop.row_key((b * g.Hq + rows.head[r]) * g.Sq + i), j0 + lo, acc_t(1));
       if (alpha != acc_t(1)) {
-        acc_t* orow = st.acc.data() + r * D;
-        for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) {
+        acc_t* orow = st.acc.data() + r * Dv;
+        for_each_chunk<Vec::size()>(Dv, [&](int64_t j, int64_t n) {
           (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n);
         });
       }
     }
     // acc += p v
-    const auto [vt, ldv] = load_tile(vh + j0 * vs.s, nk, D, vs.s, buf.v);
+    const auto [vt, ldv] = load_tile(vh + j0 * vs.s, nk, Dv, vs.s, buf.v);
     if (R <= kSmallRows) {
-      small_pv(buf.s.data(), ld_s, R, vt, ldv, nk, D, st.acc.data());
+      small_pv(buf.s.data(), ld_s, R, vt, ldv, nk, Dv, st.acc.data());
     } else {
-      gemm<acc_t>(false, false, R, D, nk, 1, buf.s.data(), ld_s, vt, ldv, 1, st.acc.data(), D);
+      gemm<acc_t>(false, false, R, Dv, nk, 1, buf.s.data(), ld_s, vt, ldv, 1, st.acc.data(), Dv);
     }
   }
 }
@@ -554,10 +558,10 @@ inline bool use_bf16_brgemm(int64_t D) {
 // K and V of every (b, kv head), packed tile by tile; tile t of head bh starts at
 // (bh * tiles + t) * tile_elems.
 struct PackedKV {
-  int64_t block_k = 0, tiles = 0, tile_elems = 0;
+  int64_t block_k = 0, tiles = 0, k_tile_elems = 0, v_tile_elems = 0;
   std::vector<at::BFloat16> k, v;
-  const at::BFloat16* k_tile(int64_t bh, int64_t t) const { return k.data() + (bh * tiles + t) * tile_elems; }
-  const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * tile_elems; }
+  const at::BFloat16* k_tile(int64_t bh, int64_t t) const { return k.data() + (bh * tiles + t) * k_tile_elems; }
+  const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * v_tile_elems; }
 };
 
 // B = X^T (D x n) in VNNI layout [D/2][n][2], from n rows of X (D each, `ld` apart): one
@@ -611,15 +615,16 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   PackedKV p;
   p.block_k = block_k;
   p.tiles = (g.Sk + block_k - 1) / block_k;
-  p.tile_elems = (block_k + block_k % 2) * g.D;
-  p.k.resize(g.B * g.Hkv * p.tiles * p.tile_elems);
-  p.v.resize(p.k.size());
+  p.k_tile_elems = (block_k + block_k % 2) * g.D;
+  p.v_tile_elems = (block_k + block_k % 2) * g.Dv;
+  p.k.resize(g.B * g.Hkv * p.tiles * p.k_tile_elems);
+  p.v.resize(g.B * g.Hkv * p.tiles * p.v_tile_elems);
   at::parallel_for(0, g.B * g.Hkv * p.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % p.tiles, bh = task / p.tiles, b = bh / g.Hkv, hk = bh % g.Hkv;
       const int64_t j0 = t * block_k, nk = std::min(block_k, g.Sk - j0);
-      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.tile_elems);  // K^T
-      pack_rows(v + vs.at(b, hk, j0), nk, g.D, vs.s, p.v.data() + task * p.tile_elems);        // V
+      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.k_tile_elems);  // K^T
+      pack_rows(v + vs.at(b, hk, j0), nk, g.Dv, vs.s, p.v.data() + task * p.v_tile_elems);       // V
     }
   });
   return p;
@@ -677,7 +682,7 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
                         std::vector<at::BFloat16>& q_buf, std::vector<at::BFloat16>& p_buf) {
   using Vec = Vectorized<float>;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  const int64_t R = rows.size(), D = g.D, bh = b * g.Hkv + hk;
+  const int64_t R = rows.size(), D = g.D, Dv = g.Dv, bh = b * g.Hkv + hk;
   const int64_t i_lo = rows.query.front(), i_hi = rows.query.back() + 1;  // consecutive queries of one head
   q_buf.resize(R * D);
   for (int64_t r = 0; r < R; ++r) {
@@ -722,12 +727,12 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
       st.m[r] = m_new;
       if (drop.on) drop.zero_dropped(prow + lo, hi - lo, drop.row_key((b * g.Hq + rows.head[r]) * g.Sq + i), j0 + lo);
       if (alpha != 1.f) {
-        float* orow = st.acc.data() + r * D;
-        for_each_chunk<Vec::size()>(D, [&](int64_t j, int64_t n) { (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n); });
+        float* orow = st.acc.data() + r * Dv;
+        for_each_chunk<Vec::size()>(Dv, [&](int64_t j, int64_t n) { (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n); });
       }
     }
-    // acc += p v (R x D, float32)
-    at::native::cpublas::brgemm(R, D, nke, ld_s, D, D, true, p_buf.data(), kv.v_tile(bh, t), st.acc.data(), true);
+    // acc += p v (R x Dv, float32)
+    at::native::cpublas::brgemm(R, Dv, nke, ld_s, Dv, Dv, true, p_buf.data(), kv.v_tile(bh, t), st.acc.data(), true);
   }
 }
 
@@ -742,9 +747,9 @@ void write_rows(const TileRows& rows, const TileState<at::opmath_type<scalar_t>>
   for (int64_t r = 0; r < rows.size(); ++r) {
     const int64_t h = rows.head[r], i = rows.query[r];
     const acc_t inv = st.l[r] == 0 ? acc_t(0) : keep_scale / st.l[r];  // (a NaN l stays NaN)
-    const acc_t* orow = st.acc.data() + r * g.D;
+    const acc_t* orow = st.acc.data() + r * g.Dv;
     scalar_t* out = o + os.at(b, h, i);
-    for_each_chunk<Chunk<scalar_t>::kChunk>(g.D, [&](int64_t d, int64_t n) {
+    for_each_chunk<Chunk<scalar_t>::kChunk>(g.Dv, [&](int64_t d, int64_t n) {
       auto c = Chunk<scalar_t>::load_acc(orow + d, n);
       c.lo = c.lo * Vectorized<acc_t>(inv);
       c.hi = c.hi * Vectorized<acc_t>(inv);
@@ -786,7 +791,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
     const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (use_bf16_brgemm(g.D)) {
+      if (use_bf16_brgemm(g.D) && g.Dv % 2 == 0) {
         // Square tiles (256 x 256 where there are enough tasks) measured best on AMX, causal or
         // not: its products are ~7x faster than sgemm's, and the per-tile softmax work remains.
         // (Not re-tuned for AVX512-BF16, whose products are ~2.5x sgemm's.)
@@ -802,7 +807,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
             const int64_t qb = task % packed_q_blocks, h = (task / packed_q_blocks) % g.Hq, b = task / (packed_q_blocks * g.Hq);
             rows.clear();
             for (int64_t i = qb * kPackedBlockQ; i < std::min(g.Sq, (qb + 1) * kPackedBlockQ); ++i) rows.add(h, i);
-            st.reset(rows.size(), g.D);
+            st.reset(rows.size(), g.Dv);
             attend_keys_packed(rows, q, mask, g, qs, scale, band, b, h / group, kv, drop, st, s_buf, q_buf, p_buf);
             write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
           }
@@ -819,7 +824,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
         rows.clear();
         for (int64_t i = qb * block_q; i < std::min(g.Sq, (qb + 1) * block_q); ++i) rows.add(h, i);
-        st.reset(rows.size(), g.D);
+        st.reset(rows.size(), g.Dv);
         attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, drop, st, buf);
         write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
       }
@@ -834,7 +839,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
   const int64_t want = (kSplitTasks + heads - 1) / heads;
   const int64_t splits = std::max<int64_t>(1, std::min(want, g.Sk / kMinSplitKeys));
   const int64_t R = g.Sq * group;
-  // Partial states of the splits (splits > 1): per task, m and l (R each) and acc (R x D).
+  // Partial states of the splits (splits > 1): per task, m and l (R each) and acc (R x Dv).
   std::vector<TileState<acc_t>> partial(splits > 1 ? heads * splits : 0);
   auto tile_rows = [&](int64_t hk, TileRows& rows) {
     rows.clear();
@@ -849,7 +854,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       const int64_t split = task % splits, hk = (task / splits) % g.Hkv, b = task / (splits * g.Hkv);
       tile_rows(hk, rows);
       TileState<acc_t>& state = splits > 1 ? partial[task] : st;
-      state.reset(R, g.D);
+      state.reset(R, g.Dv);
       attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, hk, g.Sk * split / splits,
                   g.Sk * (split + 1) / splits, kBlockK, drop, state, buf);
       if (splits == 1) write_rows(rows, state, g, b, os, o, lse, row_stats, drop);
@@ -863,7 +868,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     for (int64_t t = begin; t < end; ++t) {
       const int64_t hk = t % g.Hkv, b = t / g.Hkv;
       tile_rows(hk, rows);
-      merged.reset(R, g.D);
+      merged.reset(R, g.Dv);
       for (int64_t r = 0; r < R; ++r) {
         for (int64_t sp = 0; sp < splits; ++sp) merged.m[r] = max_nan(merged.m[r], partial[t * splits + sp].m[r]);
         if (merged.m[r] == -std::numeric_limits<acc_t>::infinity()) continue;  // fully masked row
@@ -871,7 +876,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           const TileState<acc_t>& p = partial[t * splits + sp];
           const acc_t w = std::exp(p.m[r] - merged.m[r]);  // 0 for a split that saw nothing
           merged.l[r] += p.l[r] * w;
-          for (int64_t d = 0; d < g.D; ++d) merged.acc[r * g.D + d] += p.acc[r * g.D + d] * w;
+          for (int64_t d = 0; d < g.Dv; ++d) merged.acc[r * g.Dv + d] += p.acc[r * g.Dv + d] * w;
         }
       }
       write_rows(rows, merged, g, b, os, o, lse, row_stats, drop);
@@ -1426,17 +1431,19 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
 bool head_dim_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
 
+// q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); the backward's kernel takes Dv = D
+// (attention_bwd pads to that).
 Geometry geometry(const Tensor& q, const Tensor& k, const Tensor& v, bool contiguous) {
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.sizes() == k.sizes() && q.device().is_cpu() &&
-                  k.device().is_cpu() && v.device().is_cpu(),
-              "lmfast_C: q (B, Hq, Sq, D), k and v (B, Hkv, Sk, D) must be CPU tensors");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && v.sizes().slice(0, 3) == k.sizes().slice(0, 3) &&
+                  q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
+              "lmfast_C: q (B, Hq, Sq, D), k (B, Hkv, Sk, D) and v (B, Hkv, Sk, Dv) must be CPU tensors");
   TORCH_CHECK(contiguous ? q.is_contiguous() && k.is_contiguous() && v.is_contiguous()
                          : head_dim_contiguous(q) && head_dim_contiguous(k) && head_dim_contiguous(v),
               contiguous ? "lmfast_C: the backward's q, k, v must be contiguous"
                          : "lmfast_C: q, k, v must have a contiguous head dim (stride 1)");
   TORCH_CHECK(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(),
               "lmfast_C: q, k, v must share a dtype");
-  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
+  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3)};
   TORCH_CHECK(k.size(0) == g.B && k.size(3) == g.D && g.Hkv > 0 && g.Hq % g.Hkv == 0,
               "lmfast_C: q and k/v shapes do not fit (batch, head dim, or head groups)");
   return g;
@@ -1496,8 +1503,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   check_mask(mask, q, g);
   const KeyBand band = key_band(g, causal, window, softcap);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
-  // (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D): o.transpose(1, 2) is contiguous.
-  Tensor o = at::empty({g.B, g.Sq, g.Hq, g.D}, q.options()).transpose(1, 2);
+  // (B, Sq, Hq, Dv) memory seen as (B, Hq, Sq, Dv): o.transpose(1, 2) is contiguous.
+  Tensor o = at::empty({g.B, g.Sq, g.Hq, g.Dv}, q.options()).transpose(1, 2);
   const auto acc_options = q.options().dtype(at::toOpMathType(q.scalar_type()));
   Tensor lse = at::empty({g.B, g.Hq, g.Sq}, acc_options);
   Tensor row_stats = at::empty({2, g.B, g.Hq, g.Sq}, acc_options);
@@ -1519,10 +1526,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
     const std::optional<Tensor>& dropout_seed, double softcap) {
+  if (v.dim() == 4 && q.dim() == 4 && v.size(3) != q.size(3)) {
+    // v's head dim Dv other than D (the forward's kernel takes it as it is): the kernel below
+    // takes one head dim, so the narrower side is zero-padded and its gradients cut back,
+    // exactly as the public op pads for the kernels that take one head dim (api.cpp's
+    // attention). Training-size calls, where the copies are small beside the products.
+    const int64_t D = q.size(3), Dv = v.size(3), Dp = std::max(D, Dv);
+    auto pad = [Dp](const Tensor& t) { return t.size(3) == Dp ? t : at::constant_pad_nd(t, {0, Dp - t.size(3)}, 0); };
+    auto [dq, dk, dv, dmask] = attention_bwd(pad(dout), pad(q), pad(k), pad(v), pad(o), row_stats, dlse, mask, scale,
+                                             causal, window, mask_grad, dropout_p, dropout_seed, softcap);
+    auto cut = [](const Tensor& t, int64_t d) { return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous(); };
+    return {cut(dq, D), cut(dk, D), cut(dv, Dv), dmask};
+  }
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   check_mask(mask, q, g);
-  TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && dout.is_contiguous() &&
+  TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && v.size(3) == g.D && dout.is_contiguous() &&
                   o.is_contiguous() && dout.scalar_type() == q.scalar_type(),
               "lmfast_C: dout and o must be contiguous and shaped like q");
   // row_stats is checked, not read: this backward recomputes each row's max and sum (above)

@@ -550,6 +550,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
               "lmfast_C::attention_fwd (cuda): dropout_p > 0 needs dropout_seed, an int64 tensor of one element "
               "on q's device");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lmfast_C::attention_fwd (cuda): 4-D q, k, v");
+  TORCH_CHECK(v.size(3) == q.size(3), "lmfast_C::attention_fwd (cuda): v's head dim must be q's (the public op ",
+              "pads a different one)");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
   TORCH_CHECK_VALUE(D <= 256, "backend 'cuda' attention supports head dims up to 256, got ", D,
                     "; use backend='triton' or 'torch'");

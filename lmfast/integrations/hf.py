@@ -52,8 +52,9 @@ class MaskStructure(NamedTuple):
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                       attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                       is_causal: bool | None = None, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers' attention-function contract: query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D)
-    (not repeated for grouped-query attention), returns ((B, Sq, Hq, D), None), or the
+    """transformers' attention-function contract: query (B, Hq, Sq, D), key (B, Hkv, Sk, D), value
+    (B, Hkv, Sk, Dv) (not repeated for grouped-query attention; Dv != D in DeepSeek's multi-head
+    latent attention), returns ((B, Sq, Hq, Dv), None), or the
     attention weights in place of None where the call asks for them (then the model's own eager
     attention computes the call). Per call it does no more than transformers' SDPA path: a few
     dict lookups, then one lmfast op."""
@@ -67,15 +68,6 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             _say_unknown_once(type(module).__name__, name)
             return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                     **kwargs)
-    if value.shape[-1] != query.shape[-1]:
-        # what lmfast does not compute (a value head dim other than the query's, as DeepSeek's
-        # multi-head latent attention has): transformers' own SDPA path, with the same mask (a
-        # full mask, or None exactly where SDPA's is None too)
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        _say_sdpa_once(query.shape[-1], value.shape[-1])
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
     causal, window = False, None
     if attention_mask is None:  # from _mask: exactly bottom-right causal, or no mask
         causal = _is_causal(module, is_causal)
@@ -96,7 +88,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                         window=window, dropout_p=dropout if dropout and module.training else 0.0,
                         sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),  # gpt-oss's sinks, Gemma 2's cap
                         backend=backend)
-    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, D) (no copy: the kernels write o so)
+    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, Dv) (no copy where Dv >= D: the kernels write o so)
 
 
 # The attention-function keyword arguments lmfast computes with (output_attentions: the eager
@@ -168,12 +160,6 @@ _log = logging.getLogger("lmfast")
 def _say_eager_once() -> None:
     _log.warning("lmfast: a call asked for attention weights (output_attentions); the model's eager attention "
                  "computes such calls, lmfast attention the others")
-
-
-@functools.cache
-def _say_sdpa_once(qk_dim: int, v_dim: int) -> None:
-    _log.warning(f"lmfast: attention with a value head dim ({v_dim}) other than the query's ({qk_dim}) runs "
-                 "transformers' SDPA path (lmfast's kernels take one head dim)")
 
 
 def _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):

@@ -740,6 +740,9 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    if v.shape[3] != D:
+        raise ValueError(f"lmfast_triton::attention_fwd: v's head dim {v.shape[3]} must be q's {D} "
+                         "(lmfast.ops.attention pads a different one)")
     o = torch.empty((B, Sq, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # as csrc/ops.h
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     stats = torch.empty((2, B, Hq, Sq), device=q.device, dtype=torch.float32)  # (row max, 1 / row sum)

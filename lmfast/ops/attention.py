@@ -24,8 +24,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
     """softmax(scale * q @ k^T + attn_mask) @ v over keys, per head.
 
-    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq a multiple of Hkv (grouped-query attention:
-    query head h reads kv head h // (Hq // Hkv), nothing is repeated in memory).
+    q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (grouped-query
+    attention: query head h reads kv head h // (Hq // Hkv), nothing is repeated in memory). Dv may
+    differ from D (DeepSeek's multi-head latent attention: D = 192, Dv = 128): the CPU kernels
+    take it as it is (their backward pads); the GPU kernels run at the larger of the two, the
+    narrower side zero-padded (exact; it costs a copy of v, or of q and k).
     attn_mask: additive (q's dtype) or boolean (True = keep), broadcastable to (B, Hq, Sq, Sk).
         The kernels skip the key tiles a boolean mask drops whole for a block of queries (packed
         sequences' other documents, padded stretches); pass causal=True too where the mask is
@@ -47,7 +50,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         scaled scores become c * tanh(scale * q @ k^T / c) before the mask is added; inside the
         kernels, forward and backward.
     Rows with every key masked give zeros (and lse = -inf, or the sink's logit), not NaN.
-    Returns o (B, Hq, Sq, D), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
+    Returns o (B, Hq, Sq, Dv), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
     of each row's scaled, masked scores, in float32 (float64 for float64 inputs), without dropout.
     Under torch.autocast, q, k, v and an additive mask are cast to the autocast dtype, as SDPA's are.
     """
@@ -77,13 +80,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     _checks.same_device_and_dtype("k", k, q, "q")
     _checks.same_device_and_dtype("v", v, q, "q")
     B, Hq, Sq, D = q.shape
-    if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape (B, Hkv, Sk, D), got {tuple(k.shape)} "
-                         f"and {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must have the same (B, Hkv, Sk) (their head dims may differ), got "
+                         f"{tuple(k.shape)} and {tuple(v.shape)}")
     if k.shape[0] != B:
         raise ValueError(f"k and v have batch size {k.shape[0]} but q has {B}")
     if k.shape[3] != D:
-        raise ValueError(f"k and v have head dim {k.shape[3]} but q has {D}; they must match")
+        raise ValueError(f"k has head dim {k.shape[3]} but q has {D}; they must match")
     Hkv, Sk = k.shape[1], k.shape[2]
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q's {Hq} heads must be a multiple of k's and v's {Hkv} heads")
@@ -114,9 +117,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                          None if seed is None else int(seed.item()), softcap=softcap)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
+        Dv = v.shape[3]  # a value head dim other than D: the narrower side zero-padded, as the C++ op does
+        q, k, v = (q, k, v) if Dv == D else (q, k, _pad_head_dim(v, D)) if Dv < D else (
+            _pad_head_dim(q, Dv), _pad_head_dim(k, Dv), v)
         o, lse, _ = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
                               dropout_p, seed, softcap or 0.0)
+        if Dv < D:
+            o = o[..., :Dv]  # (B, Hq, Sq, Dv)
     return (o, lse) if return_lse else o
+
+
+def _pad_head_dim(t: Tensor, size: int) -> Tensor:
+    """t (B, H, S, d) zero-padded to head dim `size` (csrc/api.cpp's attention says why this is
+    exact: zero value columns make output columns that are cut off, zero q and k dims add 0 to
+    every score)."""
+    return torch.nn.functional.pad(t, (0, size - t.shape[3]))
 
 
 def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor, return_lse: bool) -> tuple[Tensor, Tensor | None]:
@@ -168,8 +183,8 @@ def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, row_stats: Tenso
 # ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
 def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0):
-    B, Hq, Sq, D = q.shape  # o: (B, Sq, Hq, D) memory seen as (B, Hq, Sq, D), as the kernels write it
-    o = q.new_empty((B, Sq, Hq, D)).transpose(1, 2)
+    B, Hq, Sq, _ = q.shape  # o: (B, Sq, Hq, Dv) memory seen as (B, Hq, Sq, Dv), as the kernels write it
+    o = q.new_empty((B, Sq, Hq, v.shape[3])).transpose(1, 2)
     acc = reference.acc_dtype(q.dtype)
     return o, q.new_empty((B, Hq, Sq), dtype=acc), q.new_empty((2, B, Hq, Sq), dtype=acc)  # o, lse, row_stats
 
