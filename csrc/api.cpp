@@ -395,24 +395,6 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                          : dropout_seed.has_value()
                              ? OptTensor(dropout_seed->reshape({1}).to(q.device()))
                              : OptTensor(at::randint(int64_t(1) << 62, {1}, q.options().dtype(at::kLong)));
-  if (vs[3] != qs[3] && !q.is_cpu()) {
-    // A value head dim Dv other than q's D (DeepSeek's multi-head latent attention: D = 192,
-    // Dv = 128). The CPU kernels take it as it is; the CUDA kernels take one head dim, so the
-    // narrower side is zero-padded: v's extra columns make o columns that are cut off; q's and
-    // k's extra dims add exactly 0 to every score (the scale is already taken from q's own D).
-    // Both are ATen ops, so autograd takes the gradients back through them.
-    const auto pad = [](const Tensor& t, const c10::SymInt& to) {
-      return at::constant_pad_nd_symint(t, {c10::SymInt(0), to - t.sym_size(3)}, 0);
-    };
-    if (vs[3] < qs[3]) {
-      auto [o, lse, row_stats] = attention_fwd().call(rows(q), rows(k), pad(v, qs[3]), mask4, s, causal, window,
-                                                      dropout_p, seed, softcap.value_or(0.0));
-      return {o.narrow_symint(3, 0, vs[3]), lse};  // (B, Hq, Sq, Dv)
-    }
-    auto [o, lse, row_stats] = attention_fwd().call(pad(q, vs[3]), pad(k, vs[3]), rows(v), mask4, s, causal, window,
-                                                    dropout_p, seed, softcap.value_or(0.0));
-    return {o, lse};
-  }
   auto [o, lse, row_stats] = attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p,
                                                   seed, softcap.value_or(0.0));
   return {o, lse};  // (row_stats: for the backward only)

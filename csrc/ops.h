@@ -47,9 +47,9 @@ Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double sc
                    bool causal);
 Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 
-// Attention: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) (any Dv on the CPU; the
-// CUDA kernels take Dv = D); the forward takes any strides with a contiguous head dim
-// and returns o in (B, Sq, Hq, Dv) memory order (o.transpose(1, 2) is
+// Attention: q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) (Dv may differ from D:
+// DeepSeek's multi-head latent attention); the forward takes any strides with a contiguous head
+// dim and returns o in (B, Sq, Hq, Dv) memory order (o.transpose(1, 2) is
 // contiguous), the backward takes contiguous tensors; mask expanded to (B, Hq, Sq, Sk);
 // window: none or >= 1; dropout_p in [0, 1), dropout_seed an int64 tensor of one element
 // (on the CPU for the CPU kernels) where dropout_p > 0 (the mask: lmfast/reference.py's
@@ -97,10 +97,7 @@ using at::Tensor;
 
 // Public ops: check the user's arguments (the Python layer's messages), shape them for the
 // kernels and call the kernel ops. The norms return (y, x + residual), or (y, an empty tensor)
-// without a residual; attention returns (o, lse), o (B, Hq, Sq, Dv) in (B, Sq, Hq, Dv) memory
-// (v's head dim Dv may differ from q's and k's D: the CPU kernels take that as it is, while for
-// the CUDA kernels, which take one head dim, the public op zero-pads the narrower side and o is
-// a view cut from the wider (B, Sq, Hq, D) one).
+// without a residual; attention returns (o, lse), o (B, Hq, Sq, Dv) in (B, Sq, Hq, Dv) memory.
 std::tuple<Tensor, Tensor> layer_norm(const Tensor& x, const std::optional<Tensor>& weight,
                                       const std::optional<Tensor>& bias,
                                       const std::optional<Tensor>& residual, double eps);

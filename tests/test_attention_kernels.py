@@ -48,10 +48,11 @@ def test_head_dims(D, ab, dtype):
 # (D, Dv): DeepSeek's multi-head latent attention (q and k heads of 192 = 128 + 64 rotary, v heads
 # of 128), a smaller one, and a value head wider than the query's
 @pytest.mark.parametrize("D,Dv", [(192, 128), (24, 16), (16, 40)], ids=lambda d: str(d))
-@pytest.mark.parametrize("Sq,Sk,mask", [(37, 90, "bool"), (3, 300, None), (40, 40, "additive")],
+@pytest.mark.parametrize("Sq,Sk,mask", [(37, 90, "bool"), (3, 600, None), (40, 40, "additive")],
                          ids=["prefill-bool", "decode", "square-additive"])
 def test_value_head_dim_other_than_the_querys(D, Dv, Sq, Sk, mask, ab, dtype):
-    """o is (B, Hq, Sq, Dv); values, lse and every gradient within budget, GQA and causal."""
+    """o is (B, Hq, Sq, Dv); values, lse and every gradient within budget, GQA and causal. (The
+    decode shape takes the key-split paths: the CPU's, and Triton's split kernel and combine.)"""
     B, Hq, Hkv = 2, 4, 2
     attn_mask = (None if mask is None else torch.rand(B, 1, Sq, Sk, device=ab.device) > 0.2 if mask == "bool"
                  else torch.randn(1, Hq, Sq, Sk, device=ab.device).to(dtype))
@@ -553,6 +554,8 @@ def test_opcheck(ab):
     seed = torch.tensor([3], device=ab.device)
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.3, seed))
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.0, None, 2.0))
+    for v in (ins["v"][..., :12].contiguous(), torch.cat([ins["v"], ins["v"][..., :4]], -1)):  # Dv < D, Dv > D
+        torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], v, mask, 0.25, True, 5))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU (the interpreter runs fixed tiles)")

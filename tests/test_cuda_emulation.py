@@ -293,6 +293,32 @@ def test_attention(emu, dtype, shape, variant):
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {variant} {dtype}")
 
 
+# (B, Hq, Hkv, Sq, Sk, D, Dv): v's head dim other than q's (DeepSeek's multi-head latent
+# attention), both ways, on the decode and prefill kernels; Dv = 20 in 16-bit dtypes leaves the
+# 16-byte loads off (40 bytes a row)
+VALUE_HEAD_SHAPES = [(2, 4, 2, 3, 300, 48, 32), (1, 2, 1, 2, 77, 16, 40), (1, 4, 2, 37, 90, 24, 40),
+                     (1, 2, 2, 40, 33, 40, 20)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", VALUE_HEAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
+def test_attention_value_head_dim_other_than_the_querys(emu, dtype, shape):
+    B, Hq, Hkv, Sq, Sk, D, Dv = shape
+    inputs = _attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, "bool", strided=False)
+    inputs["v"] = _randn(B, Hkv, Sk, Dv, dtype=dtype, seed=2)
+    scale = D ** -0.5
+
+    def fn(q, k, v, attn_mask):
+        return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), scale, True, None, 0.0, None))
+
+    def ref(q, k, v, attn_mask):
+        return _reference_forward(q, k, v, attn_mask, causal=True, scale=scale)
+
+    o = fn(**inputs)[0]
+    assert o.shape == (B, Hq, Sq, Dv) and o.transpose(1, 2).is_contiguous()
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {dtype}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_attention_packed_documents(emu, dtype, causal, thread_order):

@@ -62,12 +62,13 @@ def _attention_variants():
     from lmfast.kernels import attention as A
 
     out = []
-    for dt, flags_on, block_d in (("fp32", False, 64), ("fp16", True, 128), ("bf16", True, 256)):
+    # (bf16: DeepSeek's multi-head latent attention, q and k heads of 192, v heads of 128)
+    for dt, flags_on, block_d, block_dv in (("fp32", False, 64, 64), ("fp16", True, 128, 128), ("bf16", True, 256, 128)):
         p = f"*{dt}"
         mask = "*u8" if dt == "fp16" else p  # fp16 runs the bool mask
         flags = {"CAUSAL": flags_on, "WINDOW": flags_on, "HAS_MASK": flags_on, "BOOL_MASK": dt == "fp16", "DROPOUT": flags_on,
-                 "SOFTCAP": flags_on, "BLOCK_D": block_d, "UPCAST": False, "PRECISION": "ieee", "INTERPRETED": False}
-        dims = {"Hq": "i32", "Hkv": "i32", "Sq": "i32", "Sk": "i32", "D": "i32", "scale": "fp32", "softcap": "fp32",
+                 "SOFTCAP": flags_on, "BLOCK_D": block_d, "BLOCK_DV": block_dv, "UPCAST": False, "PRECISION": "ieee", "INTERPRETED": False}
+        dims = {"Hq": "i32", "Hkv": "i32", "Sq": "i32", "Sk": "i32", "D": "i32", "Dv": "i32", "scale": "fp32", "softcap": "fp32",
                 "window": "i32",
                 # dropout: the threshold is i32 or i64 as its value falls (Triton types int arguments so)
                 "SEED": "*i64", "threshold": "i64" if dt == "bf16" else "i32", "keep_scale": "fp32"}
@@ -76,7 +77,7 @@ def _attention_variants():
         archs = (90, 80) if dt == "bf16" else (90,)
 
         def tuned(table, sig, consts):
-            cfg = table[block_d][0]
+            cfg = table[A._tile_bucket(consts)][0]
             out.append((f"attention.{name}", sig, {**consts, **cfg.kwargs},
                         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, archs))
 
@@ -96,8 +97,8 @@ def _attention_variants():
                     {**flags, "BLOCK_M": 16, "BLOCK_N": 64}, {"num_warps": 4, "num_stages": 2}, (90,)))
         out.append(("attention._attn_combine_kernel",
                     {"O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", "O": p, "LSE": "*fp32",
-                     "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", "rows_total": "i32", "splits": "i32", "Hq": "i32", "Sq": "i32", "D": "i32"},
-                    {"BLOCK_S": 16, "BLOCK_D": block_d, "INTERPRETED": False}, {"num_warps": 4}, (90,)))
+                     "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", "rows_total": "i32", "splits": "i32", "Hq": "i32", "Sq": "i32", "Dv": "i32"},
+                    {"BLOCK_S": 16, "BLOCK_DV": block_dv, "INTERPRETED": False}, {"num_warps": 4}, (90,)))
         out.append(("attention._attn_bwd_delta_kernel",
                     {"DO": p, "O": p, "DELTA": "*fp32", "rows": "i32", "D": "i32"},
                     {"BLOCK_R": 8192 // block_d, "BLOCK_D": block_d}, {}, (90,)))

@@ -1528,9 +1528,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const std::optional<Tensor>& dropout_seed, double softcap) {
   if (v.dim() == 4 && q.dim() == 4 && v.size(3) != q.size(3)) {
     // v's head dim Dv other than D (the forward's kernel takes it as it is): the kernel below
-    // takes one head dim, so the narrower side is zero-padded and its gradients cut back,
-    // exactly as the public op pads for the kernels that take one head dim (api.cpp's
-    // attention). Training-size calls, where the copies are small beside the products.
+    // takes one head dim, so the narrower side is zero-padded and its gradients cut back. This
+    // is exact: zero columns of v (and of o and dout) give zero columns of dv, and zero dims of
+    // q and k add 0 to every score and get gradients that are cut off. Training-size calls,
+    // where the copies are small beside the products.
     const int64_t D = q.size(3), Dv = v.size(3), Dp = std::max(D, Dv);
     auto pad = [Dp](const Tensor& t) { return t.size(3) == Dp ? t : at::constant_pad_nd(t, {0, Dp - t.size(3)}, 0); };
     auto [dq, dk, dv, dmask] = attention_bwd(pad(dout), pad(q), pad(k), pad(v), pad(o), row_stats, dlse, mask, scale,

@@ -7,10 +7,13 @@
 //   dropout: the entries of softmax(s) that ../dropout_hash.h drops weigh 0 in o, the rest are
 //   scaled by 1 / (1 - dropout_p); l and lse are the undropped ones
 //
-// q (B, Hq, Sq, D), k, v (B, Hkv, Sk, D) with any strides and a contiguous head dim; query
-// head h reads kv head h / (Hq / Hkv) (grouped-query attention, nothing repeated); o is
-// written in (B, Sq, Hq, D) memory order, lse (B, Hq, Sq) and the row stats (2, B, Hq, Sq)
-// that the backward (Triton's) takes, each row's max m and 1 / l (csrc/ops.h), in float32.
+// q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv) with any strides and a contiguous
+// head dim; query head h reads kv head h / (Hq / Hkv) (grouped-query attention, nothing
+// repeated); o is written in (B, Sq, Hq, Dv) memory order, lse (B, Hq, Sq) and the row stats
+// (2, B, Hq, Sq) that the backward (Triton's) takes, each row's max m and 1 / l (csrc/ops.h),
+// in float32. Dv may differ from D (DeepSeek's multi-head latent attention: 192 over 128): the
+// kernels work at one padded head dim Dp, that of the larger, and read and write each tensor's
+// own (zeros past it, which add nothing to q k^T and make o columns that are not written).
 //
 // Two kernels:
 //   prefill   a block of 16 * WARPS query rows of one head walks the key tiles its rows may
@@ -48,13 +51,14 @@ struct AttnParams {
   const void* k;
   const void* v;
   const void* mask;  // bool (uint8) or q's dtype, read through its strides
-  void* o;           // (B, Sq, Hq, D) contiguous
+  void* o;           // (B, Sq, Hq, Dv) contiguous
   float* lse;        // (B, Hq, Sq)
   float* row_stats;  // (2, B, Hq, Sq): m, 1 / l (store_row_softmax)
   int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, row (the head dim is contiguous)
   int64_t mask_strides[4];                            // 0 along broadcast dims
   int mask_kind;
   int B, Hq, Hkv, Sq, Sk, D;
+  int Dv;  // v's and o's head dim
   float scale;
   float softcap;  // > 0: s = softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
   bool causal;
@@ -228,7 +232,7 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
     if (p.mask_kind == kBoolMask && !bool_mask_keeps_tile(p, b, h, m0, BLOCK_M, j0, BLOCK_N)) continue;
     __syncthreads();  // every warp is done with the previous K/V tile
     load_tile<T, Dp>(Ks, L::ldt, k, p.k_strides[2], j0, BLOCK_N, p.Sk, p.D, vec16);
-    load_tile<T, Dp>(Vs, L::ldt, v, p.v_strides[2], j0, BLOCK_N, p.Sk, p.D, vec16);
+    load_tile<T, Dp>(Vs, L::ldt, v, p.v_strides[2], j0, BLOCK_N, p.Sk, p.Dv, vec16);
     __syncthreads();
 
     // S (this warp's 16 rows x BLOCK_N) = Q K^T
@@ -326,10 +330,10 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   if (half == 0 && qi < p.Sq) store_row_softmax(p, (int64_t(b) * p.Hq + h) * p.Sq + qi, m_run, l_run);
   __syncwarp();
   T* o = static_cast<T*>(p.o);
-  for (int c = lane; c < 16 * p.D; c += 32) {
-    const int r = c / p.D, d = c % p.D, i = m0 + warp * 16 + r;
+  for (int c = lane; c < 16 * p.Dv; c += 32) {
+    const int r = c / p.Dv, d = c % p.Dv, i = m0 + warp * 16 + r;
     if (i < p.Sq)
-      o[((int64_t(b) * p.Sq + i) * p.Hq + h) * p.D + d] =
+      o[((int64_t(b) * p.Sq + i) * p.Hq + h) * p.Dv + d] =
           from_float<T>(Os[(warp * 16 + r) * L::ldo + d] * row_alpha[warp * 16 + r]);
   }
 }
@@ -407,7 +411,7 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
 #pragma unroll
     for (int e = 0; e < EPL; e += VEC) {
       float t[VEC] = {};
-      if (d0 + e < p.D) load_floats<T, VEC>(vr + d0 + e, t);
+      if (d0 + e < p.Dv) load_floats<T, VEC>(vr + d0 + e, t);
 #pragma unroll
       for (int u = 0; u < VEC; ++u) ov[e + u] = ov[e + u] * f.fa + weight * t[u];
     }
@@ -437,7 +441,7 @@ __global__ void __launch_bounds__(128) attn_decode_kernel(AttnParams p, int keys
   }
 }
 
-// One warp per (b, h, i) row: merges the row's splits into o (B, Sq, Hq, D), lse and row stats.
+// One warp per (b, h, i) row: merges the row's splits into o (B, Sq, Hq, Dv), lse and row stats.
 template <typename T>
 __global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const float* __restrict__ part_o,
                                     const float* __restrict__ part_ml) {
@@ -451,8 +455,8 @@ __global__ void attn_combine_kernel(AttnParams p, int splits, int Dp, const floa
   float l = 0.f;
   for (int s = 0; s < splits; ++s) l += exp_below(ml[2 * s], m) * ml[2 * s + 1];
   const float inv = l == 0.f ? 0.f : p.keep_scale / l;
-  T* o = static_cast<T*>(p.o) + ((int64_t(b) * p.Sq + i) * p.Hq + h) * p.D;
-  for (int d = lane; d < p.D; d += 32) {
+  T* o = static_cast<T*>(p.o) + ((int64_t(b) * p.Sq + i) * p.Hq + h) * p.Dv;
+  for (int d = lane; d < p.Dv; d += 32) {
     float acc = 0.f;
     for (int s = 0; s < splits; ++s) acc += exp_below(ml[2 * s], m) * part_o[(row * splits + s) * Dp + d];
     o[d] = from_float<T>(acc * inv);
@@ -475,8 +479,9 @@ void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
   if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
     int optin = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    TORCH_CHECK(L::bytes <= size_t(optin), "lmfast cuda attention: head dim ", p.D, " in this dtype needs ",
-                L::bytes, " bytes of shared memory per block, this GPU allows ", optin, "; use backend='triton'");
+    TORCH_CHECK(L::bytes <= size_t(optin), "lmfast cuda attention: head dim ", std::max(p.D, p.Dv),
+                " in this dtype needs ", L::bytes, " bytes of shared memory per block, this GPU allows ", optin,
+                "; use backend='triton'");
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
     configured.fetch_or(bit);
   }
@@ -485,12 +490,15 @@ void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
   launch(kernel, unsigned(blocks), 32 * WARPS, L::bytes, stream, p, vec16);
 }
 
-// The padded head dim: the smallest of 32, 64, 128, 256 that holds D.
-int padded_head_dim(int D) { return D <= 32 ? 32 : D <= 64 ? 64 : D <= 128 ? 128 : 256; }
+// The padded head dim: the smallest of 32, 64, 128, 256 that holds D and Dv.
+int padded_head_dim(const AttnParams& p) {
+  const int D = std::max(p.D, p.Dv);
+  return D <= 32 ? 32 : D <= 64 ? 64 : D <= 128 ? 128 : 256;
+}
 
 template <typename T>
 void run_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
-  const int Dp = padded_head_dim(p.D);
+  const int Dp = padded_head_dim(p);
   if constexpr (std::is_same_v<T, float>) {  // float32 tiles are twice the size: smaller blocks
     if (Dp == 32) launch_prefill<T, 32, 64, 4>(p, vec16, stream);
     else if (Dp == 64) launch_prefill<T, 64, 64, 4>(p, vec16, stream);
@@ -516,7 +524,7 @@ void launch_decode_dp(const AttnParams& p, bool vec16, int splits, int keys_per_
 
 template <typename T>
 void run_decode(const AttnParams& p, bool vec16, const at::TensorOptions& opts, cudaStream_t stream) {
-  const int Dp = padded_head_dim(p.D);
+  const int Dp = padded_head_dim(p);
   const int64_t rows = int64_t(p.B) * p.Hq * p.Sq;
   // Enough blocks for about four per SM, each split at least 64 keys.
   const int64_t want = ceil_div(int64_t(4) * multiprocessors(), rows);
@@ -550,18 +558,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
               "lmfast_C::attention_fwd (cuda): dropout_p > 0 needs dropout_seed, an int64 tensor of one element "
               "on q's device");
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lmfast_C::attention_fwd (cuda): 4-D q, k, v");
-  TORCH_CHECK(v.size(3) == q.size(3), "lmfast_C::attention_fwd (cuda): v's head dim must be q's (the public op ",
-              "pads a different one)");
   const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
-  TORCH_CHECK_VALUE(D <= 256, "backend 'cuda' attention supports head dims up to 256, got ", D,
-                    "; use backend='triton' or 'torch'");
+  const int64_t Dv = v.size(3);
+  TORCH_CHECK_VALUE(std::max(D, Dv) <= 256, "backend 'cuda' attention supports head dims up to 256, got ",
+                    std::max(D, Dv), "; use backend='triton' or 'torch'");
   for (const Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(D <= 1 || t->stride(3) == 1, "lmfast_C::attention_fwd (cuda): the head dim must be contiguous");
+    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1,
+                "lmfast_C::attention_fwd (cuda): the head dim must be contiguous");
   TORCH_CHECK(std::max({B * Hq * Sq, B * Hkv * Sk, Sk + Sq}) < (int64_t(1) << 31),
               "lmfast_C::attention_fwd (cuda): sizes past 2^31 rows");
   const c10::cuda::CUDAGuard guard(q.device());
-  // o in (B, Sq, Hq, D) memory, seen as (B, Hq, Sq, D)
-  Tensor o = at::empty({B, Sq, Hq, D}, q.options()).transpose(1, 2);
+  // o in (B, Sq, Hq, Dv) memory, seen as (B, Hq, Sq, Dv)
+  Tensor o = at::empty({B, Sq, Hq, Dv}, q.options()).transpose(1, 2);
   Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   Tensor row_stats = at::empty({2, B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (B * Hq * Sq == 0) return {o, lse, row_stats};
@@ -593,7 +601,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
                 "lmfast_C::attention_fwd (cuda): an additive mask must have q's dtype");
     for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
   }
-  p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.Sq = int(Sq), p.Sk = int(Sk), p.D = int(D);
+  p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.Sq = int(Sq), p.Sk = int(Sk), p.D = int(D), p.Dv = int(Dv);
   p.scale = float(scale);
   p.softcap = float(softcap);
   p.causal = causal;
@@ -610,7 +618,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
       if ((t.stride(d) * elem) % 16) return false;
     return true;
   };
-  const bool vec16 = (D * elem) % 16 == 0 && aligned(q) && aligned(k) && aligned(v);
+  const bool vec16 = (D * elem) % 16 == 0 && (Dv * elem) % 16 == 0 && aligned(q) && aligned(k) && aligned(v);
   for_dtype(q.scalar_type(), [&]<typename T>() {
     if (Sq <= kDecodeMaxRows) run_decode<T>(p, vec16, q.options(), stream);
     else run_prefill<T>(p, vec16, stream);

@@ -1,9 +1,10 @@
 """Flash attention (FlashAttention-2 algorithm) in Triton: forward, split-K decoding forward,
 backward.
 
-q: (B, Hq, Sq, D), k, v: (B, Hkv, Sk, D), contiguous; query head h reads kv head
-h // (Hq // Hkv) (grouped-query attention by index, nothing repeated). Same semantics as
-csrc/cpu/attention.cpp:
+q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv), contiguous; query head h reads kv
+head h // (Hq // Hkv) (grouped-query attention by index, nothing repeated). v's head dim Dv may
+differ from D (DeepSeek's multi-head latent attention: 192 over 128): BLOCK_D tiles D, BLOCK_DV
+tiles Dv. Same semantics as csrc/cpu/attention.cpp:
 
     s = scale * q k^T + mask     (boolean mask: -inf where False; -inf outside the key band)
         with a softcap c (SOFTCAP): s = c tanh(scale * q k^T / c) + mask (Gemma 2)
@@ -205,19 +206,19 @@ def _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N: tl.constexpr,
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V,        # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, contiguous
-    O,              # (B, Hq, Sq, D) output in (B, Sq, Hq, D) memory order (rows Hq * D apart)
+    Q, K, V,        # (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv), contiguous
+    O,              # (B, Hq, Sq, Dv) output in (B, Sq, Hq, Dv) memory order (rows Hq * Dv apart)
     LSE,            # (B, Hq, Sq) float32 output
     ROW_MAX, ROW_INV_SUM,  # (B, Hq, Sq) float32 outputs: m and 1 / l, the backward's p = exp(s - m) / l
     MASK,           # mask values (additive, or uint8 with 1 = keep)          [HAS_MASK]
     smb, smh, smq, smk,  # mask strides, 0 along broadcast dims
-    Hq, Hkv, Sq, Sk, D,
+    Hq, Hkv, Sq, Sk, D, Dv,
     scale, softcap, window,  # softcap: the logit cap c                                  [SOFTCAP]
     SEED, threshold, keep_scale,  # dropout: int64 seed, floor(p * 2^32), 1 / (1 - p)   [DROPOUT]
     Q_BUCKET, K_BUCKET,  # powers of two of Sq, Sk: autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -226,23 +227,25 @@ def _attn_fwd_kernel(
     b = bh // Hq
     kv = b * Hkv + h // (Hq // Hkv)
     Q += bh * Sq * D
-    O += (b * Sq * Hq + h) * D
+    O += (b * Sq * Hq + h) * Dv
     LSE += bh * Sq
     ROW_MAX += bh * Sq
     ROW_INV_SUM += bh * Sq
     K += kv * Sk * D
-    V += kv * Sk * D
+    V += kv * Sk * Dv
     MASK += b * smb + h * smh
 
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    vdims = tl.arange(0, BLOCK_DV)
     row_ok = rows[:, None] < Sq
     dim_ok = dims[None, :] < D
+    vdim_ok = vdims[None, :] < Dv
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=row_ok & dim_ok, other=0.0)  # (M, D)
 
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)  # running row max
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)          # running sum of exp(s - m_i)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)  # running sum of exp(s - m_i) v
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp(s - m_i) v
     lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
@@ -261,13 +264,14 @@ def _attn_fwd_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:  # (after l: the sums are of the undropped p)
                 p = tl.where(_dropout_keep(SEED, bh * Sq + rows, cols, threshold), p * keep_scale, 0.0)
-            v = tl.load(V + cols[:, None] * D + dims[None, :], mask=(cols[:, None] < Sk) & dim_ok, other=0.0)  # (N, D)
+            v = tl.load(V + cols[:, None] * Dv + vdims[None, :], mask=(cols[:, None] < Sk) & vdim_ok,
+                        other=0.0)  # (N, Dv)
             acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
             m_i = m_new
 
     o = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # fully masked rows: acc = 0, o = 0
-    tl.store(O + rows[:, None] * (Hq * D) + dims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED),
-             mask=row_ok & dim_ok)
+    tl.store(O + rows[:, None] * (Hq * Dv) + vdims[None, :], round_to(o, O.dtype.element_ty, INTERPRETED),
+             mask=row_ok & vdim_ok)
     lse = tl.where(l_i == 0.0, NEG_INF, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
     lse = tl.where(m_i == float("inf"), m_i, lse)  # a +inf score: logsumexp is +inf (l is NaN)
     tl.store(LSE + rows, lse, mask=rows < Sq)
@@ -289,15 +293,15 @@ def _store_row_stats(ROW_MAX, ROW_INV_SUM, m, l, ok):
 @triton.jit
 def _attn_fwd_split_kernel(
     Q, K, V,        # as _attn_fwd_kernel
-    O_PART,         # (splits, B * Hq * Sq, D) float32: unnormalized sum of exp(s - m) v
+    O_PART,         # (splits, B * Hq * Sq, Dv) float32: unnormalized sum of exp(s - m) v
     M_PART, L_PART,  # (splits, B * Hq * Sq) float32: row max m and sum of exp(s - m)
     MASK, smb, smh, smq, smk,
-    Hq, Hkv, Sq, Sk, D,
+    Hq, Hkv, Sq, Sk, D, Dv,
     scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     keys_per_split, rows_total,  # rows_total = B * Hq * Sq
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     # Tile rows r = (head within the group) * Sq + query index: all G * Sq <= BLOCK_M query rows
     # reading kv head (b, hk), against keys [split * keys_per_split, +keys_per_split).
@@ -312,9 +316,11 @@ def _attn_fwd_split_kernel(
     qrow = (b * Hq + h) * Sq + i        # row over (B, Hq, Sq)
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims[None, :] < D
+    vdims = tl.arange(0, BLOCK_DV)
+    vdim_ok = vdims[None, :] < Dv
     q = tl.load(Q + qrow[:, None] * D + dims[None, :], mask=row_ok[:, None] & dim_ok, other=0.0)
     K += bk * Sk * D
-    V += bk * Sk * D
+    V += bk * Sk * Dv
     # Per-row mask base: row i of head h. _masked_scores adds i * smq, so give it h only.
     MASK_ROWS = MASK + b * smb + h[:, None] * smh
     # rows >= G * Sq get i >= Sq so that _masked_scores drops them
@@ -322,7 +328,7 @@ def _attn_fwd_split_kernel(
 
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     lo, hi = _key_range(0, Sq, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
     lo = tl.maximum(lo, split * keys_per_split)
     hi = tl.minimum(hi, (split + 1) * keys_per_split)
@@ -344,12 +350,12 @@ def _attn_fwd_split_kernel(
             l_i = l_i * alpha + tl.sum(p, axis=1)
             if DROPOUT:
                 p = tl.where(_dropout_keep(SEED, qrow, cols, threshold), p * keep_scale, 0.0)
-            v = tl.load(V + cols[:, None] * D + dims[None, :], mask=in_split[:, None] & dim_ok, other=0.0)
+            v = tl.load(V + cols[:, None] * Dv + vdims[None, :], mask=in_split[:, None] & vdim_ok, other=0.0)
             acc = acc * alpha[:, None] + _dot(round_to(p, v.dtype, INTERPRETED), v, UPCAST, PRECISION)
             m_i = m_new
 
     part = split * rows_total + qrow
-    tl.store(O_PART + part[:, None] * D + dims[None, :], acc, mask=row_ok[:, None] & dim_ok)
+    tl.store(O_PART + part[:, None] * Dv + vdims[None, :], acc, mask=row_ok[:, None] & vdim_ok)
     tl.store(M_PART + part, m_i, mask=row_ok)
     tl.store(L_PART + part, l_i, mask=row_ok)
 
@@ -357,14 +363,14 @@ def _attn_fwd_split_kernel(
 @triton.jit
 def _attn_combine_kernel(
     O_PART, M_PART, L_PART,  # from _attn_fwd_split_kernel
-    O, LSE,                  # (B, Hq, Sq, D) in (B, Sq, Hq, D) memory order, (B * Hq * Sq) outputs
+    O, LSE,                  # (B, Hq, Sq, Dv) in (B, Sq, Hq, Dv) memory order, (B * Hq * Sq) outputs
     ROW_MAX, ROW_INV_SUM,    # (B * Hq * Sq) outputs, as _attn_fwd_kernel's
-    rows_total, splits, Hq, Sq, D,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, INTERPRETED: tl.constexpr,
+    rows_total, splits, Hq, Sq, Dv,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     sp = tl.arange(0, BLOCK_S)
-    dims = tl.arange(0, BLOCK_D)
+    dims = tl.arange(0, BLOCK_DV)
     sp_ok = sp < splits
     m = tl.load(M_PART + sp * rows_total + row, mask=sp_ok, other=NEG_INF)
     l = tl.load(L_PART + sp * rows_total + row, mask=sp_ok, other=0.0)
@@ -372,11 +378,11 @@ def _attn_combine_kernel(
     m_ref = tl.where(m_max == NEG_INF, 0.0, m_max)
     w = tl.exp(m - m_ref)  # 0 for splits that saw nothing
     total = tl.sum(l * w, axis=0)
-    parts = tl.load(O_PART + (sp[:, None] * rows_total + row) * D + dims[None, :],
-                    mask=sp_ok[:, None] & (dims[None, :] < D), other=0.0)
+    parts = tl.load(O_PART + (sp[:, None] * rows_total + row) * Dv + dims[None, :],
+                    mask=sp_ok[:, None] & (dims[None, :] < Dv), other=0.0)
     o = tl.sum(parts * w[:, None], axis=0) / tl.where(total == 0.0, 1.0, total)
     b, h, i = row // (Hq * Sq), (row // Sq) % Hq, row % Sq  # row = (b * Hq + h) * Sq + i
-    tl.store(O + ((b * Sq + i) * Hq + h) * D + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < D)
+    tl.store(O + ((b * Sq + i) * Hq + h) * Dv + dims, round_to(o, O.dtype.element_ty, INTERPRETED), mask=dims < Dv)
     lse = tl.where(total == 0.0, NEG_INF, m_ref + tl.log(tl.where(total == 0.0, 1.0, total)))
     tl.store(LSE + row, tl.where(m_max == float("inf"), m_max, lse))  # (a +inf score: +inf)
     _store_row_stats(ROW_MAX + row, ROW_INV_SUM + row, m_max, total, True)
@@ -386,7 +392,7 @@ def _attn_combine_kernel(
 
 @triton.jit
 def _attn_bwd_delta_kernel(
-    DO, O,          # (rows, D)
+    DO, O,          # (rows, D), D here v's head dim
     DELTA,          # (rows,) float32 output: rowsum(do * o)
     rows, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -463,17 +469,17 @@ def _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE: tl.co
 
 @triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO,    # (B, Hq, Sq, D), (B, Hkv, Sk, D) x2, (B, Hq, Sq, D)
+    Q, K, V, DO,    # (B, Hq, Sq, D), (B, Hkv, Sk, D), (B, Hkv, Sk, Dv), (B, Hq, Sq, Dv)
     ROW_MAX, ROW_INV_SUM, DELTA, DLSE,  # (B, Hq, Sq) float32 each (_store_row_stats); DLSE only if HAS_DLSE
     DQ,             # (B, Hq, Sq, D) output
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
-    Hq, Hkv, Sq, Sk, D,
+    Hq, Hkv, Sq, Sk, D, Dv,
     scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
@@ -482,7 +488,7 @@ def _attn_bwd_dq_kernel(
     b = bh // Hq
     kv = b * Hkv + h // (Hq // Hkv)
     Q += bh * Sq * D
-    DO += bh * Sq * D
+    DO += bh * Sq * Dv
     DQ += bh * Sq * D
     ROW_MAX += bh * Sq
     ROW_INV_SUM += bh * Sq
@@ -490,14 +496,16 @@ def _attn_bwd_dq_kernel(
     DLSE += bh * Sq
     DMASK += bh * Sq * Sk
     K += kv * Sk * D
-    V += kv * Sk * D
+    V += kv * Sk * Dv
     MASK += b * smb + h * smh
 
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
+    vdims = tl.arange(0, BLOCK_DV)
     ok = (rows[:, None] < Sq) & (dims[None, :] < D)
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
+    do = tl.load(DO + rows[:, None] * Dv + vdims[None, :], mask=(rows[:, None] < Sq) & (vdims[None, :] < Dv),
+                 other=0.0)  # (M, Dv)
     m, inv_l, delta, dlse = _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -508,9 +516,10 @@ def _attn_bwd_dq_kernel(
         if HAS_MASK and BOOL_MASK:
             kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
         if kept:  # (a tile the mask drops whole adds nothing: skipped; no mask gradient with a boolean mask)
-            kv_ok = (cols[None, :] < Sk) & (dims[:, None] < D)
-            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)  # (D, N)
-            vT = tl.load(V + cols[None, :] * D + dims[:, None], mask=kv_ok, other=0.0)
+            kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=(cols[None, :] < Sk) & (dims[:, None] < D),
+                         other=0.0)  # (D, N)
+            vT = tl.load(V + cols[None, :] * Dv + vdims[:, None], mask=(cols[None, :] < Sk) & (vdims[:, None] < Dv),
+                         other=0.0)  # (Dv, N)
             p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK, smq, smk,
                                           Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
                                           CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
@@ -526,14 +535,14 @@ def _attn_bwd_dq_kernel(
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, ROW_MAX, ROW_INV_SUM, DELTA, DLSE,  # as _attn_bwd_dq_kernel
-    DK, DV,         # (B, Hkv, Sk, D) outputs
+    DK, DV,         # (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) outputs
     MASK, smb, smh, smq, smk,
-    Hq, Hkv, Sq, Sk, D,
+    Hq, Hkv, Sq, Sk, D, Dv,
     scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
     start_n = tl.program_id(0) * BLOCK_N
@@ -541,15 +550,17 @@ def _attn_bwd_dkdv_kernel(
     G = Hq // Hkv
     b = bk // Hkv
     K += bk * Sk * D
-    V += bk * Sk * D
+    V += bk * Sk * Dv
     DK += bk * Sk * D
-    DV += bk * Sk * D
+    DV += bk * Sk * Dv
 
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    kv_ok = (cols[:, None] < Sk) & (dims[None, :] < D)
-    k = tl.load(K + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)  # (N, D)
-    v = tl.load(V + cols[:, None] * D + dims[None, :], mask=kv_ok, other=0.0)
+    vdims = tl.arange(0, BLOCK_DV)
+    k_ok = (cols[:, None] < Sk) & (dims[None, :] < D)
+    v_ok = (cols[:, None] < Sk) & (vdims[None, :] < Dv)
+    k = tl.load(K + cols[:, None] * D + dims[None, :], mask=k_ok, other=0.0)  # (N, D)
+    v = tl.load(V + cols[:, None] * Dv + vdims[None, :], mask=v_ok, other=0.0)  # (N, Dv)
     kT = tl.trans(k)
     vT = tl.trans(v)
 
@@ -564,7 +575,7 @@ def _attn_bwd_dkdv_kernel(
         q_hi = tl.minimum(Sq, start_n + BLOCK_N - 1 - (Sk - Sq) + window)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     for g in range(0, G):
         bh = b * Hq + (bk % Hkv) * G + g
         h = bh % Hq
@@ -575,9 +586,10 @@ def _attn_bwd_dkdv_kernel(
             if HAS_MASK and BOOL_MASK:
                 kept = _tile_kept(rows, cols, MASK_H, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
             if kept:  # (a tile the mask drops whole adds nothing: skipped)
-                ok = (rows[:, None] < Sq) & (dims[None, :] < D)
-                q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
-                do = tl.load(DO + (bh * Sq + rows[:, None]) * D + dims[None, :], mask=ok, other=0.0)
+                q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :],
+                            mask=(rows[:, None] < Sq) & (dims[None, :] < D), other=0.0)
+                do = tl.load(DO + (bh * Sq + rows[:, None]) * Dv + vdims[None, :],
+                             mask=(rows[:, None] < Sq) & (vdims[None, :] < Dv), other=0.0)
                 m, inv_l, delta, dlse = _load_row_stats(ROW_MAX + bh * Sq, ROW_INV_SUM + bh * Sq, DELTA + bh * Sq,
                                                         DLSE + bh * Sq, rows, Sq, HAS_DLSE)
                 p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK_H,
@@ -587,8 +599,8 @@ def _attn_bwd_dkdv_kernel(
                                               PRECISION)
                 dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
                 dk += _dot(tl.trans(round_to(ds_raw, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
-    tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=kv_ok)
-    tl.store(DV + cols[:, None] * D + dims[None, :], round_to(dv, DV.dtype.element_ty, INTERPRETED), mask=kv_ok)
+    tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=k_ok)
+    tl.store(DV + cols[:, None] * Dv + vdims[None, :], round_to(dv, DV.dtype.element_ty, INTERPRETED), mask=v_ok)
 
 
 # ---- launch configuration --------------------------------------------------------------------
@@ -597,9 +609,10 @@ def _config(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Candidate tiles per kernel and head-dim bucket (BLOCK_D), meant to fit the shared memory of
-# sm_80 and sm_90 in 16-bit dtypes; autotuning picks among the 2-4 of a bucket, per shape
-# bucket, and skips any that runs out of resources (float32 doubles the shared memory).
+# Candidate tiles per kernel and head-dim bucket (that of the larger of BLOCK_D and BLOCK_DV:
+# _tile_bucket), meant to fit the shared memory of sm_80 and sm_90 in 16-bit dtypes;
+# autotuning picks among the 2-4 of a bucket, per shape bucket, and skips any that runs out
+# of resources (float32 doubles the shared memory).
 # tests/test_triton_compile.py compiles the first of each bucket (the one used when
 # LMFAST_AUTOTUNE=0) and checks its shared memory.
 FWD_CONFIGS = {
@@ -636,16 +649,22 @@ def head_dim_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _tile_bucket(args: dict) -> int:
+    """The config tables' bucket of a launch: that of its wider head-dim block (q's or v's)."""
+    return _bucket(max(args["BLOCK_D"], args["BLOCK_DV"]))
+
+
 def _tuned(kernel, table):
     """kernel autotuned over table[bucket of BLOCK_D], keyed on the shape buckets it is
     launched with (Q_BUCKET, K_BUCKET: powers of two of the lengths), the flags and dtypes."""
     configs = [c for cs in table.values() for c in cs]
 
     def prune(configs, named_args, **kwargs):
-        wanted = table[_bucket(named_args["BLOCK_D"] if "BLOCK_D" in named_args else kwargs["BLOCK_D"])]
+        wanted = table[_tile_bucket({**kwargs, **named_args})]
         return [c for c in configs if any(c is w for w in wanted)]
 
-    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "CAUSAL", "WINDOW", "HAS_MASK", "DROPOUT"],
+    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW", "HAS_MASK",
+                                         "DROPOUT"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -655,10 +674,10 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common_flags(q: torch.Tensor, mask, causal: bool, window, dropout_p: float, softcap: float):
+def _common_flags(q: torch.Tensor, v: torch.Tensor, mask, causal: bool, window, dropout_p: float, softcap: float):
     return dict(CAUSAL=causal, WINDOW=window is not None, HAS_MASK=mask is not None,
                 BOOL_MASK=mask is not None and mask.dtype == torch.bool, DROPOUT=dropout_p > 0, SOFTCAP=softcap > 0,
-                BLOCK_D=head_dim_block(q.shape[-1]),
+                BLOCK_D=head_dim_block(q.shape[-1]), BLOCK_DV=head_dim_block(v.shape[-1]),
                 UPCAST=_common.interpreted() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
 
 
@@ -724,7 +743,7 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
         meta = {**flags, **interpreted_blocks(q_len, k_len)}
         kernel[grid_of(meta)](*args, **meta, INTERPRETED=True)
     elif not autotuning():
-        cfg = table[_bucket(flags["BLOCK_D"])][0]
+        cfg = table[_tile_bucket(flags)][0]
         meta = {**flags, **cfg.kwargs}
         kernel[grid_of(meta)](*args, **meta, INTERPRETED=False, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     else:
@@ -739,11 +758,8 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     row's softmax max m and 1 / l, which attention_bwd takes (_store_row_stats)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    if v.shape[3] != D:
-        raise ValueError(f"lmfast_triton::attention_fwd: v's head dim {v.shape[3]} must be q's {D} "
-                         "(lmfast.ops.attention pads a different one)")
-    o = torch.empty((B, Sq, Hq, D), device=q.device, dtype=q.dtype).transpose(1, 2)  # as csrc/ops.h
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    o = torch.empty((B, Sq, Hq, Dv), device=q.device, dtype=q.dtype).transpose(1, 2)  # as csrc/ops.h
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     stats = torch.empty((2, B, Hq, Sq), device=q.device, dtype=torch.float32)  # (row max, 1 / row sum)
     if lse.numel() == 0:
@@ -751,38 +767,38 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
     # run zero times / all head-dim lanes are masked.
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, mask, causal, window, dropout_p, softcap)
+    flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     splits = _split_plan(B, Hq, Hkv, Sq, Sk, q.device)
     if splits:
         return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse, stats)
-    args = (q, k, v, o, lse, stats[0], stats[1], mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
+    args = (q, k, v, o, lse, stats[0], stats[1], mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop)
     _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
     return o, lse, stats
 
 
 def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse, stats):
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     block_n = interpreted_blocks(Sq, Sk)["BLOCK_N"] if _common.interpreted() else 64
     keys_per_split = triton.cdiv(triton.cdiv(Sk, splits), block_n) * block_n
     splits = triton.cdiv(Sk, keys_per_split)
     rows = B * Hq * Sq
-    o_part = torch.empty((splits, rows, D), device=q.device, dtype=torch.float32)
+    o_part = torch.empty((splits, rows, Dv), device=q.device, dtype=torch.float32)
     m_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
     l_part = torch.empty((splits, rows), device=q.device, dtype=torch.float32)
     block_m = max(16, triton.next_power_of_2((Hq // Hkv) * Sq))
     interp = _common.interpreted()
     _attn_fwd_split_kernel[(splits, B * Hkv)](
-        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop, keys_per_split,
-        rows, CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"], BOOL_MASK=flags["BOOL_MASK"],
-        DROPOUT=flags["DROPOUT"], SOFTCAP=flags["SOFTCAP"],
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], UPCAST=flags["UPCAST"],
+        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop,
+        keys_per_split, rows, CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"],
+        BOOL_MASK=flags["BOOL_MASK"], DROPOUT=flags["DROPOUT"], SOFTCAP=flags["SOFTCAP"],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], BLOCK_DV=flags["BLOCK_DV"], UPCAST=flags["UPCAST"],
         PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
     _attn_combine_kernel[(rows,)](
-        o_part, m_part, l_part, o, lse, stats[0], stats[1], rows, splits, Hq, Sq, D,
-        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=flags["BLOCK_D"], INTERPRETED=interp,
+        o_part, m_part, l_part, o, lse, stats[0], stats[1], rows, splits, Hq, Sq, Dv,
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=flags["BLOCK_DV"], INTERPRETED=interp,
         **({} if interp else {"num_warps": 4}))
     return o, lse, stats
 
@@ -792,7 +808,7 @@ def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal:
     """(dq, dk, dv, dmask) as csrc/ops.h's attention_bwd, from the row_stats (2, B, Hq, Sq) of
     attention_fwd (this module's or the CUDA C++ kernels')."""
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
@@ -801,20 +817,20 @@ def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal:
         return dq, dk.zero_(), dv.zero_(), dmask
     rows = B * Hq * Sq
     delta = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
-    block_d = head_dim_block(D)
-    block_r = 16 if _common.interpreted() else max(1, 8192 // block_d)
-    _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, D, BLOCK_R=block_r, BLOCK_D=block_d)
+    block_dv = head_dim_block(Dv)  # (delta = rowsum(do o), over v's head dim)
+    block_r = 16 if _common.interpreted() else max(1, 8192 // block_dv)
+    _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, Dv, BLOCK_R=block_r, BLOCK_D=block_dv)
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, mask, causal, window, dropout_p, softcap)
+    flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
     row_max, row_inv_sum = row_stats[0], row_stats[1]
     dq_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
-               Hq, Hkv, Sq, Sk, D, scale, softcap, w, *drop)
+               Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
             {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
-    dkdv_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D,
+    dkdv_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv,
                  scale, softcap, w, *drop)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
             {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)

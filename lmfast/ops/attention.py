@@ -26,9 +26,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (grouped-query
     attention: query head h reads kv head h // (Hq // Hkv), nothing is repeated in memory). Dv may
-    differ from D (DeepSeek's multi-head latent attention: D = 192, Dv = 128): the CPU kernels
-    take it as it is (their backward pads); the GPU kernels run at the larger of the two, the
-    narrower side zero-padded (exact; it costs a copy of v, or of q and k).
+    differ from D (DeepSeek's multi-head latent attention: D = 192, Dv = 128); every kernel
+    forward and the Triton backward take it as it is, the CPU backward zero-pads the narrower
+    side (exact; it costs a copy of v, o and the output gradient, or of q and k).
     attn_mask: additive (q's dtype) or boolean (True = keep), broadcastable to (B, Hq, Sq, Sk).
         The kernels skip the key tiles a boolean mask drops whole for a block of queries (packed
         sequences' other documents, padded stretches); pass causal=True too where the mask is
@@ -117,21 +117,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                                          None if seed is None else int(seed.item()), softcap=softcap)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
-        Dv = v.shape[3]  # a value head dim other than D: the narrower side zero-padded, as the C++ op does
-        q, k, v = (q, k, v) if Dv == D else (q, k, _pad_head_dim(v, D)) if Dv < D else (
-            _pad_head_dim(q, Dv), _pad_head_dim(k, Dv), v)
         o, lse, _ = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
                               dropout_p, seed, softcap or 0.0)
-        if Dv < D:
-            o = o[..., :Dv]  # (B, Hq, Sq, Dv)
     return (o, lse) if return_lse else o
-
-
-def _pad_head_dim(t: Tensor, size: int) -> Tensor:
-    """t (B, H, S, d) zero-padded to head dim `size` (csrc/api.cpp's attention says why this is
-    exact: zero value columns make output columns that are cut off, zero q and k dims add 0 to
-    every score)."""
-    return torch.nn.functional.pad(t, (0, size - t.shape[3]))
 
 
 def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor, return_lse: bool) -> tuple[Tensor, Tensor | None]:
