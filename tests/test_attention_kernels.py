@@ -47,12 +47,14 @@ def test_head_dims(D, ab, dtype):
 
 # (D, Dv): DeepSeek's multi-head latent attention (q and k heads of 192 = 128 + 64 rotary, v heads
 # of 128), a smaller one, and a value head wider than the query's
-@pytest.mark.parametrize("D,Dv", [(192, 128), (24, 16), (16, 40)], ids=lambda d: str(d))
-@pytest.mark.parametrize("Sq,Sk,mask", [(37, 90, "bool"), (3, 600, None), (40, 40, "additive")],
+@pytest.mark.parametrize("D,Dv", [(192, 128), (24, 16), (16, 40), (24, 15)], ids=lambda d: str(d))
+@pytest.mark.parametrize("Sq,Sk,mask", [(37, 90, "bool"), (3, 600, None), (70, 70, "additive")],
                          ids=["prefill-bool", "decode", "square-additive"])
 def test_value_head_dim_other_than_the_querys(D, Dv, Sq, Sk, mask, ab, dtype):
-    """o is (B, Hq, Sq, Dv); values, lse and every gradient within budget, GQA and causal. (The
-    decode shape takes the key-split paths: the CPU's, and Triton's split kernel and combine.)"""
+    """o is (B, Hq, Sq, Dv); values, lse and every gradient within budget, GQA and causal. The
+    decode shape takes the key-split paths (the CPU's, and Triton's split kernel and combine);
+    the square one the CPU's long-query forward (2 x 70 rows a kv head), on brgemm in bfloat16
+    where the CPU has it, as its backward (Dv = 15: the odd head dim brgemm's packing pads)."""
     B, Hq, Hkv = 2, 4, 2
     attn_mask = (None if mask is None else torch.rand(B, 1, Sq, Sk, device=ab.device) > 0.2 if mask == "bool"
                  else torch.randn(1, Hq, Sq, Sk, device=ab.device).to(dtype))

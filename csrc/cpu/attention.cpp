@@ -1,8 +1,9 @@
 // Flash attention (FlashAttention-2 algorithm) on the CPU, forward and backward.
 //
 // q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv); query head h reads kv head
-// h / (Hq / Hkv). Dv may differ from D (DeepSeek's multi-head latent attention): the forward
-// takes it as it is, the backward zero-pads the narrower side (attention_bwd). The forward
+// h / (Hq / Hkv). Dv may differ from D (DeepSeek's multi-head latent attention): both
+// directions take it as it is (the bfloat16 brgemm ones an even Dv; attention_bwd and the
+// forward's use_bf16_brgemm see to an odd one). The forward
 // reads q, k, v through their strides (the head dim contiguous), so the transposed
 // (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, Dv)
 // memory order, the layout models want back (as SDPA's CPU flash kernel does). The backward
@@ -1071,8 +1072,8 @@ struct BackwardPlan {
   int64_t chunks = 1;
   std::vector<int64_t> first_item;                      // chunk c: items [first_item[c], first_item[c + 1])
   std::vector<std::pair<int64_t, int64_t>> keys;        // chunk c: its rows' keys [k0, k1) (k0 = k1: none)
-  std::vector<int64_t> partial_offset;                  // chunk c: its partial's first element, per (b, kv head)
-  int64_t partial_elems = 0;                            // all chunks' partials of one (b, kv head), dk's or dv's
+  std::vector<int64_t> partial_key;                     // chunk c: its partial's first key row, per (b, kv head)
+  int64_t partial_keys = 0;                             // all chunks' partials of one (b, kv head), in key rows
 
   int64_t items() const { return q_blocks * group; }
   int64_t keys_of(int64_t c) const { return keys[c].second - keys[c].first; }
@@ -1087,7 +1088,8 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   plan.q_blocks = (g.Sq + plan.block_q - 1) / plan.block_q;
   plan.group = g.group();
   const int64_t heads = g.B * g.Hkv, items = plan.items();
-  const int64_t chunk_bytes = 2 * std::max<int64_t>(1, g.Sk * g.D) * int64_t(sizeof(acc_t));  // dk + dv, all keys
+  // dk + dv, all keys
+  const int64_t chunk_bytes = std::max<int64_t>(1, g.Sk * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
   const int64_t by_memory = kBackwardPartialBytes / (std::max<int64_t>(heads, 1) * chunk_bytes);
   plan.chunks = std::max<int64_t>(1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory}));
 
@@ -1115,33 +1117,32 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
       if (b0 < b1) k0 = std::min(k0, b0), k1 = std::max(k1, b1);
     }
     plan.keys.push_back(k0 < k1 ? std::pair<int64_t, int64_t>{k0, k1} : std::pair<int64_t, int64_t>{0, 0});
-    plan.partial_offset.push_back(plan.partial_elems);
-    plan.partial_elems += plan.keys_of(c) * g.D;
+    plan.partial_key.push_back(plan.partial_keys);
+    plan.partial_keys += plan.keys_of(c);
   }
   return plan;
 }
 
 // The dk, dv partials of a plan's chunks, and their sum into dk, dv. Chunk c of a (b, kv head)
-// sums into (dk part, dv part) at offset plan.partial_offset[c], over its keys: (keys, D)
-// row-major, or (D, keys) where kTransposed. With one chunk per (b, kv head), its task keeps
-// them in its own buffer and writes dk, dv at once; with more, they live here until
-// write_all(), after every chunk is done.
+// sums into (dk part, dv part) from key row plan.partial_key[c] of each, over its keys: (keys, D)
+// and (keys, Dv) row-major, or (D, keys) and (Dv, keys) where kTransposed. With one chunk per
+// (b, kv head), its task keeps them in its own buffer and writes dk, dv at once; with more,
+// they live here until write_all(), after every chunk is done.
 template <typename acc_t, bool kTransposed>
 class KeyGradPartials {
  public:
   KeyGradPartials(const BackwardPlan& plan, const Geometry& g)
-      : plan_(plan), g_(g), shared_(plan.chunks > 1 ? new acc_t[g.B * g.Hkv * 2 * plan.partial_elems] : nullptr) {}
+      : plan_(plan), g_(g), head_elems_(plan.partial_keys * (g.D + g.Dv)),
+        shared_(plan.chunks > 1 ? new acc_t[g.B * g.Hkv * head_elems_] : nullptr) {}
 
   // The (dk, dv) partials of chunk c of (b, kv head) bh, zeroed (by the task, so each thread
   // first touches the pages it uses). `own` holds them when there is one chunk.
   std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, std::vector<acc_t>& own) const {
-    acc_t* parts = shared_ ? shared_.get() + bh * 2 * plan_.partial_elems
-                           : (own.resize(2 * plan_.partial_elems), own.data());
-    const int64_t n = plan_.keys_of(c) * g_.D;
-    acc_t* dk_part = parts + plan_.partial_offset[c];
-    acc_t* dv_part = dk_part + plan_.partial_elems;
-    std::fill(dk_part, dk_part + n, acc_t(0));
-    std::fill(dv_part, dv_part + n, acc_t(0));
+    acc_t* parts = shared_ ? shared_.get() + bh * head_elems_ : (own.resize(head_elems_), own.data());
+    const auto [dk_part, dv_part] = parts_of(parts, c);
+    const int64_t n = plan_.keys_of(c);
+    std::fill(dk_part, dk_part + n * g_.D, acc_t(0));
+    std::fill(dv_part, dv_part + n * g_.Dv, acc_t(0));
     return {dk_part, dv_part};
   }
 
@@ -1163,52 +1164,59 @@ class KeyGradPartials {
       std::vector<acc_t> buf;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / tiles, j0 = t % tiles * kBlockK;
-        write(bh, j0, std::min(g_.Sk, j0 + kBlockK), shared_.get() + bh * 2 * plan_.partial_elems, dk_scale, buf, dk, dv);
+        write(bh, j0, std::min(g_.Sk, j0 + kBlockK), shared_.get() + bh * head_elems_, dk_scale, buf, dk, dv);
       }
     });
   }
 
  private:
+  // Chunk c's (dk part, dv part) in one (b, kv head)'s partials: all dk's, then all dv's.
+  template <typename T>
+  std::pair<T*, T*> parts_of(T* parts, int64_t c) const {
+    return {parts + plan_.partial_key[c] * g_.D, parts + plan_.partial_keys * g_.D + plan_.partial_key[c] * g_.Dv};
+  }
+
+  // Adds keys [lo, hi) of a chunk's partial (keys [k0, k1), `width` values each) into sum
+  // (keys [j0, j0 + n)), both laid out as kTransposed says.
+  static void add_keys(acc_t* sum, const acc_t* part, int64_t width, int64_t j0, int64_t n, int64_t k0, int64_t k1,
+                       int64_t lo, int64_t hi) {
+    if constexpr (kTransposed) {  // rows of `width`: keys [lo, hi) of dim d, contiguous in both
+      for (int64_t d = 0; d < width; ++d)
+        for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * (k1 - k0) + (j - k0)];
+    } else {  // keys [lo, hi), `width` each: one contiguous run
+      for (int64_t e = 0; e < (hi - lo) * width; ++e) sum[(lo - j0) * width + e] += part[(lo - k0) * width + e];
+    }
+  }
+
+  // (width, n) -> (n, width) into out, in blocks of 16 keys (16 rows stay in L1).
+  static void to_rows(const acc_t* t, int64_t width, int64_t n, acc_t* out) {
+    for (int64_t jb = 0; jb < n; jb += 16)
+      for (int64_t d = 0; d < width; ++d)
+        for (int64_t j = jb; j < std::min(n, jb + 16); ++j) out[j * width + d] = t[d * n + j];
+  }
+
   // dk, dv of keys [j0, j1) of bh: its chunks' partials (from `parts`) added in chunk order
   // (dk times dk_scale), 0 for keys no query sees.
   template <typename scalar_t>
   void write(int64_t bh, int64_t j0, int64_t j1, const acc_t* parts, acc_t dk_scale,
              std::vector<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
-    const int64_t D = g_.D, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
-    buf.assign(2 * n * D, acc_t(0));
-    acc_t* dk_sum = buf.data();  // (n, D), or (D, n) where kTransposed: laid out as the partials
+    const int64_t D = g_.D, Dv = g_.Dv, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
+    buf.assign(n * (D + Dv), acc_t(0));
+    acc_t* dk_sum = buf.data();  // (n, D) and (n, Dv), or (D, n) and (Dv, n) where kTransposed: as the partials
     acc_t* dv_sum = buf.data() + n * D;
     for (int64_t c = 0; c < plan_.chunks; ++c) {
       const auto [k0, k1] = plan_.keys[c];
-      const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1), nk = k1 - k0;
+      const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
       if (lo >= hi) continue;
-      const acc_t* dk_part = parts + plan_.partial_offset[c];
-      const acc_t* dv_part = dk_part + plan_.partial_elems;
-      if constexpr (kTransposed) {  // rows of D: keys [lo, hi) of dim d, contiguous in both
-        for (int64_t d = 0; d < D; ++d) {
-          for (int64_t j = lo; j < hi; ++j) {
-            dk_sum[d * n + (j - j0)] += dk_part[d * nk + (j - k0)];
-            dv_sum[d * n + (j - j0)] += dv_part[d * nk + (j - k0)];
-          }
-        }
-      } else {  // keys [lo, hi), D each: one contiguous run
-        for (int64_t e = 0; e < (hi - lo) * D; ++e) {
-          dk_sum[(lo - j0) * D + e] += dk_part[(lo - k0) * D + e];
-          dv_sum[(lo - j0) * D + e] += dv_part[(lo - k0) * D + e];
-        }
-      }
+      const auto [dk_part, dv_part] = parts_of(parts, c);
+      add_keys(dk_sum, dk_part, D, j0, n, k0, k1, lo, hi);
+      add_keys(dv_sum, dv_part, Dv, j0, n, k0, k1, lo, hi);
     }
-    if constexpr (kTransposed) {  // to (n, D) rows, in blocks of 16 keys (16 rows stay in L1)
-      buf.resize(4 * n * D);
-      acc_t* rows = buf.data() + 2 * n * D;
-      for (int64_t jb = 0; jb < n; jb += 16) {
-        for (int64_t d = 0; d < D; ++d) {
-          for (int64_t j = jb; j < std::min(n, jb + 16); ++j) {
-            rows[j * D + d] = buf[d * n + j];
-            rows[(n + j) * D + d] = buf[(D + d) * n + j];
-          }
-        }
-      }
+    if constexpr (kTransposed) {  // to (n, D) and (n, Dv) rows
+      buf.resize(2 * n * (D + Dv));
+      acc_t* rows = buf.data() + n * (D + Dv);
+      to_rows(buf.data(), D, n, rows);
+      to_rows(buf.data() + n * D, Dv, n, rows + n * D);
       dk_sum = rows;
       dv_sum = rows + n * D;
     }
@@ -1220,14 +1228,17 @@ class KeyGradPartials {
         c.lo *= scale_v;
         c.hi *= scale_v;
         c.store(dk + (kv0 + j0 + j) * D + d, m);
-        C::load_acc(dv_sum + j * D + d, m).store(dv + (kv0 + j0 + j) * D + d, m);
+      });
+      for_each_chunk<C::kChunk>(Dv, [&](int64_t d, int64_t m) {
+        C::load_acc(dv_sum + j * Dv + d, m).store(dv + (kv0 + j0 + j) * Dv + d, m);
       });
     }
   }
 
   const BackwardPlan& plan_;
   const Geometry& g_;
-  std::unique_ptr<acc_t[]> shared_;  // (B * Hkv, 2, partial_elems): dk's, then dv's
+  const int64_t head_elems_;         // one (b, kv head)'s partials: partial_keys x (D + Dv)
+  std::unique_ptr<acc_t[]> shared_;  // (B * Hkv, head_elems_): dk's, then dv's
 };
 
 template <typename mask_t>
@@ -1245,9 +1256,9 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
                           scalar_t* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
-  const int64_t D = g.D;
+  const int64_t D = g.D, Dv = g.Dv;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (use_bf16_brgemm(D)) {
+    if (use_bf16_brgemm(D)) {  // (an even Dv: attention_bwd pads an odd one for this path)
       return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, drop, dq, dk, dv, dmask);
     }
   }
@@ -1259,42 +1270,42 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   // sums their dk, dv over the keys they see, [ck0, ck1).
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
-    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;
+    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];
-      const auto [dk_acc, dv_acc] = partials.chunk(bh, c, own_parts);  // (ck1 - ck0, D), key ck0 first
+      const auto [dk_acc, dv_acc] = partials.chunk(bh, c, own_parts);  // (ck1 - ck0, D), (ck1 - ck0, Dv), key ck0 first
       const int64_t kv0 = bh * g.Sk + ck0;                              // key row ck0, over (B, Hkv, Sk)
       const acc_t* kw = load_tile(k + kv0 * D, ck1 - ck0, D, D, k_buf).first;  // widened once per task
-      const acc_t* vw = load_tile(v + kv0 * D, ck1 - ck0, D, D, v_buf).first;
+      const acc_t* vw = load_tile(v + kv0 * Dv, ck1 - ck0, Dv, Dv, v_buf).first;
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const auto [qb, h_in_group] = plan.item(item);
         const int64_t h = hk * g.group() + h_in_group, i0 = qb * plan.block_q;
         const int64_t nq = std::min(plan.block_q, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
         const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
-        const acc_t* dot = load_tile(dout + row0 * D, nq, D, D, do_buf).first;
+        const acc_t* dot = load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first;  // (nq, Dv)
         std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
         const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
         steps.drop_masked_tiles(rows, b, h, i0, nq, k0, k1, dropped);
-        auto each_tile = [&](auto&& f) {  // f(j0, nk, offset of key j0 in kw, vw, dk_acc, dv_acc), tiles not dropped
+        auto each_tile = [&](auto&& f) {  // f(j0, nk, key j0's row in kw, vw, dk_acc, dv_acc), tiles not dropped
           for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
-            if (!dropped[(j0 - k0) / kBlockK]) f(j0, std::min(kBlockK, g.Sk - j0), (j0 - ck0) * D);
+            if (!dropped[(j0 - k0) / kBlockK]) f(j0, std::min(kBlockK, g.Sk - j0), j0 - ck0);
         };
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
-          gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at, D, 0, rows.p_at(0, j0), rows.ld);
+          gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
-          gemm<acc_t>(true, false, nk, D, nq, 1, pt, ldp, dot, D, 1, dv_acc + at, D);                     // dv += p^T do
-          gemm<acc_t>(false, true, nq, nk, D, 1, dot, D, vw + at, D, 0, rows.ds_at(0, j0), rows.ld);      // dp = do v^T
+          gemm<acc_t>(true, false, nk, Dv, nq, 1, pt, ldp, dot, Dv, 1, dv_acc + at * Dv, Dv);             // dv += p^T do
+          gemm<acc_t>(false, true, nq, nk, Dv, 1, dot, Dv, vw + at * Dv, Dv, 0, rows.ds_at(0, j0), rows.ld);  // dp = do v^T
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
-          gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at, D, 1, dq_buf.data(), D);  // dq += scale ds k
-          gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at, D);             // dk += ds^T (scale q)
+          gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
+          gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at * D, D);             // dk += ds^T (scale q)
         });
         for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
       }
@@ -1309,22 +1320,22 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
 // one (b, kv head).
 struct BackwardPackedKV {
   static constexpr int64_t kTileKeys = kBlockK + kBlockK % 2;  // even: the VNNI pairs
-  int64_t tiles = 0, tile_elems = 0;
+  int64_t tiles = 0, tile_elems = 0, v_tile_elems = 0;
   std::vector<at::BFloat16> kT, kp, vT;
 
   BackwardPackedKV(int64_t slots, const Geometry& g)
-      : tiles((g.Sk + kBlockK - 1) / kBlockK), tile_elems(kTileKeys * g.D),
-        kT(slots * tiles * tile_elems), kp(kT.size()), vT(kT.size()) {}
+      : tiles((g.Sk + kBlockK - 1) / kBlockK), tile_elems(kTileKeys * g.D), v_tile_elems(kTileKeys * g.Dv),
+        kT(slots * tiles * tile_elems), kp(kT.size()), vT(slots * tiles * v_tile_elems) {}
   // Packs key tile t of (b, kv head) bh into `slot`.
   void pack(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, int64_t bh, int64_t t, int64_t slot) {
     const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), row = bh * g.Sk + j0, at = (slot * tiles + t) * tile_elems;
     pack_transposed(k + row * g.D, nk, g.D, g.D, kT.data() + at);
     pack_rows(k + row * g.D, nk, g.D, g.D, kp.data() + at);
-    pack_transposed(v + row * g.D, nk, g.D, g.D, vT.data() + at);
+    pack_transposed(v + row * g.Dv, nk, g.Dv, g.Dv, vT.data() + (slot * tiles + t) * v_tile_elems);
   }
   const at::BFloat16* kT_tile(int64_t slot, int64_t t) const { return kT.data() + (slot * tiles + t) * tile_elems; }
   const at::BFloat16* kp_tile(int64_t slot, int64_t t) const { return kp.data() + (slot * tiles + t) * tile_elems; }
-  const at::BFloat16* vT_tile(int64_t slot, int64_t t) const { return vT.data() + (slot * tiles + t) * tile_elems; }
+  const at::BFloat16* vT_tile(int64_t slot, int64_t t) const { return vT.data() + (slot * tiles + t) * v_tile_elems; }
 };
 
 // The backward of bfloat16 on brgemm (see "bfloat16 on brgemm" above): the same
@@ -1343,7 +1354,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   using BF = at::BFloat16;
   using Vec = Vectorized<float>;
   namespace blas = at::native::cpublas;
-  const int64_t D = g.D;
+  const int64_t D = g.D, Dv = g.Dv;
   const BackwardPlan plan = backward_plan<float>(g, band);
   const KeyGradPartials<float, /*kTransposed=*/true> partials(plan, g);
   const int64_t block_q = plan.block_q, block_qe = block_q + block_q % 2;  // even K dims
@@ -1364,12 +1375,12 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
     std::vector<float> dq_acc(block_q * D), own_parts, pd_buf;
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
-    std::vector<BF> qT(D * block_qe), doT(D * block_qe);                      // A operands of dk^T, dv^T
+    std::vector<BF> qT(D * block_qe), doT(Dv * block_qe);                     // A operands of dk^T, dv^T
     std::vector<BF> p_p(block_qe * kBKe), ds_p(block_qe * kBKe), ds_b(block_q * kBKe);  // p, ds packed; ds plain
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];  // the keys this chunk's rows see (whole tiles from ck0)
-      // dk^T, dv^T of keys [ck0, ck1): (D, ck1 - ck0), key ck0 first
+      // dk^T, dv^T of keys [ck0, ck1): (D, ck1 - ck0) and (Dv, ck1 - ck0), key ck0 first
       const auto [dkT_acc, dvT_acc] = partials.chunk(bh, c, own_parts);
       const int64_t ldc = ck1 - ck0;
       if (!shared_kv) {
@@ -1383,9 +1394,9 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         const int64_t h = hk * g.group() + h_in_group, i0 = qb * block_q;
         const int64_t nq = std::min(block_q, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
         const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
-        const BF* dot = dout + row0 * D;  // the A of dp = do V^T
+        const BF* dot = dout + row0 * Dv;  // (nq, Dv): the A of dp = do V^T
         transpose_rows(qt, nq, D, qT.data());
-        transpose_rows(dot, nq, D, doT.data());
+        transpose_rows(dot, nq, Dv, doT.data());
         std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
         const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
         steps.drop_masked_tiles(rows, b, h, i0, nq, k0, k1, dropped);
@@ -1403,8 +1414,8 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
           pack_rows_rounded(pt, nq, nk, ldp, p_p.data());
-          blas::brgemm(D, nk, nqe, nqe, nk, ldc, true, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), true);
-          blas::brgemm(nq, nk, D, D, nk, rows.ld, false, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0), true);  // dp = do v^T
+          blas::brgemm(Dv, nk, nqe, nqe, nk, ldc, true, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), true);
+          blas::brgemm(nq, nk, Dv, Dv, nk, rows.ld, false, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0), true);  // dp = do v^T
         }
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
@@ -1431,8 +1442,8 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
 bool head_dim_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
 
-// q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); the backward's kernel takes Dv = D
-// (attention_bwd pads to that).
+// q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); the bfloat16 brgemm backward takes
+// an even Dv (attention_bwd pads an odd one by a column).
 Geometry geometry(const Tensor& q, const Tensor& k, const Tensor& v, bool contiguous) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && v.sizes().slice(0, 3) == k.sizes().slice(0, 3) &&
                   q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
@@ -1526,25 +1537,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
     const std::optional<Tensor>& dropout_seed, double softcap) {
-  if (v.dim() == 4 && q.dim() == 4 && v.size(3) != q.size(3)) {
-    // v's head dim Dv other than D (the forward's kernel takes it as it is): the kernel below
-    // takes one head dim, so the narrower side is zero-padded and its gradients cut back. This
-    // is exact: zero columns of v (and of o and dout) give zero columns of dv, and zero dims of
-    // q and k add 0 to every score and get gradients that are cut off. Training-size calls,
-    // where the copies are small beside the products.
-    const int64_t D = q.size(3), Dv = v.size(3), Dp = std::max(D, Dv);
-    auto pad = [Dp](const Tensor& t) { return t.size(3) == Dp ? t : at::constant_pad_nd(t, {0, Dp - t.size(3)}, 0); };
-    auto [dq, dk, dv, dmask] = attention_bwd(pad(dout), pad(q), pad(k), pad(v), pad(o), row_stats, dlse, mask, scale,
-                                             causal, window, mask_grad, dropout_p, dropout_seed, softcap);
-    auto cut = [](const Tensor& t, int64_t d) { return t.size(3) == d ? t : t.narrow(3, 0, d).contiguous(); };
-    return {cut(dq, D), cut(dk, D), cut(dv, Dv), dmask};
+  if (v.dim() == 4 && q.dim() == 4 && v.size(3) % 2 != 0 && q.scalar_type() == at::kBFloat16 &&
+      use_bf16_brgemm(q.size(3))) {
+    // An odd v head dim on the bfloat16 brgemm backward (attention_bwd_packed), whose packing
+    // of V^T pairs dims (it can only be Dv != D: use_bf16_brgemm wants an even D): v, o and
+    // dout get one zero column, which gives dv a zero column, cut off.
+    auto pad = [](const Tensor& t) { return at::constant_pad_nd(t, {0, 1}, 0); };
+    auto [dq, dk, dv, dmask] = attention_bwd(pad(dout), q, k, pad(v), pad(o), row_stats, dlse, mask, scale, causal,
+                                             window, mask_grad, dropout_p, dropout_seed, softcap);
+    return {dq, dk, dv.narrow(3, 0, v.size(3)).contiguous(), dmask};
   }
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   check_mask(mask, q, g);
-  TORCH_CHECK(dout.sizes() == q.sizes() && o.sizes() == q.sizes() && v.size(3) == g.D && dout.is_contiguous() &&
-                  o.is_contiguous() && dout.scalar_type() == q.scalar_type(),
-              "lmfast_C: dout and o must be contiguous and shaped like q");
+  TORCH_CHECK(dout.sizes() == o.sizes() && o.sizes().slice(0, 3) == q.sizes().slice(0, 3) && o.size(3) == g.Dv &&
+                  dout.is_contiguous() && o.is_contiguous() && dout.scalar_type() == q.scalar_type(),
+              "lmfast_C: dout and o must be contiguous and shaped (B, Hq, Sq, Dv)");
   // row_stats is checked, not read: this backward recomputes each row's max and sum (above)
   const auto acc_type = at::toOpMathType(q.scalar_type());
   TORCH_CHECK(row_stats.numel() == 2 * g.B * g.Hq * g.Sq && row_stats.scalar_type() == acc_type,

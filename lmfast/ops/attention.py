@@ -27,8 +27,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (grouped-query
     attention: query head h reads kv head h // (Hq // Hkv), nothing is repeated in memory). Dv may
     differ from D (DeepSeek's multi-head latent attention: D = 192, Dv = 128); every kernel
-    forward and the Triton backward take it as it is, the CPU backward zero-pads the narrower
-    side (exact; it costs a copy of v, o and the output gradient, or of q and k).
+    takes it as it is, forward and backward.
     attn_mask: additive (q's dtype) or boolean (True = keep), broadcastable to (B, Hq, Sq, Sk).
         The kernels skip the key tiles a boolean mask drops whole for a block of queries (packed
         sequences' other documents, padded stretches); pass causal=True too where the mask is
