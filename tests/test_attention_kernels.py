@@ -560,6 +560,20 @@ def test_opcheck(ab):
         torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], v, mask, 0.25, True, 5))
 
 
+def test_triton_tiles_follow_the_wider_head_dim():
+    """The autotuner's candidate tiles (and the fixed tile without autotuning) come from the
+    bucket of the wider of q's and v's head-dim blocks: DeepSeek's MLA (192 over 128) takes the
+    256 bucket's smaller tiles, which fit the shared memory. Called as Triton's autotuner calls
+    the prune (the launch's constexprs as keyword arguments)."""
+    from lmfast.kernels import attention as kernels
+
+    tuned, table = kernels._TUNED[kernels._attn_fwd_kernel]
+    for block_d, block_dv, bucket in [(256, 128, 256), (64, 128, 128), (64, 64, 64), (128, 16, 128)]:
+        assert kernels._tile_bucket({"BLOCK_D": block_d, "BLOCK_DV": block_dv}) == bucket
+        kept = tuned.early_config_prune(tuned.configs, {}, BLOCK_D=block_d, BLOCK_DV=block_dv)
+        assert kept == table[bucket], (block_d, block_dv)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU (the interpreter runs fixed tiles)")
 def test_autotuned_launch(monkeypatch):
     monkeypatch.setenv("LMFAST_AUTOTUNE", "1")

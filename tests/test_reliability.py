@@ -255,7 +255,7 @@ def test_deterministic_algorithms_pin_the_triton_attention_tiles(monkeypatch):
     monkeypatch.setenv("LMFAST_AUTOTUNE", "1")
 
     def launch():
-        kernels._launch(plain, lambda meta: (1,), (), {"BLOCK_D": 64}, 8, 8)
+        kernels._launch(plain, lambda meta: (1,), (), {"BLOCK_D": 64, "BLOCK_DV": 64}, 8, 8)
 
     launch()
     assert len(tuned.launches) == 1 and not plain.launches, "autotuning is on by default"
