@@ -46,7 +46,7 @@ def test_head_dims(D, ab, dtype):
 
 
 # (D, Dv): DeepSeek's multi-head latent attention (q and k heads of 192 = 128 + 64 rotary, v heads
-# of 128), a smaller one, and a value head wider than the query's
+# of 128), a smaller one, a value head wider than the query's, and an odd one
 @pytest.mark.parametrize("D,Dv", [(192, 128), (24, 16), (16, 40), (24, 15)], ids=lambda d: str(d))
 @pytest.mark.parametrize("Sq,Sk,mask", [(37, 90, "bool"), (3, 600, None), (70, 70, "additive")],
                          ids=["prefill-bool", "decode", "square-additive"])
@@ -538,7 +538,7 @@ def test_compile_fullgraph(ab):
     def block(q, k, v, pad):
         return lmfast.ops.attention(q, k, v, pad, causal=True, backend=ab.name).square().sum()
 
-    for Dv in (32, 24):  # (and a value head dim other than the query's: its pads are traced too)
+    for Dv in (32, 24):  # (and a value head dim other than the query's: the fake impl's o takes it)
         ins = _inputs(ab, 2, 4, 2, 16, 24, 32, torch.float32, Dv=Dv)
         q, k, v = (ins[n].requires_grad_() for n in "qkv")
         pad = torch.rand(2, 1, 1, 24, device=ab.device) > 0.2

@@ -88,7 +88,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
                         window=window, dropout_p=dropout if dropout and module.training else 0.0,
                         sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),  # gpt-oss's sinks, Gemma 2's cap
                         backend=backend)
-    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, Dv) (no copy where Dv >= D: the kernels write o so)
+    return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, Dv) (no copy: the kernels write o so)
 
 
 # The attention-function keyword arguments lmfast computes with (output_attentions: the eager

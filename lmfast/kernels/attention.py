@@ -655,8 +655,8 @@ def _tile_bucket(args: dict) -> int:
 
 
 def _tuned(kernel, table):
-    """kernel autotuned over table[bucket of BLOCK_D], keyed on the shape buckets it is
-    launched with (Q_BUCKET, K_BUCKET: powers of two of the lengths), the flags and dtypes."""
+    """kernel autotuned over table[_tile_bucket(its head-dim blocks)], keyed on the shape buckets
+    it is launched with (Q_BUCKET, K_BUCKET: powers of two of the lengths), the flags and dtypes."""
     configs = [c for cs in table.values() for c in cs]
 
     def prune(configs, named_args, **kwargs):
