@@ -708,6 +708,20 @@ def test_dropout_matches_the_reference_with_the_same_mask(case, ab, dtype):
                                 grad=("q", "k", "v") + (("attn_mask",) if mask_kind == "additive" else ()))
 
 
+@pytest.mark.parametrize("Sq,Sk", [(1, 700), (45, 60)], ids=["decode", "prefill"])
+@pytest.mark.parametrize("D,Dv", [(40, 24), (24, 40)], ids=lambda d: str(d))
+def test_value_head_dim_with_dropout_softcap_and_window(D, Dv, Sq, Sk, ab, dtype):
+    """v's own head dim where dropout (p v and dv take the dropped p), the softcap and a window
+    act too, on the decoding (split keys) and prefill paths, forward and backward."""
+    B, Hq, Hkv = 1, 4, 2
+    ins = _inputs(ab, B, Hq, Hkv, Sq, Sk, D, dtype, causal=True, window=50, Dv=Dv)
+    ins["q"] = ins["q"] * 3  # scores out to a few caps
+    ins.update(softcap=3.0, dropout_p=0.3, dropout_seed=torch.tensor([99], device=ab.device))
+    check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
+                            _reference_with_seed, ins, grad=("q", "k", "v"),
+                            name=f"attention {ab.name} D={D} Dv={Dv} dropout softcap window Sq={Sq}")
+
+
 def test_dropout_mask_read_out_of_the_kernel(ab):
     """q = 0 makes softmax uniform (1 / Sk) and v = I (D = Sk) copies p into o, so o * Sk * (1 - p)
     is the kernel's keep mask: exactly reference.dropout_keep's, over batch, heads and rows."""

@@ -302,21 +302,25 @@ VALUE_HEAD_SHAPES = [(2, 4, 2, 3, 300, 48, 32), (1, 2, 1, 2, 77, 16, 40), (1, 4,
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", VALUE_HEAD_SHAPES, ids=lambda v: "x".join(map(str, v)))
-def test_attention_value_head_dim_other_than_the_querys(emu, dtype, shape):
+@pytest.mark.parametrize("extras", ["plain", "dropout-softcap"])
+def test_attention_value_head_dim_other_than_the_querys(emu, dtype, shape, extras):
     B, Hq, Hkv, Sq, Sk, D, Dv = shape
     inputs = _attention_inputs(B, Hq, Hkv, Sq, Sk, D, dtype, "bool", strided=False)
     inputs["v"] = _randn(B, Hkv, Sk, Dv, dtype=dtype, seed=2)
     scale = D ** -0.5
+    p, seed, cap = (0.4, 2**40 + 3, 2.5) if extras == "dropout-softcap" else (0.0, None, 0.0)
 
     def fn(q, k, v, attn_mask):
-        return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), scale, True, None, 0.0, None))
+        return tuple(emu.attention_fwd(q, k, v, attn_mask.expand(B, Hq, Sq, Sk), scale, True, None, p,
+                                       None if seed is None else torch.tensor([seed]), cap))
 
     def ref(q, k, v, attn_mask):
-        return _reference_forward(q, k, v, attn_mask, causal=True, scale=scale)
+        return _reference_forward(q, k, v, attn_mask, causal=True, scale=scale, dropout_p=p, dropout_seed=seed,
+                                  softcap=cap or None)
 
     o = fn(**inputs)[0]
     assert o.shape == (B, Hq, Sq, Dv) and o.transpose(1, 2).is_contiguous()
-    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {dtype}")
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {extras} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
