@@ -54,7 +54,8 @@ def test_value_head_dim_other_than_the_querys(D, Dv, Sq, Sk, mask, ab, dtype):
     """o is (B, Hq, Sq, Dv); values, lse and every gradient within budget, GQA and causal. The
     decode shape takes the key-split paths (the CPU's, and Triton's split kernel and combine);
     the square one the CPU's long-query forward (2 x 70 rows a kv head), on brgemm in bfloat16
-    where the CPU has it, as its backward (Dv = 15: the odd head dim brgemm's packing pads)."""
+    where the CPU has it, as its backward (but Dv = 15: brgemm's packing pairs dims, so an odd
+    head dim takes the widening path, both directions)."""
     B, Hq, Hkv = 2, 4, 2
     attn_mask = (None if mask is None else torch.rand(B, 1, Sq, Sk, device=ab.device) > 0.2 if mask == "bool"
                  else torch.randn(1, Hq, Sq, Sk, device=ab.device).to(dtype))

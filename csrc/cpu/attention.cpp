@@ -2,11 +2,10 @@
 //
 // q: (B, Hq, Sq, D), k: (B, Hkv, Sk, D), v: (B, Hkv, Sk, Dv); query head h reads kv head
 // h / (Hq / Hkv). Dv may differ from D (DeepSeek's multi-head latent attention): both
-// directions take it as it is (the bfloat16 brgemm ones an even Dv; attention_bwd and the
-// forward's use_bf16_brgemm see to an odd one). The forward
-// reads q, k, v through their strides (the head dim contiguous), so the transposed
-// (B, S, H, D) projections models hand over need no copy, and writes o in (B, Sq, Hq, Dv)
-// memory order, the layout models want back (as SDPA's CPU flash kernel does). The backward
+// directions take it as it is. The forward reads q, k, v through their strides (the head dim
+// contiguous), so the transposed (B, S, H, D) projections models hand over need no copy, and
+// writes o in (B, Sq, Hq, Dv) memory order, the layout models want back (as SDPA's CPU flash
+// kernel does). The backward
 // takes contiguous tensors. Scores are computed one (Bq x Bk) tile at a time and never materialized
 // whole (the backward keeps a block of query rows of them, at most 4 MiB; 6 with a softcap):
 //
@@ -27,7 +26,7 @@
 // wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
 // 16-bit inputs are widened tile by tile, except bfloat16 on a CPU with AMX-BF16 or
 // AVX512-BF16, whose long-query forward and backward run their products in bfloat16 on
-// oneDNN's brgemm (see "bfloat16 on brgemm" below). Position masking is
+// oneDNN's brgemm where the head dims are even (see "bfloat16 on brgemm" below). Position masking is
 // bottom-right aligned: query i sits at key position p = i + Sk - Sq; causal keeps keys
 // j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped, and so are
 // tiles a boolean mask drops whole (mask_drops_tile). A row with every key masked gives o = 0
@@ -550,10 +549,11 @@ bool brgemm_bf16_computes_vnni() {
   return std::equal(c, c + M * N, want);
 }
 
-// Whether bfloat16 tiles go to brgemm (above): a native unit and an even head dim.
-inline bool use_bf16_brgemm(int64_t D) {
+// Whether bfloat16 tiles go to brgemm (above), forward and backward: a native unit, and even
+// head dims (VNNI packs pairs of rows along a product's K dim: D for q k^T, Dv for do v^T).
+inline bool use_bf16_brgemm(const Geometry& g) {
   static const bool native = std::string(bf16_attention_unit()) != "sgemm";
-  return native && D % 2 == 0 && D > 0;
+  return native && g.D % 2 == 0 && g.D > 0 && g.Dv % 2 == 0;
 }
 
 // K and V of every (b, kv head), packed tile by tile; tile t of head bh starts at
@@ -792,7 +792,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
     const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (use_bf16_brgemm(g.D) && g.Dv % 2 == 0) {
+      if (use_bf16_brgemm(g)) {
         // Square tiles (256 x 256 where there are enough tasks) measured best on AMX, causal or
         // not: its products are ~7x faster than sgemm's, and the per-tile softmax work remains.
         // (Not re-tuned for AVX512-BF16, whose products are ~2.5x sgemm's.)
@@ -1258,7 +1258,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D, Dv = g.Dv;
   if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-    if (use_bf16_brgemm(D)) {  // (an even Dv: attention_bwd pads an odd one for this path)
+    if (use_bf16_brgemm(g)) {
       return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, drop, dq, dk, dv, dmask);
     }
   }
@@ -1442,8 +1442,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
 bool head_dim_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
 
-// q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv); the bfloat16 brgemm backward takes
-// an even Dv (attention_bwd pads an odd one by a column).
+// q (B, Hq, Sq, D), k (B, Hkv, Sk, D), v (B, Hkv, Sk, Dv).
 Geometry geometry(const Tensor& q, const Tensor& k, const Tensor& v, bool contiguous) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && v.sizes().slice(0, 3) == k.sizes().slice(0, 3) &&
                   q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(),
@@ -1537,16 +1536,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
     const std::optional<Tensor>& dropout_seed, double softcap) {
-  if (v.dim() == 4 && q.dim() == 4 && v.size(3) % 2 != 0 && q.scalar_type() == at::kBFloat16 &&
-      use_bf16_brgemm(q.size(3))) {
-    // An odd v head dim on the bfloat16 brgemm backward (attention_bwd_packed), whose packing
-    // of V^T pairs dims (it can only be Dv != D: use_bf16_brgemm wants an even D): v, o and
-    // dout get one zero column, which gives dv a zero column, cut off.
-    auto pad = [](const Tensor& t) { return at::constant_pad_nd(t, {0, 1}, 0); };
-    auto [dq, dk, dv, dmask] = attention_bwd(pad(dout), q, k, pad(v), pad(o), row_stats, dlse, mask, scale, causal,
-                                             window, mask_grad, dropout_p, dropout_seed, softcap);
-    return {dq, dk, dv.narrow(3, 0, v.size(3)).contiguous(), dmask};
-  }
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   check_mask(mask, q, g);
