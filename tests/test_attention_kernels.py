@@ -496,6 +496,15 @@ def test_empty(ab):
         assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
 
 
+@pytest.mark.parametrize("Sq", [3, 200], ids=["decode", "long-queries"])
+def test_value_head_dim_zero(Sq, ab, dtype):
+    """v with head dim 0: o is (B, Hq, Sq, 0); lse and the gradients of q and k (through lse)
+    within the budget. (bfloat16 on the CPU's brgemm path raised std::bad_alloc.)"""
+    ins = _inputs(ab, 1, 2, 2, Sq, Sq, 16, dtype, causal=True, Dv=0)
+    assert lmfast.ops.attention(**ins, backend=ab.name).shape == (1, 2, Sq, 0)
+    _check(ab, f"Dv=0 Sq={Sq}", ins, grad=("q", "k"))
+
+
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 @pytest.mark.parametrize("Dv", [8, 5, 11], ids=["Dv=D", "Dv<D", "Dv>D"])
 def test_gradcheck_cpu_float64(dropout_p, Dv):

@@ -549,11 +549,12 @@ bool brgemm_bf16_computes_vnni() {
   return std::equal(c, c + M * N, want);
 }
 
-// Whether bfloat16 tiles go to brgemm (above), forward and backward: a native unit, and even
-// head dims (VNNI packs pairs of rows along a product's K dim: D for q k^T, Dv for do v^T).
+// Whether bfloat16 tiles go to brgemm (above), forward and backward: a native unit, and even,
+// nonzero head dims (VNNI packs pairs of rows along a product's K dim: D for q k^T, Dv for
+// do v^T; oneDNN's brgemm fails on a zero-width product).
 inline bool use_bf16_brgemm(const Geometry& g) {
   static const bool native = std::string(bf16_attention_unit()) != "sgemm";
-  return native && g.D % 2 == 0 && g.D > 0 && g.Dv % 2 == 0;
+  return native && g.D % 2 == 0 && g.D > 0 && g.Dv % 2 == 0 && g.Dv > 0;
 }
 
 // K and V of every (b, kv head), packed tile by tile; tile t of head bh starts at
