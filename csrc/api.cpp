@@ -60,11 +60,12 @@ LMFAST_KERNEL_OP(softmax_bwd, Tensor(const Tensor&, const Tensor&, double))
 LMFAST_KERNEL_OP(attention_fwd, std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                    const OptTensor&, double, bool,
                                                                    std::optional<int64_t>, double, const OptTensor&,
-                                                                   double))
+                                                                   double, const OptTensor&, const OptTensor&))
 LMFAST_KERNEL_OP(attention_bwd, std::tuple<Tensor, Tensor, Tensor, Tensor>(
                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                     const Tensor&, const OptTensor&, const OptTensor&, double, bool,
-                                    std::optional<int64_t>, bool, double, const OptTensor&, double))
+                                    std::optional<int64_t>, bool, double, const OptTensor&, double,
+                                    const OptTensor&, const OptTensor&))
 #undef LMFAST_KERNEL_OP
 
 // ---- shaping helpers ----------------------------------------------------------------------
@@ -221,19 +222,21 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
 struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
   static variable_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v,
                                const OptTensor& mask, double scale, bool causal, std::optional<int64_t> window,
-                               double dropout_p, const OptTensor& dropout_seed, double softcap) {
+                               double dropout_p, const OptTensor& dropout_seed, double softcap,
+                               const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k) {
     ctx->set_materialize_grads(false);
     Given({true, true, true, mask.has_value()}).save(ctx);
     at::AutoDispatchBelowADInplaceOrView below;
-    auto [o, lse, row_stats] =
-        attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
+    auto [o, lse, row_stats] = attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed,
+                                                    softcap, cu_seqlens_q, cu_seqlens_k);
     ctx->mark_non_differentiable({row_stats});
     ctx->saved_data["scale"] = scale;
     ctx->saved_data["causal"] = causal;
     ctx->saved_data["window"] = window.has_value() ? c10::IValue(*window) : c10::IValue();
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["softcap"] = softcap;
-    ctx->save_for_backward({q, k, v, o, row_stats, mask.value_or(Tensor()), dropout_seed.value_or(Tensor())});
+    ctx->save_for_backward({q, k, v, o, row_stats, mask.value_or(Tensor()), dropout_seed.value_or(Tensor()),
+                            cu_seqlens_q.value_or(Tensor()), cu_seqlens_k.value_or(Tensor())});
     return {o, lse, row_stats};
   }
 
@@ -247,8 +250,10 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
         saved[4], grads[1].defined() ? OptTensor(grads[1].contiguous()) : std::nullopt, defined_or_none(saved[5]),
         ctx->saved_data["scale"].toDouble(), ctx->saved_data["causal"].toBool(),
         window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()), mask_grad,
-        ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]), ctx->saved_data["softcap"].toDouble());
-    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+        ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]), ctx->saved_data["softcap"].toDouble(),
+        defined_or_none(saved[7]), defined_or_none(saved[8]));
+    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+            Tensor(), Tensor()};
   }
 };
 
@@ -289,12 +294,15 @@ Tensor softmax_fwd_autograd(const Tensor& x, const OptTensor& mask, double scale
 std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                           const OptTensor& mask, double scale, bool causal,
                                                           std::optional<int64_t> window, double dropout_p,
-                                                          const OptTensor& dropout_seed, double softcap) {
+                                                          const OptTensor& dropout_seed, double softcap,
+                                                          const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k) {
   if (!grad_wanted({&mask}, {&q, &k, &v})) {
     at::AutoDispatchBelowADInplaceOrView below;
-    return attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
+    return attention_fwd().call(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap, cu_seqlens_q,
+                                cu_seqlens_k);
   }
-  auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap);
+  auto out = AttentionFwd::apply(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap,
+                                 cu_seqlens_q, cu_seqlens_k);
   return {out[0], out[1], out[2]};
 }
 
@@ -359,7 +367,8 @@ Tensor softmax(const Tensor& x, int64_t dim, double scale, const OptTensor& mask
 std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Tensor& v, const OptTensor& attn_mask,
                                      bool causal, std::optional<double> scale, std::optional<int64_t> window,
                                      double dropout_p, const OptTensor& dropout_seed,
-                                     std::optional<double> softcap) {
+                                     std::optional<double> softcap, const OptTensor& cu_seqlens_q,
+                                     const OptTensor& cu_seqlens_k) {
   const char* names[3] = {"q", "k", "v"};
   const Tensor* qkv[3] = {&q, &k, &v};
   for (int i = 0; i < 3; ++i) {
@@ -384,6 +393,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
   if (scale.has_value()) checks::finite("scale", *scale);
   checks::dropout(dropout_p, dropout_seed);
   if (softcap.has_value()) checks::softcap(*softcap);
+  checks::documents(cu_seqlens_q, cu_seqlens_k, q);
   const double s = scale.has_value() ? *scale : std::pow(double(qs[3].guard_int(__FILE__, __LINE__)), -0.5);
   // The forward takes any strides with a contiguous head dim: the (B, S, H, D) projections
   // models transpose to (B, H, S, D) pass without a copy.
@@ -396,7 +406,7 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                              ? OptTensor(dropout_seed->reshape({1}).to(q.device()))
                              : OptTensor(at::randint(int64_t(1) << 62, {1}, q.options().dtype(at::kLong)));
   auto [o, lse, row_stats] = attention_fwd().call(rows(q), rows(k), rows(v), mask4, s, causal, window, dropout_p,
-                                                  seed, softcap.value_or(0.0));
+                                                  seed, softcap.value_or(0.0), cu_seqlens_q, cu_seqlens_k);
   return {o, lse};  // (row_stats: for the backward only)
 }
 

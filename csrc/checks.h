@@ -133,6 +133,28 @@ inline void softcap(double c) {
                     number_str(c));
 }
 
+// Packed documents (csrc/documents.h): cu_seqlens_q and cu_seqlens_k both or neither, each an
+// int32/int64 (n + 1,) tensor on q's device, q a batch of one. (Their values are the kernels' check.)
+inline void documents(const std::optional<Tensor>& cu_q, const std::optional<Tensor>& cu_k, const Tensor& q) {
+  if (!cu_q.has_value() && !cu_k.has_value()) return;
+  TORCH_CHECK_VALUE(cu_q.has_value() && cu_k.has_value(),
+                    "cu_seqlens_q and cu_seqlens_k go together: pass both or neither");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"cu_seqlens_q", &*cu_q},
+                                {"cu_seqlens_k", &*cu_k}}) {
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, name,
+                     " must be an int32 or int64 tensor, got ", dtype_name(t->scalar_type()));
+    TORCH_CHECK_VALUE(t->dim() == 1 && t->sym_numel() >= 1, name,
+                      " must have shape (n + 1,) for n documents, got shape ", shape_str(t->sym_sizes()));
+    TORCH_CHECK_VALUE(t->device() == q.device(), name, " is on ", t->device(), " but q is on ", q.device(),
+                      "; both must be on one device");
+  }
+  TORCH_CHECK_VALUE(cu_q->sym_numel() == cu_k->sym_numel(),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length (n + 1 for n documents), got ",
+                    cu_q->sym_numel(), " and ", cu_k->sym_numel());
+  TORCH_CHECK_VALUE(q.sym_size(0) == 1, "cu_seqlens_q packs documents into one sequence: q must have batch size 1, got ",
+                    q.sym_size(0));
+}
+
 // dim in [-ndim, ndim), returned as an index in [0, ndim).
 inline int64_t dim_index(int64_t dim, int64_t ndim) {
   TORCH_CHECK_VALUE(-ndim <= dim && dim < ndim, "dim=", dim, " is out of range for x with ", ndim,

@@ -62,15 +62,18 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const OptTensor& mask, double scale, bool causal,
                                                  std::optional<int64_t> window, double dropout_p,
-                                                 const OptTensor& seed, double softcap) {
-  return kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, seed, softcap);
+                                                 const OptTensor& seed, double softcap, const OptTensor& cu_seqlens_q,
+                                                 const OptTensor& cu_seqlens_k) {
+  return kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, seed, softcap, cu_seqlens_q,
+                                 cu_seqlens_k);
 }
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& row_stats, const OptTensor& dlse, const OptTensor& mask, double scale, bool causal,
-    std::optional<int64_t> window, bool mask_grad, double dropout_p, const OptTensor& seed, double softcap) {
+    std::optional<int64_t> window, bool mask_grad, double dropout_p, const OptTensor& seed, double softcap,
+    const OptTensor& cu_seqlens_q, const OptTensor& cu_seqlens_k) {
   return kernels().attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
-                                 dropout_p, seed, softcap);
+                                 dropout_p, seed, softcap, cu_seqlens_q, cu_seqlens_k);
 }
 
 }  // namespace

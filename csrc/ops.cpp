@@ -53,7 +53,8 @@ TORCH_LIBRARY(lmfast_C, m) {
         " -> (Tensor, Tensor)");
   m.def("softmax(Tensor x, int dim, float scale, Tensor? mask, bool causal) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? attn_mask, bool causal, float? scale,"
-        " int? window, float dropout_p=0., Tensor? dropout_seed=None, float? softcap=None) -> (Tensor, Tensor)");
+        " int? window, float dropout_p=0., Tensor? dropout_seed=None, float? softcap=None, Tensor? cu_seqlens_q=None,"
+        " Tensor? cu_seqlens_k=None) -> (Tensor, Tensor)");
   // kernel ops
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps)"
         " -> (Tensor, Tensor, Tensor, Tensor)");
@@ -66,10 +67,12 @@ TORCH_LIBRARY(lmfast_C, m) {
   m.def("softmax_fwd(Tensor x, Tensor? mask, float scale, bool causal) -> Tensor");
   m.def("softmax_bwd(Tensor dy, Tensor y, float scale) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal,"
-        " int? window, float dropout_p=0., Tensor? dropout_seed=None, float softcap=0.) -> (Tensor, Tensor, Tensor)");
+        " int? window, float dropout_p=0., Tensor? dropout_seed=None, float softcap=0., Tensor? cu_seqlens_q=None,"
+        " Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor o, Tensor row_stats,"
         " Tensor? dlse, Tensor? mask, float scale, bool causal, int? window, bool mask_grad,"
-        " float dropout_p=0., Tensor? dropout_seed=None, float softcap=0.) -> (Tensor, Tensor, Tensor, Tensor)");
+        " float dropout_p=0., Tensor? dropout_seed=None, float softcap=0., Tensor? cu_seqlens_q=None,"
+        " Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lmfast_C, CompositeImplicitAutograd, m) {

@@ -54,7 +54,9 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // window: none or >= 1; dropout_p in [0, 1), dropout_seed an int64 tensor of one element
 // (on the CPU for the CPU kernels) where dropout_p > 0 (the mask: lmfast/reference.py's
 // dropout_keep); softcap > 0 caps the scaled scores to softcap * tanh(s / softcap) before
-// the mask is added (Gemma 2's logit softcapping), 0: none. Returns (o, lse, row_stats):
+// the mask is added (Gemma 2's logit softcapping), 0: none; cu_seqlens_q / cu_seqlens_k (both
+// or neither; B = 1) pack documents, each query seeing its own document's keys, causal and
+// window applied inside it (csrc/documents.h). Returns (o, lse, row_stats):
 // lse (B, Hq, Sq) in the accumulation dtype, without dropout; row_stats (2, B, Hq, Sq) in
 // the accumulation dtype, each row's softmax max m ([0]; 0 on a row that sees no key) and
 // 1 / l, l = sum of exp(s - m) ([1]; 0 there). The backward takes row_stats in place of lse:
@@ -66,12 +68,15 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
                                                  const std::optional<Tensor>& mask, double scale,
                                                  bool causal, std::optional<int64_t> window,
                                                  double dropout_p,
-                                                 const std::optional<Tensor>& dropout_seed, double softcap);
+                                                 const std::optional<Tensor>& dropout_seed, double softcap,
+                                                 const std::optional<Tensor>& cu_seqlens_q,
+                                                 const std::optional<Tensor>& cu_seqlens_k);
 std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
-    const std::optional<Tensor>& dropout_seed, double softcap);
+    const std::optional<Tensor>& dropout_seed, double softcap, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k);
 // What multiplies bfloat16 attention tiles on this CPU: "amx", "avx512bf16" (oneDNN's brgemm)
 // or "sgemm" (tiles widened to float32). The first call runs a small brgemm self-check.
 const char* bf16_attention_unit();
@@ -110,7 +115,8 @@ std::tuple<Tensor, Tensor> attention(const Tensor& q, const Tensor& k, const Ten
                                      const std::optional<Tensor>& attn_mask, bool causal,
                                      std::optional<double> scale, std::optional<int64_t> window,
                                      double dropout_p, const std::optional<Tensor>& dropout_seed,
-                                     std::optional<double> softcap);
+                                     std::optional<double> softcap, const std::optional<Tensor>& cu_seqlens_q,
+                                     const std::optional<Tensor>& cu_seqlens_k);
 
 // Autograd-key kernels of the *_fwd kernel ops (their backward calls the *_bwd ops).
 std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd_autograd(
@@ -129,6 +135,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const
                                                           std::optional<int64_t> window,
                                                           double dropout_p,
                                                           const std::optional<Tensor>& dropout_seed,
-                                                          double softcap);
+                                                          double softcap,
+                                                          const std::optional<Tensor>& cu_seqlens_q,
+                                                          const std::optional<Tensor>& cu_seqlens_k);
 
 }  // namespace lmfast::api

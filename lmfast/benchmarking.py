@@ -45,8 +45,9 @@ class Case:
     kv_heads: int | None = None  # attention: k and v heads (grouped-query attention), else H
     dropout: float = 0.0      # attention: dropout_p (training), in every provider
     softcap: float = 0.0      # attention: Gemma 2's logit softcap c (scores c tanh(s / c)); SDPA has none
-    documents: tuple[int, ...] = ()  # attention: lengths of documents packed in each row (summing to S),
-    #                                  each attending to itself alone (causal: causally), as a boolean mask
+    documents: tuple[int, ...] = ()  # attention: lengths of documents packed in a row (B = 1, summing to S),
+    #                                  each attending to itself alone (causal: causally): a boolean mask for
+    #                                  the others, their boundaries (cu_seqlens) for lmfast
     v_head_dim: int | None = None  # attention: v's head dim where it differs from q's and k's (DeepSeek's MLA)
 
     @property
@@ -115,6 +116,12 @@ class Case:
         if self.causal:
             keep &= lmfast.reference.causal_keep(len(doc), len(doc))
         return keep[None, None].to(device)
+
+    def cu_seqlens(self, device: str) -> Tensor | None:
+        """attention with documents: their boundaries, int32 (n + 1,), as lmfast takes them; else None."""
+        if not self.documents:
+            return None
+        return torch.tensor([0, *torch.tensor(self.documents).cumsum(0).tolist()], dtype=torch.int32, device=device)
 
 
 # Ceiling of compute-bound cases: an (n x n) @ (n x n) matmul.
@@ -314,9 +321,10 @@ def _eager_fn(case: Case, device: str) -> Callable[..., Tensor]:
 
 def _lmfast_fn(case: Case, backend: str, device: str) -> Callable[..., Tensor]:
     if case.op == "attention":
-        mask = case.document_mask(device)
-        return lambda q, k, v: lmfast.ops.attention(q, k, v, mask, causal=case.causal, dropout_p=case.dropout,
-                                                    softcap=case.softcap or None, backend=backend)
+        cu = case.cu_seqlens(device)  # (packed documents: their boundaries, in place of the others' mask)
+        return lambda q, k, v: lmfast.ops.attention(q, k, v, causal=case.causal, dropout_p=case.dropout,
+                                                    softcap=case.softcap or None, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                                    backend=backend)
     if case.op == "layer_norm":
         return lambda x, weight, bias: lmfast.ops.layer_norm(x, weight, bias, 1e-5, backend=backend)
     if case.op == "rms_norm":

@@ -109,6 +109,20 @@ def attention_keep(q_len: int, k_len: int, causal: bool, window: int | None, dev
     return keep
 
 
+def documents_keep(cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, causal: bool, window: int | None,
+                   device=None) -> Tensor:
+    """(Sq, Sk) boolean mask (True = keep) of packed documents (variable-length attention):
+    document d holds queries [cu_seqlens_q[d], cu_seqlens_q[d + 1]) and keys
+    [cu_seqlens_k[d], cu_seqlens_k[d + 1]); a query sees its own document's keys only, masked
+    inside the document as attention_keep masks a whole sequence (causal bottom-right aligned)."""
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    keep = torch.zeros(cq[-1], ck[-1], dtype=torch.bool, device=device)
+    for q0, q1, k0, k1 in zip(cq[:-1], cq[1:], ck[:-1], ck[1:]):
+        inside = attention_keep(q1 - q0, k1 - k0, causal, window, device)
+        keep[q0:q1, k0:k1] = True if inside is None else inside
+    return keep
+
+
 _M32 = 0xFFFFFFFF
 
 
@@ -153,7 +167,7 @@ def dropout_keep(seed: int, rows: Tensor, keys: Tensor, p: float) -> Tensor:
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None,
               dropout_p: float = 0.0, dropout_seed: int | None = None, sinks: Tensor | None = None,
-              softcap: float | None = None):
+              softcap: float | None = None, cu_seqlens_q: Tensor | None = None, cu_seqlens_k: Tensor | None = None):
     """Scaled dot-product attention, materializing the (Sq, Sk) scores: the oracle.
 
         s = scale * q @ k^T + attn_mask          (boolean mask: s = -inf where False)
@@ -167,11 +181,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     before p @ v (lse is that of s, without dropout).
     sinks (Hq,): attention sinks (gpt-oss), one more score per row, sinks[h], with no value: it
     joins the softmax (and lse) and is dropped before p @ v.
+    cu_seqlens_q, cu_seqlens_k: packed documents in a batch of one (documents_keep, which then
+    applies causal and window inside each document).
     Returns (o in q's dtype, lse (B, Hq, Sq) in float32, or float64 for float64 inputs).
     """
     acc = acc_dtype(q.dtype)
     vf = v.to(acc).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Sk, D)
-    s = _attention_scores(q, k, attn_mask, causal, scale, window, softcap)
+    s = _attention_scores(q, k, attn_mask, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k)
     if sinks is not None:  # (B, Hq, Sq, Sk + 1)
         s = torch.cat([s, sinks.to(acc).view(1, -1, 1, 1).expand(*s.shape[:-1], 1)], -1)
     fully_masked = (s == float("-inf")).all(-1, keepdim=True)  # (B, Hq, Sq, 1); also Sk = 0
@@ -188,7 +204,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     return (p @ vf).to(q.dtype), lse.squeeze(-1)
 
 
-def _attention_scores(q, k, attn_mask, causal, scale, window, softcap) -> Tensor:
+def _attention_scores(q, k, attn_mask, causal, scale, window, softcap, cu_seqlens_q=None, cu_seqlens_k=None) -> Tensor:
     """attention's s (B, Hq, Sq, Sk) in the accumulation dtype, -inf where masked."""
     acc = acc_dtype(q.dtype)
     kf = k.to(acc).repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # (B, Hq, Sk, D)
@@ -197,7 +213,10 @@ def _attention_scores(q, k, attn_mask, causal, scale, window, softcap) -> Tensor
         s = torch.tanh(s / softcap) * softcap
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask.to(acc)
-    keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)
+    if cu_seqlens_q is not None:
+        keep = documents_keep(cu_seqlens_q, cu_seqlens_k, causal, window, q.device)
+    else:
+        keep = attention_keep(q.shape[-2], k.shape[-2], causal, window, q.device)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     return s
@@ -205,12 +224,13 @@ def _attention_scores(q, k, attn_mask, causal, scale, window, softcap) -> Tensor
 
 def attention_row_stats(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
                         causal: bool = False, scale: float | None = None, window: int | None = None,
-                        softcap: float | None = None) -> Tensor:
+                        softcap: float | None = None, cu_seqlens_q: Tensor | None = None,
+                        cu_seqlens_k: Tensor | None = None) -> Tensor:
     """The row stats the attention kernels' forward returns for the backward (csrc/ops.h):
     (2, B, Hq, Sq) in the accumulation dtype, [0] each row's max score m, [1] 1 / l with
     l = sum of exp(s - m); both 0 on a row that sees no key. Arguments as attention's (v unused:
     the signature matches so the error-budget checks can call both alike)."""
-    s = _attention_scores(q, k, attn_mask, causal, scale, window, softcap)
+    s = _attention_scores(q, k, attn_mask, causal, scale, window, softcap, cu_seqlens_q, cu_seqlens_k)
     m = s.amax(-1) if s.shape[-1] > 0 else s.new_full(s.shape[:-1], float("-inf"))  # (B, Hq, Sq)
     seen = m != float("-inf")
     m = torch.where(seen, m, 0.0)

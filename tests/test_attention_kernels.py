@@ -568,6 +568,27 @@ def test_opcheck(ab):
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.0, None, 2.0))
     for v in (ins["v"][..., :12].contiguous(), torch.cat([ins["v"], ins["v"][..., :4]], -1)):  # Dv < D, Dv > D
         torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], v, mask, 0.25, True, 5))
+    docs = _cu_seqlens([4, 5], ab.device), _cu_seqlens([6, 7], ab.device)  # packed documents (a batch of one)
+    one = {n: ins[n][:1] for n in "qkv"}
+    torch.library.opcheck(ns.attention_fwd, (one["q"], one["k"], one["v"], mask[:1], 0.25, True, 5, 0.0, None, 0.0,
+                                             *docs))
+
+
+def test_compile_fullgraph_with_packed_documents(ab):
+    """cu_seqlens are tensor arguments of the kernel ops: traced without a graph break (their
+    values checked at run time), forward and gradients as eager."""
+    torch._dynamo.reset()
+    cq, ck = _cu_seqlens([7, 1, 8], ab.device), _cu_seqlens([9, 3, 12], ab.device)
+
+    def block(q, k, v):
+        return lmfast.ops.attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck,
+                                    backend=ab.name).square().sum()
+
+    ins = _inputs(ab, 1, 4, 2, 16, 24, 32, torch.float32)
+    q, k, v = (ins[n].requires_grad_() for n in "qkv")
+    want = torch.autograd.grad(block(q, k, v), (q, k, v))
+    got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
+    torch.testing.assert_close(got, want)
 
 
 def test_triton_tiles_follow_the_wider_head_dim():
@@ -800,3 +821,116 @@ def test_compile_fullgraph_with_dropout(ab):
     torch.manual_seed(11)
     got = torch.autograd.grad(torch.compile(block, backend="aot_eager", fullgraph=True)(q, k, v), (q, k, v))
     torch.testing.assert_close(got, want)
+
+
+# ---- packed documents (cu_seqlens) ----------------------------------------------------------
+
+def _cu_seqlens(lengths, device):
+    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+
+
+# Documents packed in a batch of one: (query lengths, key lengths, causal, window). Odd lengths,
+# an empty document, a one-token one; on the C++ backends long enough that documents start and
+# end inside and across their tiles (128 / 256 rows and keys); interpreted Triton, its 16-64.
+def _document_cases(interpreted: bool):
+    long = [37, 0, 1, 60, 22] if interpreted else [300, 0, 1, 257, 150]
+    return {
+        "causal": (long, long, True, None),
+        "bidirectional": (long, long, False, None),
+        "causal window": (long, long, True, 7),
+        "keys past the queries": ([3, 10, 1], [40, 10, 70], True, None),  # chunked prefill, bottom-right
+        "queries past the keys": ([12, 5, 9], [4, 5, 0], True, None),    # rows that see nothing: zeros
+        "decoding": ([1, 1, 2], [300, 200, 250], True, None),            # the key-split paths
+    }
+
+
+@pytest.mark.parametrize("case", _document_cases(False))
+def test_packed_documents(case, ab, dtype):
+    """cu_seqlens_q / cu_seqlens_k: each query sees its own document's keys, causal and window
+    inside it; o, lse and the q, k, v gradients within budget (grouped-query heads)."""
+    interpreted = ab.name == "triton" and ab.device == "cpu"
+    lens_q, lens_k, causal, window = _document_cases(interpreted)[case]
+    ins = _inputs(ab, 1, 4, 2, sum(lens_q), sum(lens_k), 32, dtype, causal=causal, window=window)
+    ins.update(cu_seqlens_q=_cu_seqlens(lens_q, ab.device), cu_seqlens_k=_cu_seqlens(lens_k, ab.device))
+    _check(ab, f"documents {case}", ins)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(3, 700), (45, 60)], ids=["decode", "prefill"])
+def test_packed_documents_with_masks_dropout_softcap_and_value_head_dim(Sq, Sk, ab, dtype):
+    """Documents with what else acts on a row: an additive mask (and its gradient), dropout,
+    the softcap and v's own head dim, on the decoding and prefill paths."""
+    lens_q = [1, Sq - 1] if Sq < 10 else [20, 25]
+    lens_k = [Sk - 300, 300] if Sq < 10 else [20, 40]
+    ins = _inputs(ab, 1, 4, 2, Sq, Sk, 24, dtype, causal=True, Dv=40,
+                  mask=torch.randn(1, 4, Sq, Sk, device=ab.device).to(dtype))
+    ins["q"] = ins["q"] * 3  # scores out to a few caps
+    ins.update(softcap=3.0, dropout_p=0.3, dropout_seed=torch.tensor([7], device=ab.device),
+               cu_seqlens_q=_cu_seqlens(lens_q, ab.device), cu_seqlens_k=_cu_seqlens(lens_k, ab.device))
+    check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
+                            _reference_with_seed, ins, grad=("q", "k", "v", "attn_mask"),
+                            name=f"attention {ab.name} documents mask dropout softcap Sq={Sq}")
+
+
+def test_packed_documents_equal_their_block_diagonal_mask(ab):
+    """The same attention as the boolean mask of the documents, which the kernels read (and
+    skip tiles by): one meaning, two ways of saying it. Boolean sinks too (sinks compose)."""
+    lens = [30, 1, 45, 20]
+    S = sum(lens)
+    q, k, v = (torch.randn(1, 4, S, 32, device=ab.device) for _ in range(3))
+    sinks = torch.randn(4, device=ab.device)
+    cu = _cu_seqlens(lens, ab.device)
+    o, lse = lmfast.ops.attention(q, k, v, causal=True, sinks=sinks, cu_seqlens_q=cu, cu_seqlens_k=cu,
+                                  return_lse=True, backend=ab.name)
+    mask = _packed_documents(lens, True).to(ab.device)
+    o_mask, lse_mask = lmfast.ops.attention(q, k, v, mask, causal=True, sinks=sinks, return_lse=True,
+                                            backend=ab.name)
+    torch.testing.assert_close(o, o_mask, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(lse, lse_mask, rtol=2e-6, atol=2e-6)
+
+
+def test_attention_varlen_takes_flash_attentions_layout(ab):
+    """attention_varlen: q (total_q, Hq, D), k and v (total_k, Hkv, D / Dv), as FlashAttention's
+    varlen function; o (total_q, Hq, Dv) contiguous, lse (Hq, total_q); the same numbers as
+    attention on the (1, H, total, D) views."""
+    lens_q, lens_k = [5, 17, 9], [5, 20, 12]
+    q = torch.randn(sum(lens_q), 4, 16, device=ab.device)
+    k = torch.randn(sum(lens_k), 2, 16, device=ab.device)
+    v = torch.randn(sum(lens_k), 2, 8, device=ab.device)
+    cq, ck = _cu_seqlens(lens_q, ab.device), _cu_seqlens(lens_k, ab.device)
+    o, lse = lmfast.ops.attention_varlen(q, k, v, cq, ck, causal=True, return_lse=True, backend=ab.name)
+    assert o.shape == (31, 4, 8) and o.is_contiguous() and lse.shape == (4, 31)
+    views = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
+    o4, lse4 = lmfast.ops.attention(*views, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck, return_lse=True,
+                                    backend=ab.name)
+    assert torch.equal(o, o4[0].transpose(0, 1)) and torch.equal(lse, lse4[0])
+
+
+def test_packed_documents_gradcheck_cpu_float64():
+    lens_q, lens_k = [3, 0, 4], [3, 3, 5]  # (every row sees a key: lse = -inf has no finite difference)
+    q = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 1, 11, 4, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 1, 11, 3, dtype=torch.float64, requires_grad=True)
+    cq, ck = _cu_seqlens(lens_q, "cpu"), _cu_seqlens(lens_k, "cpu")
+    for causal, window in ((False, None), (True, None), (True, 2)):
+        assert torch.autograd.gradcheck(
+            lambda q, k, v: lmfast.ops.attention(q, k, v, causal=causal, window=window, cu_seqlens_q=cq,
+                                                 cu_seqlens_k=ck, return_lse=True, backend="cpu"), (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["kernel", "torch"])
+def test_packed_documents_bad_values(backend, ab):
+    """cu_seqlens values that do not cut the rows into documents: ValueError naming the
+    argument, on the kernel backends and the reference."""
+    if ab.device != "cpu":
+        pytest.skip("on a GPU the values are checked by an asynchronous device assert, which would end this "
+                    "process's CUDA context")
+    name = ab.name if backend == "kernel" else "torch"
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 7, 8)
+    good_q, good_k = torch.tensor([0, 2, 6]), torch.tensor([0, 3, 7])
+    for cq, ck, match in ((torch.tensor([1, 2, 6]), good_k, "cu_seqlens_q must start at 0, got 1"),
+                          (good_q, torch.tensor([0, 5, 3]), "cu_seqlens_k must not decrease, got 5 then 3 at index 2"),
+                          (torch.tensor([0, 2, 5]), good_k, r"cu_seqlens_q must end at Sq = 6 \(every row in a "
+                                                            r"document\), got 5"),
+                          (good_q, torch.tensor([0, 3, 8]), "cu_seqlens_k must end at Sk = 7")):
+        with pytest.raises(ValueError, match=match):
+            lmfast.ops.attention(q, k, k, cu_seqlens_q=cq, cu_seqlens_k=ck, backend=name)

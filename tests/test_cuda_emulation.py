@@ -323,6 +323,36 @@ def test_attention_value_head_dim_other_than_the_querys(emu, dtype, shape, extra
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention {shape} {extras} {dtype}")
 
 
+# Packed documents as cu_seqlens (query lengths, key lengths, causal, window): on the prefill
+# kernel (documents starting inside and across its query blocks and key tiles, one empty,
+# rows that see nothing) and the decode kernel (one query row per document).
+CU_SEQLENS_CASES = {
+    "prefill causal": ([37, 0, 1, 60, 22], [37, 0, 1, 60, 22], True, None),
+    "prefill bidirectional": ([37, 0, 1, 60, 22], [37, 0, 1, 60, 22], False, None),
+    "prefill window, queries past the keys": ([30, 12, 40], [45, 4, 40], True, 9),
+    "decode": ([1, 1, 1], [300, 0, 250], True, None),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CU_SEQLENS_CASES)
+def test_attention_cu_seqlens(emu, dtype, case):
+    """cu_seqlens: each row's band read from the table csrc/documents.h builds, in place of the
+    causal/window arithmetic, wherever the kernels ask for a row's keys."""
+    lens_q, lens_k, causal, window = CU_SEQLENS_CASES[case]
+    cq, ck = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()]) for n in (lens_q, lens_k))
+    inputs = _attention_inputs(1, 4, 2, sum(lens_q), sum(lens_k), 40, dtype, None, strided=True)
+
+    def fn(q, k, v):
+        return tuple(emu.attention_fwd(q, k, v, None, 0.2, causal, window, 0.0, None, 0.0, cq, ck))
+
+    def ref(q, k, v):
+        return _reference_forward(q, k, v, None, causal=causal, scale=0.2, window=window, cu_seqlens_q=cq,
+                                  cu_seqlens_k=ck)
+
+    check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention cu_seqlens {case} {dtype}")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_attention_packed_documents(emu, dtype, causal, thread_order):

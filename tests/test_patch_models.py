@@ -28,14 +28,16 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
 def _spy_attention(monkeypatch) -> list[dict]:
-    """Records each lmfast.ops.attention call: its mask shape, causal, window and (if given) dropout_p
-    and softcap."""
+    """Records each lmfast.ops.attention call: its mask shape, causal, window and (if given) dropout_p,
+    softcap and the packed documents' cu_seqlens_q."""
     calls, attention = [], lmfast.ops.attention
 
     def spy(q, k, v, attn_mask=None, causal=False, scale=None, window=None, **kwargs):
         calls.append({"mask": None if attn_mask is None else tuple(attn_mask.shape), "causal": causal,
                       "window": window, **({"dropout_p": kwargs["dropout_p"]} if kwargs.get("dropout_p") else {}),
-                      **({"softcap": kwargs["softcap"]} if kwargs.get("softcap") is not None else {})})
+                      **({"softcap": kwargs["softcap"]} if kwargs.get("softcap") is not None else {}),
+                      **({"documents": kwargs["cu_seqlens_q"].tolist()} if kwargs.get("cu_seqlens_q") is not None
+                         else {})})
         return attention(q, k, v, attn_mask, causal=causal, scale=scale, window=window, **kwargs)
     monkeypatch.setattr(lmfast.ops, "attention", spy)
     return calls
@@ -487,6 +489,16 @@ def test_mask_structure_is_exact_or_absent():
         return (kv_idx <= q_idx) | (kv_idx < 3)
     prefix = hf._mask(1, 6, 6, mask_function=prefix_lm)
     assert getattr(prefix, "_lmfast_structure", None) is None
+
+    def documents(starts):  # causal documents side by side, as transformers packs them
+        doc = torch.tensor([sum(i >= s for s in starts) for i in range(8)])
+        return lambda batch_idx, head_idx, q_idx, kv_idx: (kv_idx <= q_idx) & (doc[q_idx] == doc[kv_idx])
+    # (transformers passes allow_is_causal_skip=False with packed sequences: the skip does not read the function)
+    packed = hf._mask(1, 8, 8, mask_function=documents([3, 4]), allow_is_causal_skip=False)
+    assert packed._lmfast_structure.documents.tolist() == [0, 3, 4, 8] and packed._lmfast_structure.causal
+    not_quite = hf._mask(1, 8, 8, mask_function=lambda b, h, q, kv: documents([3, 4])(b, h, q, kv) & (kv != 6),
+                         allow_is_causal_skip=False)
+    assert not_quite._lmfast_structure.documents is None and not_quite._lmfast_structure.full_mask
     # an in-place edit voids the noted structure
     bottom_right[0, 0, 0, 0] = True
     s = bottom_right._lmfast_structure
@@ -496,10 +508,10 @@ def test_mask_structure_is_exact_or_absent():
 def test_packed_sequences(monkeypatch):
     """Padding-free batches (transformers' DataCollatorWithFlattening: documents side by side in
     one row, position_ids restarting at each; no cache, as in training): transformers builds a
-    block-diagonal causal mask; lmfast gets it with causal=True (blocks above the diagonal
-    skipped unread, other documents' blocks skipped after reading) and computes what the
-    unpatched model does, logits and gradients. (The documents here are shorter than a kernel
-    tile; test_attention_kernels' test_block_sparse_boolean_masks runs documents that span tiles.)"""
+    block-diagonal causal mask; lmfast's mask function finds the documents in it, and the kernel
+    takes their boundaries (cu_seqlens) in place of the mask, with causal=True, and computes
+    what the unpatched model does, logits and gradients. (The documents here are shorter than a
+    kernel tile; test_attention_kernels' test_packed_documents runs documents that span tiles.)"""
     model = _hf_model("qwen2").train()
     lengths = [5, 9, 2]
     ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(3))
@@ -510,7 +522,7 @@ def test_packed_sequences(monkeypatch):
     lmfast.patch(patched)
     calls = _spy_attention(monkeypatch)
     got = patched(ids, position_ids=position_ids, use_cache=False).logits
-    assert calls and all(c["mask"] == (1, 1, 16, 16) and c["causal"] for c in calls), calls
+    assert calls and all(c["mask"] is None and c["causal"] and c["documents"] == [0, 5, 14, 16] for c in calls), calls
     want = ref64(ids, position_ids=position_ids, use_cache=False).logits
     assert_within_budget(got, want, eager, "packed sequences' logits")
     # each document alone gives the same logits as in the pack

@@ -99,3 +99,31 @@ def test_attention_dropout_bad_inputs(backend):
             dropout_seed=torch.ones(1, dtype=torch.int32), **kw)
     _raises(ValueError, r"dropout_seed must .*one element", at, q, kv, kv, dropout_p=0.5,
             dropout_seed=torch.ones(3, dtype=torch.long), **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_documents_bad_inputs(backend):
+    """cu_seqlens_q / cu_seqlens_k (packed documents): both or neither, int32/int64 of shape
+    (n + 1,) on q's device, one length, q a batch of one (the values: test_attention_kernels)."""
+    q, kv = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 7, 8)
+    at = lmfast.ops.attention
+    cq, ck = torch.tensor([0, 2, 6]), torch.tensor([0, 3, 7])
+    kw = {"backend": backend}
+    _raises(ValueError, "cu_seqlens_q and cu_seqlens_k go together: pass both or neither", at, q, kv, kv,
+            cu_seqlens_q=cq, **kw)
+    _raises(ValueError, "cu_seqlens_q and cu_seqlens_k go together", at, q, kv, kv, cu_seqlens_k=ck, **kw)
+    _raises(TypeError, "cu_seqlens_q must be an int32 or int64 tensor, got torch.float32", at, q, kv, kv,
+            cu_seqlens_q=cq.float(), cu_seqlens_k=ck, **kw)
+    _raises(ValueError, r"cu_seqlens_k must have shape \(n \+ 1,\) for n documents, got shape \(1, 3\)", at, q, kv,
+            kv, cu_seqlens_q=cq, cu_seqlens_k=ck[None], **kw)
+    _raises(ValueError, r"cu_seqlens_q must have shape \(n \+ 1,\) for n documents, got shape \(0,\)", at, q, kv,
+            kv, cu_seqlens_q=cq[:0], cu_seqlens_k=ck, **kw)
+    _raises(ValueError, "cu_seqlens_q is on meta but q is on cpu; both must be on one device", at, q, kv, kv,
+            cu_seqlens_q=cq.to("meta"), cu_seqlens_k=ck, **kw)
+    _raises(ValueError, r"cu_seqlens_q and cu_seqlens_k must have the same length \(n \+ 1 for n documents\), "
+            "got 3 and 2", at, q, kv, kv, cu_seqlens_q=cq, cu_seqlens_k=ck[:2], **kw)
+    _raises(ValueError, "cu_seqlens_q packs documents into one sequence: q must have batch size 1, got 2", at,
+            q.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), kv.expand(2, -1, -1, -1), cu_seqlens_q=cq,
+            cu_seqlens_k=ck, **kw)
+    _raises(TypeError, "cu_seqlens_q must be a torch.Tensor or None, got list", at, q, kv, kv,
+            cu_seqlens_q=[0, 2, 6], cu_seqlens_k=ck, **kw)

@@ -28,7 +28,8 @@
 // AVX512-BF16, whose long-query forward and backward run their products in bfloat16 on
 // oneDNN's brgemm where the head dims are even (see "bfloat16 on brgemm" below). Position masking is
 // bottom-right aligned: query i sits at key position p = i + Sk - Sq; causal keeps keys
-// j <= p, a window w keeps j > p - w; whole tiles outside that band are skipped, and so are
+// j <= p, a window w keeps j > p - w; with packed documents (cu_seqlens), each row's band lies
+// in its document (../documents.h); whole tiles outside the band are skipped, and so are
 // tiles a boolean mask drops whole (mask_drops_tile). A row with every key masked gives o = 0
 // and lse = -inf.
 #include "vec.h"  // first: selects the vector ISA
@@ -46,6 +47,7 @@
 #include <optional>
 #include <vector>
 
+#include "../documents.h"
 #include "../dropout_hash.h"
 #include "../ops.h"
 
@@ -70,17 +72,30 @@ struct Rows {
   int64_t at(int64_t bi, int64_t hi, int64_t si) const { return bi * b + hi * h + si * s; }
 };
 
-// The contiguous range [lo, hi) of keys that causal/window masking lets query i see, and the
-// cap on the scores inside it (prepare_row applies both).
+// The contiguous range [lo, hi) of keys that causal/window masking (and packed documents) lets
+// query i see, and the cap on the scores inside it (prepare_row applies both).
 struct KeyBand {
   bool causal;
   int64_t window;  // 0: none
   int64_t offset;  // Sk - Sq: key position of query 0
   int64_t Sk;
   double softcap;  // > 0: scores become softcap * tanh(s / softcap) before the mask; 0: none
+  // Packed documents (../documents.h): each row's [lo, hi), with causal and window applied in
+  // its document; (2, Sq) int32 (B = 1), or undefined.
+  Tensor documents;
+  const int32_t* doc_lo = nullptr;
+  const int32_t* doc_hi = nullptr;
 
-  int64_t lo(int64_t i) const { return window > 0 ? std::max<int64_t>(0, i + offset - window + 1) : 0; }
-  int64_t hi(int64_t i) const { return causal ? std::clamp<int64_t>(i + offset + 1, 0, Sk) : Sk; }
+  int64_t lo(int64_t i) const {
+    if (doc_lo != nullptr) return doc_lo[i];
+    return window > 0 ? std::max<int64_t>(0, i + offset - window + 1) : 0;
+  }
+  int64_t hi(int64_t i) const {
+    if (doc_hi != nullptr) return doc_hi[i];
+    return causal ? std::clamp<int64_t>(i + offset + 1, 0, Sk) : Sk;
+  }
+  // Whether some query sees fewer than all keys: then a block of queries skips key tiles.
+  bool banded() const { return causal || window > 0 || doc_lo != nullptr; }
   // Whether tile [j0, j1) holds any key some query in [i0, i1) may see.
   bool tile_visible(int64_t i0, int64_t i1, int64_t j0, int64_t j1) const {
     return j0 < hi(i1 - 1) && j1 > lo(i0);
@@ -791,7 +806,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     // thread count, so results are the same bits for any torch.set_num_threads.
     const int64_t block_q = g.B * g.Hq * ((g.Sq + 255) / 256) >= kTasksFor256 ? 256 : kBlockQ;
     const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
-    const int64_t block_k = band.causal || band.window > 0 ? block_q : 2 * block_q;
+    const int64_t block_k = band.banded() ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (use_bf16_brgemm(g)) {
         // Square tiles (256 x 256 where there are enough tasks) measured best on AMX, causal or
@@ -1469,10 +1484,25 @@ void check_mask(const std::optional<Tensor>& mask, const Tensor& q, const Geomet
               "lmfast_C: mask must be bool or have q's dtype");
 }
 
-KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window, double softcap) {
+KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window, double softcap,
+                 const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k) {
   TORCH_CHECK(!window.has_value() || *window >= 1, "lmfast_C: window must be >= 1");
   TORCH_CHECK(softcap >= 0 && std::isfinite(softcap), "lmfast_C: softcap must be finite and >= 0 (0: none)");
-  return KeyBand{causal, window.value_or(0), g.Sk - g.Sq, g.Sk, softcap};
+  KeyBand band{causal, window.value_or(0), g.Sk - g.Sq, g.Sk, softcap};
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(),
+              "lmfast_C: cu_seqlens_q and cu_seqlens_k go together");
+  if (cu_seqlens_q.has_value()) {
+    for (const Tensor* t : {&*cu_seqlens_q, &*cu_seqlens_k})
+      TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->numel() >= 1 &&
+                      (t->scalar_type() == at::kInt || t->scalar_type() == at::kLong),
+                  "lmfast_C: cu_seqlens_q and cu_seqlens_k must be (n + 1,) int32/int64 CPU tensors");
+    TORCH_CHECK(cu_seqlens_q->numel() == cu_seqlens_k->numel() && g.B == 1,
+                "lmfast_C: cu_seqlens_q and cu_seqlens_k must have one length, and q a batch size of 1");
+    band.documents = documents::key_bands(*cu_seqlens_q, *cu_seqlens_k, g.Sq, g.Sk, causal, window).contiguous();
+    band.doc_lo = band.documents.const_data_ptr<int32_t>();
+    band.doc_hi = band.doc_lo + g.Sq;
+  }
+  return band;
 }
 
 // Runs fn<mask_t>() with mask_t = bool or scalar_t as the mask's dtype says.
@@ -1509,10 +1539,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
                                                  const std::optional<Tensor>& mask, double scale,
                                                  bool causal, std::optional<int64_t> window,
                                                  double dropout_p,
-                                                 const std::optional<Tensor>& dropout_seed, double softcap) {
+                                                 const std::optional<Tensor>& dropout_seed, double softcap,
+                                                 const std::optional<Tensor>& cu_seqlens_q,
+                                                 const std::optional<Tensor>& cu_seqlens_k) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/false);
   check_mask(mask, q, g);
-  const KeyBand band = key_band(g, causal, window, softcap);
+  const KeyBand band = key_band(g, causal, window, softcap, cu_seqlens_q, cu_seqlens_k);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   // (B, Sq, Hq, Dv) memory seen as (B, Hq, Sq, Dv): o.transpose(1, 2) is contiguous.
   Tensor o = at::empty({g.B, g.Sq, g.Hq, g.Dv}, q.options()).transpose(1, 2);
@@ -1536,7 +1568,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& o,
     const Tensor& row_stats, const std::optional<Tensor>& dlse, const std::optional<Tensor>& mask,
     double scale, bool causal, std::optional<int64_t> window, bool mask_grad, double dropout_p,
-    const std::optional<Tensor>& dropout_seed, double softcap) {
+    const std::optional<Tensor>& dropout_seed, double softcap, const std::optional<Tensor>& cu_seqlens_q,
+    const std::optional<Tensor>& cu_seqlens_k) {
   const Geometry g = geometry(q, k, v, /*contiguous=*/true);
   const Dropout drop = dropout_of(dropout_p, dropout_seed);
   check_mask(mask, q, g);
@@ -1551,7 +1584,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
   TORCH_CHECK(!dlse.has_value() || (dlse->numel() == g.B * g.Hq * g.Sq && dlse->is_contiguous() &&
                                     dlse->scalar_type() == acc_type),
               "lmfast_C: dlse must be a contiguous (B, Hq, Sq) tensor in the accumulation dtype");
-  const KeyBand band = key_band(g, causal, window, softcap);
+  const KeyBand band = key_band(g, causal, window, softcap, cu_seqlens_q, cu_seqlens_k);
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   Tensor dmask = mask_grad ? at::zeros({g.B, g.Hq, g.Sq, g.Sk}, q.options()) : at::empty({0}, q.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_bwd", [&] {

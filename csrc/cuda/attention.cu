@@ -2,6 +2,7 @@
 //
 //   s = scale * q k^T + mask   (boolean mask: -inf where False; -inf outside the key band:
 //                               causal keeps keys j <= i + Sk - Sq, a window w keeps j > i + Sk - Sq - w;
+//                               packed documents: each row's band inside its document, ../documents.h;
 //                               a softcap c > 0 takes c tanh(scale * q k^T / c) before the mask)
 //   o = softmax(s) v,  lse = logsumexp(s);  a row with every key masked gives o = 0, lse = -inf
 //   dropout: the entries of softmax(s) that ../dropout_hash.h drops weigh 0 in o, the rest are
@@ -35,6 +36,7 @@
 
 #include <atomic>
 
+#include "../documents.h"
 #include "../dropout_hash.h"
 #include "device.cuh"
 #include "launch.h"
@@ -63,6 +65,8 @@ struct AttnParams {
   float softcap;  // > 0: s = softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
   bool causal;
   int window;  // 0: none
+  // packed documents (../documents.h): (2, Sq) int32, each row's [lo, hi) keys, or nullptr
+  const int* doc_bands;
   // dropout (dropout_seed == nullptr: none): an int64 seed in device memory, the threshold
   // below which an entry's hash drops it, and 1 / (1 - dropout_p)
   const int64_t* dropout_seed;
@@ -83,9 +87,11 @@ __device__ __forceinline__ bool kept(const AttnParams& p, uint32_t rk, int j) {
 
 // The keys query row i may see, [lo, hi) (causal/window band, as KeyBand in the CPU kernels).
 __device__ __forceinline__ int band_lo(const AttnParams& p, int i) {
+  if (p.doc_bands != nullptr) return p.doc_bands[i];
   return p.window > 0 ? max(0, i + p.Sk - p.Sq - p.window + 1) : 0;
 }
 __device__ __forceinline__ int band_hi(const AttnParams& p, int i) {
+  if (p.doc_bands != nullptr) return p.doc_bands[p.Sq + i];
   return p.causal ? min(max(i + p.Sk - p.Sq + 1, 0), p.Sk) : p.Sk;
 }
 
@@ -550,8 +556,13 @@ constexpr int kDecodeMaxRows = 4;
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const std::optional<Tensor>& mask, double scale, bool causal,
                                                  std::optional<int64_t> window, double dropout_p,
-                                                 const std::optional<Tensor>& dropout_seed, double softcap) {
-  check_cuda_contiguous("attention_fwd", {&q, &k, &v, mask ? &*mask : nullptr}, /*need_contiguous=*/false);
+                                                 const std::optional<Tensor>& dropout_seed, double softcap,
+                                                 const std::optional<Tensor>& cu_seqlens_q,
+                                                 const std::optional<Tensor>& cu_seqlens_k) {
+  check_cuda_contiguous("attention_fwd",
+                        {&q, &k, &v, mask ? &*mask : nullptr, cu_seqlens_q ? &*cu_seqlens_q : nullptr,
+                         cu_seqlens_k ? &*cu_seqlens_k : nullptr},
+                        /*need_contiguous=*/false);
   TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "lmfast_C::attention_fwd (cuda): dropout_p must be in [0, 1)");
   TORCH_CHECK(dropout_p == 0 || (dropout_seed && dropout_seed->device() == q.device() &&
                                  dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1),
@@ -573,6 +584,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
   Tensor row_stats = at::empty({2, B, Hq, Sq}, q.options().dtype(at::kFloat));
   if (B * Hq * Sq == 0) return {o, lse, row_stats};
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value() && (!cu_seqlens_q || B == 1),
+              "lmfast_C::attention_fwd (cuda): cu_seqlens_q and cu_seqlens_k go together, with a batch size of 1");
+  Tensor doc_bands;  // (2, Sq) int32 on q's device (checks the values with a device assert)
+  if (cu_seqlens_q)
+    doc_bands = documents::key_bands(*cu_seqlens_q, *cu_seqlens_k, Sq, Sk, causal, window).contiguous();
   if (Sk == 0) {  // no keys: every row is fully masked
     o.zero_();
     lse.fill_(-INFINITY);
@@ -606,6 +622,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   p.softcap = float(softcap);
   p.causal = causal;
   p.window = window.has_value() ? int(std::min<int64_t>(*window, Sk + 1)) : 0;  // (>= Sk + 1: no limit)
+  p.doc_bands = doc_bands.defined() ? doc_bands.const_data_ptr<int>() : nullptr;
   p.dropout_seed = dropout_p > 0 ? dropout_seed->const_data_ptr<int64_t>() : nullptr;
   p.drop_threshold = dropout::keep_threshold(dropout_p);
   p.keep_scale = float(1.0 / (1.0 - dropout_p));

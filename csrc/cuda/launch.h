@@ -36,7 +36,9 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const std::optional<Tensor>& mask, double scale, bool causal,
                                                  std::optional<int64_t> window, double dropout_p,
-                                                 const std::optional<Tensor>& dropout_seed, double softcap);
+                                                 const std::optional<Tensor>& dropout_seed, double softcap,
+                                                 const std::optional<Tensor>& cu_seqlens_q = std::nullopt,
+                                                 const std::optional<Tensor>& cu_seqlens_k = std::nullopt);
 
 // The launch-level contract (the public ops checked the user's input): CUDA tensors on one
 // device, contiguous unless the op says otherwise. null entries are absent optionals.

@@ -14,8 +14,11 @@ so the kernel skips blocks outside the band instead of reading (Sq x Sk) mask va
 check is exact, not a guess from arguments: a prefill into a static cache (top-left causal),
 chunked attention or a prefix-LM mask fails it and the full mask is used. A full mask that
 keeps nothing above the causal diagonal (packed sequences: documents side by side, each
-causal) goes with causal=True, so the kernel skips the blocks above the diagonal unread, and
-the blocks below it that the mask drops whole (other documents' keys) after reading them.
+causal) in a batch of one is checked for that exact structure, and the kernel then takes the
+documents' boundaries (cu_seqlens) in place of the mask: it reads no mask and skips other
+documents' blocks unread. Any other full mask that keeps nothing above the causal diagonal goes
+with causal=True, so the kernel skips the blocks above the diagonal unread, and the blocks below
+it that the mask drops whole after reading them.
 Where the mask is no mask or plain causal and Sq = 1 or Sq = Sk, no mask is built at all
 (None, as for SDPA).
 """
@@ -47,6 +50,8 @@ class MaskStructure(NamedTuple):
     padding: torch.Tensor | None   # (B, 1, 1, Sk) bool, or None if no key is padding
     full_mask: bool = False        # the kernel reads the mask itself, with causal=True (no padding:
     #                                not a reference to the mask, which holds this note)
+    documents: torch.Tensor | None = None  # packed sequences, each causal: their cu_seqlens (int32, a
+    #                                        batch of one), which the kernel takes in place of the mask
 
 
 def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -68,7 +73,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
             _say_unknown_once(type(module).__name__, name)
             return _eager_attention(module, query, key, value, attention_mask, dropout, scaling, is_causal,
                                     **kwargs)
-    causal, window = False, None
+    causal, window, documents = False, None, None
     if attention_mask is None:  # from _mask: exactly bottom-right causal, or no mask
         causal = _is_causal(module, is_causal)
     elif not torch.compiler.is_compiling():
@@ -76,7 +81,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
         # takes the mask as it is: the note and the tensor's _version are host-side state)
         structure = attention_mask.__dict__.get(_STRUCTURE_ATTR)
         if structure is not None and structure.version == attention_mask._version:
-            causal, window = structure.causal, structure.window
+            causal, window, documents = structure.causal, structure.window, structure.documents
             attention_mask = attention_mask if structure.full_mask else structure.padding
     if kwargs.get("position_bias") is not None:  # T5's relative position bias, (1 or B, Hq, Sq, Sk)
         attention_mask = _with_position_bias(kwargs["position_bias"], attention_mask)
@@ -87,7 +92,7 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     out = ops.attention(query, key, value, attention_mask, causal=causal and query.shape[2] > 1, scale=scaling,
                         window=window, dropout_p=dropout if dropout and module.training else 0.0,
                         sinks=kwargs.get("s_aux"), softcap=kwargs.get("softcap"),  # gpt-oss's sinks, Gemma 2's cap
-                        backend=backend)
+                        cu_seqlens_q=documents, cu_seqlens_k=documents, backend=backend)
     return out.transpose(1, 2).contiguous(), None  # (B, Sq, Hq, Dv) (no copy: the kernels write o so)
 
 
@@ -235,10 +240,33 @@ def _structure(mask: torch.Tensor, attention_mask: torch.Tensor | None, kv_lengt
             if padding is not None and bool(padding.all()):
                 padding = None
             return MaskStructure(mask._version, causal, win, padding)
+    documents = _packed_documents(mask, padding, kv_offset, window)
+    if documents is not None:
+        return MaskStructure(mask._version, True, window, None, documents=documents)
     causal_band = reference.attention_keep(q_length, kv_length, True, None, mask.device)  # (Sq, Sk)
     if window is None and q_length > 1 and not bool((mask & ~causal_band).any()):
-        return MaskStructure(mask._version, True, None, None, full_mask=True)  # e.g. packed sequences
+        return MaskStructure(mask._version, True, None, None, full_mask=True)
     return None
+
+
+def _packed_documents(mask: torch.Tensor, padding: torch.Tensor | None, kv_offset: int,
+                      window: int | None) -> torch.Tensor | None:
+    """The cu_seqlens (int32) of the documents that `mask` (1, 1, S, S) packs, each causal (and
+    windowed, as the model asks) and unpadded, as transformers builds them from position ids that
+    restart at 0; None if the mask is anything else. Each row's first kept key is its
+    document's first token; the documents are then rebuilt from those and compared, exactly."""
+    batch, _, q_length, kv_length = mask.shape
+    if batch != 1 or q_length != kv_length or q_length < 2 or kv_offset != 0 or (
+            padding is not None and not bool(padding.all())):
+        return None
+    rows = mask[0, 0]
+    first = rows.int().argmax(-1)  # (S,) each row's first kept key (0 where none)
+    i = torch.arange(q_length, device=mask.device)
+    cu = torch.cat([torch.nonzero(first == i).flatten(), i.new_tensor([q_length])]).to(torch.int32)
+    if cu[0] != 0 or cu.numel() < 3:  # (one document: plain causal, matched before)
+        return None
+    expected = reference.documents_keep(cu, cu, True, window, mask.device)
+    return cu if torch.equal(rows, expected) else None
 
 
 @functools.cache

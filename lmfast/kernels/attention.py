@@ -133,27 +133,39 @@ def _dropout_keep(SEED, rows, cols, threshold):
 
 
 @triton.jit
-def _band_keep(rows, cols, Sq, Sk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _doc_band(rows, Sq, BANDS):
+    """Packed documents: each row's visible keys [lo, hi) from BANDS (empty past Sq)."""
+    ok = rows < Sq
+    return tl.load(BANDS + rows, mask=ok, other=0), tl.load(BANDS + Sq + rows, mask=ok, other=0)
+
+
+@triton.jit
+def _band_keep(rows, cols, Sq, Sk, window, BANDS, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr):
     """(rows x cols) True where query `rows` may see key `cols`: both in range, and in the
-    query's causal/window band (bottom-right aligned: query i sits at key position i + Sk - Sq)."""
+    query's causal/window band (bottom-right aligned: query i sits at key position i + Sk - Sq),
+    or under DOCS its band in its document, read from BANDS (_document_bands)."""
     keep = (rows[:, None] < Sq) & (cols[None, :] < Sk)
-    pos = rows[:, None] + (Sk - Sq)  # key position of each query
-    if CAUSAL:
-        keep = keep & (cols[None, :] <= pos)
-    if WINDOW:
-        keep = keep & (cols[None, :] > pos - window)
+    if DOCS:
+        lo, hi = _doc_band(rows, Sq, BANDS)
+        keep = keep & (cols[None, :] >= lo[:, None]) & (cols[None, :] < hi[:, None])
+    else:
+        pos = rows[:, None] + (Sk - Sq)  # key position of each query
+        if CAUSAL:
+            keep = keep & (cols[None, :] <= pos)
+        if WINDOW:
+            keep = keep & (cols[None, :] > pos - window)
     return keep
 
 
 @triton.jit
-def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, BANDS,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr,
                    BOOL_MASK: tl.constexpr):
     """s (rows x cols tile, already scaled) plus the mask, -inf where masked or out of range.
 
     rows, cols: query and key indices of the tile; MASK points at the mask of the tile's
     (b, h) (or per row, when it is a 2-D pointer block of row bases)."""
-    keep = _band_keep(rows, cols, Sq, Sk, window, CAUSAL, WINDOW)
+    keep = _band_keep(rows, cols, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS)
     if HAS_MASK:
         m = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk, mask=keep, other=0)
         if BOOL_MASK:
@@ -164,41 +176,51 @@ def _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window,
 
 
 @triton.jit
-def _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, BANDS, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               DOCS: tl.constexpr):
     """Whether a boolean mask keeps any key of the tile for any of its rows, within their band.
     A tile it drops whole (another document's keys in packed sequences, a padded stretch) is
     skipped: its scores would all be -inf, whatever q and k hold, so skipping changes no bit.
     (Additive masks never skip: -inf + NaN must stay NaN.)"""
-    keep = _band_keep(rows, cols, Sq, Sk, window, CAUSAL, WINDOW)
+    keep = _band_keep(rows, cols, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS)
     m = tl.load(MASK + rows[:, None] * smq + cols[None, :] * smk, mask=keep, other=0)
     return tl.max(tl.max((keep & (m != 0)).to(tl.int32), axis=1), axis=0) > 0
 
 
 @triton.jit
-def _key_range(row_lo, row_hi, Sq, Sk, window, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
-    """[lo, hi): the keys some query in rows [row_lo, row_hi) may see, lo a multiple of BLOCK_N."""
+def _key_range(row_lo, row_hi, Sq, Sk, window, BANDS, BLOCK_N: tl.constexpr,
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr):
+    """[lo, hi): the keys some query in rows [row_lo, row_hi) (row_hi > row_lo) may see, lo a
+    multiple of BLOCK_N. (Under DOCS too, both ends of a row's band grow with the row.)"""
     lo = 0
     hi = Sk
-    if CAUSAL:
-        hi = tl.maximum(tl.minimum(Sk, row_hi - 1 + (Sk - Sq) + 1), 0)
-    if WINDOW:
-        lo = tl.maximum(0, row_lo + (Sk - Sq) - window + 1)
+    if DOCS:
+        lo = tl.load(BANDS + row_lo)
         lo = (lo // BLOCK_N) * BLOCK_N
+        hi = tl.load(BANDS + Sq + row_hi - 1)
+    else:
+        if CAUSAL:
+            hi = tl.maximum(tl.minimum(Sk, row_hi - 1 + (Sk - Sq) + 1), 0)
+        if WINDOW:
+            lo = tl.maximum(0, row_lo + (Sk - Sq) - window + 1)
+            lo = (lo // BLOCK_N) * BLOCK_N
     return lo, hi
 
 
 @triton.jit
-def _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N: tl.constexpr,
-                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+def _single_block_rows(rows, start_n, Sq, Sk, window, BANDS, BLOCK_N: tl.constexpr,
+                       CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr):
     """Whether every key each row may see lies in keys [start_n, start_n + BLOCK_N)."""
-    pos = rows + (Sk - Sq)
-    hi = tl.zeros_like(rows) + Sk
-    lo = tl.zeros_like(rows)
-    if CAUSAL:
-        hi = tl.minimum(pos + 1, Sk)
-    if WINDOW:
-        lo = tl.maximum(pos - window + 1, 0)
+    if DOCS:
+        lo, hi = _doc_band(rows, Sq, BANDS)
+    else:
+        pos = rows + (Sk - Sq)
+        hi = tl.zeros_like(rows) + Sk
+        lo = tl.zeros_like(rows)
+        if CAUSAL:
+            hi = tl.minimum(pos + 1, Sk)
+        if WINDOW:
+            lo = tl.maximum(pos - window + 1, 0)
     return (lo >= start_n) & (hi <= start_n + BLOCK_N)
 
 
@@ -215,8 +237,9 @@ def _attn_fwd_kernel(
     Hq, Hkv, Sq, Sk, D, Dv,
     scale, softcap, window,  # softcap: the logit cap c                                  [SOFTCAP]
     SEED, threshold, keep_scale,  # dropout: int64 seed, floor(p * 2^32), 1 / (1 - p)   [DROPOUT]
+    BANDS,          # packed documents: int32 row bands (2, Sq), then key bands (2, Sk) (_document_bands) [DOCS]
     Q_BUCKET, K_BUCKET,  # powers of two of Sq, Sk: autotuning keys only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -246,17 +269,19 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)  # running row max
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)          # running sum of exp(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp(s - m_i) v
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW,
+                        DOCS)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kept = True
         if HAS_MASK and BOOL_MASK:
-            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS)
         if kept:  # (a tile the mask drops whole changes nothing: skipped)
             key_ok = cols[None, :] < Sk
             kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=key_ok & (dims[:, None] < D), other=0.0)  # (D, N)
             s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
-            s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+            s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS, HAS_MASK,
+                               BOOL_MASK)
             m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
             m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)  # rows with nothing visible yet: p = 0
             p = tl.exp(s - m_ref[:, None])
@@ -297,9 +322,9 @@ def _attn_fwd_split_kernel(
     M_PART, L_PART,  # (splits, B * Hq * Sq) float32: row max m and sum of exp(s - m)
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D, Dv,
-    scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale, BANDS,  # as _attn_fwd_kernel
     keys_per_split, rows_total,  # rows_total = B * Hq * Sq
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
@@ -329,19 +354,21 @@ def _attn_fwd_split_kernel(
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    lo, hi = _key_range(0, Sq, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    lo, hi = _key_range(0, Sq, Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW, DOCS)
     lo = tl.maximum(lo, split * keys_per_split)
     hi = tl.minimum(hi, (split + 1) * keys_per_split)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kept = True
         if HAS_MASK and BOOL_MASK:  # (keys past the split's end read as its last one)
-            kept = _tile_kept(i, tl.minimum(cols, hi - 1), MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+            kept = _tile_kept(i, tl.minimum(cols, hi - 1), MASK_ROWS, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW,
+                               DOCS)
         if kept:  # (a tile the mask drops whole changes nothing: skipped)
             in_split = cols < hi
             kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=in_split[None, :] & (dims[:, None] < D), other=0.0)
             s = _scores(q, kT, scale, softcap, SOFTCAP, UPCAST, PRECISION)
-            s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+            s = _masked_scores(s, i, cols, MASK_ROWS, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS,
+                               HAS_MASK, BOOL_MASK)
             s = tl.where(in_split[None, :], s, NEG_INF)
             m_new = _maximum_nan(m_i, _max_nan(s, 1, INTERPRETED))
             m_ref = tl.where(m_new == NEG_INF, 0.0, m_new)
@@ -407,8 +434,8 @@ def _attn_bwd_delta_kernel(
 
 @triton.jit
 def _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n,
-                  MASK, smq, smk, Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, row0,
-                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr,
+                  MASK, smq, smk, Sq, Sk, window, BANDS, scale, softcap, SEED, threshold, keep_scale, row0,
+                  CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr,
                   BOOL_MASK: tl.constexpr, DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr,
                   UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """p = exp(s - m) / l and ds = p ((dp - delta) + dlse) of one (query block, key block) tile
@@ -421,7 +448,8 @@ def _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n,
     if SOFTCAP:
         t = s / softcap  # tanh(scale q k^T / c)
         cap_grad = (1.0 - t) * (1.0 + t)
-    s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW, HAS_MASK, BOOL_MASK)
+    s = _masked_scores(s, rows, cols, MASK, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS, HAS_MASK,
+                               BOOL_MASK)
     # m is 0 on fully masked rows, whose s are all -inf. s - m <= 0 in exact arithmetic, but
     # this s is recomputed apart from the forward's: at |s| ~ 1e29 their roundings differ by
     # ~1e22 and exp(+1e22) = inf made the row's gradients NaN (csrc/cpu/attention.cpp: exp_row)
@@ -431,7 +459,7 @@ def _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n,
     if DROPOUT:  # dp of the dropped p
         keep = _dropout_keep(SEED, row0 + rows, cols, threshold)
         dp = tl.where(keep, dp * keep_scale, 0.0)
-    single = _single_block_rows(rows, start_n, Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    single = _single_block_rows(rows, start_n, Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW, DOCS)
     if tl.max(single.to(tl.int32), axis=0) > 0:
         # p of such a row is renormalized to sum to 1, as an unfused softmax's is: s recomputed
         # here may differ from the forward's by an ulp (another product shape, another
@@ -475,9 +503,9 @@ def _attn_bwd_dq_kernel(
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D, Dv,
-    scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale, BANDS,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -509,21 +537,22 @@ def _attn_bwd_dq_kernel(
     m, inv_l, delta, dlse = _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BLOCK_N, CAUSAL, WINDOW)
+    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW,
+                        DOCS)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kept = True
         if HAS_MASK and BOOL_MASK:
-            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+            kept = _tile_kept(rows, cols, MASK, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS)
         if kept:  # (a tile the mask drops whole adds nothing: skipped; no mask gradient with a boolean mask)
             kT = tl.load(K + cols[None, :] * D + dims[:, None], mask=(cols[None, :] < Sk) & (dims[:, None] < D),
                          other=0.0)  # (D, N)
             vT = tl.load(V + cols[None, :] * Dv + vdims[:, None], mask=(cols[None, :] < Sk) & (vdims[:, None] < Dv),
                          other=0.0)  # (Dv, N)
             p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK, smq, smk,
-                                          Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
-                                          CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
-                                          PRECISION)
+                                          Sq, Sk, window, BANDS, scale, softcap, SEED, threshold, keep_scale,
+                                          bh * Sq, CAUSAL, WINDOW, DOCS, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP,
+                                          BLOCK_N, UPCAST, PRECISION)
             if MASK_GRAD:  # d loss / d (additive mask) = ds
                 tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :],
                          round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
@@ -538,9 +567,9 @@ def _attn_bwd_dkdv_kernel(
     DK, DV,         # (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D, Dv,
-    scale, softcap, window, SEED, threshold, keep_scale,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale, BANDS,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
@@ -565,14 +594,19 @@ def _attn_bwd_dkdv_kernel(
     vT = tl.trans(v)
 
     # Queries that may see keys [start_n, start_n + BLOCK_N): causal needs i + Sk - Sq >= j,
-    # a window needs i + Sk - Sq < j + w.
+    # a window needs i + Sk - Sq < j + w; under DOCS, the key bands say (both ends grow with j).
     q_lo = 0
     q_hi = Sq
-    if CAUSAL:
-        q_lo = tl.maximum(0, start_n - (Sk - Sq))
+    if DOCS:
+        q_lo = tl.load(BANDS + 2 * Sq + start_n)
         q_lo = (q_lo // BLOCK_M) * BLOCK_M
-    if WINDOW:
-        q_hi = tl.minimum(Sq, start_n + BLOCK_N - 1 - (Sk - Sq) + window)
+        q_hi = tl.load(BANDS + 2 * Sq + Sk + tl.minimum(start_n + BLOCK_N, Sk) - 1)
+    else:
+        if CAUSAL:
+            q_lo = tl.maximum(0, start_n - (Sk - Sq))
+            q_lo = (q_lo // BLOCK_M) * BLOCK_M
+        if WINDOW:
+            q_hi = tl.minimum(Sq, start_n + BLOCK_N - 1 - (Sk - Sq) + window)
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -584,7 +618,7 @@ def _attn_bwd_dkdv_kernel(
             rows = start_m + tl.arange(0, BLOCK_M)
             kept = True
             if HAS_MASK and BOOL_MASK:
-                kept = _tile_kept(rows, cols, MASK_H, smq, smk, Sq, Sk, window, CAUSAL, WINDOW)
+                kept = _tile_kept(rows, cols, MASK_H, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS)
             if kept:  # (a tile the mask drops whole adds nothing: skipped)
                 q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :],
                             mask=(rows[:, None] < Sq) & (dims[None, :] < D), other=0.0)
@@ -594,9 +628,9 @@ def _attn_bwd_dkdv_kernel(
                                                         DLSE + bh * Sq, rows, Sq, HAS_DLSE)
                 p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK_H,
                                               smq, smk,
-                                              Sq, Sk, window, scale, softcap, SEED, threshold, keep_scale, bh * Sq,
-                                              CAUSAL, WINDOW, HAS_MASK, BOOL_MASK, DROPOUT, SOFTCAP, BLOCK_N, UPCAST,
-                                              PRECISION)
+                                              Sq, Sk, window, BANDS, scale, softcap, SEED, threshold,
+                                              keep_scale, bh * Sq, CAUSAL, WINDOW, DOCS, HAS_MASK, BOOL_MASK,
+                                              DROPOUT, SOFTCAP, BLOCK_N, UPCAST, PRECISION)
                 dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
                 dk += _dot(tl.trans(round_to(ds_raw, q.dtype, INTERPRETED)), q, UPCAST, PRECISION)
     tl.store(DK + cols[:, None] * D + dims[None, :], round_to(dk * scale, DK.dtype.element_ty, INTERPRETED), mask=k_ok)
@@ -663,8 +697,8 @@ def _tuned(kernel, table):
         wanted = table[_tile_bucket({**kwargs, **named_args})]
         return [c for c in configs if any(c is w for w in wanted)]
 
-    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW", "HAS_MASK",
-                                         "DROPOUT"],
+    return triton.autotune(configs, key=["Q_BUCKET", "K_BUCKET", "BLOCK_D", "BLOCK_DV", "CAUSAL", "WINDOW", "DOCS",
+                                         "HAS_MASK", "DROPOUT"],
                            prune_configs_by={"early_config_prune": prune})(kernel)
 
 
@@ -674,8 +708,9 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _common_flags(q: torch.Tensor, v: torch.Tensor, mask, causal: bool, window, dropout_p: float, softcap: float):
-    return dict(CAUSAL=causal, WINDOW=window is not None, HAS_MASK=mask is not None,
+def _common_flags(q: torch.Tensor, v: torch.Tensor, mask, causal: bool, window, dropout_p: float, softcap: float,
+                  docs: bool = False):
+    return dict(CAUSAL=causal, WINDOW=window is not None, DOCS=docs, HAS_MASK=mask is not None,
                 BOOL_MASK=mask is not None and mask.dtype == torch.bool, DROPOUT=dropout_p > 0, SOFTCAP=softcap > 0,
                 BLOCK_D=head_dim_block(q.shape[-1]), BLOCK_DV=head_dim_block(v.shape[-1]),
                 UPCAST=_common.interpreted() and q.dtype == torch.bfloat16, PRECISION=_precision(q.dtype))
@@ -686,6 +721,31 @@ def _dropout_args(dropout_p: float, seed, like):
     if dropout_p == 0:
         return like, 0, 1.0
     return seed, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
+
+
+def _document_bands(cu_q, cu_k, Sq: int, Sk: int, causal: bool, window) -> torch.Tensor:
+    """Packed documents as the kernels read them (DOCS): int32 (2 Sq + 2 Sk,) on cu_q's device,
+    [0, Sq) and [Sq, 2 Sq) each query row's visible keys [lo, hi), exactly as csrc/documents.h's
+    key_bands (the CPU and CUDA C++ kernels' table), then per key the queries that see it,
+    [first, end): both ends of the row bands grow with the row, so those queries are the rows
+    with hi > j (from the first such) and lo <= j (up to the first row with lo > j). The values
+    are the op layer's check (lmfast.ops._checks.document_values)."""
+    cq, ck = cu_q.long(), cu_k.long()
+    n = cq.numel() - 1
+    i = torch.arange(Sq, device=cq.device)
+    doc = torch.searchsorted(cq[1:], i, right=True).clamp(0, max(n - 1, 0))  # each row's document
+    lo, hi = ck[doc], ck[doc + 1]  # (with Sq = 0: empty, as i)
+    pos = i + hi - cq[doc + 1]  # key position of each query in its document
+    if window is not None:
+        lo = torch.maximum(lo, pos - (window - 1))
+    if causal:
+        hi = torch.minimum(hi, pos + 1)
+    lo = lo.clamp(0, Sk)  # (on a GPU, values the assert rejects are still read first)
+    hi = torch.maximum(hi.clamp(0, Sk), lo)
+    j = torch.arange(Sk, device=cq.device)
+    first = torch.searchsorted(hi, j, right=True)  # first row with hi > j
+    end = torch.searchsorted(lo, j, right=True)    # first row with lo > j
+    return torch.cat([lo, hi, first, end]).to(torch.int32)
 
 
 def _mask_args(mask, like):
@@ -753,7 +813,7 @@ def _launch(kernel, grid_of, args, flags, q_len, k_len):
 # ---- entry points (contracts as in csrc/ops.h) -------------------------------------------------
 
 def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: float = 0.0, dropout_seed=None,
-                  softcap: float = 0.0):
+                  softcap: float = 0.0, cu_seqlens_q=None, cu_seqlens_k=None):
     """(o, lse, row_stats) as csrc/ops.h's attention_fwd: row_stats (2, B, Hq, Sq) float32, each
     row's softmax max m and 1 / l, which attention_bwd takes (_store_row_stats)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()  # (the kernels index them contiguously)
@@ -767,18 +827,22 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
     # run zero times / all head-dim lanes are masked.
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap)
+    docs = cu_seqlens_q is not None
+    bands = _document_bands(cu_seqlens_q, cu_seqlens_k, Sq, Sk, causal, window) if docs else q
+    flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap, docs)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     splits = _split_plan(B, Hq, Hkv, Sq, Sk, q.device)
     if splits:
-        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse, stats)
-    args = (q, k, v, o, lse, stats[0], stats[1], mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop)
+        return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, bands, splits, o, lse,
+                                    stats)
+    args = (q, k, v, o, lse, stats[0], stats[1], mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop,
+            bands)
     _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
     return o, lse, stats
 
 
-def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, splits, o, lse, stats):
+def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, bands, splits, o, lse, stats):
     B, Hq, Sq, D = q.shape
     Hkv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
     block_n = interpreted_blocks(Sq, Sk)["BLOCK_N"] if _common.interpreted() else 64
@@ -791,8 +855,9 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, 
     block_m = max(16, triton.next_power_of_2((Hq // Hkv) * Sq))
     interp = _common.interpreted()
     _attn_fwd_split_kernel[(splits, B * Hkv)](
-        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop,
-        keys_per_split, rows, CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], HAS_MASK=flags["HAS_MASK"],
+        q, k, v, o_part, m_part, l_part, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop, bands,
+        keys_per_split, rows, CAUSAL=flags["CAUSAL"], WINDOW=flags["WINDOW"], DOCS=flags["DOCS"],
+        HAS_MASK=flags["HAS_MASK"],
         BOOL_MASK=flags["BOOL_MASK"], DROPOUT=flags["DROPOUT"], SOFTCAP=flags["SOFTCAP"],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=flags["BLOCK_D"], BLOCK_DV=flags["BLOCK_DV"], UPCAST=flags["UPCAST"],
         PRECISION=flags["PRECISION"], INTERPRETED=interp, **({} if interp else {"num_warps": 4, "num_stages": 2}))
@@ -804,7 +869,8 @@ def _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, 
 
 
 def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal: bool, window, mask_grad: bool,
-                  dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0):
+                  dropout_p: float = 0.0, dropout_seed=None, softcap: float = 0.0, cu_seqlens_q=None,
+                  cu_seqlens_k=None):
     """(dq, dk, dv, dmask) as csrc/ops.h's attention_bwd, from the row_stats (2, B, Hq, Sq) of
     attention_fwd (this module's or the CUDA C++ kernels')."""
     B, Hq, Sq, D = q.shape
@@ -821,17 +887,19 @@ def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal:
     block_r = 16 if _common.interpreted() else max(1, 8192 // block_dv)
     _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, Dv, BLOCK_R=block_r, BLOCK_D=block_dv)
     mask_arg, ms = _mask_args(mask, q)
-    flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap)
+    docs = cu_seqlens_q is not None
+    bands = _document_bands(cu_seqlens_q, cu_seqlens_k, Sq, Sk, causal, window) if docs else q
+    flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap, docs)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
     row_max, row_inv_sum = row_stats[0], row_stats[1]
     dq_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
-               Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop)
+               Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop, bands)
     _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
             {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
     dkdv_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv,
-                 scale, softcap, w, *drop)
+                 scale, softcap, w, *drop, bands)
     _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
             {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
     return dq, dk, dv, dmask

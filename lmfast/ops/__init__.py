@@ -3,11 +3,11 @@ lmfast.backends()); LMFAST_BACKEND overrides "auto". On CPU tensors a call is on
 (torch.ops.lmfast_C.<op>), which checks its arguments itself."""
 
 from . import attention as _attention_module, norm, softmax as _softmax_module
-from .attention import attention
+from .attention import attention, attention_varlen
 from .norm import layer_norm, rms_norm
 from .softmax import softmax
 
-__all__ = ["attention", "layer_norm", "rms_norm", "softmax"]
+__all__ = ["attention", "attention_varlen", "layer_norm", "rms_norm", "softmax"]
 
 
 def register_cpp_ops() -> None:

@@ -109,6 +109,50 @@ def dim_index(dim: object, ndim: int) -> int:
     return int(dim) % ndim
 
 
+def documents(cu_seqlens_q: object, cu_seqlens_k: object, q: Tensor) -> bool:
+    """Packed documents (csrc/documents.h): both or neither, each an int32/int64 (n + 1,) tensor on
+    q's device, q a batch of one; returns whether given. (Their values are the kernels' check.)"""
+    if cu_seqlens_q is None and cu_seqlens_k is None:
+        return False
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("cu_seqlens_q and cu_seqlens_k go together: pass both or neither")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be an int32 or int64 tensor, got {t.dtype}")
+        if t.dim() != 1 or t.numel() < 1:
+            raise ValueError(f"{name} must have shape (n + 1,) for n documents, got shape {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}; both must be on one device")
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError("cu_seqlens_q and cu_seqlens_k must have the same length (n + 1 for n documents), got "
+                         f"{cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}")
+    if q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens_q packs documents into one sequence: q must have batch size 1, got {q.shape[0]}")
+    return True
+
+
+def document_values(cu_q: Tensor, cu_k: Tensor, Sq: int, Sk: int) -> None:
+    """The values of packed documents' cu_seqlens (documents), as csrc/documents.h's check_values:
+    both start at 0, never decrease, and end at Sq and Sk. Read on the host for CPU tensors; on
+    a GPU (and while torch.compile traces) an asynchronous assert, so that no call waits on the device."""
+    for name, c, end, what in (("cu_seqlens_q", cu_q, Sq, "Sq"), ("cu_seqlens_k", cu_k, Sk, "Sk")):
+        if c.device.type == "cpu" and not torch.compiler.is_compiling():
+            x = c.tolist()
+            if x[0] != 0:
+                raise ValueError(f"{name} must start at 0, got {x[0]}")
+            for d in range(1, len(x)):
+                if x[d] < x[d - 1]:
+                    raise ValueError(f"{name} must not decrease, got {x[d - 1]} then {x[d]} at index {d}")
+            if x[-1] != end:
+                raise ValueError(f"{name} must end at {what} = {end} (every row in a document), got {x[-1]}")
+        else:
+            ok = (c[0] == 0) & (c[-1] == end) & (c[1:] >= c[:-1]).all()
+            torch._assert_async(ok, f"{name} must start at 0, not decrease, and end at the "
+                                    f"{'query' if name == 'cu_seqlens_q' else 'key'} count")
+
+
 def mask_for(mask: Tensor | None, x: Tensor, shape: tuple[int, ...] | None = None,
              name: str = "mask", shape_name: str = "x's shape") -> None:
     """An additive (x's dtype) or boolean (True = keep) mask broadcastable to `shape` (default

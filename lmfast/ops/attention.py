@@ -21,7 +21,8 @@ from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, trit
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
               causal: bool = False, scale: float | None = None, window: int | None = None, *,
               dropout_p: float = 0.0, dropout_seed: Tensor | None = None, sinks: Tensor | None = None,
-              softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
+              softcap: float | None = None, cu_seqlens_q: Tensor | None = None,
+              cu_seqlens_k: Tensor | None = None, return_lse: bool = False, backend: str = "auto"):
     """softmax(scale * q @ k^T + attn_mask) @ v over keys, per head.
 
     q: (B, Hq, Sq, D); k: (B, Hkv, Sk, D); v: (B, Hkv, Sk, Dv), Hq a multiple of Hkv (grouped-query
@@ -48,6 +49,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     softcap: logit softcapping (Gemma 2's attn_logit_softcapping), a positive number c: the
         scaled scores become c * tanh(scale * q @ k^T / c) before the mask is added; inside the
         kernels, forward and backward.
+    cu_seqlens_q, cu_seqlens_k: packed documents (variable-length attention, FlashAttention's
+        cu_seqlens): int32 or int64 tensors of shape (n + 1,) on q's device, q a batch of one.
+        Document d holds query rows [cu_seqlens_q[d], cu_seqlens_q[d + 1]) and keys
+        [cu_seqlens_k[d], cu_seqlens_k[d + 1]); each query sees its own document's keys only,
+        with causal and window applied inside the document (bottom-right aligned, as above).
+        Both start at 0, never decrease and end at Sq and Sk (checked: on a GPU by an
+        asynchronous device assert). The kernels skip other documents' key tiles without any
+        (Sq, Sk) mask; attn_mask, dropout, sinks and softcap combine with them.
+        attention_varlen takes FlashAttention's (total, H, D) layout.
     Rows with every key masked give zeros (and lse = -inf, or the sink's logit), not NaN.
     Returns o (B, Hq, Sq, Dv), or (o, lse) with return_lse: lse (B, Hq, Sq), the log-sum-exp
     of each row's scaled, masked scores, in float32 (float64 for float64 inputs), without dropout.
@@ -61,16 +71,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
         _checks.floating_tensor("q", q)
         _checks.sinks(sinks, q)
         o, lse = attention(q, k, v, attn_mask, causal, scale, window, dropout_p=dropout_p, dropout_seed=dropout_seed,
-                           softcap=softcap, return_lse=True, backend=backend)
+                           softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, return_lse=True,
+                           backend=backend)
         o, lse = _with_sinks(o, lse, sinks, return_lse)
         return (o, lse) if return_lse else o
     if (type(causal) is bool and (scale is None or type(scale) is float) and (window is None or type(window) is int)
             and (attn_mask is None or isinstance(attn_mask, Tensor)) and isinstance(k, Tensor)
             and isinstance(v, Tensor) and type(dropout_p) in (float, int)
             and (dropout_seed is None or isinstance(dropout_seed, Tensor)) and (softcap is None or type(softcap) is float)
-            and on_cpp_path(backend, q)):
+            and (cu_seqlens_q is None or isinstance(cu_seqlens_q, Tensor))
+            and (cu_seqlens_k is None or isinstance(cu_seqlens_k, Tensor)) and on_cpp_path(backend, q)):
         o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window,  # checks its arguments
-                                             dropout_p, dropout_seed, softcap)
+                                             dropout_p, dropout_seed, softcap, cu_seqlens_q, cu_seqlens_k)
         return (o, lse) if return_lse else o
     for name, t in (("q", q), ("k", k), ("v", v)):
         _checks.floating_tensor(name, t)
@@ -99,26 +111,52 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
     scale = D ** -0.5 if scale is None else _checks.real_number("scale", scale)
     dropout_p = _checks.dropout(dropout_p, dropout_seed)
     softcap = None if softcap is None else _checks.softcap(softcap)
+    _checks.documents(cu_seqlens_q, cu_seqlens_k, q)
 
     window = None if window is None else int(window)
     impl = resolve_backend(backend, "attention", q)
     if impl in ("cpu", "cuda"):  # the C++ op (CPU or CUDA kernels, by device), which draws the seed itself
         o, lse = cpp_ops().attention.default(q, k, v, attn_mask, causal, scale, window, dropout_p, dropout_seed,
-                                             softcap)
+                                             softcap, cu_seqlens_q, cu_seqlens_k)
         return (o, lse) if return_lse else o
     seed = None
     if dropout_p > 0:  # the mask's seed, on q's device, as the C++ op draws it
         seed = (torch.randint(1 << 62, (1,), device=q.device) if dropout_seed is None
                 else dropout_seed.reshape(1).to(q.device))
     if impl == "torch":
+        if cu_seqlens_q is not None:
+            _checks.document_values(cu_seqlens_q, cu_seqlens_k, Sq, Sk)
         with _autocast.off(q):
             o, lse = reference.attention(q, k, v, attn_mask, causal, scale, window, dropout_p,
-                                         None if seed is None else int(seed.item()), softcap=softcap)
+                                         None if seed is None else int(seed.item()), softcap=softcap,
+                                         cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     else:
         mask4 = None if attn_mask is None else attn_mask.expand(B, Hq, Sq, Sk)  # a view
         o, lse, _ = triton_op("attention_fwd", _rows(q), _rows(k), _rows(v), mask4, scale, causal, window,
-                              dropout_p, seed, softcap or 0.0)
+                              dropout_p, seed, softcap or 0.0, cu_seqlens_q, cu_seqlens_k)
     return (o, lse) if return_lse else o
+
+
+def attention_varlen(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, *,
+                     causal: bool = False, scale: float | None = None, window: int | None = None,
+                     dropout_p: float = 0.0, dropout_seed: Tensor | None = None, sinks: Tensor | None = None,
+                     softcap: float | None = None, return_lse: bool = False, backend: str = "auto"):
+    """Variable-length attention in FlashAttention's layout: q (total_q, Hq, D), k (total_k, Hkv, D),
+    v (total_k, Hkv, Dv), the documents packed along the first dim as cu_seqlens_q and
+    cu_seqlens_k say (see attention). Returns o (total_q, Hq, Dv) (contiguous: no copy), or
+    (o, lse) with return_lse, lse (Hq, total_q). The other arguments as attention's."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-dim tensor (total, H, D), got "
+                             f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+    # (total, H, D) -> (1, H, total, D): views with a contiguous head dim, as the kernels take them
+    out = attention(q.transpose(0, 1).unsqueeze(0), k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0),
+                    causal=causal, scale=scale, window=window, dropout_p=dropout_p, dropout_seed=dropout_seed,
+                    sinks=sinks, softcap=softcap, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    return_lse=return_lse, backend=backend)
+    o, lse = out if return_lse else (out, None)
+    o = o.squeeze(0).transpose(0, 1)  # (total_q, Hq, Dv)
+    return (o, lse.squeeze(0)) if return_lse else o
 
 
 def _with_sinks(o: Tensor, lse: Tensor, sinks: Tensor, return_lse: bool) -> tuple[Tensor, Tensor | None]:
@@ -154,22 +192,28 @@ def _rows(t: Tensor) -> Tensor:
 @torch.library.custom_op("lmfast_triton::attention_fwd", mutates_args=())
 def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal: bool,
       window: int | None, dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
-      softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
-    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap)
+      softcap: float = 0.0, cu_seqlens_q: Tensor | None = None,
+      cu_seqlens_k: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    if cu_seqlens_q is not None:  # (the backward takes the forward's: checked once)
+        _checks.document_values(cu_seqlens_q, cu_seqlens_k, q.shape[2], k.shape[2])
+    return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap,
+                                          cu_seqlens_q, cu_seqlens_k)
 
 
 @torch.library.custom_op("lmfast_triton::attention_bwd", mutates_args=())
 def _(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, row_stats: Tensor, dlse: Tensor | None,
       mask: Tensor | None, scale: float, causal: bool, window: int | None,
       mask_grad: bool, dropout_p: float = 0.0,
-      dropout_seed: Tensor | None = None, softcap: float = 0.0) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+      dropout_seed: Tensor | None = None, softcap: float = 0.0, cu_seqlens_q: Tensor | None = None,
+      cu_seqlens_k: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return triton_kernels().attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
-                                          dropout_p, dropout_seed, softcap)
+                                          dropout_p, dropout_seed, softcap, cu_seqlens_q, cu_seqlens_k)
 
 
 # ---- fake impls, shared by both namespaces; the Triton ops' autograd -----------------------
 
-def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0):
+def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dropout_seed=None, softcap=0.0,
+                        cu_seqlens_q=None, cu_seqlens_k=None):
     B, Hq, Sq, _ = q.shape  # o: (B, Sq, Hq, Dv) memory seen as (B, Hq, Sq, Dv), as the kernels write it
     o = q.new_empty((B, Sq, Hq, v.shape[3])).transpose(1, 2)
     acc = reference.acc_dtype(q.dtype)
@@ -177,17 +221,17 @@ def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dro
 
 
 def _attention_bwd_fake(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
-                        dropout_p=0.0, dropout_seed=None, softcap=0.0):
+                        dropout_p=0.0, dropout_seed=None, softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None):
     dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
 def _attention_setup(ctx, inputs, output):
-    q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap = inputs
+    q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap, cu_seqlens_q, cu_seqlens_k = inputs
     o, lse, row_stats = output
     ctx.mark_non_differentiable(row_stats)
     ctx.scale, ctx.causal, ctx.window, ctx.dropout_p, ctx.softcap = scale, causal, window, dropout_p, softcap
-    ctx.save_for_backward(q, k, v, o, row_stats, mask, dropout_seed)
+    ctx.save_for_backward(q, k, v, o, row_stats, mask, dropout_seed, cu_seqlens_q, cu_seqlens_k)
 
 
 def register_fakes(ns: str) -> None:
@@ -201,13 +245,14 @@ def _register_triton_autograd() -> None:
     ops = torch.ops.lmfast_triton
 
     def attention_backward(ctx, do, dlse, _):
-        q, k, v, o, row_stats, mask, dropout_seed = ctx.saved_tensors
+        q, k, v, o, row_stats, mask, dropout_seed, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
         mask_grad = ctx.needs_input_grad[3]
         q, k, v, o = q.contiguous(), k.contiguous(), v.contiguous(), o.contiguous()  # as the backward takes them
         dq, dk, dv, dmask = ops.attention_bwd(
             upstream_grad(do, o), q, k, v, o, row_stats, None if dlse is None else dlse.contiguous(), mask,
-            ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed, ctx.softcap)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
+            ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed, ctx.softcap, cu_seqlens_q,
+            cu_seqlens_k)
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("lmfast_triton::attention_fwd", attention_backward, setup_context=_attention_setup)
 
@@ -232,14 +277,14 @@ def register_cuda_backward() -> None:
     library = torch.library.Library("lmfast_C", "IMPL")
 
     def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad, dropout_p=0.0,
-                      dropout_seed=None, softcap=0.0):
+                      dropout_seed=None, softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None):
         try:
             kernels = triton_kernels()
         except ImportError as e:
             raise RuntimeError("backend 'cuda' computes the attention backward with lmfast's Triton kernel, "
                                f"and triton cannot be imported ({e}); pip install 'lmfast[triton]'") from None
         return kernels.attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
-                                     dropout_p, dropout_seed, softcap)
+                                     dropout_p, dropout_seed, softcap, cu_seqlens_q, cu_seqlens_k)
 
     library.impl("attention_bwd", attention_bwd, "CUDA")
     _cuda_backward_library = library

@@ -17,6 +17,7 @@ TORCH_LIBRARY(lmfast_cuda_emulation, m) {
   m.def("softmax_fwd", &c::softmax_fwd);
   m.def("softmax_bwd", &c::softmax_bwd);
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, float scale, bool causal, int? window,"
-        " float dropout_p=0., Tensor? dropout_seed=None, float softcap=0.) -> (Tensor, Tensor, Tensor)",
+        " float dropout_p=0., Tensor? dropout_seed=None, float softcap=0., Tensor? cu_seqlens_q=None,"
+        " Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor)",
         &c::attention_fwd);
 }

@@ -1,0 +1,72 @@
+// Packed documents (variable-length attention, FlashAttention's cu_seqlens): the kernels'
+// per-row key bands.
+//
+// cu_seqlens_q and cu_seqlens_k, int32 or int64 of shape (n + 1,) on q's device, cut the query
+// rows and the keys of a batch of one into n documents: document d holds queries
+// [cu_seqlens_q[d], cu_seqlens_q[d + 1]) and keys [cu_seqlens_k[d], cu_seqlens_k[d + 1]). A
+// query sees only its own document's keys, and `causal` / `window` apply inside the document,
+// bottom-right aligned as everywhere in lmfast: query i of document d sits at key position
+//     pos_i = i + cu_seqlens_k[d + 1] - cu_seqlens_q[d + 1].
+// The kernels take this as a table of each query row's visible keys [lo_i, hi_i):
+//     lo_i = max(ks, pos_i - window + 1 if window),  hi_i = max(lo_i, min(ke, pos_i + 1 if causal))
+// (ks, ke: the document's first and end key). Both ends are nondecreasing in i, as they are for
+// plain causal/window bands, so every kernel's tile skipping (a block of rows sees one
+// contiguous run of keys) holds unchanged.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace lmfast::documents {
+
+using at::Tensor;
+
+// The values' rules (the shapes, dtypes and device are checked before): both start at 0, never
+// decrease, and end at Sq and Sk. Read on the host for CPU tensors (a ValueError naming the
+// argument); on a GPU an asynchronous device assert, so that no call waits on the device.
+inline void check_values(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk) {
+  const std::pair<const char*, const Tensor*> args[2] = {{"cu_seqlens_q", &cu_q}, {"cu_seqlens_k", &cu_k}};
+  const int64_t ends[2] = {Sq, Sk};
+  for (int a = 0; a < 2; ++a) {
+    const Tensor c = args[a].second->to(at::kLong);
+    const int64_t n = c.numel();
+    if (c.is_cpu()) {
+      const int64_t* x = c.const_data_ptr<int64_t>();
+      TORCH_CHECK_VALUE(n >= 1 && x[0] == 0, args[a].first, " must start at 0, got ", n >= 1 ? x[0] : -1);
+      for (int64_t d = 1; d < n; ++d)
+        TORCH_CHECK_VALUE(x[d] >= x[d - 1], args[a].first, " must not decrease, got ", x[d - 1], " then ", x[d],
+                          " at index ", d);
+      TORCH_CHECK_VALUE(x[n - 1] == ends[a], args[a].first, " must end at ", a == 0 ? "Sq = " : "Sk = ", ends[a],
+                        " (every row in a document), got ", x[n - 1]);
+    } else {
+      const Tensor ok = (c.select(0, 0) == 0) & (c.select(0, n - 1) == ends[a]) &
+                        (n > 1 ? (c.slice(0, 1) >= c.slice(0, 0, n - 1)).all() : c.select(0, 0) == 0);
+      at::_assert_async(ok, std::string(args[a].first) + " must start at 0, not decrease, and end at the " +
+                                (a == 0 ? "query" : "key") + " count");
+    }
+  }
+}
+
+// (2, Sq) int32 on cu_q's device: [0] lo_i, [1] hi_i (above). Checks the values first.
+inline Tensor key_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
+                        std::optional<int64_t> window) {
+  check_values(cu_q, cu_k, Sq, Sk);
+  const auto opts = cu_q.options().dtype(at::kLong);
+  if (Sq == 0) return at::empty({2, 0}, opts.dtype(at::kInt));
+  const Tensor cq = cu_q.to(at::kLong), ck = cu_k.to(at::kLong);
+  const int64_t n = cq.numel() - 1;  // documents
+  TORCH_CHECK_VALUE(n >= 1, "cu_seqlens_q holds no document but q has ", Sq, " rows");
+  const Tensor i = at::arange(Sq, opts);                                 // (Sq,)
+  const Tensor doc = at::searchsorted(cq.slice(0, 1), i, /*out_int32=*/false, /*right=*/true).clamp_max(n - 1);
+  const Tensor ke = ck.index_select(0, doc + 1);
+  const Tensor pos = i + ke - cq.index_select(0, doc + 1);               // key position of each query
+  Tensor lo = ck.index_select(0, doc), hi = ke;
+  if (window.has_value()) lo = at::maximum(lo, pos - (*window - 1));
+  if (causal) hi = at::minimum(hi, pos + 1);
+  // (clamped to [0, Sk]: on a GPU, values the assert above rejects are still read first)
+  lo = lo.clamp(0, Sk);
+  return at::stack({lo, at::maximum(hi.clamp(0, Sk), lo)}).to(at::kInt);
+}
+
+}  // namespace lmfast::documents
