@@ -22,7 +22,8 @@ from lmfast.testing import assert_within_budget
 # attention; lmfast.patch replaces both kinds), trained 3 SGD steps on rank-dependent batches;
 # rank 0 saves every step's loss and the final gradients.
 DDP_SCRIPT = textwrap.dedent('''
-    import copy, os, sys
+    import copy, faulthandler, os, sys
+    faulthandler.enable()  # a crash in C++ prints every thread's Python stack (see run's end)
     sys.path = [p for p in sys.path if p not in ("", os.getcwd())]  # the installed lmfast
     import torch, torch.distributed as dist, torch.multiprocessing as mp
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -86,12 +87,18 @@ DDP_SCRIPT = textwrap.dedent('''
             results[name] = (torch.stack(losses), grads)
         if rank == 0:
             torch.save(results, out)
-        # Both ranks reach teardown together. Once, under CI's parallel load, rank 1 died in
-        # std::terminate ("terminate called without an active exception"; not reproduced in 14
-        # runs since, where in the run unknown): this rules out one candidate, rank 1 tearing
-        # gloo down while rank 0 is still saving.
+        # Both ranks reach teardown together. Twice in ~40 CI runs, under CI's parallel load, a
+        # rank died in std::terminate ("terminate called without an active exception", no Python
+        # traceback; not reproduced in 30+ runs here): the barrier rules out one candidate, a
+        # rank tearing gloo down while the other still saves. The other candidate is process
+        # exit, where C++ static destructors run while gloo's threads may still be joinable;
+        # os._exit skips them, once the results are on disk and the group is destroyed.
+        # (faulthandler, above, says where the next one happens, if it does.)
         dist.barrier()
         dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     if __name__ == "__main__":
         mp.spawn(run, args=(sys.argv[1], sys.argv[2], sys.argv[3]), nprocs=2)

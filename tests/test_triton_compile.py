@@ -66,12 +66,14 @@ def _attention_variants():
     for dt, flags_on, block_d, block_dv in (("fp32", False, 64, 64), ("fp16", True, 128, 128), ("bf16", True, 256, 128)):
         p = f"*{dt}"
         mask = "*u8" if dt == "fp16" else p  # fp16 runs the bool mask
-        flags = {"CAUSAL": flags_on, "WINDOW": flags_on, "HAS_MASK": flags_on, "BOOL_MASK": dt == "fp16", "DROPOUT": flags_on,
+        # (bf16 also compiles the packed documents' row and key bands, which replace the
+        # causal/window arithmetic that fp16 compiles)
+        flags = {"CAUSAL": flags_on, "WINDOW": flags_on, "DOCS": dt == "bf16", "HAS_MASK": flags_on, "BOOL_MASK": dt == "fp16", "DROPOUT": flags_on,
                  "SOFTCAP": flags_on, "BLOCK_D": block_d, "BLOCK_DV": block_dv, "UPCAST": False, "PRECISION": "ieee", "INTERPRETED": False}
         dims = {"Hq": "i32", "Hkv": "i32", "Sq": "i32", "Sk": "i32", "D": "i32", "Dv": "i32", "scale": "fp32", "softcap": "fp32",
                 "window": "i32",
                 # dropout: the threshold is i32 or i64 as its value falls (Triton types int arguments so)
-                "SEED": "*i64", "threshold": "i64" if dt == "bf16" else "i32", "keep_scale": "fp32"}
+                "SEED": "*i64", "threshold": "i64" if dt == "bf16" else "i32", "keep_scale": "fp32", "BANDS": "*i32"}
         mask_sig = {"MASK": mask, "smb": "i64", "smh": "i64", "smq": "i64", "smk": "i64"}
         buckets = {"Q_BUCKET": "i32", "K_BUCKET": "i32"}
         archs = (90, 80) if dt == "bf16" else (90,)

@@ -72,6 +72,32 @@ struct Rows {
   int64_t at(int64_t bi, int64_t hi, int64_t si) const { return bi * b + hi * h + si * s; }
 };
 
+// Where a kernel's tiles of consecutive query rows or keys begin: every `size` from 0, or, with
+// packed documents, every `size` from each document's start, so that no tile holds two
+// documents (whose pairs no query needs) and the tiles a block of rows sees begin at its
+// document's first key. Tile t is [start[t], start[t + 1]).
+struct Tiles {
+  std::vector<int64_t> start;  // (count + 1): the last entry is the length
+  int64_t count() const { return int64_t(start.size()) - 1; }
+  int64_t begin(int64_t t) const { return start[t]; }
+  int64_t end(int64_t t) const { return start[t + 1]; }
+  int64_t size(int64_t t) const { return start[t + 1] - start[t]; }
+  // The tile holding position j, for 0 <= j < length.
+  int64_t of(int64_t j) const { return int64_t(std::upper_bound(start.begin(), start.end(), j) - start.begin()) - 1; }
+};
+
+// n positions in tiles of `size`, restarting at each boundary of `cuts` (cu_seqlens: 0, ..., n),
+// or from 0 alone where `cuts` is empty. Empty documents add no tile.
+Tiles make_tiles(int64_t n, int64_t size, const std::vector<int64_t>& cuts) {
+  Tiles t;
+  const std::vector<int64_t> whole{0, n};
+  const std::vector<int64_t>& c = cuts.empty() ? whole : cuts;
+  for (size_t d = 0; d + 1 < c.size(); ++d)
+    for (int64_t j = c[d]; j < c[d + 1]; j += size) t.start.push_back(j);
+  t.start.push_back(n);
+  return t;
+}
+
 // The contiguous range [lo, hi) of keys that causal/window masking (and packed documents) lets
 // query i see, and the cap on the scores inside it (prepare_row applies both).
 struct KeyBand {
@@ -85,6 +111,11 @@ struct KeyBand {
   Tensor documents;
   const int32_t* doc_lo = nullptr;
   const int32_t* doc_hi = nullptr;
+  std::vector<int64_t> cu_q, cu_k;  // the documents' boundaries (cu_seqlens), or empty
+
+  // Tiles of query rows and of keys (Tiles), cut at the documents' boundaries where there are some.
+  Tiles query_tiles(int64_t Sq, int64_t size) const { return make_tiles(Sq, size, cu_q); }
+  Tiles key_tiles(int64_t size) const { return make_tiles(Sk, size, cu_k); }
 
   int64_t lo(int64_t i) const {
     if (doc_lo != nullptr) return doc_lo[i];
@@ -572,10 +603,11 @@ inline bool use_bf16_brgemm(const Geometry& g) {
   return native && g.D % 2 == 0 && g.D > 0 && g.Dv % 2 == 0 && g.Dv > 0;
 }
 
-// K and V of every (b, kv head), packed tile by tile; tile t of head bh starts at
-// (bh * tiles + t) * tile_elems.
+// K and V of every (b, kv head), packed tile by tile (key tiles `keys`, each at most block_k
+// long); tile t of head bh starts at (bh * tiles + t) * tile_elems.
 struct PackedKV {
   int64_t block_k = 0, tiles = 0, k_tile_elems = 0, v_tile_elems = 0;
+  Tiles keys;
   std::vector<at::BFloat16> k, v;
   const at::BFloat16* k_tile(int64_t bh, int64_t t) const { return k.data() + (bh * tiles + t) * k_tile_elems; }
   const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * v_tile_elems; }
@@ -628,10 +660,11 @@ void transpose_rows(const at::BFloat16* x, int64_t n, int64_t D, at::BFloat16* o
 }
 
 PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Rows& ks, const Rows& vs,
-                 int64_t block_k) {
+                 const Tiles& keys, int64_t block_k) {
   PackedKV p;
   p.block_k = block_k;
-  p.tiles = (g.Sk + block_k - 1) / block_k;
+  p.keys = keys;
+  p.tiles = keys.count();
   p.k_tile_elems = (block_k + block_k % 2) * g.D;
   p.v_tile_elems = (block_k + block_k % 2) * g.Dv;
   p.k.resize(g.B * g.Hkv * p.tiles * p.k_tile_elems);
@@ -639,7 +672,7 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   at::parallel_for(0, g.B * g.Hkv * p.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % p.tiles, bh = task / p.tiles, b = bh / g.Hkv, hk = bh % g.Hkv;
-      const int64_t j0 = t * block_k, nk = std::min(block_k, g.Sk - j0);
+      const int64_t j0 = keys.begin(t), nk = keys.size(t);
       pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.k_tile_elems);  // K^T
       pack_rows(v + vs.at(b, hk, j0), nk, g.Dv, vs.s, p.v.data() + task * p.v_tile_elems);       // V
     }
@@ -711,7 +744,7 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
   s_buf.resize(R * ld_s);
   p_buf.resize(R * ld_s);
   for (int64_t t = 0; t < kv.tiles; ++t) {
-    const int64_t j0 = t * kv.block_k, nk = std::min(kv.block_k, g.Sk - j0), nke = nk + nk % 2;
+    const int64_t j0 = kv.keys.begin(t), nk = kv.keys.size(t), nke = nk + nk % 2;
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
     if (mask_drops_tile(mask, band, b, R, row_of, j0, nk)) continue;
     // s = q k^T (R x nk, float32)
@@ -804,17 +837,19 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     // band, as long as a query block: only the tiles on the band's edges are partly masked,
     // and a query block skips the rest whole. The tiling follows the shape alone, not the
     // thread count, so results are the same bits for any torch.set_num_threads.
+    // With packed documents, query blocks and key tiles start at each document's start (Tiles).
     const int64_t block_q = g.B * g.Hq * ((g.Sq + 255) / 256) >= kTasksFor256 ? 256 : kBlockQ;
-    const int64_t q_blocks = (g.Sq + block_q - 1) / block_q;
+    const Tiles q_tiles = band.query_tiles(g.Sq, block_q);
+    const int64_t q_blocks = q_tiles.count();
     const int64_t block_k = band.banded() ? block_q : 2 * block_q;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       if (use_bf16_brgemm(g)) {
         // Square tiles (256 x 256 where there are enough tasks) measured best on AMX, causal or
         // not: its products are ~7x faster than sgemm's, and the per-tile softmax work remains.
         // (Not re-tuned for AVX512-BF16, whose products are ~2.5x sgemm's.)
-        const int64_t kPackedBlockQ = block_q, kPackedBlockK = block_q;
+        const int64_t kPackedBlockK = block_q;
         const int64_t packed_q_blocks = q_blocks;
-        const PackedKV kv = pack_kv(k, v, g, ks, vs, kPackedBlockK);
+        const PackedKV kv = pack_kv(k, v, g, ks, vs, band.key_tiles(kPackedBlockK), kPackedBlockK);
         at::parallel_for(0, g.B * g.Hq * packed_q_blocks, 1, [&](int64_t begin, int64_t end) {
           TileRows rows;
           TileState<float> st;
@@ -823,7 +858,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           for (int64_t task = begin; task < end; ++task) {
             const int64_t qb = task % packed_q_blocks, h = (task / packed_q_blocks) % g.Hq, b = task / (packed_q_blocks * g.Hq);
             rows.clear();
-            for (int64_t i = qb * kPackedBlockQ; i < std::min(g.Sq, (qb + 1) * kPackedBlockQ); ++i) rows.add(h, i);
+            for (int64_t i = q_tiles.begin(qb); i < q_tiles.end(qb); ++i) rows.add(h, i);
             st.reset(rows.size(), g.Dv);
             attend_keys_packed(rows, q, mask, g, qs, scale, band, b, h / group, kv, drop, st, s_buf, q_buf, p_buf);
             write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
@@ -833,16 +868,27 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
         return;
       }
     }
+    const Tiles k_tiles = band.key_tiles(block_k);
     at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
       TileRows rows;
       TileState<acc_t> st;
       TileBuffers<acc_t> buf;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t qb = task % q_blocks, h = (task / q_blocks) % g.Hq, b = task / (q_blocks * g.Hq);
+        const int64_t i0 = q_tiles.begin(qb), i1 = q_tiles.end(qb);
         rows.clear();
-        for (int64_t i = qb * block_q; i < std::min(g.Sq, (qb + 1) * block_q); ++i) rows.add(h, i);
+        for (int64_t i = i0; i < i1; ++i) rows.add(h, i);
         st.reset(rows.size(), g.Dv);
-        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, 0, g.Sk, block_k, drop, st, buf);
+        // Keys from tile 0 (tiles outside the band skipped); with documents, from the first tile
+        // of the block's one document that it sees, to the last key it sees.
+        int64_t j_begin = 0, j_end = g.Sk;
+        if (!band.cu_k.empty()) {
+          const int64_t lo = band.lo(i0), hi = band.hi(i1 - 1);
+          j_begin = lo < hi ? k_tiles.begin(k_tiles.of(lo)) : 0;
+          j_end = lo < hi ? hi : 0;
+        }
+        attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, j_begin, j_end, block_k, drop, st,
+                    buf);
         write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
       }
     });
@@ -930,17 +976,16 @@ int64_t backward_block_rows(int64_t Sk) {
   return std::clamp<int64_t>(kBackwardRowsBytes / row_bytes / 16 * 16, 16, kBlockQ);
 }
 
-// The keys [k0, k1) of the key tiles with keys some query in [i0, i1) sees (k0 = k1 when there
-// are none): a contiguous run of tiles, since each query's band is contiguous and both of its
-// ends move right with the query.
-std::pair<int64_t, int64_t> visible_key_range(const KeyBand& band, int64_t i0, int64_t i1, int64_t Sk) {
-  const int64_t tiles = (Sk + kBlockK - 1) / kBlockK;
-  auto visible = [&](int64_t t) { return band.tile_visible(i0, i1, t * kBlockK, std::min(Sk, (t + 1) * kBlockK)); };
-  int64_t first = 0, last = tiles;
+// The keys [k0, k1) of the key tiles (`tiles`) with keys some query in [i0, i1) sees (k0 = k1
+// when there are none): a contiguous run of tiles, since each query's band is contiguous and
+// both of its ends move right with the query.
+std::pair<int64_t, int64_t> visible_key_range(const KeyBand& band, const Tiles& tiles, int64_t i0, int64_t i1) {
+  auto visible = [&](int64_t t) { return band.tile_visible(i0, i1, tiles.begin(t), tiles.end(t)); };
+  int64_t first = 0, last = tiles.count();
   while (first < last && !visible(first)) ++first;
   while (last > first && !visible(last - 1)) --last;
   return first == last ? std::pair<int64_t, int64_t>{0, 0}
-                       : std::pair<int64_t, int64_t>{first * kBlockK, std::min(Sk, last * kBlockK)};
+                       : std::pair<int64_t, int64_t>{tiles.begin(first), tiles.end(last - 1)};
 }
 
 // p of query row i in place of its scores over keys [k0, k0 + n) (scaled, masked: -inf outside
@@ -1022,17 +1067,17 @@ struct BackwardRowSteps {
       prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, rows.cap_at(r, j0),
                   pre_scale);
   }
-  // dropped[t]: whether the mask drops key tile t of [k0, k1) for the block's rows (queries
-  // i0 .. i0 + nq of head (b, h)) whole (mask_drops_tile). Such tiles skip their products;
-  // their entries of rows are set here as masking would have left them (drop_tile).
-  void drop_masked_tiles(BackwardRows<acc_t>& rows, int64_t b, int64_t h, int64_t i0, int64_t nq, int64_t k0,
-                         int64_t k1, std::vector<char>& dropped) const {
+  // dropped[t - first]: whether the mask drops key tile t (of `tiles`, from first = the one at
+  // k0, up to k1) for the block's rows (queries i0 .. i0 + nq of head (b, h)) whole
+  // (mask_drops_tile). Such tiles skip their products; their entries of rows are set here as
+  // masking would have left them (drop_tile).
+  void drop_masked_tiles(BackwardRows<acc_t>& rows, const Tiles& tiles, int64_t b, int64_t h, int64_t i0, int64_t nq,
+                         int64_t k0, int64_t k1, std::vector<char>& dropped) const {
     auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{h, i0 + r}; };
-    dropped.assign((k1 - k0 + kBlockK - 1) / kBlockK, 0);
-    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
-      const int64_t nk = std::min(kBlockK, g.Sk - j0);
-      dropped[(j0 - k0) / kBlockK] = mask_drops_tile(mask, band, b, nq, row_of, j0, nk);
-      if (dropped[(j0 - k0) / kBlockK]) rows.drop_tile(nq, j0, nk);
+    dropped.clear();
+    for (int64_t t = k0 < k1 ? tiles.of(k0) : tiles.count(); t < tiles.count() && tiles.begin(t) < k1; ++t) {
+      dropped.push_back(mask_drops_tile(mask, band, b, nq, row_of, tiles.begin(t), tiles.size(t)));
+      if (dropped.back()) rows.drop_tile(nq, tiles.begin(t), tiles.size(t));
     }
   }
   void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
@@ -1084,7 +1129,8 @@ constexpr int64_t kBackwardTasks = 32;
 constexpr int64_t kBackwardPartialBytes = int64_t(32) << 20;
 
 struct BackwardPlan {
-  int64_t block_q = 0, q_blocks = 0, group = 0;
+  int64_t block_q = 0, q_blocks = 0, group = 0;  // block_q: the most rows of a query block
+  Tiles q_tiles, k_tiles;                        // the query blocks, and the key tiles (kBlockK)
   int64_t chunks = 1;
   std::vector<int64_t> first_item;                      // chunk c: items [first_item[c], first_item[c + 1])
   std::vector<std::pair<int64_t, int64_t>> keys;        // chunk c: its rows' keys [k0, k1) (k0 = k1: none)
@@ -1095,13 +1141,20 @@ struct BackwardPlan {
   int64_t keys_of(int64_t c) const { return keys[c].second - keys[c].first; }
   // Item -> (query block, head within the group).
   std::pair<int64_t, int64_t> item(int64_t it) const { return {it / group, it % group}; }
+  // The key tiles [first, end) of [k0, k1) (a tile start and a tile end, or k0 = k1: none).
+  std::pair<int64_t, int64_t> key_tiles_of(int64_t k0, int64_t k1) const {
+    if (k0 >= k1) return {0, 0};
+    return {k_tiles.of(k0), k_tiles.of(k1 - 1) + 1};
+  }
 };
 
 template <typename acc_t>
 BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   BackwardPlan plan;
   plan.block_q = backward_block_rows<acc_t>(g.Sk);
-  plan.q_blocks = (g.Sq + plan.block_q - 1) / plan.block_q;
+  plan.q_tiles = band.query_tiles(g.Sq, plan.block_q);  // (cut at documents' starts, where there are some)
+  plan.k_tiles = band.key_tiles(kBlockK);
+  plan.q_blocks = plan.q_tiles.count();
   plan.group = g.group();
   const int64_t heads = g.B * g.Hkv, items = plan.items();
   // dk + dv, all keys
@@ -1114,8 +1167,8 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   std::vector<std::pair<int64_t, int64_t>> block_keys(plan.q_blocks);
   std::vector<int64_t> cost_before(items + 1, 0);  // prefix sums
   for (int64_t it = 0; it < items; ++it) {
-    const int64_t qb = plan.item(it).first, i0 = qb * plan.block_q, nq = std::min(plan.block_q, g.Sq - i0);
-    if (it % plan.group == 0) block_keys[qb] = visible_key_range(band, i0, i0 + nq, g.Sk);
+    const int64_t qb = plan.item(it).first, i0 = plan.q_tiles.begin(qb), nq = plan.q_tiles.size(qb);
+    if (it % plan.group == 0) block_keys[qb] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);
     cost_before[it + 1] = cost_before[it] + nq * (block_keys[qb].second - block_keys[qb].first + g.D);
   }
   // Chunk c ends at the first item whose prefix cost reaches c + 1 chunks' share.
@@ -1297,16 +1350,17 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       const acc_t* vw = load_tile(v + kv0 * Dv, ck1 - ck0, Dv, Dv, v_buf).first;
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const auto [qb, h_in_group] = plan.item(item);
-        const int64_t h = hk * g.group() + h_in_group, i0 = qb * plan.block_q;
-        const int64_t nq = std::min(plan.block_q, g.Sq - i0), row0 = (b * g.Hq + h) * g.Sq + i0;
+        const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
+        const int64_t nq = plan.q_tiles.size(qb), row0 = (b * g.Hq + h) * g.Sq + i0;
         const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
         const acc_t* dot = load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first;  // (nq, Dv)
         std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
-        const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-        steps.drop_masked_tiles(rows, b, h, i0, nq, k0, k1, dropped);
+        const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
+        steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
+        const auto [t0, t1] = plan.key_tiles_of(k0, k1);
         auto each_tile = [&](auto&& f) {  // f(j0, nk, key j0's row in kw, vw, dk_acc, dv_acc), tiles not dropped
-          for (int64_t j0 = k0; j0 < k1; j0 += kBlockK)
-            if (!dropped[(j0 - k0) / kBlockK]) f(j0, std::min(kBlockK, g.Sk - j0), j0 - ck0);
+          for (int64_t t = t0; t < t1; ++t)
+            if (!dropped[t - t0]) f(plan.k_tiles.begin(t), plan.k_tiles.size(t), plan.k_tiles.begin(t) - ck0);
         };
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
           gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
@@ -1339,12 +1393,13 @@ struct BackwardPackedKV {
   int64_t tiles = 0, tile_elems = 0, v_tile_elems = 0;
   std::vector<at::BFloat16> kT, kp, vT;
 
-  BackwardPackedKV(int64_t slots, const Geometry& g)
-      : tiles((g.Sk + kBlockK - 1) / kBlockK), tile_elems(kTileKeys * g.D), v_tile_elems(kTileKeys * g.Dv),
+  BackwardPackedKV(int64_t slots, const Geometry& g, const Tiles& keys)
+      : tiles(keys.count()), tile_elems(kTileKeys * g.D), v_tile_elems(kTileKeys * g.Dv),
         kT(slots * tiles * tile_elems), kp(kT.size()), vT(slots * tiles * v_tile_elems) {}
-  // Packs key tile t of (b, kv head) bh into `slot`.
-  void pack(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, int64_t bh, int64_t t, int64_t slot) {
-    const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), row = bh * g.Sk + j0, at = (slot * tiles + t) * tile_elems;
+  // Packs key tile t (of `keys`, the plan's key tiles) of (b, kv head) bh into `slot`.
+  void pack(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Tiles& keys, int64_t bh, int64_t t,
+            int64_t slot) {
+    const int64_t j0 = keys.begin(t), nk = keys.size(t), row = bh * g.Sk + j0, at = (slot * tiles + t) * tile_elems;
     pack_transposed(k + row * g.D, nk, g.D, g.D, kT.data() + at);
     pack_rows(k + row * g.D, nk, g.D, g.D, kp.data() + at);
     pack_transposed(v + row * g.Dv, nk, g.Dv, g.Dv, vT.data() + (slot * tiles + t) * v_tile_elems);
@@ -1379,10 +1434,11 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
   std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where they have several chunks
   if (plan.chunks > 1) {
-    shared_kv.emplace(g.B * g.Hkv, g);
+    shared_kv.emplace(g.B * g.Hkv, g, plan.k_tiles);
     const int64_t tiles = shared_kv->tiles;
     at::parallel_for(0, g.B * g.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) shared_kv->pack(k, v, g, task / tiles, task % tiles, task / tiles);
+      for (int64_t task = begin; task < end; ++task)
+        shared_kv->pack(k, v, g, plan.k_tiles, task / tiles, task % tiles, task / tiles);
     });
   }
 
@@ -1400,33 +1456,35 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
       const auto [dkT_acc, dvT_acc] = partials.chunk(bh, c, own_parts);
       const int64_t ldc = ck1 - ck0;
       if (!shared_kv) {
-        if (!own_kv) own_kv.emplace(1, g);
-        for (int64_t t = ck0 / kBlockK; t * kBlockK < ck1; ++t) own_kv->pack(k, v, g, bh, t, 0);
+        if (!own_kv) own_kv.emplace(1, g, plan.k_tiles);
+        const auto [t0, t1] = plan.key_tiles_of(ck0, ck1);
+        for (int64_t t = t0; t < t1; ++t) own_kv->pack(k, v, g, plan.k_tiles, bh, t, 0);
       }
       const BackwardPackedKV& kv = shared_kv ? *shared_kv : *own_kv;
       const int64_t slot = shared_kv ? bh : 0;
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const auto [qb, h_in_group] = plan.item(item);
-        const int64_t h = hk * g.group() + h_in_group, i0 = qb * block_q;
-        const int64_t nq = std::min(block_q, g.Sq - i0), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
+        const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
+        const int64_t nq = plan.q_tiles.size(qb), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
         const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
         const BF* dot = dout + row0 * Dv;  // (nq, Dv): the A of dp = do V^T
         transpose_rows(qt, nq, D, qT.data());
         transpose_rows(dot, nq, Dv, doT.data());
         std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
-        const auto [k0, k1] = visible_key_range(band, i0, i0 + nq, g.Sk);  // the keys these rows see
-        steps.drop_masked_tiles(rows, b, h, i0, nq, k0, k1, dropped);
-        auto live = [&](int64_t t) { return !dropped[t - k0 / kBlockK]; };
-        for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
+        const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
+        steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
+        const auto [t0, t1] = plan.key_tiles_of(k0, k1);
+        auto live = [&](int64_t t) { return !dropped[t - t0]; };
+        for (int64_t t = t0; t < t1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
           if (!live(t)) continue;
-          const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
+          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t);
           blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kv.kT_tile(slot, t), rows.p_at(0, j0), true);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk, scale);
         }
         steps.probs(rows, nq, i0, k0, k1);
-        for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+        for (int64_t t = t0; t < t1; ++t) {
           if (!live(t)) continue;
-          const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0);
+          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t);
           // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
           pack_rows_rounded(pt, nq, nk, ldp, p_p.data());
@@ -1434,9 +1492,9 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           blas::brgemm(nq, nk, Dv, Dv, nk, rows.ld, false, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0), true);  // dp = do v^T
         }
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
-        for (int64_t t = k0 / kBlockK; t * kBlockK < k1; ++t) {
+        for (int64_t t = t0; t < t1; ++t) {
           if (!live(t)) continue;
-          const int64_t j0 = t * kBlockK, nk = std::min(kBlockK, g.Sk - j0), nke = nk + nk % 2;
+          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nke = nk + nk % 2;
           for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq x nke), for dq += ds k
             const float* ds = rows.ds_at(r, j0);
             BF* dsr = ds_b.data() + r * nke;
@@ -1501,6 +1559,10 @@ KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window, 
     band.documents = documents::key_bands(*cu_seqlens_q, *cu_seqlens_k, g.Sq, g.Sk, causal, window).contiguous();
     band.doc_lo = band.documents.const_data_ptr<int32_t>();
     band.doc_hi = band.doc_lo + g.Sq;
+    for (auto [t, out] : {std::pair{&*cu_seqlens_q, &band.cu_q}, std::pair{&*cu_seqlens_k, &band.cu_k}}) {
+      const Tensor c = t->to(at::kLong).contiguous();  // (checked by key_bands: 0, ..., S, nondecreasing)
+      out->assign(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel());
+    }
   }
   return band;
 }
