@@ -841,6 +841,8 @@ def _document_cases(interpreted: bool):
         "keys past the queries": ([3, 10, 1], [40, 10, 70], True, None),  # chunked prefill, bottom-right
         "queries past the keys": ([12, 5, 9], [4, 5, 0], True, None),    # rows that see nothing: zeros
         "decoding": ([1, 1, 2], [300, 200, 250], True, None),            # the key-split paths
+        # continuous batching: one new token per sequence, each against its own cache (one empty)
+        "decoding many sequences": ([1] * 9, [130, 0, 600, 1, 77, 300, 2, 256, 40], True, None),
     }
 
 

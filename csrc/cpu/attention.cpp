@@ -895,54 +895,88 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
     return;
   }
 
-  // Short queries: one tile per (b, kv head) holding all group * Sq rows, its keys split in
-  // `splits` ranges so that there are about kSplitTasks tasks (of at least kMinSplitKeys keys).
-  // Like the tiling above, the split follows the shape alone, not the thread count.
-  const int64_t heads = g.B * g.Hkv;
-  const int64_t want = (kSplitTasks + heads - 1) / heads;
-  const int64_t splits = std::max<int64_t>(1, std::min(want, g.Sk / kMinSplitKeys));
-  const int64_t R = g.Sq * group;
-  // Partial states of the splits (splits > 1): per task, m and l (R each) and acc (R x Dv).
-  std::vector<TileState<acc_t>> partial(splits > 1 ? heads * splits : 0);
-  auto tile_rows = [&](int64_t hk, TileRows& rows) {
-    rows.clear();
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h)
-      for (int64_t i = 0; i < g.Sq; ++i) rows.add(h, i);
+  // Short queries: one tile per (b, kv head) holding all group * Sq rows, or with packed
+  // documents one per (kv head, document) holding the group's rows of that document against
+  // its keys alone (decoding many sequences at once: each row sees only its own cache). A
+  // tile's keys are split in ranges so that there are about kSplitTasks tasks (of at least
+  // kMinSplitKeys keys). Like the tiling above, the split follows the shape alone, not the
+  // thread count.
+  struct ShortTile {
+    int64_t b, hk, i0, i1, k0, k1;  // the rows of queries [i0, i1) of kv head (b, hk), against keys [k0, k1)
+    int64_t splits, first_task;     // its key splits, and the task of the first
   };
-  at::parallel_for(0, heads * splits, 1, [&](int64_t begin, int64_t end) {
+  std::vector<ShortTile> tiles;
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t hk = 0; hk < g.Hkv; ++hk) {
+      if (band.cu_q.empty()) {
+        tiles.push_back({b, hk, 0, g.Sq, 0, g.Sk, 0, 0});
+        continue;
+      }
+      for (size_t d = 0; d + 1 < band.cu_q.size(); ++d) {
+        const int64_t i0 = band.cu_q[d], i1 = band.cu_q[d + 1];
+        if (i0 == i1) continue;
+        const int64_t k0 = band.lo(i0), k1 = std::max(k0, band.hi(i1 - 1));  // (the bands grow with the row)
+        tiles.push_back({b, hk, i0, i1, k0, k1, 0, 0});
+      }
+    }
+  const int64_t want = (kSplitTasks + int64_t(tiles.size()) - 1) / std::max<int64_t>(1, int64_t(tiles.size()));
+  int64_t tasks = 0;
+  bool any_split = false;
+  for (ShortTile& t : tiles) {
+    t.splits = std::max<int64_t>(1, std::min(want, (t.k1 - t.k0) / kMinSplitKeys));
+    t.first_task = tasks;
+    tasks += t.splits;
+    any_split |= t.splits > 1;
+  }
+  auto tile_rows = [&](const ShortTile& t, TileRows& rows) {
+    rows.clear();
+    for (int64_t h = t.hk * group; h < (t.hk + 1) * group; ++h)
+      for (int64_t i = t.i0; i < t.i1; ++i) rows.add(h, i);
+  };
+  auto tile_of_task = [&](int64_t task) {  // (tiles are in task order)
+    return std::upper_bound(tiles.begin(), tiles.end(), task,
+                            [](int64_t x, const ShortTile& t) { return x < t.first_task; }) - 1;
+  };
+  // Partial states of the splits (tiles with splits > 1): per task, m and l (R each) and acc (R x Dv).
+  std::vector<TileState<acc_t>> partial(any_split ? tasks : 0);
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     TileRows rows;
     TileState<acc_t> st;
     TileBuffers<acc_t> buf;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t split = task % splits, hk = (task / splits) % g.Hkv, b = task / (splits * g.Hkv);
-      tile_rows(hk, rows);
-      TileState<acc_t>& state = splits > 1 ? partial[task] : st;
-      state.reset(R, g.Dv);
-      attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, hk, g.Sk * split / splits,
-                  g.Sk * (split + 1) / splits, kBlockK, drop, state, buf);
-      if (splits == 1) write_rows(rows, state, g, b, os, o, lse, row_stats, drop);
+      const ShortTile& t = *tile_of_task(task);
+      const int64_t split = task - t.first_task, n = t.k1 - t.k0;
+      tile_rows(t, rows);
+      TileState<acc_t>& state = t.splits > 1 ? partial[task] : st;
+      state.reset(rows.size(), g.Dv);
+      attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, t.b, t.hk, t.k0 + n * split / t.splits,
+                  t.k0 + n * (split + 1) / t.splits, kBlockK, drop, state, buf);
+      if (t.splits == 1) write_rows(rows, state, g, t.b, os, o, lse, row_stats, drop);
     }
   });
-  if (splits == 1) return;
+  if (!any_split) return;
   // Merge the splits of each tile: m = max m_s, l = sum l_s e^(m_s - m), acc likewise.
-  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, int64_t(tiles.size()), 1, [&](int64_t begin, int64_t end) {
     TileRows rows;
     TileState<acc_t> merged;
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t hk = t % g.Hkv, b = t / g.Hkv;
-      tile_rows(hk, rows);
+    for (int64_t ti = begin; ti < end; ++ti) {
+      const ShortTile& t = tiles[ti];
+      if (t.splits == 1) continue;  // (written by its task)
+      tile_rows(t, rows);
+      const int64_t R = rows.size();
+      const TileState<acc_t>* parts = partial.data() + t.first_task;
       merged.reset(R, g.Dv);
       for (int64_t r = 0; r < R; ++r) {
-        for (int64_t sp = 0; sp < splits; ++sp) merged.m[r] = max_nan(merged.m[r], partial[t * splits + sp].m[r]);
+        for (int64_t sp = 0; sp < t.splits; ++sp) merged.m[r] = max_nan(merged.m[r], parts[sp].m[r]);
         if (merged.m[r] == -std::numeric_limits<acc_t>::infinity()) continue;  // fully masked row
-        for (int64_t sp = 0; sp < splits; ++sp) {
-          const TileState<acc_t>& p = partial[t * splits + sp];
+        for (int64_t sp = 0; sp < t.splits; ++sp) {
+          const TileState<acc_t>& p = parts[sp];
           const acc_t w = std::exp(p.m[r] - merged.m[r]);  // 0 for a split that saw nothing
           merged.l[r] += p.l[r] * w;
           for (int64_t d = 0; d < g.Dv; ++d) merged.acc[r * g.Dv + d] += p.acc[r * g.Dv + d] * w;
         }
       }
-      write_rows(rows, merged, g, b, os, o, lse, row_stats, drop);
+      write_rows(rows, merged, g, t.b, os, o, lse, row_stats, drop);
     }
   });
 }
