@@ -444,3 +444,38 @@ def test_smollm2_logits_and_gradients(smollm2):
     del twin64
     eager, got = _grads_unpatched_and_patched(model, loss)
     _assert_grads_within_budget(got, g64, eager, "SmolLM2")
+
+
+def test_smollm2_packed_sequences(smollm2, monkeypatch):
+    """SmolLM2 on a padding-free batch (the three prompts side by side in one row, position ids
+    restarting at each, as DataCollatorWithFlattening packs them): lmfast finds the documents in
+    transformers' mask and runs them as cu_seqlens; the logits within budget of the unpatched
+    model's, against float64, and each document's the same as run alone."""
+    tok, model = smollm2
+    docs = [tok(p, return_tensors="pt")["input_ids"][0] for p in PROMPTS]
+    ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(len(d)) for d in docs])[None]
+    bounds = torch.tensor([0, *torch.tensor([len(d) for d in docs]).cumsum(0).tolist()])
+    seen, attention = [], lmfast.ops.attention
+
+    def spy(*args, **kwargs):
+        seen.append(None if kwargs.get("cu_seqlens_q") is None else kwargs["cu_seqlens_q"].tolist())
+        return attention(*args, **kwargs)
+
+    twin64 = copy.deepcopy(model).double()
+    with torch.no_grad():
+        ref64 = twin64(ids, position_ids=position_ids, use_cache=False).logits
+        eager = model(ids, position_ids=position_ids, use_cache=False).logits
+        del twin64
+        lmfast.patch(model)
+        monkeypatch.setattr(lmfast.ops, "attention", spy)
+        try:
+            got = model(ids, position_ids=position_ids, use_cache=False).logits
+            packed_calls = list(seen)  # (one per layer)
+            alone = [model(d[None], use_cache=False).logits for d in docs]
+        finally:
+            lmfast.unpatch(model)
+    assert packed_calls and all(c == bounds.tolist() for c in packed_calls), packed_calls
+    assert_within_budget(got, ref64, eager, "SmolLM2 packed sequences' logits")
+    for d, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        assert_within_budget(alone[d], ref64[:, a:b], eager[:, a:b], f"SmolLM2 document {d} alone")
