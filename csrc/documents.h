@@ -14,7 +14,17 @@
 // contiguous run of keys) holds unchanged.
 #pragma once
 
-#include <ATen/ATen.h>
+// (ATen's per-op headers, not ATen/ATen.h: nvcc reads this from attention.cu, where the whole
+// of ATen cost ~16 s of compile time)
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/maximum.h>
+#include <ATen/ops/minimum.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/stack.h>
 
 #include <optional>
 
