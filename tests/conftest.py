@@ -103,8 +103,30 @@ def _patch_the_language_once_per_launch() -> None:
     interpreter._patch_lang = patch_lang
 
 
+def _drop_the_interpreters_unread_overflow_checks() -> None:
+    """With overflow sanitizing on (the interpreter's default), every int32 add, sub and mul in
+    an interpreted kernel is redone in int64 and compared against int32's range, for a
+    device_assert that the interpreter never checks (its options' debug is always False, so
+    device_assert returns at once): about a third of the interpreted attention kernels' time,
+    computed and thrown away. Turned off here; what the kernels compute is unchanged. If the
+    interpreter's internals differ from these (or it checks asserts), nothing is done."""
+    import dataclasses
+
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if (not dataclasses.is_dataclass(options) or getattr(options, "debug", True)
+            or not getattr(options, "sanitize_overflow", False)):
+        return
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
 if os.environ.get("TRITON_INTERPRET") == "1":
     _patch_the_language_once_per_launch()
+    _drop_the_interpreters_unread_overflow_checks()
 if os.environ.get("LMFAST_TEST_CPU_KERNELS") == "cuda-emulation":  # (after TRITON_INTERPRET: it loads lmfast)
     _load_cuda_emulation().install()
 # On a GPU, attention kernels run with one fixed tile config per head-dim bucket: autotuning
