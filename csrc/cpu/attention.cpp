@@ -1590,13 +1590,10 @@ KeyBand key_band(const Geometry& g, bool causal, std::optional<int64_t> window, 
                   "lmfast_C: cu_seqlens_q and cu_seqlens_k must be (n + 1,) int32/int64 CPU tensors");
     TORCH_CHECK(cu_seqlens_q->numel() == cu_seqlens_k->numel() && g.B == 1,
                 "lmfast_C: cu_seqlens_q and cu_seqlens_k must have one length, and q a batch size of 1");
-    band.documents = documents::key_bands(*cu_seqlens_q, *cu_seqlens_k, g.Sq, g.Sk, causal, window).contiguous();
+    band.documents = documents::key_bands_on_host(*cu_seqlens_q, *cu_seqlens_k, g.Sq, g.Sk, causal, window,
+                                                  band.cu_q, band.cu_k);
     band.doc_lo = band.documents.const_data_ptr<int32_t>();
     band.doc_hi = band.doc_lo + g.Sq;
-    for (auto [t, out] : {std::pair{&*cu_seqlens_q, &band.cu_q}, std::pair{&*cu_seqlens_k, &band.cu_k}}) {
-      const Tensor c = t->to(at::kLong).contiguous();  // (checked by key_bands: 0, ..., S, nondecreasing)
-      out->assign(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel());
-    }
   }
   return band;
 }
