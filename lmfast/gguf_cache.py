@@ -1,0 +1,93 @@
+"""GGUF models converted once, then loaded from a cache.
+
+transformers' GGUF loader dequantizes every tensor in Python on every load: ~25 s for
+SmolLM2-135M on a 2-core CPU, before `lmfast generate --model smollm2` prints a token. Here the
+first load converts the file as before and keeps the result (the float32 weights as safetensors,
+the config without its GGUF quantization entry, the tokenizer and generation config) under
+`<cache>/models/<name>-<key>/` (the cache of lmfast._extension: LMFAST_CACHE_DIR, else
+$XDG_CACHE_HOME/lmfast or ~/.cache/lmfast); later loads read that folder (~0.2 s). The key
+hashes the file's resolved path, size and modification time and the transformers version, so
+a changed file or a new converter converts again. The weights are kept in float32 (what the
+dequantization gives: GGUF's blocks of scaled 4- to 8-bit values are exact in float32) and cast
+to the dtype asked for after loading, as a direct conversion to that dtype does.
+
+Nothing here downloads: both loads read local files only. A cache that cannot be written (a
+read-only home) only costs the conversion each time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ._extension import cache_root
+
+
+def cache_dir_for(gguf_path: str | os.PathLike) -> Path:
+    """Where the converted model of this GGUF file is kept (whether or not it is there yet)."""
+    import transformers
+
+    path = Path(gguf_path).resolve()
+    stat = path.stat()
+    key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}".encode())
+    return cache_root() / "models" / f"{path.stem}-{key.hexdigest()[:16]}"
+
+
+def load_causal_lm(directory: str, gguf_file: str, dtype: torch.dtype):
+    """(tokenizer, causal LM in eval mode, in `dtype`) of directory/gguf_file: from the cache
+    when it holds this file's conversion, else converted by transformers' GGUF loader and kept."""
+    import transformers
+
+    cached = cache_dir_for(Path(directory, gguf_file))
+    if cached.is_dir():
+        try:
+            return _load_converted(cached, dtype)
+        except Exception:  # a damaged entry (a disk filled mid-copy, a hand edit): convert again
+            shutil.rmtree(cached, ignore_errors=True)
+    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32,
+                                                              local_files_only=True)
+    try:
+        _keep(tok, model, cached)
+    except OSError:
+        pass  # (a read-only cache: this load still works, the next converts again)
+    return tok, model.to(dtype).eval()
+
+
+def _load_converted(folder: Path, dtype: torch.dtype):
+    import transformers
+
+    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    return tok, model.to(dtype).eval()
+
+
+def _keep(tok, model, target: Path) -> None:
+    """Writes the converted model into a folder of its own, then renames it to `target` in one
+    step, so that a reader never sees half of it and two processes converting at once both
+    succeed (the second one's copy is dropped)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    # The GGUF quantizer marks the model unserializable (it was quantized); its weights are
+    # plain dequantized float32 tensors by now, which save_pretrained writes as they are.
+    quantizer = getattr(model, "hf_quantizer", None)
+    model.hf_quantizer = None
+    try:
+        model.save_pretrained(staging)
+    finally:
+        model.hf_quantizer = quantizer
+    tok.save_pretrained(staging)
+    config = staging / "config.json"  # the copy is not quantized: no GGUF entry for the loader to act on
+    fields = json.loads(config.read_text())
+    fields.pop("quantization_config", None)
+    config.write_text(json.dumps(fields, indent=2))
+    try:
+        os.rename(staging, target)
+    except OSError:  # another process kept its conversion first
+        shutil.rmtree(staging, ignore_errors=True)
