@@ -54,8 +54,8 @@ def load_causal_lm(directory: str, gguf_file: str, dtype: torch.dtype):
                                                               local_files_only=True)
     try:
         _keep(tok, model, cached)
-    except OSError:
-        pass  # (a read-only cache: this load still works, the next converts again)
+    except Exception:  # (a read-only cache, a model save_pretrained cannot write: this load still
+        pass           # works, the next converts again)
     return tok, model.to(dtype).eval()
 
 
@@ -80,14 +80,12 @@ def _keep(tok, model, target: Path) -> None:
     model.hf_quantizer = None
     try:
         model.save_pretrained(staging)
+        tok.save_pretrained(staging)
+        config = staging / "config.json"  # the copy is not quantized: no GGUF entry for the loader to act on
+        fields = json.loads(config.read_text())
+        fields.pop("quantization_config", None)
+        config.write_text(json.dumps(fields, indent=2))
+        os.rename(staging, target)  # (fails if another process kept its conversion first)
     finally:
         model.hf_quantizer = quantizer
-    tok.save_pretrained(staging)
-    config = staging / "config.json"  # the copy is not quantized: no GGUF entry for the loader to act on
-    fields = json.loads(config.read_text())
-    fields.pop("quantization_config", None)
-    config.write_text(json.dumps(fields, indent=2))
-    try:
-        os.rename(staging, target)
-    except OSError:  # another process kept its conversion first
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # (gone after a rename; else a failed copy)
