@@ -1,5 +1,6 @@
-"""Every Triton kernel variant compiles ahead of time for NVIDIA Hopper (sm_90) and Ampere
-(sm_80), on any machine, without a GPU.
+"""Every Triton kernel compiles ahead of time for NVIDIA Hopper (sm_90) and Ampere (sm_80), on
+any machine, without a GPU: each flag value and dtype in some variant (_variants: which ones,
+and why not every combination).
 
 The other tests run the Triton kernels through the interpreter, which executes them as Python
 and so accepts code the real compiler rejects; this compiles them for real (to cubin, with
