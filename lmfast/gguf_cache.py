@@ -5,7 +5,7 @@ SmolLM2-135M on a 2-core CPU, before `lmfast generate --model smollm2` prints a 
 first load converts the file as before and keeps the result (the float32 weights as safetensors,
 the config without its GGUF quantization entry, the tokenizer and generation config) under
 `<cache>/models/<name>-<key>/` (the cache of lmfast._extension: LMFAST_CACHE_DIR, else
-$XDG_CACHE_HOME/lmfast or ~/.cache/lmfast); later loads read that folder (~0.2 s). The key
+$XDG_CACHE_HOME/lmfast or ~/.cache/lmfast); later loads read that folder (0.2-0.3 s). The key
 hashes the file's resolved path, size and modification time and the transformers version, so
 a changed file or a new converter converts again. The weights are kept in float32 (what the
 dequantization gives: GGUF's blocks of scaled 4- to 8-bit values are exact in float32) and cast
