@@ -177,3 +177,35 @@ def _run_once(fn, reference, inputs, grad, name, seed):
             continue
         assert g is not None, f"{name}: d{k} is None, expected a gradient"
         yield f"{name} d{k}", (g, g64, ge)
+
+
+# ---- packed documents: the kernels' tables ------------------------------------------------------
+
+def random_document_lengths(gen: torch.Generator, n_docs: int) -> tuple[list[int], list[int]]:
+    """Query and key lengths of n_docs packed documents: empty ones, one-token ones, longer."""
+    def lengths(choices):
+        return [choices[i] for i in torch.randint(len(choices), (n_docs,), generator=gen).tolist()]
+    return lengths([0, 1, 1, 2, 5, 17, 40]), lengths([0, 1, 3, 8, 30, 70])
+
+
+def assert_document_bands(keep: Tensor, lo: Tensor, hi: Tensor, first: Tensor | None = None,
+                          end: Tensor | None = None, what: str = "") -> None:
+    """A kernel's table of packed documents against the reference's (Sq, Sk) boolean `keep`
+    (lmfast.reference.documents_keep): each query row's keys are exactly [lo, hi) (lo = hi when
+    it sees none); where given, each key's rows exactly [first, end); every end nondecreasing
+    (the kernels skip tiles by that)."""
+    keep = keep.cpu()
+    lo, hi = lo.cpu(), hi.cpu()
+    for i in range(keep.shape[0]):
+        assert keep[i].nonzero().flatten().tolist() == list(range(lo[i], hi[i])) and lo[i] <= hi[i], \
+            f"{what}: row {i} sees keys {keep[i].nonzero().flatten().tolist()}, the table says [{lo[i]}, {hi[i]})"
+    ends = [lo, hi]
+    if first is not None:
+        first, end = first.cpu(), end.cpu()
+        for j in range(keep.shape[1]):
+            assert keep[:, j].nonzero().flatten().tolist() == list(range(first[j], end[j])) and first[j] <= end[j], \
+                f"{what}: key {j} is seen by rows {keep[:, j].nonzero().flatten().tolist()}, the table says " \
+                f"[{first[j]}, {end[j]})"
+        ends += [first, end]
+    for e in ends:
+        assert bool((e[1:] >= e[:-1]).all()), f"{what}: the table's ends decrease"

@@ -16,7 +16,7 @@ import torch
 import lmfast
 from lmfast import reference
 from lmfast._backends import KERNEL_OPS
-from lmfast.testing import check_against_reference
+from lmfast.testing import assert_document_bands, check_against_reference, random_document_lengths
 
 
 @pytest.fixture
@@ -917,6 +917,75 @@ def test_packed_documents_gradcheck_cpu_float64():
         assert torch.autograd.gradcheck(
             lambda q, k, v: lmfast.ops.attention(q, k, v, causal=causal, window=window, cu_seqlens_q=cq,
                                                  cu_seqlens_k=ck, return_lse=True, backend="cpu"), (q, k, v))
+
+
+def _triton_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"  # (on CPU tensors: the interpreter)
+
+
+def test_triton_document_table_is_each_rows_keys_and_each_keys_rows():
+    """The Triton kernels' table of packed documents (_document_bands, one launch): each row's
+    [lo, hi) is exactly the keys the reference lets it see, each key's [first, end) exactly the
+    rows that see it, both ends nondecreasing; the check entry is 1. Random documents, causal
+    and windows (one past Sk), int32 and int64 boundaries, strided ones."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from lmfast.kernels import attention as kernels
+
+    gen, device = torch.Generator().manual_seed(3), _triton_device()
+    for trial in range(40):
+        lens_q, lens_k = random_document_lengths(gen, [1, 2, 3, 9, 40][trial % 5])
+        causal, window = trial % 3 != 0, [None, 1, 2, 7, 10**6][trial % 5 if trial % 7 else 4]
+        cq, ck = (_cu_seqlens(lens, device).to(torch.int64 if trial % 2 else torch.int32) for lens in (lens_q, lens_k))
+        if trial % 3 == 1:  # boundaries every other element of a longer tensor
+            cq, ck = (torch.stack([c, c + 999], 1)[:, 0] for c in (cq, ck))
+        Sq, Sk = sum(lens_q), sum(lens_k)
+        table = kernels._document_bands(cq, ck, Sq, Sk, causal, window, check=True).cpu()
+        what = f"documents {lens_q} / {lens_k}, causal={causal}, window={window}"
+        assert table[-1] == 1, what
+        assert_document_bands(reference.documents_keep(cq.cpu(), ck.cpu(), causal, window), table[:Sq],
+                              table[Sq:2 * Sq], table[2 * Sq:2 * Sq + Sk], table[2 * Sq + Sk:-1], what)
+
+
+def test_triton_document_table_flags_bad_values_and_stays_in_bounds():
+    """Boundaries that cut no documents (negative, falling, past the ends, the wrong end): the
+    check entry is 0, and every entry stays in [0, Sk] (row bands) and [0, Sq] (key ranges), so
+    that on a GPU the kernels read nothing out of bounds before the device assert reports them."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from lmfast.kernels import attention as kernels
+
+    gen, device = torch.Generator().manual_seed(4), _triton_device()
+    for trial in range(30):
+        n_docs = 1 + trial % 6
+        Sq, Sk = (int(x) for x in torch.randint(0, 40, (2,), generator=gen))
+        cq, ck = (torch.randint(-5, 50, (n_docs + 1,), generator=gen).sort().values for _ in range(2))
+        if trial % 2:  # falling somewhere, or only the ends wrong
+            cq = cq[torch.randperm(n_docs + 1, generator=gen)]
+        else:
+            cq[0], ck[0], cq[-1], ck[-1] = 0, 0, Sq + 1 + trial % 2, Sk
+        table = kernels._document_bands(cq.to(device), ck.to(device), Sq, Sk, True, [None, 3][trial % 2],
+                                        check=True).cpu()
+        assert table[-1] == 0, (cq, ck, Sq, Sk)
+        rows, keys = table[:2 * Sq], table[2 * Sq:-1]
+        assert bool(((rows >= 0) & (rows <= Sk)).all() and ((keys >= 0) & (keys <= Sq)).all()), (cq, ck, Sq, Sk)
+        assert bool((table[Sq:2 * Sq] >= table[:Sq]).all()), (cq, ck, Sq, Sk)  # hi >= lo: no negative extent
+
+
+def test_triton_forward_asserts_the_document_check():
+    """The Triton forward asserts the table's check: bad values that reach the kernels (the op
+    layer raises a ValueError for CPU tensors first) stop it. On CPU tensors (the interpreter)
+    the assert raises at once; on a GPU it would end the process's CUDA context, so not run there."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    if torch.cuda.is_available():
+        pytest.skip("a failed device assert would end this process's CUDA context")
+    from lmfast.kernels import attention as kernels
+
+    q = torch.randn(1, 2, 6, 8)
+    for cq, ck in ((torch.tensor([0, 2, 6]), torch.tensor([0, 5, 3])), (torch.tensor([0, 7, 6]), torch.tensor([0, 3, 3]))):
+        with pytest.raises(RuntimeError, match="cu_seqlens_q and cu_seqlens_k must start at 0, not decrease"):
+            kernels.attention_fwd(q, q[:, :, :3], q[:, :, :3], None, 1.0, True, None, cu_seqlens_q=cq, cu_seqlens_k=ck)
+    o, _, _ = kernels.attention_fwd(q, q[:, :, :3], q[:, :, :3], None, 1.0, True, None,
+                                    cu_seqlens_q=torch.tensor([0, 2, 6]), cu_seqlens_k=torch.tensor([0, 1, 3]))
+    assert o.shape == (1, 2, 6, 8)
 
 
 @pytest.mark.parametrize("backend", ["kernel", "torch"])

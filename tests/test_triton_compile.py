@@ -126,6 +126,12 @@ def _attention_variants():
         out.append(("attention._attn_bwd_delta_kernel",
                     {"DO": p, "O": p, "DELTA": "*fp32", "rows": "i32", "D": "i32"},
                     {"BLOCK_R": 8192 // block_d, "BLOCK_D": block_d}, {}, (90,)))
+    # packed documents' table: int32 boundaries with every flag, int64 with none
+    for cu, flags_on, archs in (("*i32", True, (90, 80)), ("*i64", False, (90,))):
+        out.append(("attention._document_bands_kernel",
+                    {"CU_Q": cu, "CU_K": cu, "BANDS": "*i32", "stride_q": "i32", "stride_k": "i32", "n_docs": "i32",
+                     "steps": "i32", "Sq": "i32", "Sk": "i32", "window": "i32"},
+                    {"CAUSAL": flags_on, "WINDOW": flags_on, "CHECK": flags_on, "BLOCK": 1024}, {"num_warps": 4}, archs))
     return out
 
 

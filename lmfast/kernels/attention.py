@@ -723,29 +723,101 @@ def _dropout_args(dropout_p: float, seed, like):
     return seed, reference.dropout_threshold(dropout_p), 1.0 / (1.0 - dropout_p)
 
 
-def _document_bands(cu_q, cu_k, Sq: int, Sk: int, causal: bool, window) -> torch.Tensor:
-    """Packed documents as the kernels read them (DOCS): int32 (2 Sq + 2 Sk,) on cu_q's device,
+@triton.jit
+def _boundary(CU, stride, d, n_docs):
+    """Boundary d of a cu_seqlens (int64; 0 outside [0, n_docs], which valid values never ask for)."""
+    return tl.load(CU + d * stride, mask=(d >= 0) & (d <= n_docs), other=0).to(tl.int64)
+
+
+@triton.jit
+def _document_of(CU, stride, x, n_docs, steps):
+    """The document holding each index x: how many of the boundaries CU[1 : n_docs + 1] are <= x
+    (torch.searchsorted(cu[1:], x, right=True)), kept in [0, n_docs - 1]. A binary search of
+    `steps` halvings (the bit length of n_docs)."""
+    a = tl.zeros_like(x)
+    b = a + n_docs
+    for _ in range(steps):
+        active = a < b
+        mid = (a + b) // 2
+        right = active & (_boundary(CU, stride, mid + 1, n_docs) <= x)
+        a = tl.where(right, mid + 1, a)
+        b = tl.where(active & ~right, mid, b)
+    return tl.maximum(tl.minimum(a, n_docs - 1), 0)
+
+
+@triton.jit
+def _document_bands_kernel(
+    CU_Q, CU_K,     # (n_docs + 1,) int32 or int64: the documents' query rows and keys (cu_seqlens)
+    BANDS,          # (2 Sq + 2 Sk + 1,) int32 output: lo, hi of each row; first, end of each key; the check
+    stride_q, stride_k, n_docs, steps, Sq, Sk, window,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHECK: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Program t: rows and keys [t BLOCK, (t + 1) BLOCK) of _document_bands' table; with CHECK,
+    program 0 also writes whether the boundaries are valid (1) or not (0) to its last entry."""
+    t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # query row i of document d sees keys [lo, hi) (csrc/documents.h: key_bands)
+    d = _document_of(CU_Q, stride_q, t, n_docs, steps)
+    key_end = _boundary(CU_K, stride_k, d + 1, n_docs)
+    pos = t + key_end - _boundary(CU_Q, stride_q, d + 1, n_docs)  # its key position
+    lo = _boundary(CU_K, stride_k, d, n_docs)
+    hi = key_end
+    if WINDOW:
+        lo = tl.maximum(lo, pos - (window - 1))
+    if CAUSAL:
+        hi = tl.minimum(hi, pos + 1)
+    lo = tl.minimum(tl.maximum(lo, 0), Sk)  # (on a GPU, values the check rejects are still read first)
+    hi = tl.maximum(tl.minimum(tl.maximum(hi, 0), Sk), lo)
+    tl.store(BANDS + t, lo.to(tl.int32), mask=t < Sq)
+    tl.store(BANDS + Sq + t, hi.to(tl.int32), mask=t < Sq)
+    # key j of document d is seen by its rows [first, end): those at key positions j .. j + window - 1
+    d = _document_of(CU_K, stride_k, t, n_docs, steps)
+    row_start = _boundary(CU_Q, stride_q, d, n_docs)
+    row_end = _boundary(CU_Q, stride_q, d + 1, n_docs)
+    shift = row_end - _boundary(CU_K, stride_k, d + 1, n_docs)  # row = key position + shift
+    first = row_start
+    end = row_end
+    if CAUSAL:
+        first = tl.minimum(tl.maximum(first, t + shift), row_end)
+    if WINDOW:
+        end = tl.maximum(tl.minimum(end, t + window + shift), first)
+    first = tl.minimum(tl.maximum(first, 0), Sq)
+    end = tl.maximum(tl.minimum(tl.maximum(end, 0), Sq), first)
+    tl.store(BANDS + 2 * Sq + t, first.to(tl.int32), mask=t < Sk)
+    tl.store(BANDS + 2 * Sq + Sk + t, end.to(tl.int32), mask=t < Sk)
+    if CHECK:
+        if tl.program_id(0) == 0:  # start at 0, end at Sq and Sk, never decrease
+            ok = (_boundary(CU_Q, stride_q, 0, n_docs) == 0) & (_boundary(CU_Q, stride_q, n_docs, n_docs) == Sq)
+            ok = ok & (_boundary(CU_K, stride_k, 0, n_docs) == 0) & (_boundary(CU_K, stride_k, n_docs, n_docs) == Sk)
+            falls = 0
+            for start in range(0, n_docs, BLOCK):
+                b = start + 1 + tl.arange(0, BLOCK)  # boundaries b, each against b - 1
+                q_falls = _boundary(CU_Q, stride_q, b, n_docs) < _boundary(CU_Q, stride_q, b - 1, n_docs)
+                k_falls = _boundary(CU_K, stride_k, b, n_docs) < _boundary(CU_K, stride_k, b - 1, n_docs)
+                falls += tl.sum(((q_falls | k_falls) & (b <= n_docs)).to(tl.int32), axis=0)
+            tl.store(BANDS + 2 * Sq + 2 * Sk, (ok & (falls == 0)).to(tl.int32))
+
+
+def _document_bands(cu_q, cu_k, Sq: int, Sk: int, causal: bool, window, check: bool) -> torch.Tensor:
+    """Packed documents as the kernels read them (DOCS): int32 (2 Sq + 2 Sk + 1,) on cu_q's device,
     [0, Sq) and [Sq, 2 Sq) each query row's visible keys [lo, hi), exactly as csrc/documents.h's
     key_bands (the CPU and CUDA C++ kernels' table), then per key the queries that see it,
-    [first, end): both ends of the row bands grow with the row, so those queries are the rows
-    with hi > j (from the first such) and lo <= j (up to the first row with lo > j). The values
-    are the op layer's check (lmfast.ops._checks.document_values)."""
-    cq, ck = cu_q.long(), cu_k.long()
-    n = cq.numel() - 1
-    i = torch.arange(Sq, device=cq.device)
-    doc = torch.searchsorted(cq[1:], i, right=True).clamp(0, max(n - 1, 0))  # each row's document
-    lo, hi = ck[doc], ck[doc + 1]  # (with Sq = 0: empty, as i)
-    pos = i + hi - cq[doc + 1]  # key position of each query in its document
-    if window is not None:
-        lo = torch.maximum(lo, pos - (window - 1))
-    if causal:
-        hi = torch.minimum(hi, pos + 1)
-    lo = lo.clamp(0, Sk)  # (on a GPU, values the assert rejects are still read first)
-    hi = torch.maximum(hi.clamp(0, Sk), lo)
-    j = torch.arange(Sk, device=cq.device)
-    first = torch.searchsorted(hi, j, right=True)  # first row with hi > j
-    end = torch.searchsorted(lo, j, right=True)    # first row with lo > j
-    return torch.cat([lo, hi, first, end]).to(torch.int32)
+    [first, end) (both ends of the row bands grow with the row: the rows of the key's document
+    from the one at its key position (causal) up to the last that has it in its window).
+
+    One launch, whatever the number of documents: a decode step of many sequences pays its host
+    time once, not per tensor op (the tensor-op form of this table took 23 ops, and the values'
+    check 22 more). With `check` (the forward), the kernel also checks the values (start at 0,
+    never decrease, end at Sq and Sk) into the last entry (1: valid), which attention_fwd asserts
+    without waiting on the device: a GPU reports bad values as a device-side assert; the op layer
+    checks CPU tensors on the host first, with a ValueError naming the argument
+    (lmfast.ops._checks.document_values)."""
+    n_docs = cu_q.numel() - 1  # (a window past Sk + 1 limits no row; clamped, its arithmetic stays in int64)
+    bands = torch.empty(2 * Sq + 2 * Sk + 1, dtype=torch.int32, device=cu_q.device)
+    block = 1024 if not _common.interpreted() else 256
+    _document_bands_kernel[(max(1, triton.cdiv(max(Sq, Sk), block)),)](
+        cu_q, cu_k, bands, cu_q.stride(0), cu_k.stride(0), n_docs, max(n_docs, 1).bit_length(), Sq, Sk,
+        0 if window is None else min(window, Sk + 1), CAUSAL=causal, WINDOW=window is not None, CHECK=check, BLOCK=block)
+    return bands
 
 
 def _mask_args(mask, like):
@@ -822,13 +894,17 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     o = torch.empty((B, Sq, Hq, Dv), device=q.device, dtype=q.dtype).transpose(1, 2)  # as csrc/ops.h
     lse = torch.empty((B, Hq, Sq), device=q.device, dtype=torch.float32)
     stats = torch.empty((2, B, Hq, Sq), device=q.device, dtype=torch.float32)  # (row max, 1 / row sum)
+    docs = cu_seqlens_q is not None
+    bands = q
+    if docs:  # (the table, and the values' check, even when no row is asked for)
+        bands = _document_bands(cu_seqlens_q, cu_seqlens_k, Sq, Sk, causal, window, check=True)
+        torch._assert_async(bands[-1], "cu_seqlens_q and cu_seqlens_k must start at 0, not decrease, and end at "
+                                       "the query and key counts")
     if lse.numel() == 0:
         return o, lse, stats
     # Sk = 0 (every row empty: o = 0, lse = -inf) and D = 0 need no special case: the loops
     # run zero times / all head-dim lanes are masked.
     mask_arg, ms = _mask_args(mask, q)
-    docs = cu_seqlens_q is not None
-    bands = _document_bands(cu_seqlens_q, cu_seqlens_k, Sq, Sk, causal, window) if docs else q
     flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap, docs)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)
@@ -888,7 +964,7 @@ def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal:
     _attn_bwd_delta_kernel[(triton.cdiv(rows, block_r),)](dout, o, delta, rows, Dv, BLOCK_R=block_r, BLOCK_D=block_dv)
     mask_arg, ms = _mask_args(mask, q)
     docs = cu_seqlens_q is not None
-    bands = _document_bands(cu_seqlens_q, cu_seqlens_k, Sq, Sk, causal, window) if docs else q
+    bands = _document_bands(cu_seqlens_q, cu_seqlens_k, Sq, Sk, causal, window, check=False) if docs else q
     flags = _common_flags(q, v, mask, causal, window, dropout_p, softcap, docs)
     w = 0 if window is None else window
     drop = _dropout_args(dropout_p, dropout_seed, q)

@@ -194,7 +194,10 @@ def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, causal
       window: int | None, dropout_p: float = 0.0, dropout_seed: Tensor | None = None,
       softcap: float = 0.0, cu_seqlens_q: Tensor | None = None,
       cu_seqlens_k: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    if cu_seqlens_q is not None:  # (the backward takes the forward's: checked once)
+    if cu_seqlens_q is not None and cu_seqlens_q.device.type == "cpu":
+        # a ValueError naming the argument; on a GPU the kernels' band table checks them, one
+        # launch with no sync (lmfast/kernels/attention.py: _document_bands); the backward takes
+        # the forward's: checked once
         _checks.document_values(cu_seqlens_q, cu_seqlens_k, q.shape[2], k.shape[2])
     return triton_kernels().attention_fwd(q, k, v, mask, scale, causal, window, dropout_p, dropout_seed, softcap,
                                           cu_seqlens_q, cu_seqlens_k)
