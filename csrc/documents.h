@@ -14,26 +14,59 @@
 // contiguous run of keys) holds unchanged.
 #pragma once
 
-// (ATen's per-op headers, not ATen/ATen.h: nvcc reads this from attention.cu, where the whole
-// of ATen cost ~16 s of compile time)
-#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/_assert_async.h>
-#include <ATen/ops/arange.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/maximum.h>
-#include <ATen/ops/minimum.h>
-#include <ATen/ops/searchsorted.h>
-#include <ATen/ops/stack.h>
 
-#include <algorithm>
+#include <cstdint>
 #include <optional>
-#include <string>
 #include <vector>
+
+// (nvcc compiles the arithmetic below for the device too: the CUDA kernels build the table on
+// the GPU, csrc/cuda/attention.cu; the host compiler, the emulator's included, for the host)
+#if defined(__CUDACC__)
+#define LMFAST_HOST_DEVICE __host__ __device__
+#else
+#define LMFAST_HOST_DEVICE
+#endif
 
 namespace lmfast::documents {
 
 using at::Tensor;
+
+// Query row i of a document with keys [ks, ke) whose rows end at qe: its visible keys [lo, hi)
+// as above (window 0: none), clamped to [0, Sk] (on a GPU, values the check rejects are still
+// read first), hi >= lo. The one formula of the table, for the host loop and the CUDA kernel.
+struct RowBand {
+  int64_t lo, hi;
+};
+LMFAST_HOST_DEVICE inline RowBand row_band(int64_t i, int64_t ks, int64_t ke, int64_t qe, int64_t Sk, bool causal,
+                                           int64_t window) {
+  const int64_t pos = i + ke - qe;  // key position of the query
+  int64_t lo = window > 0 && pos - (window - 1) > ks ? pos - (window - 1) : ks;
+  int64_t hi = causal && pos + 1 < ke ? pos + 1 : ke;
+  lo = lo < 0 ? 0 : lo > Sk ? Sk : lo;
+  hi = hi < 0 ? 0 : hi > Sk ? Sk : hi;
+  return {lo, hi < lo ? lo : hi};
+}
+
+// row_band's window argument: 0 for none, and none past Sk + 1, which limits no row (and keeps
+// pos - (window - 1) far from overflowing).
+inline int64_t window_for_bands(std::optional<int64_t> window, int64_t Sk) {
+  return window.has_value() ? (*window < Sk + 1 ? *window : Sk + 1) : 0;
+}
+
+// The document of row x: how many of the boundaries cu[1 .. n_docs] (`stride` elements apart)
+// are <= x, at most n_docs - 1 (n_docs >= 1). A binary search: one thread a row on the GPU.
+template <typename index_t>
+LMFAST_HOST_DEVICE inline int64_t document_of(const index_t* cu, int64_t stride, int64_t n_docs, int64_t x) {
+  int64_t a = 0, b = n_docs;
+  while (a < b) {
+    const int64_t mid = (a + b) / 2;
+    if (static_cast<int64_t>(cu[(mid + 1) * stride]) <= x) a = mid + 1;
+    else b = mid;
+  }
+  return a < n_docs - 1 ? a : n_docs - 1;
+}
 
 // The boundaries of a CPU cu_seqlens tensor (int32 or int64, any stride), read once.
 inline std::vector<int64_t> read_boundaries(const Tensor& c) {
@@ -50,7 +83,8 @@ inline std::vector<int64_t> read_boundaries(const Tensor& c) {
 }
 
 // The values' rules on the host (a ValueError naming the argument): start at 0, never
-// decrease, end at `end` (Sq or Sk).
+// decrease, end at `end` (Sq or Sk). (On a GPU the kernel that builds the table checks them:
+// csrc/cuda/attention.cu, document_bands.)
 inline void check_boundaries(const char* name, const std::vector<int64_t>& x, int64_t end, bool is_q) {
   const int64_t n = static_cast<int64_t>(x.size());
   TORCH_CHECK_VALUE(n >= 1 && x[0] == 0, name, " must start at 0, got ", n >= 1 ? x[0] : -1);
@@ -60,50 +94,27 @@ inline void check_boundaries(const char* name, const std::vector<int64_t>& x, in
                     " (every row in a document), got ", x[n - 1]);
 }
 
-// The values' rules (the shapes, dtypes and device are checked before): on the host for CPU
-// tensors (a ValueError naming the argument); on a GPU an asynchronous device assert, so that
-// no call waits on the device.
-inline void check_values(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk) {
-  if (cu_q.is_cpu()) {
-    check_boundaries("cu_seqlens_q", read_boundaries(cu_q), Sq, true);
-    check_boundaries("cu_seqlens_k", read_boundaries(cu_k), Sk, false);
-    return;
-  }
-  const std::pair<const char*, const Tensor*> args[2] = {{"cu_seqlens_q", &cu_q}, {"cu_seqlens_k", &cu_k}};
-  const int64_t ends[2] = {Sq, Sk};
-  for (int a = 0; a < 2; ++a) {
-    const Tensor c = args[a].second->to(at::kLong);
-    const int64_t n = c.numel();
-    const Tensor ok = (c.select(0, 0) == 0) & (c.select(0, n - 1) == ends[a]) &
-                      (n > 1 ? (c.slice(0, 1) >= c.slice(0, 0, n - 1)).all() : c.select(0, 0) == 0);
-    at::_assert_async(ok, std::string(args[a].first) + " must start at 0, not decrease, and end at the " +
-                              (a == 0 ? "query" : "key") + " count");
-  }
-}
-
-// The (2, Sq) int32 table of key_bands from checked host boundaries.
+// The (2, Sq) int32 table, [0] lo_i and [1] hi_i, from checked host boundaries: one pass over
+// the rows, document by document.
 inline Tensor key_bands_from(const std::vector<int64_t>& cq, const std::vector<int64_t>& ck, int64_t Sq,
                              int64_t Sk, bool causal, std::optional<int64_t> window) {
   Tensor bands = at::empty({2, Sq}, at::TensorOptions().dtype(at::kInt));
   int32_t* lo = bands.data_ptr<int32_t>();
   int32_t* hi = lo + Sq;
+  const int64_t w = window_for_bands(window, Sk);
   for (size_t d = 0; d + 1 < cq.size(); ++d) {
-    const int64_t ks = ck[d], ke = ck[d + 1], shift = ke - cq[d + 1];  // pos_i = i + shift
     for (int64_t i = cq[d]; i < cq[d + 1]; ++i) {
-      const int64_t pos = i + shift;
-      const int64_t l = window.has_value() ? std::max(ks, pos - (*window - 1)) : ks;
-      const int64_t h = causal ? std::min(ke, pos + 1) : ke;
-      lo[i] = static_cast<int32_t>(std::clamp<int64_t>(l, 0, Sk));
-      hi[i] = static_cast<int32_t>(std::max<int64_t>(std::clamp<int64_t>(h, 0, Sk), lo[i]));
+      const RowBand band = row_band(i, ck[d], ck[d + 1], cq[d + 1], Sk, causal, w);
+      lo[i] = static_cast<int32_t>(band.lo);
+      hi[i] = static_cast<int32_t>(band.hi);
     }
   }
   return bands;
 }
 
-// key_bands for CPU tensors (the CPU kernels' path): the same table from one pass over the rows
-// on the host, and the boundaries it read (cq, ck), checked. The CPU kernels pay this per call
-// (a decode step of many sequences included), not ~10 small tensor ops; both paths are tested
-// against the float64 reference (the C++ CPU kernels and the emulated CUDA ones).
+// key_bands_from for CPU tensors (the CPU kernels' path): the boundaries read (cq, ck) and
+// checked, then the table. The CPU kernels pay this per call (a decode step of many sequences
+// included), not ~10 small tensor ops.
 inline Tensor key_bands_on_host(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
                                 std::optional<int64_t> window, std::vector<int64_t>& cq, std::vector<int64_t>& ck) {
   cq = read_boundaries(cu_q);
@@ -111,29 +122,6 @@ inline Tensor key_bands_on_host(const Tensor& cu_q, const Tensor& cu_k, int64_t 
   check_boundaries("cu_seqlens_q", cq, Sq, true);
   check_boundaries("cu_seqlens_k", ck, Sk, false);
   return key_bands_from(cq, ck, Sq, Sk, causal, window);
-}
-
-// (2, Sq) int32 on cu_q's device: [0] lo_i, [1] hi_i (above), by tensor ops on that device:
-// the GPU kernels' path (nothing is copied to the host, no call waits on the device; the CUDA
-// emulator runs it on CPU tensors). Checks the values first (check_values).
-inline Tensor key_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
-                        std::optional<int64_t> window) {
-  check_values(cu_q, cu_k, Sq, Sk);
-  const auto opts = cu_q.options().dtype(at::kLong);
-  if (Sq == 0) return at::empty({2, 0}, opts.dtype(at::kInt));
-  const Tensor cq = cu_q.to(at::kLong), ck = cu_k.to(at::kLong);
-  const int64_t n = cq.numel() - 1;  // documents
-  TORCH_CHECK_VALUE(n >= 1, "cu_seqlens_q holds no document but q has ", Sq, " rows");
-  const Tensor i = at::arange(Sq, opts);                                 // (Sq,)
-  const Tensor doc = at::searchsorted(cq.slice(0, 1), i, /*out_int32=*/false, /*right=*/true).clamp_max(n - 1);
-  const Tensor ke = ck.index_select(0, doc + 1);
-  const Tensor pos = i + ke - cq.index_select(0, doc + 1);               // key position of each query
-  Tensor lo = ck.index_select(0, doc), hi = ke;
-  if (window.has_value()) lo = at::maximum(lo, pos - (*window - 1));
-  if (causal) hi = at::minimum(hi, pos + 1);
-  // (clamped to [0, Sk]: on a GPU, values the assert above rejects are still read first)
-  lo = lo.clamp(0, Sk);
-  return at::stack({lo, at::maximum(hi.clamp(0, Sk), lo)}).to(at::kInt);
 }
 
 }  // namespace lmfast::documents

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from lmfast import reference
-from lmfast.testing import check_against_reference
+from lmfast.testing import assert_document_bands, check_against_reference, random_document_lengths
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -351,6 +351,37 @@ def test_attention_cu_seqlens(emu, dtype, case):
                                   cu_seqlens_k=ck)
 
     check_against_reference(fn, ref, inputs, name=f"cuda-emulated attention cu_seqlens {case} {dtype}")
+
+
+def test_document_bands_kernel(emu, thread_order):
+    """The CUDA kernels' table of packed documents, built on the device (attention.cu:
+    document_bands, a thread a row): each row's [lo, hi) exactly the keys the reference lets
+    it see, and the check entry 1; int32 and int64 boundaries, strided, windows (one past Sk).
+    Bad boundaries (falling past the first block's 256 threads too, wrong ends) give 0 and
+    bands inside [0, Sk]."""
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(24):
+        lens_q, lens_k = random_document_lengths(gen, [1, 2, 3, 9, 40][trial % 5])
+        causal, window = trial % 3 != 0, [None, 1, 2, 7, 10**6][trial % 5]
+        cq, ck = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()]) for n in (lens_q, lens_k))
+        cq = cq.to(torch.int32) if trial % 2 else cq
+        if trial % 3 == 1:  # boundaries every other element of a longer tensor
+            ck = torch.stack([ck, ck], 1)[:, 0]
+        Sq, Sk = sum(lens_q), sum(lens_k)
+        table = emu.document_bands(cq, ck, Sq, Sk, causal, window)
+        what = f"documents {lens_q} / {lens_k}, causal={causal}, window={window}"
+        assert table.shape == (2 * Sq + 1,) and table[-1] == 1, what
+        assert_document_bands(reference.documents_keep(cq, ck, causal, window), table[:Sq], table[Sq:2 * Sq],
+                              what=what)
+    good = torch.arange(601)  # 600 one-row documents
+    for cq, ck, Sq, Sk in ((good, good.flip(0), 600, 600),                  # keys fall everywhere, from 600 to 0
+                           (good, torch.cat([good[:400], good[400:] - 2]), 600, 598),  # one fall, at 400
+                           (torch.cat([good[:300], good[300:] - 2]), good, 598, 600),  # the queries', at 300
+                           (good, good, 600, 599),                         # ends past Sk
+                           (good.to(torch.int32) - 1, good, 599, 600)):     # starts at -1
+        table = emu.document_bands(cq, ck, Sq, Sk, True, 3)
+        assert table[-1] == 0, (Sq, Sk)
+        assert bool(((table[:-1] >= 0) & (table[:-1] <= Sk)).all() and (table[Sq:-1] >= table[:Sq]).all())
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -29,6 +29,7 @@
 //             a combine kernel merges the splits (row_math.h: merge_factors).
 // The backward on CUDA is the Triton kernel's (lmfast/ops/attention.py).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -551,7 +552,55 @@ void run_decode(const AttnParams& p, bool vec16, const at::TensorOptions& opts, 
 // Query rows at or below which the decode kernel runs (it reads the keys once per row).
 constexpr int kDecodeMaxRows = 4;
 
+// Packed documents' table (../documents.h): thread i writes query row i's [lo, hi) to bands[i]
+// and bands[Sq + i]; block 0 also checks the boundaries (start at 0, never decrease, end at Sq
+// and Sk) into bands[2 Sq]: 1 when valid. Every read stays inside cu_q and cu_k, whatever
+// their values (n_docs = 0 only with Sq = 0).
+template <typename QIndex, typename KIndex>
+__global__ void document_bands_kernel(const QIndex* __restrict__ cu_q, int64_t stride_q,
+                                      const KIndex* __restrict__ cu_k, int64_t stride_k, int64_t n_docs, int64_t Sq,
+                                      int64_t Sk, bool causal, int64_t window, int* __restrict__ bands) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i < Sq) {
+    const int64_t d = documents::document_of(cu_q, stride_q, n_docs, i);
+    const documents::RowBand band = documents::row_band(i, int64_t(cu_k[d * stride_k]), int64_t(cu_k[(d + 1) * stride_k]),
+                                                        int64_t(cu_q[(d + 1) * stride_q]), Sk, causal, window);
+    bands[i] = int(band.lo);
+    bands[Sq + i] = int(band.hi);
+  }
+  if (blockIdx.x == 0) {  // (the whole block, or none: the vote below is a barrier)
+    bool bad = threadIdx.x == 0 && (cu_q[0] != 0 || cu_k[0] != 0 || int64_t(cu_q[n_docs * stride_q]) != Sq ||
+                                    int64_t(cu_k[n_docs * stride_k]) != Sk);
+    for (int64_t d = threadIdx.x + 1; d <= n_docs; d += blockDim.x)
+      bad = bad || cu_q[d * stride_q] < cu_q[(d - 1) * stride_q] || cu_k[d * stride_k] < cu_k[(d - 1) * stride_k];
+    const int any_bad = __syncthreads_or(bad);
+    if (threadIdx.x == 0) bands[2 * Sq] = any_bad ? 0 : 1;
+  }
+}
+
 }  // namespace
+
+Tensor document_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
+                      std::optional<int64_t> window) {
+  const int64_t n_docs = cu_q.numel() - 1;
+  TORCH_CHECK_VALUE(n_docs >= 1 || Sq == 0, "cu_seqlens_q holds no document but q has ", Sq, " rows");
+  TORCH_CHECK(cu_k.numel() == n_docs + 1, "lmfast cuda attention: cu_seqlens_q and cu_seqlens_k differ in length");
+  Tensor bands = at::empty({2 * Sq + 1}, cu_q.options().dtype(at::kInt));
+  const int64_t w = documents::window_for_bands(window, Sk);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto run = [&]<typename QIndex, typename KIndex>() {
+    launch(document_bands_kernel<QIndex, KIndex>, unsigned(ceil_div(std::max<int64_t>(Sq, 1), 256)), 256, 0, stream,
+           cu_q.const_data_ptr<QIndex>(), cu_q.stride(0), cu_k.const_data_ptr<KIndex>(), cu_k.stride(0), n_docs, Sq,
+           Sk, causal, w, bands.data_ptr<int>());
+  };
+  const bool q32 = cu_q.scalar_type() == at::kInt, k32 = cu_k.scalar_type() == at::kInt;
+  if (q32 && k32) run.template operator()<int32_t, int32_t>();
+  else if (q32) run.template operator()<int32_t, int64_t>();
+  else if (k32) run.template operator()<int64_t, int32_t>();
+  else run.template operator()<int64_t, int64_t>();
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return bands;
+}
 
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const std::optional<Tensor>& mask, double scale, bool causal,
@@ -586,9 +635,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   if (B * Hq * Sq == 0) return {o, lse, row_stats};
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value() && (!cu_seqlens_q || B == 1),
               "lmfast_C::attention_fwd (cuda): cu_seqlens_q and cu_seqlens_k go together, with a batch size of 1");
-  Tensor doc_bands;  // (2, Sq) int32 on q's device (checks the values with a device assert)
-  if (cu_seqlens_q)
-    doc_bands = documents::key_bands(*cu_seqlens_q, *cu_seqlens_k, Sq, Sk, causal, window).contiguous();
+  Tensor doc_bands;  // (2 Sq + 1,) int32 on q's device: the rows' bands, then the values' check
+  if (cu_seqlens_q) {
+    if (cu_seqlens_q->is_cpu()) {  // (the host emulator's tensors: the CPU kernels' checks and ValueErrors)
+      documents::check_boundaries("cu_seqlens_q", documents::read_boundaries(*cu_seqlens_q), Sq, true);
+      documents::check_boundaries("cu_seqlens_k", documents::read_boundaries(*cu_seqlens_k), Sk, false);
+    }
+    doc_bands = document_bands(*cu_seqlens_q, *cu_seqlens_k, Sq, Sk, causal, window);
+    at::_assert_async(doc_bands.select(0, 2 * Sq), "cu_seqlens_q and cu_seqlens_k must start at 0, not decrease, "
+                                                   "and end at the query and key counts");
+  }
   if (Sk == 0) {  // no keys: every row is fully masked
     o.zero_();
     lse.fill_(-INFINITY);

@@ -39,6 +39,12 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
                                                  const std::optional<Tensor>& dropout_seed, double softcap,
                                                  const std::optional<Tensor>& cu_seqlens_q = std::nullopt,
                                                  const std::optional<Tensor>& cu_seqlens_k = std::nullopt);
+// Packed documents' table of the kernels (../documents.h), built on cu_q's device by one kernel:
+// (2 Sq + 1,) int32, each query row's [lo, hi) keys (lo's, then hi's), then 1 if the boundaries
+// are valid, else 0 (attention_fwd asserts it without waiting on the device; on CPU tensors,
+// the host emulator's, it checks them on the host first, with ValueErrors).
+Tensor document_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
+                      std::optional<int64_t> window);
 
 // The launch-level contract (the public ops checked the user's input): CUDA tensors on one
 // device, contiguous unless the op says otherwise. null entries are absent optionals.

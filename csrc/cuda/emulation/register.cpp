@@ -20,4 +20,5 @@ TORCH_LIBRARY(lmfast_cuda_emulation, m) {
         " float dropout_p=0., Tensor? dropout_seed=None, float softcap=0., Tensor? cu_seqlens_q=None,"
         " Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor)",
         &c::attention_fwd);
+  m.def("document_bands", &c::document_bands);  // (tests: the table and its check, without the assert)
 }
