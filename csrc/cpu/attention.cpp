@@ -473,17 +473,36 @@ void small_scores(const acc_t* qt, int64_t R, const acc_t* kt, int64_t ldk, int6
 
 // acc (R x D, contiguous) += p (R x nk, leading dim ld_s) vt, with vt nk rows of D, ldv apart.
 // (D here is v's head dim, Dv.)
+// (With alpha: acc += alpha p vt, alpha taken into each p.)
 template <typename acc_t>
 void small_pv(const acc_t* p, int64_t ld_s, int64_t R, const acc_t* vt, int64_t ldv, int64_t nk, int64_t D,
-              acc_t* acc) {
+              acc_t* acc, acc_t alpha = acc_t(1)) {
   using Vec = Vectorized<acc_t>;
   for (int64_t j = 0; j < nk; ++j) {
     const acc_t* vj = vt + j * ldv;
     for (int64_t r = 0; r < R; ++r) {
-      const Vec pj(p[r * ld_s + j]);
+      const Vec pj(alpha * p[r * ld_s + j]);
       acc_t* ar = acc + r * D;
       for_each_chunk<Vec::size()>(D, [&](int64_t d, int64_t n) {
         at::vec::fmadd(pj, Vec::loadu(vj + d, n), Vec::loadu(ar + d, n)).store(ar + d, n);
+      });
+    }
+  }
+}
+
+// acc (nk x D, rows ld_acc apart) += p^T x: key j's row gains sum_r p[r, j] x[r] (p: R x nk,
+// leading dim ld_p; x: R x D, leading dim ldx). The backward's dv += p^T do and dk += ds^T q.
+template <typename acc_t>
+void small_tn(const acc_t* p, int64_t ld_p, int64_t R, int64_t nk, const acc_t* x, int64_t ldx, int64_t D,
+              acc_t* acc, int64_t ld_acc) {
+  using Vec = Vectorized<acc_t>;
+  for (int64_t j = 0; j < nk; ++j) {
+    acc_t* aj = acc + j * ld_acc;
+    for (int64_t r = 0; r < R; ++r) {
+      const Vec pj(p[r * ld_p + j]);
+      const acc_t* xr = x + r * ldx;
+      for_each_chunk<Vec::size()>(D, [&](int64_t d, int64_t n) {
+        at::vec::fmadd(pj, Vec::loadu(xr + d, n), Vec::loadu(aj + d, n)).store(aj + d, n);
       });
     }
   }
@@ -1187,6 +1206,11 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   BackwardPlan plan;
   plan.block_q = backward_block_rows<acc_t>(g.Sk);
   plan.q_tiles = band.query_tiles(g.Sq, plan.block_q);  // (cut at documents' starts, where there are some)
+  // The buffers follow the largest block there is: one row a document when decoding many
+  // sequences, where buffers for full blocks were zeroed pages, fresh each call, per thread.
+  int64_t largest = 1;
+  for (int64_t t = 0; t < plan.q_tiles.count(); ++t) largest = std::max(largest, plan.q_tiles.size(t));
+  plan.block_q = std::min(plan.block_q, largest);
   plan.k_tiles = band.key_tiles(kBlockK);
   plan.q_blocks = plan.q_tiles.count();
   plan.group = g.group();
@@ -1388,7 +1412,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         const int64_t nq = plan.q_tiles.size(qb), row0 = (b * g.Hq + h) * g.Sq + i0;
         const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
         const acc_t* dot = load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first;  // (nq, Dv)
-        std::fill(dq_buf.begin(), dq_buf.end(), acc_t(0));
+        std::fill(dq_buf.begin(), dq_buf.begin() + nq * D, acc_t(0));
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
         steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
@@ -1396,20 +1420,36 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
           for (int64_t t = t0; t < t1; ++t)
             if (!dropped[t - t0]) f(plan.k_tiles.begin(t), plan.k_tiles.size(t), plan.k_tiles.begin(t) - ck0);
         };
+        // Blocks of a few rows (decoding; a document's rows) multiply by hand: a BLAS call's
+        // own cost is most of a 1 x 8 x 64 product, and such a block makes five per key tile.
+        const bool small = nq <= kSmallRows;
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
-          gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
+          if (small)
+            small_scores(qt, nq, kw + at * D, D, nk, D, rows.p_at(0, j0), rows.ld);
+          else
+            gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
-          gemm<acc_t>(true, false, nk, Dv, nq, 1, pt, ldp, dot, Dv, 1, dv_acc + at * Dv, Dv);             // dv += p^T do
-          gemm<acc_t>(false, true, nq, nk, Dv, 1, dot, Dv, vw + at * Dv, Dv, 0, rows.ds_at(0, j0), rows.ld);  // dp = do v^T
+          if (small) {
+            small_tn(pt, ldp, nq, nk, dot, Dv, Dv, dv_acc + at * Dv, Dv);
+            small_scores(dot, nq, vw + at * Dv, Dv, nk, Dv, rows.ds_at(0, j0), rows.ld);
+          } else {
+            gemm<acc_t>(true, false, nk, Dv, nq, 1, pt, ldp, dot, Dv, 1, dv_acc + at * Dv, Dv);             // dv += p^T do
+            gemm<acc_t>(false, true, nq, nk, Dv, 1, dot, Dv, vw + at * Dv, Dv, 0, rows.ds_at(0, j0), rows.ld);  // dp = do v^T
+          }
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
-          gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
-          gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at * D, D);             // dk += ds^T (scale q)
+          if (small) {
+            small_pv(rows.ds_at(0, j0), rows.ld, nq, kw + at * D, D, nk, D, dq_buf.data(), scale);
+            small_tn(rows.ds_at(0, j0), rows.ld, nq, nk, qt, D, D, dk_acc + at * D, D);
+          } else {
+            gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
+            gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at * D, D);             // dk += ds^T (scale q)
+          }
         });
         for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
       }
@@ -1504,7 +1544,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         const BF* dot = dout + row0 * Dv;  // (nq, Dv): the A of dp = do V^T
         transpose_rows(qt, nq, D, qT.data());
         transpose_rows(dot, nq, Dv, doT.data());
-        std::fill(dq_acc.begin(), dq_acc.end(), 0.f);
+        std::fill(dq_acc.begin(), dq_acc.begin() + nq * D, 0.f);
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
         steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
