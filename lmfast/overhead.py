@@ -19,6 +19,10 @@ backward:
                            path) vs lmfast's (with transformers only)
   attention with a logit softcap (50), the same shapes: Gemma 2's eager attention function (it
                            has no SDPA path either) vs lmfast's (with transformers only)
+  attention varlen: 32 sequences decoding a token each over 8 cached keys (9 query heads, 3
+                           kv heads), packed with cu_seqlens through lmfast's
+                           flash_attn_varlen_func vs the same batch through
+                           F.scaled_dot_product_attention (the documents' per-call cost)
 
 Each pair is timed in interleaved rounds (torch.utils.benchmark medians, the best of the
 rounds kept), so a slow spell of a shared machine does not land on one side only. The issue's
@@ -132,6 +136,28 @@ def _softcap_attention_pair(device: str, grad: bool):
     return _timed_calls(theirs, ours, (q, k, v), grad)
 
 
+def _varlen_attention_pair(device: str, grad: bool):
+    """Continuous batching: 32 sequences decoding a token each over their own 8 cached keys,
+    packed (flash-attn's varlen layout and cu_seqlens) through lmfast's flash_attn_varlen_func,
+    against the same work as one padded-free batch through F.scaled_dot_product_attention (what
+    runs without varlen; its output squeezed to the packed layout, one view). The per-call cost
+    of the documents: their checks and the kernels' table of them."""
+    from .integrations.flash_attn import flash_attn_varlen_func
+
+    n, ctx, Hq, Hkv, D = 32, 8, 9, 3, 64
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(n, Hq, D, generator=g).to(device).requires_grad_(grad)          # (total_q, Hq, D)
+    k = torch.randn(n * ctx, Hkv, D, generator=g).to(device).requires_grad_(grad)   # (total_k, Hkv, D)
+    v = torch.randn(n * ctx, Hkv, D, generator=g).to(device).requires_grad_(grad)
+    cu_q = torch.arange(n + 1, dtype=torch.int32, device=device)
+    cu_k = cu_q * ctx
+    qb = q.view(n, 1, Hq, D).transpose(1, 2)  # (n, Hq, 1, D)
+    kb, vb = (t.view(n, ctx, Hkv, D).transpose(1, 2) for t in (k, v))  # (n, Hkv, ctx, D)
+    theirs = lambda: torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, enable_gqa=True).squeeze(2)  # noqa: E731
+    ours = lambda: flash_attn_varlen_func(q, k, v, cu_q, cu_k, 1, ctx, causal=True)  # noqa: E731
+    return _timed_calls(theirs, ours, (q, k, v), grad)
+
+
 def _attention_pair(device: str, grad: bool, backend: str = "auto"):
     """transformers' SDPA attention function against lmfast's (without transformers, or for a
     named backend: F.scaled_dot_product_attention against lmfast.nn.Attention)."""
@@ -188,6 +214,8 @@ def pairs(device: str = "cpu") -> list[_Pair]:
         found.append(_Pair("LayerNorm 1 + weight (1, 1, 768)", "NemotronLayerNorm1P", "lmfast.nn.LayerNorm1P",
                            _module_pair(nemotron_ln, (1, 1, 768))))
     found.append(_Pair("attention 9x1 over 3x300, D=64", *attention_names, _attention_pair))
+    found.append(_Pair("attention varlen 32x(9x1 over 3x8)", "F.sdpa on the same batch",
+                       "lmfast flash_attn_varlen_func", _varlen_attention_pair))
     if llama_rms is not None:
         found.append(_Pair("attention + sinks 9x1 over 3x300", "gpt-oss eager_attention_forward",
                            "lmfast attn_implementation", _sinks_attention_pair))
