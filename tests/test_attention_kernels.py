@@ -946,6 +946,38 @@ def test_triton_document_table_is_each_rows_keys_and_each_keys_rows():
                               table[Sq:2 * Sq], table[2 * Sq:2 * Sq + Sk], table[2 * Sq + Sk:-1], what)
 
 
+def test_triton_document_table_costs_the_host_one_allocation_and_one_launch(monkeypatch):
+    """Building the table dispatches one torch op (its allocation) and launches one kernel,
+    whatever the number of documents: decoding many sequences on a GPU pays no host time per
+    document or per tensor op (the tensor-op form took 23 ops a call)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lmfast.kernels import attention as kernels
+
+    class Dispatched(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    launches = []
+
+    class Launches:  # kernel[grid](...) records the launch instead of running it
+        def __getitem__(self, grid):
+            return lambda *args, **meta: launches.append(grid)
+
+    monkeypatch.setattr(kernels, "_document_bands_kernel", Launches())
+    cq = _cu_seqlens([1] * 32, "cpu")
+    ck = _cu_seqlens([8] * 32, "cpu")
+    with Dispatched() as dispatched:
+        kernels._document_bands(cq, ck, 32, 256, True, None, check=True)
+    assert dispatched.ops == ["aten.empty.memory_format"] and len(launches) == 1, (dispatched.ops, launches)
+
+
 def test_triton_document_table_flags_bad_values_and_stays_in_bounds():
     """Boundaries that cut no documents (negative, falling, past the ends, the wrong end): the
     check entry is 0, and every entry stays in [0, Sk] (row bands) and [0, Sq] (key ranges), so
