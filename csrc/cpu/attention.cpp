@@ -473,36 +473,17 @@ void small_scores(const acc_t* qt, int64_t R, const acc_t* kt, int64_t ldk, int6
 
 // acc (R x D, contiguous) += p (R x nk, leading dim ld_s) vt, with vt nk rows of D, ldv apart.
 // (D here is v's head dim, Dv.)
-// (With alpha: acc += alpha p vt, alpha taken into each p.)
 template <typename acc_t>
 void small_pv(const acc_t* p, int64_t ld_s, int64_t R, const acc_t* vt, int64_t ldv, int64_t nk, int64_t D,
-              acc_t* acc, acc_t alpha = acc_t(1)) {
+              acc_t* acc) {
   using Vec = Vectorized<acc_t>;
   for (int64_t j = 0; j < nk; ++j) {
     const acc_t* vj = vt + j * ldv;
     for (int64_t r = 0; r < R; ++r) {
-      const Vec pj(alpha * p[r * ld_s + j]);
+      const Vec pj(p[r * ld_s + j]);
       acc_t* ar = acc + r * D;
       for_each_chunk<Vec::size()>(D, [&](int64_t d, int64_t n) {
         at::vec::fmadd(pj, Vec::loadu(vj + d, n), Vec::loadu(ar + d, n)).store(ar + d, n);
-      });
-    }
-  }
-}
-
-// acc (nk x D, rows ld_acc apart) += p^T x: key j's row gains sum_r p[r, j] x[r] (p: R x nk,
-// leading dim ld_p; x: R x D, leading dim ldx). The backward's dv += p^T do and dk += ds^T q.
-template <typename acc_t>
-void small_tn(const acc_t* p, int64_t ld_p, int64_t R, int64_t nk, const acc_t* x, int64_t ldx, int64_t D,
-              acc_t* acc, int64_t ld_acc) {
-  using Vec = Vectorized<acc_t>;
-  for (int64_t j = 0; j < nk; ++j) {
-    acc_t* aj = acc + j * ld_acc;
-    for (int64_t r = 0; r < R; ++r) {
-      const Vec pj(p[r * ld_p + j]);
-      const acc_t* xr = x + r * ldx;
-      for_each_chunk<Vec::size()>(D, [&](int64_t d, int64_t n) {
-        at::vec::fmadd(pj, Vec::loadu(xr + d, n), Vec::loadu(aj + d, n)).store(aj + d, n);
       });
     }
   }
@@ -1420,36 +1401,20 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
           for (int64_t t = t0; t < t1; ++t)
             if (!dropped[t - t0]) f(plan.k_tiles.begin(t), plan.k_tiles.size(t), plan.k_tiles.begin(t) - ck0);
         };
-        // Blocks of a few rows (decoding; a document's rows) multiply by hand: a BLAS call's
-        // own cost is most of a 1 x 8 x 64 product, and such a block makes five per key tile.
-        const bool small = nq <= kSmallRows;
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
-          if (small)
-            small_scores(qt, nq, kw + at * D, D, nk, D, rows.p_at(0, j0), rows.ld);
-          else
-            gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
+          gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
-          if (small) {
-            small_tn(pt, ldp, nq, nk, dot, Dv, Dv, dv_acc + at * Dv, Dv);
-            small_scores(dot, nq, vw + at * Dv, Dv, nk, Dv, rows.ds_at(0, j0), rows.ld);
-          } else {
-            gemm<acc_t>(true, false, nk, Dv, nq, 1, pt, ldp, dot, Dv, 1, dv_acc + at * Dv, Dv);             // dv += p^T do
-            gemm<acc_t>(false, true, nq, nk, Dv, 1, dot, Dv, vw + at * Dv, Dv, 0, rows.ds_at(0, j0), rows.ld);  // dp = do v^T
-          }
+          gemm<acc_t>(true, false, nk, Dv, nq, 1, pt, ldp, dot, Dv, 1, dv_acc + at * Dv, Dv);             // dv += p^T do
+          gemm<acc_t>(false, true, nq, nk, Dv, 1, dot, Dv, vw + at * Dv, Dv, 0, rows.ds_at(0, j0), rows.ld);  // dp = do v^T
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         each_tile([&](int64_t j0, int64_t nk, int64_t at) {
-          if (small) {
-            small_pv(rows.ds_at(0, j0), rows.ld, nq, kw + at * D, D, nk, D, dq_buf.data(), scale);
-            small_tn(rows.ds_at(0, j0), rows.ld, nq, nk, qt, D, D, dk_acc + at * D, D);
-          } else {
-            gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
-            gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at * D, D);             // dk += ds^T (scale q)
-          }
+          gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
+          gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at * D, D);             // dk += ds^T (scale q)
         });
         for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
       }
