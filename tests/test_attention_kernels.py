@@ -919,6 +919,21 @@ def test_packed_documents_gradcheck_cpu_float64():
                                                  cu_seqlens_k=ck, return_lse=True, backend="cpu"), (q, k, v))
 
 
+try:  # a Triton kernel of these tests: each program's run of _document_run
+    import triton
+    import triton.language as tl
+
+    from lmfast.kernels.attention import _document_run
+
+    @triton.jit
+    def _document_runs_kernel(CU, OUT, n_docs, BLOCK: tl.constexpr):
+        start, end = _document_run(tl.program_id(0), CU, n_docs, BLOCK)
+        tl.store(OUT + 2 * tl.program_id(0), start)
+        tl.store(OUT + 2 * tl.program_id(0) + 1, end)
+except ImportError:  # (the tests that launch it skip without triton)
+    pass
+
+
 def _triton_device():
     return "cuda" if torch.cuda.is_available() else "cpu"  # (on CPU tensors: the interpreter)
 
@@ -941,9 +956,38 @@ def test_triton_document_table_is_each_rows_keys_and_each_keys_rows():
         Sq, Sk = sum(lens_q), sum(lens_k)
         table = kernels._document_bands(cq, ck, Sq, Sk, causal, window, check=True).cpu()
         what = f"documents {lens_q} / {lens_k}, causal={causal}, window={window}"
-        assert table[-1] == 1, what
+        assert table.shape == (2 * Sq + 2 * Sk + 2 * len(lens_q) + 3,) and table[-1] == 1, what
         assert_document_bands(reference.documents_keep(cq.cpu(), ck.cpu(), causal, window), table[:Sq],
-                              table[Sq:2 * Sq], table[2 * Sq:2 * Sq + Sk], table[2 * Sq + Sk:-1], what)
+                              table[Sq:2 * Sq], table[2 * Sq:2 * Sq + Sk], table[2 * Sq + Sk:2 * Sq + 2 * Sk], what)
+        boundaries = table[2 * Sq + 2 * Sk:-1].tolist()  # (the kernels' runs of one document)
+        assert boundaries == cq.tolist() + ck.tolist(), what
+
+
+def test_triton_document_runs_cover_each_row_once_inside_one_document_and_block():
+    """Under packed documents the Triton kernels' programs take runs of one document's rows (or
+    keys), cut where blocks of BLOCK_M start (_document_run): length // BLOCK_M + n_docs programs
+    cover every row exactly once, none mixes documents or crosses a block, and none splits a
+    document's stretch of a block. Random documents, block sizes 1 to 64."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    from lmfast.kernels import attention as kernels
+
+    gen, device = torch.Generator().manual_seed(6), _triton_device()
+    for trial in range(24):
+        lens, _ = random_document_lengths(gen, [1, 2, 3, 9, 40, 100][trial % 6])
+        block = [1, 4, 16, 64][trial % 4]
+        cu = _cu_seqlens(lens, device)
+        programs = kernels._blocks_along(sum(lens), block, len(lens), docs=True)
+        out = torch.full((programs, 2), -1, dtype=torch.int32, device=device)
+        _document_runs_kernel[(programs,)](cu, out, len(lens), BLOCK=block)
+        covered = torch.zeros(sum(lens), dtype=torch.int32)
+        doc_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        runs = [(start, end) for start, end in out.cpu().tolist() if end > start]
+        for start, end in runs:
+            covered[start:end] += 1
+            assert doc_of[start] == doc_of[end - 1] and start // block == (end - 1) // block, (lens, block, start, end)
+        assert bool((covered == 1).all()), (lens, block, covered.tolist())
+        # one run per (document, block) pair they share: none split in two
+        assert len(runs) == len({(int(doc_of[i]), i // block) for i in range(sum(lens))}), (lens, block)
 
 
 def test_triton_document_table_costs_the_host_one_allocation_and_one_launch(monkeypatch):
@@ -997,8 +1041,10 @@ def test_triton_document_table_flags_bad_values_and_stays_in_bounds():
         table = kernels._document_bands(cq.to(device), ck.to(device), Sq, Sk, True, [None, 3][trial % 2],
                                         check=True).cpu()
         assert table[-1] == 0, (cq, ck, Sq, Sk)
-        rows, keys = table[:2 * Sq], table[2 * Sq:-1]
+        rows, keys = table[:2 * Sq], table[2 * Sq:2 * Sq + 2 * Sk]
+        bq, bk = table[2 * Sq + 2 * Sk:2 * Sq + 2 * Sk + n_docs + 1], table[2 * Sq + 2 * Sk + n_docs + 1:-1]
         assert bool(((rows >= 0) & (rows <= Sk)).all() and ((keys >= 0) & (keys <= Sq)).all()), (cq, ck, Sq, Sk)
+        assert bool(((bq >= 0) & (bq <= Sq)).all() and ((bk >= 0) & (bk <= Sk)).all()), (cq, ck, Sq, Sk)
         assert bool((table[Sq:2 * Sq] >= table[:Sq]).all()), (cq, ck, Sq, Sk)  # hi >= lo: no negative extent
 
 

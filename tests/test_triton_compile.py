@@ -106,14 +106,14 @@ def _attention_variants():
                         {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}, archs))
 
         name = "_attn_fwd_kernel"
-        tuned(A.FWD_CONFIGS, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", **mask_sig, **dims, **buckets}, flags)
+        tuned(A.FWD_CONFIGS, {"Q": p, "K": p, "V": p, "O": p, "LSE": "*fp32", "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32", **mask_sig, **dims, "n_docs": "i32", **buckets}, flags)
         name = "_attn_bwd_dq_kernel"
         tuned(A.BWD_DQ_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32",
-                                 "DELTA": "*fp32", "DLSE": "*fp32", "DQ": p, "DMASK": p, **mask_sig, **dims, **buckets},
+                                 "DELTA": "*fp32", "DLSE": "*fp32", "DQ": p, "DMASK": p, **mask_sig, **dims, "n_docs": "i32", **buckets},
               {**flags, "HAS_DLSE": flags_on, "MASK_GRAD": flags_on and dt == "bf16"})
         name = "_attn_bwd_dkdv_kernel"
         tuned(A.BWD_DKDV_CONFIGS, {"Q": p, "K": p, "V": p, "DO": p, "ROW_MAX": "*fp32", "ROW_INV_SUM": "*fp32",
-                                   "DELTA": "*fp32", "DLSE": "*fp32", "DK": p, "DV": p, **mask_sig, **dims, **buckets},
+                                   "DELTA": "*fp32", "DLSE": "*fp32", "DK": p, "DV": p, **mask_sig, **dims, "n_docs": "i32", **buckets},
               {**flags, "HAS_DLSE": flags_on})
         out.append(("attention._attn_fwd_split_kernel",
                     {"Q": p, "K": p, "V": p, "O_PART": "*fp32", "M_PART": "*fp32", "L_PART": "*fp32", **mask_sig,

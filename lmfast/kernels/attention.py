@@ -17,7 +17,9 @@ tiles Dv. Same semantics as csrc/cpu/attention.cpp:
 Kernels (one program per tile, tiles never leave registers/shared memory):
   _attn_fwd_kernel      program (query block, b*Hq + h): online softmax over the key blocks
                         in the query block's band (blocks outside it are skipped, and so are
-                        blocks a boolean mask drops whole: _tile_kept).
+                        blocks a boolean mask drops whole: _tile_kept). Packed documents
+                        (DOCS): a query block is a run of one document's rows (_document_run),
+                        as are the dq kernel's; the dk/dv kernel's key blocks, of its keys.
   _attn_fwd_split_kernel / _attn_combine_kernel   decoding (few query rows per kv head, long
                         cache): the rows of all query heads sharing a kv head form one tile,
                         so K/V are read once per group, and the keys are split over programs
@@ -210,9 +212,11 @@ def _key_range(row_lo, row_hi, Sq, Sk, window, BANDS, BLOCK_N: tl.constexpr,
 @triton.jit
 def _single_block_rows(rows, start_n, Sq, Sk, window, BANDS, BLOCK_N: tl.constexpr,
                        CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr):
-    """Whether every key each row may see lies in keys [start_n, start_n + BLOCK_N)."""
+    """Whether every key each row may see lies in keys [start_n, start_n + BLOCK_N) (under DOCS,
+    and below Sk: the key kernel's run of one document passes its end as Sk)."""
     if DOCS:
         lo, hi = _doc_band(rows, Sq, BANDS)
+        return (lo >= start_n) & (hi <= tl.minimum(start_n + BLOCK_N, Sk))
     else:
         pos = rows + (Sk - Sq)
         hi = tl.zeros_like(rows) + Sk
@@ -222,6 +226,28 @@ def _single_block_rows(rows, start_n, Sq, Sk, window, BANDS, BLOCK_N: tl.constex
         if WINDOW:
             lo = tl.maximum(pos - window + 1, 0)
     return (lo >= start_n) & (hi <= start_n + BLOCK_N)
+
+
+@triton.jit
+def _document_run(pid, CU, n_docs, BLOCK: tl.constexpr):
+    """Under DOCS, program pid's run of rows (or keys) [start, end): inside one document and one
+    block-aligned stretch of BLOCK, so that no program mixes documents (and none covers more
+    than one document's keys). CU: the table's copy of cu_seqlens (int32, in [0, length]).
+    Document d owns programs [P(d), P(d + 1)), P(d) = CU[d] // BLOCK + d, increasing in d: one
+    per aligned block its rows meet, and one left empty (end <= start) where it ends on a block
+    boundary or holds no row. The grid: length // BLOCK + n_docs programs (length = CU[n_docs])."""
+    lo = pid * 0
+    hi = lo + n_docs - 1
+    while lo < hi:  # the last document d with P(d) <= pid
+        mid = (lo + hi + 1) // 2
+        if tl.load(CU + mid) // BLOCK + mid <= pid:
+            lo = mid
+        else:
+            hi = mid - 1
+    block = pid - lo  # the aligned block of this program (P(d) + its index among d's programs - d)
+    start = tl.maximum(tl.load(CU + lo), block * BLOCK)
+    end = tl.minimum(tl.load(CU + lo + 1), (block + 1) * BLOCK)
+    return start, end
 
 
 # ---- forward ---------------------------------------------------------------------------------
@@ -237,14 +263,19 @@ def _attn_fwd_kernel(
     Hq, Hkv, Sq, Sk, D, Dv,
     scale, softcap, window,  # softcap: the logit cap c                                  [SOFTCAP]
     SEED, threshold, keep_scale,  # dropout: int64 seed, floor(p * 2^32), 1 / (1 - p)   [DROPOUT]
-    BANDS,          # packed documents: int32 row bands (2, Sq), then key bands (2, Sk) (_document_bands) [DOCS]
+    BANDS,          # packed documents: the table of _document_bands                      [DOCS]
+    n_docs,         # packed documents: their number                                      [DOCS]
     Q_BUCKET, K_BUCKET,  # powers of two of Sq, Sk: autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    if DOCS:  # rows [start_m, end_m) of one document (_document_run)
+        start_m, end_m = _document_run(tl.program_id(0), BANDS + 2 * Sq + 2 * Sk, n_docs, BLOCK_M)
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+        end_m = tl.minimum(start_m + BLOCK_M, Sq)
     bh = tl.program_id(1).to(tl.int64)  # b * Hq + h
     h = bh % Hq
     b = bh // Hq
@@ -261,7 +292,7 @@ def _attn_fwd_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
-    row_ok = rows[:, None] < Sq
+    row_ok = rows[:, None] < end_m  # (rows past it, another program's, are computed and dropped)
     dim_ok = dims[None, :] < D
     vdim_ok = vdims[None, :] < Dv
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=row_ok & dim_ok, other=0.0)  # (M, D)
@@ -269,8 +300,8 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], NEG_INF, dtype=tl.float32)  # running row max
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)          # running sum of exp(s - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)  # running sum of exp(s - m_i) v
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW,
-                        DOCS)
+    lo, hi = _key_range(start_m, end_m, Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW, DOCS)
+    hi = tl.where(end_m > start_m, hi, lo)  # (an empty run: no keys)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kept = True
@@ -299,8 +330,8 @@ def _attn_fwd_kernel(
              mask=row_ok & vdim_ok)
     lse = tl.where(l_i == 0.0, NEG_INF, m_i + tl.log(tl.where(l_i == 0.0, 1.0, l_i)))
     lse = tl.where(m_i == float("inf"), m_i, lse)  # a +inf score: logsumexp is +inf (l is NaN)
-    tl.store(LSE + rows, lse, mask=rows < Sq)
-    _store_row_stats(ROW_MAX + rows, ROW_INV_SUM + rows, m_i, l_i, rows < Sq)
+    tl.store(LSE + rows, lse, mask=rows < end_m)
+    _store_row_stats(ROW_MAX + rows, ROW_INV_SUM + rows, m_i, l_i, rows < end_m)
 
 
 @triton.jit
@@ -503,14 +534,18 @@ def _attn_bwd_dq_kernel(
     DMASK,          # (B, Hq, Sq, Sk) output, written where visible (zeros elsewhere) [MASK_GRAD]
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D, Dv,
-    scale, softcap, window, SEED, threshold, keep_scale, BANDS,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale, BANDS, n_docs,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr, MASK_GRAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    start_m = tl.program_id(0) * BLOCK_M
+    if DOCS:  # rows [start_m, end_m) of one document (_document_run)
+        start_m, end_m = _document_run(tl.program_id(0), BANDS + 2 * Sq + 2 * Sk, n_docs, BLOCK_M)
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
+        end_m = tl.minimum(start_m + BLOCK_M, Sq)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % Hq
     b = bh // Hq
@@ -530,15 +565,15 @@ def _attn_bwd_dq_kernel(
     rows = start_m + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
-    ok = (rows[:, None] < Sq) & (dims[None, :] < D)
+    ok = (rows[:, None] < end_m) & (dims[None, :] < D)  # (rows past end_m, another program's: dropped)
     q = tl.load(Q + rows[:, None] * D + dims[None, :], mask=ok, other=0.0)
-    do = tl.load(DO + rows[:, None] * Dv + vdims[None, :], mask=(rows[:, None] < Sq) & (vdims[None, :] < Dv),
+    do = tl.load(DO + rows[:, None] * Dv + vdims[None, :], mask=(rows[:, None] < end_m) & (vdims[None, :] < Dv),
                  other=0.0)  # (M, Dv)
     m, inv_l, delta, dlse = _load_row_stats(ROW_MAX, ROW_INV_SUM, DELTA, DLSE, rows, Sq, HAS_DLSE)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    lo, hi = _key_range(start_m, tl.minimum(start_m + BLOCK_M, Sq), Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW,
-                        DOCS)
+    lo, hi = _key_range(start_m, end_m, Sq, Sk, window, BANDS, BLOCK_N, CAUSAL, WINDOW, DOCS)
+    hi = tl.where(end_m > start_m, hi, lo)  # (an empty run: no keys)
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         kept = True
@@ -556,7 +591,7 @@ def _attn_bwd_dq_kernel(
             if MASK_GRAD:  # d loss / d (additive mask) = ds
                 tl.store(DMASK + rows[:, None].to(tl.int64) * Sk + cols[None, :],
                          round_to(ds, DMASK.dtype.element_ty, INTERPRETED),
-                         mask=(rows[:, None] < Sq) & (cols[None, :] < Sk))
+                         mask=(rows[:, None] < end_m) & (cols[None, :] < Sk))
             dq += _dot(round_to(ds_raw, kT.dtype, INTERPRETED), tl.trans(kT), UPCAST, PRECISION)
     tl.store(DQ + rows[:, None] * D + dims[None, :], round_to(dq * scale, DQ.dtype.element_ty, INTERPRETED), mask=ok)
 
@@ -567,14 +602,18 @@ def _attn_bwd_dkdv_kernel(
     DK, DV,         # (B, Hkv, Sk, D), (B, Hkv, Sk, Dv) outputs
     MASK, smb, smh, smq, smk,
     Hq, Hkv, Sq, Sk, D, Dv,
-    scale, softcap, window, SEED, threshold, keep_scale, BANDS,  # as _attn_fwd_kernel
+    scale, softcap, window, SEED, threshold, keep_scale, BANDS, n_docs,  # as _attn_fwd_kernel
     Q_BUCKET, K_BUCKET,  # autotuning keys only
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, DOCS: tl.constexpr, HAS_MASK: tl.constexpr, BOOL_MASK: tl.constexpr,
     DROPOUT: tl.constexpr, SOFTCAP: tl.constexpr, HAS_DLSE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
 ):
-    start_n = tl.program_id(0) * BLOCK_N
+    if DOCS:  # keys [start_n, end_n) of one document (_document_run, over the keys' boundaries)
+        start_n, end_n = _document_run(tl.program_id(0), BANDS + 2 * Sq + 2 * Sk + n_docs + 1, n_docs, BLOCK_N)
+    else:
+        start_n = tl.program_id(0) * BLOCK_N
+        end_n = tl.minimum(start_n + BLOCK_N, Sk)
     bk = tl.program_id(1).to(tl.int64)  # b * Hkv + hk
     G = Hq // Hkv
     b = bk // Hkv
@@ -586,13 +625,17 @@ def _attn_bwd_dkdv_kernel(
     cols = start_n + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     vdims = tl.arange(0, BLOCK_DV)
-    k_ok = (cols[:, None] < Sk) & (dims[None, :] < D)
-    v_ok = (cols[:, None] < Sk) & (vdims[None, :] < Dv)
+    k_ok = (cols[:, None] < end_n) & (dims[None, :] < D)  # (keys past end_n, another program's: dropped)
+    v_ok = (cols[:, None] < end_n) & (vdims[None, :] < Dv)
     k = tl.load(K + cols[:, None] * D + dims[None, :], mask=k_ok, other=0.0)  # (N, D)
     v = tl.load(V + cols[:, None] * Dv + vdims[None, :], mask=v_ok, other=0.0)  # (N, Dv)
     kT = tl.trans(k)
     vT = tl.trans(v)
 
+    # Under DOCS, the keys past end_n may be the same document's (the run ends at a block
+    # boundary): the tiles take end_n for Sk, so that they are out of range (Sk enters the
+    # documents' masking only as that bound).
+    key_end = end_n if DOCS else Sk
     # Queries that may see keys [start_n, start_n + BLOCK_N): causal needs i + Sk - Sq >= j,
     # a window needs i + Sk - Sq < j + w; under DOCS, the key bands say (both ends grow with j).
     q_lo = 0
@@ -600,7 +643,8 @@ def _attn_bwd_dkdv_kernel(
     if DOCS:
         q_lo = tl.load(BANDS + 2 * Sq + start_n)
         q_lo = (q_lo // BLOCK_M) * BLOCK_M
-        q_hi = tl.load(BANDS + 2 * Sq + Sk + tl.minimum(start_n + BLOCK_N, Sk) - 1)
+        q_hi = tl.load(BANDS + 2 * Sq + Sk + end_n - 1)
+        q_hi = tl.where(end_n > start_n, q_hi, q_lo)  # (an empty run: no queries)
     else:
         if CAUSAL:
             q_lo = tl.maximum(0, start_n - (Sk - Sq))
@@ -618,7 +662,7 @@ def _attn_bwd_dkdv_kernel(
             rows = start_m + tl.arange(0, BLOCK_M)
             kept = True
             if HAS_MASK and BOOL_MASK:
-                kept = _tile_kept(rows, cols, MASK_H, smq, smk, Sq, Sk, window, BANDS, CAUSAL, WINDOW, DOCS)
+                kept = _tile_kept(rows, cols, MASK_H, smq, smk, Sq, key_end, window, BANDS, CAUSAL, WINDOW, DOCS)
             if kept:  # (a tile the mask drops whole adds nothing: skipped)
                 q = tl.load(Q + (bh * Sq + rows[:, None]) * D + dims[None, :],
                             mask=(rows[:, None] < Sq) & (dims[None, :] < D), other=0.0)
@@ -628,7 +672,7 @@ def _attn_bwd_dkdv_kernel(
                                                         DLSE + bh * Sq, rows, Sq, HAS_DLSE)
                 p, ds, ds_raw = _probs_and_ds(q, kT, vT, do, m, inv_l, delta, dlse, rows, cols, start_n, MASK_H,
                                               smq, smk,
-                                              Sq, Sk, window, BANDS, scale, softcap, SEED, threshold,
+                                              Sq, key_end, window, BANDS, scale, softcap, SEED, threshold,
                                               keep_scale, bh * Sq, CAUSAL, WINDOW, DOCS, HAS_MASK, BOOL_MASK,
                                               DROPOUT, SOFTCAP, BLOCK_N, UPCAST, PRECISION)
                 dv += _dot(tl.trans(round_to(p, do.dtype, INTERPRETED)), do, UPCAST, PRECISION)
@@ -748,12 +792,14 @@ def _document_of(CU, stride, x, n_docs, steps):
 @triton.jit
 def _document_bands_kernel(
     CU_Q, CU_K,     # (n_docs + 1,) int32 or int64: the documents' query rows and keys (cu_seqlens)
-    BANDS,          # (2 Sq + 2 Sk + 1,) int32 output: lo, hi of each row; first, end of each key; the check
+    BANDS,          # (2 Sq + 2 Sk + 2 n_docs + 3,) int32 output: lo, hi of each row; first, end of each key;
+                    # the boundaries (cu_seqlens_q's, cu_seqlens_k's); the check
     stride_q, stride_k, n_docs, steps, Sq, Sk, window,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, CHECK: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Program t: rows and keys [t BLOCK, (t + 1) BLOCK) of _document_bands' table; with CHECK,
-    program 0 also writes whether the boundaries are valid (1) or not (0) to its last entry."""
+    """Program t: rows, keys and boundaries [t BLOCK, (t + 1) BLOCK) of _document_bands' table;
+    with CHECK, program 0 also writes whether the boundaries are valid (1) or not (0) to its last
+    entry."""
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     # query row i of document d sees keys [lo, hi) (csrc/documents.h: key_bands)
     d = _document_of(CU_Q, stride_q, t, n_docs, steps)
@@ -784,6 +830,12 @@ def _document_bands_kernel(
     end = tl.maximum(tl.minimum(tl.maximum(end, 0), Sq), first)
     tl.store(BANDS + 2 * Sq + t, first.to(tl.int32), mask=t < Sk)
     tl.store(BANDS + 2 * Sq + Sk + t, end.to(tl.int32), mask=t < Sk)
+    # the boundaries, int32 and clamped to [0, Sq] / [0, Sk]: the kernels' runs of one document (_document_run)
+    CU_TABLE = BANDS + 2 * Sq + 2 * Sk
+    cq = tl.minimum(tl.maximum(_boundary(CU_Q, stride_q, t, n_docs), 0), Sq)
+    ck = tl.minimum(tl.maximum(_boundary(CU_K, stride_k, t, n_docs), 0), Sk)
+    tl.store(CU_TABLE + t, cq.to(tl.int32), mask=t <= n_docs)
+    tl.store(CU_TABLE + n_docs + 1 + t, ck.to(tl.int32), mask=t <= n_docs)
     if CHECK:
         if tl.program_id(0) == 0:  # start at 0, end at Sq and Sk, never decrease
             ok = (_boundary(CU_Q, stride_q, 0, n_docs) == 0) & (_boundary(CU_Q, stride_q, n_docs, n_docs) == Sq)
@@ -794,15 +846,16 @@ def _document_bands_kernel(
                 q_falls = _boundary(CU_Q, stride_q, b, n_docs) < _boundary(CU_Q, stride_q, b - 1, n_docs)
                 k_falls = _boundary(CU_K, stride_k, b, n_docs) < _boundary(CU_K, stride_k, b - 1, n_docs)
                 falls += tl.sum(((q_falls | k_falls) & (b <= n_docs)).to(tl.int32), axis=0)
-            tl.store(BANDS + 2 * Sq + 2 * Sk, (ok & (falls == 0)).to(tl.int32))
+            tl.store(CU_TABLE + 2 * n_docs + 2, (ok & (falls == 0)).to(tl.int32))
 
 
 def _document_bands(cu_q, cu_k, Sq: int, Sk: int, causal: bool, window, check: bool) -> torch.Tensor:
-    """Packed documents as the kernels read them (DOCS): int32 (2 Sq + 2 Sk + 1,) on cu_q's device,
-    [0, Sq) and [Sq, 2 Sq) each query row's visible keys [lo, hi), exactly as csrc/documents.h's
-    key_bands (the CPU and CUDA C++ kernels' table), then per key the queries that see it,
-    [first, end) (both ends of the row bands grow with the row: the rows of the key's document
-    from the one at its key position (causal) up to the last that has it in its window).
+    """Packed documents as the kernels read them (DOCS): int32 (2 Sq + 2 Sk + 2 n_docs + 3,) on
+    cu_q's device, [0, Sq) and [Sq, 2 Sq) each query row's visible keys [lo, hi), exactly as
+    csrc/documents.h's row_band (the CPU and CUDA C++ kernels' table), then per key the queries
+    that see it, [first, end) (both ends of the row bands grow with the row: the rows of the key's
+    document from the one at its key position (causal) up to the last that has it in its window),
+    then cu_seqlens_q and cu_seqlens_k as int32 (the kernels' runs of one document: _document_run).
 
     One launch, whatever the number of documents: a decode step of many sequences pays its host
     time once, not per tensor op (the tensor-op form of this table took 23 ops, and the values'
@@ -812,12 +865,18 @@ def _document_bands(cu_q, cu_k, Sq: int, Sk: int, causal: bool, window, check: b
     checks CPU tensors on the host first, with a ValueError naming the argument
     (lmfast.ops._checks.document_values)."""
     n_docs = cu_q.numel() - 1  # (a window past Sk + 1 limits no row; clamped, its arithmetic stays in int64)
-    bands = torch.empty(2 * Sq + 2 * Sk + 1, dtype=torch.int32, device=cu_q.device)
+    bands = torch.empty(2 * Sq + 2 * Sk + 2 * n_docs + 3, dtype=torch.int32, device=cu_q.device)
     block = 1024 if not _common.interpreted() else 256
-    _document_bands_kernel[(max(1, triton.cdiv(max(Sq, Sk), block)),)](
+    _document_bands_kernel[(triton.cdiv(max(Sq, Sk, n_docs + 1), block),)](
         cu_q, cu_k, bands, cu_q.stride(0), cu_k.stride(0), n_docs, max(n_docs, 1).bit_length(), Sq, Sk,
         0 if window is None else min(window, Sk + 1), CAUSAL=causal, WINDOW=window is not None, CHECK=check, BLOCK=block)
     return bands
+
+
+def _blocks_along(length: int, block: int, n_docs: int, docs: bool) -> int:
+    """Programs along the rows (or keys) of a launch: length / block; under DOCS, runs of one
+    document each, one more per document at most (_document_run)."""
+    return length // block + n_docs if docs else triton.cdiv(length, block)
 
 
 def _mask_args(mask, like):
@@ -912,9 +971,10 @@ def attention_fwd(q, k, v, mask, scale: float, causal: bool, window, dropout_p: 
     if splits:
         return _attention_fwd_split(q, k, v, mask_arg, ms, flags, scale, softcap, w, drop, bands, splits, o, lse,
                                     stats)
+    n_docs = cu_seqlens_q.numel() - 1 if docs else 0
     args = (q, k, v, o, lse, stats[0], stats[1], mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop,
-            bands)
-    _launch(_attn_fwd_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), args, flags, Sq, Sk)
+            bands, n_docs)
+    _launch(_attn_fwd_kernel, lambda m: (_blocks_along(Sq, m["BLOCK_M"], n_docs, docs), B * Hq), args, flags, Sq, Sk)
     return o, lse, stats
 
 
@@ -970,12 +1030,13 @@ def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal:
     drop = _dropout_args(dropout_p, dropout_seed, q)
     dlse_arg = delta if dlse is None else dlse
     row_max, row_inv_sum = row_stats[0], row_stats[1]
+    n_docs = cu_seqlens_q.numel() - 1 if docs else 0
     dq_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dq, dmask if mask_grad else q, mask_arg, *ms,
-               Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop, bands)
-    _launch(_attn_bwd_dq_kernel, lambda m: (triton.cdiv(Sq, m["BLOCK_M"]), B * Hq), dq_args,
+               Hq, Hkv, Sq, Sk, D, Dv, scale, softcap, w, *drop, bands, n_docs)
+    _launch(_attn_bwd_dq_kernel, lambda m: (_blocks_along(Sq, m["BLOCK_M"], n_docs, docs), B * Hq), dq_args,
             {**flags, "HAS_DLSE": dlse is not None, "MASK_GRAD": mask_grad}, Sq, Sk)
     dkdv_args = (q, k, v, dout, row_max, row_inv_sum, delta, dlse_arg, dk, dv, mask_arg, *ms, Hq, Hkv, Sq, Sk, D, Dv,
-                 scale, softcap, w, *drop, bands)
-    _launch(_attn_bwd_dkdv_kernel, lambda m: (triton.cdiv(Sk, m["BLOCK_N"]), B * Hkv), dkdv_args,
+                 scale, softcap, w, *drop, bands, n_docs)
+    _launch(_attn_bwd_dkdv_kernel, lambda m: (_blocks_along(Sk, m["BLOCK_N"], n_docs, docs), B * Hkv), dkdv_args,
             {**flags, "HAS_DLSE": dlse is not None}, Sq, Sk)
     return dq, dk, dv, dmask
