@@ -68,6 +68,28 @@ LMFAST_HOST_DEVICE inline int64_t document_of(const index_t* cu, int64_t stride,
   return a < n_docs - 1 ? a : n_docs - 1;
 }
 
+// A GPU kernel's run of one document's rows under packed documents, so that no block of rows
+// mixes documents: program pid of length / block + n_docs takes rows [start, end) of one
+// document inside one aligned block of `block` rows (end <= start: none). Document d owns
+// programs [P(d), P(d + 1)), P(d) = cu[d] / block + d (increasing in d): one per aligned block
+// its rows meet, and one left empty where it ends on a block boundary or holds no row. cu: the
+// boundaries, contiguous and inside [0, length] (the table's copy), n_docs >= 1. (The Triton
+// kernels' _document_run is the same mapping.)
+struct Run {
+  int64_t start, end;
+};
+LMFAST_HOST_DEVICE inline Run document_run(int64_t pid, const int* cu, int64_t n_docs, int64_t block) {
+  int64_t lo = 0, hi = n_docs - 1;  // the last document d with P(d) <= pid
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (cu[mid] / block + mid <= pid) lo = mid;
+    else hi = mid - 1;
+  }
+  const int64_t aligned = (pid - lo) * block;  // the program's aligned block
+  const int64_t first = cu[lo], last = cu[lo + 1];
+  return {first > aligned ? first : aligned, last < aligned + block ? last : aligned + block};
+}
+
 // The boundaries of a CPU cu_seqlens tensor (int32 or int64, any stride), read once.
 inline std::vector<int64_t> read_boundaries(const Tensor& c) {
   std::vector<int64_t> x(c.numel());

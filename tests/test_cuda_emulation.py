@@ -370,9 +370,10 @@ def test_document_bands_kernel(emu, thread_order):
         Sq, Sk = sum(lens_q), sum(lens_k)
         table = emu.document_bands(cq, ck, Sq, Sk, causal, window)
         what = f"documents {lens_q} / {lens_k}, causal={causal}, window={window}"
-        assert table.shape == (2 * Sq + 1,) and table[-1] == 1, what
+        assert table.shape == (2 * Sq + len(lens_q) + 2,) and table[-1] == 1, what
         assert_document_bands(reference.documents_keep(cq, ck, causal, window), table[:Sq], table[Sq:2 * Sq],
                               what=what)
+        assert table[2 * Sq:-1].tolist() == cq.tolist(), what  # (the prefill blocks' runs of one document)
     good = torch.arange(601)  # 600 one-row documents
     for cq, ck, Sq, Sk in ((good, good.flip(0), 600, 600),                  # keys fall everywhere, from 600 to 0
                            (good, torch.cat([good[:400], good[400:] - 2]), 600, 598),  # one fall, at 400
@@ -380,8 +381,30 @@ def test_document_bands_kernel(emu, thread_order):
                            (good, good, 600, 599),                         # ends past Sk
                            (good.to(torch.int32) - 1, good, 599, 600)):     # starts at -1
         table = emu.document_bands(cq, ck, Sq, Sk, True, 3)
+        rows, boundaries = table[:2 * Sq], table[2 * Sq:-1]
         assert table[-1] == 0, (Sq, Sk)
-        assert bool(((table[:-1] >= 0) & (table[:-1] <= Sk)).all() and (table[Sq:-1] >= table[:Sq]).all())
+        assert bool(((rows >= 0) & (rows <= Sk)).all() and (rows[Sq:] >= rows[:Sq]).all())
+        assert bool(((boundaries >= 0) & (boundaries <= Sq)).all())
+
+
+def test_document_runs(emu):
+    """The prefill kernel's blocks under packed documents (documents::document_run): Sq / BLOCK_M
+    + n runs cover every row once, none mixes documents or crosses a block of BLOCK_M rows, none
+    splits a document's stretch of a block. (The Triton kernels' mapping is the same, tested in
+    test_attention_kernels.py.)"""
+    gen = torch.Generator().manual_seed(7)
+    for trial in range(24):
+        lens, _ = random_document_lengths(gen, [1, 2, 3, 9, 40, 100][trial % 6])
+        block = [1, 4, 16, 64][trial % 4]
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+        runs = [(s, e) for s, e in emu.document_runs(cu, block).tolist() if e > s]
+        doc_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        covered = torch.zeros(sum(lens), dtype=torch.int32)
+        for start, end in runs:
+            covered[start:end] += 1
+            assert doc_of[start] == doc_of[end - 1] and start // block == (end - 1) // block, (lens, block, start, end)
+        assert bool((covered == 1).all()), (lens, block)
+        assert len(runs) == len({(int(doc_of[i]), i // block) for i in range(sum(lens))}), (lens, block)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

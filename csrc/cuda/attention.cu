@@ -66,8 +66,10 @@ struct AttnParams {
   float softcap;  // > 0: s = softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
   bool causal;
   int window;  // 0: none
-  // packed documents (../documents.h): (2, Sq) int32, each row's [lo, hi) keys, or nullptr
+  // packed documents (../documents.h), or nullptr: (2 Sq + n_docs + 1,) int32, each row's [lo, hi)
+  // keys (lo's, then hi's), then cu_seqlens_q (the prefill blocks' runs of one document)
   const int* doc_bands;
+  int n_docs;
   // dropout (dropout_seed == nullptr: none): an int64 seed in device memory, the threshold
   // below which an entry's hash drops it, and 1 / (1 - dropout_p)
   const int64_t* dropout_seed;
@@ -200,6 +202,12 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const T* src, int64_t 
   }
 }
 
+// The prefill kernel's query blocks per head: Sq / BLOCK_M, or under packed documents runs of
+// one document each, at most one more per document (documents::document_run).
+__host__ __device__ inline int prefill_query_blocks(const AttnParams& p, int block_m) {
+  return p.doc_bands != nullptr ? p.Sq / block_m + p.n_docs : (p.Sq + block_m - 1) / block_m;
+}
+
 template <typename T, int Dp, int BLOCK_N, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, bool vec16) {
   using L = PrefillSmem<T, Dp, BLOCK_N, WARPS>;
@@ -215,9 +223,14 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   float* row_alpha = reinterpret_cast<float*>(smem + L::alpha_off);
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  // one block per (query block, head): consecutive blocks share a head's K and V in L2
-  const int q_blocks = (p.Sq + BLOCK_M - 1) / BLOCK_M;
-  const int m0 = int(blockIdx.x % q_blocks) * BLOCK_M;
+  // one block per (query block, head): consecutive blocks share a head's K and V in L2. Its rows
+  // [m0, m_end); under packed documents a run of one document's (documents::document_run).
+  const int q_blocks = prefill_query_blocks(p, BLOCK_M);
+  int m0 = int(blockIdx.x % q_blocks) * BLOCK_M, m_end = min(m0 + BLOCK_M, p.Sq);
+  if (p.doc_bands != nullptr) {
+    const documents::Run run = documents::document_run(blockIdx.x % q_blocks, p.doc_bands + 2 * p.Sq, p.n_docs, BLOCK_M);
+    m0 = int(run.start), m_end = int(run.end);  // (rows past m_end: computed, never written)
+  }
   const int bh = int(blockIdx.x / q_blocks), b = bh / p.Hq, h = bh % p.Hq, hk = h / (p.Hq / p.Hkv);
   const T* q = static_cast<const T*>(p.q) + b * p.q_strides[0] + h * p.q_strides[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_strides[0] + hk * p.k_strides[1];
@@ -233,8 +246,8 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   float m_run = -INFINITY, l_run = 0.f;
   const uint32_t drop_key = dropout_row_key(p, b, h, qi);
 
-  const int m_last = min(m0 + BLOCK_M, p.Sq) - 1;
-  const int key_lo = band_lo(p, m0), key_hi = m_last >= m0 ? band_hi(p, m_last) : 0;
+  const int m_last = m_end - 1;
+  const int key_lo = m_last >= m0 ? band_lo(p, m0) : 0, key_hi = m_last >= m0 ? band_hi(p, m_last) : 0;
   for (int j0 = (key_lo / BLOCK_N) * BLOCK_N; j0 < key_hi; j0 += BLOCK_N) {
     if (p.mask_kind == kBoolMask && !bool_mask_keeps_tile(p, b, h, m0, BLOCK_M, j0, BLOCK_N)) continue;
     __syncthreads();  // every warp is done with the previous K/V tile
@@ -334,12 +347,12 @@ __global__ void __launch_bounds__(32 * WARPS) attn_prefill_kernel(AttnParams p, 
   // o = O / l (0 on a fully masked row); lse and the row stats
   __syncwarp();
   if (half == 0) row_alpha[my_row] = l_run == 0.f ? 0.f : p.keep_scale / l_run;  // (NaN stays NaN)
-  if (half == 0 && qi < p.Sq) store_row_softmax(p, (int64_t(b) * p.Hq + h) * p.Sq + qi, m_run, l_run);
+  if (half == 0 && qi < m_end) store_row_softmax(p, (int64_t(b) * p.Hq + h) * p.Sq + qi, m_run, l_run);
   __syncwarp();
   T* o = static_cast<T*>(p.o);
   for (int c = lane; c < 16 * p.Dv; c += 32) {
     const int r = c / p.Dv, d = c % p.Dv, i = m0 + warp * 16 + r;
-    if (i < p.Sq)
+    if (i < m_end)
       o[((int64_t(b) * p.Sq + i) * p.Hq + h) * p.Dv + d] =
           from_float<T>(Os[(warp * 16 + r) * L::ldo + d] * row_alpha[warp * 16 + r]);
   }
@@ -492,7 +505,7 @@ void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
     configured.fetch_or(bit);
   }
-  const int64_t blocks = ceil_div(p.Sq, L::BLOCK_M) * p.B * p.Hq;
+  const int64_t blocks = int64_t(prefill_query_blocks(p, L::BLOCK_M)) * p.B * p.Hq;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "lmfast cuda attention: too many query blocks");
   launch(kernel, unsigned(blocks), 32 * WARPS, L::bytes, stream, p, vec16);
 }
@@ -553,14 +566,18 @@ void run_decode(const AttnParams& p, bool vec16, const at::TensorOptions& opts, 
 constexpr int kDecodeMaxRows = 4;
 
 // Packed documents' table (../documents.h): thread i writes query row i's [lo, hi) to bands[i]
-// and bands[Sq + i]; block 0 also checks the boundaries (start at 0, never decrease, end at Sq
-// and Sk) into bands[2 Sq]: 1 when valid. Every read stays inside cu_q and cu_k, whatever
+// and bands[Sq + i], and boundary i of cu_seqlens_q to bands[2 Sq + i]; block 0 also checks the
+// boundaries (start at 0, never decrease, end at Sq and Sk) into the last entry: 1 when valid. Every read stays inside cu_q and cu_k, whatever
 // their values (n_docs = 0 only with Sq = 0).
 template <typename QIndex, typename KIndex>
 __global__ void document_bands_kernel(const QIndex* __restrict__ cu_q, int64_t stride_q,
                                       const KIndex* __restrict__ cu_k, int64_t stride_k, int64_t n_docs, int64_t Sq,
                                       int64_t Sk, bool causal, int64_t window, int* __restrict__ bands) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i <= n_docs) {  // the boundaries, clamped to [0, Sq]: the prefill blocks' runs (documents::document_run)
+    const int64_t c = int64_t(cu_q[i * stride_q]);
+    bands[2 * Sq + i] = int(c < 0 ? 0 : c > Sq ? Sq : c);
+  }
   if (i < Sq) {
     const int64_t d = documents::document_of(cu_q, stride_q, n_docs, i);
     const documents::RowBand band = documents::row_band(i, int64_t(cu_k[d * stride_k]), int64_t(cu_k[(d + 1) * stride_k]),
@@ -574,7 +591,7 @@ __global__ void document_bands_kernel(const QIndex* __restrict__ cu_q, int64_t s
     for (int64_t d = threadIdx.x + 1; d <= n_docs; d += blockDim.x)
       bad = bad || cu_q[d * stride_q] < cu_q[(d - 1) * stride_q] || cu_k[d * stride_k] < cu_k[(d - 1) * stride_k];
     const int any_bad = __syncthreads_or(bad);
-    if (threadIdx.x == 0) bands[2 * Sq] = any_bad ? 0 : 1;
+    if (threadIdx.x == 0) bands[2 * Sq + n_docs + 1] = any_bad ? 0 : 1;
   }
 }
 
@@ -585,11 +602,11 @@ Tensor document_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_
   const int64_t n_docs = cu_q.numel() - 1;
   TORCH_CHECK_VALUE(n_docs >= 1 || Sq == 0, "cu_seqlens_q holds no document but q has ", Sq, " rows");
   TORCH_CHECK(cu_k.numel() == n_docs + 1, "lmfast cuda attention: cu_seqlens_q and cu_seqlens_k differ in length");
-  Tensor bands = at::empty({2 * Sq + 1}, cu_q.options().dtype(at::kInt));
+  Tensor bands = at::empty({2 * Sq + n_docs + 2}, cu_q.options().dtype(at::kInt));
   const int64_t w = documents::window_for_bands(window, Sk);
   auto stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&]<typename QIndex, typename KIndex>() {
-    launch(document_bands_kernel<QIndex, KIndex>, unsigned(ceil_div(std::max<int64_t>(Sq, 1), 256)), 256, 0, stream,
+    launch(document_bands_kernel<QIndex, KIndex>, unsigned(ceil_div(std::max(Sq, n_docs + 1), 256)), 256, 0, stream,
            cu_q.const_data_ptr<QIndex>(), cu_q.stride(0), cu_k.const_data_ptr<KIndex>(), cu_k.stride(0), n_docs, Sq,
            Sk, causal, w, bands.data_ptr<int>());
   };
@@ -635,14 +652,14 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   if (B * Hq * Sq == 0) return {o, lse, row_stats};
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value() && (!cu_seqlens_q || B == 1),
               "lmfast_C::attention_fwd (cuda): cu_seqlens_q and cu_seqlens_k go together, with a batch size of 1");
-  Tensor doc_bands;  // (2 Sq + 1,) int32 on q's device: the rows' bands, then the values' check
+  Tensor doc_bands;  // int32 on q's device: the rows' bands, cu_seqlens_q, the values' check (document_bands)
   if (cu_seqlens_q) {
     if (cu_seqlens_q->is_cpu()) {  // (the host emulator's tensors: the CPU kernels' checks and ValueErrors)
       documents::check_boundaries("cu_seqlens_q", documents::read_boundaries(*cu_seqlens_q), Sq, true);
       documents::check_boundaries("cu_seqlens_k", documents::read_boundaries(*cu_seqlens_k), Sk, false);
     }
     doc_bands = document_bands(*cu_seqlens_q, *cu_seqlens_k, Sq, Sk, causal, window);
-    at::_assert_async(doc_bands.select(0, 2 * Sq), "cu_seqlens_q and cu_seqlens_k must start at 0, not decrease, "
+    at::_assert_async(doc_bands.select(0, -1), "cu_seqlens_q and cu_seqlens_k must start at 0, not decrease, "
                                                    "and end at the query and key counts");
   }
   if (Sk == 0) {  // no keys: every row is fully masked
@@ -679,6 +696,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
   p.causal = causal;
   p.window = window.has_value() ? int(std::min<int64_t>(*window, Sk + 1)) : 0;  // (>= Sk + 1: no limit)
   p.doc_bands = doc_bands.defined() ? doc_bands.const_data_ptr<int>() : nullptr;
+  p.n_docs = cu_seqlens_q ? int(cu_seqlens_q->numel() - 1) : 0;
   p.dropout_seed = dropout_p > 0 ? dropout_seed->const_data_ptr<int64_t>() : nullptr;
   p.drop_threshold = dropout::keep_threshold(dropout_p);
   p.keep_scale = float(1.0 / (1.0 - dropout_p));

@@ -40,8 +40,9 @@ std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& 
                                                  const std::optional<Tensor>& cu_seqlens_q = std::nullopt,
                                                  const std::optional<Tensor>& cu_seqlens_k = std::nullopt);
 // Packed documents' table of the kernels (../documents.h), built on cu_q's device by one kernel:
-// (2 Sq + 1,) int32, each query row's [lo, hi) keys (lo's, then hi's), then 1 if the boundaries
-// are valid, else 0 (attention_fwd asserts it without waiting on the device; on CPU tensors,
+// (2 Sq + n_docs + 2,) int32, each query row's [lo, hi) keys (lo's, then hi's), cu_seqlens_q
+// (clamped to [0, Sq]: the prefill blocks' runs of one document), then 1 if the boundaries are
+// valid, else 0 (attention_fwd asserts it without waiting on the device; on CPU tensors,
 // the host emulator's, it checks them on the host first, with ValueErrors).
 Tensor document_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
                       std::optional<int64_t> window);

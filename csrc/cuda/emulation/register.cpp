@@ -2,7 +2,28 @@
 // lmfast_C's CUDA kernels (csrc/cuda/launch.h), taking CPU tensors.
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+
+#include "../../documents.h"
 #include "../launch.h"
+
+namespace {
+
+// (tests) documents::document_run of every program of a launch over the int32 boundaries cu:
+// (programs, 2) int32, each program's [start, end).
+at::Tensor document_runs(const at::Tensor& cu, int64_t block) {
+  const at::Tensor c = cu.to(at::kInt).contiguous();
+  const int64_t n_docs = c.numel() - 1, programs = c.const_data_ptr<int>()[n_docs] / block + n_docs;
+  at::Tensor out = at::empty({programs, 2}, c.options());
+  for (int64_t pid = 0; pid < programs; ++pid) {
+    const lmfast::documents::Run run = lmfast::documents::document_run(pid, c.const_data_ptr<int>(), n_docs, block);
+    out.data_ptr<int>()[2 * pid] = int(run.start);
+    out.data_ptr<int>()[2 * pid + 1] = int(run.end);
+  }
+  return out;
+}
+
+}  // namespace
 
 TORCH_LIBRARY(lmfast_cuda_emulation, m) {
   namespace c = lmfast::cuda;
@@ -21,4 +42,5 @@ TORCH_LIBRARY(lmfast_cuda_emulation, m) {
         " Tensor? cu_seqlens_k=None) -> (Tensor, Tensor, Tensor)",
         &c::attention_fwd);
   m.def("document_bands", &c::document_bands);  // (tests: the table and its check, without the assert)
+  m.def("document_runs", &document_runs);        // (tests: the prefill blocks' runs of one document)
 }
