@@ -70,7 +70,7 @@ LMFAST_HOST_DEVICE inline int64_t document_of(const index_t* cu, int64_t stride,
 
 // A GPU kernel's run of one document's rows under packed documents, so that no block of rows
 // mixes documents: program pid of length / block + n_docs takes rows [start, end) of one
-// document inside one aligned block of `block` rows (end <= start: none). Document d owns
+// document inside one aligned block of `block` rows (start = end: none). Document d owns
 // programs [P(d), P(d + 1)), P(d) = cu[d] / block + d (increasing in d): one per aligned block
 // its rows meet, and one left empty where it ends on a block boundary or holds no row. cu: the
 // boundaries, contiguous and inside [0, length] (the table's copy), n_docs >= 1. (The Triton
@@ -87,7 +87,8 @@ LMFAST_HOST_DEVICE inline Run document_run(int64_t pid, const int* cu, int64_t n
   }
   const int64_t aligned = (pid - lo) * block;  // the program's aligned block
   const int64_t first = cu[lo], last = cu[lo + 1];
-  return {first > aligned ? first : aligned, last < aligned + block ? last : aligned + block};
+  const int64_t end = last < aligned + block ? last : aligned + block, start = first > aligned ? first : aligned;
+  return {start < end ? start : end, end};  // (empty: start = end, inside [0, length] whatever the boundaries)
 }
 
 // The boundaries of a CPU cu_seqlens tensor (int32 or int64, any stride), read once.

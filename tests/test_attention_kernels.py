@@ -981,6 +981,7 @@ def test_triton_document_runs_cover_each_row_once_inside_one_document_and_block(
         _document_runs_kernel[(programs,)](cu, out, len(lens), BLOCK=block)
         covered = torch.zeros(sum(lens), dtype=torch.int32)
         doc_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
+        assert all(0 <= start <= end <= sum(lens) for start, end in out.cpu().tolist()), (lens, block)
         runs = [(start, end) for start, end in out.cpu().tolist() if end > start]
         for start, end in runs:
             covered[start:end] += 1

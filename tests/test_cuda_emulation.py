@@ -397,7 +397,9 @@ def test_document_runs(emu):
         lens, _ = random_document_lengths(gen, [1, 2, 3, 9, 40, 100][trial % 6])
         block = [1, 4, 16, 64][trial % 4]
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-        runs = [(s, e) for s, e in emu.document_runs(cu, block).tolist() if e > s]
+        every = emu.document_runs(cu, block).tolist()
+        assert all(0 <= start <= end <= sum(lens) for start, end in every), (lens, block)
+        runs = [(s, e) for s, e in every if e > s]
         doc_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
         covered = torch.zeros(sum(lens), dtype=torch.int32)
         for start, end in runs:

@@ -234,7 +234,7 @@ def _document_run(pid, CU, n_docs, BLOCK: tl.constexpr):
     block-aligned stretch of BLOCK, so that no program mixes documents (and none covers more
     than one document's keys). CU: the table's copy of cu_seqlens (int32, in [0, length]).
     Document d owns programs [P(d), P(d + 1)), P(d) = CU[d] // BLOCK + d, increasing in d: one
-    per aligned block its rows meet, and one left empty (end <= start) where it ends on a block
+    per aligned block its rows meet, and one left empty (start = end) where it ends on a block
     boundary or holds no row. The grid: length // BLOCK + n_docs programs (length = CU[n_docs])."""
     lo = pid * 0
     hi = lo + n_docs - 1
@@ -245,8 +245,8 @@ def _document_run(pid, CU, n_docs, BLOCK: tl.constexpr):
         else:
             hi = mid - 1
     block = pid - lo  # the aligned block of this program (P(d) + its index among d's programs - d)
-    start = tl.maximum(tl.load(CU + lo), block * BLOCK)
     end = tl.minimum(tl.load(CU + lo + 1), (block + 1) * BLOCK)
+    start = tl.minimum(tl.maximum(tl.load(CU + lo), block * BLOCK), end)  # (empty: start = end, inside [0, length])
     return start, end
 
 
@@ -801,7 +801,7 @@ def _document_bands_kernel(
     with CHECK, program 0 also writes whether the boundaries are valid (1) or not (0) to its last
     entry."""
     t = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    # query row i of document d sees keys [lo, hi) (csrc/documents.h: key_bands)
+    # query row i of document d sees keys [lo, hi) (csrc/documents.h: row_band)
     d = _document_of(CU_Q, stride_q, t, n_docs, steps)
     key_end = _boundary(CU_K, stride_k, d + 1, n_docs)
     pos = t + key_end - _boundary(CU_Q, stride_q, d + 1, n_docs)  # its key position
