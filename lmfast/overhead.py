@@ -139,7 +139,7 @@ def _softcap_attention_pair(device: str, grad: bool):
 def _varlen_attention_pair(device: str, grad: bool):
     """Continuous batching: 32 sequences decoding a token each over their own 8 cached keys,
     packed (flash-attn's varlen layout and cu_seqlens) through lmfast's flash_attn_varlen_func,
-    against the same work as one padded-free batch through F.scaled_dot_product_attention (what
+    against the same work as one padding-free batch through F.scaled_dot_product_attention (what
     runs without varlen; its output squeezed to the packed layout, one view). The per-call cost
     of the documents: their checks and the kernels' table of them."""
     from .integrations.flash_attn import flash_attn_varlen_func

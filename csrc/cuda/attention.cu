@@ -66,8 +66,8 @@ struct AttnParams {
   float softcap;  // > 0: s = softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
   bool causal;
   int window;  // 0: none
-  // packed documents (../documents.h), or nullptr: (2 Sq + n_docs + 1,) int32, each row's [lo, hi)
-  // keys (lo's, then hi's), then cu_seqlens_q (the prefill blocks' runs of one document)
+  // packed documents (../documents.h), or nullptr: (2 Sq + n_docs + 2,) int32, each row's [lo, hi)
+  // keys (lo's, then hi's), cu_seqlens_q (the prefill blocks' runs of one document), the check
   const int* doc_bands;
   int n_docs;
   // dropout (dropout_seed == nullptr: none): an int64 seed in device memory, the threshold
@@ -567,8 +567,8 @@ constexpr int kDecodeMaxRows = 4;
 
 // Packed documents' table (../documents.h): thread i writes query row i's [lo, hi) to bands[i]
 // and bands[Sq + i], and boundary i of cu_seqlens_q to bands[2 Sq + i]; block 0 also checks the
-// boundaries (start at 0, never decrease, end at Sq and Sk) into the last entry: 1 when valid. Every read stays inside cu_q and cu_k, whatever
-// their values (n_docs = 0 only with Sq = 0).
+// boundaries (start at 0, never decrease, end at Sq and Sk) into the last entry: 1 when valid.
+// Every read stays inside cu_q and cu_k, whatever their values (n_docs = 0 only with Sq = 0).
 template <typename QIndex, typename KIndex>
 __global__ void document_bands_kernel(const QIndex* __restrict__ cu_q, int64_t stride_q,
                                       const KIndex* __restrict__ cu_k, int64_t stride_k, int64_t n_docs, int64_t Sq,
