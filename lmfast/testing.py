@@ -179,6 +179,25 @@ def _run_once(fn, reference, inputs, grad, name, seed):
         yield f"{name} d{k}", (g, g64, ge)
 
 
+# ---- host calls ---------------------------------------------------------------------------------
+
+def dispatched_ops():
+    """A context manager recording, in its `.ops`, the ops that reach the dispatcher's Python key
+    under it (after composite ops decompose): what a call costs the host, op by op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class DispatchedOps(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    return DispatchedOps()
+
+
 # ---- packed documents: the kernels' tables ------------------------------------------------------
 
 def random_document_lengths(gen: torch.Generator, n_docs: int) -> tuple[list[int], list[int]]:

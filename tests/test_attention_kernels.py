@@ -16,7 +16,8 @@ import torch
 import lmfast
 from lmfast import reference
 from lmfast._backends import KERNEL_OPS
-from lmfast.testing import assert_document_bands, check_against_reference, random_document_lengths
+from lmfast.testing import (assert_document_bands, check_against_reference, dispatched_ops,
+                            random_document_lengths)
 
 
 @pytest.fixture
@@ -996,18 +997,7 @@ def test_triton_document_table_costs_the_host_one_allocation_and_one_launch(monk
     whatever the number of documents: decoding many sequences on a GPU pays no host time per
     document or per tensor op (the tensor-op form took 23 ops a call)."""
     pytest.importorskip("triton", reason="triton is not installed")
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from lmfast.kernels import attention as kernels
-
-    class Dispatched(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func))
-            return func(*args, **(kwargs or {}))
 
     launches = []
 
@@ -1018,7 +1008,7 @@ def test_triton_document_table_costs_the_host_one_allocation_and_one_launch(monk
     monkeypatch.setattr(kernels, "_document_bands_kernel", Launches())
     cq = _cu_seqlens([1] * 32, "cpu")
     ck = _cu_seqlens([8] * 32, "cpu")
-    with Dispatched() as dispatched:
+    with dispatched_ops() as dispatched:
         kernels._document_bands(cq, ck, 32, 256, True, None, check=True)
     assert dispatched.ops == ["aten.empty.memory_format"] and len(launches) == 1, (dispatched.ops, launches)
 

@@ -7,10 +7,10 @@ writable. (Its speed is measured by `lmfast bench --ops overhead`, not here.)"""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import lmfast
 from lmfast import reference
+from lmfast.testing import dispatched_ops
 
 transformers = pytest.importorskip("transformers", reason="transformers is part of the test extras")
 
@@ -25,18 +25,6 @@ class _TorchCalls(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if not str(func).startswith("<method-wrapper '__get__'"):  # attribute reads (x.is_cpu)
             self.calls.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-class _DispatchedOps(TorchDispatchMode):
-    """Records the ops that reach the dispatcher's Python key (after composite ops decompose)."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
         return func(*args, **(kwargs or {}))
 
 
@@ -64,7 +52,7 @@ def test_a_cpu_call_is_one_cpp_op(case):
     with torch.no_grad():
         with _TorchCalls() as torch_calls:
             call()
-        with _DispatchedOps() as dispatched:
+        with dispatched_ops() as dispatched:
             call()
     assert torch_calls.calls == [f"lmfast_C.{public}.default"], torch_calls.calls
     assert dispatched.ops == [f"lmfast_C.{kernel}.default"], dispatched.ops
@@ -75,7 +63,7 @@ def test_with_grad_the_backward_is_the_kernel_op_too():
     x = torch.randn(1, 1, 768, requires_grad=True)
     y = ln(x)
     assert "LayerNormFwd" in y.grad_fn.name()  # the C++ autograd node (csrc/api.cpp)
-    with _DispatchedOps() as dispatched:
+    with dispatched_ops() as dispatched:
         y.backward(torch.ones_like(y))
     assert [op for op in dispatched.ops if op.startswith("lmfast")] == ["lmfast_C.layer_norm_bwd.default"]
     torch.testing.assert_close(x.grad, torch.func.grad(
