@@ -134,9 +134,11 @@ def documents(cu_seqlens_q: object, cu_seqlens_k: object, q: Tensor) -> bool:
 
 
 def document_values(cu_q: Tensor, cu_k: Tensor, Sq: int, Sk: int) -> None:
-    """The values of packed documents' cu_seqlens (documents), as csrc/documents.h's check_values:
-    both start at 0, never decrease, and end at Sq and Sk. Read on the host for CPU tensors; on
-    a GPU (and while torch.compile traces) an asynchronous assert, so that no call waits on the device."""
+    """The values of packed documents' cu_seqlens (documents), as csrc/documents.h's
+    check_boundaries: both start at 0, never decrease, and end at Sq and Sk. Read on the host for
+    CPU tensors; on a GPU (and while torch.compile traces) an asynchronous assert, so that no call
+    waits on the device. (The kernel backends on a GPU check them in the kernel that builds their
+    table instead: lmfast/kernels/attention.py's _document_bands, csrc/cuda/attention.cu's.)"""
     for name, c, end, what in (("cu_seqlens_q", cu_q, Sq, "Sq"), ("cu_seqlens_k", cu_k, Sk, "Sk")):
         if c.device.type == "cpu" and not torch.compiler.is_compiling():
             x = c.tolist()
