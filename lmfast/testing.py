@@ -200,11 +200,36 @@ def dispatched_ops():
 
 # ---- packed documents: the kernels' tables ------------------------------------------------------
 
+def cu_seqlens(lengths, device="cpu", dtype: torch.dtype = torch.int32) -> Tensor:
+    """The boundaries (n + 1,) of documents of these lengths packed side by side: 0, then the
+    running sums (FlashAttention's cu_seqlens)."""
+    return torch.tensor([0, *torch.tensor(lengths, dtype=torch.int64).cumsum(0).tolist()], dtype=dtype, device=device)
+
+
 def random_document_lengths(gen: torch.Generator, n_docs: int) -> tuple[list[int], list[int]]:
     """Query and key lengths of n_docs packed documents: empty ones, one-token ones, longer."""
     def lengths(choices):
         return [choices[i] for i in torch.randint(len(choices), (n_docs,), generator=gen).tolist()]
     return lengths([0, 1, 1, 2, 5, 17, 40]), lengths([0, 1, 3, 8, 30, 70])
+
+
+def assert_document_runs(runs: list[tuple[int, int]], lengths: list[int], block: int) -> None:
+    """A GPU launch's runs of one document each (every program's [start, end), as
+    lmfast/kernels/attention.py's _document_run and csrc/documents.h's document_run map them)
+    for documents of these lengths and blocks of `block` rows: each in [0, length], the
+    non-empty ones covering every row exactly once, none mixing documents or crossing a block,
+    none splitting a document's stretch of a block."""
+    total = sum(lengths)
+    assert all(0 <= start <= end <= total for start, end in runs), (lengths, block)
+    doc_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths, dtype=torch.int64))
+    covered = torch.zeros(total, dtype=torch.int32)
+    filled = [(start, end) for start, end in runs if end > start]
+    for start, end in filled:
+        covered[start:end] += 1
+        assert doc_of[start] == doc_of[end - 1] and start // block == (end - 1) // block, (lengths, block, start, end)
+    assert bool((covered == 1).all()), (lengths, block, covered.tolist())
+    # one run per (document, block) pair they share: none split in two
+    assert len(filled) == len({(int(doc_of[i]), i // block) for i in range(total)}), (lengths, block)
 
 
 def assert_document_bands(keep: Tensor, lo: Tensor, hi: Tensor, first: Tensor | None = None,

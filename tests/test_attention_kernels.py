@@ -16,8 +16,8 @@ import torch
 import lmfast
 from lmfast import reference
 from lmfast._backends import KERNEL_OPS
-from lmfast.testing import (assert_document_bands, check_against_reference, dispatched_ops,
-                            random_document_lengths)
+from lmfast.testing import (assert_document_bands, assert_document_runs, check_against_reference, cu_seqlens,
+                            dispatched_ops, random_document_lengths)
 
 
 @pytest.fixture
@@ -569,7 +569,7 @@ def test_opcheck(ab):
     torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], ins["v"], mask, 0.25, True, 5, 0.0, None, 2.0))
     for v in (ins["v"][..., :12].contiguous(), torch.cat([ins["v"], ins["v"][..., :4]], -1)):  # Dv < D, Dv > D
         torch.library.opcheck(ns.attention_fwd, (ins["q"], ins["k"], v, mask, 0.25, True, 5))
-    docs = _cu_seqlens([4, 5], ab.device), _cu_seqlens([6, 7], ab.device)  # packed documents (a batch of one)
+    docs = cu_seqlens([4, 5], ab.device), cu_seqlens([6, 7], ab.device)  # packed documents (a batch of one)
     one = {n: ins[n][:1] for n in "qkv"}
     torch.library.opcheck(ns.attention_fwd, (one["q"], one["k"], one["v"], mask[:1], 0.25, True, 5, 0.0, None, 0.0,
                                              *docs))
@@ -579,7 +579,7 @@ def test_compile_fullgraph_with_packed_documents(ab):
     """cu_seqlens are tensor arguments of the kernel ops: traced without a graph break (their
     values checked at run time), forward and gradients as eager."""
     torch._dynamo.reset()
-    cq, ck = _cu_seqlens([7, 1, 8], ab.device), _cu_seqlens([9, 3, 12], ab.device)
+    cq, ck = cu_seqlens([7, 1, 8], ab.device), cu_seqlens([9, 3, 12], ab.device)
 
     def block(q, k, v):
         return lmfast.ops.attention(q, k, v, causal=True, cu_seqlens_q=cq, cu_seqlens_k=ck,
@@ -826,10 +826,6 @@ def test_compile_fullgraph_with_dropout(ab):
 
 # ---- packed documents (cu_seqlens) ----------------------------------------------------------
 
-def _cu_seqlens(lengths, device):
-    return torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
-
-
 # Documents packed in a batch of one: (query lengths, key lengths, causal, window). Odd lengths,
 # an empty document, a one-token one; on the C++ backends long enough that documents start and
 # end inside and across their tiles (128 / 256 rows and keys); interpreted Triton, its 16-64.
@@ -854,7 +850,7 @@ def test_packed_documents(case, ab, dtype):
     interpreted = ab.name == "triton" and ab.device == "cpu"
     lens_q, lens_k, causal, window = _document_cases(interpreted)[case]
     ins = _inputs(ab, 1, 4, 2, sum(lens_q), sum(lens_k), 32, dtype, causal=causal, window=window)
-    ins.update(cu_seqlens_q=_cu_seqlens(lens_q, ab.device), cu_seqlens_k=_cu_seqlens(lens_k, ab.device))
+    ins.update(cu_seqlens_q=cu_seqlens(lens_q, ab.device), cu_seqlens_k=cu_seqlens(lens_k, ab.device))
     _check(ab, f"documents {case}", ins)
 
 
@@ -868,7 +864,7 @@ def test_packed_documents_with_masks_dropout_softcap_and_value_head_dim(Sq, Sk, 
                   mask=torch.randn(1, 4, Sq, Sk, device=ab.device).to(dtype))
     ins["q"] = ins["q"] * 3  # scores out to a few caps
     ins.update(softcap=3.0, dropout_p=0.3, dropout_seed=torch.tensor([7], device=ab.device),
-               cu_seqlens_q=_cu_seqlens(lens_q, ab.device), cu_seqlens_k=_cu_seqlens(lens_k, ab.device))
+               cu_seqlens_q=cu_seqlens(lens_q, ab.device), cu_seqlens_k=cu_seqlens(lens_k, ab.device))
     check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend=ab.name),
                             _reference_with_seed, ins, grad=("q", "k", "v", "attn_mask"),
                             name=f"attention {ab.name} documents mask dropout softcap Sq={Sq}")
@@ -881,7 +877,7 @@ def test_packed_documents_equal_their_block_diagonal_mask(ab):
     S = sum(lens)
     q, k, v = (torch.randn(1, 4, S, 32, device=ab.device) for _ in range(3))
     sinks = torch.randn(4, device=ab.device)
-    cu = _cu_seqlens(lens, ab.device)
+    cu = cu_seqlens(lens, ab.device)
     o, lse = lmfast.ops.attention(q, k, v, causal=True, sinks=sinks, cu_seqlens_q=cu, cu_seqlens_k=cu,
                                   return_lse=True, backend=ab.name)
     mask = _packed_documents(lens, True).to(ab.device)
@@ -899,7 +895,7 @@ def test_attention_varlen_takes_flash_attentions_layout(ab):
     q = torch.randn(sum(lens_q), 4, 16, device=ab.device)
     k = torch.randn(sum(lens_k), 2, 16, device=ab.device)
     v = torch.randn(sum(lens_k), 2, 8, device=ab.device)
-    cq, ck = _cu_seqlens(lens_q, ab.device), _cu_seqlens(lens_k, ab.device)
+    cq, ck = cu_seqlens(lens_q, ab.device), cu_seqlens(lens_k, ab.device)
     o, lse = lmfast.ops.attention_varlen(q, k, v, cq, ck, causal=True, return_lse=True, backend=ab.name)
     assert o.shape == (31, 4, 8) and o.is_contiguous() and lse.shape == (4, 31)
     views = [t.transpose(0, 1).unsqueeze(0) for t in (q, k, v)]
@@ -913,7 +909,7 @@ def test_packed_documents_gradcheck_cpu_float64():
     q = torch.randn(1, 2, 7, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 11, 4, dtype=torch.float64, requires_grad=True)
     v = torch.randn(1, 1, 11, 3, dtype=torch.float64, requires_grad=True)
-    cq, ck = _cu_seqlens(lens_q, "cpu"), _cu_seqlens(lens_k, "cpu")
+    cq, ck = cu_seqlens(lens_q, "cpu"), cu_seqlens(lens_k, "cpu")
     for causal, window in ((False, None), (True, None), (True, 2)):
         assert torch.autograd.gradcheck(
             lambda q, k, v: lmfast.ops.attention(q, k, v, causal=causal, window=window, cu_seqlens_q=cq,
@@ -951,7 +947,7 @@ def test_triton_document_table_is_each_rows_keys_and_each_keys_rows():
     for trial in range(40):
         lens_q, lens_k = random_document_lengths(gen, [1, 2, 3, 9, 40][trial % 5])
         causal, window = trial % 3 != 0, [None, 1, 2, 7, 10**6][trial % 5]
-        cq, ck = (_cu_seqlens(lens, device).to(torch.int64 if trial % 2 else torch.int32) for lens in (lens_q, lens_k))
+        cq, ck = (cu_seqlens(lens, device).to(torch.int64 if trial % 2 else torch.int32) for lens in (lens_q, lens_k))
         if trial % 3 == 1:  # boundaries every other element of a longer tensor
             cq, ck = (torch.stack([c, c + 999], 1)[:, 0] for c in (cq, ck))
         Sq, Sk = sum(lens_q), sum(lens_k)
@@ -976,20 +972,11 @@ def test_triton_document_runs_cover_each_row_once_inside_one_document_and_block(
     for trial in range(24):
         lens, _ = random_document_lengths(gen, [1, 2, 3, 9, 40, 100][trial % 6])
         block = [1, 4, 16, 64][trial % 4]
-        cu = _cu_seqlens(lens, device)
+        cu = cu_seqlens(lens, device)
         programs = kernels._blocks_along(sum(lens), block, len(lens), docs=True)
         out = torch.full((programs, 2), -1, dtype=torch.int32, device=device)
         _document_runs_kernel[(programs,)](cu, out, len(lens), BLOCK=block)
-        covered = torch.zeros(sum(lens), dtype=torch.int32)
-        doc_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-        assert all(0 <= start <= end <= sum(lens) for start, end in out.cpu().tolist()), (lens, block)
-        runs = [(start, end) for start, end in out.cpu().tolist() if end > start]
-        for start, end in runs:
-            covered[start:end] += 1
-            assert doc_of[start] == doc_of[end - 1] and start // block == (end - 1) // block, (lens, block, start, end)
-        assert bool((covered == 1).all()), (lens, block, covered.tolist())
-        # one run per (document, block) pair they share: none split in two
-        assert len(runs) == len({(int(doc_of[i]), i // block) for i in range(sum(lens))}), (lens, block)
+        assert_document_runs([tuple(run) for run in out.cpu().tolist()], lens, block)
 
 
 def test_triton_document_table_costs_the_host_one_allocation_and_one_launch(monkeypatch):
@@ -1006,8 +993,8 @@ def test_triton_document_table_costs_the_host_one_allocation_and_one_launch(monk
             return lambda *args, **meta: launches.append(grid)
 
     monkeypatch.setattr(kernels, "_document_bands_kernel", Launches())
-    cq = _cu_seqlens([1] * 32, "cpu")
-    ck = _cu_seqlens([8] * 32, "cpu")
+    cq = cu_seqlens([1] * 32, "cpu")
+    ck = cu_seqlens([8] * 32, "cpu")
     with dispatched_ops() as dispatched:
         kernels._document_bands(cq, ck, 32, 256, True, None, check=True)
     assert dispatched.ops == ["aten.empty.memory_format"] and len(launches) == 1, (dispatched.ops, launches)

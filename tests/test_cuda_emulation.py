@@ -26,7 +26,8 @@ import pytest
 import torch
 
 from lmfast import reference
-from lmfast.testing import assert_document_bands, check_against_reference, random_document_lengths
+from lmfast.testing import (assert_document_bands, assert_document_runs, check_against_reference, cu_seqlens,
+                            random_document_lengths)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -340,7 +341,7 @@ def test_attention_cu_seqlens(emu, dtype, case):
     """cu_seqlens: each row's band read from the table csrc/documents.h builds, in place of the
     causal/window arithmetic, wherever the kernels ask for a row's keys."""
     lens_q, lens_k, causal, window = CU_SEQLENS_CASES[case]
-    cq, ck = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()]) for n in (lens_q, lens_k))
+    cq, ck = (cu_seqlens(n, dtype=torch.int64) for n in (lens_q, lens_k))
     inputs = _attention_inputs(1, 4, 2, sum(lens_q), sum(lens_k), 40, dtype, None, strided=True)
 
     def fn(q, k, v):
@@ -363,7 +364,7 @@ def test_document_bands_kernel(emu, thread_order):
     for trial in range(24):
         lens_q, lens_k = random_document_lengths(gen, [1, 2, 3, 9, 40][trial % 5])
         causal, window = trial % 3 != 0, [None, 1, 2, 7, 10**6][trial % 5]
-        cq, ck = (torch.tensor([0, *torch.tensor(n).cumsum(0).tolist()]) for n in (lens_q, lens_k))
+        cq, ck = (cu_seqlens(n, dtype=torch.int64) for n in (lens_q, lens_k))
         cq = cq.to(torch.int32) if trial % 2 else cq
         if trial % 3 == 1:  # boundaries every other element of a longer tensor
             ck = torch.stack([ck, ck], 1)[:, 0]
@@ -396,17 +397,8 @@ def test_document_runs(emu):
     for trial in range(24):
         lens, _ = random_document_lengths(gen, [1, 2, 3, 9, 40, 100][trial % 6])
         block = [1, 4, 16, 64][trial % 4]
-        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
-        every = emu.document_runs(cu, block).tolist()
-        assert all(0 <= start <= end <= sum(lens) for start, end in every), (lens, block)
-        runs = [(s, e) for s, e in every if e > s]
-        doc_of = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens))
-        covered = torch.zeros(sum(lens), dtype=torch.int32)
-        for start, end in runs:
-            covered[start:end] += 1
-            assert doc_of[start] == doc_of[end - 1] and start // block == (end - 1) // block, (lens, block, start, end)
-        assert bool((covered == 1).all()), (lens, block)
-        assert len(runs) == len({(int(doc_of[i]), i // block) for i in range(sum(lens))}), (lens, block)
+        runs = emu.document_runs(cu_seqlens(lens), block).tolist()
+        assert_document_runs([tuple(run) for run in runs], lens, block)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
