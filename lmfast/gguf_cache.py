@@ -41,17 +41,14 @@ def cache_dir_for(gguf_path: str | os.PathLike) -> Path:
 def load_causal_lm(directory: str, gguf_file: str, dtype: torch.dtype):
     """(tokenizer, causal LM in eval mode, in `dtype`) of directory/gguf_file: from the cache
     when it holds this file's conversion, else converted by transformers' GGUF loader and kept."""
-    import transformers
-
     cached = cache_dir_for(Path(directory, gguf_file))
     if cached.is_dir():
         try:
-            return _load_converted(cached, dtype)
+            tok, model = _load_float32(cached)
+            return tok, model.to(dtype).eval()
         except Exception:  # a damaged entry (a disk filled mid-copy, a hand edit): convert again
             shutil.rmtree(cached, ignore_errors=True)
-    tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32,
-                                                              local_files_only=True)
+    tok, model = _load_float32(directory, gguf_file=gguf_file)
     try:
         _keep(tok, model, cached)
     except Exception:  # (a read-only cache, a model save_pretrained cannot write: this load still
@@ -59,12 +56,15 @@ def load_causal_lm(directory: str, gguf_file: str, dtype: torch.dtype):
     return tok, model.to(dtype).eval()
 
 
-def _load_converted(folder: Path, dtype: torch.dtype):
+def _load_float32(source, **gguf):
+    """(tokenizer, float32 causal LM) from local files: a converted folder, or with gguf_file=
+    a GGUF file in `source`, through transformers' GGUF loader."""
     import transformers
 
-    tok = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
-    return tok, model.to(dtype).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(source, local_files_only=True, **gguf)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True,
+                                                              **gguf)
+    return tok, model
 
 
 def _keep(tok, model, target: Path) -> None:
