@@ -19,6 +19,7 @@
 # and one that would get less than it needs is skipped, saying so, so a run cut short still
 # leaves the earlier steps' results. GPU_CHECK_STEPS (default "install tests bench") picks the
 # steps: a second call on the same machine can run "bench" alone on the in-place build.
+# GPU_CHECK_STEP_LIMIT_S, if set, caps every step's limit (a quick trial; tests/test_gpu_check.py).
 set -uo pipefail
 SANITIZE=0
 if [ "${1:-}" = "--sanitize" ]; then SANITIZE=1; shift; fi
@@ -43,7 +44,7 @@ trap pack EXIT
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # step TITLE CAP MIN TAIL LOG CMD...: runs CMD for at most CAP seconds, or what the budget has
-# left, its output appended to LOG, then shows LOG's last TAIL lines; skipped, and said so, when
+# left, its output appended to LOG, then shows the last TAIL lines it added; skipped, and said so, when
 # fewer than MIN seconds are left. At its limit CMD gets SIGINT, not SIGTERM: pytest then prints
 # the failures so far and writes its JUnit XML, and lmfast bench keeps its JSON (saved after
 # every case); SIGKILL follows 20 s later if it has not ended. Then the tail shown is pytest's
@@ -57,15 +58,20 @@ step() {
     return 0
   fi
   local limit=$(( left < cap ? left : cap ))
+  if [ -n "${GPU_CHECK_STEP_LIMIT_S:-}" ] && [ "$GPU_CHECK_STEP_LIMIT_S" -lt "$limit" ]; then
+    limit=$GPU_CHECK_STEP_LIMIT_S
+  fi
   echo "== $title (limit ${limit}s)" | tee -a "$log"
+  local first=$(( $(wc -l < "$log") + 1 ))  # the log's first line of this step's output
   timeout -s INT -k 20 "$limit" "$@" >> "$log" 2>&1
   local rc=$?
   echo "exit $rc after ${SECONDS}s" >> "$log"
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "== $title: stopped at its ${limit}s limit; what it finished is in $log" | tee -a "$log"
-    grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed)|^=+ [0-9]+ (passed|failed)' "$log" | tail -n "$tail_lines"
+    tail -n "+$first" "$log" | grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed)|^=+ [0-9]+ (passed|failed)' \
+      | tail -n "$tail_lines"
   else
-    tail -n "$tail_lines" "$log"
+    tail -n "+$first" "$log" | tail -n "$tail_lines"
   fi
 }
 
