@@ -86,6 +86,13 @@ if [ -z "${LMFAST_CUDA_ARCHS:-}" ]; then
   LMFAST_CUDA_ARCHS="$(python3 -c "import torch; print(''.join(map(str, torch.cuda.get_device_capability())))" 2>/dev/null || echo 90)"
   export LMFAST_CUDA_ARCHS
 fi
+# A machine handed back between two calls comes back bare: a call that leaves "install" out
+# installs anyway when the in-place build (lmfast/_C*.so) is missing, rather than testing or
+# timing whatever lmfast python3 finds.
+if ! wanted install && ! compgen -G "lmfast/_C*.so" > /dev/null; then
+  echo "== no in-place build of lmfast here (a bare machine): installing first" | tee -a "$OUT/install.log"
+  STEPS="$STEPS install "
+fi
 if wanted install; then
   export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
   step "install (CUDA archs $LMFAST_CUDA_ARCHS)" 300 120 1 "$OUT/install.log" \

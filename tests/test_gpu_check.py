@@ -122,3 +122,14 @@ def test_sanitize_compiles_in_parallel_then_runs_the_same_tests_under_memcheck(t
     assert sanitized.startswith("compute-sanitizer --tool memcheck --error-exitcode 97"), sanitized
     assert f"python3 -m pytest {selection}" in sanitized and sanitized.endswith(" -x"), sanitized
     assert not any("lmfast.cli bench" in c for c in calls)
+
+
+def test_a_call_without_install_installs_on_a_bare_machine(tmp_path):
+    done, calls = run_gpu_check(tmp_path, GPU_CHECK_STEPS="tests")
+    assert done.returncode == 0, done.stdout + done.stderr
+    installed = any(c.startswith("python3 -m pip install") for c in calls)
+    if any(ROOT.glob("lmfast/_C*.so")):  # this checkout has an in-place build: used as it is
+        assert not installed and "installing first" not in done.stdout, done.stdout
+    else:  # as on a machine handed back between two calls
+        assert installed and "no in-place build of lmfast here (a bare machine): installing first" in done.stdout
+    assert any(c.startswith("python3 -m pytest tests") for c in calls), calls
