@@ -104,6 +104,8 @@ def compare(before: dict, now: dict) -> str:
              f"torch {env_b.get('torch', '?')})"]
     if env_b.get("device_name") != env_n.get("device_name"):
         lines.append(f"note: the earlier run was on another device ({env_b.get('device_name')})")
+    if "triton_tiles" in env_b and "triton_tiles" in env_n and env_b["triton_tiles"] != env_n["triton_tiles"]:
+        lines.append(f"note: Triton's attention tiles were {env_b['triton_tiles']} then, {env_n['triton_tiles']} now")
     old = {(r["case"], r["direction"], r["provider"]): r for r in before["results"]}
     matched = 0
     table = [f"{'case':42s} {'dir':7s} {'provider':15s} {'before':>10s} {'now':>10s} {'change':>8s}"]

@@ -480,6 +480,11 @@ def environment(device: str) -> dict[str, str]:
         env["triton"] = triton.__version__
     except ImportError:
         pass
+    else:
+        if device != "cpu":  # (LMFAST_AUTOTUNE=0 or deterministic algorithms: each head-dim bucket's first tile)
+            from .kernels import attention as triton_attention
+
+            env["triton_tiles"] = "autotuned" if triton_attention.autotuning() else "fixed"
     return env
 
 

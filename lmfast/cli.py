@@ -185,6 +185,8 @@ def _bench(args) -> int:
     kernels = f", lmfast CPU kernels {environment['cpu_kernels']}" if "cpu_kernels" in environment else ""
     if environment.get("bf16_attention", "none") != "none":
         kernels += f" (bfloat16 attention tiles on {environment['bf16_attention']})"
+    if "triton_tiles" in environment:  # on a GPU: whether Triton's attention tiles were autotuned
+        kernels += f", Triton {environment['triton']} ({environment['triton_tiles']} attention tiles)"
     heading = f"{environment['device_name']}{kernels}, torch {environment['torch']}, {environment['date']}"
     stem.with_suffix(".txt").write_text(f"{heading}\n\n{summary}\n\nevery provider:\n{full}\n")
     written = [json_path, stem.with_suffix(".txt")]

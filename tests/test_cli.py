@@ -130,6 +130,30 @@ def test_bench_times_every_call_on_torchs_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("autotune,tiles", [("1", "autotuned"), ("0", "fixed")])
+def test_bench_results_on_a_gpu_say_whether_triton_autotuned(monkeypatch, autotune, tiles):
+    """A GPU result names the tiles Triton's attention ran: autotuned, or each head-dim bucket's
+    first (LMFAST_AUTOTUNE=0, or deterministic algorithms), which may be slower."""
+    import torch
+
+    from lmfast import benchmarking
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "a GPU")
+    monkeypatch.setenv("LMFAST_AUTOTUNE", autotune)
+    assert benchmarking.environment("cuda")["triton_tiles"] == tiles
+    assert "triton_tiles" not in benchmarking.environment("cpu")
+
+
+def test_bench_compare_notes_runs_with_other_triton_tiles():
+    from lmfast import bench_report
+
+    def report(tiles):
+        return {"environment": {"device_name": "a GPU", "triton_tiles": tiles}, "results": [], "models": []}
+
+    assert "tiles were fixed then, autotuned now" in bench_report.compare(report("fixed"), report("autotuned"))
+    assert "tiles were" not in bench_report.compare(report("fixed"), report("fixed"))
+
+
 @pytest.mark.parametrize("device_set", ["cpu", "cuda"])
 def test_bench_providers_compute_the_same_attention(device_set):
     """Every attention case of the full sets (the GPU's included, at a CPU-sized sequence),
