@@ -153,6 +153,9 @@ if wanted tests; then
 fi
 
 if wanted bench; then
+  # (Triton's autotuner would compile the attention tiles it times one after another: minutes)
+  step "the attention benchmark's Triton tiles, compiled in parallel processes" 90 30 12 \
+    "$OUT/bench-attention.log" python3 -m lmfast.triton_warmup
   step "benchmarks (GPU sizes): attention" 180 60 60 "$OUT/bench-attention.log" \
     python3 -m lmfast.cli bench --size full --ops attention --out "$OUT/attention" --min-time 0.1 --rounds 1
 

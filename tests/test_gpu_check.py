@@ -74,10 +74,11 @@ def test_the_default_run_installs_tests_then_benchmarks(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.rstrip().splitlines()[-1].startswith("gpu_check: done after"), done.stdout
     steps = [c for c in calls if c.startswith(("python3 -m pip", "python3 -m pytest", "python3 -m lmfast.cli bench",
-                                               "python3 -m lmfast.decode_benchmark", "python3 -m lmfast.model_benchmarks"))]
-    assert [s.split()[2] for s in steps] == ["pip", "pytest", "lmfast.cli", "lmfast.cli", "lmfast.decode_benchmark",
-                                              "lmfast.cli"], steps
-    install, tests, attention, norms, _, gpt2 = steps
+                                               "python3 -m lmfast.triton_warmup", "python3 -m lmfast.decode_benchmark",
+                                               "python3 -m lmfast.model_benchmarks"))]
+    assert [s.split()[2] for s in steps] == ["pip", "pytest", "lmfast.triton_warmup", "lmfast.cli", "lmfast.cli",
+                                              "lmfast.decode_benchmark", "lmfast.cli"], steps
+    install, tests, _, attention, norms, _, gpt2 = steps
     assert "--no-build-isolation --no-deps --no-index" in install and install.endswith("-e .")
     # a worker a core but two (16 cores: 14), tests handed out one by one (--dist load)
     assert " -n 14 --dist load " in tests and "--dist loadfile" not in tests, tests
@@ -133,3 +134,41 @@ def test_a_call_without_install_installs_on_a_bare_machine(tmp_path):
     else:  # as on a machine handed back between two calls
         assert installed and "no in-place build of lmfast here (a bare machine): installing first" in done.stdout
     assert any(c.startswith("python3 -m pytest tests") for c in calls), calls
+
+
+def test_triton_warmup_covers_every_flag_set_of_the_attention_benchmark():
+    """lmfast.triton_warmup (gpu_check's step before the attention benchmark) compiles what the
+    benchmark autotunes only if its shrunk cases hold every flag set and keep the integers a
+    compiled kernel is specialized on: lengths that are multiples of 16, a document count that
+    is neither 1 nor a multiple of 16."""
+    from lmfast import benchmarking, triton_warmup
+
+    full = benchmarking.cases("full", "cuda", ops=["attention"])
+    warm = triton_warmup.warm_cases("cuda")
+    assert {triton_warmup.flag_set(c) for c in warm} == {triton_warmup.flag_set(c) for c in full}
+    assert len(warm) == len({triton_warmup.flag_set(c) for c in warm})  # one process each
+    for case in [*full, *warm]:
+        assert case.shape[2] % 16 == 0, case.name
+        if case.documents:
+            assert sum(case.documents) == case.shape[2] and len(case.documents) != 1, case.name
+            assert len(case.documents) % 16 != 0, case.name
+    assert all(c.shape[:1] + c.shape[2:3] == (1, triton_warmup.WARM_TOKENS) for c in warm)
+
+
+def test_triton_warmup_runs_a_process_per_flag_set_and_reports_failures(monkeypatch, capsys):
+    from lmfast import triton_warmup
+
+    launched = []
+
+    def fake_run(cmd, **kwargs):
+        launched.append(cmd)
+        index = int(cmd[cmd.index("--case") + 1])
+        return subprocess.CompletedProcess(cmd, 1 if index == 2 else 0, "", "a compile error")
+
+    monkeypatch.setattr(triton_warmup.subprocess, "run", fake_run)
+    assert triton_warmup.main(["--workers", "3"]) == 1
+    n = len(triton_warmup.warm_cases())
+    assert sorted(int(c[-1]) for c in launched) == list(range(n))
+    assert all(c[1:4] == ["-m", "lmfast.triton_warmup", "--case"] for c in launched)
+    out = capsys.readouterr()
+    assert f"triton_warmup: {n} flag sets, 1 failed" in out.out and "a compile error" in out.err
