@@ -20,11 +20,11 @@ times every candidate again.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import dataclasses
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 WARM_TOKENS = 64
@@ -77,19 +77,31 @@ def main(argv: list[str] | None = None) -> int:
 
     cases = warm_cases()
     start = time.perf_counter()
-
-    def run(index: int) -> tuple[int, subprocess.CompletedProcess]:
-        cmd = [sys.executable, "-m", "lmfast.triton_warmup", "--case", str(index)]
-        return index, subprocess.run(cmd, capture_output=True, text=True)
-
-    failed = 0
-    with concurrent.futures.ThreadPoolExecutor(max_workers=args.workers) as pool:
-        for index, done in pool.map(run, range(len(cases))):
-            status = "ok" if done.returncode == 0 else f"failed ({done.returncode})"
-            print(f"{cases[index].name}: {status}", flush=True)
-            if done.returncode != 0:
-                failed += 1
-                print(done.stderr[-2000:], file=sys.stderr)
+    pending, running, failed = list(range(len(cases))), {}, 0
+    try:
+        while pending or running:
+            while pending and len(running) < args.workers:
+                index = pending.pop(0)
+                errors = tempfile.TemporaryFile(mode="w+")
+                cmd = [sys.executable, "-m", "lmfast.triton_warmup", "--case", str(index)]
+                running[index] = (subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=errors), errors)
+            for index, (proc, errors) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                del running[index]
+                print(f"{cases[index].name}: {'ok' if proc.returncode == 0 else f'failed ({proc.returncode})'}",
+                      flush=True)
+                if proc.returncode != 0:
+                    failed += 1
+                    errors.seek(0)
+                    print(errors.read()[-2000:], file=sys.stderr)
+                errors.close()
+            time.sleep(0.1)
+    finally:  # interrupted (gpu_check's step limit): no compile may go on beside the benchmark
+        for proc, errors in running.values():
+            proc.kill()
+            proc.wait()
+            errors.close()
     print(f"triton_warmup: {len(cases)} flag sets, {failed} failed, {time.perf_counter() - start:.0f} s")
     return 1 if failed else 0
 

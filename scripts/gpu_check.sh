@@ -44,11 +44,11 @@ trap pack EXIT
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 # step TITLE CAP MIN TAIL LOG CMD...: runs CMD for at most CAP seconds, or what the budget has
-# left, its output appended to LOG, then shows the last TAIL lines it added; skipped, and said so, when
-# fewer than MIN seconds are left. At its limit CMD gets SIGINT, not SIGTERM: pytest then prints
-# the failures so far and writes its JUnit XML, and lmfast bench keeps its JSON (saved after
-# every case); SIGKILL follows 20 s later if it has not ended. Then the tail shown is pytest's
-# summary lines, not the interrupt's traceback.
+# left, its output appended to LOG, then shows the last TAIL lines it added; skipped, and said
+# so, when fewer than MIN seconds are left. At its limit CMD gets SIGINT, not SIGTERM: pytest
+# then prints the failures so far and writes its JUnit XML, lmfast bench keeps its JSON (saved
+# after every case), lmfast.triton_warmup stops its compiles; SIGKILL follows 20 s later if it
+# has not ended. Then the tail shown is pytest's summary lines, not the interrupt's traceback.
 step() {
   local title=$1 cap=$2 min=$3 tail_lines=$4 log=$5
   shift 5
@@ -68,7 +68,7 @@ step() {
   echo "exit $rc after ${SECONDS}s" >> "$log"
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
     echo "== $title: stopped at its ${limit}s limit; what it finished is in $log" | tee -a "$log"
-    tail -n "+$first" "$log" | grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed)|^=+ [0-9]+ (passed|failed)' \
+    tail -n "+$first" "$log" | grep -E '^(FAILED|ERROR) |^[0-9]+ (passed|failed|errors?)|^=+ [0-9]+ (passed|failed|errors?)' \
       | tail -n "$tail_lines"
   else
     tail -n "+$first" "$log" | tail -n "$tail_lines"

@@ -160,15 +160,51 @@ def test_triton_warmup_runs_a_process_per_flag_set_and_reports_failures(monkeypa
 
     launched = []
 
-    def fake_run(cmd, **kwargs):
-        launched.append(cmd)
-        index = int(cmd[cmd.index("--case") + 1])
-        return subprocess.CompletedProcess(cmd, 1 if index == 2 else 0, "", "a compile error")
+    class FakeProcess:  # case 2 fails to compile
+        def __init__(self, cmd, stdout, stderr):
+            launched.append(cmd)
+            self.returncode = 1 if cmd[-1] == "2" else 0
+            if self.returncode:
+                stderr.write("a compile error")
 
-    monkeypatch.setattr(triton_warmup.subprocess, "run", fake_run)
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(triton_warmup.subprocess, "Popen", FakeProcess)
     assert triton_warmup.main(["--workers", "3"]) == 1
     n = len(triton_warmup.warm_cases())
     assert sorted(int(c[-1]) for c in launched) == list(range(n))
     assert all(c[1:4] == ["-m", "lmfast.triton_warmup", "--case"] for c in launched)
     out = capsys.readouterr()
     assert f"triton_warmup: {n} flag sets, 1 failed" in out.out and "a compile error" in out.err
+
+
+def test_triton_warmup_interrupted_leaves_no_compile_running(monkeypatch):
+    """gpu_check interrupts a step at its limit: the compiles must not go on beside the
+    benchmark that follows (they would time their tiles on the same GPU)."""
+    from lmfast import triton_warmup
+
+    procs = []
+
+    class SlowProcess:
+        def __init__(self, cmd, stdout, stderr):
+            self.returncode, self.killed = None, False
+            procs.append(self)
+
+        def poll(self):
+            return self.returncode
+
+        def kill(self):
+            self.killed, self.returncode = True, -9
+
+        def wait(self):
+            return self.returncode
+
+    def interrupt(seconds):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(triton_warmup.subprocess, "Popen", SlowProcess)
+    monkeypatch.setattr(triton_warmup.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        triton_warmup.main(["--workers", "3"])
+    assert len(procs) == 3 and all(p.killed for p in procs)
