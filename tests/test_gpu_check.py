@@ -58,17 +58,18 @@ def run_gpu_check(tmp_path: Path, *args: str, **env: str) -> tuple[subprocess.Co
     bin_dir = _tools(tmp_path)
     log = tmp_path / "calls.log"
     out = tmp_path / "out"
-    full_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log), **env}
-    full_env.pop("LMFAST_CUDA_ARCHS", None)
+    outer = {k: v for k, v in os.environ.items() if not k.startswith("GPU_CHECK_") and k != "LMFAST_CUDA_ARCHS"}
+    full_env = {**outer, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "STUB_LOG": str(log), **env}
     done = subprocess.run(["bash", str(SCRIPT), *args, str(out)], capture_output=True, text=True, timeout=120,
                           env=full_env)
     calls = log.read_text().splitlines() if log.exists() else []
     return done, calls
 
 
-pytestmark = pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+needs_timeout = pytest.mark.skipif(shutil.which("timeout") is None, reason="gpu_check.sh needs coreutils' timeout")
 
 
+@needs_timeout
 def test_the_default_run_installs_tests_then_benchmarks(tmp_path):
     done, calls = run_gpu_check(tmp_path)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -91,6 +92,7 @@ def test_the_default_run_installs_tests_then_benchmarks(tmp_path):
     assert "real-model tests skipped: packages missing" in (tmp_path / "out" / "tests.log").read_text()
 
 
+@needs_timeout
 def test_a_step_stopped_at_its_limit_still_shows_pytests_failures(tmp_path):
     done, calls = run_gpu_check(tmp_path, GPU_CHECK_STEPS="tests", GPU_CHECK_STEP_LIMIT_S="2", STUB_PYTEST_HANGS="1")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -101,6 +103,7 @@ def test_a_step_stopped_at_its_limit_still_shows_pytests_failures(tmp_path):
     assert not any(c.startswith("python3 -m lmfast.cli bench") for c in calls)
 
 
+@needs_timeout
 def test_steps_the_budget_no_longer_fits_are_skipped_and_said(tmp_path):
     done, calls = run_gpu_check(tmp_path, GPU_CHECK_BUDGET_S="80")  # ~75 s left for each step here
     assert done.returncode == 0, done.stdout + done.stderr
@@ -112,6 +115,7 @@ def test_steps_the_budget_no_longer_fits_are_skipped_and_said(tmp_path):
     assert any(c.startswith("python3 -m lmfast.cli bench") for c in calls), calls
 
 
+@needs_timeout
 def test_sanitize_compiles_in_parallel_then_runs_the_same_tests_under_memcheck(tmp_path):
     done, calls = run_gpu_check(tmp_path, "--sanitize", GPU_CHECK_STEPS="")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -125,6 +129,7 @@ def test_sanitize_compiles_in_parallel_then_runs_the_same_tests_under_memcheck(t
     assert not any("lmfast.cli bench" in c for c in calls)
 
 
+@needs_timeout
 def test_a_call_without_install_installs_on_a_bare_machine(tmp_path):
     done, calls = run_gpu_check(tmp_path, GPU_CHECK_STEPS="tests")
     assert done.returncode == 0, done.stdout + done.stderr
