@@ -33,9 +33,9 @@ WARM_DOCUMENTS = (20, 24, 20)  # (three documents: the kernels' n_docs specializ
 
 def flag_set(case) -> tuple:
     """What picks an attention case's compiled kernels, beyond its dtype and the lengths."""
-    B, H, S, D = case.shape
-    return (case.dtype, H, case.kv_heads, D, case.v_head_dim, case.causal, case.dropout > 0, case.softcap > 0,
-            bool(case.documents))
+    heads, head_dim = case.shape[1], case.shape[3]  # (B, H, S, D)
+    return (case.dtype, heads, case.kv_heads, head_dim, case.v_head_dim, case.causal, case.dropout > 0,
+            case.softcap > 0, bool(case.documents))
 
 
 def warm_cases(device: str = "cuda") -> list:
