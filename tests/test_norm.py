@@ -109,6 +109,30 @@ def test_rms_norm_weight_offset_zero_keeps_the_bits(kb):
     assert torch.equal(a.signbit(), (x * w).signbit())
 
 
+def test_residual_sum_rounds_special_values_as_eager(kb):
+    """The residual sum's rounding to bfloat16 on values that test it: ties (to even, up and
+    down), sums that overflow to inf, denormal sums, NaN, signed zeros, at even and odd positions
+    of a row whose last chunk is partial (the C++ kernels handle a chunk's even and odd elements
+    apart: Chunk::load_paired in csrc/cpu/vec.h). The bits are eager's, but a NaN's payload."""
+    ties = [(1.0, 2 ** -8), (1 + 2 ** -7, 2 ** -8), (-1.0, -(2 ** -8)), (2.0 ** 120, 2.0 ** 112)]
+    specials = [3e38, -3e38, float("nan"), 1e-39, -1e-39, 0.0, -0.0, float("inf")]
+    pairs = ties + [(a, b) for a in specials for b in (specials[0], specials[3], -0.0)]
+    x = torch.randn(2, 67).to(torch.bfloat16)
+    r = torch.randn(2, 67).to(torch.bfloat16)
+    for k, (a, b) in enumerate(pairs):  # every other one at an odd position
+        x.view(-1)[2 * k + k % 2], r.view(-1)[2 * k + k % 2] = a, b
+    want = x + r  # eager: the float32 sum rounded once
+    assert want.view(-1)[0] == 1.0 and want.view(-1)[3] == 1 + 2 ** -6  # the ties are ties
+    for fn in (lmfast.ops.layer_norm, lmfast.ops.rms_norm):
+        _, s = fn(x.to(kb.device), residual=r.to(kb.device), backend=kb.name)
+        s = s.cpu()
+        assert torch.equal(s.isnan(), want.isnan())
+        same = ~want.isnan()
+        if kb.slow:  # Triton's interpreter casts float32 denormals to bfloat16 as 2**-127 (a GPU rounds them)
+            same &= want.float().abs() >= torch.finfo(torch.float32).tiny
+        assert torch.equal(s[same].view(torch.int16), want[same].view(torch.int16))
+
+
 @pytest.mark.parametrize("op", OPS)
 def test_bfloat16_denormal_outputs_are_rounded_not_flushed(op):
     """A weight of ~1e-39 makes the outputs bfloat16 denormals. The C++ kernels' AVX512-BF16

@@ -53,12 +53,17 @@ int64_t num_row_blocks(int64_t rows, int64_t N, int64_t sums) {
 // group assigns: totals start uninitialized). Summing any number of rows then rounds no more
 // than an 8-row sum does, like torch's cascade sum (a plain running float sum over a 22-row
 // block had 35x eager's error on a width-1 weight gradient), while most of the work stays in
-// the cheap float adds.
+// the cheap float adds. The sums are in Chunk's paired order and so are the totals, each
+// chunk's lanes laid out as Chunk::paired_slot says; sum_blocks puts them back in order.
 template <typename scalar_t>
 inline void add_to_total(double* total, int64_t n, const Chunk<scalar_t>& sum, bool first) {
+  using C = Chunk<scalar_t>;
   using acc_t = at::opmath_type<scalar_t>;
-  alignas(64) acc_t lanes[Chunk<scalar_t>::kChunk];
-  sum.store_acc(lanes, Chunk<scalar_t>::kChunk);
+  alignas(64) acc_t lanes[C::kChunk];
+  sum.store_acc(lanes, C::kChunk);
+  if (C::kPaired && n < C::kChunk) {  // a row's last chunk: hi's lanes right after lo's
+    std::copy(lanes + C::kVec, lanes + C::kVec + n / 2, lanes + (n + 1) / 2);
+  }
   if (first) {  // (two loops, each vectorized: n is the constant chunk size but at a row's end)
     for (int64_t t = 0; t < n; ++t) total[t] = double(lanes[t]);
   } else {
@@ -85,10 +90,11 @@ std::optional<Vectorized<at::opmath_type<scalar_t>>> weight_offset_vec(double we
   return Vectorized<at::opmath_type<scalar_t>>(static_cast<at::opmath_type<scalar_t>>(weight_offset));
 }
 
+// A chunk of the weight plus its offset, in Chunk's paired order.
 template <typename scalar_t>
 inline Chunk<scalar_t> load_weight(const scalar_t* w, int64_t n,
                                    const std::optional<Vectorized<at::opmath_type<scalar_t>>>& offset) {
-  auto c = Chunk<scalar_t>::load(w, n);
+  auto c = Chunk<scalar_t>::load_paired(w, n);
   if (offset) {
     c.lo += *offset;
     c.hi += *offset;
@@ -106,21 +112,31 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
   using acc_t = typename C::acc_t;
   constexpr int64_t K = C::kChunk;
   const std::optional<Vec> offset_v = weight_offset_vec<scalar_t>(weight_offset);
+  // Every pass loads and stores in Chunk's paired order: the statistics are sums, and the
+  // output pass reads the weight and bias in that same order. (The weight and bias converted
+  // to float once per call, rather than per row, were slower: twice the bytes, and with a row
+  // of input and one of output no longer all in L1.)
 
   at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
+    // Locals, not the closure's references: the compiler then keeps them in registers rather
+    // than reloading them after every store (which, as far as it knows, may change them).
+    const scalar_t *const x_ = x, *const residual_ = residual;
+    scalar_t *const y_ = y, *const residual_out_ = residual_out;
+    const scalar_t *const w_ = weight, *const b_ = bias;
+    const int64_t N_ = N;
     for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* s = x + i * N;  // the row being normalized
-      if (residual != nullptr) {
+      const scalar_t* s = x_ + i * N_;  // the row being normalized
+      if (residual_ != nullptr) {
         // s = x + residual, rounded to scalar_t exactly as eager `x + residual` would be;
         // the rounded values are what gets normalized.
-        scalar_t* s_out = residual_out + i * N;
-        const scalar_t* r = residual + i * N;
-        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-          auto a = C::load(s + j, n);
-          const auto b = C::load(r + j, n);
+        scalar_t* s_out = residual_out_ + i * N_;
+        const scalar_t* r = residual_ + i * N_;
+        for_each_chunk<K>(N_, [&](int64_t j, int64_t n) {
+          auto a = C::load_paired(s + j, n);
+          const auto b = C::load_paired(r + j, n);
           a.lo += b.lo;
           a.hi += b.hi;
-          a.store(s_out + j, n);
+          a.store_paired(s_out + j, n);
         });
         s = s_out;
       }
@@ -128,46 +144,46 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
       // Mean and variance by the corrected two-pass algorithm: m0 = mean(s), then one pass
       // over d = s - m0 (in cache) gives sum(d) and sum(d^2); mu = m0 + mean(d) is accurate to
       // ~eps * std rather than eps * |mean|, and var = mean(d^2) - mean(d)^2 has no
-      // cancellation since mean(d) is tiny.
+      // cancellation since mean(d) is tiny. Each sum in two sets of accumulators.
       acc_t m0 = 0;
       if constexpr (kCentered) {
-        Vec sum_lo(0), sum_hi(0);
-        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-          const auto c = C::load(s + j, n);  // tail lanes load as 0
-          sum_lo += c.lo;
-          sum_hi += c.hi;
+        Vec sum[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+        for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
+          const auto c = C::load_paired(s + j, n);  // tail lanes load as 0
+          sum[set][0] += c.lo;
+          sum[set][1] += c.hi;
         });
-        m0 = hsum(sum_lo + sum_hi) / acc_t(N);
+        m0 = hsum((sum[0][0] + sum[0][1]) + (sum[1][0] + sum[1][1])) / acc_t(N_);
       }
       const bool has_next = i + 1 < end;
-      const scalar_t* next_x = has_next ? x + (i + 1) * N : nullptr;
-      const scalar_t* next_r = has_next && residual ? residual + (i + 1) * N : nullptr;
-      scalar_t* next_y = has_next ? y + (i + 1) * N : nullptr;
+      const scalar_t* next_x = has_next ? x_ + (i + 1) * N_ : nullptr;
+      const scalar_t* next_r = has_next && residual_ ? residual_ + (i + 1) * N_ : nullptr;
+      scalar_t* next_y = has_next ? y_ + (i + 1) * N_ : nullptr;
       const Vec m0_v(m0);
-      Vec d_lo(0), d_hi(0), sq_lo(0), sq_hi(0);
-      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+      Vec d[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}}, sq[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+      for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
         prefetch_row_chunk(next_x, j, sizeof(scalar_t));
         prefetch_row_chunk(next_r, j, sizeof(scalar_t));
-        auto c = C::load(s + j, n);
-        c.lo -= m0_v;
-        c.hi -= m0_v;
-        c = c.keep_first(n, 0);
+        auto c = C::load_paired(s + j, n);
         if constexpr (kCentered) {
-          d_lo += c.lo;
-          d_hi += c.hi;
+          c.lo -= m0_v;
+          c.hi -= m0_v;
+          c = c.keep_first_paired(n, 0);
+          d[set][0] += c.lo;
+          d[set][1] += c.hi;
         }
-        sq_lo = at::vec::fmadd(c.lo, c.lo, sq_lo);
-        sq_hi = at::vec::fmadd(c.hi, c.hi, sq_hi);
+        sq[set][0] = at::vec::fmadd(c.lo, c.lo, sq[set][0]);
+        sq[set][1] = at::vec::fmadd(c.hi, c.hi, sq[set][1]);
       });
-      const acc_t mean_d = kCentered ? hsum(d_lo + d_hi) / acc_t(N) : acc_t(0);
+      const acc_t mean_d = kCentered ? hsum((d[0][0] + d[0][1]) + (d[1][0] + d[1][1])) / acc_t(N_) : acc_t(0);
       const acc_t mu = m0 + mean_d;
       // Where d^2 overflows (|s| ~ 1e19 and up in float) both terms can be inf: the variance is
       // then inf (rstd 0), not inf - inf = NaN. A NaN input keeps it NaN. (The Triton twin's
       // NaN read as 0 gave y ~ 1e32: found by tests/test_fuzz.py.)
-      const acc_t sum_sq = hsum(sq_lo + sq_hi);
+      const acc_t sum_sq = hsum((sq[0][0] + sq[0][1]) + (sq[1][0] + sq[1][1]));
       const acc_t var = sum_sq == std::numeric_limits<acc_t>::infinity()
                             ? sum_sq
-                            : std::max(sum_sq / acc_t(N) - mean_d * mean_d, acc_t(0));
+                            : std::max(sum_sq / acc_t(N_) - mean_d * mean_d, acc_t(0));
       const acc_t rstd = acc_t(1) / std::sqrt(var + acc_t(eps));
       if (mean_out != nullptr) mean_out[i] = mu;
       rstd_out[i] = rstd;
@@ -175,26 +191,26 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
       // y = (s - mu) * rstd * w + b. Subtract first: x * rstd - mu * rstd would lose the exact
       // cancellation of s - mu (error ~ eps * |mu| / std when |mu| >> std).
       const Vec mu_v(mu), rstd_v(rstd);
-      scalar_t* yi = y + i * N;
-      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+      scalar_t* yi = y_ + i * N_;
+      for_each_chunk<K>(N_, [&](int64_t j, int64_t n) {
         prefetch_row_chunk_for_write(next_y, j, sizeof(scalar_t));
-        auto c = C::load(s + j, n);
+        auto c = C::load_paired(s + j, n);
         c.lo = (c.lo - mu_v) * rstd_v;
         c.hi = (c.hi - mu_v) * rstd_v;
-        if (weight != nullptr && bias != nullptr) {
-          const auto w = load_weight<scalar_t>(weight + j, n, offset_v), b = C::load(bias + j, n);
+        if (w_ != nullptr && b_ != nullptr) {
+          const auto w = load_weight<scalar_t>(w_ + j, n, offset_v), b = C::load_paired(b_ + j, n);
           c.lo = at::vec::fmadd(c.lo, w.lo, b.lo);
           c.hi = at::vec::fmadd(c.hi, w.hi, b.hi);
-        } else if (weight != nullptr) {
-          const auto w = load_weight<scalar_t>(weight + j, n, offset_v);
+        } else if (w_ != nullptr) {
+          const auto w = load_weight<scalar_t>(w_ + j, n, offset_v);
           c.lo *= w.lo;
           c.hi *= w.hi;
-        } else if (bias != nullptr) {
-          const auto b = C::load(bias + j, n);
+        } else if (b_ != nullptr) {
+          const auto b = C::load_paired(b_ + j, n);
           c.lo += b.lo;
           c.hi += b.hi;
         }
-        c.store(yi + j, n);
+        c.store_paired(yi + j, n);
       });
     }
   });
@@ -221,69 +237,75 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
   constexpr int64_t K = C::kChunk, R = kBwdBlockRows<scalar_t>;
   const std::optional<Vec> offset_v = weight_offset_vec<scalar_t>(weight_offset);
 
+  // Every load and store is in Chunk's paired order (so are the dweight / dbias totals).
   for_each_row_block(rows, blocks, [&](int64_t block, int64_t begin, int64_t end) {
-    double* dw_total = dweight_total ? dweight_total + block * N : nullptr;  // this block's dweight / dbias
-    double* db_total = dbias_total ? dbias_total + block * N : nullptr;
-    const scalar_t* x_end = x + end * N;  // prefetches stay inside the task's rows
-    const scalar_t* dy_end = dy + end * N;
+    // Locals, not the closure's references, so that stores cannot make the compiler reload them.
+    const scalar_t *const x_ = x, *const dy_ = dy, *const w_ = weight, *const dres_ = dresidual_out;
+    scalar_t* const dx_ = dx;
+    const int64_t N_ = N;
+    double* dw_total = dweight_total ? dweight_total + block * N_ : nullptr;  // this block's dweight / dbias
+    double* db_total = dbias_total ? dbias_total + block * N_ : nullptr;
+    const scalar_t* x_end = x_ + end * N_;  // prefetches stay inside the task's rows
+    const scalar_t* dy_end = dy_ + end * N_;
     for (int64_t i0 = begin; i0 < end; i0 += R) {
       const int64_t nr = std::min(R, end - i0);
       Vec mu_v[R], rstd_v[R], c1[R], c2[R];  // per row: xhat = (x - mu) * rstd, and the two means
 
       // Pass 1, per row (streamed from memory): c1 = mean(g * xhat), c2 = mean(g), g = dy * w.
-      // Tail lanes of x and dy load as zero, so g = 0 there.
+      // Tail lanes of x and dy load as zero, so g = 0 there. Two sets of accumulators.
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t i = i0 + r;
-        const scalar_t* xi = x + i * N;
-        const scalar_t* dyi = dy + i * N;
+        const scalar_t* xi = x_ + i * N_;
+        const scalar_t* dyi = dy_ + i * N_;
         mu_v[r] = Vec(kCentered ? mean[i] : acc_t(0));
         rstd_v[r] = Vec(rstd[i]);
-        Vec gx_lo(0), gx_hi(0), g_lo(0), g_hi(0);
-        for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+        const Vec mu = mu_v[r], rs = rstd_v[r];
+        Vec gx[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}}, gs[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+        for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
           prefetch_ahead(xi, j, sizeof(scalar_t), x_end);
           prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
-          auto xh = C::load(xi + j, n), g = C::load(dyi + j, n);
-          xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
-          xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
-          if (weight != nullptr) {
-            const auto w = load_weight<scalar_t>(weight + j, n, offset_v);
+          auto xh = C::load_paired(xi + j, n), g = C::load_paired(dyi + j, n);
+          xh.lo = (xh.lo - mu) * rs;
+          xh.hi = (xh.hi - mu) * rs;
+          if (w_ != nullptr) {
+            const auto w = load_weight<scalar_t>(w_ + j, n, offset_v);
             g.lo *= w.lo;
             g.hi *= w.hi;
           }
-          gx_lo = at::vec::fmadd(g.lo, xh.lo, gx_lo);
-          gx_hi = at::vec::fmadd(g.hi, xh.hi, gx_hi);
+          gx[set][0] = at::vec::fmadd(g.lo, xh.lo, gx[set][0]);
+          gx[set][1] = at::vec::fmadd(g.hi, xh.hi, gx[set][1]);
           if constexpr (kCentered) {
-            g_lo += g.lo;
-            g_hi += g.hi;
+            gs[set][0] += g.lo;
+            gs[set][1] += g.hi;
           }
         });
-        c1[r] = Vec(hsum(gx_lo + gx_hi) / acc_t(N));
-        c2[r] = Vec(kCentered ? hsum(g_lo + g_hi) / acc_t(N) : acc_t(0));
+        c1[r] = Vec(hsum((gx[0][0] + gx[0][1]) + (gx[1][0] + gx[1][1])) / acc_t(N_));
+        c2[r] = Vec(kCentered ? hsum((gs[0][0] + gs[0][1]) + (gs[1][0] + gs[1][1])) / acc_t(N_) : acc_t(0));
       }
 
       // Pass 2, chunk by chunk over the group's rows (in cache): dx = (g - xhat * c1 - c2) *
       // rstd (+ dresidual), and the group's dw / db of the chunk, added to the block's float64
       // totals once. The next group's dx rows are prefetched for writing.
       const bool first = i0 == begin;
-      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
-        const C w = weight != nullptr ? load_weight<scalar_t>(weight + j, n, offset_v) : C{Vec(1), Vec(1)};
+      for_each_chunk<K>(N_, [&](int64_t j, int64_t n) {
+        const C w = w_ != nullptr ? load_weight<scalar_t>(w_ + j, n, offset_v) : C{Vec(1), Vec(1)};
         C dw_acc{Vec(0), Vec(0)}, db_acc{Vec(0), Vec(0)};
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t i = i0 + r;
-          if (i + R < end) prefetch_row_chunk_for_write(dx + (i + R) * N, j, sizeof(scalar_t));
-          auto xh = C::load(x + i * N + j, n);
-          const auto d = C::load(dy + i * N + j, n);
+          if (i + R < end) prefetch_row_chunk_for_write(dx_ + (i + R) * N_, j, sizeof(scalar_t));
+          auto xh = C::load_paired(x_ + i * N_ + j, n);
+          const auto d = C::load_paired(dy_ + i * N_ + j, n);
           xh.lo = (xh.lo - mu_v[r]) * rstd_v[r];
           xh.hi = (xh.hi - mu_v[r]) * rstd_v[r];
           C out;  // g = dy * w (w = 1 without a weight)
           out.lo = at::vec::fnmadd(xh.lo, c1[r], d.lo * w.lo - c2[r]) * rstd_v[r];
           out.hi = at::vec::fnmadd(xh.hi, c1[r], d.hi * w.hi - c2[r]) * rstd_v[r];
-          if (dresidual_out != nullptr) {  // gradient flowing into the residual-sum output
-            const auto res = C::load(dresidual_out + i * N + j, n);
+          if (dres_ != nullptr) {  // gradient flowing into the residual-sum output
+            const auto res = C::load_paired(dres_ + i * N_ + j, n);
             out.lo += res.lo;
             out.hi += res.hi;
           }
-          out.store(dx + i * N + j, n);
+          out.store_paired(dx_ + i * N_ + j, n);
           dw_acc.lo = at::vec::fmadd(d.lo, xh.lo, dw_acc.lo);
           dw_acc.hi = at::vec::fmadd(d.hi, xh.hi, dw_acc.hi);
           db_acc.lo += d.lo;
@@ -427,8 +449,10 @@ double* totals_scratch(int64_t count, std::vector<double>& oversize) {
 // (0 without rows: totals is null then). Accumulated into block 0's row a block at a time, so
 // the adds vectorize over columns (summing one column's blocks at a time was a chain of
 // dependent adds: 0.5 ms for 192 blocks at N = 1024); columns are split over threads.
+// `paired`: each chunk's totals are in Chunk's paired order (norm_bwd_kernel's; the exact-rows
+// kernel's are in element order).
 template <typename scalar_t>
-void sum_blocks(double* totals, int64_t blocks, int64_t N, scalar_t* out) {
+void sum_blocks(double* totals, int64_t blocks, int64_t N, bool paired, scalar_t* out) {
   at::parallel_for(0, N, 2048, [&](int64_t j0, int64_t j1) {
     if (totals == nullptr) {
       std::fill(out + j0, out + j1, scalar_t(0));
@@ -438,7 +462,11 @@ void sum_blocks(double* totals, int64_t blocks, int64_t N, scalar_t* out) {
       const double* block_total = totals + b * N;
       for (int64_t j = j0; j < j1; ++j) totals[j] += block_total[j];
     }
-    for (int64_t j = j0; j < j1; ++j) out[j] = scalar_t(totals[j]);
+    if (paired) {  // (j0 is a multiple of 2048, so [j0, j1) holds whole chunks)
+      for (int64_t j = j0; j < j1; ++j) out[j] = scalar_t(totals[Chunk<scalar_t>::paired_slot(j, N)]);
+    } else {
+      for (int64_t j = j0; j < j1; ++j) out[j] = scalar_t(totals[j]);
+    }
   });
 }
 
@@ -487,8 +515,9 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy, const Tensor& x,
           rstd.const_data_ptr<acc_t>(), ptr_or_null<scalar_t>(dresidual_out),
           dx.data_ptr<scalar_t>(), dw_total, db_total, rows, N, blocks, weight_offset);
     }
-    if (weight_grad) sum_blocks(dw_total, blocks, N, dw.data_ptr<scalar_t>());
-    if (bias_grad) sum_blocks(db_total, blocks, N, db.data_ptr<scalar_t>());
+    const bool paired = N > kExactRowMax;  // norm_bwd_kernel's totals
+    if (weight_grad) sum_blocks(dw_total, blocks, N, paired, dw.data_ptr<scalar_t>());
+    if (bias_grad) sum_blocks(db_total, blocks, N, paired, db.data_ptr<scalar_t>());
   });
   return {dx, dw, db};
 }

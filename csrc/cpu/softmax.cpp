@@ -147,16 +147,18 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
     for (int64_t row = begin; row < end; ++row) {
       const scalar_t* dyi = dy + row * N;
       const scalar_t* yi = y + row * N;
-      // Pass 1 (streams the row in; prefetches 4 KB ahead): dot = sum(y * dy), sum = sum(y).
-      Vec dot_lo(0), dot_hi(0), sum_lo(0), sum_hi(0);
-      for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
+      // Pass 1 (streams the row in; prefetches 4 KB ahead): dot = sum(y * dy), sum = sum(y),
+      // each in two sets of accumulators. Both passes load and store in Chunk's paired order
+      // (cheaper for bfloat16; the sums do not care which lane holds which element).
+      Vec dot[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}}, sums[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+      for_each_chunk_2sets<K>(N, [&](int64_t j, int64_t n, int set) {
         prefetch_ahead(yi, j, sizeof(scalar_t), y_end);
         prefetch_ahead(dyi, j, sizeof(scalar_t), dy_end);
-        const auto a = C::load(yi + j, n), g = C::load(dyi + j, n);  // tails load as 0
-        dot_lo = at::vec::fmadd(a.lo, g.lo, dot_lo);
-        dot_hi = at::vec::fmadd(a.hi, g.hi, dot_hi);
-        sum_lo += a.lo;
-        sum_hi += a.hi;
+        const auto a = C::load_paired(yi + j, n), g = C::load_paired(dyi + j, n);  // tails load as 0
+        dot[set][0] = at::vec::fmadd(a.lo, g.lo, dot[set][0]);
+        dot[set][1] = at::vec::fmadd(a.hi, g.hi, dot[set][1]);
+        sums[set][0] += a.lo;
+        sums[set][1] += a.hi;
       });
       // Pass 2 (in cache; prefetches the next row's dx for writing): dx = y (dy - dot) scale.
       // 16-bit y is renormalized to p = y / sum first: dx = scale p (dy - sum(p dy)) = y (dy
@@ -169,25 +171,25 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
       // Either is exact where dy and dot are equal (a width-1 row); a row of zeros (fully
       // masked) gets dx = 0.
       constexpr bool kRenormalize = sizeof(scalar_t) == 2;
-      const acc_t sum = kRenormalize ? hsum(sum_lo + sum_hi) : acc_t(1);
+      const acc_t sum = kRenormalize ? hsum((sums[0][0] + sums[0][1]) + (sums[1][0] + sums[1][1])) : acc_t(1);
       const acc_t coef_s = !kRenormalize ? static_cast<acc_t>(scale)
                            : sum != acc_t(0) ? static_cast<acc_t>(scale) / (sum * sum) : acc_t(0);
       const Vec coef(coef_s), sum_v(sum);
-      const Vec dot(hsum(dot_lo + dot_hi));
+      const Vec dot_v(hsum((dot[0][0] + dot[0][1]) + (dot[1][0] + dot[1][1])));
       scalar_t* dxi = dx + row * N;
       scalar_t* next_dx = row + 1 < end ? dxi + N : nullptr;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {
         prefetch_row_chunk_for_write(next_dx, j, sizeof(scalar_t));
-        auto a = C::load(yi + j, n);
-        const auto g = C::load(dyi + j, n);
+        auto a = C::load_paired(yi + j, n);
+        const auto g = C::load_paired(dyi + j, n);
         if constexpr (kRenormalize) {
-          a.lo = a.lo * at::vec::fmsub(g.lo, sum_v, dot) * coef;
-          a.hi = a.hi * at::vec::fmsub(g.hi, sum_v, dot) * coef;
+          a.lo = a.lo * at::vec::fmsub(g.lo, sum_v, dot_v) * coef;
+          a.hi = a.hi * at::vec::fmsub(g.hi, sum_v, dot_v) * coef;
         } else {
-          a.lo = a.lo * (g.lo - dot) * coef;
-          a.hi = a.hi * (g.hi - dot) * coef;
+          a.lo = a.lo * (g.lo - dot_v) * coef;
+          a.hi = a.hi * (g.hi - dot_v) * coef;
         }
-        a.store(dxi + j, n);
+        a.store_paired(dxi + j, n);
       });
     }
   });

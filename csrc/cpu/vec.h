@@ -49,6 +49,63 @@ inline Vectorized<scalar_t> from_float(const Vectorized<float>& lo, const Vector
   return at::vec::convert_from_float<scalar_t>(lo, hi);
 }
 
+// bfloat16 <-> float for Chunk's paired lane order (below): a 512- or 256-bit vector of 16-bit
+// bfloat16 values read as 32-bit lanes holds element 2k in the low half of lane k and element
+// 2k + 1 in the high half.
+#if defined(CPU_CAPABILITY_AVX512)
+inline constexpr bool kPairedBFloat16 = true;
+using Bits = __m512i;
+using FloatBits = __m512;
+inline Bits bf16_bits(const Vectorized<at::BFloat16>& v) { return __m512i(v); }
+inline FloatBits bf16_even_to_float(Bits b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+inline FloatBits bf16_odd_to_float(Bits b) {
+  return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+// f rounded to bfloat16 (to nearest even, as ATen rounds, NaN as ATen's 0xFFFF), the bits in the
+// high half of each lane.
+inline Bits bf16_round_high(FloatBits f) {
+  const __m512i i = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
+}
+// The bfloat16 vector of elements (even[0], odd[0], even[1], odd[1], ...).
+inline Bits bf16_from_paired(FloatBits even, FloatBits odd) {
+#if defined(__AVX512BF16__)
+  // One vcvtne2ps2bf16 (even elements to the low half, odd to the high) and a word permute,
+  // where no value is a denormal, which the instruction flushes to zero (see from_float).
+  const __mmask16 denormal = _mm512_fpclass_ps_mask(even, 0x20) | _mm512_fpclass_ps_mask(odd, 0x20);
+  if (__builtin_expect(denormal == 0, 1)) {
+    const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(odd, even));
+    const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                                23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    return _mm512_permutexvar_epi16(interleave, halves);
+  }
+#endif
+  return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(bf16_round_high(even), 16), bf16_round_high(odd));
+}
+#elif defined(CPU_CAPABILITY_AVX2)
+inline constexpr bool kPairedBFloat16 = true;
+using Bits = __m256i;
+using FloatBits = __m256;
+inline Bits bf16_bits(const Vectorized<at::BFloat16>& v) { return __m256i(v); }
+inline FloatBits bf16_even_to_float(Bits b) { return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)); }
+inline FloatBits bf16_odd_to_float(Bits b) {
+  return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(int(0xFFFF0000u))));
+}
+inline Bits bf16_round_high(FloatBits f) {
+  const __m256i i = _mm256_castps_si256(f);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  return _mm256_blendv_epi8(r, _mm256_set1_epi32(-1), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
+}
+inline Bits bf16_from_paired(FloatBits even, FloatBits odd) {
+  return _mm256_blend_epi16(_mm256_srli_epi32(bf16_round_high(even), 16), bf16_round_high(odd), 0xAA);
+}
+#else
+inline constexpr bool kPairedBFloat16 = false;  // the portable level keeps the plain order
+#endif
+
 // Rows are walked in chunks of kChunk = 2 * Vec::size() elements, held as two vectors of the
 // accumulation type acc_t (float for float/half/bfloat16, double for double): a chunk of
 // 16-bit floats converts to exactly two float vectors. The last chunk of a row may be partial
@@ -106,6 +163,56 @@ struct Chunk {
     c.hi = n <= kVec ? Vec(fill) : Vec::set(Vec(fill), hi, n - kVec);
     return c;
   }
+
+  // The same chunk in "paired" lane order, for passes that never look at which lane holds
+  // which element: reductions, and elementwise passes whose every operand is loaded (and whose
+  // result is stored) the same way. For bfloat16 on AVX-512 and AVX2 the paired order holds the
+  // even elements in lo and the odd ones in hi: a bfloat16 is the top half of a float, so each
+  // pair of them in a 32-bit lane becomes two floats by one shift and one and, where the
+  // element order takes ATen's widening shuffles (an extract, two zero-extends and two shifts
+  // per chunk; these bound the bfloat16 norms on an AMD Zen 4). Elsewhere it is the plain order.
+  static constexpr bool kPaired = kPairedBFloat16 && std::is_same_v<scalar_t, at::BFloat16>;
+
+  static inline Chunk load_paired(const scalar_t* p, int64_t n) {
+    if constexpr (kPaired) {
+      const auto bits = bf16_bits(n == kChunk ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n));
+      return Chunk{Vec(bf16_even_to_float(bits)), Vec(bf16_odd_to_float(bits))};
+    } else {
+      return load(p, n);
+    }
+  }
+
+  inline void store_paired(scalar_t* p, int64_t n) const {
+    if constexpr (kPaired) {
+      const Vectorized<scalar_t> v(bf16_from_paired(lo, hi));
+      if (n == kChunk) v.store(p); else v.store(p, n);
+    } else {
+      store(p, n);
+    }
+  }
+
+  // Where element e of a row of N elements lies when the paired lanes of each chunk are laid
+  // out one after the other, lo's first: for a chunk of n elements, (n + 1) / 2 of lo's, then
+  // n / 2 of hi's (the layout of add_to_total's float64 totals in norm.cpp).
+  static inline int64_t paired_slot(int64_t e, int64_t N) {
+    if constexpr (!kPaired) {
+      return e;
+    } else {
+      const int64_t base = e / kChunk * kChunk, n = std::min(kChunk, N - base), r = e - base;
+      return base + (r % 2 ? (n + 1) / 2 + r / 2 : r / 2);
+    }
+  }
+
+  // keep_first for a chunk loaded by load_paired: the first n elements are lanes [0, (n + 1) / 2)
+  // of lo and [0, n / 2) of hi.
+  inline Chunk keep_first_paired(int64_t n, acc_t fill) const {
+    if constexpr (kPaired) {
+      if (n >= kChunk) return *this;
+      return Chunk{Vec::set(Vec(fill), lo, (n + 1) / 2), Vec::set(Vec(fill), hi, n / 2)};
+    } else {
+      return keep_first(n, fill);
+    }
+  }
 };
 
 template <typename Vec>
@@ -125,6 +232,23 @@ inline void for_each_chunk(int64_t N, const F& f) {
   int64_t j = 0;
   for (; j + K <= N; j += K) f(j, K);
   if (j < N) f(j, N - j);
+}
+
+// for_each_chunk for reductions: f(j, n, set) with `set` alternating 0, 1 over the full chunks,
+// so a pass can keep two sets of accumulators and one chunk's adds need not wait for the
+// previous chunk's (an add's latency, not the loads, bounds a one-set pass over cached data).
+template <int64_t K, typename F>
+inline void for_each_chunk_2sets(int64_t N, const F& f) {
+  int64_t j = 0;
+  for (; j + 2 * K <= N; j += 2 * K) {
+    f(j, K, 0);
+    f(j + K, K, 1);
+  }
+  if (j + K <= N) {
+    f(j, K, 0);
+    j += K;
+  }
+  if (j < N) f(j, N - j, 1);
 }
 
 // exp for softmax, where the argument is z - max <= 0. On AVX2 (AVX-512: below): inline, max error 1.25 ulp
