@@ -54,23 +54,23 @@ inline Vectorized<scalar_t> from_float(const Vectorized<float>& lo, const Vector
 // 2k + 1 in the high half.
 #if defined(CPU_CAPABILITY_AVX512)
 inline constexpr bool kPairedBFloat16 = true;
-using Bits = __m512i;
-using FloatBits = __m512;
-inline Bits bf16_bits(const Vectorized<at::BFloat16>& v) { return __m512i(v); }
-inline FloatBits bf16_even_to_float(Bits b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
-inline FloatBits bf16_odd_to_float(Bits b) {
+using PairedBits = __m512i;
+using PairedFloats = __m512;
+inline PairedBits bf16_bits(const Vectorized<at::BFloat16>& v) { return __m512i(v); }
+inline PairedFloats bf16_even_to_float(PairedBits b) { return _mm512_castsi512_ps(_mm512_slli_epi32(b, 16)); }
+inline PairedFloats bf16_odd_to_float(PairedBits b) {
   return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(int(0xFFFF0000u))));
 }
 // f rounded to bfloat16 (to nearest even, as ATen rounds, NaN as ATen's 0xFFFF), the bits in the
 // high half of each lane.
-inline Bits bf16_round_high(FloatBits f) {
+inline PairedBits bf16_round_high(PairedFloats f) {
   const __m512i i = _mm512_castps_si512(f);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(i, 16), _mm512_set1_epi32(1));
   const __m512i r = _mm512_add_epi32(i, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   return _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q), _mm512_set1_epi32(-1));
 }
 // The bfloat16 vector of elements (even[0], odd[0], even[1], odd[1], ...).
-inline Bits bf16_from_paired(FloatBits even, FloatBits odd) {
+inline PairedBits bf16_from_paired(PairedFloats even, PairedFloats odd) {
 #if defined(__AVX512BF16__)
   // One vcvtne2ps2bf16 (even elements to the low half, odd to the high) and a word permute,
   // where no value is a denormal, which the instruction flushes to zero (see from_float).
@@ -85,21 +85,22 @@ inline Bits bf16_from_paired(FloatBits even, FloatBits odd) {
   return _mm512_mask_blend_epi16(0xAAAAAAAAu, _mm512_srli_epi32(bf16_round_high(even), 16), bf16_round_high(odd));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+// (No AVX2 CPU has AVX512-BF16's conversion: the rounding is integer arithmetic, as ATen's.)
 inline constexpr bool kPairedBFloat16 = true;
-using Bits = __m256i;
-using FloatBits = __m256;
-inline Bits bf16_bits(const Vectorized<at::BFloat16>& v) { return __m256i(v); }
-inline FloatBits bf16_even_to_float(Bits b) { return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)); }
-inline FloatBits bf16_odd_to_float(Bits b) {
+using PairedBits = __m256i;
+using PairedFloats = __m256;
+inline PairedBits bf16_bits(const Vectorized<at::BFloat16>& v) { return __m256i(v); }
+inline PairedFloats bf16_even_to_float(PairedBits b) { return _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)); }
+inline PairedFloats bf16_odd_to_float(PairedBits b) {
   return _mm256_castsi256_ps(_mm256_and_si256(b, _mm256_set1_epi32(int(0xFFFF0000u))));
 }
-inline Bits bf16_round_high(FloatBits f) {
+inline PairedBits bf16_round_high(PairedFloats f) {
   const __m256i i = _mm256_castps_si256(f);
   const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
   const __m256i r = _mm256_add_epi32(i, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
   return _mm256_blendv_epi8(r, _mm256_set1_epi32(-1), _mm256_castps_si256(_mm256_cmp_ps(f, f, _CMP_UNORD_Q)));
 }
-inline Bits bf16_from_paired(FloatBits even, FloatBits odd) {
+inline PairedBits bf16_from_paired(PairedFloats even, PairedFloats odd) {
   return _mm256_blend_epi16(_mm256_srli_epi32(bf16_round_high(even), 16), bf16_round_high(odd), 0xAA);
 }
 #else
