@@ -45,9 +45,14 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
   constexpr bool kBoolMask = std::is_same_v<mask_t, bool>;
 
+  // Every pass loads and stores in Chunk's paired order (cheaper for bfloat16): the row's max
+  // and sum do not care which lane holds which element, the exp buffer keeps each chunk's lanes
+  // as they are (whole vectors: the buffer is rounded up to whole chunks), and the boolean
+  // mask's staging lanes are laid out in the same order.
+  const int64_t scratch_len = C::kReduced ? (N + K - 1) / K * K : 0;
   at::parallel_for(0, rows, row_grain(N), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(C::kReduced ? N : 0);
-    alignas(64) acc_t mask_tmp[K];
+    std::vector<acc_t> scratch(scratch_len);
+    alignas(64) acc_t mask_tmp[K] = {};
     for (int64_t row = begin; row < end; ++row) {
       const int64_t m = row % M, h = (row / M) % H, b = row / (M * H);
       const scalar_t* xi = x + row * N;
@@ -64,20 +69,23 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
       // cheaper than storing it in pass 1 and reading it back).
       const Vec scale_v(static_cast<acc_t>(scale));
       auto logits = [&](int64_t j, int64_t n) {
-        auto c = C::load(xi + j, n);
+        auto c = C::load_paired(xi + j, n);
         c.lo *= scale_v;
         c.hi *= scale_v;
         if (mrow.ptr != nullptr) {
           if constexpr (kBoolMask) {
             // select, not add: a masked-out entry is -inf whatever x holds there (a NaN in a
             // padding position must not reach the row; found by tests/test_fuzz.py)
-            for (int64_t t = 0; t < n; ++t) mask_tmp[t] = mrow.ptr[(j + t) * mrow.col_stride] ? acc_t(1) : acc_t(0);
-            const auto mk = Chunk<acc_t>::load(mask_tmp, n);
+            for (int64_t t = 0; t < K; ++t) {  // element t's lane (past n: 0, masked out by the caller)
+              const bool keep = t < n && mrow.ptr[(j + t) * mrow.col_stride];
+              mask_tmp[C::kPaired ? (t % 2) * C::kVec + t / 2 : t] = keep ? acc_t(1) : acc_t(0);
+            }
+            const auto mk = Chunk<acc_t>::load(mask_tmp, K);
             const Vec zero(0), neg_inf(kNegInf);
             c.lo = Vec::blendv(neg_inf, c.lo, mk.lo != zero);
             c.hi = Vec::blendv(neg_inf, c.hi, mk.hi != zero);
           } else if (mrow.col_stride == 1) {
-            const auto mk = C::load(mrow.ptr + j, n);
+            const auto mk = C::load_paired(mrow.ptr + j, n);
             c.lo += mk.lo;
             c.hi += mk.hi;
           } else {
@@ -92,7 +100,7 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
       // Pass 1: row max.
       Vec max_v(kNegInf);
       for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
-        const auto c = logits(j, n).keep_first(n, kNegInf);
+        const auto c = logits(j, n).keep_first_paired(n, kNegInf);
         max_v = at::vec::maximum(max_v, at::vec::maximum(c.lo, c.hi));
       });
       const acc_t row_max = hmax(max_v);
@@ -111,8 +119,13 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
         auto c = logits(j, n);
         c.lo = softmax_exp(c.lo - max_bc);
         c.hi = softmax_exp(c.hi - max_bc);
-        c.store_acc(z + j, n);
-        c = c.keep_first(n, 0);
+        if constexpr (C::kReduced) {  // whole vectors into the float buffer
+          c.lo.store(z + j);
+          c.hi.store(z + j + C::kVec);
+        } else {  // z is the output row
+          c.store_acc(z + j, n);
+        }
+        c = c.keep_first_paired(n, 0);
         sum_lo += c.lo;
         sum_hi += c.hi;
       });
@@ -123,10 +136,15 @@ void softmax_fwd_kernel(const scalar_t* x, scalar_t* y, const mask_t* mask,
       // reference's softmax over -inf entries gives, and the Triton kernel; found by the long
       // fuzz profile).
       for_each_chunk<K>(valid, [&](int64_t j, int64_t n) {
-        auto c = C::load_acc(z + j, n);
+        C c;
+        if constexpr (C::kReduced) {
+          c = C{Vec::loadu(z + j), Vec::loadu(z + j + C::kVec)};
+        } else {
+          c = C::load_acc(z + j, n);
+        }
         c.lo *= inv_sum;
         c.hi *= inv_sum;
-        c.store(yi + j, n);
+        c.store_paired(yi + j, n);
       });
       std::fill(yi + valid, yi + N, std::isnan(inv_sum_s) ? scalar_t(NAN) : scalar_t(0));
     }
