@@ -102,6 +102,18 @@ inline Chunk<scalar_t> load_weight(const scalar_t* w, int64_t n,
   return c;
 }
 
+// acc += the chunk's values (kSquares: their squares), lane by lane.
+template <bool kSquares, typename C>
+inline void add_sum(typename C::Vec (&acc)[2], const C& c) {
+  if constexpr (kSquares) {
+    acc[0] = at::vec::fmadd(c.lo, c.lo, acc[0]);
+    acc[1] = at::vec::fmadd(c.hi, c.hi, acc[1]);
+  } else {
+    acc[0] += c.lo;
+    acc[1] += c.hi;
+  }
+}
+
 template <typename scalar_t, bool kCentered>
 void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t* weight,
                      const scalar_t* bias, scalar_t* y, scalar_t* residual_out,
@@ -126,61 +138,73 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
     const int64_t N_ = N;
     for (int64_t i = begin; i < end; ++i) {
       const scalar_t* s = x_ + i * N_;  // the row being normalized
-      if (residual_ != nullptr) {
-        // s = x + residual, rounded to scalar_t exactly as eager `x + residual` would be;
-        // the rounded values are what gets normalized.
-        scalar_t* s_out = residual_out_ + i * N_;
-        const scalar_t* r = residual_ + i * N_;
-        for_each_chunk<K>(N_, [&](int64_t j, int64_t n) {
-          auto a = C::load_paired(s + j, n);
-          const auto b = C::load_paired(r + j, n);
-          a.lo += b.lo;
-          a.hi += b.hi;
-          a.store_paired(s_out + j, n);
-        });
-        s = s_out;
-      }
-
-      // Mean and variance by the corrected two-pass algorithm: m0 = mean(s), then one pass
-      // over d = s - m0 (in cache) gives sum(d) and sum(d^2); mu = m0 + mean(d) is accurate to
-      // ~eps * std rather than eps * |mean|, and var = mean(d^2) - mean(d)^2 has no
-      // cancellation since mean(d) is tiny. Each sum in two sets of accumulators.
-      acc_t m0 = 0;
-      if constexpr (kCentered) {
-        Vec sum[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
-        for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
-          const auto c = C::load_paired(s + j, n);  // tail lanes load as 0
-          sum[set][0] += c.lo;
-          sum[set][1] += c.hi;
-        });
-        m0 = hsum((sum[0][0] + sum[0][1]) + (sum[1][0] + sum[1][1])) / acc_t(N_);
-      }
       const bool has_next = i + 1 < end;
       const scalar_t* next_x = has_next ? x_ + (i + 1) * N_ : nullptr;
       const scalar_t* next_r = has_next && residual_ ? residual_ + (i + 1) * N_ : nullptr;
       scalar_t* next_y = has_next ? y_ + (i + 1) * N_ : nullptr;
-      const Vec m0_v(m0);
-      Vec d[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}}, sq[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
-      for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
-        prefetch_row_chunk(next_x, j, sizeof(scalar_t));
-        prefetch_row_chunk(next_r, j, sizeof(scalar_t));
-        auto c = C::load_paired(s + j, n);
-        if constexpr (kCentered) {
+
+      // The first pass over the row sums s (LayerNorm) or s^2 (RMSNorm: its only statistic),
+      // in two sets of accumulators. With a residual it is the pass that forms
+      // s = x + residual, rounded to scalar_t exactly as eager `x + residual` would be, and it
+      // sums the rounded values, the ones normalized (one pass fewer than summing them after).
+      // The pass that completes the statistics prefetches the next row's inputs: this one for
+      // RMSNorm, the next one for LayerNorm.
+      const scalar_t* prefetch_x = kCentered ? nullptr : next_x;
+      const scalar_t* prefetch_r = kCentered ? nullptr : next_r;
+      acc_t first_sum;
+      // (Each loop has its own accumulators: one array shared by both loops stayed in memory.)
+      if (residual_ != nullptr) {
+        scalar_t* s_out = residual_out_ + i * N_;
+        const scalar_t* r = residual_ + i * N_;
+        Vec acc[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+        for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
+          prefetch_row_chunk(prefetch_x, j, sizeof(scalar_t));
+          prefetch_row_chunk(prefetch_r, j, sizeof(scalar_t));
+          auto a = C::load_paired(s + j, n);
+          const auto b = C::load_paired(r + j, n);
+          a.lo += b.lo;
+          a.hi += b.hi;
+          add_sum<!kCentered>(acc[set], a.store_paired_rounded(s_out + j, n));
+        });
+        first_sum = hsum((acc[0][0] + acc[0][1]) + (acc[1][0] + acc[1][1]));
+        s = s_out;
+      } else {
+        Vec acc[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+        for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
+          prefetch_row_chunk(prefetch_x, j, sizeof(scalar_t));
+          add_sum<!kCentered>(acc[set], C::load_paired(s + j, n));  // tail lanes load as 0
+        });
+        first_sum = hsum((acc[0][0] + acc[0][1]) + (acc[1][0] + acc[1][1]));
+      }
+
+      // LayerNorm's mean and variance by the corrected two-pass algorithm: m0 = mean(s), then
+      // one pass over d = s - m0 (in cache) gives sum(d) and sum(d^2); mu = m0 + mean(d) is
+      // accurate to ~eps * std rather than eps * |mean|, and var = mean(d^2) - mean(d)^2 has
+      // no cancellation since mean(d) is tiny.
+      acc_t mean_d = 0, sum_sq = first_sum;
+      const acc_t m0 = kCentered ? first_sum / acc_t(N_) : acc_t(0);
+      if constexpr (kCentered) {
+        const Vec m0_v(m0);
+        Vec d[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}}, sq[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
+        for_each_chunk_2sets<K>(N_, [&](int64_t j, int64_t n, int set) {
+          prefetch_row_chunk(next_x, j, sizeof(scalar_t));
+          prefetch_row_chunk(next_r, j, sizeof(scalar_t));
+          auto c = C::load_paired(s + j, n);
           c.lo -= m0_v;
           c.hi -= m0_v;
           c = c.keep_first_paired(n, 0);
           d[set][0] += c.lo;
           d[set][1] += c.hi;
-        }
-        sq[set][0] = at::vec::fmadd(c.lo, c.lo, sq[set][0]);
-        sq[set][1] = at::vec::fmadd(c.hi, c.hi, sq[set][1]);
-      });
-      const acc_t mean_d = kCentered ? hsum((d[0][0] + d[0][1]) + (d[1][0] + d[1][1])) / acc_t(N_) : acc_t(0);
+          sq[set][0] = at::vec::fmadd(c.lo, c.lo, sq[set][0]);
+          sq[set][1] = at::vec::fmadd(c.hi, c.hi, sq[set][1]);
+        });
+        mean_d = hsum((d[0][0] + d[0][1]) + (d[1][0] + d[1][1])) / acc_t(N_);
+        sum_sq = hsum((sq[0][0] + sq[0][1]) + (sq[1][0] + sq[1][1]));
+      }
       const acc_t mu = m0 + mean_d;
       // Where d^2 overflows (|s| ~ 1e19 and up in float) both terms can be inf: the variance is
       // then inf (rstd 0), not inf - inf = NaN. A NaN input keeps it NaN. (The Triton twin's
       // NaN read as 0 gave y ~ 1e32: found by tests/test_fuzz.py.)
-      const acc_t sum_sq = hsum((sq[0][0] + sq[0][1]) + (sq[1][0] + sq[1][1]));
       const acc_t var = sum_sq == std::numeric_limits<acc_t>::infinity()
                             ? sum_sq
                             : std::max(sum_sq / acc_t(N_) - mean_d * mean_d, acc_t(0));

@@ -192,6 +192,23 @@ struct Chunk {
     }
   }
 
+  // store_paired, returning the chunk as stored: its values rounded to scalar_t, as
+  // load_paired would read them back (for a sum of what was stored, without reading it back).
+  inline Chunk store_paired_rounded(scalar_t* p, int64_t n) const {
+    if constexpr (kPaired) {
+      const auto bits = bf16_from_paired(lo, hi);
+      const Vectorized<scalar_t> v(bits);
+      if (n == kChunk) v.store(p); else v.store(p, n);
+      return Chunk{Vec(bf16_even_to_float(bits)), Vec(bf16_odd_to_float(bits))};
+    } else if constexpr (!kReduced) {
+      store(p, n);
+      return *this;
+    } else {
+      store(p, n);
+      return load(p, n);
+    }
+  }
+
   // Where element e of a row of N elements lies when the paired lanes of each chunk are laid
   // out one after the other, lo's first: for a chunk of n elements, (n + 1) / 2 of lo's, then
   // n / 2 of hi's (the layout of add_to_total's float64 totals in norm.cpp).
