@@ -194,6 +194,8 @@ struct Chunk {
 
   // store_paired, returning the chunk as stored: its values rounded to scalar_t, as
   // load_paired would read them back (for a sum of what was stored, without reading it back).
+  // Lanes past n are not stored; where this chunk's are 0 (as load_paired leaves them) they
+  // come back 0.
   inline Chunk store_paired_rounded(scalar_t* p, int64_t n) const {
     if constexpr (kPaired) {
       const auto bits = bf16_from_paired(lo, hi);
