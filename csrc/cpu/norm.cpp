@@ -166,7 +166,7 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
           a.hi += b.hi;
           add_sum<!kCentered>(acc[set], a.store_paired_rounded(s_out + j, n));
         });
-        first_sum = hsum((acc[0][0] + acc[0][1]) + (acc[1][0] + acc[1][1]));
+        first_sum = hsum_sets(acc);
         s = s_out;
       } else {
         Vec acc[2][2] = {{Vec(0), Vec(0)}, {Vec(0), Vec(0)}};
@@ -174,7 +174,7 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
           prefetch_row_chunk(prefetch_x, j, sizeof(scalar_t));
           add_sum<!kCentered>(acc[set], C::load_paired(s + j, n));  // tail lanes load as 0
         });
-        first_sum = hsum((acc[0][0] + acc[0][1]) + (acc[1][0] + acc[1][1]));
+        first_sum = hsum_sets(acc);
       }
 
       // LayerNorm's mean and variance by the corrected two-pass algorithm: m0 = mean(s), then
@@ -198,8 +198,8 @@ void norm_fwd_kernel(const scalar_t* x, const scalar_t* residual, const scalar_t
           sq[set][0] = at::vec::fmadd(c.lo, c.lo, sq[set][0]);
           sq[set][1] = at::vec::fmadd(c.hi, c.hi, sq[set][1]);
         });
-        mean_d = hsum((d[0][0] + d[0][1]) + (d[1][0] + d[1][1])) / acc_t(N_);
-        sum_sq = hsum((sq[0][0] + sq[0][1]) + (sq[1][0] + sq[1][1]));
+        mean_d = hsum_sets(d) / acc_t(N_);
+        sum_sq = hsum_sets(sq);
       }
       const acc_t mu = m0 + mean_d;
       // Where d^2 overflows (|s| ~ 1e19 and up in float) both terms can be inf: the variance is
@@ -303,8 +303,8 @@ void norm_bwd_kernel(const scalar_t* dy, const scalar_t* x, const scalar_t* weig
             gs[set][1] += g.hi;
           }
         });
-        c1[r] = Vec(hsum((gx[0][0] + gx[0][1]) + (gx[1][0] + gx[1][1])) / acc_t(N_));
-        c2[r] = Vec(kCentered ? hsum((gs[0][0] + gs[0][1]) + (gs[1][0] + gs[1][1])) / acc_t(N_) : acc_t(0));
+        c1[r] = Vec(hsum_sets(gx) / acc_t(N_));
+        c2[r] = Vec(kCentered ? hsum_sets(gs) / acc_t(N_) : acc_t(0));
       }
 
       // Pass 2, chunk by chunk over the group's rows (in cache): dx = (g - xhat * c1 - c2) *

@@ -189,11 +189,11 @@ void softmax_bwd_kernel(const scalar_t* dy, const scalar_t* y, scalar_t* dx, int
       // Either is exact where dy and dot are equal (a width-1 row); a row of zeros (fully
       // masked) gets dx = 0.
       constexpr bool kRenormalize = sizeof(scalar_t) == 2;
-      const acc_t sum = kRenormalize ? hsum((sums[0][0] + sums[0][1]) + (sums[1][0] + sums[1][1])) : acc_t(1);
+      const acc_t sum = kRenormalize ? hsum_sets(sums) : acc_t(1);
       const acc_t coef_s = !kRenormalize ? static_cast<acc_t>(scale)
                            : sum != acc_t(0) ? static_cast<acc_t>(scale) / (sum * sum) : acc_t(0);
       const Vec coef(coef_s), sum_v(sum);
-      const Vec dot_v(hsum((dot[0][0] + dot[0][1]) + (dot[1][0] + dot[1][1])));
+      const Vec dot_v(hsum_sets(dot));
       scalar_t* dxi = dx + row * N;
       scalar_t* next_dx = row + 1 < end ? dxi + N : nullptr;
       for_each_chunk<K>(N, [&](int64_t j, int64_t n) {

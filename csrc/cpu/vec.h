@@ -240,6 +240,12 @@ inline auto hsum(const Vec& v) {
   return at::vec::vec_reduce_all([](Vec a, Vec b) { return a + b; }, v);
 }
 
+// The total of a pass's two sets of accumulators, each a chunk's two vectors (for_each_chunk_2sets).
+template <typename Vec>
+inline auto hsum_sets(const Vec (&sets)[2][2]) {
+  return hsum((sets[0][0] + sets[0][1]) + (sets[1][0] + sets[1][1]));
+}
+
 template <typename Vec>
 inline auto hmax(const Vec& v) {
   return at::vec::vec_reduce_all([](Vec a, Vec b) { return at::vec::maximum(a, b); }, v);
