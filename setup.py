@@ -131,9 +131,19 @@ def _nvcc_version(nvcc: str) -> str | None:
     return found.group(1) if found else None
 
 
+def license_metadata() -> dict:
+    """The license, in the form this setuptools reads (pyproject.toml lists it as dynamic)."""
+    import setuptools
+
+    if int(setuptools.__version__.split(".")[0]) >= 77:
+        return {"license_expression": "BSD-3-Clause", "license_files": ["LICENSE"]}
+    return {"license": "BSD-3-Clause"}  # older releases: free text; LICENSE found by its name
+
+
 os.environ.setdefault("MAX_JOBS", str(flags["default_max_jobs"]()))
 built = cpu_extensions()
 setup(
+    **license_metadata(),
     ext_modules=built[0] if built else [],
     cmdclass={"build_ext": built[1]} if built else {},
 )
