@@ -2,6 +2,8 @@
 against the module or function it replaces, without grad and with a backward, grouped per case
 and direction so the two sit side by side. Cases from lmfast.overhead."""
 
+import re
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ PAIRS = overhead.pairs()
 
 @pytest.mark.parametrize("side", ["replaced", "lmfast"])
 @pytest.mark.parametrize("direction", list(overhead.TARGETS))
-@pytest.mark.parametrize("pair", PAIRS, ids=[p.case.split(" (")[0].split(" ")[0] for p in PAIRS])
+@pytest.mark.parametrize("pair", PAIRS, ids=[re.sub(r"[^\w+=]+", "-", p.case).strip("-") for p in PAIRS])
 def test_per_call_cost(benchmark, pair, direction, side):
     theirs, ours = pair.build(DEVICE, direction == "fwd+bwd")
     fn = ours if side == "lmfast" else theirs

@@ -548,6 +548,8 @@ def pytest_benchmark(benchmark, case: Case, direction: str, provider: str, devic
     benchmark.group = f"{case.name} {direction}"
     rounds = 5 if case.compute_bound and device == "cpu" else 20
     benchmark.pedantic(timed, rounds=rounds, iterations=1, warmup_rounds=1)
+    if benchmark.disabled:  # --benchmark-disable, or xdist: each case ran once, untimed
+        return
     work = ceiling_work(case, device) if provider == case.ceiling else case.work(direction)
     rate = work / benchmark.stats.stats.median
     scale = 1e9 if case.unit == "GB/s" else 1
