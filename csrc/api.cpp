@@ -163,12 +163,16 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
   }
 };
 
-// An additive mask's gradient from dz32 = d(loss)/d(logits) in float32: summed in float32 over
-// the dims along which the (expanded) mask broadcasts (stride 0), at index 0 of those dims and
-// zeros elsewhere, in the mask's 16-bit dtype. Autograd's expand backward then adds exact
-// zeros. Summing after rounding each element to 16 bits would lose the cancellation of a
-// softmax row's gradient (it sums to 0): found by tests/test_fuzz.py (a mask broadcast along
-// the softmax dim got 3e-4 where eager gets 1e-7).
+// An additive mask's gradient from dz32 = d(loss)/d(logits) (float32; y's dtype for float32
+// and double y): summed in dz32's type over the dims along which the (expanded) mask
+// broadcasts (stride 0), at index 0 of those dims and zeros elsewhere, in the mask's dtype.
+// Autograd's expand backward then adds exact zeros. Summing after rounding each element to 16
+// bits would lose the cancellation of a softmax row's gradient (it sums to 0): found by
+// tests/test_fuzz.py (a mask broadcast along the softmax dim got 3e-4 where eager gets 1e-7).
+// A mask constant along the softmax (last) dim has gradient exactly 0 (softmax ignores a
+// constant added to a row): the float sum would leave only its rounding noise (1e-7 in
+// bfloat16 where the float64 reference's is 1e-28: found by the long fuzz profile), so such a
+// mask gets exact zeros, NaN where the sum is not finite, as the reference's is.
 
 Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarType dtype) {
   std::vector<int64_t> dims;
@@ -178,7 +182,9 @@ Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarTyp
   Tensor g = at::zeros(dz32.sizes(), dz32.options().dtype(dtype));
   Tensor first = g;
   for (int64_t d : dims) first = first.narrow(d, 0, 1);
-  first.copy_(dz32.sum(dims, /*keepdim=*/true));
+  Tensor sum = dz32.sum(dims, /*keepdim=*/true);
+  if (dims.back() == dz32.dim() - 1) sum = at::where(sum.isfinite(), 0.0, NAN);
+  first.copy_(sum);
   return g;
 }
 
@@ -206,7 +212,7 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
     // by autograd's expand backward); x's gradient is that times scale.
     if (y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble) {
       const Tensor dz = softmax_bwd().call(dy, y, 1.0);
-      return {need_x ? dz * scale : Tensor(), dz, Tensor(), Tensor()};
+      return {need_x ? dz * scale : Tensor(), broadcast_mask_grad(dz, mask, y.scalar_type()), Tensor(), Tensor()};
     }
     // 16-bit: float32 d(logits) from y renormalized in float32 (y rounded to 16 bits sums to
     // 1 +- 1e-3, and sum(dz) = sum(y dy) (1 - sum(y)) would not cancel), and the mask's

@@ -81,6 +81,29 @@ def test_additive_mask_gradient(mask_name, kb, dtype):
            causal=True, mask_grad=True)
 
 
+@pytest.mark.parametrize("shape", [(1,), (2, 1, 5, 1), (1, 3, 1, 1)], ids=["scalar", "per-query", "per-head"])
+def test_mask_constant_along_the_softmax_dim_has_zero_gradient(shape, kb, dtype):
+    """Softmax ignores a constant added to a row, so such a mask's gradient is exactly 0; a
+    float sum of the row's gradient leaves its rounding noise (1e-7 in bfloat16, where the
+    float64 reference has 1e-28 and eager, on near one-hot rows, the same: found by the long
+    fuzz profile). NaN stays NaN."""
+    x = _randn(2, 3, 5, 37, kb=kb, dtype=dtype) * 1e3  # near one-hot rows, as the fuzzer drew
+    x[0, 0, 0, 0] = float("nan")
+    mask = torch.randn(shape, device=kb.device, dtype=dtype).requires_grad_()
+    y = lmfast.ops.softmax(x, scale=0.7, mask=mask, backend=kb.name)
+    (dmask,) = torch.autograd.grad(y, mask, torch.randn_like(y))
+    expected = torch.zeros_like(mask)
+    if shape != (1,):  # the NaN row's mask entry (the scalar mask sums every row: NaN)
+        expected[tuple(0 for _ in shape)] = float("nan")
+    else:
+        expected.fill_(float("nan"))
+    torch.testing.assert_close(dmask, expected, rtol=0, atol=0, equal_nan=True)
+    clean = torch.nan_to_num(x, nan=0.0)  # and without NaN: zeros everywhere
+    (dmask,) = torch.autograd.grad(lmfast.ops.softmax(clean, scale=0.7, mask=mask, backend=kb.name), mask,
+                                   torch.randn_like(y))
+    assert (dmask == 0).all(), dmask
+
+
 def test_fully_masked_rows_are_zero_with_zero_grad(kb, dtype):
     x = _randn(2, 9, 9, kb=kb, dtype=dtype)
     keep = torch.rand(2, 9, 9, device=kb.device) > 0.5

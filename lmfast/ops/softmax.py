@@ -98,10 +98,13 @@ def _softmax_setup(ctx, inputs, output):
 
 
 def _broadcast_mask_grad(dz32: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """A 16-bit additive mask's gradient from float32 dz32 = d(loss)/d(logits), as
+    """An additive mask's gradient from dz32 = d(loss)/d(logits), float32 (for float32 and
+    double masks: in their dtype), as
     csrc/api.cpp's broadcast_mask_grad: summed in float32 over the dims the (expanded) mask
     broadcasts along, at index 0 of those dims, zeros elsewhere (autograd's expand backward
-    then adds exact zeros; rounding each element first loses a softmax row's cancellation)."""
+    then adds exact zeros; rounding each element first loses a softmax row's cancellation).
+    Constant along the softmax (last) dim, the mask's gradient is exactly 0 (NaN where the sum
+    is not finite), not the float sum's rounding noise."""
     dims = [d for d in range(dz32.dim()) if mask.stride(d) == 0 and mask.shape[d] > 1]
     if not dims:
         return dz32.to(dtype)
@@ -109,7 +112,10 @@ def _broadcast_mask_grad(dz32: Tensor, mask: Tensor, dtype: torch.dtype) -> Tens
     first = g
     for d in dims:
         first = first.narrow(d, 0, 1)
-    first.copy_(dz32.sum(dims, keepdim=True))
+    total = dz32.sum(dims, keepdim=True)
+    if dims[-1] == dz32.dim() - 1:
+        total = torch.where(total.isfinite(), 0.0, float("nan"))
+    first.copy_(total)
     return g
 
 
@@ -133,7 +139,7 @@ def _register_triton_autograd() -> None:
         # dims by autograd's expand backward); x's gradient is that times scale.
         if y.dtype in (torch.float32, torch.float64):
             dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
-            return (dz * ctx.scale if need_x else None), dz, None, None
+            return (dz * ctx.scale if need_x else None), _broadcast_mask_grad(dz, mask, y.dtype), None, None
         # 16-bit: y renormalized in float32 (rounded, it sums to 1 +- 1e-3 and a row's dz would
         # not cancel), then the mask's gradient reduced before rounding (_broadcast_mask_grad)
         y32 = y2.float()
