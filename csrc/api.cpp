@@ -169,12 +169,13 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
 // Autograd's expand backward then adds exact zeros. Summing after rounding each element to 16
 // bits would lose the cancellation of a softmax row's gradient (it sums to 0): found by
 // tests/test_fuzz.py (a mask broadcast along the softmax dim got 3e-4 where eager gets 1e-7).
-// A mask constant along the softmax (last) dim has gradient exactly 0 (softmax ignores a
-// constant added to a row): the float sum would leave only its rounding noise (1e-7 in
-// bfloat16 where the float64 reference's is 1e-28: found by the long fuzz profile), so such a
-// mask gets exact zeros, NaN where the sum is not finite, as the reference's is.
+// With `softmax_invariant` (softmax's mask), a mask constant along the softmax (last) dim has
+// gradient exactly 0 (softmax ignores a constant added to a row): the float sum would leave
+// only its rounding noise (1e-7 in bfloat16 where the float64 reference's is 1e-28: found by
+// the long fuzz profile), so such a mask gets exact zeros, NaN where the sum is not finite, as
+// the reference's is. (Not attention's: its lse moves with such a mask, and lse has a gradient.)
 
-Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarType dtype) {
+Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarType dtype, bool softmax_invariant) {
   std::vector<int64_t> dims;
   for (int64_t d = 0; d < dz32.dim(); ++d)
     if (mask.stride(d) == 0 && mask.size(d) > 1) dims.push_back(d);
@@ -183,7 +184,7 @@ Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarTyp
   Tensor first = g;
   for (int64_t d : dims) first = first.narrow(d, 0, 1);
   Tensor sum = dz32.sum(dims, /*keepdim=*/true);
-  if (dims.back() == dz32.dim() - 1) sum = at::where(sum.isfinite(), 0.0, NAN);
+  if (softmax_invariant && dims.back() == dz32.dim() - 1) sum = at::where(sum.isfinite(), 0.0, NAN);
   first.copy_(sum);
   return g;
 }
@@ -212,7 +213,8 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
     // by autograd's expand backward); x's gradient is that times scale.
     if (y.scalar_type() == at::kFloat || y.scalar_type() == at::kDouble) {
       const Tensor dz = softmax_bwd().call(dy, y, 1.0);
-      return {need_x ? dz * scale : Tensor(), broadcast_mask_grad(dz, mask, y.scalar_type()), Tensor(), Tensor()};
+      return {need_x ? dz * scale : Tensor(), broadcast_mask_grad(dz, mask, y.scalar_type(), true), Tensor(),
+              Tensor()};
     }
     // 16-bit: float32 d(logits) from y renormalized in float32 (y rounded to 16 bits sums to
     // 1 +- 1e-3, and sum(dz) = sum(y dy) (1 - sum(y)) would not cancel), and the mask's
@@ -220,7 +222,7 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
     const Tensor y32 = y.to(at::kFloat);
     const Tensor row_sum = y32.sum(-1, /*keepdim=*/true);
     const Tensor dz32 = softmax_bwd().call(dy.to(at::kFloat), y32 / at::where(row_sum == 0, 1.0, row_sum), 1.0);
-    return {need_x ? (dz32 * scale).to(y.scalar_type()) : Tensor(), broadcast_mask_grad(dz32, mask, y.scalar_type()),
+    return {need_x ? (dz32 * scale).to(y.scalar_type()) : Tensor(), broadcast_mask_grad(dz32, mask, y.scalar_type(), true),
             Tensor(), Tensor()};
   }
 };
@@ -258,8 +260,9 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
         window.isNone() ? std::nullopt : std::optional<int64_t>(window.toInt()), mask_grad,
         ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]), ctx->saved_data["softcap"].toDouble(),
         defined_or_none(saved[7]), defined_or_none(saved[8]));
-    return {dq, dk, dv, mask_grad ? dmask : Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor()};
+    // dmask comes unrounded (ops.h): summed over the mask's broadcast dims, then rounded
+    const Tensor dmask_out = mask_grad ? broadcast_mask_grad(dmask, saved[5], saved[5].scalar_type(), false) : Tensor();
+    return {dq, dk, dv, dmask_out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 

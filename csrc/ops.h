@@ -63,7 +63,10 @@ Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale);
 // p = exp(s - m) / l is the unfused softmax's own form, where exp(s - lse) rounds s - lse,
 // ~log(keys) further from 0 (the Triton backward, which also serves the CUDA forward, reads
 // them; the CPU backward recomputes each row's max and sum from its scores). The backward
-// returns (dq, dk, dv, dmask or an empty tensor).
+// returns (dq, dk, dv, dmask or an empty tensor); dmask (B, Hq, Sq, Sk) is in the accumulation
+// dtype, unrounded, for the autograd to sum over the mask's broadcast dims before it rounds
+// (rounded first, a float16 sum over queries overflowed to inf - inf = NaN where the float64
+// reference's is finite or inf: found by the long fuzz profile).
 std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                                  const std::optional<Tensor>& mask, double scale,
                                                  bool causal, std::optional<int64_t> window,

@@ -278,6 +278,27 @@ def test_additive_mask_and_lse_gradients(ab, dtype):
            grad=("q", "k", "v", "attn_mask"))
 
 
+def test_broadcast_mask_gradient_is_summed_before_rounding(ab):
+    """A float16 mask broadcast over queries: its gradient sums each key's ds over the queries.
+    Here every ds is +-120000, past float16's range, and they cancel to exactly 0: rounded per
+    element first (as the kernels once returned dmask), the sum was inf - inf = NaN (found by the
+    long fuzz profile, with dropout and large v); summed in float32 it is the exact 0."""
+    Sq, D = 10, 8
+    q = torch.zeros(1, 1, Sq, D, device=ab.device, dtype=torch.float16)  # p = 1/2 on both keys
+    k = torch.randn(1, 1, 2, D, device=ab.device).half()
+    v = torch.zeros(1, 1, 2, D, device=ab.device, dtype=torch.float16)
+    v[0, 0, 1, 0] = 60000.0  # dp = do v^T: 0 for key 0, 60000 do[..., 0] for key 1
+    do = torch.zeros(1, 1, Sq, D, device=ab.device, dtype=torch.float16)
+    do[0, 0, :, 0] = torch.tensor([8.0, -8.0] * (Sq // 2))  # ds = -+(1/4) 60000 do: +-120000, alternating
+    mask = torch.zeros(1, 1, 1, 2, device=ab.device, dtype=torch.float16, requires_grad=True)
+    o = lmfast.ops.attention(q, k, v, attn_mask=mask, backend=ab.name)
+    (dmask,) = torch.autograd.grad(o, mask, do)
+    assert dmask.dtype == torch.float16 and torch.equal(dmask.cpu(), torch.zeros(1, 1, 1, 2, dtype=torch.float16)), dmask
+    # and where the sum itself leaves float16's range it is inf, as the float64 reference rounds
+    (dmask,) = torch.autograd.grad(lmfast.ops.attention(q, k, v, attn_mask=mask, backend=ab.name), mask, do.abs())
+    assert dmask.cpu().tolist() == [[[[-math.inf, math.inf]]]], dmask
+
+
 @pytest.mark.parametrize("window", [1, 7, 64])
 @pytest.mark.parametrize("Sq,Sk", [(40, 40), (9, 70)])
 def test_sliding_windows(window, Sq, Sk, ab):

@@ -42,6 +42,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <memory>
 #include <string>
 #include <optional>
@@ -1084,13 +1085,13 @@ struct BackwardRows {
 // The per-row steps between a block's tile products, shared by both backward kernels: after
 // the scores of keys [k0, k1) are in rows.p, `probs` turns them into p; after dp is in
 // rows.ds, `grads` turns it into ds (and writes the mask's gradient).
-template <typename acc_t, typename mask_t, typename scalar_t>
+template <typename acc_t, typename mask_t>
 struct BackwardRowSteps {
   const Geometry& g;
   const KeyBand& band;
   const MaskView<mask_t>& mask;
   const acc_t* dlse;   // or nullptr
-  scalar_t* dmask;     // (B, Hq, Sq, Sk) or nullptr
+  acc_t* dmask;        // (B, Hq, Sq, Sk) or nullptr: ds unrounded (see attention_bwd)
   const Dropout& drop;
 
   // Scales (by pre_scale, where the tile lacks the scale), caps and masks scores tile
@@ -1134,8 +1135,7 @@ struct BackwardRowSteps {
         drop.apply(ds, ds, k1 - k0, drop.row_key(row0 + r), k0, acc_t(drop.keep_scale));
       backward_ds_row(rows.p_at(r, k0), ds, k1 - k0, dlse != nullptr ? dlse[row0 + r] : acc_t(0));
       if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds (0, as allocated, outside [k0, k1))
-        scalar_t* dm = dmask + (row0 + r) * g.Sk;
-        for (int64_t j = k0; j < k1; ++j) dm[j] = scalar_t(ds[j - k0]);
+        std::copy(ds, ds + (k1 - k0), dmask + (row0 + r) * g.Sk + k0);
       }
       if (const acc_t* cap = rows.cap_at(r, k0)) {  // the scores before the cap: ds (1 - tanh^2)
         using Vec = Vectorized<acc_t>;
@@ -1353,7 +1353,7 @@ template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
                           const Geometry& g, float scale, const KeyBand& band, const Dropout& drop,
-                          at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask);
+                          at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, float* dmask);
 
 // The backward (o and row_stats, which the forward returned, are not needed: see above).
 template <typename scalar_t, typename mask_t>
@@ -1361,7 +1361,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
                           const at::opmath_type<scalar_t>* dlse /* or nullptr */,
                           const MaskView<mask_t>& mask, const Geometry& g, double scale_d,
                           const KeyBand& band, const Dropout& drop, scalar_t* dq, scalar_t* dk, scalar_t* dv,
-                          scalar_t* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
+                          at::opmath_type<scalar_t>* dmask /* (B, Hq, Sq, Sk) or nullptr */) {
   using acc_t = at::opmath_type<scalar_t>;
   const acc_t scale = static_cast<acc_t>(scale_d);
   const int64_t D = g.D, Dv = g.Dv;
@@ -1372,7 +1372,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   }
   const BackwardPlan plan = backward_plan<acc_t>(g, band);
   const KeyGradPartials<acc_t, /*kTransposed=*/false> partials(plan, g);
-  const BackwardRowSteps<acc_t, mask_t, scalar_t> steps{g, band, mask, dlse, dmask, drop};
+  const BackwardRowSteps<acc_t, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
   // One task per chunk of a (b, kv head) (see BackwardPlan): it writes the dq of its rows and
   // sums their dk, dv over the keys they see, [ck0, ck1).
@@ -1460,7 +1460,7 @@ template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
                           const Geometry& g, float scale, const KeyBand& band, const Dropout& drop,
-                          at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, at::BFloat16* dmask) {
+                          at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, float* dmask) {
   using BF = at::BFloat16;
   using Vec = Vectorized<float>;
   namespace blas = at::native::cpublas;
@@ -1469,7 +1469,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   const KeyGradPartials<float, /*kTransposed=*/true> partials(plan, g);
   const int64_t block_q = plan.block_q, block_qe = block_q + block_q % 2;  // even K dims
   constexpr int64_t kBKe = BackwardPackedKV::kTileKeys;
-  const BackwardRowSteps<float, mask_t, BF> steps{g, band, mask, dlse, dmask, drop};
+  const BackwardRowSteps<float, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
   std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where they have several chunks
   if (plan.chunks > 1) {
@@ -1684,7 +1684,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
               "lmfast_C: dlse must be a contiguous (B, Hq, Sq) tensor in the accumulation dtype");
   const KeyBand band = key_band(g, causal, window, softcap, cu_seqlens_q, cu_seqlens_k);
   Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  Tensor dmask = mask_grad ? at::zeros({g.B, g.Hq, g.Sq, g.Sk}, q.options()) : at::empty({0}, q.options());
+  // dmask in the accumulation dtype, unrounded: the autograd sums it over the mask's broadcast
+  // dims before rounding to the mask's dtype (ops.h)
+  const auto acc_opts = q.options().dtype(acc_type);
+  Tensor dmask = mask_grad ? at::zeros({g.B, g.Hq, g.Sq, g.Sk}, acc_opts) : at::empty({0}, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "lmfast_attention_bwd", [&] {
     with_mask_type<scalar_t>(mask, [&](auto mv) {
       attention_bwd_kernel<scalar_t>(
@@ -1692,7 +1695,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_bwd(
           v.const_data_ptr<scalar_t>(),
           dlse.has_value() ? dlse->const_data_ptr<at::opmath_type<scalar_t>>() : nullptr, mv, g,
           scale, band, drop, dq.data_ptr<scalar_t>(),
-          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(), mask_grad ? dmask.data_ptr<scalar_t>() : nullptr);
+          dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
+          mask_grad ? dmask.data_ptr<at::opmath_type<scalar_t>>() : nullptr);
     });
   });
   return {dq, dk, dv, dmask};

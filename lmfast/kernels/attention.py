@@ -1014,7 +1014,8 @@ def attention_bwd(dout, q, k, v, o, row_stats, dlse, mask, scale: float, causal:
     dq = torch.empty_like(q)
     dk = torch.empty_like(k)
     dv = torch.empty_like(v)
-    dmask = q.new_zeros((B, Hq, Sq, Sk)) if mask_grad else q.new_empty(0)
+    acc = reference.acc_dtype(q.dtype)  # dmask unrounded (csrc/ops.h)
+    dmask = q.new_zeros((B, Hq, Sq, Sk), dtype=acc) if mask_grad else q.new_empty(0, dtype=acc)
     if Sq == 0 or B * Hq == 0:  # no query: k and v get zero gradients
         return dq, dk.zero_(), dv.zero_(), dmask
     rows = B * Hq * Sq

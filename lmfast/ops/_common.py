@@ -83,3 +83,26 @@ def upstream_grad(g: Tensor | None, like: Tensor) -> Tensor:
     """An output's incoming gradient as a contiguous tensor shaped like `like` (autograd may
     hand over None for an unused output, or a broadcast view such as expanded ones)."""
     return torch.zeros_like(like, memory_format=torch.contiguous_format) if g is None else g.contiguous()
+
+
+def broadcast_mask_grad(dz: Tensor, mask: Tensor, dtype: torch.dtype, *, softmax_invariant: bool) -> Tensor:
+    """An additive mask's gradient from dz = d(loss)/d(logits), unrounded (float32 for 16-bit
+    masks), as csrc/api.cpp's broadcast_mask_grad: summed in dz's dtype over the dims along
+    which the (expanded) mask broadcasts (stride 0), at index 0 of those dims and zeros
+    elsewhere, in `dtype` (autograd's expand backward then adds exact zeros; rounding each
+    element first loses a softmax row's cancellation, and a float16 sum over queries could
+    overflow to inf - inf = NaN). softmax_invariant (softmax's mask, not attention's, whose lse
+    moves with it): a mask constant along the last dim gets exactly 0 (NaN where the sum is not
+    finite), not the float sum's rounding noise."""
+    dims = [d for d in range(dz.dim()) if mask.stride(d) == 0 and mask.shape[d] > 1]
+    if not dims:
+        return dz.to(dtype)
+    g = torch.zeros(dz.shape, dtype=dtype, device=dz.device)
+    first = g
+    for d in dims:
+        first = first.narrow(d, 0, 1)
+    total = dz.sum(dims, keepdim=True)
+    if softmax_invariant and dims[-1] == dz.dim() - 1:
+        total = torch.where(total.isfinite(), 0.0, float("nan"))
+    first.copy_(total)
+    return g

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .. import reference
 from . import _autocast, _checks
-from ._common import cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op, upstream_grad
+from ._common import (broadcast_mask_grad, cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op,
+                      upstream_grad)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
@@ -225,7 +226,9 @@ def _attention_fwd_fake(q, k, v, mask, scale, causal, window, dropout_p=0.0, dro
 
 def _attention_bwd_fake(dout, q, k, v, o, row_stats, dlse, mask, scale, causal, window, mask_grad,
                         dropout_p=0.0, dropout_seed=None, softcap=0.0, cu_seqlens_q=None, cu_seqlens_k=None):
-    dmask = q.new_empty((q.shape[0], q.shape[1], q.shape[2], k.shape[2])) if mask_grad else q.new_empty(0)
+    acc = reference.acc_dtype(q.dtype)  # dmask: unrounded (csrc/ops.h)
+    shape = (q.shape[0], q.shape[1], q.shape[2], k.shape[2]) if mask_grad else (0,)
+    dmask = q.new_empty(shape, dtype=acc)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dmask
 
 
@@ -255,7 +258,9 @@ def _register_triton_autograd() -> None:
             upstream_grad(do, o), q, k, v, o, row_stats, None if dlse is None else dlse.contiguous(), mask,
             ctx.scale, ctx.causal, ctx.window, mask_grad, ctx.dropout_p, dropout_seed, ctx.softcap, cu_seqlens_q,
             cu_seqlens_k)
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None
+        # dmask comes unrounded (csrc/ops.h): summed over the mask's broadcast dims, then rounded
+        dmask = broadcast_mask_grad(dmask, mask, mask.dtype, softmax_invariant=False) if mask_grad else None
+        return dq, dk, dv, dmask, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("lmfast_triton::attention_fwd", attention_backward, setup_context=_attention_setup)
 

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .. import reference
 from . import _autocast, _checks
-from ._common import as_rows, cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op, upstream_grad
+from ._common import (as_rows, broadcast_mask_grad, cpp_ops, on_cpp_path, resolve_backend, triton_kernels, triton_op,
+                      upstream_grad)
 
 
 def softmax(x: Tensor, dim: int = -1, scale: float = 1.0, mask: Tensor | None = None,
@@ -97,28 +98,6 @@ def _softmax_setup(ctx, inputs, output):
     ctx.save_for_backward(output, mask)
 
 
-def _broadcast_mask_grad(dz32: Tensor, mask: Tensor, dtype: torch.dtype) -> Tensor:
-    """An additive mask's gradient from dz32 = d(loss)/d(logits), float32 (for float32 and
-    double masks: in their dtype), as
-    csrc/api.cpp's broadcast_mask_grad: summed in float32 over the dims the (expanded) mask
-    broadcasts along, at index 0 of those dims, zeros elsewhere (autograd's expand backward
-    then adds exact zeros; rounding each element first loses a softmax row's cancellation).
-    Constant along the softmax (last) dim, the mask's gradient is exactly 0 (NaN where the sum
-    is not finite), not the float sum's rounding noise."""
-    dims = [d for d in range(dz32.dim()) if mask.stride(d) == 0 and mask.shape[d] > 1]
-    if not dims:
-        return dz32.to(dtype)
-    g = torch.zeros(dz32.shape, dtype=dtype, device=dz32.device)
-    first = g
-    for d in dims:
-        first = first.narrow(d, 0, 1)
-    total = dz32.sum(dims, keepdim=True)
-    if dims[-1] == dz32.dim() - 1:
-        total = torch.where(total.isfinite(), 0.0, float("nan"))
-    first.copy_(total)
-    return g
-
-
 def register_fakes(ns: str) -> None:
     """Fake impls of ns::softmax_{fwd,bwd} (lmfast_C or lmfast_triton)."""
     torch.library.register_fake(f"{ns}::softmax_fwd", _softmax_fwd_fake)
@@ -139,15 +118,15 @@ def _register_triton_autograd() -> None:
         # dims by autograd's expand backward); x's gradient is that times scale.
         if y.dtype in (torch.float32, torch.float64):
             dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
-            return (dz * ctx.scale if need_x else None), _broadcast_mask_grad(dz, mask, y.dtype), None, None
+            return (dz * ctx.scale if need_x else None), broadcast_mask_grad(dz, mask, y.dtype, softmax_invariant=True), None, None
         # 16-bit: y renormalized in float32 (rounded, it sums to 1 +- 1e-3 and a row's dz would
-        # not cancel), then the mask's gradient reduced before rounding (_broadcast_mask_grad)
+        # not cancel), then the mask's gradient reduced before rounding (broadcast_mask_grad)
         y32 = y2.float()
         row_sum = y32.sum(-1, keepdim=True)
         dz32 = ops.softmax_bwd(dy2.float(), (y32 / torch.where(row_sum == 0, 1.0, row_sum)).contiguous(), 1.0)
         dz32 = dz32.view(y.shape)
         dx = (dz32 * ctx.scale).to(y.dtype) if need_x else None
-        return dx, _broadcast_mask_grad(dz32, mask, y.dtype), None, None
+        return dx, broadcast_mask_grad(dz32, mask, y.dtype, softmax_invariant=True), None, None
 
     torch.library.register_autograd("lmfast_triton::softmax_fwd", softmax_backward, setup_context=_softmax_setup)
 
