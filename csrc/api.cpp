@@ -163,28 +163,29 @@ struct RmsNormFwd : torch::autograd::Function<RmsNormFwd> {
   }
 };
 
-// An additive mask's gradient from dz32 = d(loss)/d(logits) (float32; y's dtype for float32
-// and double y): summed in dz32's type over the dims along which the (expanded) mask
-// broadcasts (stride 0), at index 0 of those dims and zeros elsewhere, in the mask's dtype.
-// Autograd's expand backward then adds exact zeros. Summing after rounding each element to 16
-// bits would lose the cancellation of a softmax row's gradient (it sums to 0): found by
-// tests/test_fuzz.py (a mask broadcast along the softmax dim got 3e-4 where eager gets 1e-7).
+// An additive mask's gradient (softmax's or attention's) from dz = d(loss)/d(logits),
+// unrounded (float32 for 16-bit masks, else the mask's dtype): summed in dz's dtype over the
+// dims along which the (expanded) mask broadcasts (stride 0), at index 0 of those dims and
+// zeros elsewhere, in `dtype`. Autograd's expand backward then adds exact zeros. Summing after
+// rounding each element to 16 bits would lose the cancellation of a softmax row's gradient (it
+// sums to 0; found by tests/test_fuzz.py: a mask broadcast along the softmax dim got 3e-4 where
+// eager gets 1e-7) and, in float16, could overflow to inf - inf = NaN (attention's: ops.h).
 // With `softmax_invariant` (softmax's mask), a mask constant along the softmax (last) dim has
 // gradient exactly 0 (softmax ignores a constant added to a row): the float sum would leave
 // only its rounding noise (1e-7 in bfloat16 where the float64 reference's is 1e-28: found by
 // the long fuzz profile), so such a mask gets exact zeros, NaN where the sum is not finite, as
 // the reference's is. (Not attention's: its lse moves with such a mask, and lse has a gradient.)
 
-Tensor broadcast_mask_grad(const Tensor& dz32, const Tensor& mask, at::ScalarType dtype, bool softmax_invariant) {
+Tensor broadcast_mask_grad(const Tensor& dz, const Tensor& mask, at::ScalarType dtype, bool softmax_invariant) {
   std::vector<int64_t> dims;
-  for (int64_t d = 0; d < dz32.dim(); ++d)
+  for (int64_t d = 0; d < dz.dim(); ++d)
     if (mask.stride(d) == 0 && mask.size(d) > 1) dims.push_back(d);
-  if (dims.empty()) return dz32.to(dtype);
-  Tensor g = at::zeros(dz32.sizes(), dz32.options().dtype(dtype));
+  if (dims.empty()) return dz.to(dtype);
+  Tensor g = at::zeros(dz.sizes(), dz.options().dtype(dtype));
   Tensor first = g;
   for (int64_t d : dims) first = first.narrow(d, 0, 1);
-  Tensor sum = dz32.sum(dims, /*keepdim=*/true);
-  if (softmax_invariant && dims.back() == dz32.dim() - 1) sum = at::where(sum.isfinite(), 0.0, NAN);
+  Tensor sum = dz.sum(dims, /*keepdim=*/true);
+  if (softmax_invariant && dims.back() == dz.dim() - 1) sum = at::where(sum.isfinite(), 0.0, NAN);
   first.copy_(sum);
   return g;
 }
@@ -222,8 +223,8 @@ struct SoftmaxFwd : torch::autograd::Function<SoftmaxFwd> {
     const Tensor y32 = y.to(at::kFloat);
     const Tensor row_sum = y32.sum(-1, /*keepdim=*/true);
     const Tensor dz32 = softmax_bwd().call(dy.to(at::kFloat), y32 / at::where(row_sum == 0, 1.0, row_sum), 1.0);
-    return {need_x ? (dz32 * scale).to(y.scalar_type()) : Tensor(), broadcast_mask_grad(dz32, mask, y.scalar_type(), true),
-            Tensor(), Tensor()};
+    return {need_x ? (dz32 * scale).to(y.scalar_type()) : Tensor(),
+            broadcast_mask_grad(dz32, mask, y.scalar_type(), true), Tensor(), Tensor()};
   }
 };
 
@@ -261,7 +262,8 @@ struct AttentionFwd : torch::autograd::Function<AttentionFwd> {
         ctx->saved_data["dropout_p"].toDouble(), defined_or_none(saved[6]), ctx->saved_data["softcap"].toDouble(),
         defined_or_none(saved[7]), defined_or_none(saved[8]));
     // dmask comes unrounded (ops.h): summed over the mask's broadcast dims, then rounded
-    const Tensor dmask_out = mask_grad ? broadcast_mask_grad(dmask, saved[5], saved[5].scalar_type(), false) : Tensor();
+    const Tensor dmask_out =
+        mask_grad ? broadcast_mask_grad(dmask, saved[5], saved[5].scalar_type(), false) : Tensor();
     return {dq, dk, dv, dmask_out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

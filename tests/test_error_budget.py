@@ -48,6 +48,24 @@ def test_between_the_largest_value_and_the_next_power_of_two_either_side_is_righ
         assert_within_budget(_f16(float("inf"), F16_MAX), ref, _f16(1.0, F16_MAX))
 
 
+def test_within_the_budget_of_overflowing_either_side_is_right():
+    # -65501.8 rounds to -65504 in float16, but a result within the budget of -65520 (where
+    # rounding overflows) rounds to -inf: right where eager's errors make the budget ~28 (a
+    # float16 dq whose upstream gradient was rounded to float16, as eager's also was), wrong
+    # where eager is exact (budget ~8)
+    ref = torch.randn(64, dtype=torch.float64) * 100
+    ref[5] = -65501.83
+    got = ref.half()
+    got[5] = float("-inf")
+    noisy = (ref + 10 * torch.sign(torch.randn(64, dtype=torch.float64))).half()
+    noisy[5] = float("-inf")
+    assert_within_budget(got, ref, noisy)
+    with pytest.raises(AssertionError, match=r"-inf placement"):
+        assert_within_budget(got, ref, ref.half())
+    with pytest.raises(AssertionError, match=r"\+inf placement"):  # never the other sign
+        assert_within_budget(-got, ref, noisy)
+
+
 def test_nan_placement():
     ref = _f64(1.0, float("nan"))
     assert_within_budget(_f16(1.0, float("nan")), ref, _f16(1.0, float("nan")))
