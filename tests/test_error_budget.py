@@ -48,22 +48,32 @@ def test_between_the_largest_value_and_the_next_power_of_two_either_side_is_righ
         assert_within_budget(_f16(float("inf"), F16_MAX), ref, _f16(1.0, F16_MAX))
 
 
-def test_within_the_budget_of_overflowing_either_side_is_right():
-    # -65501.8 rounds to -65504 in float16, but a result within the budget of -65520 (where
-    # rounding overflows) rounds to -inf: right where eager's errors make the budget ~28 (a
-    # float16 dq whose upstream gradient was rounded to float16, as eager's also was), wrong
-    # where eager is exact (budget ~8)
+def test_near_the_overflow_point_either_side_is_right():
+    # -65501.8 rounds to -65504 in float16, but a result an ulp off rounds past -65520, where
+    # rounding overflows, to -inf: right (a float16 dq whose upstream gradient was rounded to
+    # float16, as eager's also was). Two ulps further from it (-65440), -inf is wrong, however
+    # eager does.
     ref = torch.randn(64, dtype=torch.float64) * 100
     ref[5] = -65501.83
     got = ref.half()
     got[5] = float("-inf")
-    noisy = (ref + 10 * torch.sign(torch.randn(64, dtype=torch.float64))).half()
-    noisy[5] = float("-inf")
-    assert_within_budget(got, ref, noisy)
+    assert_within_budget(got, ref, ref.half())
+    with pytest.raises(AssertionError, match=r"\+inf placement"):  # never the other sign
+        assert_within_budget(-got, ref, ref.half())
+    ref[5] = -65440.0
+    for eager in (ref.half(), got):
+        with pytest.raises(AssertionError, match=r"-inf placement"):
+            assert_within_budget(got, ref, eager)
+    # and from above: -65547.5 is -inf in float16, and -65504 is an ulp off: right; -65600 is
+    # further (80 past -65520, more than an ulp): -65504 is wrong there where eager is exact,
+    # right where eager lands on -65504 too (its error, 96, then allows 192)
+    got[5] = -F16_MAX
+    ref[5] = -65547.5
+    assert_within_budget(got, ref, ref.half())
+    ref[5] = -65600.0
     with pytest.raises(AssertionError, match=r"-inf placement"):
         assert_within_budget(got, ref, ref.half())
-    with pytest.raises(AssertionError, match=r"\+inf placement"):  # never the other sign
-        assert_within_budget(-got, ref, noisy)
+    assert_within_budget(got, ref, torch.where(torch.arange(64) == 5, -F16_MAX, ref).half())
 
 
 def test_nan_placement():
