@@ -118,7 +118,8 @@ def _register_triton_autograd() -> None:
         # dims by autograd's expand backward); x's gradient is that times scale.
         if y.dtype in (torch.float32, torch.float64):
             dz = ops.softmax_bwd(dy2, y2, 1.0).view(y.shape)
-            return (dz * ctx.scale if need_x else None), broadcast_mask_grad(dz, mask, y.dtype, softmax_invariant=True), None, None
+            dmask = broadcast_mask_grad(dz, mask, y.dtype, softmax_invariant=True)
+            return (dz * ctx.scale if need_x else None), dmask, None, None
         # 16-bit: y renormalized in float32 (rounded, it sums to 1 +- 1e-3 and a row's dz would
         # not cancel), then the mask's gradient reduced before rounding (broadcast_mask_grad)
         y32 = y2.float()
