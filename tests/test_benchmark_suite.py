@@ -4,7 +4,6 @@ measured in benchmarks/, never asserted in tests/): the cases run once each, unt
 pytest-benchmark does under --benchmark-disable and under xdist (where it disables itself;
 the suite's bodies read no timing then: they once failed on benchmark.stats being None)."""
 
-import collections
 import re
 import subprocess
 import sys
@@ -26,21 +25,22 @@ def _pytest(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir())
 
 
-def _per_file(output: str, outcome: str) -> collections.Counter:
-    return collections.Counter(m.group(1) for m in re.finditer(rf"(test_bench_\w+\.py)::\S+ {outcome}", output))
+def _files(output: str, outcome: str = "") -> set[str]:
+    """The benchmark files with a test id in pytest's output (followed by `outcome`, if given)."""
+    return {m.group(1) for m in re.finditer(rf"(test_bench_\w+\.py)::\S+{' ' + outcome if outcome else ''}", output)}
 
 
 def test_every_benchmark_file_runs_its_cases():
     assert len(FILES) >= 6, FILES
     done = _pytest("--benchmark-disable", "-v", "-k", CHEAP)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    passed = _per_file(done.stdout, "PASSED")
-    assert set(passed) == set(FILES), (passed, FILES)
+    passed = _files(done.stdout, "PASSED")
+    assert passed == set(FILES), (passed, FILES)
 
 
 def test_both_sizes_collect():
     for size in ("quick", "full"):
         done = _pytest("--collect-only", "-q", f"--lmfast-size={size}")
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-        collected = collections.Counter(m.group(1) for m in re.finditer(r"(test_bench_\w+\.py)::", done.stdout))
-        assert set(collected) == set(FILES), (size, collected)
+        collected = _files(done.stdout)
+        assert collected == set(FILES), (size, collected)
