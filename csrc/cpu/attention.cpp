@@ -22,8 +22,9 @@
 //   dropout (see Dropout): p v and dv = p^T do take p with the dropped entries zeroed and the
 //   rest scaled by 1 / (1 - dropout_p), dp is dropped likewise; l, lse and ds = p (...) keep p
 //
-// The tile products are BLAS gemm calls (the sgemm_/dgemm_ that libtorch links: MKL on x86
-// wheels) on float (double for double inputs) tiles, at::addmm where that symbol is absent;
+// The tile products run on float (double for double inputs) tiles: full tiles of long queries
+// on oneDNN's brgemm (tile_product), the rest as BLAS gemm calls (the sgemm_/dgemm_ that
+// libtorch links: MKL on x86 wheels; at::addmm where that symbol is absent);
 // 16-bit inputs are widened tile by tile, except bfloat16 on a CPU with AMX-BF16 or
 // AVX512-BF16, whose long-query forward and backward run their products in bfloat16 on
 // oneDNN's brgemm where the head dims are even (see "bfloat16 on brgemm" below). Position masking is
@@ -59,6 +60,9 @@ using at::Tensor;
 
 constexpr int64_t kBlockQ = 128;   // query rows per task / tile
 constexpr int64_t kBlockK = 256;   // keys per tile
+// Tiles of at most kSmallRows rows (decoding: a kv head's few query rows) multiply by hand:
+// a BLAS call costs ~1-2 us of its own, more than a 1 x 256 x 64 product.
+constexpr int64_t kSmallRows = 8;
 
 struct Geometry {
   int64_t B, Hq, Hkv, Sq, Sk, D;
@@ -270,6 +274,64 @@ void gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, cons
   ct.addmm_(view(a, a_t ? k : m, a_t ? m : k, lda, a_t), view(b, b_t ? n : k, b_t ? k : n, ldb, b_t), beta, alpha);
 }
 
+// Whether float tile products run on oneDNN's brgemm (tile_product); LMFAST_CPU_BRGEMM=0 turns
+// it off, as it does for bfloat16 (bf16_attention_unit).
+bool float_brgemm() {
+  static const bool on = [] {
+    const char* env = std::getenv("LMFAST_CPU_BRGEMM");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+// Row-major C (m x n, leading dim ldc) = A (m x k) B (k x n), plus C's old contents where
+// add_c; no transposes, no alpha. Where `fixed_shape`, float goes to oneDNN's brgemm
+// (cpublas::brgemm, which PyTorch's CPU flash attention uses): it reads A and B as stored,
+// where sgemm copies (packs) both operands on every call, which took ~20% of MKL's time in the
+// float backward (perf), and it ran a 128 x 256 x 64 product at 113 GFLOP/s a core against
+// sgemm's 98 (AMD EPYC Zen 4, one thread, in cache). But brgemm JIT-compiles a kernel for each
+// (shape, leading dims) a thread meets and keeps it for the thread's life (PyTorch's cache, ~30
+// KiB a kernel, not ours to evict): products whose shape or leading dims follow the sequence
+// length (edge tiles) grew it by every new length a process saw, 445 MiB over 256 prompt lengths
+// (2 threads). So `fixed_shape` is for full tiles whose leading dims come from a small set (see
+// key_stride); the rest, double, and LMFAST_CPU_BRGEMM=0 take gemm above. (Where oneDNN cannot,
+// no AVX2 or mkldnn disabled, cpublas::brgemm calls a gemm itself.)
+template <typename acc_t>
+void tile_product(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                  acc_t* c, int64_t ldc, bool add_c, bool fixed_shape) {
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (fixed_shape && m > 0 && n > 0 && k > 0 && float_brgemm())
+      return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/false);
+  }
+  gemm<acc_t>(false, false, m, n, k, acc_t(1), a, lda, b, ldb, add_c ? acc_t(1) : acc_t(0), c, ldc);
+}
+
+// C (m x n) = A (m x k) B^T, with B at hand both as its n rows (b, `ldb` apart) and as B^T
+// (bT, k x n, `ldbT` apart). On fewer than kSmallRows rows sgemm multiplies by B's rows: MKL
+// then takes dot-product kernels whose rounding error is about half that of the FMA-chain
+// kernels (brgemm's, and MKL's own from 8 rows up; measured with K = 128, 192), and eager
+// attention's q k^T gets them too: a 3-query backward on brgemm came out at 2.5x eager's
+// error in dv. Those few rows cost little either way.
+template <typename acc_t>
+void product_with_rows(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
+                       const acc_t* bT, int64_t ldbT, acc_t* c, int64_t ldc, bool fixed_shape) {
+  if (m < kSmallRows) return gemm<acc_t>(false, true, m, n, k, acc_t(1), a, lda, b, ldb, acc_t(0), c, ldc);
+  tile_product(m, n, k, a, lda, bT, ldbT, c, ldc, false, fixed_shape);
+}
+
+// out (cols x rows, rows `ld_out` apart; default: contiguous) = X^T, X rows x cols with rows
+// `ld` elements apart: the transposed operands tile_product takes instead of a transpose flag.
+// In blocks of 16 rows, which stay in L1 while their columns are written out.
+template <typename T>
+void transpose_tile(const T* x, int64_t rows, int64_t cols, int64_t ld, T* out, int64_t ld_out = -1) {
+  if (ld_out < 0) ld_out = rows;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const int64_t r1 = std::min(rows, r0 + 16);
+    for (int64_t c = 0; c < cols; ++c)
+      for (int64_t r = r0; r < r1; ++r) out[c * ld_out + r] = x[r * ld + c];
+  }
+}
+
 // A rows x D tile as acc_t, rows `ld` elements apart: the data itself when scalar_t == acc_t
 // (leading dim `ld`), else widened into `buf` (leading dim D). Returns (pointer, leading dim).
 template <typename scalar_t>
@@ -450,9 +512,6 @@ struct TileBuffers {
   std::vector<acc_t> s, q, k, v;  // scores (rows x kBlockK), scaled queries, widened K/V tiles
 };
 
-// Tiles of at most kSmallRows rows (decoding: a kv head's few query rows) multiply by hand:
-// a BLAS call costs ~1-2 us of its own, more than a 1 x 256 x 64 product.
-constexpr int64_t kSmallRows = 8;
 
 // s (R x nk, leading dim ld_s) = qt (R x D, contiguous) kt^T, with kt nk rows of D, ldk apart.
 template <typename acc_t>
@@ -490,13 +549,50 @@ void small_pv(const acc_t* p, int64_t ld_s, int64_t R, const acc_t* vt, int64_t 
   }
 }
 
-// Attends the tile's rows to keys [j_begin, j_end) of kv head (b, hk), updating `st`.
+// K^T of every (b, kv head), key tile by key tile, in acc_t: the B operand of the long-query
+// forward's s = q k^T (tile_product), made once per kv head instead of once per query block
+// that reads it. Tile t (keys [keys.begin(t), keys.end(t)), nk of them) of head bh is D x nk,
+// contiguous. Full query blocks (block_q rows) against full tiles (block_k keys) multiply on
+// brgemm; the edges, whose shapes follow the lengths, on gemm (tile_product).
+template <typename acc_t>
+struct TransposedKeys {
+  Tiles keys;
+  int64_t block_q = 0, block_k = 0;
+  int64_t tile_elems = 0;  // block_k * D: tile t of head bh starts at (bh * keys.count() + t) * tile_elems
+  std::vector<acc_t> data;
+
+  template <typename scalar_t>
+  TransposedKeys(const scalar_t* k, const Geometry& g, const Rows& ks, Tiles key_tiles, int64_t block_q_,
+                 int64_t block_k_)
+      : keys(std::move(key_tiles)), block_q(block_q_), block_k(block_k_), tile_elems(block_k_ * g.D),
+        data(g.B * g.Hkv * keys.count() * tile_elems) {
+    const int64_t tiles = keys.count();
+    at::parallel_for(0, g.B * g.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> wide;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t t = task % tiles, b = task / tiles / g.Hkv, hk = task / tiles % g.Hkv;
+        const auto [kt, ldk] = load_tile(k + ks.at(b, hk, keys.begin(t)), keys.size(t), g.D, ks.s, wide);
+        transpose_tile(kt, keys.size(t), g.D, ldk, data.data() + task * tile_elems);
+      }
+    });
+  }
+  // The tile beginning at key j0 of head bh: (D x its keys, leading dim = its key count).
+  std::pair<const acc_t*, int64_t> tile_at(int64_t bh, int64_t j0) const {
+    const int64_t t = keys.of(j0);
+    return {data.data() + (bh * keys.count() + t) * tile_elems, keys.size(t)};
+  }
+};
+
+// Attends the tile's rows to keys [j_begin, j_end) of kv head (b, hk), updating `st`. kT: K^T
+// tile by tile (the long-query forward, whose key tiles j_begin steps through by block_k), or
+// nullptr (the short-query forward: its tiles multiply k's rows as stored).
 template <typename scalar_t, typename mask_t>
 void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
                  const scalar_t* v, const MaskView<mask_t>& mask, const Geometry& g, const Rows& qs,
                  const Rows& ks, const Rows& vs, at::opmath_type<scalar_t> scale, const KeyBand& band, int64_t b,
                  int64_t hk, int64_t j_begin, int64_t j_end, int64_t block_k, const Dropout& drop,
-                 TileState<at::opmath_type<scalar_t>>& st, TileBuffers<at::opmath_type<scalar_t>>& buf) {
+                 TileState<at::opmath_type<scalar_t>>& st, TileBuffers<at::opmath_type<scalar_t>>& buf,
+                 const TransposedKeys<at::opmath_type<scalar_t>>* kT = nullptr) {
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = Vectorized<acc_t>;
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -524,11 +620,18 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
     if (mask_drops_tile(mask, band, b, R, row_of, j0, nk)) continue;
     // s = (scale q) k^T
-    const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, buf.k);
-    if (R <= kSmallRows) {
-      small_scores(buf.q.data(), R, kt, ldk, nk, D, buf.s.data(), ld_s);
+    // (a full block against a full tile: brgemm; its leading dims are block_k, D and v's row stride)
+    const bool full = kT != nullptr && R == kT->block_q && nk == block_k && ld_s == block_k;
+    if (full) {
+      const auto [kt_t, ld_kt] = kT->tile_at(b * g.Hkv + hk, j0);
+      tile_product(R, nk, D, buf.q.data(), D, kt_t, ld_kt, buf.s.data(), ld_s, false, true);
     } else {
-      gemm<acc_t>(false, true, R, nk, D, 1, buf.q.data(), D, kt, ldk, 0, buf.s.data(), ld_s);
+      const auto [kt, ldk] = load_tile(kh + j0 * ks.s, nk, D, ks.s, buf.k);
+      if (R <= kSmallRows) {
+        small_scores(buf.q.data(), R, kt, ldk, nk, D, buf.s.data(), ld_s);
+      } else {
+        gemm<acc_t>(false, true, R, nk, D, 1, buf.q.data(), D, kt, ldk, 0, buf.s.data(), ld_s);
+      }
     }
     // Online softmax, row by row: p = exp(s - m') in place; rescale acc and l by e^(m - m').
     for (int64_t r = 0; r < R; ++r) {
@@ -557,7 +660,7 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
     if (R <= kSmallRows) {
       small_pv(buf.s.data(), ld_s, R, vt, ldv, nk, Dv, st.acc.data());
     } else {
-      gemm<acc_t>(false, false, R, Dv, nk, 1, buf.s.data(), ld_s, vt, ldv, 1, st.acc.data(), Dv);
+      tile_product(R, Dv, nk, buf.s.data(), ld_s, vt, ldv, st.acc.data(), Dv, true, full);
     }
   }
 }
@@ -870,6 +973,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       }
     }
     const Tiles k_tiles = band.key_tiles(block_k);
+    const TransposedKeys<acc_t> kT(k, g, ks, k_tiles, block_q, block_k);
     at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
       TileRows rows;
       TileState<acc_t> st;
@@ -889,7 +993,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           j_end = lo < hi ? hi : 0;
         }
         attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, j_begin, j_end, block_k, drop, st,
-                    buf);
+                    buf, &kT);
         write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
       }
     });
@@ -1003,11 +1107,22 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 // thread, held under kBackwardRowsBytes by the number of rows per block.
 constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
 
+// The row stride of the backward's buffers that hold a row's keys (BackwardRows; K^T, V^T and
+// the dk^T, dv^T sums of a task): Sk rounded up to kBlockK times a power of two. The float
+// products on brgemm (tile_product) take it as a leading dim, and brgemm keeps a kernel for
+// each one it meets: a stride that followed Sk itself would add kernels for every new length.
+int64_t key_stride(int64_t Sk) {
+  int64_t ld = kBlockK;
+  while (ld < Sk) ld *= 2;
+  return ld;
+}
+
 // Query rows per backward block: kBlockQ, fewer (a multiple of 16, at least 16) where their p
-// and dp over Sk keys would pass kBackwardRowsBytes. Follows the shape alone (so do the bits).
+// and dp over Sk keys (key_stride(Sk) of buffer) would pass kBackwardRowsBytes. Follows the
+// shape alone (so do the bits).
 template <typename acc_t>
 int64_t backward_block_rows(int64_t Sk) {
-  const int64_t row_bytes = 2 * std::max<int64_t>(Sk, 1) * int64_t(sizeof(acc_t));
+  const int64_t row_bytes = 2 * key_stride(Sk) * int64_t(sizeof(acc_t));
   return std::clamp<int64_t>(kBackwardRowsBytes / row_bytes / 16 * 16, 16, kBlockQ);
 }
 
@@ -1067,7 +1182,7 @@ struct BackwardRows {
   int64_t ld = 0;
   std::vector<acc_t> p, ds, cap;
   BackwardRows(int64_t rows, int64_t Sk, bool softcap)
-      : ld((Sk + kBlockK - 1) / kBlockK * kBlockK), p(rows * ld), ds(rows * ld), cap(softcap ? rows * ld : 0) {}
+      : ld(key_stride(Sk)), p(rows * ld), ds(rows * ld), cap(softcap ? rows * ld : 0) {}
   acc_t* p_at(int64_t r, int64_t j) { return p.data() + r * ld + j; }
   acc_t* ds_at(int64_t r, int64_t j) { return ds.data() + r * ld + j; }
   acc_t* cap_at(int64_t r, int64_t j) { return cap.empty() ? nullptr : cap.data() + r * ld + j; }
@@ -1232,11 +1347,12 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
 }
 
 // The dk, dv partials of a plan's chunks, and their sum into dk, dv. Chunk c of a (b, kv head)
-// sums into (dk part, dv part) from key row plan.partial_key[c] of each, over its keys: (keys, D)
-// and (keys, Dv) row-major, or (D, keys) and (Dv, keys) where kTransposed. With one chunk per
+// sums into (dk part, dv part) from key row plan.partial_key[c] of each, over its keys,
+// transposed: (D, keys) and (Dv, keys) row-major, as both backward kernels accumulate them
+// (dk^T += q^T ds, dv^T += do^T p). With one chunk per
 // (b, kv head), its task keeps them in its own buffer and writes dk, dv at once; with more,
 // they live here until write_all(), after every chunk is done.
-template <typename acc_t, bool kTransposed>
+template <typename acc_t>
 class KeyGradPartials {
  public:
   KeyGradPartials(const BackwardPlan& plan, const Geometry& g)
@@ -1285,15 +1401,11 @@ class KeyGradPartials {
   }
 
   // Adds keys [lo, hi) of a chunk's partial (keys [k0, k1), `width` values each) into sum
-  // (keys [j0, j0 + n)), both laid out as kTransposed says.
+  // (keys [j0, j0 + n)), both (width, keys): keys [lo, hi) of dim d are contiguous in both.
   static void add_keys(acc_t* sum, const acc_t* part, int64_t width, int64_t j0, int64_t n, int64_t k0, int64_t k1,
                        int64_t lo, int64_t hi) {
-    if constexpr (kTransposed) {  // rows of `width`: keys [lo, hi) of dim d, contiguous in both
-      for (int64_t d = 0; d < width; ++d)
-        for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * (k1 - k0) + (j - k0)];
-    } else {  // keys [lo, hi), `width` each: one contiguous run
-      for (int64_t e = 0; e < (hi - lo) * width; ++e) sum[(lo - j0) * width + e] += part[(lo - k0) * width + e];
-    }
+    for (int64_t d = 0; d < width; ++d)
+      for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * (k1 - k0) + (j - k0)];
   }
 
   // (width, n) -> (n, width) into out, in blocks of 16 keys (16 rows stay in L1).
@@ -1310,8 +1422,8 @@ class KeyGradPartials {
              std::vector<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
     const int64_t D = g_.D, Dv = g_.Dv, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
     buf.assign(n * (D + Dv), acc_t(0));
-    acc_t* dk_sum = buf.data();  // (n, D) and (n, Dv), or (D, n) and (Dv, n) where kTransposed: as the partials
-    acc_t* dv_sum = buf.data() + n * D;
+    acc_t* const dk_sum = buf.data();  // (D, n) and (Dv, n), as the partials
+    acc_t* const dv_sum = buf.data() + n * D;
     for (int64_t c = 0; c < plan_.chunks; ++c) {
       const auto [k0, k1] = plan_.keys[c];
       const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
@@ -1320,25 +1432,22 @@ class KeyGradPartials {
       add_keys(dk_sum, dk_part, D, j0, n, k0, k1, lo, hi);
       add_keys(dv_sum, dv_part, Dv, j0, n, k0, k1, lo, hi);
     }
-    if constexpr (kTransposed) {  // to (n, D) and (n, Dv) rows
-      buf.resize(2 * n * (D + Dv));
-      acc_t* rows = buf.data() + n * (D + Dv);
-      to_rows(buf.data(), D, n, rows);
-      to_rows(buf.data() + n * D, Dv, n, rows + n * D);
-      dk_sum = rows;
-      dv_sum = rows + n * D;
-    }
+    buf.resize(2 * n * (D + Dv));  // (keeps the sums; dk_sum and dv_sum are stale from here)
+    acc_t* dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
+    acc_t* dv_rows = dk_rows + n * D;
+    to_rows(buf.data(), D, n, dk_rows);
+    to_rows(buf.data() + n * D, Dv, n, dv_rows);
     using C = Chunk<scalar_t>;
     const typename C::Vec scale_v(dk_scale);
     for (int64_t j = 0; j < n; ++j) {
       for_each_chunk<C::kChunk>(D, [&](int64_t d, int64_t m) {
-        auto c = C::load_acc(dk_sum + j * D + d, m);
+        auto c = C::load_acc(dk_rows + j * D + d, m);
         c.lo *= scale_v;
         c.hi *= scale_v;
         c.store(dk + (kv0 + j0 + j) * D + d, m);
       });
       for_each_chunk<C::kChunk>(Dv, [&](int64_t d, int64_t m) {
-        C::load_acc(dv_sum + j * Dv + d, m).store(dv + (kv0 + j0 + j) * Dv + d, m);
+        C::load_acc(dv_rows + j * Dv + d, m).store(dv + (kv0 + j0 + j) * Dv + d, m);
       });
     }
   }
@@ -1371,52 +1480,83 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
     }
   }
   const BackwardPlan plan = backward_plan<acc_t>(g, band);
-  const KeyGradPartials<acc_t, /*kTransposed=*/false> partials(plan, g);
+  const KeyGradPartials<acc_t> partials(plan, g);
   const BackwardRowSteps<acc_t, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
   // One task per chunk of a (b, kv head) (see BackwardPlan): it writes the dq of its rows and
-  // sums their dk, dv over the keys they see, [ck0, ck1).
+  // sums their dk, dv over the keys they see, [ck0, ck1). The five tile products take their
+  // operands untransposed (tile_product): dk and dv are accumulated transposed, dk^T += q^T ds
+  // and dv^T += do^T p, from q^T and do^T made once per query block, and s = q k^T and
+  // dp = do v^T read K^T and V^T made once per task. A full block (full_rows queries) against
+  // a full tile (kBlockK keys) multiplies on brgemm, with leading dims from a small set: the
+  // rows of p and ds, K^T and V^T have the row stride ld_keys (key_stride), and dk^T, dv^T,
+  // whose partials have n_keys, take such a tile's product in a kBlockK-wide scratch first.
+  const int64_t full_rows = backward_block_rows<acc_t>(g.Sk), ld_keys = key_stride(g.Sk);
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
     std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
+    // K^T and V^T, key ck0 first; q^T and do^T of a block; a full tile's dk^T or dv^T product
+    std::vector<acc_t> kT(D * ld_keys), vT(Dv * ld_keys), qT(D * plan.block_q), doT(Dv * plan.block_q);
+    std::vector<acc_t> scratch(std::max(D, Dv) * kBlockK);
+    // sumT (rows x n_keys, from key ck0) += a (rows x nq) b (nq x nk, ldb), into keys [at, at + nk)
+    auto add_product_transposed = [&](acc_t* sumT, int64_t n_rows, int64_t n_keys, int64_t at, int64_t nq,
+                                      const acc_t* a, const acc_t* b, int64_t ldb, int64_t nk, bool full) {
+      if (!full) return tile_product(n_rows, nk, nq, a, nq, b, ldb, sumT + at, n_keys, true, false);
+      tile_product(n_rows, nk, nq, a, nq, b, ldb, scratch.data(), kBlockK, false, true);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        acc_t* out = sumT + r * n_keys + at;
+        const acc_t* in = scratch.data() + r * kBlockK;
+        for (int64_t j = 0; j < nk; ++j) out[j] += in[j];
+      }
+    };
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];
-      const auto [dk_acc, dv_acc] = partials.chunk(bh, c, own_parts);  // (ck1 - ck0, D), (ck1 - ck0, Dv), key ck0 first
-      const int64_t kv0 = bh * g.Sk + ck0;                              // key row ck0, over (B, Hkv, Sk)
-      const acc_t* kw = load_tile(k + kv0 * D, ck1 - ck0, D, D, k_buf).first;  // widened once per task
-      const acc_t* vw = load_tile(v + kv0 * Dv, ck1 - ck0, Dv, Dv, v_buf).first;
+      const int64_t n_keys = ck1 - ck0;
+      const int64_t kv0 = bh * g.Sk + ck0;                                  // key row ck0, over (B, Hkv, Sk)
+      const acc_t* kw = load_tile(k + kv0 * D, n_keys, D, D, k_buf).first;  // widened once per task
+      const acc_t* vw = load_tile(v + kv0 * Dv, n_keys, Dv, Dv, v_buf).first;
+      transpose_tile(kw, n_keys, D, D, kT.data(), ld_keys);
+      transpose_tile(vw, n_keys, Dv, Dv, vT.data(), ld_keys);
+      const auto [dkT, dvT] = partials.chunk(bh, c, own_parts);  // (D, n_keys), (Dv, n_keys), key ck0 first
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const auto [qb, h_in_group] = plan.item(item);
         const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
         const int64_t nq = plan.q_tiles.size(qb), row0 = (b * g.Hq + h) * g.Sq + i0;
         const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
         const acc_t* dot = load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first;  // (nq, Dv)
+        transpose_tile(qt, nq, D, D, qT.data());
+        transpose_tile(dot, nq, Dv, Dv, doT.data());
         std::fill(dq_buf.begin(), dq_buf.begin() + nq * D, acc_t(0));
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
         steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
-        auto each_tile = [&](auto&& f) {  // f(j0, nk, key j0's row in kw, vw, dk_acc, dv_acc), tiles not dropped
-          for (int64_t t = t0; t < t1; ++t)
-            if (!dropped[t - t0]) f(plan.k_tiles.begin(t), plan.k_tiles.size(t), plan.k_tiles.begin(t) - ck0);
+        // f(j0, nk, key j0's offset from ck0, whether the tile is full), tiles not dropped
+        auto each_tile = [&](auto&& f) {
+          for (int64_t t = t0; t < t1; ++t) {
+            const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t);
+            if (!dropped[t - t0]) f(j0, nk, j0 - ck0, nq == full_rows && nk == kBlockK);
+          }
         };
-        each_tile([&](int64_t j0, int64_t nk, int64_t at) {  // s = (scale q) k^T, masked
-          gemm<acc_t>(false, true, nq, nk, D, 1, qt, D, kw + at * D, D, 0, rows.p_at(0, j0), rows.ld);
+        each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {  // s = (scale q) k^T, masked
+          product_with_rows(nq, nk, D, qt, D, kw + at * D, D, kT.data() + at, ld_keys, rows.p_at(0, j0), rows.ld, full);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
         steps.probs(rows, nq, i0, k0, k1);
-        each_tile([&](int64_t j0, int64_t nk, int64_t at) {
+        each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
-          gemm<acc_t>(true, false, nk, Dv, nq, 1, pt, ldp, dot, Dv, 1, dv_acc + at * Dv, Dv);             // dv += p^T do
-          gemm<acc_t>(false, true, nq, nk, Dv, 1, dot, Dv, vw + at * Dv, Dv, 0, rows.ds_at(0, j0), rows.ld);  // dp = do v^T
+          add_product_transposed(dvT, Dv, n_keys, at, nq, doT.data(), pt, ldp, nk, full);  // dv^T += do^T p
+          product_with_rows(nq, nk, Dv, dot, Dv, vw + at * Dv, Dv, vT.data() + at, ld_keys, rows.ds_at(0, j0),
+                            rows.ld, full);  // dp = do v^T
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
-        each_tile([&](int64_t j0, int64_t nk, int64_t at) {
-          gemm<acc_t>(false, false, nq, D, nk, scale, rows.ds_at(0, j0), rows.ld, kw + at * D, D, 1, dq_buf.data(), D);  // dq += scale ds k
-          gemm<acc_t>(true, false, nk, D, nq, 1, rows.ds_at(0, j0), rows.ld, qt, D, 1, dk_acc + at * D, D);             // dk += ds^T (scale q)
+        each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
+          tile_product(nq, D, nk, rows.ds_at(0, j0), rows.ld, kw + at * D, D, dq_buf.data(), D, true, full);  // dq += ds k
+          add_product_transposed(dkT, D, n_keys, at, nq, qT.data(), rows.ds_at(0, j0), rows.ld, nk,
+                                 full);  // dk^T += (scale q)^T ds
         });
-        for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n]);
+        for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n] * scale);  // dq = scale ds k
       }
       partials.task_done(bh, own_parts, acc_t(1), dk, dv);
     }
@@ -1466,7 +1606,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   namespace blas = at::native::cpublas;
   const int64_t D = g.D, Dv = g.Dv;
   const BackwardPlan plan = backward_plan<float>(g, band);
-  const KeyGradPartials<float, /*kTransposed=*/true> partials(plan, g);
+  const KeyGradPartials<float> partials(plan, g);
   const int64_t block_q = plan.block_q, block_qe = block_q + block_q % 2;  // even K dims
   constexpr int64_t kBKe = BackwardPackedKV::kTileKeys;
   const BackwardRowSteps<float, mask_t> steps{g, band, mask, dlse, dmask, drop};
