@@ -717,15 +717,26 @@ struct PackedKV {
   const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * v_tile_elems; }
 };
 
-// B = X^T (D x n) in VNNI layout [D/2][n][2], from n rows of X (D each, `ld` apart): one
-// 32-bit word per (row, pair of dims), a transpose of words. (D even.)
-void pack_transposed(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFloat16* out) {
+// B = X^T (D x n) in VNNI layout [D/2][n_out][2], from n rows of X (D each, `ld` apart): one
+// 32-bit word per (row, pair of dims), a transpose of words. (D even; n_out >= n, default n:
+// the words of columns [n, n_out) are left as they are.)
+void pack_transposed(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFloat16* out, int64_t n_out = -1) {
+  if (n_out < 0) n_out = n;
   auto* words = reinterpret_cast<uint32_t*>(out);
   for (int64_t j = 0; j < n; ++j) {
     const auto* row = reinterpret_cast<const uint32_t*>(x + j * ld);
-    for (int64_t i = 0; i < D / 2; ++i) words[i * n + j] = row[i];
+    for (int64_t i = 0; i < D / 2; ++i) words[i * n_out + j] = row[i];
   }
 }
+
+// The forward's bfloat16 products on brgemm take their shapes from a small set, since brgemm
+// keeps a compiled kernel for each shape it meets (tile_product): a tile's rows rounded up to
+// a multiple of 16, its keys to a multiple of 32 (at most the block sizes, 128 or 256), the
+// padding zeros: at most 16 x 8 shapes of each product (~30 KiB a kernel, per thread), and
+// ~3% more work at 300 tokens (by 32 and 64: 14%). Exact sizes grew the cache by ~0.35 MiB
+// every new sequence length (2 threads).
+constexpr int64_t kPaddedRows = 16, kPaddedKeys = 32;
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // B = X (n x D) in VNNI layout [ne/2][D][2], ne = n rounded up to even (a zero row pairs with
 // an odd last row), from n rows of X (`ld` apart): rows 2i and 2i + 1 interleaved.
@@ -769,16 +780,17 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   p.block_k = block_k;
   p.keys = keys;
   p.tiles = keys.count();
-  p.k_tile_elems = (block_k + block_k % 2) * g.D;
-  p.v_tile_elems = (block_k + block_k % 2) * g.Dv;
+  p.k_tile_elems = round_up(block_k, kPaddedKeys) * g.D;
+  p.v_tile_elems = round_up(block_k, kPaddedKeys) * g.Dv;
   p.k.resize(g.B * g.Hkv * p.tiles * p.k_tile_elems);
   p.v.resize(g.B * g.Hkv * p.tiles * p.v_tile_elems);
   at::parallel_for(0, g.B * g.Hkv * p.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % p.tiles, bh = task / p.tiles, b = bh / g.Hkv, hk = bh % g.Hkv;
       const int64_t j0 = keys.begin(t), nk = keys.size(t);
-      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.k_tile_elems);  // K^T
-      pack_rows(v + vs.at(b, hk, j0), nk, g.Dv, vs.s, p.v.data() + task * p.v_tile_elems);       // V
+      // K^T (D x round_up(nk, kPaddedKeys)) and V (that many rows): zeros past key nk (resize)
+      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.k_tile_elems, round_up(nk, kPaddedKeys));
+      pack_rows(v + vs.at(b, hk, j0), nk, g.Dv, vs.s, p.v.data() + task * p.v_tile_elems);
     }
   });
   return p;
@@ -838,21 +850,26 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   const int64_t R = rows.size(), D = g.D, Dv = g.Dv, bh = b * g.Hkv + hk;
   const int64_t i_lo = rows.query.front(), i_hi = rows.query.back() + 1;  // consecutive queries of one head
-  q_buf.resize(R * D);
+  // The products run on R_pad rows and on each tile's keys rounded up (kPaddedRows, kPaddedKeys):
+  // rows [R, R_pad) of q, p and acc are zeros, and so are p's columns past a tile's keys.
+  const int64_t R_pad = round_up(R, kPaddedRows);
+  q_buf.assign(R_pad * D, at::BFloat16(0.f));
   for (int64_t r = 0; r < R; ++r) {
     const at::BFloat16* src = q + qs.at(b, rows.head[r], rows.query[r]);
     std::copy(src, src + D, q_buf.data() + r * D);
   }
+  st.acc.resize(R_pad * Dv, 0.f);
   auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{rows.head[r], rows.query[r]}; };
-  const int64_t ld_s = kv.block_k + kv.block_k % 2;
-  s_buf.resize(R * ld_s);
-  p_buf.resize(R * ld_s);
+  const int64_t ld_s = round_up(kv.block_k, kPaddedKeys);
+  s_buf.resize(R_pad * ld_s);
+  p_buf.assign(R_pad * ld_s, at::BFloat16(0.f));
   for (int64_t t = 0; t < kv.tiles; ++t) {
-    const int64_t j0 = kv.keys.begin(t), nk = kv.keys.size(t), nke = nk + nk % 2;
+    const int64_t j0 = kv.keys.begin(t), nk = kv.keys.size(t), nk_pad = round_up(nk, kPaddedKeys);
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
     if (mask_drops_tile(mask, band, b, R, row_of, j0, nk)) continue;
-    // s = q k^T (R x nk, float32)
-    at::native::cpublas::brgemm(R, nk, D, D, nk, ld_s, false, q_buf.data(), kv.k_tile(bh, t), s_buf.data(), true);
+    // s = q k^T (R x nk, float32; R_pad x nk_pad computed)
+    at::native::cpublas::brgemm(R_pad, nk_pad, D, D, nk_pad, ld_s, false, q_buf.data(), kv.k_tile(bh, t), s_buf.data(),
+                                true);
     for (int64_t r = 0; r < R; ++r) {
       float* srow = s_buf.data() + r * ld_s;
       const int64_t i = rows.query[r];
@@ -873,11 +890,11 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
       const float m_new = max_nan(st.m[r], row_max);
       at::BFloat16* prow = p_buf.data() + r * ld_s;
       if (m_new == kNegInf || lo >= hi) {  // nothing visible here: p = 0
-        std::fill(prow, prow + nke, at::BFloat16(0.f));
+        std::fill(prow, prow + nk_pad, at::BFloat16(0.f));
         continue;
       }
       const float alpha = std::exp(st.m[r] - m_new);  // 0 when m was -inf
-      st.l[r] = st.l[r] * alpha + exp_row_to_bf16(srow, prow, nke, lo, hi, mul, m_new);
+      st.l[r] = st.l[r] * alpha + exp_row_to_bf16(srow, prow, nk_pad, lo, hi, mul, m_new);
       st.m[r] = m_new;
       if (drop.on) drop.zero_dropped(prow + lo, hi - lo, drop.row_key((b * g.Hq + rows.head[r]) * g.Sq + i), j0 + lo);
       if (alpha != 1.f) {
@@ -885,8 +902,9 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
         for_each_chunk<Vec::size()>(Dv, [&](int64_t j, int64_t n) { (Vec::loadu(orow + j, n) * Vec(alpha)).store(orow + j, n); });
       }
     }
-    // acc += p v (R x Dv, float32)
-    at::native::cpublas::brgemm(R, Dv, nke, ld_s, Dv, Dv, true, p_buf.data(), kv.v_tile(bh, t), st.acc.data(), true);
+    // acc += p v (R x Dv, float32; R_pad x Dv computed)
+    at::native::cpublas::brgemm(R_pad, Dv, nk_pad, ld_s, Dv, Dv, true, p_buf.data(), kv.v_tile(bh, t), st.acc.data(),
+                                true);
   }
 }
 
