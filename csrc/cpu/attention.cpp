@@ -853,7 +853,8 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
   // The products run on R_pad rows and on each tile's keys rounded up (kPaddedRows, kPaddedKeys):
   // rows [R, R_pad) of q, p and acc are zeros, and so are p's columns past a tile's keys.
   const int64_t R_pad = round_up(R, kPaddedRows);
-  q_buf.assign(R_pad * D, at::BFloat16(0.f));
+  q_buf.resize(R_pad * D);
+  std::fill(q_buf.begin() + R * D, q_buf.end(), at::BFloat16(0.f));
   for (int64_t r = 0; r < R; ++r) {
     const at::BFloat16* src = q + qs.at(b, rows.head[r], rows.query[r]);
     std::copy(src, src + D, q_buf.data() + r * D);
@@ -862,7 +863,8 @@ void attend_keys_packed(const TileRows& rows, const at::BFloat16* q, const MaskV
   auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{rows.head[r], rows.query[r]}; };
   const int64_t ld_s = round_up(kv.block_k, kPaddedKeys);
   s_buf.resize(R_pad * ld_s);
-  p_buf.assign(R_pad * ld_s, at::BFloat16(0.f));
+  p_buf.resize(R_pad * ld_s);  // (rows < R: written over each tile's nk_pad keys before its p v)
+  std::fill(p_buf.begin() + R * ld_s, p_buf.end(), at::BFloat16(0.f));
   for (int64_t t = 0; t < kv.tiles; ++t) {
     const int64_t j0 = kv.keys.begin(t), nk = kv.keys.size(t), nk_pad = round_up(nk, kPaddedKeys);
     if (!band.tile_visible(i_lo, i_hi, j0, j0 + nk)) continue;
