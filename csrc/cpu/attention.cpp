@@ -512,7 +512,6 @@ struct TileBuffers {
   std::vector<acc_t> s, q, k, v;  // scores (rows x kBlockK), scaled queries, widened K/V tiles
 };
 
-
 // s (R x nk, leading dim ld_s) = qt (R x D, contiguous) kt^T, with kt nk rows of D, ldk apart.
 template <typename acc_t>
 void small_scores(const acc_t* qt, int64_t R, const acc_t* kt, int64_t ldk, int64_t nk, int64_t D, acc_t* s,
@@ -993,7 +992,14 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       }
     }
     const Tiles k_tiles = band.key_tiles(block_k);
-    const TransposedKeys<acc_t> kT(k, g, ks, k_tiles, block_q, block_k);
+    // K^T for the full blocks' products against full tiles, where there are both
+    auto has_full = [](const Tiles& tiles, int64_t size) {
+      for (int64_t t = 0; t < tiles.count(); ++t)
+        if (tiles.size(t) == size) return true;
+      return false;
+    };
+    std::optional<TransposedKeys<acc_t>> kT;
+    if (has_full(q_tiles, block_q) && has_full(k_tiles, block_k)) kT.emplace(k, g, ks, k_tiles, block_q, block_k);
     at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
       TileRows rows;
       TileState<acc_t> st;
@@ -1013,7 +1019,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
           j_end = lo < hi ? hi : 0;
         }
         attend_keys(rows, q, k, v, mask, g, qs, ks, vs, scale, band, b, h / group, j_begin, j_end, block_k, drop, st,
-                    buf, &kT);
+                    buf, kT ? &*kT : nullptr);
         write_rows(rows, st, g, b, os, o, lse, row_stats, drop);
       }
     });
@@ -1127,8 +1133,8 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 // thread, held under kBackwardRowsBytes by the number of rows per block.
 constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
 
-// The row stride of the backward's buffers that hold a row's keys (BackwardRows; K^T, V^T and
-// the dk^T, dv^T sums of a task): Sk rounded up to kBlockK times a power of two. The float
+// The row stride of the backward's buffers that hold a row's keys (BackwardRows' p and ds, and
+// a task's K^T and V^T): Sk rounded up to kBlockK times a power of two. The float
 // products on brgemm (tile_product) take it as a leading dim, and brgemm keeps a kernel for
 // each one it meets: a stride that followed Sk itself would add kernels for every new length.
 int64_t key_stride(int64_t Sk) {
