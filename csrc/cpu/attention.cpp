@@ -1434,13 +1434,6 @@ class KeyGradPartials {
       for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * (k1 - k0) + (j - k0)];
   }
 
-  // (width, n) -> (n, width) into out, in blocks of 16 keys (16 rows stay in L1).
-  static void to_rows(const acc_t* t, int64_t width, int64_t n, acc_t* out) {
-    for (int64_t jb = 0; jb < n; jb += 16)
-      for (int64_t d = 0; d < width; ++d)
-        for (int64_t j = jb; j < std::min(n, jb + 16); ++j) out[j * width + d] = t[d * n + j];
-  }
-
   // dk, dv of keys [j0, j1) of bh: its chunks' partials (from `parts`) added in chunk order
   // (dk times dk_scale), 0 for keys no query sees.
   template <typename scalar_t>
@@ -1461,8 +1454,8 @@ class KeyGradPartials {
     buf.resize(2 * n * (D + Dv));  // (keeps the sums; dk_sum and dv_sum are stale from here)
     acc_t* dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
     acc_t* dv_rows = dk_rows + n * D;
-    to_rows(buf.data(), D, n, dk_rows);
-    to_rows(buf.data() + n * D, Dv, n, dv_rows);
+    transpose_tile(buf.data(), D, n, n, dk_rows);
+    transpose_tile(buf.data() + n * D, Dv, n, n, dv_rows);
     using C = Chunk<scalar_t>;
     const typename C::Vec scale_v(dk_scale);
     for (int64_t j = 0; j < n; ++j) {
