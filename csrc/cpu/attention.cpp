@@ -248,17 +248,16 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
-// Row-major C (m x n, leading dim ldc) = alpha op(A) op(B) + beta C, where op(A) is m x k
-// (A stored m x k, or k x m when a_t) and op(B) is k x n (B stored k x n, or n x k when b_t).
-// beta = 0 ignores C's old contents.
+// Row-major C (m x n, leading dim ldc) = alpha A op(B) + beta C, where A is m x k and op(B)
+// is k x n (B stored k x n, or n x k when b_t). beta = 0 ignores C's old contents.
 template <typename acc_t>
-void gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
+void gemm(bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
           int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   const bool blas_ok = k > 0;  // BLAS wants leading dims >= 1; k = 0 (D = 0) goes to addmm
   // Row-major C is column-major C^T = op(B)^T op(A)^T, and a row-major matrix read as
-  // column-major is its transpose: so B goes first, with the transposes as stored.
-  const char ta = b_t ? 'T' : 'N', tb = a_t ? 'T' : 'N';
+  // column-major is its transpose: so B goes first, with its transpose as stored.
+  const char ta = b_t ? 'T' : 'N', tb = 'N';
   const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
   if constexpr (std::is_same_v<acc_t, float>) {
     if (sgemm_ != nullptr && blas_ok) return sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
@@ -271,7 +270,7 @@ void gemm(bool a_t, bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, cons
     return t ? v.t() : v;
   };
   Tensor ct = view(c, m, n, ldc, false);
-  ct.addmm_(view(a, a_t ? k : m, a_t ? m : k, lda, a_t), view(b, b_t ? n : k, b_t ? k : n, ldb, b_t), beta, alpha);
+  ct.addmm_(view(a, m, k, lda, false), view(b, b_t ? n : k, b_t ? k : n, ldb, b_t), beta, alpha);
 }
 
 // Whether float tile products run on oneDNN's brgemm (tile_product); LMFAST_CPU_BRGEMM=0 turns
@@ -303,7 +302,7 @@ void tile_product(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, 
     if (fixed_shape && m > 0 && n > 0 && k > 0 && float_brgemm())
       return at::native::cpublas::brgemm(m, n, k, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/false);
   }
-  gemm<acc_t>(false, false, m, n, k, acc_t(1), a, lda, b, ldb, add_c ? acc_t(1) : acc_t(0), c, ldc);
+  gemm<acc_t>(false, m, n, k, acc_t(1), a, lda, b, ldb, add_c ? acc_t(1) : acc_t(0), c, ldc);
 }
 
 // C (m x n) = A (m x k) B^T, with B at hand both as its n rows (b, `ldb` apart) and as B^T
@@ -315,7 +314,7 @@ void tile_product(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, 
 template <typename acc_t>
 void product_with_rows(int64_t m, int64_t n, int64_t k, const acc_t* a, int64_t lda, const acc_t* b, int64_t ldb,
                        const acc_t* bT, int64_t ldbT, acc_t* c, int64_t ldc, bool fixed_shape) {
-  if (m < kSmallRows) return gemm<acc_t>(false, true, m, n, k, acc_t(1), a, lda, b, ldb, acc_t(0), c, ldc);
+  if (m < kSmallRows) return gemm<acc_t>(true, m, n, k, acc_t(1), a, lda, b, ldb, acc_t(0), c, ldc);
   tile_product(m, n, k, a, lda, bT, ldbT, c, ldc, false, fixed_shape);
 }
 
@@ -629,7 +628,7 @@ void attend_keys(const TileRows& rows, const scalar_t* q, const scalar_t* k,
       if (R <= kSmallRows) {
         small_scores(buf.q.data(), R, kt, ldk, nk, D, buf.s.data(), ld_s);
       } else {
-        gemm<acc_t>(false, true, R, nk, D, 1, buf.q.data(), D, kt, ldk, 0, buf.s.data(), ld_s);
+        gemm<acc_t>(true, R, nk, D, 1, buf.q.data(), D, kt, ldk, 0, buf.s.data(), ld_s);
       }
     }
     // Online softmax, row by row: p = exp(s - m') in place; rescale acc and l by e^(m - m').
