@@ -727,14 +727,14 @@ void pack_transposed(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at
   }
 }
 
-// The forward's bfloat16 products on brgemm take their shapes from a small set, since brgemm
-// keeps a compiled kernel for each shape it meets (tile_product): a tile's rows rounded up to
-// a multiple of 16, its keys to a multiple of 32 (at most the block sizes, 128 or 256), the
-// padding zeros: at most 16 x 8 shapes of each product (~30 KiB a kernel, per thread), and
-// ~3% more work at 300 tokens (by 32 and 64: 14%). Exact sizes grew the cache by ~0.35 MiB
-// every new sequence length (2 threads).
+// The bfloat16 products on brgemm (forward and backward) take their shapes from a small set,
+// since brgemm keeps a compiled kernel for each shape and leading dims it meets (tile_product):
+// a tile's rows rounded up to a multiple of 16, its keys to a multiple of 32 (at most the block
+// sizes, 128 or 256), the padding zeros: at most 16 x 8 shapes of each product (~30 KiB a
+// kernel, per thread), and ~3% more work at 300 tokens (by 32 and 64: 14%). Exact sizes grew
+// the cache by ~0.35 MiB every new sequence length (2 threads), forward and backward alike.
 constexpr int64_t kPaddedRows = 16, kPaddedKeys = 32;
-inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
 // B = X (n x D) in VNNI layout [ne/2][D][2], ne = n rounded up to even (a zero row pairs with
 // an odd last row), from n rows of X (`ld` apart): rows 2i and 2i + 1 interleaved.
@@ -750,26 +750,44 @@ void pack_rows(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFlo
   }
 }
 
-// pack_rows of a float32 tile (n rows of m, `ld` apart), rounded to bfloat16: [ne/2][m][2].
-void pack_rows_rounded(const float* x, int64_t n, int64_t m, int64_t ld, at::BFloat16* out) {
-  for (int64_t jp = 0; jp < (n + 1) / 2; ++jp) {
+// pack_rows of a float32 tile (n rows of m, `ld` apart), rounded to bfloat16 and padded with
+// zeros to n_out rows (even, >= n) and m_out columns (>= m): [n_out/2][m_out][2].
+void pack_rows_rounded(const float* x, int64_t n, int64_t m, int64_t ld, at::BFloat16* out, int64_t n_out,
+                       int64_t m_out) {
+  const at::BFloat16 zero(0.f);
+  for (int64_t jp = 0; jp < n_out / 2; ++jp) {
+    at::BFloat16* o = out + jp * 2 * m_out;
+    if (2 * jp >= n) {
+      std::fill(o, o + 2 * m_out, zero);
+      continue;
+    }
     const float* r0 = x + 2 * jp * ld;
     const float* r1 = 2 * jp + 1 < n ? r0 + ld : nullptr;
-    at::BFloat16* o = out + jp * 2 * m;
     for (int64_t c = 0; c < m; ++c) {
       o[2 * c] = at::BFloat16(r0[c]);
-      o[2 * c + 1] = at::BFloat16(r1 != nullptr ? r1[c] : 0.f);
+      o[2 * c + 1] = r1 != nullptr ? at::BFloat16(r1[c]) : zero;
     }
+    std::fill(o + 2 * m, o + 2 * m_out, zero);
   }
 }
 
-// X^T (D x ne) of n rows of X (D each, contiguous), ne = n rounded up to even (zero column).
-void transpose_rows(const at::BFloat16* x, int64_t n, int64_t D, at::BFloat16* out) {
-  const int64_t ne = n + n % 2;
+// X^T (D x n_out) of n rows of X (D each, contiguous), zeros in columns [n, n_out).
+void transpose_rows(const at::BFloat16* x, int64_t n, int64_t D, at::BFloat16* out, int64_t n_out) {
   for (int64_t d = 0; d < D; ++d) {
-    for (int64_t r = 0; r < n; ++r) out[d * ne + r] = x[r * D + d];
-    if (ne > n) out[d * ne + n] = at::BFloat16(0.f);
+    for (int64_t r = 0; r < n; ++r) out[d * n_out + r] = x[r * D + d];
+    std::fill(out + d * n_out + n, out + (d + 1) * n_out, at::BFloat16(0.f));
   }
+}
+
+// n_out rows of X (D each, contiguous) as a product's A operand: X itself where n = n_out, else
+// its n rows copied into `buf` and followed by zero rows.
+const at::BFloat16* padded_rows(const at::BFloat16* x, int64_t n, int64_t n_out, int64_t D,
+                                std::vector<at::BFloat16>& buf) {
+  if (n == n_out) return x;
+  buf.resize(n_out * D);
+  std::copy(x, x + n * D, buf.begin());
+  std::fill(buf.begin() + n * D, buf.begin() + n_out * D, at::BFloat16(0.f));
+  return buf.data();
 }
 
 PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Rows& ks, const Rows& vs,
@@ -1583,23 +1601,25 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
 }
 
 // K^T, K and V^T of kv heads, packed per key tile for the bfloat16 backward's products
-// s = q K^T, dq += ds K and dp = do V^T (layouts: pack_transposed, pack_rows). Slot s holds
-// one (b, kv head).
+// s = q K^T, dq += ds K and dp = do V^T (layouts: pack_transposed, pack_rows), each tile's keys
+// padded with zeros to a multiple of kPaddedKeys. Slot s holds one (b, kv head).
 struct BackwardPackedKV {
-  static constexpr int64_t kTileKeys = kBlockK + kBlockK % 2;  // even: the VNNI pairs
+  static constexpr int64_t kTileKeys = round_up(kBlockK, kPaddedKeys);  // (even: the VNNI pairs)
   int64_t tiles = 0, tile_elems = 0, v_tile_elems = 0;
   std::vector<at::BFloat16> kT, kp, vT;
 
   BackwardPackedKV(int64_t slots, const Geometry& g, const Tiles& keys)
       : tiles(keys.count()), tile_elems(kTileKeys * g.D), v_tile_elems(kTileKeys * g.Dv),
         kT(slots * tiles * tile_elems), kp(kT.size()), vT(slots * tiles * v_tile_elems) {}
-  // Packs key tile t (of `keys`, the plan's key tiles) of (b, kv head) bh into `slot`.
+  // Packs key tile t (of `keys`, the plan's key tiles) of (b, kv head) bh into `slot`. The
+  // padding keys stay zeros as allocated: a slot's tile t always holds tile t's keys.
   void pack(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Tiles& keys, int64_t bh, int64_t t,
             int64_t slot) {
     const int64_t j0 = keys.begin(t), nk = keys.size(t), row = bh * g.Sk + j0, at = (slot * tiles + t) * tile_elems;
-    pack_transposed(k + row * g.D, nk, g.D, g.D, kT.data() + at);
+    const int64_t nk_pad = round_up(nk, kPaddedKeys);
+    pack_transposed(k + row * g.D, nk, g.D, g.D, kT.data() + at, nk_pad);
     pack_rows(k + row * g.D, nk, g.D, g.D, kp.data() + at);
-    pack_transposed(v + row * g.Dv, nk, g.Dv, g.Dv, vT.data() + (slot * tiles + t) * v_tile_elems);
+    pack_transposed(v + row * g.Dv, nk, g.Dv, g.Dv, vT.data() + (slot * tiles + t) * v_tile_elems, nk_pad);
   }
   const at::BFloat16* kT_tile(int64_t slot, int64_t t) const { return kT.data() + (slot * tiles + t) * tile_elems; }
   const at::BFloat16* kp_tile(int64_t slot, int64_t t) const { return kp.data() + (slot * tiles + t) * tile_elems; }
@@ -1614,19 +1634,23 @@ struct BackwardPackedKV {
 // operands packed row pair by row pair (contiguous) instead of being transposed per tile.
 // K^T, K, V^T are packed per key tile: once per (b, kv head) before the tasks where it has
 // several chunks (see BackwardPlan), else by its task; per query block: q^T and do^T.
+// Every product runs on a block's rows rounded up to kPaddedRows and a tile's keys rounded up
+// to kPaddedKeys (the padding zeros), with leading dims from a small set, so that brgemm's
+// kernels stay few over any sequence lengths (kPaddedRows): scores of a padded tile, and every
+// dk^T, dv^T product (the partials' leading dim follows the chunk's keys), land in a scratch
+// tile first, from which their real rows and keys are copied or added.
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
                           const Geometry& g, float scale, const KeyBand& band, const Dropout& drop,
                           at::BFloat16* dq, at::BFloat16* dk, at::BFloat16* dv, float* dmask) {
   using BF = at::BFloat16;
-  using Vec = Vectorized<float>;
   namespace blas = at::native::cpublas;
   const int64_t D = g.D, Dv = g.Dv;
   const BackwardPlan plan = backward_plan<float>(g, band);
   const KeyGradPartials<float> partials(plan, g);
-  const int64_t block_q = plan.block_q, block_qe = block_q + block_q % 2;  // even K dims
-  constexpr int64_t kBKe = BackwardPackedKV::kTileKeys;
+  const int64_t block_q = plan.block_q, rows_pad = round_up(block_q, kPaddedRows);
+  constexpr int64_t kTileKeys = BackwardPackedKV::kTileKeys;  // also the scratch tile's leading dim
   const BackwardRowSteps<float, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
   std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where they have several chunks
@@ -1641,11 +1665,37 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<float> rows(block_q, g.Sk, band.softcap > 0);
-    std::vector<float> dq_acc(block_q * D), own_parts, pd_buf;
+    std::vector<float> dq_acc(rows_pad * D), own_parts, pd_buf;
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
-    std::vector<BF> qT(D * block_qe), doT(Dv * block_qe);                     // A operands of dk^T, dv^T
-    std::vector<BF> p_p(block_qe * kBKe), ds_p(block_qe * kBKe), ds_b(block_q * kBKe);  // p, ds packed; ds plain
+    std::vector<BF> q_pad, do_pad;  // a block's q and do rows followed by zero rows (padded_rows)
+    std::vector<BF> qT(D * rows_pad), doT(Dv * rows_pad);  // A operands of dk^T, dv^T
+    // p, ds packed in row pairs (B operands of dv^T, dk^T); ds plain (the A of dq)
+    std::vector<BF> p_p(rows_pad * kTileKeys), ds_p(rows_pad * kTileKeys), ds_b(rows_pad * kTileKeys);
+    std::vector<float> scratch(std::max({D, Dv, rows_pad}) * kTileKeys);  // a padded product's result
+    // The nq x nk scores (or dp) of a tile, out = a b into `out` (rows.p or rows.ds at the tile's
+    // first key; a: nq_pad rows of K, b: K x nk_pad packed): straight where nothing is padded,
+    // else through the scratch tile, since the padding keys' columns may belong to the next
+    // tile (packed documents), which may be one the mask dropped.
+    auto scores_product = [&](int64_t nq, int64_t nq_pad, int64_t nk, int64_t K, const BF* a, const BF* b,
+                              float* out) {
+      const int64_t nk_pad = round_up(nk, kPaddedKeys);
+      if (nq == nq_pad && nk == nk_pad) return blas::brgemm(nq, nk, K, K, nk, rows.ld, false, a, b, out, true);
+      blas::brgemm(nq_pad, nk_pad, K, K, nk_pad, kTileKeys, false, a, b, scratch.data(), true);
+      for (int64_t r = 0; r < nq; ++r) std::copy_n(scratch.data() + r * kTileKeys, nk, out + r * rows.ld);
+    };
+    // sumT (n_rows x the chunk's keys, leading dim ldc, from the tile's first key) += a b, a:
+    // n_rows x nq_pad, b: nq_pad x nk_pad packed, through the scratch tile.
+    auto add_transposed_product = [&](int64_t n_rows, int64_t nq_pad, int64_t nk, const BF* a, const BF* b,
+                                      float* sumT, int64_t ldc) {
+      const int64_t nk_pad = round_up(nk, kPaddedKeys);
+      blas::brgemm(n_rows, nk_pad, nq_pad, nq_pad, nk_pad, kTileKeys, false, a, b, scratch.data(), true);
+      for (int64_t r = 0; r < n_rows; ++r) {
+        float* out = sumT + r * ldc;
+        const float* in = scratch.data() + r * kTileKeys;
+        for (int64_t j = 0; j < nk; ++j) out[j] += in[j];
+      }
+    };
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];  // the keys this chunk's rows see (whole tiles from ck0)
@@ -1662,12 +1712,12 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const auto [qb, h_in_group] = plan.item(item);
         const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
-        const int64_t nq = plan.q_tiles.size(qb), nqe = nq + nq % 2, row0 = (b * g.Hq + h) * g.Sq + i0;
-        const BF* qt = q + row0 * D;      // (nq, D) contiguous: the A of s = q K^T
-        const BF* dot = dout + row0 * Dv;  // (nq, Dv): the A of dp = do V^T
-        transpose_rows(qt, nq, D, qT.data());
-        transpose_rows(dot, nq, Dv, doT.data());
-        std::fill(dq_acc.begin(), dq_acc.begin() + nq * D, 0.f);
+        const int64_t nq = plan.q_tiles.size(qb), nq_pad = round_up(nq, kPaddedRows), row0 = (b * g.Hq + h) * g.Sq + i0;
+        const BF* qt = padded_rows(q + row0 * D, nq, nq_pad, D, q_pad);         // the A of s = q K^T
+        const BF* dot = padded_rows(dout + row0 * Dv, nq, nq_pad, Dv, do_pad);  // the A of dp = do V^T
+        transpose_rows(q + row0 * D, nq, D, qT.data(), nq_pad);
+        transpose_rows(dout + row0 * Dv, nq, Dv, doT.data(), nq_pad);
+        std::fill(dq_acc.begin(), dq_acc.begin() + nq_pad * D, 0.f);
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
         steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
@@ -1675,32 +1725,33 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         for (int64_t t = t0; t < t1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
           if (!live(t)) continue;
           const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t);
-          blas::brgemm(nq, nk, D, D, nk, rows.ld, false, qt, kv.kT_tile(slot, t), rows.p_at(0, j0), true);
+          scores_product(nq, nq_pad, nk, D, qt, kv.kT_tile(slot, t), rows.p_at(0, j0));
           steps.mask_tile(rows, nq, b, h, i0, j0, nk, scale);
         }
         steps.probs(rows, nq, i0, k0, k1);
         for (int64_t t = t0; t < t1; ++t) {
           if (!live(t)) continue;
-          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t);
-          // dv^T += do^T p, p packed in row pairs (an odd last query pairs with zeros)
+          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nk_pad = round_up(nk, kPaddedKeys);
+          // dv^T += do^T p, p packed in row pairs
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
-          pack_rows_rounded(pt, nq, nk, ldp, p_p.data());
-          blas::brgemm(Dv, nk, nqe, nqe, nk, ldc, true, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), true);
-          blas::brgemm(nq, nk, Dv, Dv, nk, rows.ld, false, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0), true);  // dp = do v^T
+          pack_rows_rounded(pt, nq, nk, ldp, p_p.data(), nq_pad, nk_pad);
+          add_transposed_product(Dv, nq_pad, nk, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), ldc);
+          scores_product(nq, nq_pad, nk, Dv, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0));  // dp = do v^T
         }
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         for (int64_t t = t0; t < t1; ++t) {
           if (!live(t)) continue;
-          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nke = nk + nk % 2;
-          for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq x nke), for dq += ds k
+          const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nk_pad = round_up(nk, kPaddedKeys);
+          for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq_pad x nk_pad, zeros past nq, nk), for dq += ds k
             const float* ds = rows.ds_at(r, j0);
-            BF* dsr = ds_b.data() + r * nke;
+            BF* dsr = ds_b.data() + r * nk_pad;
             for (int64_t j = 0; j < nk; ++j) dsr[j] = BF(ds[j]);
-            if (nke > nk) dsr[nk] = BF(0.f);
+            std::fill(dsr + nk, dsr + nk_pad, BF(0.f));
           }
-          blas::brgemm(nq, D, nke, nke, D, D, true, ds_b.data(), kv.kp_tile(slot, t), dq_acc.data(), true);
-          pack_rows_rounded(rows.ds_at(0, j0), nq, nk, rows.ld, ds_p.data());  // dk^T += q^T ds
-          blas::brgemm(D, nk, nqe, nqe, nk, ldc, true, qT.data(), ds_p.data(), dkT_acc + (j0 - ck0), true);
+          std::fill(ds_b.begin() + nq * nk_pad, ds_b.begin() + nq_pad * nk_pad, BF(0.f));
+          blas::brgemm(nq_pad, D, nk_pad, nk_pad, D, D, true, ds_b.data(), kv.kp_tile(slot, t), dq_acc.data(), true);
+          pack_rows_rounded(rows.ds_at(0, j0), nq, nk, rows.ld, ds_p.data(), nq_pad, nk_pad);  // dk^T += q^T ds
+          add_transposed_product(D, nq_pad, nk, qT.data(), ds_p.data(), dkT_acc + (j0 - ck0), ldc);
         }
         for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = BF(dq_acc[n] * scale);
       }
