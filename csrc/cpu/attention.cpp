@@ -1150,10 +1150,11 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 // thread, held under kBackwardRowsBytes by the number of rows per block.
 constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
 
-// The row stride of the backward's buffers that hold a row's keys (BackwardRows' p and ds, and
-// a task's K^T and V^T): Sk rounded up to kBlockK times a power of two. The float
-// products on brgemm (tile_product) take it as a leading dim, and brgemm keeps a kernel for
-// each one it meets: a stride that followed Sk itself would add kernels for every new length.
+// The row stride of the backward's buffers that hold a row's keys (BackwardRows' p and ds, a
+// task's K^T and V^T, and the dk^T, dv^T partials): Sk rounded up to kBlockK times a power of
+// two. The products on brgemm (tile_product, attention_bwd_packed) take it as a leading dim,
+// and brgemm keeps a kernel for each one it meets: a stride that followed Sk itself would add
+// kernels for every new length.
 int64_t key_stride(int64_t Sk) {
   int64_t ld = kBlockK;
   while (ld < Sk) ld *= 2;
@@ -1326,11 +1327,13 @@ struct BackwardPlan {
   int64_t chunks = 1;
   std::vector<int64_t> first_item;                      // chunk c: items [first_item[c], first_item[c + 1])
   std::vector<std::pair<int64_t, int64_t>> keys;        // chunk c: its rows' keys [k0, k1) (k0 = k1: none)
-  std::vector<int64_t> partial_key;                     // chunk c: its partial's first key row, per (b, kv head)
-  int64_t partial_keys = 0;                             // all chunks' partials of one (b, kv head), in key rows
+  std::vector<int64_t> partial_key;                     // chunk c: its partial's first column, per (b, kv head)
+  int64_t partial_keys = 0;                             // all chunks' partials of one (b, kv head), in columns
 
   int64_t items() const { return q_blocks * group; }
   int64_t keys_of(int64_t c) const { return keys[c].second - keys[c].first; }
+  // Chunk c's partial's columns (its row stride): its keys rounded up by key_stride, 0 with none.
+  int64_t partial_ld(int64_t c) const { return keys_of(c) > 0 ? key_stride(keys_of(c)) : 0; }
   // Item -> (query block, head within the group).
   std::pair<int64_t, int64_t> item(int64_t it) const { return {it / group, it % group}; }
   // The key tiles [first, end) of [k0, k1) (a tile start and a tile end, or k0 = k1: none).
@@ -1354,8 +1357,8 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   plan.q_blocks = plan.q_tiles.count();
   plan.group = g.group();
   const int64_t heads = g.B * g.Hkv, items = plan.items();
-  // dk + dv, all keys
-  const int64_t chunk_bytes = std::max<int64_t>(1, g.Sk * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
+  // dk + dv, all keys (at most key_stride(Sk) columns)
+  const int64_t chunk_bytes = std::max<int64_t>(1, key_stride(g.Sk) * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
   const int64_t by_memory = kBackwardPartialBytes / (std::max<int64_t>(heads, 1) * chunk_bytes);
   plan.chunks = std::max<int64_t>(1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory}));
 
@@ -1384,15 +1387,15 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
     }
     plan.keys.push_back(k0 < k1 ? std::pair<int64_t, int64_t>{k0, k1} : std::pair<int64_t, int64_t>{0, 0});
     plan.partial_key.push_back(plan.partial_keys);
-    plan.partial_keys += plan.keys_of(c);
+    plan.partial_keys += plan.partial_ld(c);
   }
   return plan;
 }
 
 // The dk, dv partials of a plan's chunks, and their sum into dk, dv. Chunk c of a (b, kv head)
-// sums into (dk part, dv part) from key row plan.partial_key[c] of each, over its keys,
-// transposed: (D, keys) and (Dv, keys) row-major, as both backward kernels accumulate them
-// (dk^T += q^T ds, dv^T += do^T p). With one chunk per
+// sums into (dk part, dv part) from column plan.partial_key[c] of each, over its keys,
+// transposed: (D, keys) and (Dv, keys) row-major with row stride plan.partial_ld(c), as both
+// backward kernels accumulate them (dk^T += q^T ds, dv^T += do^T p). With one chunk per
 // (b, kv head), its task keeps them in its own buffer and writes dk, dv at once; with more,
 // they live here until write_all(), after every chunk is done.
 template <typename acc_t>
@@ -1407,9 +1410,9 @@ class KeyGradPartials {
   std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, std::vector<acc_t>& own) const {
     acc_t* parts = shared_ ? shared_.get() + bh * head_elems_ : (own.resize(head_elems_), own.data());
     const auto [dk_part, dv_part] = parts_of(parts, c);
-    const int64_t n = plan_.keys_of(c);
-    std::fill(dk_part, dk_part + n * g_.D, acc_t(0));
-    std::fill(dv_part, dv_part + n * g_.Dv, acc_t(0));
+    const int64_t ld = plan_.partial_ld(c);
+    std::fill(dk_part, dk_part + ld * g_.D, acc_t(0));
+    std::fill(dv_part, dv_part + ld * g_.Dv, acc_t(0));
     return {dk_part, dv_part};
   }
 
@@ -1443,12 +1446,12 @@ class KeyGradPartials {
     return {parts + plan_.partial_key[c] * g_.D, parts + plan_.partial_keys * g_.D + plan_.partial_key[c] * g_.Dv};
   }
 
-  // Adds keys [lo, hi) of a chunk's partial (keys [k0, k1), `width` values each) into sum
-  // (keys [j0, j0 + n)), both (width, keys): keys [lo, hi) of dim d are contiguous in both.
-  static void add_keys(acc_t* sum, const acc_t* part, int64_t width, int64_t j0, int64_t n, int64_t k0, int64_t k1,
+  // Adds keys [lo, hi) of a chunk's partial (keys from k0, row stride ld, `width` rows) into
+  // sum (keys [j0, j0 + n), width rows): keys [lo, hi) of dim d are contiguous in both.
+  static void add_keys(acc_t* sum, const acc_t* part, int64_t width, int64_t j0, int64_t n, int64_t k0, int64_t ld,
                        int64_t lo, int64_t hi) {
     for (int64_t d = 0; d < width; ++d)
-      for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * (k1 - k0) + (j - k0)];
+      for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * ld + (j - k0)];
   }
 
   // dk, dv of keys [j0, j1) of bh: its chunks' partials (from `parts`) added in chunk order
@@ -1465,8 +1468,8 @@ class KeyGradPartials {
       const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
       if (lo >= hi) continue;
       const auto [dk_part, dv_part] = parts_of(parts, c);
-      add_keys(dk_sum, dk_part, D, j0, n, k0, k1, lo, hi);
-      add_keys(dv_sum, dv_part, Dv, j0, n, k0, k1, lo, hi);
+      add_keys(dk_sum, dk_part, D, j0, n, k0, plan_.partial_ld(c), lo, hi);
+      add_keys(dv_sum, dv_part, Dv, j0, n, k0, plan_.partial_ld(c), lo, hi);
     }
     buf.resize(2 * n * (D + Dv));  // (keeps the sums; dk_sum and dv_sum are stale from here)
     acc_t* dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
@@ -1525,26 +1528,14 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   // and dv^T += do^T p, from q^T and do^T made once per query block, and s = q k^T and
   // dp = do v^T read K^T and V^T made once per task. A full block (full_rows queries) against
   // a full tile (kBlockK keys) multiplies on brgemm, with leading dims from a small set: the
-  // rows of p and ds, K^T and V^T have the row stride ld_keys (key_stride), and dk^T, dv^T,
-  // whose partials have n_keys, take such a tile's product in a kBlockK-wide scratch first.
+  // rows of p and ds, K^T and V^T have the row stride ld_keys, the partials of dk^T and dv^T
+  // ld_part (both key_stride).
   const int64_t full_rows = backward_block_rows<acc_t>(g.Sk), ld_keys = key_stride(g.Sk);
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
     std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
-    // K^T and V^T, key ck0 first; q^T and do^T of a block; a full tile's dk^T or dv^T product
+    // K^T and V^T, key ck0 first; q^T and do^T of a block
     std::vector<acc_t> kT(D * ld_keys), vT(Dv * ld_keys), qT(D * plan.block_q), doT(Dv * plan.block_q);
-    std::vector<acc_t> scratch(std::max(D, Dv) * kBlockK);
-    // sumT (rows x n_keys, from key ck0) += a (rows x nq) b (nq x nk, ldb), into keys [at, at + nk)
-    auto add_product_transposed = [&](acc_t* sumT, int64_t n_rows, int64_t n_keys, int64_t at, int64_t nq,
-                                      const acc_t* a, const acc_t* b, int64_t ldb, int64_t nk, bool full) {
-      if (!full) return tile_product(n_rows, nk, nq, a, nq, b, ldb, sumT + at, n_keys, true, false);
-      tile_product(n_rows, nk, nq, a, nq, b, ldb, scratch.data(), kBlockK, false, true);
-      for (int64_t r = 0; r < n_rows; ++r) {
-        acc_t* out = sumT + r * n_keys + at;
-        const acc_t* in = scratch.data() + r * kBlockK;
-        for (int64_t j = 0; j < nk; ++j) out[j] += in[j];
-      }
-    };
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
@@ -1555,7 +1546,9 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       const acc_t* vw = load_tile(v + kv0 * Dv, n_keys, Dv, Dv, v_buf).first;
       transpose_tile(kw, n_keys, D, D, kT.data(), ld_keys);
       transpose_tile(vw, n_keys, Dv, Dv, vT.data(), ld_keys);
-      const auto [dkT, dvT] = partials.chunk(bh, c, own_parts);  // (D, n_keys), (Dv, n_keys), key ck0 first
+      // dk^T, dv^T of the chunk's keys: (D, n_keys), (Dv, n_keys), key ck0 first, row stride ld_part
+      const auto [dkT, dvT] = partials.chunk(bh, c, own_parts);
+      const int64_t ld_part = plan.partial_ld(c);
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const auto [qb, h_in_group] = plan.item(item);
         const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
@@ -1582,15 +1575,15 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
-          add_product_transposed(dvT, Dv, n_keys, at, nq, doT.data(), pt, ldp, nk, full);  // dv^T += do^T p
+          tile_product(Dv, nk, nq, doT.data(), nq, pt, ldp, dvT + at, ld_part, true, full);  // dv^T += do^T p
           product_with_rows(nq, nk, Dv, dot, Dv, vw + at * Dv, Dv, vT.data() + at, ld_keys, rows.ds_at(0, j0),
                             rows.ld, full);  // dp = do v^T
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           tile_product(nq, D, nk, rows.ds_at(0, j0), rows.ld, kw + at * D, D, dq_buf.data(), D, true, full);  // dq += ds k
-          add_product_transposed(dkT, D, n_keys, at, nq, qT.data(), rows.ds_at(0, j0), rows.ld, nk,
-                                 full);  // dk^T += (scale q)^T ds
+          tile_product(D, nk, nq, qT.data(), nq, rows.ds_at(0, j0), rows.ld, dkT + at, ld_part, true,
+                       full);  // dk^T += (scale q)^T ds
         });
         for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n] * scale);  // dq = scale ds k
       }
@@ -1636,9 +1629,9 @@ struct BackwardPackedKV {
 // several chunks (see BackwardPlan), else by its task; per query block: q^T and do^T.
 // Every product runs on a block's rows rounded up to kPaddedRows and a tile's keys rounded up
 // to kPaddedKeys (the padding zeros), with leading dims from a small set, so that brgemm's
-// kernels stay few over any sequence lengths (kPaddedRows): scores of a padded tile, and every
-// dk^T, dv^T product (the partials' leading dim follows the chunk's keys), land in a scratch
-// tile first, from which their real rows and keys are copied or added.
+// kernels stay few over any sequence lengths (kPaddedRows). A product whose padded keys
+// would land in the next tile's columns (of p, ds, or the dk^T, dv^T partials) writes to a
+// scratch tile, from which its real rows and keys are copied or added.
 template <typename mask_t>
 void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const at::BFloat16* k,
                           const at::BFloat16* v, const float* dlse, const MaskView<mask_t>& mask,
@@ -1685,10 +1678,12 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
       for (int64_t r = 0; r < nq; ++r) std::copy_n(scratch.data() + r * kTileKeys, nk, out + r * rows.ld);
     };
     // sumT (n_rows x the chunk's keys, leading dim ldc, from the tile's first key) += a b, a:
-    // n_rows x nq_pad, b: nq_pad x nk_pad packed, through the scratch tile.
+    // n_rows x nq_pad, b: nq_pad x nk_pad packed: straight where the keys are not padded, else
+    // through the scratch tile.
     auto add_transposed_product = [&](int64_t n_rows, int64_t nq_pad, int64_t nk, const BF* a, const BF* b,
                                       float* sumT, int64_t ldc) {
       const int64_t nk_pad = round_up(nk, kPaddedKeys);
+      if (nk == nk_pad) return blas::brgemm(n_rows, nk, nq_pad, nq_pad, nk, ldc, true, a, b, sumT, true);
       blas::brgemm(n_rows, nk_pad, nq_pad, nq_pad, nk_pad, kTileKeys, false, a, b, scratch.data(), true);
       for (int64_t r = 0; r < n_rows; ++r) {
         float* out = sumT + r * ldc;
@@ -1699,9 +1694,9 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
       const auto [ck0, ck1] = plan.keys[c];  // the keys this chunk's rows see (whole tiles from ck0)
-      // dk^T, dv^T of keys [ck0, ck1): (D, ck1 - ck0) and (Dv, ck1 - ck0), key ck0 first
+      // dk^T, dv^T of keys [ck0, ck1): (D, ck1 - ck0) and (Dv, ck1 - ck0), key ck0 first, row stride ldc
       const auto [dkT_acc, dvT_acc] = partials.chunk(bh, c, own_parts);
-      const int64_t ldc = ck1 - ck0;
+      const int64_t ldc = plan.partial_ld(c);
       if (!shared_kv) {
         if (!own_kv) own_kv.emplace(1, g, plan.k_tiles);
         const auto [t0, t1] = plan.key_tiles_of(ck0, ck1);
