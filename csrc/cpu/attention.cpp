@@ -750,6 +750,43 @@ void pack_rows(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFlo
   }
 }
 
+// The bfloat16 backward's roundings of p and ds to bfloat16 (nearest even): out[j] = x[j]
+// (round_row), and two rows interleaved, out[2j] = r0[j], out[2j + 1] = r1[j] (r1 null: 0;
+// interleave_rows). With AVX512 they take AVX512-BF16's conversion, 16 values an instruction
+// (every CPU on the brgemm path has it: see exp_row_to_bf16; it flushes denormals to zero,
+// which the scalar conversion keeps).
+#if defined(CPU_CAPABILITY_AVX512)
+__attribute__((target("avx512bf16"))) void round_row(const float* x, at::BFloat16* out, int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 keep = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(keep, x + j)));
+    _mm256_mask_storeu_epi16(out + j, keep, b);
+  }
+}
+__attribute__((target("avx512bf16"))) void interleave_rows(const float* r0, const float* r1, at::BFloat16* out,
+                                                            int64_t n) {
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 keep = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
+    const __m512 x0 = _mm512_maskz_loadu_ps(keep, r0 + j);
+    const __m512 x1 = r1 != nullptr ? _mm512_maskz_loadu_ps(keep, r1 + j) : _mm512_setzero_ps();
+    // one 32-bit word per column: r1's bfloat16 above r0's
+    const __m512i lo = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x0)));
+    const __m512i hi = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x1)));
+    _mm512_mask_storeu_epi32(out + 2 * j, keep, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+  }
+}
+#else
+void round_row(const float* x, at::BFloat16* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) out[j] = at::BFloat16(x[j]);
+}
+void interleave_rows(const float* r0, const float* r1, at::BFloat16* out, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    out[2 * j] = at::BFloat16(r0[j]);
+    out[2 * j + 1] = at::BFloat16(r1 != nullptr ? r1[j] : 0.f);
+  }
+}
+#endif
+
 // pack_rows of a float32 tile (n rows of m, `ld` apart), rounded to bfloat16 and padded with
 // zeros to n_out rows (even, >= n) and m_out columns (>= m): [n_out/2][m_out][2].
 void pack_rows_rounded(const float* x, int64_t n, int64_t m, int64_t ld, at::BFloat16* out, int64_t n_out,
@@ -762,11 +799,7 @@ void pack_rows_rounded(const float* x, int64_t n, int64_t m, int64_t ld, at::BFl
       continue;
     }
     const float* r0 = x + 2 * jp * ld;
-    const float* r1 = 2 * jp + 1 < n ? r0 + ld : nullptr;
-    for (int64_t c = 0; c < m; ++c) {
-      o[2 * c] = at::BFloat16(r0[c]);
-      o[2 * c + 1] = r1 != nullptr ? at::BFloat16(r1[c]) : zero;
-    }
+    interleave_rows(r0, 2 * jp + 1 < n ? r0 + ld : nullptr, o, m);
     std::fill(o + 2 * m, o + 2 * m_out, zero);
   }
 }
@@ -1738,9 +1771,8 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           if (!live(t)) continue;
           const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nk_pad = round_up(nk, kPaddedKeys);
           for (int64_t r = 0; r < nq; ++r) {  // ds in bfloat16 (nq_pad x nk_pad, zeros past nq, nk), for dq += ds k
-            const float* ds = rows.ds_at(r, j0);
             BF* dsr = ds_b.data() + r * nk_pad;
-            for (int64_t j = 0; j < nk; ++j) dsr[j] = BF(ds[j]);
+            round_row(rows.ds_at(r, j0), dsr, nk);
             std::fill(dsr + nk, dsr + nk_pad, BF(0.f));
           }
           std::fill(ds_b.begin() + nq * nk_pad, ds_b.begin() + nq_pad * nk_pad, BF(0.f));
