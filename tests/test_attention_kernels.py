@@ -891,6 +891,21 @@ def test_packed_documents_with_masks_dropout_softcap_and_value_head_dim(Sq, Sk, 
                             name=f"attention {ab.name} documents mask dropout softcap Sq={Sq}")
 
 
+@pytest.mark.parametrize("lens", [[100, 156], [130, 126, 255], [1, 511], [17, 40]])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+def test_cpu_bfloat16_padded_tiles_of_documents(lens, causal):
+    """The CPU's bfloat16 kernels on brgemm pad every tile product to multiples of 16 rows and
+    32 keys. With packed documents a key tile starts at its document's first key, so a
+    document's last tile can end a few keys short of a multiple of 256, the rows' stride (here
+    at 256 and 512 keys): its padded keys would pass the end of the rows or land in the next
+    document's columns; they go through a scratch tile instead. Against the reference (and,
+    under scripts/sanitize_cpu.sh, with no write outside a buffer)."""
+    cpu = types.SimpleNamespace(name="cpu", device="cpu")
+    ins = _inputs(cpu, 1, 4, 2, sum(lens), sum(lens), 64, torch.bfloat16, causal=causal)
+    ins.update(cu_seqlens_q=cu_seqlens(lens, "cpu"), cu_seqlens_k=cu_seqlens(lens, "cpu"))
+    _check(cpu, f"bfloat16 documents {lens}", ins)
+
+
 def test_packed_documents_equal_their_block_diagonal_mask(ab):
     """The same attention as the boolean mask of the documents, which the kernels read (and
     skip tiles by): one meaning, two ways of saying it. Boolean sinks too (sinks compose)."""

@@ -1662,7 +1662,7 @@ struct BackwardPackedKV {
 // several chunks (see BackwardPlan), else by its task; per query block: q^T and do^T.
 // Every product runs on a block's rows rounded up to kPaddedRows and a tile's keys rounded up
 // to kPaddedKeys (the padding zeros), with leading dims from a small set, so that brgemm's
-// kernels stay few over any sequence lengths (kPaddedRows). A product whose padded keys
+// kernels stay few over any sequence lengths (see kPaddedRows). A product whose padded keys
 // would land in the next tile's columns (of p, ds, or the dk^T, dv^T partials) writes to a
 // scratch tile, from which its real rows and keys are copied or added.
 template <typename mask_t>
