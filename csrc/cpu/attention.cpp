@@ -1351,7 +1351,9 @@ struct BackwardRowSteps {
 // follows the shape alone, so the bits do not change with torch.set_num_threads.
 constexpr int64_t kBackwardTasks = 32;
 // The partials' memory, at most, counting each chunk's as all keys' (where one chunk's passes
-// it: no split). 32 MiB: one head of 8k keys at D = 64 splits in 8 chunks.
+// it: no split). 32 MiB: one head of 8k keys at D = 64 splits in 8 chunks. (A chunk's row
+// stride, key_stride of its keys, can be up to twice its keys: at worst twice this, just past
+// a power of two times 256 keys. Counting the stride instead would halve the chunks there.)
 constexpr int64_t kBackwardPartialBytes = int64_t(32) << 20;
 
 struct BackwardPlan {
@@ -1390,8 +1392,8 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   plan.q_blocks = plan.q_tiles.count();
   plan.group = g.group();
   const int64_t heads = g.B * g.Hkv, items = plan.items();
-  // dk + dv, all keys (at most key_stride(Sk) columns)
-  const int64_t chunk_bytes = std::max<int64_t>(1, key_stride(g.Sk) * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
+  // dk + dv, all keys
+  const int64_t chunk_bytes = std::max<int64_t>(1, g.Sk * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
   const int64_t by_memory = kBackwardPartialBytes / (std::max<int64_t>(heads, 1) * chunk_bytes);
   plan.chunks = std::max<int64_t>(1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory}));
 
