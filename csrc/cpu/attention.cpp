@@ -750,19 +750,17 @@ void pack_rows(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at::BFlo
   }
 }
 
-// The bfloat16 backward's roundings of p and ds to bfloat16 (nearest even): out[j] = x[j]
-// (round_row), and two rows interleaved, out[2j] = r0[j], out[2j + 1] = r1[j] (r1 null: 0;
-// interleave_rows). With AVX512 they take AVX512-BF16's conversion, 16 values an instruction
-// (every CPU on the brgemm path has it: see exp_row_to_bf16; it flushes denormals to zero,
-// which the scalar conversion keeps).
-#if defined(CPU_CAPABILITY_AVX512)
-__attribute__((target("avx512bf16"))) void round_row(const float* x, at::BFloat16* out, int64_t n) {
-  for (int64_t j = 0; j < n; j += 16) {
-    const __mmask16 keep = n - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (n - j)) - 1);
-    const __m256i b = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(keep, x + j)));
-    _mm256_mask_storeu_epi16(out + j, keep, b);
-  }
+// out[j] = x[j] rounded to bfloat16 (nearest even), n values: ATen's vectorized conversion.
+void round_row(const float* x, at::BFloat16* out, int64_t n) {
+  using C = Chunk<at::BFloat16>;
+  for_each_chunk<C::kChunk>(n, [&](int64_t j, int64_t len) { C::load_acc(x + j, len).store(out + j, len); });
 }
+
+// Two rows rounded to bfloat16 and interleaved, out[2j] = r0[j], out[2j + 1] = r1[j] (r1 null:
+// 0): the bfloat16 backward's packing of p and ds. With AVX512 it takes AVX512-BF16's
+// conversion, 16 values an instruction (every CPU on the brgemm path has it: see
+// exp_row_to_bf16; it flushes denormals to zero, which the scalar conversion keeps).
+#if defined(CPU_CAPABILITY_AVX512)
 __attribute__((target("avx512bf16"))) void interleave_rows(const float* r0, const float* r1, at::BFloat16* out,
                                                             int64_t n) {
   for (int64_t j = 0; j < n; j += 16) {
@@ -776,9 +774,6 @@ __attribute__((target("avx512bf16"))) void interleave_rows(const float* r0, cons
   }
 }
 #else
-void round_row(const float* x, at::BFloat16* out, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) out[j] = at::BFloat16(x[j]);
-}
 void interleave_rows(const float* r0, const float* r1, at::BFloat16* out, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     out[2 * j] = at::BFloat16(r0[j]);
@@ -806,10 +801,8 @@ void pack_rows_rounded(const float* x, int64_t n, int64_t m, int64_t ld, at::BFl
 
 // X^T (D x n_out) of n rows of X (D each, contiguous), zeros in columns [n, n_out).
 void transpose_rows(const at::BFloat16* x, int64_t n, int64_t D, at::BFloat16* out, int64_t n_out) {
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t r = 0; r < n; ++r) out[d * n_out + r] = x[r * D + d];
-    std::fill(out + d * n_out + n, out + (d + 1) * n_out, at::BFloat16(0.f));
-  }
+  transpose_tile(x, n, D, D, out, n_out);
+  for (int64_t d = 0; d < D; ++d) std::fill(out + d * n_out + n, out + (d + 1) * n_out, at::BFloat16(0.f));
 }
 
 // n_out rows of X (D each, contiguous) as a product's A operand: X itself where n = n_out, else
