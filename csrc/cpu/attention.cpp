@@ -1343,6 +1343,8 @@ struct BackwardRowSteps {
 // window band its partial covers only the keys they see. Like the forward's split, the plan
 // follows the shape alone, so the bits do not change with torch.set_num_threads.
 constexpr int64_t kBackwardTasks = 32;
+// The fewest query rows (of all of a (b, kv head)'s heads) per chunk (see backward_plan).
+constexpr int64_t kChunkRows = 16;
 // The partials' memory, at most, counting each chunk's as all keys' (where one chunk's passes
 // it: no split). 32 MiB: one head of 8k keys at D = 64 splits in 8 chunks. (A chunk's row
 // stride, key_stride of its keys, can be up to twice its keys: at worst twice this, just past
@@ -1364,6 +1366,14 @@ struct BackwardPlan {
   int64_t partial_ld(int64_t c) const { return keys_of(c) > 0 ? key_stride(keys_of(c)) : 0; }
   // Item -> (query block, head within the group).
   std::pair<int64_t, int64_t> item(int64_t it) const { return {it / group, it % group}; }
+  // Whether some query block of chunk c has kSmallRows rows or more: only products of such
+  // blocks read K^T and V^T (product_with_rows multiplies fewer rows by K's and V's rows as
+  // stored), so a chunk of decoding rows need not transpose its keys.
+  bool has_wide_block(int64_t c) const {
+    for (int64_t it = first_item[c]; it < first_item[c + 1]; ++it)
+      if (q_tiles.size(item(it).first) >= kSmallRows) return true;
+    return false;
+  }
   // The key tiles [first, end) of [k0, k1) (a tile start and a tile end, or k0 = k1: none).
   std::pair<int64_t, int64_t> key_tiles_of(int64_t k0, int64_t k1) const {
     if (k0 >= k1) return {0, 0};
@@ -1388,7 +1398,13 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   // dk + dv, all keys
   const int64_t chunk_bytes = std::max<int64_t>(1, g.Sk * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
   const int64_t by_memory = kBackwardPartialBytes / (std::max<int64_t>(heads, 1) * chunk_bytes);
-  plan.chunks = std::max<int64_t>(1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory}));
+  // A chunk has a partial to zero and add up, two passes over its keys x (D + Dv): worth it
+  // only for rows enough that their products dwarf that. Decoding's few rows per kv head (a
+  // group of single rows) take one chunk: split, the partials cost more than the rows' work
+  // (a 9-head, 3-kv-head backward over 300 keys took 1.5x as long as in one chunk a head).
+  const int64_t by_rows = std::max<int64_t>(1, g.Sq * plan.group / kChunkRows);
+  plan.chunks = std::max<int64_t>(
+      1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory, by_rows}));
 
   // The visible keys of each query block, and the items' costs: rows x (visible keys + D), the
   // D standing for a block's work besides its products (loads, dq's store).
@@ -1433,14 +1449,15 @@ class KeyGradPartials {
       : plan_(plan), g_(g), head_elems_(plan.partial_keys * (g.D + g.Dv)),
         shared_(plan.chunks > 1 ? new acc_t[g.B * g.Hkv * head_elems_] : nullptr) {}
 
-  // The (dk, dv) partials of chunk c of (b, kv head) bh, zeroed (by the task, so each thread
-  // first touches the pages it uses). `own` holds them when there is one chunk.
+  // The (dk, dv) partials of chunk c of (b, kv head) bh, zeroed over the chunk's keys (by the
+  // task, so each thread first touches the pages it uses; the columns past them, up to the row
+  // stride, are never read). `own` holds them when there is one chunk.
   std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, std::vector<acc_t>& own) const {
     acc_t* parts = shared_ ? shared_.get() + bh * head_elems_ : (own.resize(head_elems_), own.data());
     const auto [dk_part, dv_part] = parts_of(parts, c);
-    const int64_t ld = plan_.partial_ld(c);
-    std::fill(dk_part, dk_part + ld * g_.D, acc_t(0));
-    std::fill(dv_part, dv_part + ld * g_.Dv, acc_t(0));
+    const int64_t ld = plan_.partial_ld(c), n = plan_.keys_of(c);
+    for (int64_t d = 0; d < g_.D; ++d) std::fill_n(dk_part + d * ld, n, acc_t(0));
+    for (int64_t d = 0; d < g_.Dv; ++d) std::fill_n(dv_part + d * ld, n, acc_t(0));
     return {dk_part, dv_part};
   }
 
@@ -1488,22 +1505,30 @@ class KeyGradPartials {
   void write(int64_t bh, int64_t j0, int64_t j1, const acc_t* parts, acc_t dk_scale,
              std::vector<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
     const int64_t D = g_.D, Dv = g_.Dv, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
-    buf.assign(n * (D + Dv), acc_t(0));
-    acc_t* const dk_sum = buf.data();  // (D, n) and (Dv, n), as the partials
-    acc_t* const dv_sum = buf.data() + n * D;
-    for (int64_t c = 0; c < plan_.chunks; ++c) {
-      const auto [k0, k1] = plan_.keys[c];
-      const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
-      if (lo >= hi) continue;
-      const auto [dk_part, dv_part] = parts_of(parts, c);
-      add_keys(dk_sum, dk_part, D, j0, n, k0, plan_.partial_ld(c), lo, hi);
-      add_keys(dv_sum, dv_part, Dv, j0, n, k0, plan_.partial_ld(c), lo, hi);
+    buf.resize(2 * n * (D + Dv));
+    acc_t* const dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
+    acc_t* const dv_rows = dk_rows + n * D;
+    // The sums, (D, n) and (Dv, n) with row stride ld: the partial itself where one chunk holds
+    // every key (decoding's single chunk a head: no pass to add it to zeros), else added up in buf.
+    const acc_t *dk_sum = buf.data(), *dv_sum = buf.data() + n * D;
+    int64_t ld = n;
+    if (plan_.chunks == 1 && plan_.keys[0].first <= j0 && j1 <= plan_.keys[0].second) {
+      const auto [dk_part, dv_part] = parts_of(parts, 0);
+      const int64_t at = j0 - plan_.keys[0].first;
+      dk_sum = dk_part + at, dv_sum = dv_part + at, ld = plan_.partial_ld(0);
+    } else {
+      std::fill_n(buf.data(), n * (D + Dv), acc_t(0));
+      for (int64_t c = 0; c < plan_.chunks; ++c) {
+        const auto [k0, k1] = plan_.keys[c];
+        const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
+        if (lo >= hi) continue;
+        const auto [dk_part, dv_part] = parts_of(parts, c);
+        add_keys(buf.data(), dk_part, D, j0, n, k0, plan_.partial_ld(c), lo, hi);
+        add_keys(buf.data() + n * D, dv_part, Dv, j0, n, k0, plan_.partial_ld(c), lo, hi);
+      }
     }
-    buf.resize(2 * n * (D + Dv));  // (keeps the sums; dk_sum and dv_sum are stale from here)
-    acc_t* dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
-    acc_t* dv_rows = dk_rows + n * D;
-    transpose_tile(buf.data(), D, n, n, dk_rows);
-    transpose_tile(buf.data() + n * D, Dv, n, n, dv_rows);
+    transpose_tile(dk_sum, D, n, ld, dk_rows);
+    transpose_tile(dv_sum, Dv, n, ld, dv_rows);
     using C = Chunk<scalar_t>;
     const typename C::Vec scale_v(dk_scale);
     for (int64_t j = 0; j < n; ++j) {
@@ -1562,8 +1587,8 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
     std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
-    // K^T and V^T, key ck0 first; q^T and do^T of a block
-    std::vector<acc_t> kT(D * ld_keys), vT(Dv * ld_keys), qT(D * plan.block_q), doT(Dv * plan.block_q);
+    // K^T and V^T, key ck0 first (sized where a chunk first needs them); q^T and do^T of a block
+    std::vector<acc_t> kT, vT, qT(D * plan.block_q), doT(Dv * plan.block_q);
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
@@ -1572,8 +1597,12 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       const int64_t kv0 = bh * g.Sk + ck0;                                  // key row ck0, over (B, Hkv, Sk)
       const acc_t* kw = load_tile(k + kv0 * D, n_keys, D, D, k_buf).first;  // widened once per task
       const acc_t* vw = load_tile(v + kv0 * Dv, n_keys, Dv, Dv, v_buf).first;
-      transpose_tile(kw, n_keys, D, D, kT.data(), ld_keys);
-      transpose_tile(vw, n_keys, Dv, Dv, vT.data(), ld_keys);
+      const bool keys_transposed = plan.has_wide_block(c);
+      if (keys_transposed) {
+        kT.resize(D * ld_keys), vT.resize(Dv * ld_keys);
+        transpose_tile(kw, n_keys, D, D, kT.data(), ld_keys);
+        transpose_tile(vw, n_keys, Dv, Dv, vT.data(), ld_keys);
+      }
       // dk^T, dv^T of the chunk's keys: (D, n_keys), (Dv, n_keys), key ck0 first, row stride ld_part
       const auto [dkT, dvT] = partials.chunk(bh, c, own_parts);
       const int64_t ld_part = plan.partial_ld(c);
@@ -1596,15 +1625,18 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
             if (!dropped[t - t0]) f(j0, nk, j0 - ck0, nq == full_rows && nk == kBlockK);
           }
         };
+        // K^T, V^T from key ck0 + at (null where this chunk made none: its blocks' products read K, V)
+        auto kT_at = [&](int64_t at) { return keys_transposed ? kT.data() + at : nullptr; };
+        auto vT_at = [&](int64_t at) { return keys_transposed ? vT.data() + at : nullptr; };
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {  // s = (scale q) k^T, masked
-          product_with_rows(nq, nk, D, qt, D, kw + at * D, D, kT.data() + at, ld_keys, rows.p_at(0, j0), rows.ld, full);
+          product_with_rows(nq, nk, D, qt, D, kw + at * D, D, kT_at(at), ld_keys, rows.p_at(0, j0), rows.ld, full);
           steps.mask_tile(rows, nq, b, h, i0, j0, nk);
         });
         steps.probs(rows, nq, i0, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
           tile_product(Dv, nk, nq, doT.data(), nq, pt, ldp, dvT + at, ld_part, true, full);  // dv^T += do^T p
-          product_with_rows(nq, nk, Dv, dot, Dv, vw + at * Dv, Dv, vT.data() + at, ld_keys, rows.ds_at(0, j0),
+          product_with_rows(nq, nk, Dv, dot, Dv, vw + at * Dv, Dv, vT_at(at), ld_keys, rows.ds_at(0, j0),
                             rows.ld, full);  // dp = do v^T
         });
         steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
