@@ -1336,14 +1336,15 @@ struct BackwardRowSteps {
 // the dq of the query heads reading it; its work items are (query block, head of the group)
 // pairs, listed query block first. Where the (b, kv head)s alone are fewer than
 // kBackwardTasks (a batch of 1, grouped-query or multi-query attention), each one's items are
-// cut into `chunks` runs of about equal cost (rows x visible keys), one task each: a chunk
-// writes the dq of its rows and sums its rows' dk, dv into a partial of its own over the keys
-// its rows see, and the partials are added up afterwards, chunk by chunk in order. Listing
+// cut into `chunks` runs of about equal cost (rows x visible keys; kChunkRows rows or more on
+// average), one task each: a chunk writes the dq of its rows and sums its rows' dk, dv into a
+// partial of its own over the keys its rows see, and the partials are added up afterwards,
+// chunk by chunk in order. Listing
 // query blocks first keeps a chunk's rows at neighbouring positions, so under a causal or
 // window band its partial covers only the keys they see. Like the forward's split, the plan
 // follows the shape alone, so the bits do not change with torch.set_num_threads.
 constexpr int64_t kBackwardTasks = 32;
-// The fewest query rows (of all of a (b, kv head)'s heads) per chunk (see backward_plan).
+// The fewest query rows (of all of a (b, kv head)'s heads), on average, per chunk (see backward_plan).
 constexpr int64_t kChunkRows = 16;
 // The partials' memory, at most, counting each chunk's as all keys' (where one chunk's passes
 // it: no split). 32 MiB: one head of 8k keys at D = 64 splits in 8 chunks. (A chunk's row
@@ -1401,7 +1402,7 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   // A chunk has a partial to zero and add up, two passes over its keys x (D + Dv): worth it
   // only for rows enough that their products dwarf that. Decoding's few rows per kv head (a
   // group of single rows) take one chunk: split, the partials cost more than the rows' work
-  // (a 9-head, 3-kv-head backward over 300 keys took 1.5x as long as in one chunk a head).
+  // (benchmarks/results/cpu-epyc-zen4-2026-12-07-attention-decode-backward.txt).
   const int64_t by_rows = std::max<int64_t>(1, g.Sq * plan.group / kChunkRows);
   plan.chunks = std::max<int64_t>(
       1, std::min({(kBackwardTasks + heads - 1) / std::max<int64_t>(heads, 1), items, by_memory, by_rows}));
