@@ -1437,28 +1437,6 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   return plan;
 }
 
-// A buffer left uninitialized, grown as needed, for contents that are written before they are
-// read: a std::vector would zero it, each call (the backward's dk, dv partials of a (b, kv
-// head) and their write-back, 256 KiB each at 300 keys and D = 64, per task or thread).
-template <typename T>
-class Scratch {
- public:
-  T* get(int64_t n) {
-    if (n > size_) {
-      data_.reset(new T[n]), size_ = n;
-#ifdef __SANITIZE_ADDRESS__  // (scripts/sanitize_cpu.sh) NaN: a read before a write shows in the results
-      std::fill_n(data_.get(), n, std::numeric_limits<T>::quiet_NaN());
-#endif
-    }
-    return data_.get();
-  }
-  T* data() const { return data_.get(); }
-
- private:
-  std::unique_ptr<T[]> data_;
-  int64_t size_ = 0;
-};
-
 // The dk, dv partials of a plan's chunks, and their sum into dk, dv. Chunk c of a (b, kv head)
 // sums into (dk part, dv part) from column plan.partial_key[c] of each, over its keys,
 // transposed: (D, keys) and (Dv, keys) row-major with row stride plan.partial_ld(c), as both
@@ -1475,8 +1453,8 @@ class KeyGradPartials {
   // The (dk, dv) partials of chunk c of (b, kv head) bh, zeroed over the chunk's keys (by the
   // task, so each thread first touches the pages it uses; the columns past them, up to the row
   // stride, are never read). `own` holds them when there is one chunk.
-  std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, Scratch<acc_t>& own) const {
-    acc_t* parts = shared_ ? shared_.get() + bh * head_elems_ : own.get(head_elems_);
+  std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, std::vector<acc_t>& own) const {
+    acc_t* parts = shared_ ? shared_.get() + bh * head_elems_ : (own.resize(head_elems_), own.data());
     const auto [dk_part, dv_part] = parts_of(parts, c);
     const int64_t ld = plan_.partial_ld(c), n = plan_.keys_of(c);
     for (int64_t d = 0; d < g_.D; ++d) std::fill_n(dk_part + d * ld, n, acc_t(0));
@@ -1486,9 +1464,9 @@ class KeyGradPartials {
 
   // After the task of chunk c of bh: with one chunk, writes bh's dk, dv from `own`.
   template <typename scalar_t>
-  void task_done(int64_t bh, const Scratch<acc_t>& own, acc_t dk_scale, scalar_t* dk, scalar_t* dv) const {
+  void task_done(int64_t bh, const std::vector<acc_t>& own, acc_t dk_scale, scalar_t* dk, scalar_t* dv) const {
     if (shared_) return;
-    Scratch<acc_t> buf;
+    std::vector<acc_t> buf;
     for (int64_t j0 = 0; j0 < g_.Sk; j0 += kBlockK)
       write(bh, j0, std::min(g_.Sk, j0 + kBlockK), own.data(), dk_scale, buf, dk, dv);
   }
@@ -1499,7 +1477,7 @@ class KeyGradPartials {
     if (!shared_) return;
     const int64_t tiles = (g_.Sk + kBlockK - 1) / kBlockK;
     at::parallel_for(0, g_.B * g_.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
-      Scratch<acc_t> buf;
+      std::vector<acc_t> buf;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / tiles, j0 = t % tiles * kBlockK;
         write(bh, j0, std::min(g_.Sk, j0 + kBlockK), shared_.get() + bh * head_elems_, dk_scale, buf, dk, dv);
@@ -1526,28 +1504,28 @@ class KeyGradPartials {
   // (dk times dk_scale), 0 for keys no query sees.
   template <typename scalar_t>
   void write(int64_t bh, int64_t j0, int64_t j1, const acc_t* parts, acc_t dk_scale,
-             Scratch<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
+             std::vector<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
     const int64_t D = g_.D, Dv = g_.Dv, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
-    acc_t* const sums = buf.get(2 * n * (D + Dv));
-    acc_t* const dk_rows = sums + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
+    buf.resize(2 * n * (D + Dv));
+    acc_t* const dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
     acc_t* const dv_rows = dk_rows + n * D;
     // The sums, (D, n) and (Dv, n) with row stride ld: the partial itself where one chunk holds
-    // every key (decoding's single chunk a head: no pass to add it to zeros), else added up in sums.
-    const acc_t *dk_sum = sums, *dv_sum = sums + n * D;
+    // every key (decoding's single chunk a head: no pass to add it to zeros), else added up in buf.
+    const acc_t *dk_sum = buf.data(), *dv_sum = buf.data() + n * D;
     int64_t ld = n;
     if (plan_.chunks == 1 && plan_.keys[0].first <= j0 && j1 <= plan_.keys[0].second) {
       const auto [dk_part, dv_part] = parts_of(parts, 0);
       const int64_t at = j0 - plan_.keys[0].first;
       dk_sum = dk_part + at, dv_sum = dv_part + at, ld = plan_.partial_ld(0);
     } else {
-      std::fill_n(sums, n * (D + Dv), acc_t(0));
+      std::fill_n(buf.data(), n * (D + Dv), acc_t(0));
       for (int64_t c = 0; c < plan_.chunks; ++c) {
         const auto [k0, k1] = plan_.keys[c];
         const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
         if (lo >= hi) continue;
         const auto [dk_part, dv_part] = parts_of(parts, c);
-        add_keys(sums, dk_part, D, j0, n, k0, plan_.partial_ld(c), lo, hi);
-        add_keys(sums + n * D, dv_part, Dv, j0, n, k0, plan_.partial_ld(c), lo, hi);
+        add_keys(buf.data(), dk_part, D, j0, n, k0, plan_.partial_ld(c), lo, hi);
+        add_keys(buf.data() + n * D, dv_part, Dv, j0, n, k0, plan_.partial_ld(c), lo, hi);
       }
     }
     transpose_tile(dk_sum, D, n, ld, dk_rows);
@@ -1609,8 +1587,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   const int64_t full_rows = backward_block_rows<acc_t>(g.Sk), ld_keys = key_stride(g.Sk);
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
-    std::vector<acc_t> dq_buf(plan.block_q * D), q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
-    Scratch<acc_t> own_parts;
+    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
     // K^T and V^T, key ck0 first (sized where a chunk first needs them); q^T and do^T of a block
     std::vector<acc_t> kT, vT, qT(D * plan.block_q), doT(Dv * plan.block_q);
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
@@ -1742,8 +1719,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
 
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     BackwardRows<float> rows(block_q, g.Sk, band.softcap > 0);
-    std::vector<float> dq_acc(rows_pad * D), pd_buf;
-    Scratch<float> own_parts;
+    std::vector<float> dq_acc(rows_pad * D), own_parts, pd_buf;
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
     std::vector<BF> q_pad, do_pad;  // a block's q and do rows followed by zero rows (padded_rows)
