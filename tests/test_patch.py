@@ -4,6 +4,10 @@ attention, shares parameters, leaves look-alikes alone, restores the original mo
 
 import copy
 import os
+import re
+import shutil
+import subprocess
+import tempfile
 
 import pytest
 import torch
@@ -346,6 +350,20 @@ def test_the_gguf_cache_key_follows_the_file(tmp_path, monkeypatch):
     f.write_bytes(b"GGUF" + bytes(61))
     os.utime(f, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
     assert gguf_cache.cache_dir_for(f) not in (first, touched)
+
+
+def test_generate_command_on_smollm2(smollm2, model_cache):
+    """`lmfast generate --model smollm2`, as a user runs it, with the cache the session's
+    conversion filled (the conversion itself is tested above; a second one here cost ~25 s)."""
+    lmfast_cli = shutil.which("lmfast")
+    assert lmfast_cli, "the lmfast entry point is not on PATH: is the package installed?"
+    out = subprocess.run([lmfast_cli, "generate", "--model", "smollm2", "--max-new-tokens", "8", "--compare",
+                          "What is the capital of France?"], capture_output=True, text=True, timeout=600,
+                         cwd=tempfile.gettempdir(),  # (not the checkout, whose lmfast has no compiled kernels)
+                         env=os.environ | {"LMFAST_CACHE_DIR": str(model_cache), "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout, out.stdout  # the instruct model, through its chat template, answers
+    assert "identical tokens" in out.stdout and re.search(r"lmfast: [1-8] new tokens in", out.stdout), out.stdout
 
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a small robot"]

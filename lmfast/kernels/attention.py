@@ -712,10 +712,11 @@ BWD_DKDV_CONFIGS = {
 
 def interpreted_blocks(q_len: int, k_len: int) -> dict:
     """Tiles in the interpreter (tests on CPU): 16 so that small test shapes span several
-    blocks with a partial last one; larger for long sequences, whose loops would take minutes
+    blocks with a partial last one (32 from 65 rows on: still 3-4 blocks, and half the
+    interpreted steps of 16's 5-8); larger for long sequences, whose loops would take minutes
     (1000 keys still span 8 blocks of 128)."""
     def block(n):
-        return 16 if n <= 128 else 64 if n <= 512 else 128
+        return 16 if n <= 64 else 32 if n <= 128 else 64 if n <= 512 else 128
     return {"BLOCK_M": block(q_len), "BLOCK_N": block(k_len)}
 
 
