@@ -165,6 +165,31 @@ def test_cpu_decoding_splits_a_long_cache(B, Hq, Hkv, Sq, mask_name, dtype):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize("Sq", [1, 2])
+def test_cpu_backward_of_a_groups_few_rows_together(Sq, mask_kind, dtype):
+    """The C++ bfloat16 backward on brgemm (where the CPU has it) takes a query block of few
+    rows for its kv head's whole group at once (one set of products over the keys, padded to 16
+    rows, not one a head): here 4 heads x 1 or 2 rows. Each row keeps its own head's mask, lse
+    gradient, dropout keep and dq: masks per head, one head's rows seeing no key, a window, and
+    the additive mask's gradient; then dropout. (float32 and float16 run a head an item: the
+    same cases, the old way.)"""
+    cpu = types.SimpleNamespace(name="cpu", device="cpu")
+    B, Hq, Hkv, Sk = 2, 8, 2, 45  # group 4
+    if mask_kind == "bool":
+        mask = torch.rand(B, Hq, Sq, Sk) > 0.3
+        mask[1, 5] = False  # head 5 of batch 1 sees nothing: zeros, beside heads that see keys
+    else:
+        mask = torch.randn(B, Hq, Sq, Sk).to(dtype)
+    ins = _inputs(cpu, B, Hq, Hkv, Sq, Sk, 64, dtype, mask=mask, causal=True, window=30)
+    _check(cpu, f"{Hq}/{Hkv} heads x {Sq} rows, {mask_kind} mask per head", ins,
+           grad=("q", "k", "v") + (("attn_mask",) if mask_kind == "additive" else ()))
+    ins.update(dropout_p=0.3, dropout_seed=torch.tensor([5]))
+    check_against_reference(lambda **kw: lmfast.ops.attention(**kw, return_lse=True, backend="cpu"),
+                            _reference_with_seed, ins, grad=("q", "k", "v"),
+                            name=f"attention cpu {Hq}/{Hkv} heads x {Sq} rows, {mask_kind} mask, dropout")
+
+
 @pytest.mark.parametrize("ratio", [1, 3, 8])
 def test_grouped_query_ratios(ratio, ab, dtype):
     _check(ab, f"GQA {ratio}", _inputs(ab, 2, 2 * ratio, 2, 19, 40, 32, dtype, causal=True))

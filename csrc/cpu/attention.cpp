@@ -459,25 +459,6 @@ acc_t max_row(const acc_t* row, int64_t lo, int64_t hi) {
   return hmax(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
 }
 
-// The query tile (rows x D, rows `ld` elements apart) times `scale`, as contiguous acc_t.
-template <typename scalar_t>
-const at::opmath_type<scalar_t>* scaled_query_tile(const scalar_t* src, int64_t rows, int64_t D, int64_t ld,
-                                                   at::opmath_type<scalar_t> scale,
-                                                   std::vector<at::opmath_type<scalar_t>>& buf) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  buf.resize(rows * D);
-  for (int64_t r = 0; r < rows; ++r) {
-    for_each_chunk<Chunk<scalar_t>::kChunk>(D, [&](int64_t d, int64_t n) {
-      auto c = Chunk<scalar_t>::load(src + r * ld + d, n);
-      c.lo = c.lo * Vec(scale);
-      c.hi = c.hi * Vec(scale);
-      c.store_acc(buf.data() + r * D + d, n);
-    });
-  }
-  return buf.data();
-}
-
 // The forward works on tiles of query rows that share one kv head, against a range of keys:
 //   long queries  (group * Sq > kBlockQ): a block of consecutive queries of one head (128 or 256), all keys;
 //   short queries (decoding, small prefills): every query of every head of a kv-head group
@@ -1270,6 +1251,46 @@ struct BackwardRows {
 // The per-row steps between a block's tile products, shared by both backward kernels: after
 // the scores of keys [k0, k1) are in rows.p, `probs` turns them into p; after dp is in
 // rows.ds, `grads` turns it into ds (and writes the mask's gradient).
+// The query rows of a backward work item (BackwardPlan): `heads` heads from h0, each with the
+// rows i0 .. i0 + nq of the item's query block, head-major (item row r: head r / nq, query
+// i0 + r % nq). Its rows are contiguous in q, do and dq where it has one head; a group's heads
+// are Sq rows apart.
+struct ItemRows {
+  int64_t b, h0, i0, nq, heads, Hq, Sq;
+  int64_t count() const { return nq * heads; }
+  int64_t head(int64_t r) const { return h0 + r / nq; }
+  int64_t query(int64_t r) const { return i0 + r % nq; }
+  int64_t global(int64_t r) const { return (b * Hq + head(r)) * Sq + query(r); }  // the row over (B, Hq, Sq)
+};
+
+// The item's rows of x (B, Hq, Sq, width), contiguous (rows x width) acc_t times `scale`.
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* widened_item_rows(const scalar_t* x, const ItemRows& ir, int64_t width,
+                                                   at::opmath_type<scalar_t> scale,
+                                                   std::vector<at::opmath_type<scalar_t>>& buf) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = Vectorized<acc_t>;
+  buf.resize(ir.count() * width);
+  for (int64_t r = 0; r < ir.count(); ++r) {
+    const scalar_t* src = x + ir.global(r) * width;
+    for_each_chunk<Chunk<scalar_t>::kChunk>(width, [&](int64_t d, int64_t n) {
+      auto c = Chunk<scalar_t>::load(src + d, n);
+      c.lo = c.lo * Vec(scale);
+      c.hi = c.hi * Vec(scale);
+      c.store_acc(buf.data() + r * width + d, n);
+    });
+  }
+  return buf.data();
+}
+
+// The item's rows of x (B, Hq, Sq, width), contiguous (rows x width), copied into buf.
+template <typename scalar_t>
+const scalar_t* gathered_rows(const scalar_t* x, const ItemRows& ir, int64_t width, std::vector<scalar_t>& buf) {
+  buf.resize(ir.count() * width);
+  for (int64_t r = 0; r < ir.count(); ++r) std::copy_n(x + ir.global(r) * width, width, buf.data() + r * width);
+  return buf.data();
+}
+
 template <typename acc_t, typename mask_t>
 struct BackwardRowSteps {
   const Geometry& g;
@@ -1280,47 +1301,47 @@ struct BackwardRowSteps {
   const Dropout& drop;
 
   // Scales (by pre_scale, where the tile lacks the scale), caps and masks scores tile
-  // [j0, j0 + nk) of the block's rows (queries i0 ..) of head (b, h).
-  void mask_tile(BackwardRows<acc_t>& rows, int64_t nq, int64_t b, int64_t h, int64_t i0, int64_t j0, int64_t nk,
+  // [j0, j0 + nk) of the item's rows.
+  void mask_tile(BackwardRows<acc_t>& rows, const ItemRows& ir, int64_t j0, int64_t nk,
                  acc_t pre_scale = acc_t(1)) const {
-    for (int64_t r = 0; r < nq; ++r)
-      prepare_row(rows.p_at(r, j0), i0 + r, j0, nk, band, mask.row(b, h, i0 + r), mask.sk, rows.cap_at(r, j0),
-                  pre_scale);
+    for (int64_t r = 0; r < ir.count(); ++r)
+      prepare_row(rows.p_at(r, j0), ir.query(r), j0, nk, band, mask.row(ir.b, ir.head(r), ir.query(r)), mask.sk,
+                  rows.cap_at(r, j0), pre_scale);
   }
   // dropped[t - first]: whether the mask drops key tile t (of `tiles`, from first = the one at
-  // k0, up to k1) for the block's rows (queries i0 .. i0 + nq of head (b, h)) whole
-  // (mask_drops_tile). Such tiles skip their products; their entries of rows are set here as
-  // masking would have left them (drop_tile).
-  void drop_masked_tiles(BackwardRows<acc_t>& rows, const Tiles& tiles, int64_t b, int64_t h, int64_t i0, int64_t nq,
-                         int64_t k0, int64_t k1, std::vector<char>& dropped) const {
-    auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{h, i0 + r}; };
+  // k0, up to k1) for the item's rows whole (mask_drops_tile). Such tiles skip their products;
+  // their entries of rows are set here as masking would have left them (drop_tile).
+  void drop_masked_tiles(BackwardRows<acc_t>& rows, const Tiles& tiles, const ItemRows& ir, int64_t k0, int64_t k1,
+                         std::vector<char>& dropped) const {
+    auto row_of = [&](int64_t r) { return std::pair<int64_t, int64_t>{ir.head(r), ir.query(r)}; };
     dropped.clear();
     for (int64_t t = k0 < k1 ? tiles.of(k0) : tiles.count(); t < tiles.count() && tiles.begin(t) < k1; ++t) {
-      dropped.push_back(mask_drops_tile(mask, band, b, nq, row_of, tiles.begin(t), tiles.size(t)));
-      if (dropped.back()) rows.drop_tile(nq, tiles.begin(t), tiles.size(t));
+      dropped.push_back(mask_drops_tile(mask, band, ir.b, ir.count(), row_of, tiles.begin(t), tiles.size(t)));
+      if (dropped.back()) rows.drop_tile(ir.count(), tiles.begin(t), tiles.size(t));
     }
   }
-  void probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t i0, int64_t k0, int64_t k1) const {
-    for (int64_t r = 0; r < nq; ++r) backward_probs_row(rows.p_at(r, k0), i0 + r, k0, k1 - k0, band);
+  void probs(BackwardRows<acc_t>& rows, const ItemRows& ir, int64_t k0, int64_t k1) const {
+    for (int64_t r = 0; r < ir.count(); ++r) backward_probs_row(rows.p_at(r, k0), ir.query(r), k0, k1 - k0, band);
   }
-  // The p tile [j0, j0 + nk) of the block's rows (global rows row0 ..) as dv's product takes
-  // it: p itself, or with dropout p * keep / (1 - dropout_p) in `buf`. Returns (tile, leading dim).
-  std::pair<const acc_t*, int64_t> dv_probs(BackwardRows<acc_t>& rows, int64_t nq, int64_t row0, int64_t j0,
-                                            int64_t nk, std::vector<acc_t>& buf) const {
+  // The p tile [j0, j0 + nk) of the item's rows as dv's product takes it: p itself, or with
+  // dropout p * keep / (1 - dropout_p) in `buf`. Returns (tile, leading dim).
+  std::pair<const acc_t*, int64_t> dv_probs(BackwardRows<acc_t>& rows, const ItemRows& ir, int64_t j0, int64_t nk,
+                                            std::vector<acc_t>& buf) const {
     if (!drop.on) return {rows.p_at(0, j0), rows.ld};
-    buf.resize(nq * nk);
-    for (int64_t r = 0; r < nq; ++r)
-      drop.apply(buf.data() + r * nk, rows.p_at(r, j0), nk, drop.row_key(row0 + r), j0, acc_t(drop.keep_scale));
+    buf.resize(ir.count() * nk);
+    for (int64_t r = 0; r < ir.count(); ++r)
+      drop.apply(buf.data() + r * nk, rows.p_at(r, j0), nk, drop.row_key(ir.global(r)), j0, acc_t(drop.keep_scale));
     return {buf.data(), nk};
   }
-  void grads(BackwardRows<acc_t>& rows, int64_t nq, int64_t row0, int64_t k0, int64_t k1) const {
-    for (int64_t r = 0; r < nq; ++r) {
+  void grads(BackwardRows<acc_t>& rows, const ItemRows& ir, int64_t k0, int64_t k1) const {
+    for (int64_t r = 0; r < ir.count(); ++r) {
+      const int64_t row = ir.global(r);
       acc_t* ds = rows.ds_at(r, k0);
       if (drop.on)  // dp of the dropped p: dp * keep / (1 - dropout_p)
-        drop.apply(ds, ds, k1 - k0, drop.row_key(row0 + r), k0, acc_t(drop.keep_scale));
-      backward_ds_row(rows.p_at(r, k0), ds, k1 - k0, dlse != nullptr ? dlse[row0 + r] : acc_t(0));
+        drop.apply(ds, ds, k1 - k0, drop.row_key(row), k0, acc_t(drop.keep_scale));
+      backward_ds_row(rows.p_at(r, k0), ds, k1 - k0, dlse != nullptr ? dlse[row] : acc_t(0));
       if (dmask != nullptr) {  // d(loss)/d(additive mask) = ds (0, as allocated, outside [k0, k1))
-        std::copy(ds, ds + (k1 - k0), dmask + (row0 + r) * g.Sk + k0);
+        std::copy(ds, ds + (k1 - k0), dmask + row * g.Sk + k0);
       }
       if (const acc_t* cap = rows.cap_at(r, k0)) {  // the scores before the cap: ds (1 - tanh^2)
         using Vec = Vectorized<acc_t>;
@@ -1334,7 +1355,15 @@ struct BackwardRowSteps {
 
 // How the backward splits its work over tasks. Each (b, kv head) owns dk, dv of its keys and
 // the dq of the query heads reading it; its work items are (query block, head of the group)
-// pairs, listed query block first. Where the (b, kv head)s alone are fewer than
+// pairs, listed query block first, except that a block of few rows (decoding: a row or two a
+// sequence or document) may take several of the group's heads in one item, up to
+// `stacked_rows` rows: one set of products over its keys for them all, instead of a set a head.
+// The bfloat16 backward stacks up to kPaddedRows, to which its brgemm products pad every block
+// anyway (a decoding step's backward 1.2-2x faster). The float one does not: MKL's sgemm on 2-3
+// rows was no faster than as many one-row calls at 300 keys (155 against 160-190 us), and from
+// 4 rows on it takes FMA-chain kernels for q k^T with 1.7x the rounding error of the
+// dot-product ones below (this Zen 4, K = 64 and 192): 6 stacked rows put dv and dk past the
+// budget. Where the (b, kv head)s alone are fewer than
 // kBackwardTasks (a batch of 1, grouped-query or multi-query attention), each one's items are
 // cut into `chunks` runs of about equal cost (rows x visible keys; kChunkRows rows or more on
 // average), one task each: a chunk writes the dq of its rows and sums its rows' dk, dv into a
@@ -1352,27 +1381,34 @@ constexpr int64_t kChunkRows = 16;
 // a power of two times 256 keys. Counting the stride instead would halve the chunks there.)
 constexpr int64_t kBackwardPartialBytes = int64_t(32) << 20;
 
+// A backward work item: query block qb of `heads` heads of the group, from h_lo.
+struct BackwardItem {
+  int64_t qb, h_lo, heads;
+};
+
 struct BackwardPlan {
   int64_t block_q = 0, q_blocks = 0, group = 0;  // block_q: the most rows of a query block
+  int64_t max_item_rows = 0;                     // the most rows of an item (block rows x heads)
   Tiles q_tiles, k_tiles;                        // the query blocks, and the key tiles (kBlockK)
+  std::vector<BackwardItem> work;                // the items, query block first
   int64_t chunks = 1;
   std::vector<int64_t> first_item;                      // chunk c: items [first_item[c], first_item[c + 1])
   std::vector<std::pair<int64_t, int64_t>> keys;        // chunk c: its rows' keys [k0, k1) (k0 = k1: none)
   std::vector<int64_t> partial_key;                     // chunk c: its partial's first column, per (b, kv head)
   int64_t partial_keys = 0;                             // all chunks' partials of one (b, kv head), in columns
 
-  int64_t items() const { return q_blocks * group; }
+  int64_t items() const { return int64_t(work.size()); }
   int64_t keys_of(int64_t c) const { return keys[c].second - keys[c].first; }
   // Chunk c's partial's columns (its row stride): its keys rounded up by key_stride, 0 with none.
   int64_t partial_ld(int64_t c) const { return keys_of(c) > 0 ? key_stride(keys_of(c)) : 0; }
-  // Item -> (query block, head within the group).
-  std::pair<int64_t, int64_t> item(int64_t it) const { return {it / group, it % group}; }
-  // Whether some query block of chunk c has kSmallRows rows or more: only products of such
-  // blocks read K^T and V^T (product_with_rows multiplies fewer rows by K's and V's rows as
-  // stored), so a chunk of decoding rows need not transpose its keys.
+  const BackwardItem& item(int64_t it) const { return work[it]; }
+  int64_t rows_of(const BackwardItem& it) const { return q_tiles.size(it.qb) * it.heads; }
+  // Whether some item of chunk c has kSmallRows rows or more: only products of such items
+  // read K^T and V^T (product_with_rows multiplies fewer rows by K's and V's rows as stored),
+  // so a chunk of decoding rows need not transpose its keys.
   bool has_wide_block(int64_t c) const {
     for (int64_t it = first_item[c]; it < first_item[c + 1]; ++it)
-      if (q_tiles.size(item(it).first) >= kSmallRows) return true;
+      if (rows_of(item(it)) >= kSmallRows) return true;
     return false;
   }
   // The key tiles [first, end) of [k0, k1) (a tile start and a tile end, or k0 = k1: none).
@@ -1383,7 +1419,7 @@ struct BackwardPlan {
 };
 
 template <typename acc_t>
-BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
+BackwardPlan backward_plan(const Geometry& g, const KeyBand& band, int64_t stacked_rows) {
   BackwardPlan plan;
   plan.block_q = backward_block_rows<acc_t>(g.Sk);
   plan.q_tiles = band.query_tiles(g.Sq, plan.block_q);  // (cut at documents' starts, where there are some)
@@ -1395,6 +1431,12 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   plan.k_tiles = band.key_tiles(kBlockK);
   plan.q_blocks = plan.q_tiles.count();
   plan.group = g.group();
+  for (int64_t qb = 0; qb < plan.q_blocks; ++qb) {
+    const int64_t heads = std::max<int64_t>(1, stacked_rows / plan.q_tiles.size(qb));  // an item's
+    for (int64_t h = 0; h < plan.group; h += heads) plan.work.push_back({qb, h, std::min(heads, plan.group - h)});
+  }
+  plan.max_item_rows = plan.block_q;
+  for (const BackwardItem& it : plan.work) plan.max_item_rows = std::max(plan.max_item_rows, plan.rows_of(it));
   const int64_t heads = g.B * g.Hkv, items = plan.items();
   // dk + dv, all keys
   const int64_t chunk_bytes = std::max<int64_t>(1, g.Sk * (g.D + g.Dv)) * int64_t(sizeof(acc_t));
@@ -1412,9 +1454,10 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   std::vector<std::pair<int64_t, int64_t>> block_keys(plan.q_blocks);
   std::vector<int64_t> cost_before(items + 1, 0);  // prefix sums
   for (int64_t it = 0; it < items; ++it) {
-    const int64_t qb = plan.item(it).first, i0 = plan.q_tiles.begin(qb), nq = plan.q_tiles.size(qb);
-    if (it % plan.group == 0) block_keys[qb] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);
-    cost_before[it + 1] = cost_before[it] + nq * (block_keys[qb].second - block_keys[qb].first + g.D);
+    const BackwardItem& item = plan.item(it);
+    const int64_t qb = item.qb, i0 = plan.q_tiles.begin(qb), nq = plan.q_tiles.size(qb);
+    if (item.h_lo == 0) block_keys[qb] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);
+    cost_before[it + 1] = cost_before[it] + nq * item.heads * (block_keys[qb].second - block_keys[qb].first + g.D);
   }
   // Chunk c ends at the first item whose prefix cost reaches c + 1 chunks' share.
   plan.first_item.assign(plan.chunks + 1, 0);
@@ -1427,7 +1470,7 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band) {
   for (int64_t c = 0; c < plan.chunks; ++c) {
     int64_t k0 = g.Sk, k1 = 0;
     for (int64_t it = plan.first_item[c]; it < plan.first_item[c + 1]; ++it) {
-      const auto [b0, b1] = block_keys[plan.item(it).first];
+      const auto [b0, b1] = block_keys[plan.item(it).qb];
       if (b0 < b1) k0 = std::min(k0, b0), k1 = std::max(k1, b1);
     }
     plan.keys.push_back(k0 < k1 ? std::pair<int64_t, int64_t>{k0, k1} : std::pair<int64_t, int64_t>{0, 0});
@@ -1572,7 +1615,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       return attention_bwd_packed(dout, q, k, v, dlse, mask, g, scale, band, drop, dq, dk, dv, dmask);
     }
   }
-  const BackwardPlan plan = backward_plan<acc_t>(g, band);
+  const BackwardPlan plan = backward_plan<acc_t>(g, band, /*stacked_rows=*/1);  // (one head an item: see BackwardPlan)
   const KeyGradPartials<acc_t> partials(plan, g);
   const BackwardRowSteps<acc_t, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
@@ -1586,10 +1629,11 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   // ld_part (both key_stride).
   const int64_t full_rows = backward_block_rows<acc_t>(g.Sk), ld_keys = key_stride(g.Sk);
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    BackwardRows<acc_t> rows(plan.block_q, g.Sk, band.softcap > 0);
-    std::vector<acc_t> dq_buf(plan.block_q * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
-    // K^T and V^T, key ck0 first (sized where a chunk first needs them); q^T and do^T of a block
-    std::vector<acc_t> kT, vT, qT(D * plan.block_q), doT(Dv * plan.block_q);
+    const int64_t most_rows = plan.max_item_rows;
+    BackwardRows<acc_t> rows(most_rows, g.Sk, band.softcap > 0);
+    std::vector<acc_t> dq_buf(most_rows * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
+    // K^T and V^T, key ck0 first (sized where a chunk first needs them); q^T and do^T of an item
+    std::vector<acc_t> kT, vT, qT(D * most_rows), doT(Dv * most_rows);
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     for (int64_t task = begin; task < end; ++task) {
       const int64_t c = task % plan.chunks, bh = task / plan.chunks, b = bh / g.Hkv, hk = bh % g.Hkv;
@@ -1608,16 +1652,20 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
       const auto [dkT, dvT] = partials.chunk(bh, c, own_parts);
       const int64_t ld_part = plan.partial_ld(c);
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
-        const auto [qb, h_in_group] = plan.item(item);
-        const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
-        const int64_t nq = plan.q_tiles.size(qb), row0 = (b * g.Hq + h) * g.Sq + i0;
-        const acc_t* qt = scaled_query_tile(q + row0 * D, nq, D, D, scale, q_buf);  // scale * q
-        const acc_t* dot = load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first;  // (nq, Dv)
+        const BackwardItem& work = plan.item(item);
+        const int64_t i0 = plan.q_tiles.begin(work.qb), rows_in_block = plan.q_tiles.size(work.qb);
+        const ItemRows ir{b, hk * g.group() + work.h_lo, i0, rows_in_block, work.heads, g.Hq, g.Sq};
+        const int64_t nq = ir.count(), row0 = ir.global(0);  // the item's rows; with one head, from row0 on
+        // scale * q and do, (nq, D) and (nq, Dv): a group's heads gathered (their rows lie Sq apart)
+        const acc_t* qt = widened_item_rows(q, ir, D, scale, q_buf);
+        const acc_t* dot = ir.heads == 1 ? load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first
+                                         : widened_item_rows(dout, ir, Dv, acc_t(1), do_buf);
         transpose_tile(qt, nq, D, D, qT.data());
         transpose_tile(dot, nq, Dv, Dv, doT.data());
         std::fill(dq_buf.begin(), dq_buf.begin() + nq * D, acc_t(0));
-        const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
-        steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
+        // the keys these rows see (the group's heads share their rows' positions)
+        const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + rows_in_block);
+        steps.drop_masked_tiles(rows, plan.k_tiles, ir, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
         // f(j0, nk, key j0's offset from ck0, whether the tile is full), tiles not dropped
         auto each_tile = [&](auto&& f) {
@@ -1631,22 +1679,25 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         auto vT_at = [&](int64_t at) { return keys_transposed ? vT.data() + at : nullptr; };
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {  // s = (scale q) k^T, masked
           product_with_rows(nq, nk, D, qt, D, kw + at * D, D, kT_at(at), ld_keys, rows.p_at(0, j0), rows.ld, full);
-          steps.mask_tile(rows, nq, b, h, i0, j0, nk);
+          steps.mask_tile(rows, ir, j0, nk);
         });
-        steps.probs(rows, nq, i0, k0, k1);
+        steps.probs(rows, ir, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
-          const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
+          const auto [pt, ldp] = steps.dv_probs(rows, ir, j0, nk, pd_buf);
           tile_product(Dv, nk, nq, doT.data(), nq, pt, ldp, dvT + at, ld_part, true, full);  // dv^T += do^T p
           product_with_rows(nq, nk, Dv, dot, Dv, vw + at * Dv, Dv, vT_at(at), ld_keys, rows.ds_at(0, j0),
                             rows.ld, full);  // dp = do v^T
         });
-        steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
+        steps.grads(rows, ir, k0, k1);  // ds = p (dp - delta + dlse)
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           tile_product(nq, D, nk, rows.ds_at(0, j0), rows.ld, kw + at * D, D, dq_buf.data(), D, true, full);  // dq += ds k
           tile_product(D, nk, nq, qT.data(), nq, rows.ds_at(0, j0), rows.ld, dkT + at, ld_part, true,
                        full);  // dk^T += (scale q)^T ds
         });
-        for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = scalar_t(dq_buf[n] * scale);  // dq = scale ds k
+        for (int64_t r = 0; r < nq; ++r) {  // dq = scale ds k
+          scalar_t* dq_row = dq + ir.global(r) * D;
+          for (int64_t d = 0; d < D; ++d) dq_row[d] = scalar_t(dq_buf[r * D + d] * scale);
+        }
       }
       partials.task_done(bh, own_parts, acc_t(1), dk, dv);
     }
@@ -1701,9 +1752,10 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   using BF = at::BFloat16;
   namespace blas = at::native::cpublas;
   const int64_t D = g.D, Dv = g.Dv;
-  const BackwardPlan plan = backward_plan<float>(g, band);
+  // (a decoding row's products cost what 16 rows' do, padded: a group's heads in one item fill them)
+  const BackwardPlan plan = backward_plan<float>(g, band, /*stacked_rows=*/kPaddedRows);
   const KeyGradPartials<float> partials(plan, g);
-  const int64_t block_q = plan.block_q, rows_pad = round_up(block_q, kPaddedRows);
+  const int64_t block_q = plan.max_item_rows, rows_pad = round_up(block_q, kPaddedRows);
   constexpr int64_t kTileKeys = BackwardPackedKV::kTileKeys;  // also the scratch tile's leading dim
   const BackwardRowSteps<float, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
@@ -1722,7 +1774,8 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
     std::vector<float> dq_acc(rows_pad * D), own_parts, pd_buf;
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
-    std::vector<BF> q_pad, do_pad;  // a block's q and do rows followed by zero rows (padded_rows)
+    std::vector<BF> q_pad, do_pad;  // an item's q and do rows followed by zero rows (padded_rows)
+    std::vector<BF> q_gather, do_gather;  // a group's q and do rows, gathered (gathered_rows)
     std::vector<BF> qT(D * rows_pad), doT(Dv * rows_pad);  // A operands of dk^T, dv^T
     // p, ds packed in row pairs (B operands of dv^T, dk^T); ds plain (the A of dq)
     std::vector<BF> p_p(rows_pad * kTileKeys), ds_p(rows_pad * kTileKeys), ds_b(rows_pad * kTileKeys);
@@ -1766,35 +1819,40 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
       const BackwardPackedKV& kv = shared_kv ? *shared_kv : *own_kv;
       const int64_t slot = shared_kv ? bh : 0;
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
-        const auto [qb, h_in_group] = plan.item(item);
-        const int64_t h = hk * g.group() + h_in_group, i0 = plan.q_tiles.begin(qb);
-        const int64_t nq = plan.q_tiles.size(qb), nq_pad = round_up(nq, kPaddedRows), row0 = (b * g.Hq + h) * g.Sq + i0;
-        const BF* qt = padded_rows(q + row0 * D, nq, nq_pad, D, q_pad);         // the A of s = q K^T
-        const BF* dot = padded_rows(dout + row0 * Dv, nq, nq_pad, Dv, do_pad);  // the A of dp = do V^T
-        transpose_rows(q + row0 * D, nq, D, qT.data(), nq_pad);
-        transpose_rows(dout + row0 * Dv, nq, Dv, doT.data(), nq_pad);
+        const BackwardItem& work = plan.item(item);
+        const int64_t i0 = plan.q_tiles.begin(work.qb), rows_in_block = plan.q_tiles.size(work.qb);
+        const ItemRows ir{b, hk * g.group() + work.h_lo, i0, rows_in_block, work.heads, g.Hq, g.Sq};
+        const int64_t nq = ir.count(), nq_pad = round_up(nq, kPaddedRows), row0 = ir.global(0);
+        // the item's q and do rows, contiguous: in place with one head, else a group's gathered
+        const BF* q_rows = ir.heads == 1 ? q + row0 * D : gathered_rows(q, ir, D, q_gather);
+        const BF* do_rows = ir.heads == 1 ? dout + row0 * Dv : gathered_rows(dout, ir, Dv, do_gather);
+        const BF* qt = padded_rows(q_rows, nq, nq_pad, D, q_pad);         // the A of s = q K^T
+        const BF* dot = padded_rows(do_rows, nq, nq_pad, Dv, do_pad);  // the A of dp = do V^T
+        transpose_rows(q_rows, nq, D, qT.data(), nq_pad);
+        transpose_rows(do_rows, nq, Dv, doT.data(), nq_pad);
         std::fill(dq_acc.begin(), dq_acc.begin() + nq_pad * D, 0.f);
-        const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);  // the keys these rows see
-        steps.drop_masked_tiles(rows, plan.k_tiles, b, h, i0, nq, k0, k1, dropped);
+        // the keys these rows see (the group's heads share their rows' positions)
+        const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + rows_in_block);
+        steps.drop_masked_tiles(rows, plan.k_tiles, ir, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
         auto live = [&](int64_t t) { return !dropped[t - t0]; };
         for (int64_t t = t0; t < t1; ++t) {  // s = q k^T, scaled (exactly as the forward), masked
           if (!live(t)) continue;
           const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t);
           scores_product(nq, nq_pad, nk, D, qt, kv.kT_tile(slot, t), rows.p_at(0, j0));
-          steps.mask_tile(rows, nq, b, h, i0, j0, nk, scale);
+          steps.mask_tile(rows, ir, j0, nk, scale);
         }
-        steps.probs(rows, nq, i0, k0, k1);
+        steps.probs(rows, ir, k0, k1);
         for (int64_t t = t0; t < t1; ++t) {
           if (!live(t)) continue;
           const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nk_pad = round_up(nk, kPaddedKeys);
           // dv^T += do^T p, p packed in row pairs
-          const auto [pt, ldp] = steps.dv_probs(rows, nq, row0, j0, nk, pd_buf);
+          const auto [pt, ldp] = steps.dv_probs(rows, ir, j0, nk, pd_buf);
           pack_rows_rounded(pt, nq, nk, ldp, p_p.data(), nq_pad, nk_pad);
           add_transposed_product(Dv, nq_pad, nk, doT.data(), p_p.data(), dvT_acc + (j0 - ck0), ldc);
           scores_product(nq, nq_pad, nk, Dv, dot, kv.vT_tile(slot, t), rows.ds_at(0, j0));  // dp = do v^T
         }
-        steps.grads(rows, nq, row0, k0, k1);  // ds = p (dp - delta + dlse)
+        steps.grads(rows, ir, k0, k1);  // ds = p (dp - delta + dlse)
         for (int64_t t = t0; t < t1; ++t) {
           if (!live(t)) continue;
           const int64_t j0 = plan.k_tiles.begin(t), nk = plan.k_tiles.size(t), nk_pad = round_up(nk, kPaddedKeys);
@@ -1808,7 +1866,10 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           pack_rows_rounded(rows.ds_at(0, j0), nq, nk, rows.ld, ds_p.data(), nq_pad, nk_pad);  // dk^T += q^T ds
           add_transposed_product(D, nq_pad, nk, qT.data(), ds_p.data(), dkT_acc + (j0 - ck0), ldc);
         }
-        for (int64_t n = 0; n < nq * D; ++n) dq[row0 * D + n] = BF(dq_acc[n] * scale);
+        for (int64_t r = 0; r < nq; ++r) {
+          BF* dq_row = dq + ir.global(r) * D;
+          for (int64_t d = 0; d < D; ++d) dq_row[d] = BF(dq_acc[r * D + d] * scale);
+        }
       }
       partials.task_done(bh, own_parts, scale, dk, dv);
     }
