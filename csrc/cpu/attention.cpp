@@ -1826,7 +1826,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         // the item's q and do rows, contiguous: in place with one head, else a group's gathered
         const BF* q_rows = ir.heads == 1 ? q + row0 * D : gathered_rows(q, ir, D, q_gather);
         const BF* do_rows = ir.heads == 1 ? dout + row0 * Dv : gathered_rows(dout, ir, Dv, do_gather);
-        const BF* qt = padded_rows(q_rows, nq, nq_pad, D, q_pad);         // the A of s = q K^T
+        const BF* qt = padded_rows(q_rows, nq, nq_pad, D, q_pad);      // the A of s = q K^T
         const BF* dot = padded_rows(do_rows, nq, nq_pad, Dv, do_pad);  // the A of dp = do V^T
         transpose_rows(q_rows, nq, D, qT.data(), nq_pad);
         transpose_rows(do_rows, nq, Dv, doT.data(), nq_pad);
