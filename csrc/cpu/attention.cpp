@@ -1432,7 +1432,7 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band, int64_t stack
   plan.q_blocks = plan.q_tiles.count();
   plan.group = g.group();
   for (int64_t qb = 0; qb < plan.q_blocks; ++qb) {
-    const int64_t heads = std::max<int64_t>(1, stacked_rows / plan.q_tiles.size(qb));  // an item's
+    const int64_t heads = std::max<int64_t>(1, stacked_rows / plan.q_tiles.size(qb));  // heads an item holds
     for (int64_t h = 0; h < plan.group; h += heads) plan.work.push_back({qb, h, std::min(heads, plan.group - h)});
   }
   plan.max_item_rows = plan.block_q;
