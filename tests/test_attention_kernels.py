@@ -190,6 +190,26 @@ def test_cpu_backward_of_a_groups_few_rows_together(Sq, mask_kind, dtype):
                             name=f"attention cpu {Hq}/{Hkv} heads x {Sq} rows, {mask_kind} mask, dropout")
 
 
+@pytest.mark.parametrize("case", ["sequences in disjoint chunks", "draft rows in overlapping chunks"])
+def test_cpu_backward_of_few_row_items_in_chunks(case, dtype):
+    """The C++ backward cuts a kv head's work items into chunks, each summing its rows' dk, dv
+    over the keys they see. Where every item has few rows (decoding) the float kernel sums them
+    as rows; where no two chunks share a key (packed sequences, cut at a sequence's start) each
+    chunk writes its own keys, and zeros for the keys before them that no row sees. Here 40
+    one-token sequences over 1-20 cached keys, with caches no query reads first, in the middle
+    and last (5 disjoint chunks a kv head); and 4 draft rows of 8 heads on one kv head (2
+    chunks over the same keys, added up)."""
+    cpu = types.SimpleNamespace(name="cpu", device="cpu")
+    if case == "sequences in disjoint chunks":
+        lens_q = [0] + [1] * 20 + [0] + [1] * 19 + [0]
+        lens_k = torch.randint(1, 21, (len(lens_q),), generator=torch.Generator().manual_seed(3)).tolist()
+        ins = _inputs(cpu, 1, 4, 2, sum(lens_q), sum(lens_k), 32, dtype, causal=True)
+        ins.update(cu_seqlens_q=cu_seqlens(lens_q, "cpu"), cu_seqlens_k=cu_seqlens(lens_k, "cpu"))
+    else:
+        ins = _inputs(cpu, 1, 8, 1, 4, 300, 64, dtype, causal=True)
+    _check(cpu, case, ins)
+
+
 @pytest.mark.parametrize("ratio", [1, 3, 8])
 def test_grouped_query_ratios(ratio, ab, dtype):
     _check(ab, f"GQA {ratio}", _inputs(ab, 2, 2 * ratio, 2, 19, 40, 32, dtype, causal=True))

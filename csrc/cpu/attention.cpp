@@ -248,16 +248,17 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
             const double* beta, double* c, const int* ldc) __attribute__((weak));
 }
 
-// Row-major C (m x n, leading dim ldc) = alpha A op(B) + beta C, where A is m x k and op(B)
-// is k x n (B stored k x n, or n x k when b_t). beta = 0 ignores C's old contents.
+// Row-major C (m x n, leading dim ldc) = alpha op(A) op(B) + beta C, where op(A) is m x k (A
+// stored m x k, or k x m when a_t) and op(B) is k x n (B stored k x n, or n x k when b_t).
+// beta = 0 ignores C's old contents.
 template <typename acc_t>
 void gemm(bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a,
-          int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc) {
+          int64_t lda, const acc_t* b, int64_t ldb, acc_t beta, acc_t* c, int64_t ldc, bool a_t = false) {
   if (m == 0 || n == 0) return;
   const bool blas_ok = k > 0;  // BLAS wants leading dims >= 1; k = 0 (D = 0) goes to addmm
   // Row-major C is column-major C^T = op(B)^T op(A)^T, and a row-major matrix read as
-  // column-major is its transpose: so B goes first, with its transpose as stored.
-  const char ta = b_t ? 'T' : 'N', tb = 'N';
+  // column-major is its transpose: so B goes first, each with its transpose flag as stored.
+  const char ta = b_t ? 'T' : 'N', tb = a_t ? 'T' : 'N';
   const int M = int(n), N = int(m), K = int(k), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
   if constexpr (std::is_same_v<acc_t, float>) {
     if (sgemm_ != nullptr && blas_ok) return sgemm_(&ta, &tb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
@@ -270,7 +271,7 @@ void gemm(bool b_t, int64_t m, int64_t n, int64_t k, acc_t alpha, const acc_t* a
     return t ? v.t() : v;
   };
   Tensor ct = view(c, m, n, ldc, false);
-  ct.addmm_(view(a, m, k, lda, false), view(b, b_t ? n : k, b_t ? k : n, ldb, b_t), beta, alpha);
+  ct.addmm_(view(a, a_t ? k : m, a_t ? m : k, lda, a_t), view(b, b_t ? n : k, b_t ? k : n, ldb, b_t), beta, alpha);
 }
 
 // Whether float tile products run on oneDNN's brgemm (tile_product); LMFAST_CPU_BRGEMM=0 turns
@@ -537,28 +538,29 @@ template <typename acc_t>
 struct TransposedKeys {
   Tiles keys;
   int64_t block_q = 0, block_k = 0;
-  int64_t tile_elems = 0;  // block_k * D: tile t of head bh starts at (bh * keys.count() + t) * tile_elems
+  int64_t D = 0;  // tile t of head bh starts at (bh * Sk + keys.begin(t)) * D: each takes its own keys' room
+  int64_t Sk = 0;
   std::vector<acc_t> data;
 
   template <typename scalar_t>
   TransposedKeys(const scalar_t* k, const Geometry& g, const Rows& ks, Tiles key_tiles, int64_t block_q_,
                  int64_t block_k_)
-      : keys(std::move(key_tiles)), block_q(block_q_), block_k(block_k_), tile_elems(block_k_ * g.D),
-        data(g.B * g.Hkv * keys.count() * tile_elems) {
+      : keys(std::move(key_tiles)), block_q(block_q_), block_k(block_k_), D(g.D), Sk(g.Sk),
+        data(g.B * g.Hkv * g.Sk * g.D) {
     const int64_t tiles = keys.count();
     at::parallel_for(0, g.B * g.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> wide;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t t = task % tiles, b = task / tiles / g.Hkv, hk = task / tiles % g.Hkv;
         const auto [kt, ldk] = load_tile(k + ks.at(b, hk, keys.begin(t)), keys.size(t), g.D, ks.s, wide);
-        transpose_tile(kt, keys.size(t), g.D, ldk, data.data() + task * tile_elems);
+        transpose_tile(kt, keys.size(t), g.D, ldk, data.data() + (task / tiles * Sk + keys.begin(t)) * D);
       }
     });
   }
   // The tile beginning at key j0 of head bh: (D x its keys, leading dim = its key count).
   std::pair<const acc_t*, int64_t> tile_at(int64_t bh, int64_t j0) const {
     const int64_t t = keys.of(j0);
-    return {data.data() + (bh * keys.count() + t) * tile_elems, keys.size(t)};
+    return {data.data() + (bh * Sk + keys.begin(t)) * D, keys.size(t)};
   }
 };
 
@@ -687,13 +689,16 @@ inline bool use_bf16_brgemm(const Geometry& g) {
 }
 
 // K and V of every (b, kv head), packed tile by tile (key tiles `keys`, each at most block_k
-// long); tile t of head bh starts at (bh * tiles + t) * tile_elems.
+// long, its keys padded to a multiple of kPaddedKeys); tile t of head bh starts at key
+// bh * head_keys + tile_key[t] (padded_tile_starts).
 struct PackedKV {
-  int64_t block_k = 0, tiles = 0, k_tile_elems = 0, v_tile_elems = 0;
+  int64_t block_k = 0, tiles = 0, D = 0, Dv = 0, head_keys = 0;
   Tiles keys;
+  std::vector<int64_t> tile_key;
   std::vector<at::BFloat16> k, v;
-  const at::BFloat16* k_tile(int64_t bh, int64_t t) const { return k.data() + (bh * tiles + t) * k_tile_elems; }
-  const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + (bh * tiles + t) * v_tile_elems; }
+  int64_t first_key(int64_t bh, int64_t t) const { return bh * head_keys + tile_key[t]; }  // of tile t, in k and v
+  const at::BFloat16* k_tile(int64_t bh, int64_t t) const { return k.data() + first_key(bh, t) * D; }
+  const at::BFloat16* v_tile(int64_t bh, int64_t t) const { return v.data() + first_key(bh, t) * Dv; }
 };
 
 // B = X^T (D x n) in VNNI layout [D/2][n_out][2], from n rows of X (D each, `ld` apart): one
@@ -716,6 +721,16 @@ void pack_transposed(const at::BFloat16* x, int64_t n, int64_t D, int64_t ld, at
 // the cache by ~0.35 MiB every new sequence length (2 threads), forward and backward alike.
 constexpr int64_t kPaddedRows = 16, kPaddedKeys = 32;
 constexpr int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// Where each key tile starts in a head's packed operands, its keys padded to a multiple of
+// kPaddedKeys: tile t at key start[t], start[count] keys a head. Each tile takes its own
+// keys' room, not a full tile's: packed documents make a tile of every short document (32
+// sequences of 8 keys took 32 x 256 keys a head, 9 MiB zeroed on fresh pages each call).
+std::vector<int64_t> padded_tile_starts(const Tiles& keys) {
+  std::vector<int64_t> start(keys.count() + 1, 0);
+  for (int64_t t = 0; t < keys.count(); ++t) start[t + 1] = start[t] + round_up(keys.size(t), kPaddedKeys);
+  return start;
+}
 
 // B = X (n x D) in VNNI layout [ne/2][D][2], ne = n rounded up to even (a zero row pairs with
 // an odd last row), from n rows of X (`ld` apart): rows 2i and 2i + 1 interleaved.
@@ -803,17 +818,19 @@ PackedKV pack_kv(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g
   p.block_k = block_k;
   p.keys = keys;
   p.tiles = keys.count();
-  p.k_tile_elems = round_up(block_k, kPaddedKeys) * g.D;
-  p.v_tile_elems = round_up(block_k, kPaddedKeys) * g.Dv;
-  p.k.resize(g.B * g.Hkv * p.tiles * p.k_tile_elems);
-  p.v.resize(g.B * g.Hkv * p.tiles * p.v_tile_elems);
+  p.D = g.D, p.Dv = g.Dv;
+  p.tile_key = padded_tile_starts(keys);
+  p.head_keys = p.tile_key.back();
+  p.k.resize(g.B * g.Hkv * p.head_keys * g.D);
+  p.v.resize(g.B * g.Hkv * p.head_keys * g.Dv);
   at::parallel_for(0, g.B * g.Hkv * p.tiles, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task % p.tiles, bh = task / p.tiles, b = bh / g.Hkv, hk = bh % g.Hkv;
       const int64_t j0 = keys.begin(t), nk = keys.size(t);
       // K^T (D x round_up(nk, kPaddedKeys)) and V (that many rows): zeros past key nk (resize)
-      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + task * p.k_tile_elems, round_up(nk, kPaddedKeys));
-      pack_rows(v + vs.at(b, hk, j0), nk, g.Dv, vs.s, p.v.data() + task * p.v_tile_elems);
+      pack_transposed(k + ks.at(b, hk, j0), nk, g.D, ks.s, p.k.data() + p.first_key(bh, t) * g.D,
+                      round_up(nk, kPaddedKeys));
+      pack_rows(v + vs.at(b, hk, j0), nk, g.Dv, vs.s, p.v.data() + p.first_key(bh, t) * g.Dv);
     }
   });
   return p;
@@ -1396,6 +1413,12 @@ struct BackwardPlan {
   std::vector<std::pair<int64_t, int64_t>> keys;        // chunk c: its rows' keys [k0, k1) (k0 = k1: none)
   std::vector<int64_t> partial_key;                     // chunk c: its partial's first column, per (b, kv head)
   int64_t partial_keys = 0;                             // all chunks' partials of one (b, kv head), in columns
+  // Whether no two chunks' keys overlap (one chunk; packed documents cut between them): then
+  // each chunk's partial is its keys' dk, dv, written by its own task, which also writes
+  // zeros for the keys that no chunk's rows see in written[c] (the keys from the previous
+  // chunk's last to its own, and, for the last chunk, to Sk). Else the partials are added up.
+  bool disjoint = true;
+  std::vector<std::pair<int64_t, int64_t>> written;     // chunk c, where disjoint: the keys its task writes
 
   int64_t items() const { return int64_t(work.size()); }
   int64_t keys_of(int64_t c) const { return keys[c].second - keys[c].first; }
@@ -1459,12 +1482,24 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band, int64_t stack
     if (item.h_lo == 0) block_keys[qb] = visible_key_range(band, plan.k_tiles, i0, i0 + nq);
     cost_before[it + 1] = cost_before[it] + nq * item.heads * (block_keys[qb].second - block_keys[qb].first + g.D);
   }
-  // Chunk c ends at the first item whose prefix cost reaches c + 1 chunks' share.
+  // Chunk c ends at the first item whose prefix cost reaches c + 1 chunks' share. With packed
+  // documents and 4 query blocks or more a chunk, at the query block's start nearest to it:
+  // then chunks do not share a block's keys, and where they share no document (decoding many
+  // sequences) they are disjoint (no partials to add up; see `disjoint`).
+  const bool at_blocks = !band.cu_q.empty() && plan.q_blocks >= 4 * plan.chunks;
+  auto block_start = [&](int64_t it) { return it == items || plan.item(it).h_lo == 0; };
   plan.first_item.assign(plan.chunks + 1, 0);
   for (int64_t c = 1; c <= plan.chunks; ++c) {
     const int64_t share = c == plan.chunks ? cost_before[items] : cost_before[items] * c / plan.chunks;
-    int64_t it = plan.first_item[c - 1];
+    const int64_t prev = plan.first_item[c - 1];
+    int64_t it = prev;
     while (it < items && cost_before[it] < share) ++it;
+    if (at_blocks && !block_start(it)) {
+      int64_t down = it, up = it;
+      while (down > prev && !block_start(down)) --down;
+      while (!block_start(up)) ++up;
+      it = share - cost_before[down] <= cost_before[up] - share ? down : up;
+    }
     plan.first_item[c] = c == plan.chunks ? items : it;
   }
   for (int64_t c = 0; c < plan.chunks; ++c) {
@@ -1477,121 +1512,179 @@ BackwardPlan backward_plan(const Geometry& g, const KeyBand& band, int64_t stack
     plan.partial_key.push_back(plan.partial_keys);
     plan.partial_keys += plan.partial_ld(c);
   }
+  int64_t seen = 0;  // the last key of the chunks so far
+  for (int64_t c = 0; c < plan.chunks; ++c) {
+    if (plan.keys_of(c) == 0) continue;
+    if (plan.keys[c].first < seen) plan.disjoint = false;
+    seen = plan.keys[c].second;
+  }
+  for (int64_t c = 0, lo = 0; plan.disjoint && c < plan.chunks; ++c) {
+    const int64_t hi = c + 1 == plan.chunks ? g.Sk : plan.keys_of(c) > 0 ? plan.keys[c].second : lo;
+    plan.written.push_back({lo, hi});
+    lo = hi;
+  }
   return plan;
 }
 
 // The dk, dv partials of a plan's chunks, and their sum into dk, dv. Chunk c of a (b, kv head)
-// sums into (dk part, dv part) from column plan.partial_key[c] of each, over its keys,
-// transposed: (D, keys) and (Dv, keys) row-major with row stride plan.partial_ld(c), as both
-// backward kernels accumulate them (dk^T += q^T ds, dv^T += do^T p). With one chunk per
-// (b, kv head), its task keeps them in its own buffer and writes dk, dv at once; with more,
-// they live here until write_all(), after every chunk is done.
-template <typename acc_t>
+// sums into (dk part, dv part) over its keys, in one of two layouts: transposed, (D, keys) and
+// (Dv, keys) row-major with row stride plan.partial_ld(c), as products over blocks of many rows
+// accumulate them (dk^T += q^T ds, dv^T += do^T p, on brgemm); or as rows, (keys, D) and
+// (keys, Dv), as the float backward accumulates them where every item has few rows (dk += ds^T
+// q: decoding), which dk, dv take with no transpose. Where the plan's chunks are disjoint, a
+// task keeps its chunk's partial in its own buffer and writes its keys of dk, dv at once (float
+// rows: the partial is dk, dv themselves, no buffer); else the partials live here until
+// write_all(), after every chunk is done, adds them up.
+template <typename acc_t, typename scalar_t>
 class KeyGradPartials {
  public:
-  KeyGradPartials(const BackwardPlan& plan, const Geometry& g)
-      : plan_(plan), g_(g), head_elems_(plan.partial_keys * (g.D + g.Dv)),
-        shared_(plan.chunks > 1 ? new acc_t[g.B * g.Hkv * head_elems_] : nullptr) {}
+  // dk is written times dk_scale.
+  KeyGradPartials(const BackwardPlan& plan, const Geometry& g, bool rows, acc_t dk_scale, scalar_t* dk, scalar_t* dv)
+      : plan_(plan), g_(g), rows_(rows), dk_scale_(dk_scale), dk_(dk), dv_(dv),
+        head_elems_(plan.partial_keys * (g.D + g.Dv)),
+        shared_(plan.disjoint ? nullptr : new acc_t[g.B * g.Hkv * head_elems_]) {}
 
   // The (dk, dv) partials of chunk c of (b, kv head) bh, zeroed over the chunk's keys (by the
-  // task, so each thread first touches the pages it uses; the columns past them, up to the row
-  // stride, are never read). `own` holds them when there is one chunk.
+  // task, so each thread first touches the pages it uses; the keys past them, up to
+  // partial_ld(c), are never read). `own` holds them where the chunks are disjoint.
   std::pair<acc_t*, acc_t*> chunk(int64_t bh, int64_t c, std::vector<acc_t>& own) const {
-    acc_t* parts = shared_ ? shared_.get() + bh * head_elems_ : (own.resize(head_elems_), own.data());
-    const auto [dk_part, dv_part] = parts_of(parts, c);
-    const int64_t ld = plan_.partial_ld(c), n = plan_.keys_of(c);
-    for (int64_t d = 0; d < g_.D; ++d) std::fill_n(dk_part + d * ld, n, acc_t(0));
-    for (int64_t d = 0; d < g_.Dv; ++d) std::fill_n(dv_part + d * ld, n, acc_t(0));
+    const int64_t n = plan_.keys_of(c), ld = plan_.partial_ld(c), D = g_.D, Dv = g_.Dv;
+    acc_t *dk_part = nullptr, *dv_part = nullptr;
+    if (shared_) {
+      std::tie(dk_part, dv_part) = parts_of(shared_.get() + bh * head_elems_, c);
+    } else if constexpr (std::is_same_v<acc_t, scalar_t>) {
+      if (in_place()) {
+        const int64_t kv0 = bh * g_.Sk + plan_.keys[c].first;  // key row k0, over (B, Hkv, Sk)
+        dk_part = dk_ + kv0 * D, dv_part = dv_ + kv0 * Dv;
+      }
+    }
+    if (dk_part == nullptr) {
+      own.resize(ld * (D + Dv));
+      dk_part = own.data(), dv_part = own.data() + ld * D;
+    }
+    if (rows_) {
+      std::fill_n(dk_part, n * D, acc_t(0));
+      std::fill_n(dv_part, n * Dv, acc_t(0));
+    } else {
+      for (int64_t d = 0; d < D; ++d) std::fill_n(dk_part + d * ld, n, acc_t(0));
+      for (int64_t d = 0; d < Dv; ++d) std::fill_n(dv_part + d * ld, n, acc_t(0));
+    }
     return {dk_part, dv_part};
   }
 
-  // After the task of chunk c of bh: with one chunk, writes bh's dk, dv from `own`.
-  template <typename scalar_t>
-  void task_done(int64_t bh, const std::vector<acc_t>& own, acc_t dk_scale, scalar_t* dk, scalar_t* dv) const {
+  // After the task of chunk c of bh, where the chunks are disjoint: writes the keys the plan
+  // gives it (plan.written[c]), from its partial in `own` (see chunk()) and zeros.
+  void task_done(int64_t bh, int64_t c, const std::vector<acc_t>& own) const {
     if (shared_) return;
+    const auto [lo, hi] = plan_.written[c];
+    const int64_t n = plan_.keys_of(c), k0 = n > 0 ? plan_.keys[c].first : hi, k1 = n > 0 ? plan_.keys[c].second : hi;
+    zero_keys(bh, lo, k0);
+    zero_keys(bh, k1, hi);
+    if (in_place() || n == 0) return;
+    const acc_t* dk_part = own.data();
+    const acc_t* dv_part = own.data() + plan_.partial_ld(c) * g_.D;
     std::vector<acc_t> buf;
-    for (int64_t j0 = 0; j0 < g_.Sk; j0 += kBlockK)
-      write(bh, j0, std::min(g_.Sk, j0 + kBlockK), own.data(), dk_scale, buf, dk, dv);
+    for (int64_t j0 = k0; j0 < k1; j0 += kBlockK) {
+      const int64_t nk = std::min(k1, j0 + kBlockK) - j0;
+      buf.resize(nk * (g_.D + g_.Dv));
+      store_keys(bh, j0, nk, as_rows(dk_part, g_.D, plan_.partial_ld(c), j0 - k0, nk, buf.data()),
+                 as_rows(dv_part, g_.Dv, plan_.partial_ld(c), j0 - k0, nk, buf.data() + nk * g_.D));
+    }
   }
 
-  // After every task: with several chunks, writes every dk, dv from the shared partials.
-  template <typename scalar_t>
-  void write_all(acc_t dk_scale, scalar_t* dk, scalar_t* dv) const {
+  // After every task, where the chunks are not disjoint: writes every dk, dv, each key's
+  // partials added up in chunk order (0 for keys no chunk's rows see).
+  void write_all() const {
     if (!shared_) return;
     const int64_t tiles = (g_.Sk + kBlockK - 1) / kBlockK;
     at::parallel_for(0, g_.B * g_.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> buf;
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bh = t / tiles, j0 = t % tiles * kBlockK;
-        write(bh, j0, std::min(g_.Sk, j0 + kBlockK), shared_.get() + bh * head_elems_, dk_scale, buf, dk, dv);
+        write_sum(bh, j0, std::min(g_.Sk, j0 + kBlockK), buf);
       }
     });
   }
 
  private:
+  // Whether a disjoint chunk's partial is dk, dv itself (rows of acc_t, unscaled).
+  bool in_place() const { return std::is_same_v<acc_t, scalar_t> && rows_ && !shared_ && dk_scale_ == acc_t(1); }
+
   // Chunk c's (dk part, dv part) in one (b, kv head)'s partials: all dk's, then all dv's.
-  template <typename T>
-  std::pair<T*, T*> parts_of(T* parts, int64_t c) const {
+  std::pair<acc_t*, acc_t*> parts_of(acc_t* parts, int64_t c) const {
     return {parts + plan_.partial_key[c] * g_.D, parts + plan_.partial_keys * g_.D + plan_.partial_key[c] * g_.Dv};
   }
 
-  // Adds keys [lo, hi) of a chunk's partial (keys from k0, row stride ld, `width` rows) into
-  // sum (keys [j0, j0 + n), width rows): keys [lo, hi) of dim d are contiguous in both.
-  static void add_keys(acc_t* sum, const acc_t* part, int64_t width, int64_t j0, int64_t n, int64_t k0, int64_t ld,
-                       int64_t lo, int64_t hi) {
-    for (int64_t d = 0; d < width; ++d)
-      for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * ld + (j - k0)];
+  // Keys [at, at + n) of a partial `width` wide (row stride ld where transposed) as rows (n x
+  // width): the partial itself where it is rows, else transposed into `out`.
+  const acc_t* as_rows(const acc_t* part, int64_t width, int64_t ld, int64_t at, int64_t n, acc_t* out) const {
+    if (rows_) return part + at * width;
+    transpose_tile(part + at, width, n, ld, out);
+    return out;
   }
 
-  // dk, dv of keys [j0, j1) of bh: its chunks' partials (from `parts`) added in chunk order
-  // (dk times dk_scale), 0 for keys no query sees.
-  template <typename scalar_t>
-  void write(int64_t bh, int64_t j0, int64_t j1, const acc_t* parts, acc_t dk_scale,
-             std::vector<acc_t>& buf, scalar_t* dk, scalar_t* dv) const {
-    const int64_t D = g_.D, Dv = g_.Dv, n = j1 - j0, kv0 = bh * g_.Sk;  // kv0: bh's first key row, over (B, Hkv, Sk)
-    buf.resize(2 * n * (D + Dv));
-    acc_t* const dk_rows = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums, transposed back
-    acc_t* const dv_rows = dk_rows + n * D;
-    // The sums, (D, n) and (Dv, n) with row stride ld: the partial itself where one chunk holds
-    // every key (decoding's single chunk a head: no pass to add it to zeros), else added up in buf.
-    const acc_t *dk_sum = buf.data(), *dv_sum = buf.data() + n * D;
-    int64_t ld = n;
-    if (plan_.chunks == 1 && plan_.keys[0].first <= j0 && j1 <= plan_.keys[0].second) {
-      const auto [dk_part, dv_part] = parts_of(parts, 0);
-      const int64_t at = j0 - plan_.keys[0].first;
-      dk_sum = dk_part + at, dv_sum = dv_part + at, ld = plan_.partial_ld(0);
-    } else {
-      std::fill_n(buf.data(), n * (D + Dv), acc_t(0));
-      for (int64_t c = 0; c < plan_.chunks; ++c) {
-        const auto [k0, k1] = plan_.keys[c];
-        const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
-        if (lo >= hi) continue;
-        const auto [dk_part, dv_part] = parts_of(parts, c);
-        add_keys(buf.data(), dk_part, D, j0, n, k0, plan_.partial_ld(c), lo, hi);
-        add_keys(buf.data() + n * D, dv_part, Dv, j0, n, k0, plan_.partial_ld(c), lo, hi);
-      }
-    }
-    transpose_tile(dk_sum, D, n, ld, dk_rows);
-    transpose_tile(dv_sum, Dv, n, ld, dv_rows);
+  // dk, dv rows of keys [j0, j0 + n) of bh from (n, D) and (n, Dv) rows: dk times dk_scale.
+  void store_keys(int64_t bh, int64_t j0, int64_t n, const acc_t* dk_rows, const acc_t* dv_rows) const {
     using C = Chunk<scalar_t>;
-    const typename C::Vec scale_v(dk_scale);
+    const int64_t D = g_.D, Dv = g_.Dv, kv0 = bh * g_.Sk + j0;  // key row j0, over (B, Hkv, Sk)
+    const typename C::Vec scale_v(dk_scale_);
     for (int64_t j = 0; j < n; ++j) {
       for_each_chunk<C::kChunk>(D, [&](int64_t d, int64_t m) {
         auto c = C::load_acc(dk_rows + j * D + d, m);
         c.lo *= scale_v;
         c.hi *= scale_v;
-        c.store(dk + (kv0 + j0 + j) * D + d, m);
+        c.store(dk_ + (kv0 + j) * D + d, m);
       });
       for_each_chunk<C::kChunk>(Dv, [&](int64_t d, int64_t m) {
-        C::load_acc(dv_rows + j * Dv + d, m).store(dv + (kv0 + j0 + j) * Dv + d, m);
+        C::load_acc(dv_rows + j * Dv + d, m).store(dv_ + (kv0 + j) * Dv + d, m);
       });
     }
+  }
+  // dk, dv of keys [j0, j1) of bh: zeros (keys no query sees).
+  void zero_keys(int64_t bh, int64_t j0, int64_t j1) const {
+    if (j0 >= j1) return;
+    std::fill(dk_ + (bh * g_.Sk + j0) * g_.D, dk_ + (bh * g_.Sk + j1) * g_.D, scalar_t(0));
+    std::fill(dv_ + (bh * g_.Sk + j0) * g_.Dv, dv_ + (bh * g_.Sk + j1) * g_.Dv, scalar_t(0));
+  }
+
+  // dk, dv of keys [j0, j1) of bh: every chunk's partial added up in chunk order, in `buf`
+  // (laid out as the partials are, n keys; 0 for keys no query sees), then stored.
+  void write_sum(int64_t bh, int64_t j0, int64_t j1, std::vector<acc_t>& buf) const {
+    const int64_t D = g_.D, Dv = g_.Dv, n = j1 - j0;
+    buf.resize(2 * n * (D + Dv));
+    acc_t* const dk_sum = buf.data();
+    acc_t* const dv_sum = dk_sum + n * D;
+    std::fill_n(buf.data(), n * (D + Dv), acc_t(0));
+    // adds keys [lo, hi) of a partial (keys from k0, row stride ld where transposed) into sum
+    auto add_keys = [&](acc_t* sum, const acc_t* part, int64_t width, int64_t k0, int64_t ld, int64_t lo, int64_t hi) {
+      if (rows_) {
+        for (int64_t i = 0; i < (hi - lo) * width; ++i) sum[(lo - j0) * width + i] += part[(lo - k0) * width + i];
+      } else {
+        for (int64_t d = 0; d < width; ++d)
+          for (int64_t j = lo; j < hi; ++j) sum[d * n + (j - j0)] += part[d * ld + (j - k0)];
+      }
+    };
+    acc_t* const parts = shared_.get() + bh * head_elems_;
+    for (int64_t c = 0; c < plan_.chunks; ++c) {
+      const auto [k0, k1] = plan_.keys[c];
+      const int64_t lo = std::max(j0, k0), hi = std::min(j1, k1);
+      if (lo >= hi) continue;
+      const auto [dk_part, dv_part] = parts_of(parts, c);
+      add_keys(dk_sum, dk_part, D, k0, plan_.partial_ld(c), lo, hi);
+      add_keys(dv_sum, dv_part, Dv, k0, plan_.partial_ld(c), lo, hi);
+    }
+    acc_t* const rows_out = buf.data() + n * (D + Dv);  // (n, D) and (n, Dv): the sums as rows
+    store_keys(bh, j0, n, as_rows(dk_sum, D, n, 0, n, rows_out), as_rows(dv_sum, Dv, n, 0, n, rows_out + n * D));
   }
 
   const BackwardPlan& plan_;
   const Geometry& g_;
+  const bool rows_;
+  const acc_t dk_scale_;
+  scalar_t* const dk_;
+  scalar_t* const dv_;
   const int64_t head_elems_;         // one (b, kv head)'s partials: partial_keys x (D + Dv)
-  std::unique_ptr<acc_t[]> shared_;  // (B * Hkv, head_elems_): dk's, then dv's
+  std::unique_ptr<acc_t[]> shared_;  // (B * Hkv, head_elems_): dk's, then dv's; or none (disjoint)
 };
 
 template <typename mask_t>
@@ -1616,14 +1709,18 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
     }
   }
   const BackwardPlan plan = backward_plan<acc_t>(g, band, /*stacked_rows=*/1);  // (one head an item: see BackwardPlan)
-  const KeyGradPartials<acc_t> partials(plan, g);
+  // Where every item has few rows (decoding), dk and dv accumulate as rows: no transposes of
+  // q, do or the partials, and with disjoint chunks straight into dk, dv (KeyGradPartials).
+  const bool few_rows = plan.max_item_rows < kSmallRows;
+  const KeyGradPartials<acc_t, scalar_t> partials(plan, g, /*rows=*/few_rows, acc_t(1), dk, dv);
   const BackwardRowSteps<acc_t, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
   // One task per chunk of a (b, kv head) (see BackwardPlan): it writes the dq of its rows and
   // sums their dk, dv over the keys they see, [ck0, ck1). The five tile products take their
   // operands untransposed (tile_product): dk and dv are accumulated transposed, dk^T += q^T ds
-  // and dv^T += do^T p, from q^T and do^T made once per query block, and s = q k^T and
-  // dp = do v^T read K^T and V^T made once per task. A full block (full_rows queries) against
+  // and dv^T += do^T p, from q^T and do^T made once per query block (or, few_rows, as rows:
+  // dk += ds^T q, dv += p^T do, on sgemm), and s = q k^T and dp = do v^T read K^T and V^T made
+  // once per task. A full block (full_rows queries) against
   // a full tile (kBlockK keys) multiplies on brgemm, with leading dims from a small set: the
   // rows of p and ds, K^T and V^T have the row stride ld_keys, the partials of dk^T and dv^T
   // ld_part (both key_stride).
@@ -1648,8 +1745,9 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         transpose_tile(kw, n_keys, D, D, kT.data(), ld_keys);
         transpose_tile(vw, n_keys, Dv, Dv, vT.data(), ld_keys);
       }
-      // dk^T, dv^T of the chunk's keys: (D, n_keys), (Dv, n_keys), key ck0 first, row stride ld_part
-      const auto [dkT, dvT] = partials.chunk(bh, c, own_parts);
+      // dk^T, dv^T of the chunk's keys: (D, n_keys), (Dv, n_keys), key ck0 first, row stride
+      // ld_part; few_rows: dk, dv, (n_keys, D), (n_keys, Dv)
+      const auto [dk_part, dv_part] = partials.chunk(bh, c, own_parts);
       const int64_t ld_part = plan.partial_ld(c);
       for (int64_t item = plan.first_item[c]; item < plan.first_item[c + 1]; ++item) {
         const BackwardItem& work = plan.item(item);
@@ -1660,8 +1758,10 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         const acc_t* qt = widened_item_rows(q, ir, D, scale, q_buf);
         const acc_t* dot = ir.heads == 1 ? load_tile(dout + row0 * Dv, nq, Dv, Dv, do_buf).first
                                          : widened_item_rows(dout, ir, Dv, acc_t(1), do_buf);
-        transpose_tile(qt, nq, D, D, qT.data());
-        transpose_tile(dot, nq, Dv, Dv, doT.data());
+        if (!few_rows) {
+          transpose_tile(qt, nq, D, D, qT.data());
+          transpose_tile(dot, nq, Dv, Dv, doT.data());
+        }
         std::fill(dq_buf.begin(), dq_buf.begin() + nq * D, acc_t(0));
         // the keys these rows see (the group's heads share their rows' positions)
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + rows_in_block);
@@ -1684,25 +1784,33 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         steps.probs(rows, ir, k0, k1);
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           const auto [pt, ldp] = steps.dv_probs(rows, ir, j0, nk, pd_buf);
-          tile_product(Dv, nk, nq, doT.data(), nq, pt, ldp, dvT + at, ld_part, true, full);  // dv^T += do^T p
+          if (few_rows) {  // dv += p^T do
+            gemm<acc_t>(false, nk, Dv, nq, acc_t(1), pt, ldp, dot, Dv, acc_t(1), dv_part + at * Dv, Dv, /*a_t=*/true);
+          } else {  // dv^T += do^T p
+            tile_product(Dv, nk, nq, doT.data(), nq, pt, ldp, dv_part + at, ld_part, true, full);
+          }
           product_with_rows(nq, nk, Dv, dot, Dv, vw + at * Dv, Dv, vT_at(at), ld_keys, rows.ds_at(0, j0),
                             rows.ld, full);  // dp = do v^T
         });
         steps.grads(rows, ir, k0, k1);  // ds = p (dp - delta + dlse)
         each_tile([&](int64_t j0, int64_t nk, int64_t at, bool full) {
           tile_product(nq, D, nk, rows.ds_at(0, j0), rows.ld, kw + at * D, D, dq_buf.data(), D, true, full);  // dq += ds k
-          tile_product(D, nk, nq, qT.data(), nq, rows.ds_at(0, j0), rows.ld, dkT + at, ld_part, true,
-                       full);  // dk^T += (scale q)^T ds
+          if (few_rows) {  // dk += ds^T (scale q)
+            gemm<acc_t>(false, nk, D, nq, acc_t(1), rows.ds_at(0, j0), rows.ld, qt, D, acc_t(1), dk_part + at * D, D,
+                        /*a_t=*/true);
+          } else {  // dk^T += (scale q)^T ds
+            tile_product(D, nk, nq, qT.data(), nq, rows.ds_at(0, j0), rows.ld, dk_part + at, ld_part, true, full);
+          }
         });
         for (int64_t r = 0; r < nq; ++r) {  // dq = scale ds k
           scalar_t* dq_row = dq + ir.global(r) * D;
           for (int64_t d = 0; d < D; ++d) dq_row[d] = scalar_t(dq_buf[r * D + d] * scale);
         }
       }
-      partials.task_done(bh, own_parts, acc_t(1), dk, dv);
+      partials.task_done(bh, c, own_parts);
     }
   });
-  partials.write_all(acc_t(1), dk, dv);
+  partials.write_all();
 }
 
 // K^T, K and V^T of kv heads, packed per key tile for the bfloat16 backward's products
@@ -1710,25 +1818,28 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
 // padded with zeros to a multiple of kPaddedKeys. Slot s holds one (b, kv head).
 struct BackwardPackedKV {
   static constexpr int64_t kTileKeys = round_up(kBlockK, kPaddedKeys);  // (even: the VNNI pairs)
-  int64_t tiles = 0, tile_elems = 0, v_tile_elems = 0;
+  int64_t D = 0, Dv = 0, slot_keys = 0;  // tile t of a slot starts at key slot * slot_keys + tile_key[t]
+  std::vector<int64_t> tile_key;         // padded_tile_starts
   std::vector<at::BFloat16> kT, kp, vT;
 
   BackwardPackedKV(int64_t slots, const Geometry& g, const Tiles& keys)
-      : tiles(keys.count()), tile_elems(kTileKeys * g.D), v_tile_elems(kTileKeys * g.Dv),
-        kT(slots * tiles * tile_elems), kp(kT.size()), vT(slots * tiles * v_tile_elems) {}
+      : D(g.D), Dv(g.Dv), tile_key(padded_tile_starts(keys)) {
+    slot_keys = tile_key.back();
+    kT.resize(slots * slot_keys * D), kp.resize(kT.size()), vT.resize(slots * slot_keys * Dv);
+  }
   // Packs key tile t (of `keys`, the plan's key tiles) of (b, kv head) bh into `slot`. The
   // padding keys stay zeros as allocated: a slot's tile t always holds tile t's keys.
   void pack(const at::BFloat16* k, const at::BFloat16* v, const Geometry& g, const Tiles& keys, int64_t bh, int64_t t,
             int64_t slot) {
-    const int64_t j0 = keys.begin(t), nk = keys.size(t), row = bh * g.Sk + j0, at = (slot * tiles + t) * tile_elems;
+    const int64_t j0 = keys.begin(t), nk = keys.size(t), row = bh * g.Sk + j0, at = slot * slot_keys + tile_key[t];
     const int64_t nk_pad = round_up(nk, kPaddedKeys);
-    pack_transposed(k + row * g.D, nk, g.D, g.D, kT.data() + at, nk_pad);
-    pack_rows(k + row * g.D, nk, g.D, g.D, kp.data() + at);
-    pack_transposed(v + row * g.Dv, nk, g.Dv, g.Dv, vT.data() + (slot * tiles + t) * v_tile_elems, nk_pad);
+    pack_transposed(k + row * D, nk, D, D, kT.data() + at * D, nk_pad);
+    pack_rows(k + row * D, nk, D, D, kp.data() + at * D);
+    pack_transposed(v + row * Dv, nk, Dv, Dv, vT.data() + at * Dv, nk_pad);
   }
-  const at::BFloat16* kT_tile(int64_t slot, int64_t t) const { return kT.data() + (slot * tiles + t) * tile_elems; }
-  const at::BFloat16* kp_tile(int64_t slot, int64_t t) const { return kp.data() + (slot * tiles + t) * tile_elems; }
-  const at::BFloat16* vT_tile(int64_t slot, int64_t t) const { return vT.data() + (slot * tiles + t) * v_tile_elems; }
+  const at::BFloat16* kT_tile(int64_t slot, int64_t t) const { return kT.data() + (slot * slot_keys + tile_key[t]) * D; }
+  const at::BFloat16* kp_tile(int64_t slot, int64_t t) const { return kp.data() + (slot * slot_keys + tile_key[t]) * D; }
+  const at::BFloat16* vT_tile(int64_t slot, int64_t t) const { return vT.data() + (slot * slot_keys + tile_key[t]) * Dv; }
 };
 
 // The backward of bfloat16 on brgemm (see "bfloat16 on brgemm" above): the same
@@ -1737,8 +1848,9 @@ struct BackwardPackedKV {
 // accumulate ds k and ds^T q unscaled and take the scale once at the end. dk and dv are
 // accumulated transposed, dv^T += do^T p and dk^T += q^T ds, so that p and ds enter as B
 // operands packed row pair by row pair (contiguous) instead of being transposed per tile.
-// K^T, K, V^T are packed per key tile: once per (b, kv head) before the tasks where it has
-// several chunks (see BackwardPlan), else by its task; per query block: q^T and do^T.
+// K^T, K, V^T are packed per key tile: once per (b, kv head) before the tasks where its
+// chunks share keys (see BackwardPlan), else by the task of each chunk, its keys' tiles;
+// per query block: q^T and do^T.
 // Every product runs on a block's rows rounded up to kPaddedRows and a tile's keys rounded up
 // to kPaddedKeys (the padding zeros), with leading dims from a small set, so that brgemm's
 // kernels stay few over any sequence lengths (see kPaddedRows). A product whose padded keys
@@ -1754,15 +1866,15 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   const int64_t D = g.D, Dv = g.Dv;
   // (a decoding row's products cost what 16 rows' do, padded: a group's heads in one item fill them)
   const BackwardPlan plan = backward_plan<float>(g, band, /*stacked_rows=*/kPaddedRows);
-  const KeyGradPartials<float> partials(plan, g);
+  const KeyGradPartials<float, BF> partials(plan, g, /*rows=*/false, scale, dk, dv);
   const int64_t block_q = plan.max_item_rows, rows_pad = round_up(block_q, kPaddedRows);
   constexpr int64_t kTileKeys = BackwardPackedKV::kTileKeys;  // also the scratch tile's leading dim
   const BackwardRowSteps<float, mask_t> steps{g, band, mask, dlse, dmask, drop};
 
-  std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where they have several chunks
-  if (plan.chunks > 1) {
+  std::optional<BackwardPackedKV> shared_kv;  // every (b, kv head)'s, where its chunks share keys
+  if (!plan.disjoint) {
     shared_kv.emplace(g.B * g.Hkv, g, plan.k_tiles);
-    const int64_t tiles = shared_kv->tiles;
+    const int64_t tiles = plan.k_tiles.count();
     at::parallel_for(0, g.B * g.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
         shared_kv->pack(k, v, g, plan.k_tiles, task / tiles, task % tiles, task / tiles);
@@ -1871,11 +1983,11 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
           for (int64_t d = 0; d < D; ++d) dq_row[d] = BF(dq_acc[r * D + d] * scale);
         }
       }
-      partials.task_done(bh, own_parts, scale, dk, dv);
+      partials.task_done(bh, c, own_parts);
     }
     blas::brgemm_release(true);
   });
-  partials.write_all(scale, dk, dv);
+  partials.write_all();
 }
 
 bool head_dim_contiguous(const Tensor& t) { return t.size(3) <= 1 || t.stride(3) == 1; }
