@@ -22,7 +22,8 @@ backward:
   attention varlen: 32 sequences decoding a token each over 8 cached keys (9 query heads, 3
                            kv heads), packed with cu_seqlens through lmfast's
                            flash_attn_varlen_func vs the same batch through
-                           F.scaled_dot_product_attention (the documents' per-call cost)
+                           F.scaled_dot_product_attention (the documents' per-call cost);
+                           in float32, and again in bfloat16
 
 Each pair is timed in interleaved rounds (torch.utils.benchmark medians, the best of the
 rounds kept), so a slow spell of a shared machine does not land on one side only. The issue's
@@ -136,19 +137,21 @@ def _softcap_attention_pair(device: str, grad: bool):
     return _timed_calls(theirs, ours, (q, k, v), grad)
 
 
-def _varlen_attention_pair(device: str, grad: bool):
+def _varlen_attention_pair(device: str, grad: bool, dtype: torch.dtype = torch.float32):
     """Continuous batching: 32 sequences decoding a token each over their own 8 cached keys,
     packed (flash-attn's varlen layout and cu_seqlens) through lmfast's flash_attn_varlen_func,
     against the same work as one padding-free batch through F.scaled_dot_product_attention (what
     runs without varlen; its output squeezed to the packed layout, one view). The per-call cost
-    of the documents: their checks and the kernels' table of them."""
+    of the documents: their checks and the kernels' table of them, and each document's short
+    key tile (in bfloat16 on the CPU, 6-7x SDPA's time with grad until each packed tile took
+    its own keys' room, not a full tile's)."""
     from .integrations.flash_attn import flash_attn_varlen_func
 
     n, ctx, Hq, Hkv, D = 32, 8, 9, 3, 64
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(n, Hq, D, generator=g).to(device).requires_grad_(grad)          # (total_q, Hq, D)
-    k = torch.randn(n * ctx, Hkv, D, generator=g).to(device).requires_grad_(grad)   # (total_k, Hkv, D)
-    v = torch.randn(n * ctx, Hkv, D, generator=g).to(device).requires_grad_(grad)
+    q = torch.randn(n, Hq, D, generator=g).to(device, dtype).requires_grad_(grad)          # (total_q, Hq, D)
+    k = torch.randn(n * ctx, Hkv, D, generator=g).to(device, dtype).requires_grad_(grad)   # (total_k, Hkv, D)
+    v = torch.randn(n * ctx, Hkv, D, generator=g).to(device, dtype).requires_grad_(grad)
     cu_q = torch.arange(n + 1, dtype=torch.int32, device=device)
     cu_k = cu_q * ctx
     qb = q.view(n, 1, Hq, D).transpose(1, 2)  # (n, Hq, 1, D)
@@ -216,6 +219,9 @@ def pairs(device: str = "cpu") -> list[_Pair]:
     found.append(_Pair("attention 9x1 over 3x300, D=64", *attention_names, _attention_pair))
     found.append(_Pair("attention varlen 32x(9x1 over 3x8)", "F.sdpa on the same batch",
                        "lmfast flash_attn_varlen_func", _varlen_attention_pair))
+    found.append(_Pair("attention varlen 32x(9x1 over 3x8) bf16", "F.sdpa on the same batch",
+                       "lmfast flash_attn_varlen_func",
+                       lambda device, grad: _varlen_attention_pair(device, grad, torch.bfloat16)))
     if llama_rms is not None:
         found.append(_Pair("attention + sinks 9x1 over 3x300", "gpt-oss eager_attention_forward",
                            "lmfast attn_implementation", _sinks_attention_pair))
@@ -263,10 +269,11 @@ def as_dicts(results: list[OverheadResult]) -> list[dict]:
 
 
 def format_table(results: list[dict]) -> str:
-    lines = [f"{'per-call cost (decode sizes)':34s} {'dir':7s} {'replaced module':36s} {'us':>8s} {'lmfast us':>9s} "
+    width = max([len("per-call cost (decode sizes)")] + [len(r["case"]) for r in results])
+    lines = [f"{'per-call cost (decode sizes)':{width}s} {'dir':7s} {'replaced module':36s} {'us':>8s} {'lmfast us':>9s} "
              f"{'ratio':>6s} {'target':>7s}"]
     for r in results:
-        lines.append(f"{r['case']:34s} {r['direction']:7s} {r['theirs']:36s} {r['theirs_us']:8.1f} "
+        lines.append(f"{r['case']:{width}s} {r['direction']:7s} {r['theirs']:36s} {r['theirs_us']:8.1f} "
                      f"{r['ours_us']:9.1f} {r['ratio']:5.2f}x {'<= ' + format(r['target'], '.1f') + 'x':>7s}")
     lines.append("ratio = lmfast's time a call / the replaced module's (< 1: lmfast costs less); fwd: no grad, "
                  "fwd+bwd: forward and the gradients of input and parameters")

@@ -98,18 +98,21 @@ def test_bench_overhead_rows_time_each_replacement_against_the_module_it_replace
     rows = report["overhead"]
     assert [(r["case"].split()[0], r["direction"]) for r in rows] == [
         (kind, d) for kind in ("LayerNorm", "RMSNorm", "RMSNorm", "RMSNorm", "LayerNorm", "attention", "attention",
-                               "attention", "attention")
+                               "attention", "attention", "attention")
         for d in ("fwd", "fwd+bwd")], rows
     assert [r["theirs"] for r in rows[::2]] == ["torch.nn.LayerNorm", "LlamaRMSNorm", "torch.nn.RMSNorm",
                                                  "Gemma3RMSNorm", "NemotronLayerNorm1P",
                                                  "transformers sdpa_attention_forward", "F.sdpa on the same batch",
-                                                 "gpt-oss eager_attention_forward", "Gemma 2 eager_attention_forward"]
+                                                 "F.sdpa on the same batch", "gpt-oss eager_attention_forward",
+                                                 "Gemma 2 eager_attention_forward"]
     assert rows[4]["ours"] == "lmfast.nn.TorchRMSNorm" and rows[8]["ours"] == "lmfast.nn.LayerNorm1P"
-    assert rows[12]["ours"] == "lmfast flash_attn_varlen_func"  # packed decoding (cu_seqlens)
+    # packed decoding (cu_seqlens), float32 then bfloat16
+    assert rows[12]["ours"] == rows[14]["ours"] == "lmfast flash_attn_varlen_func"
+    assert rows[14]["case"].endswith(" bf16")
     for r in rows:
         assert r["theirs_us"] > 0 and r["ours_us"] > 0 and r["ratio"] == pytest.approx(r["ours_us"] / r["theirs_us"])
         assert r["target"] == (1.3 if r["direction"] == "fwd" else 1.5)
-    assert "per-call cost (decode sizes)" in stdout and stdout.count(" <= 1.") == 18, stdout
+    assert "per-call cost (decode sizes)" in stdout and stdout.count(" <= 1.") == 20, stdout
     assert report["results"] == [] and report["models"] == []
 
 
