@@ -1170,8 +1170,9 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
 //  - lse's rounding leaves sum(p) - 1 ~ 1e-7, and rowsum(ds) = delta (1 - sum p) lands in
 //    gradients that are exactly 0 (a key bias's: softmax ignores it).
 // lse is used no more, nor are the forward's row stats (csrc/ops.h), which the Triton backward
-// takes. The tile products are the same five; the cost is 2 x rows x Sk accumulators per
-// thread, held under kBackwardRowsBytes by the number of rows per block.
+// takes. The tile products are the same five; the cost is 2 x rows x the keys a block may see
+// (Sk, or the longest packed document's) accumulators per thread, held under
+// kBackwardRowsBytes by the number of rows per block.
 constexpr int64_t kBackwardRowsBytes = int64_t(4) << 20;
 
 // The row stride of the backward's buffers that hold a row's keys (BackwardRows' p and ds, a
@@ -1186,11 +1187,11 @@ int64_t key_stride(int64_t Sk) {
 }
 
 // Query rows per backward block: kBlockQ, fewer (a multiple of 16, at least 16) where their p
-// and dp over Sk keys (key_stride(Sk) of buffer) would pass kBackwardRowsBytes. Follows the
-// shape alone (so do the bits).
+// and dp over row_keys keys (key_stride(row_keys) of buffer: BackwardPlan::row_keys) would
+// pass kBackwardRowsBytes. Follows the shape alone (so do the bits).
 template <typename acc_t>
-int64_t backward_block_rows(int64_t Sk) {
-  const int64_t row_bytes = 2 * key_stride(Sk) * int64_t(sizeof(acc_t));
+int64_t backward_block_rows(int64_t row_keys) {
+  const int64_t row_bytes = 2 * key_stride(row_keys) * int64_t(sizeof(acc_t));
   return std::clamp<int64_t>(kBackwardRowsBytes / row_bytes / 16 * 16, 16, kBlockQ);
 }
 
@@ -1242,18 +1243,19 @@ void backward_ds_row(const acc_t* p, acc_t* ds, int64_t n, acc_t dlse) {
   });
 }
 
-// A block's rows of p and dp (then ds), each over every key (column j = key j, leading dim
-// `ld` = Sk rounded up to whole tiles), of which the block's visible tiles are filled; with a
-// softcap, also the cap's derivative at each score (cap, else empty).
+// A block's rows of p and dp (then ds), each over the keys a block may see (column j = key
+// base + j, leading dim `ld` = row_keys rounded up by key_stride), of which the block's
+// visible tiles are filled; with a softcap, also the cap's derivative at each score (cap, else
+// empty). Each item sets base to its first visible key.
 template <typename acc_t>
 struct BackwardRows {
-  int64_t ld = 0;
+  int64_t ld = 0, base = 0;
   std::vector<acc_t> p, ds, cap;
-  BackwardRows(int64_t rows, int64_t Sk, bool softcap)
-      : ld(key_stride(Sk)), p(rows * ld), ds(rows * ld), cap(softcap ? rows * ld : 0) {}
-  acc_t* p_at(int64_t r, int64_t j) { return p.data() + r * ld + j; }
-  acc_t* ds_at(int64_t r, int64_t j) { return ds.data() + r * ld + j; }
-  acc_t* cap_at(int64_t r, int64_t j) { return cap.empty() ? nullptr : cap.data() + r * ld + j; }
+  BackwardRows(int64_t rows, int64_t row_keys, bool softcap)
+      : ld(key_stride(row_keys)), p(rows * ld), ds(rows * ld), cap(softcap ? rows * ld : 0) {}
+  acc_t* p_at(int64_t r, int64_t j) { return p.data() + r * ld + (j - base); }
+  acc_t* ds_at(int64_t r, int64_t j) { return ds.data() + r * ld + (j - base); }
+  acc_t* cap_at(int64_t r, int64_t j) { return cap.empty() ? nullptr : cap.data() + r * ld + (j - base); }
   // Tile [j0, j0 + nk) of the first nq rows as a tile the mask drops whole leaves them, without
   // its products: scores -inf (so p = 0), dp 0 (so ds = 0), no cap.
   void drop_tile(int64_t nq, int64_t j0, int64_t nk) {
@@ -1405,6 +1407,11 @@ struct BackwardItem {
 
 struct BackwardPlan {
   int64_t block_q = 0, q_blocks = 0, group = 0;  // block_q: the most rows of a query block
+  // The most keys a query block sees: Sk, or with packed documents the longest document's
+  // keys (a block holds one document's rows). BackwardRows and a block's rows follow it, not
+  // Sk: 32 documents of 1024 tokens in one row took 16-row blocks (1.21-1.25x the time of the
+  // same documents as a batch) where 128 fit.
+  int64_t row_keys = 0;
   int64_t max_item_rows = 0;                     // the most rows of an item (block rows x heads)
   Tiles q_tiles, k_tiles;                        // the query blocks, and the key tiles (kBlockK)
   std::vector<BackwardItem> work;                // the items, query block first
@@ -1444,7 +1451,13 @@ struct BackwardPlan {
 template <typename acc_t>
 BackwardPlan backward_plan(const Geometry& g, const KeyBand& band, int64_t stacked_rows) {
   BackwardPlan plan;
-  plan.block_q = backward_block_rows<acc_t>(g.Sk);
+  plan.row_keys = g.Sk;
+  if (!band.cu_k.empty()) {
+    plan.row_keys = 0;
+    for (size_t d = 0; d + 1 < band.cu_k.size(); ++d)
+      plan.row_keys = std::max(plan.row_keys, band.cu_k[d + 1] - band.cu_k[d]);
+  }
+  plan.block_q = backward_block_rows<acc_t>(plan.row_keys);
   plan.q_tiles = band.query_tiles(g.Sq, plan.block_q);  // (cut at documents' starts, where there are some)
   // The buffers follow the largest block there is: one row a document when decoding many
   // sequences, where buffers for full blocks were zeroed pages, fresh each call, per thread.
@@ -1724,10 +1737,10 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
   // a full tile (kBlockK keys) multiplies on brgemm, with leading dims from a small set: the
   // rows of p and ds, K^T and V^T have the row stride ld_keys, the partials of dk^T and dv^T
   // ld_part (both key_stride).
-  const int64_t full_rows = backward_block_rows<acc_t>(g.Sk), ld_keys = key_stride(g.Sk);
+  const int64_t full_rows = backward_block_rows<acc_t>(plan.row_keys), ld_keys = key_stride(g.Sk);
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
     const int64_t most_rows = plan.max_item_rows;
-    BackwardRows<acc_t> rows(most_rows, g.Sk, band.softcap > 0);
+    BackwardRows<acc_t> rows(most_rows, plan.row_keys, band.softcap > 0);
     std::vector<acc_t> dq_buf(most_rows * D), own_parts, q_buf, do_buf, k_buf, v_buf, pd_buf;  // (do, v: Dv wide)
     // K^T and V^T, key ck0 first (sized where a chunk first needs them); q^T and do^T of an item
     std::vector<acc_t> kT, vT, qT(D * most_rows), doT(Dv * most_rows);
@@ -1765,6 +1778,7 @@ void attention_bwd_kernel(const scalar_t* dout, const scalar_t* q, const scalar_
         std::fill(dq_buf.begin(), dq_buf.begin() + nq * D, acc_t(0));
         // the keys these rows see (the group's heads share their rows' positions)
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + rows_in_block);
+        rows.base = k0;
         steps.drop_masked_tiles(rows, plan.k_tiles, ir, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
         // f(j0, nk, key j0's offset from ck0, whether the tile is full), tiles not dropped
@@ -1882,7 +1896,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
   }
 
   at::parallel_for(0, g.B * g.Hkv * plan.chunks, 1, [&](int64_t begin, int64_t end) {
-    BackwardRows<float> rows(block_q, g.Sk, band.softcap > 0);
+    BackwardRows<float> rows(block_q, plan.row_keys, band.softcap > 0);
     std::vector<float> dq_acc(rows_pad * D), own_parts, pd_buf;
     std::vector<char> dropped;  // per key tile of a query block: whether the mask drops it whole
     std::optional<BackwardPackedKV> own_kv;  // this task's (b, kv head), packed by the task
@@ -1945,6 +1959,7 @@ void attention_bwd_packed(const at::BFloat16* dout, const at::BFloat16* q, const
         std::fill(dq_acc.begin(), dq_acc.begin() + nq_pad * D, 0.f);
         // the keys these rows see (the group's heads share their rows' positions)
         const auto [k0, k1] = visible_key_range(band, plan.k_tiles, i0, i0 + rows_in_block);
+        rows.base = k0;
         steps.drop_masked_tiles(rows, plan.k_tiles, ir, k0, k1, dropped);
         const auto [t0, t1] = plan.key_tiles_of(k0, k1);
         auto live = [&](int64_t t) { return !dropped[t - t0]; };
