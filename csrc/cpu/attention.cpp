@@ -1409,7 +1409,7 @@ struct BackwardPlan {
   int64_t block_q = 0, q_blocks = 0, group = 0;  // block_q: the most rows of a query block
   // The most keys a query block sees: Sk, or with packed documents the longest document's
   // keys (a block holds one document's rows). BackwardRows and a block's rows follow it, not
-  // Sk: 32 documents of 1024 tokens in one row took 16-row blocks (1.21-1.25x the time of the
+  // Sk: 32 documents of 1024 tokens in one row took 16-row blocks (1.19-1.24x the time of the
   // same documents as a batch) where 128 fit.
   int64_t row_keys = 0;
   int64_t max_item_rows = 0;                     // the most rows of an item (block rows x heads)
