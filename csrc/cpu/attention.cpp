@@ -537,15 +537,14 @@ void small_pv(const acc_t* p, int64_t ld_s, int64_t R, const acc_t* vt, int64_t 
 template <typename acc_t>
 struct TransposedKeys {
   Tiles keys;
-  int64_t block_q = 0, block_k = 0;
+  int64_t block_q = 0;
   int64_t D = 0;  // tile t of head bh starts at (bh * Sk + keys.begin(t)) * D: each takes its own keys' room
   int64_t Sk = 0;
   std::vector<acc_t> data;
 
   template <typename scalar_t>
-  TransposedKeys(const scalar_t* k, const Geometry& g, const Rows& ks, Tiles key_tiles, int64_t block_q_,
-                 int64_t block_k_)
-      : keys(std::move(key_tiles)), block_q(block_q_), block_k(block_k_), D(g.D), Sk(g.Sk),
+  TransposedKeys(const scalar_t* k, const Geometry& g, const Rows& ks, Tiles key_tiles, int64_t block_q_)
+      : keys(std::move(key_tiles)), block_q(block_q_), D(g.D), Sk(g.Sk),
         data(g.B * g.Hkv * g.Sk * g.D) {
     const int64_t tiles = keys.count();
     at::parallel_for(0, g.B * g.Hkv * tiles, 1, [&](int64_t begin, int64_t end) {
@@ -1040,7 +1039,7 @@ void attention_fwd_kernel(const scalar_t* q, const scalar_t* k, const scalar_t* 
       return false;
     };
     std::optional<TransposedKeys<acc_t>> kT;
-    if (has_full(q_tiles, block_q) && has_full(k_tiles, block_k)) kT.emplace(k, g, ks, k_tiles, block_q, block_k);
+    if (has_full(q_tiles, block_q) && has_full(k_tiles, block_k)) kT.emplace(k, g, ks, k_tiles, block_q);
     at::parallel_for(0, g.B * g.Hq * q_blocks, 1, [&](int64_t begin, int64_t end) {
       TileRows rows;
       TileState<acc_t> st;
