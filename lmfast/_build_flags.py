@@ -82,7 +82,9 @@ def kernel_module(level: str) -> str:
     return f"_cpu_{level}"
 
 
-CUDA_SOURCES = ("cuda/register.cpp", "cuda/norm.cu", "cuda/softmax.cu", "cuda/attention.cu")
+# (the .cu files hold the kernels and include no ATen header; ops.cpp does the tensor work:
+# csrc/cuda/kernels.h)
+CUDA_SOURCES = ("cuda/register.cpp", "cuda/ops.cpp", "cuda/norm.cu", "cuda/softmax.cu", "cuda/attention.cu")
 # Left beside the package by an install whose CUDA compile failed (setup.py), with the reason
 CUDA_BUILD_ERROR_FILE = "_cuda_build_error.txt"
 DEFAULT_CUDA_ARCHS = "80;90"

@@ -31,7 +31,9 @@ def build():
     """torch.ops.lmfast_cuda_emulation, built from the current sources (or loaded if built)."""
     from torch.utils import cpp_extension
 
-    sources = sorted(p for p in [*CUDA_DIR.iterdir(), *EMULATION_DIR.rglob("*")]
+    # (and csrc's headers: documents.h, dropout_hash.h and others are compiled in too)
+    shared_headers = [p for p in CUDA_DIR.parent.iterdir() if p.suffix == ".h"]
+    sources = sorted(p for p in [*shared_headers, *CUDA_DIR.iterdir(), *EMULATION_DIR.rglob("*")]
                      if p.suffix in (".cu", ".cuh", ".h", ".cpp"))
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:12]
     # Under the sanitizers an out-of-bounds access of a kernel to a tensor, which the emulator
@@ -44,7 +46,7 @@ def build():
     cpp_extension.load(
         name="lmfast_cuda_emulation",
         sources=[str(EMULATION_DIR / f"{n}.cpp")
-                 for n in ("emulator", "norm", "softmax", "attention", "register", "selftest")],
+                 for n in ("emulator", "norm", "softmax", "attention", "ops", "register", "selftest")],
         extra_include_paths=[str(EMULATION_DIR / "include")],
         extra_cflags=["-O2", "-std=c++20", "-DLMFAST_CUDA_EMULATION", "-Wno-unknown-pragmas", *sanitizer_flags],
         extra_ldflags=sanitizer_flags, build_directory=str(build_dir), is_python_module=False)

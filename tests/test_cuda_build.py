@@ -52,6 +52,47 @@ def test_every_cuda_source_is_in_the_build():
     assert set(FLAGS["CUDA_SOURCES"]) == on_disk
 
 
+def _includes(path: Path) -> list[tuple[str, bool]]:
+    """(name, quoted) of each #include of a file, outside its LMFAST_CUDA_EMULATION branches
+    (the emulation's headers are the host build's only)."""
+    out = []
+    branches = []  # per open #if: (whether it tests LMFAST_CUDA_EMULATION, whether its branch is the emulation's)
+    for line in path.read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#if"):
+            tests_emulation = "LMFAST_CUDA_EMULATION" in s
+            branches.append((tests_emulation, tests_emulation and not s.startswith("#ifndef") and "!" not in s))
+        elif s.startswith("#else") and branches:
+            tests_emulation, emulation = branches.pop()
+            branches.append((tests_emulation, tests_emulation and not emulation))
+        elif s.startswith("#endif") and branches:
+            branches.pop()
+        elif not any(emulation for _, emulation in branches) and (m := re.match(r'#include\s*([<"])([^>"]+)[>"]', s)):
+            out.append((m.group(2), m.group(1) == '"'))
+    return out
+
+
+def test_cuda_kernel_files_include_no_aten_header():
+    """kernels.h: the .cu files reach ATen, c10 and torch through no include, followed through
+    our own headers, so nvcc's host pass and one device pass per architecture each skip ATen's
+    headers (~30 s a file on a 2-core CPU, in the build and in the compile check above);
+    ops.cpp does the tensor work."""
+    seen, todo, found = set(), sorted(CUDA_DIR.glob("*.cu")), []
+    assert todo
+    while todo:
+        path = todo.pop().resolve()
+        if path in seen:
+            continue
+        seen.add(path)
+        for name, quoted in _includes(path):
+            if name.split("/")[0] in ("ATen", "c10", "torch") or name == "Python.h":
+                found.append(f"{path.relative_to(ROOT)}: #include {name}")
+            elif quoted:
+                todo.append(path.parent / name)
+    assert not found, "\n".join(found)
+    assert ROOT / "csrc" / "documents.h" in seen and CUDA_DIR / "kernels.h" in seen  # (the walk follows includes)
+
+
 @pytest.fixture(scope="module")
 def include_flags(tmp_path_factory) -> list[str]:
     from torch.utils import cpp_extension

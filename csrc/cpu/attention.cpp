@@ -49,7 +49,7 @@
 #include <optional>
 #include <vector>
 
-#include "../documents.h"
+#include "../document_tables.h"
 #include "../dropout_hash.h"
 #include "../ops.h"
 

@@ -28,54 +28,20 @@
 //             each block keeps (max, sum, unnormalized o) per split in a float32 workspace, and
 //             a combine kernel merges the splits (row_math.h: merge_factors).
 // The backward on CUDA is the Triton kernel's (lmfast/ops/attention.py).
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/_assert_async.h>
-#include <ATen/ops/empty.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #include <mma.h>
 
+#include <algorithm>
 #include <atomic>
+#include <string>
 
 #include "../documents.h"
 #include "../dropout_hash.h"
 #include "device.cuh"
-#include "launch.h"
 
 namespace lmfast::cuda {
 namespace {
 
-// ---- what every kernel reads -----------------------------------------------------------
-
-enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAdditiveMask = 2 };
-
-struct AttnParams {
-  const void* q;
-  const void* k;
-  const void* v;
-  const void* mask;  // bool (uint8) or q's dtype, read through its strides
-  void* o;           // (B, Sq, Hq, Dv) contiguous
-  float* lse;        // (B, Hq, Sq)
-  float* row_stats;  // (2, B, Hq, Sq): m, 1 / l (store_row_softmax)
-  int64_t q_strides[3], k_strides[3], v_strides[3];  // batch, head, row (the head dim is contiguous)
-  int64_t mask_strides[4];                            // 0 along broadcast dims
-  int mask_kind;
-  int B, Hq, Hkv, Sq, Sk, D;
-  int Dv;  // v's and o's head dim
-  float scale;
-  float softcap;  // > 0: s = softcap * tanh(s / softcap) before the mask (Gemma 2); 0: none
-  bool causal;
-  int window;  // 0: none
-  // packed documents (../documents.h), or nullptr: (2 Sq + n_docs + 2,) int32, each row's [lo, hi)
-  // keys (lo's, then hi's), cu_seqlens_q (the prefill blocks' runs of one document), the check
-  const int* doc_bands;
-  int n_docs;
-  // dropout (dropout_seed == nullptr: none): an int64 seed in device memory, the threshold
-  // below which an entry's hash drops it, and 1 / (1 - dropout_p)
-  const int64_t* dropout_seed;
-  uint32_t drop_threshold;
-  float keep_scale;
-};
+// ---- what every kernel reads: AttnParams (kernels.h) ------------------------------------
 
 // The dropout hash of (b, h, i)'s row, computed once per row (0 without dropout: unused).
 __device__ __forceinline__ uint32_t dropout_row_key(const AttnParams& p, int b, int h, int i) {
@@ -494,19 +460,22 @@ void launch_prefill(const AttnParams& p, bool vec16, cudaStream_t stream) {
   // decode-time host cost counts).
   static std::atomic<uint64_t> configured{0};
   int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
   const uint64_t bit = dev < 64 ? uint64_t(1) << dev : 0;
   if (bit == 0 || !(configured.load(std::memory_order_relaxed) & bit)) {
     int optin = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    TORCH_CHECK(L::bytes <= size_t(optin), "lmfast cuda attention: head dim ", std::max(p.D, p.Dv),
-                " in this dtype needs ", L::bytes, " bytes of shared memory per block, this GPU allows ", optin,
-                "; use backend='triton'");
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)));
+    check_cuda(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), "cudaDeviceGetAttribute");
+    if (L::bytes > size_t(optin))
+      throw std::runtime_error("lmfast cuda attention: head dim " + std::to_string(std::max(p.D, p.Dv)) +
+                               " in this dtype needs " + std::to_string(L::bytes) +
+                               " bytes of shared memory per block, this GPU allows " + std::to_string(optin) +
+                               "; use backend='triton'");
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(L::bytes)),
+               "cudaFuncSetAttribute");
     configured.fetch_or(bit);
   }
   const int64_t blocks = int64_t(prefill_query_blocks(p, L::BLOCK_M)) * p.B * p.Hq;
-  TORCH_CHECK(blocks < (int64_t(1) << 31), "lmfast cuda attention: too many query blocks");
+  if (blocks >= (int64_t(1) << 31)) throw std::runtime_error("lmfast cuda attention: too many query blocks");
   launch(kernel, unsigned(blocks), 32 * WARPS, L::bytes, stream, p, vec16);
 }
 
@@ -543,22 +512,20 @@ void launch_decode_dp(const AttnParams& p, bool vec16, int splits, int keys_per_
 }
 
 template <typename T>
-void run_decode(const AttnParams& p, bool vec16, const at::TensorOptions& opts, cudaStream_t stream) {
+void run_decode(const AttnParams& p, bool vec16, Workspace& workspace, cudaStream_t stream) {
   const int Dp = padded_head_dim(p);
   const int64_t rows = int64_t(p.B) * p.Hq * p.Sq;
   // Enough blocks for about four per SM, each split at least 64 keys.
   const int64_t want = ceil_div(int64_t(4) * multiprocessors(), rows);
   const int splits = int(std::max<int64_t>(1, std::min<int64_t>({want, ceil_div(p.Sk, 64), 65535})));
   const int keys_per_split = int(ceil_div(p.Sk, splits));
-  at::Tensor part_o = at::empty({rows * splits * Dp}, opts.dtype(at::kFloat));
-  at::Tensor part_ml = at::empty({rows * splits * 2}, opts.dtype(at::kFloat));
-  float* po = part_o.data_ptr<float>();
-  float* pml = part_ml.data_ptr<float>();
+  float* po = static_cast<float*>(workspace.allocate(size_t(rows) * splits * Dp * sizeof(float)));
+  float* pml = static_cast<float*>(workspace.allocate(size_t(rows) * splits * 2 * sizeof(float)));
   if (Dp == 32) launch_decode_dp<T, 32>(p, vec16, splits, keys_per_split, po, pml, stream);
   else if (Dp == 64) launch_decode_dp<T, 64>(p, vec16, splits, keys_per_split, po, pml, stream);
   else if (Dp == 128) launch_decode_dp<T, 128>(p, vec16, splits, keys_per_split, po, pml, stream);
   else launch_decode_dp<T, 256>(p, vec16, splits, keys_per_split, po, pml, stream);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
   launch(attn_combine_kernel<T>, unsigned(ceil_div(rows, 4)), 128, 0, stream, p, splits, Dp, po, pml);
 }
 
@@ -597,125 +564,27 @@ __global__ void document_bands_kernel(const QIndex* __restrict__ cu_q, int64_t s
 
 }  // namespace
 
-Tensor document_bands(const Tensor& cu_q, const Tensor& cu_k, int64_t Sq, int64_t Sk, bool causal,
-                      std::optional<int64_t> window) {
-  const int64_t n_docs = cu_q.numel() - 1;
-  TORCH_CHECK_VALUE(n_docs >= 1 || Sq == 0, "cu_seqlens_q holds no document but q has ", Sq, " rows");
-  TORCH_CHECK(cu_k.numel() == n_docs + 1, "lmfast cuda attention: cu_seqlens_q and cu_seqlens_k differ in length");
-  Tensor bands = at::empty({2 * Sq + n_docs + 2}, cu_q.options().dtype(at::kInt));
-  const int64_t w = documents::window_for_bands(window, Sk);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+void launch_document_bands(const void* cu_q, bool q_int32, int64_t stride_q, const void* cu_k, bool k_int32,
+                           int64_t stride_k, int64_t n_docs, int64_t Sq, int64_t Sk, bool causal, int64_t window,
+                           int* bands, cudaStream_t stream) {
   auto run = [&]<typename QIndex, typename KIndex>() {
     launch(document_bands_kernel<QIndex, KIndex>, unsigned(ceil_div(std::max(Sq, n_docs + 1), 256)), 256, 0, stream,
-           cu_q.const_data_ptr<QIndex>(), cu_q.stride(0), cu_k.const_data_ptr<KIndex>(), cu_k.stride(0), n_docs, Sq,
-           Sk, causal, w, bands.data_ptr<int>());
+           static_cast<const QIndex*>(cu_q), stride_q, static_cast<const KIndex*>(cu_k), stride_k, n_docs, Sq, Sk,
+           causal, window, bands);
   };
-  const bool q32 = cu_q.scalar_type() == at::kInt, k32 = cu_k.scalar_type() == at::kInt;
-  if (q32 && k32) run.template operator()<int32_t, int32_t>();
-  else if (q32) run.template operator()<int32_t, int64_t>();
-  else if (k32) run.template operator()<int64_t, int32_t>();
+  if (q_int32 && k_int32) run.template operator()<int32_t, int32_t>();
+  else if (q_int32) run.template operator()<int32_t, int64_t>();
+  else if (k_int32) run.template operator()<int64_t, int32_t>();
   else run.template operator()<int64_t, int64_t>();
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return bands;
+  check_launch();
 }
 
-std::tuple<Tensor, Tensor, Tensor> attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                                 const std::optional<Tensor>& mask, double scale, bool causal,
-                                                 std::optional<int64_t> window, double dropout_p,
-                                                 const std::optional<Tensor>& dropout_seed, double softcap,
-                                                 const std::optional<Tensor>& cu_seqlens_q,
-                                                 const std::optional<Tensor>& cu_seqlens_k) {
-  check_cuda_contiguous("attention_fwd",
-                        {&q, &k, &v, mask ? &*mask : nullptr, cu_seqlens_q ? &*cu_seqlens_q : nullptr,
-                         cu_seqlens_k ? &*cu_seqlens_k : nullptr},
-                        /*need_contiguous=*/false);
-  TORCH_CHECK(dropout_p >= 0 && dropout_p < 1, "lmfast_C::attention_fwd (cuda): dropout_p must be in [0, 1)");
-  TORCH_CHECK(dropout_p == 0 || (dropout_seed && dropout_seed->device() == q.device() &&
-                                 dropout_seed->scalar_type() == at::kLong && dropout_seed->numel() == 1),
-              "lmfast_C::attention_fwd (cuda): dropout_p > 0 needs dropout_seed, an int64 tensor of one element "
-              "on q's device");
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "lmfast_C::attention_fwd (cuda): 4-D q, k, v");
-  const int64_t B = q.size(0), Hq = q.size(1), Sq = q.size(2), D = q.size(3), Hkv = k.size(1), Sk = k.size(2);
-  const int64_t Dv = v.size(3);
-  TORCH_CHECK_VALUE(std::max(D, Dv) <= 256, "backend 'cuda' attention supports head dims up to 256, got ",
-                    std::max(D, Dv), "; use backend='triton' or 'torch'");
-  for (const Tensor* t : {&q, &k, &v})
-    TORCH_CHECK(t->size(3) <= 1 || t->stride(3) == 1,
-                "lmfast_C::attention_fwd (cuda): the head dim must be contiguous");
-  TORCH_CHECK(std::max({B * Hq * Sq, B * Hkv * Sk, Sk + Sq}) < (int64_t(1) << 31),
-              "lmfast_C::attention_fwd (cuda): sizes past 2^31 rows");
-  const c10::cuda::CUDAGuard guard(q.device());
-  // o in (B, Sq, Hq, Dv) memory, seen as (B, Hq, Sq, Dv)
-  Tensor o = at::empty({B, Sq, Hq, Dv}, q.options()).transpose(1, 2);
-  Tensor lse = at::empty({B, Hq, Sq}, q.options().dtype(at::kFloat));
-  Tensor row_stats = at::empty({2, B, Hq, Sq}, q.options().dtype(at::kFloat));
-  if (B * Hq * Sq == 0) return {o, lse, row_stats};
-  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value() && (!cu_seqlens_q || B == 1),
-              "lmfast_C::attention_fwd (cuda): cu_seqlens_q and cu_seqlens_k go together, with a batch size of 1");
-  Tensor doc_bands;  // int32 on q's device: the rows' bands, cu_seqlens_q, the values' check (document_bands)
-  if (cu_seqlens_q) {
-    if (cu_seqlens_q->is_cpu()) {  // (the host emulator's tensors: the CPU kernels' checks and ValueErrors)
-      documents::check_boundaries("cu_seqlens_q", documents::read_boundaries(*cu_seqlens_q), Sq, true);
-      documents::check_boundaries("cu_seqlens_k", documents::read_boundaries(*cu_seqlens_k), Sk, false);
-    }
-    doc_bands = document_bands(*cu_seqlens_q, *cu_seqlens_k, Sq, Sk, causal, window);
-    at::_assert_async(doc_bands.select(0, -1), "cu_seqlens_q and cu_seqlens_k must start at 0, not decrease, "
-                                                   "and end at the query and key counts");
-  }
-  if (Sk == 0) {  // no keys: every row is fully masked
-    o.zero_();
-    lse.fill_(-INFINITY);
-    row_stats.zero_();  // (m = 0, 1 / l = 0)
-    return {o, lse, row_stats};
-  }
-
-  AttnParams p{};
-  p.q = q.const_data_ptr();
-  p.k = k.const_data_ptr();
-  p.v = v.const_data_ptr();
-  p.o = o.data_ptr();
-  p.lse = lse.data_ptr<float>();
-  p.row_stats = row_stats.data_ptr<float>();
-  for (int d = 0; d < 3; ++d) {
-    p.q_strides[d] = q.stride(d);
-    p.k_strides[d] = k.stride(d);
-    p.v_strides[d] = v.stride(d);
-  }
-  p.mask_kind = kNoMask;
-  if (mask) {
-    TORCH_CHECK(mask->dim() == 4, "lmfast_C::attention_fwd (cuda): mask must be expanded to (B, Hq, Sq, Sk)");
-    p.mask = mask->const_data_ptr();
-    p.mask_kind = mask->scalar_type() == at::kBool ? kBoolMask : kAdditiveMask;
-    TORCH_CHECK(p.mask_kind == kBoolMask || mask->scalar_type() == q.scalar_type(),
-                "lmfast_C::attention_fwd (cuda): an additive mask must have q's dtype");
-    for (int d = 0; d < 4; ++d) p.mask_strides[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
-  }
-  p.B = int(B), p.Hq = int(Hq), p.Hkv = int(Hkv), p.Sq = int(Sq), p.Sk = int(Sk), p.D = int(D), p.Dv = int(Dv);
-  p.scale = float(scale);
-  p.softcap = float(softcap);
-  p.causal = causal;
-  p.window = window.has_value() ? int(std::min<int64_t>(*window, Sk + 1)) : 0;  // (>= Sk + 1: no limit)
-  p.doc_bands = doc_bands.defined() ? doc_bands.const_data_ptr<int>() : nullptr;
-  p.n_docs = cu_seqlens_q ? int(cu_seqlens_q->numel() - 1) : 0;
-  p.dropout_seed = dropout_p > 0 ? dropout_seed->const_data_ptr<int64_t>() : nullptr;
-  p.drop_threshold = dropout::keep_threshold(dropout_p);
-  p.keep_scale = float(1.0 / (1.0 - dropout_p));
-
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t elem = q.element_size();
-  auto aligned = [&](const Tensor& t) {
-    if (reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16) return false;
-    for (int d = 0; d < 3; ++d)
-      if ((t.stride(d) * elem) % 16) return false;
-    return true;
-  };
-  const bool vec16 = (D * elem) % 16 == 0 && (Dv * elem) % 16 == 0 && aligned(q) && aligned(k) && aligned(v);
-  for_dtype(q.scalar_type(), [&]<typename T>() {
-    if (Sq <= kDecodeMaxRows) run_decode<T>(p, vec16, q.options(), stream);
+void launch_attention_fwd(const AttnParams& p, Dtype dtype, bool vec16, Workspace& workspace, cudaStream_t stream) {
+  for_dtype(dtype, [&]<typename T>() {
+    if (p.Sq <= kDecodeMaxRows) run_decode<T>(p, vec16, workspace, stream);
     else run_prefill<T>(p, vec16, stream);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {o, lse, row_stats};
+  check_launch();
 }
 
 }  // namespace lmfast::cuda

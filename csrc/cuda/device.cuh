@@ -2,20 +2,24 @@
 // and stores, warp and block reductions, and the launch geometry.
 #pragma once
 
-#include <ATen/core/Tensor.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
+#include <stdexcept>
+#include <string>
 #include <utility>
 
+#include "kernels.h"
 #include "row_math.h"
 
 // Built by nvcc this is CUDA; built by the host compiler with LMFAST_CUDA_EMULATION (the
 // headers of csrc/cuda/emulation/include first on the include path) the same kernels run on
 // CPU fibers, one per CUDA thread, for tests/test_cuda_emulation.py. The two builds differ
-// in the two macros and launch() below, and in launch.h's device check, nowhere else.
+// in the two macros and launch() below, and in ops.h's device check, nowhere else. No ATen
+// here (kernels.h says why).
 #ifdef LMFAST_CUDA_EMULATION
 #include "emulation/emulator.h"
 // The block's dynamic shared memory (the launch's smem bytes, filled with 0xff: NaN floats).
@@ -197,6 +201,26 @@ inline RowGeometry row_geometry(int64_t rows, int64_t N, int64_t warp_row_max, i
 
 // ---- host-side launch helpers --------------------------------------------------------------
 
+// A CUDA runtime call's error as an exception (a RuntimeError in Python), naming the call.
+inline void check_cuda(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw std::runtime_error(std::string("lmfast cuda: ") + what + ": " + cudaGetErrorString(e));
+}
+
+// The error of the launches before it, if any (a bad configuration, too much shared memory).
+inline void check_launch() { check_cuda(cudaGetLastError(), "kernel launch"); }
+
+// The current device's multiprocessor count (cached per device).
+inline int multiprocessors() {
+  static int count[64] = {};
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev < 64 && count[dev] > 0) return count[dev];
+  int n = 0;
+  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  if (dev < 64) count[dev] = n;
+  return n;
+}
+
 // kernel<<<grid, block, smem_bytes, stream>>>(args...); under LMFAST_CUDA_EMULATION, the same
 // launch run on CPU fibers (csrc/cuda/emulation/emulator.h).
 template <typename... Params, typename... Args>
@@ -211,24 +235,24 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem_bytes,
 }
 
 // Elements per access: 16 bytes' worth (a 128-bit load/store) when N is a multiple of it and
-// every given tensor's data starts 16-byte aligned (rows of N then stay aligned), else 1.
+// every given pointer (nullptr: an absent tensor) is 16-byte aligned (rows of N then stay
+// aligned), else 1.
 template <typename T>
-int vector_width(int64_t N, std::initializer_list<const at::Tensor*> tensors) {
+int vector_width(int64_t N, std::initializer_list<const void*> pointers) {
   constexpr int kVec = 16 / sizeof(T);
   if (N % kVec != 0) return 1;
-  for (const at::Tensor* t : tensors)
-    if (t->defined() && t->numel() && reinterpret_cast<uintptr_t>(t->const_data_ptr()) % 16 != 0) return 1;
+  for (const void* p : pointers)
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return 1;
   return kVec;
 }
 
 // fn.template operator()<T>() with T the CUDA element type of dtype t.
 template <typename Fn>
-void for_dtype(at::ScalarType t, Fn&& fn) {
+void for_dtype(Dtype t, Fn&& fn) {
   switch (t) {
-    case at::kFloat: fn.template operator()<float>(); break;
-    case at::kHalf: fn.template operator()<__half>(); break;
-    case at::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
-    default: TORCH_CHECK_TYPE(false, "backend 'cuda' supports float16, bfloat16 and float32, got ", t);
+    case Dtype::kFloat32: fn.template operator()<float>(); break;
+    case Dtype::kFloat16: fn.template operator()<__half>(); break;
+    case Dtype::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
   }
 }
 

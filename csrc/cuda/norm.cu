@@ -18,20 +18,10 @@
 // contributions for the columns each thread owns, in registers where they fit, else in its
 // own row of a float32 partials buffer; a second kernel sums the partials column by column in
 // a fixed order, in double. No atomics: the result is deterministic.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
-#include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "device.cuh"
-#include "launch.h"
 
 namespace lmfast::cuda {
 namespace {
-
-using at::Tensor;
 
 // 1 / sqrt(v), correctly rounded twice (nvcc's default -prec-sqrt/-prec-div), so within an ulp:
 // rsqrtf may be 2 ulps off, and every element of the row carries its error. Once per row.
@@ -339,156 +329,101 @@ __global__ void column_sum_kernel(const P* __restrict__ part, int64_t groups, in
 
 // ---- launchers ---------------------------------------------------------------------------
 
-template <typename T>
-const T* ptr(const Tensor& t) { return t.defined() && t.numel() ? reinterpret_cast<const T*>(t.const_data_ptr()) : nullptr; }
-template <typename T>
-T* mut_ptr(const Tensor& t) { return t.defined() && t.numel() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
-
-Tensor opt(const std::optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
-
 template <typename T, bool kCentered>
-void launch_norm_fwd(const Tensor& x, const Tensor& w, const Tensor& b, const Tensor& r, Tensor& y,
-                     Tensor& s, Tensor& mean, Tensor& rstd, double eps, double w_offset) {
-  const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
-  if (rows == 0) return;
-  const int vec = vector_width<T>(N, {&x, &w, &b, &r, &y, &s});
+void run_norm_fwd(const NormFwdArgs& a, cudaStream_t stream) {
+  const int64_t N = a.N, rows = a.rows;
+  const int vec = vector_width<T>(N, {a.x, a.weight, a.bias, a.residual, a.y, a.s_out});
   const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, 65535 * 16);
-  auto stream = c10::cuda::getCurrentCUDAStream();
   auto run = [&](auto kernel) {
     launch(kernel, geo.blocks, geo.threads, 0, stream,
-        ptr<T>(x), ptr<T>(r), ptr<T>(w), ptr<T>(b), mut_ptr<T>(y), mut_ptr<T>(s),
-        kCentered ? mut_ptr<float>(mean) : nullptr, mut_ptr<float>(rstd), rows, N, float(eps), float(w_offset),
-        geo.group, geo.cached);
+        static_cast<const T*>(a.x), static_cast<const T*>(a.residual), static_cast<const T*>(a.weight),
+        static_cast<const T*>(a.bias), static_cast<T*>(a.y), static_cast<T*>(a.s_out), kCentered ? a.mean : nullptr,
+        a.rstd, rows, N, float(a.eps), float(a.w_offset), geo.group, geo.cached);
   };
   if (vec == 1) run(norm_fwd_kernel<T, 1, kCentered>);
   else run(norm_fwd_kernel<T, 16 / sizeof(T), kCentered>);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
 }
 
 template <typename T, bool kCentered>
-void launch_norm_bwd_exact_rows(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& dres, Tensor& dx,
-                                Tensor& dw, Tensor& db, int64_t rows, double eps, double w_offset) {
-  const int N = int(x.size(-1));
+void run_norm_bwd_exact_rows(const NormBwdArgs& a, Workspace& workspace, cudaStream_t stream) {
+  const int N = int(a.N);
   // a fixed number of threads for a given row count (never from the GPU): results repeat on any GPU
-  const int blocks = int(std::min<int64_t>(kExactBlocksMax, ceil_div(rows, kExactThreads)));
+  const int blocks = int(std::min<int64_t>(kExactBlocksMax, ceil_div(a.rows, kExactThreads)));
   const int64_t partial_rows = int64_t(blocks) * kExactThreads;
-  const bool want_w = dw.defined() && dw.numel(), want_b = db.defined() && db.numel();
-  auto f64 = x.options().dtype(at::kDouble);  // each thread's sums, kept in double
-  Tensor dw_part = want_w ? at::zeros({partial_rows, N}, f64) : Tensor();
-  Tensor db_part = want_b ? at::zeros({partial_rows, N}, f64) : Tensor();
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  // each thread's sums, kept in double, zeroed (a thread with no rows leaves its row of zeros)
+  auto zeroed_partials = [&]() {
+    const size_t bytes = size_t(partial_rows) * N * sizeof(double);
+    void* p = workspace.allocate(bytes);
+    check_cuda(cudaMemsetAsync(p, 0, bytes, stream), "cudaMemsetAsync");
+    return static_cast<double*>(p);
+  };
+  double* dw_part = a.dw ? zeroed_partials() : nullptr;
+  double* db_part = a.db ? zeroed_partials() : nullptr;
   launch(norm_bwd_exact_rows_kernel<T, kCentered>, blocks, kExactThreads, 0, stream,
-      ptr<T>(dy), ptr<T>(x), ptr<T>(w), ptr<T>(dres), mut_ptr<T>(dx), mut_ptr<double>(dw_part),
-      mut_ptr<double>(db_part), rows, N, eps, w_offset);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (want_w)
-    launch(column_sum_kernel<T, double>, 1, 256, 0, stream, ptr<double>(dw_part), partial_rows, N, mut_ptr<T>(dw));
-  if (want_b)
-    launch(column_sum_kernel<T, double>, 1, 256, 0, stream, ptr<double>(db_part), partial_rows, N, mut_ptr<T>(db));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+      static_cast<const T*>(a.dy), static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
+      static_cast<const T*>(a.dres), static_cast<T*>(a.dx), dw_part, db_part, a.rows, N, a.eps, a.w_offset);
+  check_launch();
+  if (a.dw)
+    launch(column_sum_kernel<T, double>, 1, 256, 0, stream, static_cast<const double*>(dw_part), partial_rows,
+           int64_t(N), static_cast<T*>(a.dw));
+  if (a.db)
+    launch(column_sum_kernel<T, double>, 1, 256, 0, stream, static_cast<const double*>(db_part), partial_rows,
+           int64_t(N), static_cast<T*>(a.db));
+  check_launch();
 }
 
 template <typename T, bool kCentered>
-void launch_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& w, const Tensor& mean,
-                     const Tensor& rstd, const Tensor& dres, Tensor& dx, Tensor& dw, Tensor& db, double eps,
-                     double w_offset) {
-  const int64_t N = x.size(-1), rows = N ? x.numel() / N : 0;
+void run_norm_bwd(const NormBwdArgs& a, Workspace& workspace, cudaStream_t stream) {
+  const int64_t N = a.N, rows = a.rows;
   if (rows == 0) {  // no rows: zero weight gradients (else column_sum_kernel writes every column)
-    if (dw.defined() && dw.numel()) dw.zero_();
-    if (db.defined() && db.numel()) db.zero_();
+    if (a.dw) check_cuda(cudaMemsetAsync(a.dw, 0, size_t(N) * sizeof(T), stream), "cudaMemsetAsync");
+    if (a.db) check_cuda(cudaMemsetAsync(a.db, 0, size_t(N) * sizeof(T), stream), "cudaMemsetAsync");
     return;
   }
-  if (N <= kExactRowMax)
-    return launch_norm_bwd_exact_rows<T, kCentered>(dy, x, w, dres, dx, dw, db, rows, eps, w_offset);
-  const int vec = vector_width<T>(N, {&dy, &x, &w, &dres, &dx});
+  if (N <= kExactRowMax) return run_norm_bwd_exact_rows<T, kCentered>(a, workspace, stream);
+  const int vec = vector_width<T>(N, {a.dy, a.x, a.weight, a.dres, a.dx});
   RowGeometry geo = row_geometry(rows, N, kWarpRowMax / 2, kBwdRegCols, vec, rows);
   // About half the threads the SMs hold, no more: each row group adds a row of partials.
   geo.blocks = std::min<int64_t>(geo.blocks, int64_t(multiprocessors()) * std::max(1, 1024 / geo.threads));
   const int64_t groups = geo.blocks * (geo.threads / geo.group);
-  const bool want_w = dw.defined() && dw.numel(), want_b = db.defined() && db.numel();
-  Tensor dw_part, db_part;
-  auto f32 = x.options().dtype(at::kFloat);
-  if (want_w) dw_part = at::empty({groups, N}, f32);
-  if (want_b) db_part = at::empty({groups, N}, f32);
-  auto stream = c10::cuda::getCurrentCUDAStream();
+  auto partials = [&]() { return static_cast<float*>(workspace.allocate(size_t(groups) * N * sizeof(float))); };
+  float* dw_part = a.dw ? partials() : nullptr;
+  float* db_part = a.db ? partials() : nullptr;
   auto run = [&](auto kernel) {
     launch(kernel, geo.blocks, geo.threads, 0, stream,
-        ptr<T>(dy), ptr<T>(x), ptr<T>(w), kCentered ? ptr<float>(mean) : nullptr, ptr<float>(rstd), ptr<T>(dres),
-        mut_ptr<T>(dx), mut_ptr<float>(dw_part), mut_ptr<float>(db_part), rows, N, float(w_offset), geo.group,
-        geo.cached);
+        static_cast<const T*>(a.dy), static_cast<const T*>(a.x), static_cast<const T*>(a.weight),
+        kCentered ? a.mean : nullptr, a.rstd, static_cast<const T*>(a.dres), static_cast<T*>(a.dx), dw_part, db_part,
+        rows, N, float(a.w_offset), geo.group, geo.cached);
   };
   if (vec == 1) run(norm_bwd_kernel<T, 1, kCentered>);
   else run(norm_bwd_kernel<T, 16 / sizeof(T), kCentered>);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch();
   const unsigned col_blocks = unsigned(ceil_div(N, 256));
-  if (want_w)
-    launch(column_sum_kernel<T, float>, col_blocks, 256, 0, stream, ptr<float>(dw_part), groups, N, mut_ptr<T>(dw));
-  if (want_b)
-    launch(column_sum_kernel<T, float>, col_blocks, 256, 0, stream, ptr<float>(db_part), groups, N, mut_ptr<T>(db));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (a.dw)
+    launch(column_sum_kernel<T, float>, col_blocks, 256, 0, stream, static_cast<const float*>(dw_part), groups, N,
+           static_cast<T*>(a.dw));
+  if (a.db)
+    launch(column_sum_kernel<T, float>, col_blocks, 256, 0, stream, static_cast<const float*>(db_part), groups, N,
+           static_cast<T*>(a.db));
+  check_launch();
 }
 
 }  // namespace
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
-                                                          const std::optional<Tensor>& bias,
-                                                          const std::optional<Tensor>& residual, double eps) {
-  check_cuda_contiguous("layer_norm_fwd", {&x, weight ? &*weight : nullptr, bias ? &*bias : nullptr,
-                                           residual ? &*residual : nullptr});
-  const c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : x.new_empty({0});
-  auto stats = x.options().dtype(at::kFloat);
-  auto lead = x.sizes().slice(0, x.dim() - 1);
-  Tensor mean = at::zeros(lead, stats), rstd = at::zeros(lead, stats);
-  for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_fwd<T, true>(x, opt(weight), opt(bias), opt(residual), y, s, mean, rstd, eps, 0.0);
+void launch_norm_fwd(const NormFwdArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return;
+  for_dtype(a.dtype, [&]<typename T>() {
+    if (a.centered) run_norm_fwd<T, true>(a, stream);
+    else run_norm_fwd<T, false>(a, stream);
   });
-  return {y, s, mean, rstd};
 }
 
-std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy, const Tensor& x,
-                                                  const std::optional<Tensor>& weight, const Tensor& mean,
-                                                  const Tensor& rstd, const std::optional<Tensor>& dres,
-                                                  bool weight_grad, bool bias_grad, double eps) {
-  check_cuda_contiguous("layer_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &mean, &rstd,
-                                           dres ? &*dres : nullptr});
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t N = x.size(-1);
-  Tensor dx = at::empty_like(x);
-  Tensor dw = weight_grad ? at::empty({N}, x.options()) : x.new_empty({0});
-  Tensor db = bias_grad ? at::empty({N}, x.options()) : x.new_empty({0});
-  for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_bwd<T, true>(dy, x, opt(weight), mean, rstd, opt(dres), dx, dw, db, eps, 0.0);
+void launch_norm_bwd(const NormBwdArgs& a, Workspace& workspace, cudaStream_t stream) {
+  for_dtype(a.dtype, [&]<typename T>() {
+    if (a.centered) run_norm_bwd<T, true>(a, workspace, stream);
+    else run_norm_bwd<T, false>(a, workspace, stream);
   });
-  return {dx, dw, db};
-}
-
-std::tuple<Tensor, Tensor, Tensor> rms_norm_fwd(const Tensor& x, const std::optional<Tensor>& weight,
-                                                const std::optional<Tensor>& residual, double eps,
-                                                double weight_offset) {
-  check_cuda_contiguous("rms_norm_fwd", {&x, weight ? &*weight : nullptr, residual ? &*residual : nullptr});
-  const c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = at::empty_like(x), s = residual ? at::empty_like(x) : x.new_empty({0});
-  Tensor rstd = at::zeros(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-  Tensor no_mean;
-  for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_fwd<T, false>(x, opt(weight), Tensor(), opt(residual), y, s, no_mean, rstd, eps, weight_offset);
-  });
-  return {y, s, rstd};
-}
-
-std::tuple<Tensor, Tensor> rms_norm_bwd(const Tensor& dy, const Tensor& x, const std::optional<Tensor>& weight,
-                                        const Tensor& rstd, const std::optional<Tensor>& dres, bool weight_grad,
-                                        double eps, double weight_offset) {
-  check_cuda_contiguous("rms_norm_bwd", {&dy, &x, weight ? &*weight : nullptr, &rstd, dres ? &*dres : nullptr});
-  const c10::cuda::CUDAGuard guard(x.device());
-  Tensor dx = at::empty_like(x);
-  Tensor dw = weight_grad ? at::empty({x.size(-1)}, x.options()) : x.new_empty({0});
-  Tensor no_db;
-  for_dtype(x.scalar_type(), [&]<typename T>() {
-    launch_norm_bwd<T, false>(dy, x, opt(weight), Tensor(), rstd, opt(dres), dx, dw, no_db, eps, weight_offset);
-  });
-  return {dx, dw};
 }
 
 }  // namespace lmfast::cuda

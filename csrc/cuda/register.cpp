@@ -5,11 +5,12 @@
 // backend="cuda". attention_bwd has no CUDA C++ kernel: lmfast/ops/attention.py registers
 // the Triton backward for its CUDA key.
 #include <Python.h>
+#include <cuda_runtime.h>  // CUDART_VERSION
 #include <torch/library.h>
 
 #include <string>
 
-#include "launch.h"
+#include "ops.h"
 
 #ifndef LMFAST_TORCH_VERSION
 #define LMFAST_TORCH_VERSION unknown

@@ -11,20 +11,10 @@
 // forward keeps the row's z in registers where it fits (one read of x), else makes an online
 // (max, sum) pass and recomputes z on a second read. The mask is read through its strides
 // (0 along broadcast dims), its last-dim stride 0 or 1, so a broadcast mask is never copied.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
 #include "device.cuh"
-#include "launch.h"
 
 namespace lmfast::cuda {
 namespace {
-
-struct MaskStrides {
-  int64_t b, h, m, n;
-};
 
 template <typename T, typename M, int VEC>
 __global__ void softmax_fwd_kernel(const T* __restrict__ x, const M* __restrict__ mask, MaskStrides ms,
@@ -150,69 +140,42 @@ __global__ void softmax_bwd_kernel(const T* __restrict__ dy, const T* __restrict
 
 }  // namespace
 
-Tensor softmax_fwd(const Tensor& x, const std::optional<Tensor>& mask, double scale, bool causal) {
-  check_cuda_contiguous("softmax_fwd", {&x});
-  if (mask) check_cuda_contiguous("softmax_fwd", {&x, &*mask}, /*need_contiguous=*/false);
-  TORCH_CHECK(x.dim() == 4, "lmfast_C::softmax_fwd (cuda): x must be (B, H, M, N)");
-  const c10::cuda::CUDAGuard guard(x.device());
-  Tensor y = at::empty_like(x);
-  const int64_t H = x.size(1), M = x.size(2), N = x.size(3), rows = x.numel() / std::max<int64_t>(N, 1);
-  if (x.numel() == 0) return y;
-  MaskStrides ms{0, 0, 0, 0};
-  if (mask) {
-    TORCH_CHECK(mask->dim() == 4, "lmfast_C::softmax_fwd (cuda): mask must be expanded to x's shape");
-    int64_t* s[4] = {&ms.b, &ms.h, &ms.m, &ms.n};
-    for (int d = 0; d < 4; ++d) *s[d] = mask->size(d) == 1 ? 0 : mask->stride(d);
-    TORCH_CHECK(ms.n == 0 || ms.n == 1, "lmfast_C::softmax_fwd (cuda): the mask's last dim must have stride 0 or 1");
-  }
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for_dtype(x.scalar_type(), [&]<typename T>() {
-    const int vec = vector_width<T>(N, {&x, &y});
-    const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
+void launch_softmax_fwd(const SoftmaxFwdArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return;
+  for_dtype(a.dtype, [&]<typename T>() {
+    const int vec = vector_width<T>(a.N, {a.x, a.y});
+    const RowGeometry geo = row_geometry(a.rows, a.N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
     auto run = [&]<typename Mk>(const Mk* mp) {
       if (vec == 1)
-        launch(softmax_fwd_kernel<T, Mk, 1>, geo.blocks, geo.threads, 0, stream,
-            reinterpret_cast<const T*>(x.const_data_ptr()), mp, ms, reinterpret_cast<T*>(y.data_ptr()), H, M,
-            rows, N, float(scale), causal, geo.group, geo.cached);
+        launch(softmax_fwd_kernel<T, Mk, 1>, geo.blocks, geo.threads, 0, stream, static_cast<const T*>(a.x), mp,
+            a.mask_strides, static_cast<T*>(a.y), a.H, a.M, a.rows, a.N, a.scale, a.causal, geo.group, geo.cached);
       else
         launch(softmax_fwd_kernel<T, Mk, 16 / sizeof(T)>, geo.blocks, geo.threads, 0, stream,
-            reinterpret_cast<const T*>(x.const_data_ptr()), mp, ms, reinterpret_cast<T*>(y.data_ptr()), H, M,
-            rows, N, float(scale), causal, geo.group, geo.cached);
+            static_cast<const T*>(a.x), mp, a.mask_strides, static_cast<T*>(a.y), a.H, a.M, a.rows, a.N, a.scale,
+            a.causal, geo.group, geo.cached);
     };
-    if (!mask) run(static_cast<const T*>(nullptr));
-    else if (mask->scalar_type() == at::kBool) run(reinterpret_cast<const bool*>(mask->const_data_ptr()));
-    else {
-      TORCH_CHECK(mask->scalar_type() == x.scalar_type(), "lmfast_C::softmax_fwd (cuda): an additive mask must "
-                  "have x's dtype");
-      run(reinterpret_cast<const T*>(mask->const_data_ptr()));
-    }
+    if (a.mask_kind == kNoMask) run(static_cast<const T*>(nullptr));
+    else if (a.mask_kind == kBoolMask) run(static_cast<const bool*>(a.mask));
+    else run(static_cast<const T*>(a.mask));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
+  check_launch();
 }
 
-Tensor softmax_bwd(const Tensor& dy, const Tensor& y, double scale) {
-  check_cuda_contiguous("softmax_bwd", {&dy, &y});
-  TORCH_CHECK(dy.sizes() == y.sizes(), "lmfast_C::softmax_bwd (cuda): dy and y must have one shape");
-  const c10::cuda::CUDAGuard guard(y.device());
-  Tensor dx = at::empty_like(y);
-  if (y.numel() == 0) return dx;
-  const int64_t N = y.size(-1), rows = y.numel() / N;
-  auto stream = c10::cuda::getCurrentCUDAStream();
-  for_dtype(y.scalar_type(), [&]<typename T>() {
-    const int vec = vector_width<T>(N, {&dy, &y, &dx});
-    const RowGeometry geo = row_geometry(rows, N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
-    const T* d = reinterpret_cast<const T*>(dy.const_data_ptr());
-    const T* p = reinterpret_cast<const T*>(y.const_data_ptr());
-    T* out = reinterpret_cast<T*>(dx.data_ptr());
+void launch_softmax_bwd(const SoftmaxBwdArgs& a, cudaStream_t stream) {
+  if (a.rows == 0) return;
+  for_dtype(a.dtype, [&]<typename T>() {
+    const int vec = vector_width<T>(a.N, {a.dy, a.y, a.dx});
+    const RowGeometry geo = row_geometry(a.rows, a.N, kWarpRowMax, kCachedPerThread, vec, int64_t(1) << 30);
+    const T* d = static_cast<const T*>(a.dy);
+    const T* p = static_cast<const T*>(a.y);
+    T* out = static_cast<T*>(a.dx);
     if (vec == 1)
-      launch(softmax_bwd_kernel<T, 1>, geo.blocks, geo.threads, 0, stream, d, p, out, rows, N, float(scale), geo.group);
+      launch(softmax_bwd_kernel<T, 1>, geo.blocks, geo.threads, 0, stream, d, p, out, a.rows, a.N, a.scale, geo.group);
     else
-      launch(softmax_bwd_kernel<T, 16 / sizeof(T)>, geo.blocks, geo.threads, 0, stream, d, p, out, rows, N,
-             float(scale), geo.group);
+      launch(softmax_bwd_kernel<T, 16 / sizeof(T)>, geo.blocks, geo.threads, 0, stream, d, p, out, a.rows, a.N,
+             a.scale, geo.group);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return dx;
+  check_launch();
 }
 
 }  // namespace lmfast::cuda

@@ -1,11 +1,11 @@
 // The emulated CUDA kernel ops, as lmfast_cuda_emulation::<op>: the same entry points as
-// lmfast_C's CUDA kernels (csrc/cuda/launch.h), taking CPU tensors.
+// lmfast_C's CUDA kernels (csrc/cuda/ops.h), taking CPU tensors.
 #include <torch/library.h>
 
 #include <ATen/ops/empty.h>
 
 #include "../../documents.h"
-#include "../launch.h"
+#include "../ops.h"
 
 namespace {
 

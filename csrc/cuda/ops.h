@@ -1,11 +1,10 @@
 // The CUDA twins of the kernel ops in csrc/ops.h (lmfast::cpu), same signatures and
-// contracts, registered for the CUDA dispatch key in csrc/cuda/register.cpp. Each .cu file
-// holds one op family's kernels and these entry points.
+// contracts, registered for the CUDA dispatch key in csrc/cuda/register.cpp. ops.cpp holds
+// them: the tensor work (checks, outputs, device guard, stream) around the launches that each
+// .cu file exports for one op family (kernels.h, which keeps ATen out of nvcc's passes).
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <c10/cuda/CUDAException.h>
-#include <cuda_runtime.h>
 
 #include <initializer_list>
 #include <optional>
@@ -64,18 +63,6 @@ inline void check_cuda_contiguous(const char* op, std::initializer_list<const Te
     TORCH_CHECK(t->device() == first->device(), "lmfast_C::", op, " (cuda): tensors on ", first->device(),
                 " and ", t->device());
   }
-}
-
-// The current device's multiprocessor count (cached per device).
-inline int multiprocessors() {
-  static int count[64] = {};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && count[dev] > 0) return count[dev];
-  int n = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev));
-  if (dev < 64) count[dev] = n;
-  return n;
 }
 
 }  // namespace lmfast::cuda
