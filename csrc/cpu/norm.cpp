@@ -14,9 +14,11 @@
 // variance is two-pass (exact for any mean), accumulation is in float (double for double).
 #include "vec.h"  // first: selects the vector ISA
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cmath>
 #include <optional>

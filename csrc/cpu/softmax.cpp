@@ -12,9 +12,10 @@
 // outputs are rounded once.
 #include "vec.h"  // first: selects the vector ISA
 
-#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 
 #include <cmath>
 #include <optional>
