@@ -2,7 +2,8 @@
 
 transformers' GGUF loader dequantizes every tensor in Python on every load: ~25 s for
 SmolLM2-135M on a 2-core CPU, before `lmfast generate --model smollm2` prints a token. Here the
-first load converts the file as before and keeps the result (the float32 weights as safetensors,
+first load converts the file as before, with the file parsed once instead of three times
+(_gguf_parsed_once: ~10 s for SmolLM2, 2026-12-08), and keeps the result (the float32 weights as safetensors,
 the config without its GGUF quantization entry, the tokenizer and generation config) under
 `<cache>/models/<name>-<key>/` (the cache of lmfast._extension: LMFAST_CACHE_DIR, else
 $XDG_CACHE_HOME/lmfast or ~/.cache/lmfast); later loads read that folder (0.2-0.3 s). The key
@@ -17,6 +18,7 @@ read-only home) only costs the conversion each time.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +50,8 @@ def load_causal_lm(directory: str, gguf_file: str, dtype: torch.dtype):
             return tok, model.to(dtype).eval()
         except Exception:  # a damaged entry (a disk filled mid-copy, a hand edit): convert again
             shutil.rmtree(cached, ignore_errors=True)
-    tok, model = _load_float32(directory, gguf_file=gguf_file)
+    with _gguf_parsed_once():
+        tok, model = _load_float32(directory, gguf_file=gguf_file)
     try:
         _keep(tok, model, cached)
     except Exception:  # (a read-only cache, a model save_pretrained cannot write: this load still
@@ -65,6 +68,44 @@ def _load_float32(source, **gguf):
     model = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, local_files_only=True,
                                                               **gguf)
     return tok, model
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers' GGUF loader parses the file three times, for the config, the tokenizer and
+    the weights (gguf.GGUFReader: ~5.5 s each for SmolLM2, most of it its 49k-token vocabulary,
+    on a 2-core CPU), and builds gguf's tensor-name table for each of the model's submodules (397
+    times for SmolLM2, ~7 s). Inside this block the gguf package hands out one reader per file
+    and one table per (architecture, layers): the same read-only objects the loader would make
+    again (both imported at call time, `from gguf import ...`). A name missing from the
+    installed gguf is left as it is."""
+    try:
+        import gguf
+    except ImportError:  # (the loader then says gguf is missing)
+        yield
+        return
+    originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
+    readers, tables = {}, {}
+
+    def reader(path, mode="r"):
+        key = (os.path.realpath(path), mode)
+        if key not in readers:
+            readers[key] = originals["GGUFReader"](path, mode)
+        return readers[key]
+
+    def tensor_name_map(arch, n_blocks):
+        if (arch, n_blocks) not in tables:
+            tables[arch, n_blocks] = originals["get_tensor_name_map"](arch, n_blocks)
+        return tables[arch, n_blocks]
+
+    patched = {"GGUFReader": reader, "get_tensor_name_map": tensor_name_map}
+    for name in originals:
+        setattr(gguf, name, patched[name])
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(gguf, name, original)
 
 
 def _keep(tok, model, target: Path) -> None:

@@ -80,7 +80,7 @@ def smollm2_path() -> str:
 
 def load_smollm2(dtype: torch.dtype = torch.float32):
     """(tokenizer, model in eval mode) of SmolLM2-135M-Instruct: converted from its GGUF on first
-    use (~25 s on 2 cores), then read from lmfast's cache (gguf_cache.py, 0.2-0.3 s)."""
+    use (~10 s on 2 cores), then read from lmfast's cache (gguf_cache.py, 0.2-0.3 s)."""
     from . import gguf_cache
 
     directory, name = os.path.split(smollm2_path())

