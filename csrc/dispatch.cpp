@@ -3,7 +3,7 @@
 // lmfast/_extension.py asks which ISA levels the CPU runs (cpu_levels), picks one, and hands
 // its library's path to load_cpu_kernels, once, before any kernel runs. A kernel op called
 // with no library loaded is an error that says so, never a crash.
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
 #include <dlfcn.h>
