@@ -238,16 +238,18 @@ def _seed():
 # worker, handed out in collection order (pytest_configure). The longest files go first, so that
 # no worker is still starting one of them when the others run out of work. (Serial runs just see
 # a new order.)
-# Ordered by each file's time in a run of the README's test command on 2 cores (2026-12-06),
-# with the compile caches a new machine has cold added (the CUDA emulator's ~40 s of CPU,
-# Triton's ~60 s): test_attention_kernels.py 190 s, test_isa_levels.py 145 (the CPU parity
-# tests again under each other ISA level), test_cuda_build.py 115 (nvcc), test_cuda_emulation.py
-# 105, test_cli.py 95, test_backends.py 80 (a first-use build), ... test_fuzz.py 15; the
-# files after it took under 10 s each.
-LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_isa_levels.py", "test_cuda_build.py",
-                       "test_cuda_emulation.py", "test_cli.py", "test_backends.py", "test_triton_compile.py",
-                       "test_patch.py", "test_reliability.py", "test_norm.py", "test_distributed.py",
-                       "test_softmax.py", "test_patch_models.py", "test_compile.py", "test_fuzz.py")
+# Ordered by each file's time in a run of the README's test command on 2 cores with the
+# compile caches a new machine has cold (2026-12-08, `--durations=0` summed per file; the files
+# after the CUDA kernels' split from ATen and the GGUF conversion's single parse, by estimate):
+# test_attention_kernels.py 330 s, test_isa_levels.py 160 (the CPU parity tests again under
+# each other ISA level), test_patch.py 110 (SmolLM2), test_cuda_emulation.py 95, test_cli.py
+# 90, test_triton_compile.py 90, test_backends.py 85 (a first-use build), test_cuda_build.py 60
+# (nvcc), ... test_bad_inputs.py 12; the files after it took under 10 s each.
+LONGEST_FILES_FIRST = ("test_attention_kernels.py", "test_isa_levels.py", "test_patch.py", "test_cuda_emulation.py",
+                       "test_cli.py", "test_triton_compile.py", "test_backends.py", "test_cuda_build.py",
+                       "test_reliability.py", "test_norm.py", "test_benchmark_suite.py", "test_softmax.py",
+                       "test_patch_models.py", "test_compile.py", "test_distributed.py", "test_fuzz.py",
+                       "test_bad_inputs.py")
 
 
 def pytest_configure(config):
