@@ -3,10 +3,10 @@
 transformers' GGUF loader dequantizes every tensor in Python on every load: ~25 s for
 SmolLM2-135M on a 2-core CPU, before `lmfast generate --model smollm2` prints a token. Here the
 first load converts the file as before, with the file parsed once instead of three times
-(_gguf_parsed_once: ~10 s for SmolLM2, 2026-12-08), and keeps the result (the float32 weights as safetensors,
-the config without its GGUF quantization entry, the tokenizer and generation config) under
-`<cache>/models/<name>-<key>/` (the cache of lmfast._extension: LMFAST_CACHE_DIR, else
-$XDG_CACHE_HOME/lmfast or ~/.cache/lmfast); later loads read that folder (0.2-0.3 s). The key
+(_gguf_parsed_once: ~10 s for SmolLM2, 2026-12-08), and keeps the result (the float32 weights
+as safetensors, the config without its GGUF quantization entry, the tokenizer and generation
+config) under `<cache>/models/<name>-<key>/` (the cache of lmfast._extension: LMFAST_CACHE_DIR,
+else $XDG_CACHE_HOME/lmfast or ~/.cache/lmfast); later loads read that folder (0.2-0.3 s). The key
 hashes the file's resolved path, size and modification time and the transformers version, so
 a changed file or a new converter converts again. The weights are kept in float32 (what the
 dequantization gives: GGUF's blocks of scaled 4- to 8-bit values are exact in float32) and cast
@@ -19,6 +19,7 @@ read-only home) only costs the conversion each time.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -85,20 +86,12 @@ def _gguf_parsed_once():
         yield
         return
     originals = {name: getattr(gguf, name) for name in ("GGUFReader", "get_tensor_name_map") if hasattr(gguf, name)}
-    readers, tables = {}, {}
-
-    def reader(path, mode="r"):
-        key = (os.path.realpath(path), mode)
-        if key not in readers:
-            readers[key] = originals["GGUFReader"](path, mode)
-        return readers[key]
-
-    def tensor_name_map(arch, n_blocks):
-        if (arch, n_blocks) not in tables:
-            tables[arch, n_blocks] = originals["get_tensor_name_map"](arch, n_blocks)
-        return tables[arch, n_blocks]
-
-    patched = {"GGUFReader": reader, "get_tensor_name_map": tensor_name_map}
+    patched = {}
+    if "GGUFReader" in originals:
+        open_once = functools.cache(originals["GGUFReader"])  # keyed by the resolved path and mode
+        patched["GGUFReader"] = lambda path, mode="r": open_once(os.path.realpath(path), mode)
+    if "get_tensor_name_map" in originals:
+        patched["get_tensor_name_map"] = functools.cache(originals["get_tensor_name_map"])
     for name in originals:
         setattr(gguf, name, patched[name])
     try:
